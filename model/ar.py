@@ -1,0 +1,61 @@
+"""The autoregressive route: next-token loss and KV-cached sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE are not scored)."""
+    logits = model(input_ids, attention="causal")
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, eos_id: int | None = None, banned_ids: tuple[int, ...] = (), use_cache: bool = True,
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (batch 1). With use_cache, each step feeds only the newest token.
+
+    Stops after eos_id (which is yielded) or max_new_tokens, or at the model's position limit.
+    `banned_ids` (e.g. <|mask|>) can never be sampled.
+    """
+    device = next(model.parameters()).device
+    limit = model.config.max_position_embeddings
+    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    ids = torch.tensor([prompt_ids], device=device)
+    cache = model.new_kv_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None
+    feed = ids
+    for _ in range(max_new_tokens):
+        logits = model(feed, attention="causal", kv_cache=cache)[:, -1]
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        yield int(token)
+        if eos_id is not None and int(token) == eos_id:
+            return
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        feed = token[:, None] if use_cache else ids

@@ -1,0 +1,124 @@
+"""One checkpoint format, written atomically, plus the import of official MiniMind2 `.pth` state dicts.
+
+`weights/<run>.pt` (full): kind, config, tokenizer identity, weights, optimizer, step, RNG, data position.
+`weights/<run>_state_dict.pt` (weights-only): kind, config, tokenizer identity, weights.
+Both carry the config, so loading never guesses a shape from tensors (old bugs B2, B3, B5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.errors import NanoLladaError
+from model.transformer import Transformer
+
+FORMAT = "nano-llada"
+FORMAT_VERSION = 1
+KINDS = ("ar", "diffusion")
+
+
+@dataclass
+class Checkpoint:
+    kind: str  # "ar" | "diffusion"
+    config: ModelConfig
+    state_dict: dict
+    tokenizer: dict | None = None  # {"vocab_size", "sha256"}; None for MiniMind2 imports
+    source: str = FORMAT  # FORMAT or "minimind2"
+    extra: dict = field(default_factory=dict)  # optimizer, step, rng, data position, train config ...
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temp file in the same directory, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict:
+    """Weights on the CPU without torch.compile / DDP wrappers' prefixes."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, kind: str, config: ModelConfig, model, tokenizer_identity: dict | None, **extra) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "config": config.to_dict(),
+               "tokenizer": tokenizer_identity, "model": plain_state_dict(model), **extra}
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) -> Checkpoint:
+    """Read this project's checkpoints (full or weights-only) or an official MiniMind2 state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoLladaError(f"{path}: checkpoint not found; train one first (see README) or check the path")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise NanoLladaError(f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        config = ModelConfig.from_dict(payload["config"])
+        if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
+            raise NanoLladaError(f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag")
+        extra = {k: v for k, v in payload.items() if k not in ("format", "version", "kind", "config", "tokenizer", "model")}
+        return Checkpoint(payload["kind"], config, payload["model"], payload.get("tokenizer"), FORMAT, extra)
+    if isinstance(payload, dict) and "model.embed_tokens.weight" in payload:
+        return _from_minimind2(path, payload, num_attention_heads or 8)
+    raise NanoLladaError(f"{path}: neither a nano-llada checkpoint nor a MiniMind2 state dict (no 'model.embed_tokens.weight')")
+
+
+def _from_minimind2(path: Path, state: dict, num_heads: int) -> Checkpoint:
+    """MiniMind2 stores no config: derive shapes from the tensors, taking the head count from the caller
+    (every released MiniMind2 model has 8). The `<|mask|>` row is appended as the mean embedding."""
+    state = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items() if torch.is_tensor(v)}
+    embed = state["model.embed_tokens.weight"]
+    vocab, hidden = embed.shape
+    if hidden % num_heads:
+        raise NanoLladaError(f"{path}: hidden size {hidden} is not divisible by {num_heads} heads; pass the right num_attention_heads")
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+    head_dim = hidden // num_heads
+    kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
+    if any(".experts." in k or ".gate.weight" in k for k in state):
+        raise NanoLladaError(f"{path}: MiniMind2-MoE checkpoints are not supported (dense models only)")
+    head = state.get("lm_head.weight")
+    tied = head is None or torch.equal(head, embed)
+    config = ModelConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=kv_heads,
+                         vocab_size=vocab + 1, intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
+                         tie_word_embeddings=tied)
+    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else torch.cat([head, head.mean(0, keepdim=True)])
+    return Checkpoint("ar", config, state, None, "minimind2")
+
+
+def build_model(checkpoint: Checkpoint, path="checkpoint") -> Transformer:
+    model = Transformer(checkpoint.config)
+    missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
+    if missing or unexpected:
+        raise NanoLladaError(f"{path}: weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def load_model(path: str | Path, num_attention_heads: int | None = None, kind: str | None = None, device="cpu"):
+    """Public loader: `model, config = load_model(path)`; logits are `model(input_ids)` of shape [B, T, V].
+
+    Accepts full and weights-only nano-llada checkpoints and official MiniMind2 `.pth` files (fp16 or fp32).
+    With `kind`, a checkpoint of the other kind is refused with a message saying which script to use.
+    """
+    checkpoint = read_checkpoint(path, num_attention_heads)
+    if kind is not None and checkpoint.kind != kind:
+        hint = "scripts.eval.eval_diffusion" if checkpoint.kind == "diffusion" else "scripts.eval.eval_minimind"
+        raise NanoLladaError(f"{path}: is a {checkpoint.kind} checkpoint, expected {kind}; use {hint} for it")
+    model = build_model(checkpoint, path).to(device).eval()
+    return model, checkpoint.config

@@ -1,0 +1,86 @@
+"""ModelConfig: every shape and positional-encoding setting of the transformer, stored in each checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from model.errors import NanoLladaError
+
+# MiniMind2's tokenizer has 6400 tokens; `<|mask|>` is appended once, so it is always id 6400.
+BASE_VOCAB_SIZE = 6400
+MASK_TOKEN = "<|mask|>"
+MASK_TOKEN_ID = BASE_VOCAB_SIZE
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    vocab_size: int = BASE_VOCAB_SIZE + 1  # 6400 tokens + <|mask|>
+    intermediate_size: int | None = None  # None -> 64 * ceil(int(8h/3) / 64), as MiniMind2
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    # YaRN (MiniMind2's numbers). Part of the config, so every stage uses the same positions (old bug B5).
+    inference_rope_scaling: bool = False
+    rope_scaling_factor: float = 16.0
+    rope_original_max_positions: int = 2048
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(int(self.hidden_size * 8 / 3) / 64)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise NanoLladaError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise NanoLladaError(f"model config: hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} attention heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise NanoLladaError(f"model config: {self.num_attention_heads} attention heads are not a multiple of {self.num_key_value_heads} key/value heads")
+        if self.head_dim % 2:
+            raise NanoLladaError(f"model config: head dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise NanoLladaError(f"model config has unknown fields {sorted(unknown)}; was it written by a newer nano-llada?")
+        return cls(**data)
+
+    def num_parameters(self) -> int:
+        h, i, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        return V * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h
+
+
+PRESETS = {
+    "minimind2_small": dict(hidden_size=512, num_hidden_layers=8),  # 26M, the default
+    "minimind2": dict(hidden_size=768, num_hidden_layers=16),  # 104M
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise NanoLladaError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

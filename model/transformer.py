@@ -1,0 +1,233 @@
+"""The one transformer, used causally (AR) and bidirectionally (diffusion).
+
+Pre-norm decoder in MiniMind2's shape: RMSNorm, RoPE (theta 1e6, rotate-half, optional YaRN), grouped-query
+attention through scaled_dot_product_attention, SwiGLU MLP, final RMSNorm, head tied to the embedding.
+Parameter names are MiniMind2's (model.layers.N.self_attn.q_proj ...), so a MiniMind2 state dict loads
+strictly instead of through a key map. Nothing here knows about AR or diffusion objectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.errors import NanoLladaError
+
+# How attention may look: "causal" (AR), "bidirectional" (diffusion) or an explicit boolean mask
+# broadcastable to [B, heads, T, S] where True means "may attend".
+Attention = str | torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32: bf16 mean-of-squares loses too many bits at hidden 512.
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), rescaled by YaRN when config.inference_rope_scaling is set.
+
+    YaRN as MiniMind2 parameterises it: pairs whose wavelength fits in the original context
+    (i < corr_dim) are interpolated by (beta*s - beta + 1)/(beta*s), beta ramping from beta_slow to
+    beta_fast over the pairs; longer wavelengths are divided by the factor s.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if config.inference_rope_scaling and config.max_position_embeddings > config.rope_original_max_positions:
+        half = dim // 2
+        s = config.rope_scaling_factor
+        wavelengths = 2 * math.pi / inv_freq
+        longer = (wavelengths > config.rope_original_max_positions).nonzero()
+        corr_dim = int(longer[0]) if len(longer) else half
+        beta = config.rope_beta_slow + (config.rope_beta_fast - config.rope_beta_slow) * torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
+        scale = torch.where(torch.arange(half) < corr_dim, (beta * s - beta + 1) / (beta * s), torch.full_like(beta, 1.0 / s))
+        inv_freq = inv_freq * scale
+    return inv_freq.float()
+
+
+def rope_table(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    angles = torch.outer(positions, rope_frequencies(config))
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half pairing: dim i pairs with i + d/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding.
+
+    `length` is how many positions are filled; a forward pass with a cache appends its T new positions.
+    `crop` rolls back (used to discard speculative or not-yet-final positions).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)
+        # enable_gqa: query head h reads key/value head h // (heads / kv_heads), MiniMind2's grouping.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embedding, layers and final norm; the `model.` prefix of MiniMind2's key names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_table(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the residual-branch outputs so the residual stream does not grow with depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention: Attention = "causal",
+        kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T].
+
+        With a kv_cache the T tokens continue the cached positions and are appended to the cache.
+        `positions` overrides the position of each token (e.g. the clean half of a block-diffusion input).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if positions is None:
+            if past + T > self.config.max_position_embeddings:
+                raise NanoLladaError(f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}")
+            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if cos.dim() == 3:  # per-row positions [B, T, D] -> broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask, is_causal = self._attention_mask(attention, T, past, input_ids.device)
+        x = self.model.dropout(self.model.embed_tokens(input_ids))
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, is_causal, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        return self.lm_head(self.model.norm(x))
+
+    @staticmethod
+    def _attention_mask(attention: Attention, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(explicit mask or None, is_causal) for SDPA; no dense mask whenever the flash path can be used."""
+        if isinstance(attention, torch.Tensor):
+            if attention.dtype != torch.bool:
+                raise NanoLladaError("an explicit attention mask must be boolean (True = may attend)")
+            return attention, False
+        if attention == "bidirectional":
+            return None, False
+        if attention != "causal":
+            raise NanoLladaError(f"unknown attention mode '{attention}'; use 'causal', 'bidirectional' or a boolean mask")
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False  # one new query may see every cached key
+        # T new queries after `past` cached keys: query i sees keys 0..past+i (bottom-right aligned).
+        keys = torch.arange(past + T, device=device)
+        return keys[None, :] <= (past + torch.arange(T, device=device))[:, None], False
+
+    def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        param = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_length, param.device, param.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

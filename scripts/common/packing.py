@@ -1,0 +1,118 @@
+"""Pretraining data: tokenize once into a memory-mapped token stream, then pack it into full rows.
+
+Each document becomes [BOS] + tokens + [EOS] and documents are concatenated, so every row is full
+(no padding) and documents are told apart by their EOS (see `document_ids`). The tokenized stream is
+cached next to the data file, keyed by the tokenizer and the file, so a 1.6 GB jsonl is read once.
+The batch of micro-step k is a pure function of (seed, k): resuming needs only the step counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.errors import NanoLladaError
+from model.tokenizer import BOS_ID, EOS_ID, tokenizer_identity
+from scripts.common.readers import BadLineCounter, check_data_file, iter_texts
+
+CACHE_VERSION = 1
+
+
+def _chunks(iterable, size):
+    chunk = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_to_cache(data_path, tokenizer, field: str = "text", skip_bad_lines: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens uint16 memmap, document end offsets) of a jsonl/txt file, built once and cached beside it."""
+    data_path = check_data_file(data_path)
+    stat = data_path.stat()
+    key = json.dumps([CACHE_VERSION, tokenizer_identity(tokenizer), field, stat.st_size, stat.st_mtime_ns])
+    stem = data_path.with_name(f"{data_path.name}.tok-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    tokens_path, ends_path = Path(f"{stem}.bin"), Path(f"{stem}.ends.npy")
+    if not (tokens_path.exists() and ends_path.exists()):
+        bad = BadLineCounter()
+        ends, total = [], 0
+        tmp = Path(f"{tokens_path}.tmp")
+        with open(tmp, "wb") as out:
+            texts = iter_texts(data_path, field, skip_bad_lines, bad)
+            for batch in tqdm(_chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
+                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
+                    out.write(doc.tobytes())
+                    total += len(doc)
+                    ends.append(total)
+        if bad.summary(data_path):
+            print(bad.summary(data_path))
+        if not ends:
+            tmp.unlink()
+            raise NanoLladaError(f"{data_path}: no documents found (every line empty or skipped)")
+        np.save(f"{ends_path}.tmp.npy", np.asarray(ends, dtype=np.int64))
+        os.replace(f"{ends_path}.tmp.npy", ends_path)
+        os.replace(tmp, tokens_path)
+    return np.memmap(tokens_path, dtype=np.uint16, mode="r"), np.load(ends_path)
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int = EOS_ID) -> torch.Tensor:
+    """Per-position document index within each row: it increases after every EOS (the EOS closes its doc)."""
+    is_eos = (input_ids == eos_id).long()
+    return is_eos.cumsum(-1) - is_eos
+
+
+@dataclass
+class PackedRows:
+    """Non-overlapping rows of `seq_len` tokens cut from a token stream; a final partial row is dropped."""
+
+    tokens: np.ndarray
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        self.num_rows = len(self.tokens) // self.seq_len
+        if self.num_rows == 0:
+            raise NanoLladaError(f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; use more data or a smaller sequence length")
+
+    def row(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len]
+
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.row(int(i)) for i in rows]).astype(np.int64))
+
+
+class PackedBatches:
+    """Shuffled batches over epochs; batch k (a micro-step) depends only on (seed, k)."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int):
+        if rows.num_rows < batch_size:
+            raise NanoLladaError(f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, fewer than --batch-size {batch_size}; lower the batch size or add data")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.batches_per_epoch = rows.num_rows // batch_size
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def batch(self, k: int) -> torch.Tensor:
+        epoch, index = divmod(k, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rows.num_rows))
+        return self.rows.gather(self._order[1][index * self.batch_size:(index + 1) * self.batch_size])
+
+
+def split_train_val(tokens: np.ndarray, doc_ends: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the last documents (about val_fraction of the tokens, at least one row) for validation."""
+    want = max(int(len(tokens) * val_fraction), seq_len)
+    cut_doc = np.searchsorted(doc_ends, len(tokens) - want, side="right")
+    cut = int(doc_ends[cut_doc - 1]) if cut_doc > 0 else 0
+    if cut < seq_len or len(tokens) - cut < seq_len:
+        raise NanoLladaError(f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; add data or lower --max-seq-len")
+    return tokens[:cut], tokens[cut:]

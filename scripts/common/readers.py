@@ -1,0 +1,182 @@
+"""Readers for the three data formats: MiniMind pretraining jsonl, plain .txt, SFT jsonl.
+
+Everything streams line by line (or seeks by byte offset), so a 1.6 GB file is never held in memory.
+Every problem is reported as `file:line: what is wrong; how to fix it`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import NanoLladaError
+
+HOW_TO_GET_DATA = (
+    "build the offline sample with `uv run python -m scripts.data.sample` "
+    "or download the real data with `uv run python -m scripts.data.download`"
+)
+
+
+def check_data_file(path: str | os.PathLike) -> Path:
+    """Fail with one actionable line if `path` is missing, a directory or empty."""
+    p = Path(path)
+    if not p.exists():
+        raise NanoLladaError(f"{p}: data file not found; {HOW_TO_GET_DATA}")
+    if p.is_dir():
+        raise NanoLladaError(f"{p}: is a directory, expected a .jsonl or .txt file")
+    if p.stat().st_size == 0:
+        raise NanoLladaError(f"{p}: data file is empty; {HOW_TO_GET_DATA}")
+    if p.suffix not in (".jsonl", ".json", ".txt"):
+        raise NanoLladaError(f"{p}: unsupported data format '{p.suffix}'; use .jsonl (one JSON object per line) or .txt (one document per line)")
+    return p
+
+
+def _parse_json_line(path: Path, lineno: int, raw: bytes) -> dict:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NanoLladaError(f"{path}:{lineno}: malformed JSON ({err.__class__.__name__}: {err}); fix the line or pass --skip-bad-lines") from None
+    if not isinstance(obj, dict):
+        raise NanoLladaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line or pass --skip-bad-lines")
+    return obj
+
+
+class BadLineCounter:
+    """Counts skipped lines so the caller can print one summary instead of silently dropping data."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: str | None = None
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        self.first = self.first or message
+
+    def summary(self, path: Path) -> str | None:
+        if not self.count:
+            return None
+        return f"{path}: skipped {self.count} bad line(s); first: {self.first}"
+
+
+def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, bad: BadLineCounter | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for every non-blank line of a jsonl file."""
+    path = check_data_file(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, _parse_json_line(path, lineno, raw)
+            except NanoLladaError as err:
+                if not skip_bad_lines:
+                    raise
+                if bad is not None:
+                    bad.add(str(err))
+
+
+def text_of(path: Path, lineno: int, obj: dict, field: str) -> str:
+    """The text field of a pretraining row, or a clear error naming the line and the fields it does have."""
+    if field not in obj:
+        raise NanoLladaError(f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); pass --jsonl-field NAME")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise NanoLladaError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, expected a string")
+    return value
+
+
+def iter_texts(path: str | os.PathLike, field: str = "text", skip_bad_lines: bool = False, bad: BadLineCounter | None = None) -> Iterator[str]:
+    """Yield the documents of a pretraining file: jsonl `{field: text}` rows or .txt lines (blank lines skipped)."""
+    path = check_data_file(path)
+    if path.suffix == ".txt":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+        return
+    for lineno, obj in iter_jsonl(path, skip_bad_lines, bad):
+        try:
+            text = text_of(path, lineno, obj, field)
+        except NanoLladaError as err:
+            if not skip_bad_lines:
+                raise
+            if bad is not None:
+                bad.add(str(err))
+            continue
+        if text.strip():
+            yield text
+
+
+class LineIndex:
+    """Byte offsets of the non-blank lines of a file, for random access without loading the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = check_data_file(path)
+        offsets, pos = [], 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    offsets.append(pos)
+                pos += len(raw)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._lineno: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, i: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return f.readline()
+
+    def read_json(self, i: int) -> dict:
+        return _parse_json_line(self.path, self.lineno(i), self.read(i))
+
+    def lineno(self, i: int) -> int:
+        """1-based line number of entry i (computed lazily: only error messages need it)."""
+        if self._lineno is None:
+            with open(self.path, "rb") as f:
+                starts = [0]
+                for raw in f:
+                    starts.append(starts[-1] + len(raw))
+            self._lineno = np.searchsorted(np.asarray(starts[:-1]), self.offsets) + 1
+        return int(self._lineno[i])
+
+
+SFT_ROLES = ("system", "user", "assistant")
+
+
+def conversation_of(path: Path, lineno: int, obj: dict) -> list[dict]:
+    """Validate one SFT row `{"conversations": [{"role", "content"}, ...]}` and return its turns."""
+    turns = obj.get("conversations", obj.get("messages"))
+    if turns is None:
+        raise NanoLladaError(f"{path}:{lineno}: no field 'conversations' (this line has: {', '.join(sorted(obj)) or 'nothing'})")
+    if not isinstance(turns, list) or not turns:
+        raise NanoLladaError(f"{path}:{lineno}: 'conversations' must be a non-empty list of {{role, content}}")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise NanoLladaError(f"{path}:{lineno}: turn {k} needs 'role' and 'content'")
+        if turn["role"] not in SFT_ROLES:
+            raise NanoLladaError(f"{path}:{lineno}: turn {k} has unknown role '{turn['role']}' (expected one of {', '.join(SFT_ROLES)})")
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            raise NanoLladaError(f"{path}:{lineno}: turn {k} ({turn['role']}) has empty content")
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise NanoLladaError(f"{path}:{lineno}: no assistant turn, nothing to learn from")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def iter_conversations(path: str | os.PathLike, skip_bad_lines: bool = True, bad: BadLineCounter | None = None) -> Iterator[list[dict]]:
+    """Yield validated conversations; invalid rows are counted in `bad` (or raised if skip_bad_lines is False)."""
+    path = check_data_file(path)
+    for lineno, obj in iter_jsonl(path, skip_bad_lines, bad):
+        try:
+            yield conversation_of(path, lineno, obj)
+        except NanoLladaError as err:
+            if not skip_bad_lines:
+                raise
+            if bad is not None:
+                bad.add(str(err))

@@ -1,0 +1,274 @@
+"""The one training loop shared by every trainer (AR and diffusion, pretraining and SFT).
+
+A trainer supplies the model, a batch function (micro-step -> batch), validation batches and a loss
+function; this loop owns everything else: AdamW, LR schedule, bf16 autocast, accumulation, clipping,
+validation, early stopping, atomic checkpoints, resume, metrics jsonl, loss plot and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.errors import NanoLladaError
+from scripts.common.plots import plot_loss
+
+# loss_fn(model, batch, rng) -> scalar loss. `rng` is seeded from the micro-step, so masks are reproducible.
+LossFn = Callable[[torch.nn.Module, object, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    run_name: str
+    kind: str  # "ar" | "diffusion": the kind written into checkpoints
+    max_steps: int  # optimizer steps
+    out_dir: str = "weights"
+    learning_rate: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    lr_stable_ratio: float = 0.4  # wsd: fraction of max_steps held at the peak after warmup
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    accumulation_steps: int = 1
+    eval_interval: int = 200
+    eval_batches: int = 8
+    save_interval: int = 500
+    log_interval: int = 10
+    early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
+    early_stop_min_delta: float = 0.0
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs fp32
+    compile: bool = False
+    seed: int = 42
+
+    def validate(self) -> None:
+        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+            raise NanoLladaError(f"--lr-schedule must be cosine, wsd or constant, got '{self.lr_schedule}'")
+        if self.max_steps <= 0:
+            raise NanoLladaError(f"nothing to train: {self.max_steps} optimizer steps (check --epochs/--max-iters, batch size and data size)")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.lr_stable_ratio <= 1:
+            raise NanoLladaError("--min-lr-ratio and --lr-stable-ratio must lie in [0, 1]")
+        for name in ("learning_rate", "accumulation_steps", "eval_interval", "save_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise NanoLladaError(f"--{name.replace('_', '-')} must be > 0")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr (cosine), or a plateau then linear decay to min_lr (wsd)."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, cfg.max_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return peak
+    if cfg.lr_schedule == "wsd":
+        decay_start = min(cfg.max_steps, warmup + int(cfg.lr_stable_ratio * cfg.max_steps))
+        if step < decay_start:
+            return peak
+        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return peak + (floor - peak) * min(1.0, progress)
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices decay, while norms and the (tied) embedding do not (decaying them only hurts)."""
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        (no_decay if param.dim() < 2 or "embed_tokens" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype != "float32":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+def _rng(device: torch.device, *seed_parts: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(hash(seed_parts) & 0x7FFF_FFFF_FFFF)
+    return gen
+
+
+class RunFiles:
+    def __init__(self, cfg: TrainConfig):
+        out = Path(cfg.out_dir)
+        self.full = out / f"{cfg.run_name}.pt"
+        self.weights = out / f"{cfg.run_name}_state_dict.pt"
+        self.best = out / f"{cfg.run_name}_best.pt"
+        self.metrics = out / f"{cfg.run_name}_metrics.jsonl"
+        self.plot = out / f"{cfg.run_name}_loss.png"
+
+
+def train(
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    batch_fn: Callable[[int], object],
+    val_batches: list,
+    loss_fn: LossFn,
+    tokenizer_identity: dict,
+    device: torch.device,
+    resume: bool = False,
+    tokens_in: Callable[[object], int] = lambda batch: batch.numel(),
+    to_device: Callable[[object, torch.device], object] = lambda batch, device: batch.to(device, non_blocking=True),
+    extra_meta: dict | None = None,
+) -> dict:
+    """Train until cfg.max_steps (or early stop); returns a summary dict. Files go to cfg.out_dir."""
+    cfg.validate()
+    files = RunFiles(cfg)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    state = {"step": 0, "best_val": float("inf"), "best_step": -1, "bad_evals": 0}
+    if resume:
+        state = _resume(files.full, model, optimizer, model_config, cfg, device)
+    elif files.full.exists():
+        raise NanoLladaError(f"{files.full} already exists; pass --resume to continue it or choose another --run-name")
+    files.metrics.parent.mkdir(parents=True, exist_ok=True)
+    _truncate_metrics(files.metrics, state["step"])
+    forward_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    meta = {"train_config": asdict(cfg), **(extra_meta or {})}
+
+    def save(path_full: bool = True) -> None:
+        extra = {**meta, "optimizer": optimizer.state_dict(), "step": state["step"], "trainer_state": dict(state),
+                 "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
+        save_checkpoint(files.full, cfg.kind, model_config, model, tokenizer_identity, **extra)
+        save_checkpoint(files.weights, cfg.kind, model_config, model, tokenizer_identity, step=state["step"], **meta)
+
+    def evaluate() -> float:
+        forward_model.eval()
+        losses = []
+        with torch.no_grad(), autocast(device, cfg.dtype):
+            for i, batch in enumerate(val_batches):  # fixed seeds: every eval sees the same masks
+                losses.append(loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, -1, i)).float())
+        forward_model.train()
+        return torch.stack(losses).mean().item()
+
+    metrics_file = open(files.metrics, "a", encoding="utf-8")
+    log = lambda record: metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush()  # noqa: E731
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.run_name, dynamic_ncols=True, mininterval=1.0)
+    pending_losses: list[torch.Tensor] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    stopped_early = False
+    forward_model.train()
+    try:
+        if state["step"] == 0 and val_batches:
+            val = evaluate()
+            log({"step": 0, "val_loss": val})
+            bar.write(f"step 0: val loss {val:.4f}")
+        while state["step"] < cfg.max_steps:
+            step = state["step"]
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.accumulation_steps):
+                k = step * cfg.accumulation_steps + micro
+                batch = batch_fn(k)
+                window_tokens += tokens_in(batch)
+                with autocast(device, cfg.dtype):
+                    loss = loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, k)) / cfg.accumulation_steps
+                loss.backward()
+                step_loss += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            pending_losses.append(step_loss)
+            bar.update(1)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                # One host sync per log interval, not per step.
+                losses = torch.stack(pending_losses).tolist()
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                for offset, value in enumerate(losses):
+                    log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg)})
+                log({"step": step, "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                pending_losses, window_tokens, window_start = [], 0, time.perf_counter()
+                if not math.isfinite(losses[-1]):
+                    raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
+            if val_batches and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+                val = evaluate()
+                log({"step": step, "val_loss": val})
+                improved = val < state["best_val"] - cfg.early_stop_min_delta
+                if improved:
+                    state.update(best_val=val, best_step=step, bad_evals=0)
+                    save_checkpoint(files.best, cfg.kind, model_config, model, tokenizer_identity, step=step, val_loss=val, **meta)
+                else:
+                    state["bad_evals"] += 1
+                bar.write(f"step {step}: val loss {val:.4f} (best {state['best_val']:.4f} @ {state['best_step']})")
+                if cfg.early_stop_patience and state["bad_evals"] >= cfg.early_stop_patience:
+                    bar.write(f"early stop: no val improvement > {cfg.early_stop_min_delta} for {cfg.early_stop_patience} evals")
+                    stopped_early = True
+                    break
+            if step % cfg.save_interval == 0 and step < cfg.max_steps:
+                save()
+                plot_loss(files.metrics, files.plot, cfg.run_name)
+    except KeyboardInterrupt:
+        # Weights change only in optimizer.step, so the last finished step can be saved and resumed exactly.
+        metrics_file.flush()
+        save()
+        bar.write(f"interrupted: saved step {state['step']} to {files.full}")
+        raise
+    finally:
+        bar.close()
+        metrics_file.close()
+    save()
+    plot_loss(files.metrics, files.plot, cfg.run_name)
+    return {"step": state["step"], "best_val": state["best_val"], "best_step": state["best_step"], "stopped_early": stopped_early,
+            "files": {k: str(v) for k, v in vars(files).items()}}
+
+
+def _resume(path: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, device) -> dict:
+    if not path.exists():
+        raise NanoLladaError(f"--resume: {path} not found; start without --resume (or check --run-name)")
+    checkpoint: Checkpoint = read_checkpoint(path)
+    if checkpoint.kind != cfg.kind:
+        raise NanoLladaError(f"--resume: {path} is a {checkpoint.kind} run, this trainer writes {cfg.kind}")
+    if checkpoint.config != model_config:
+        raise NanoLladaError(f"--resume: {path} has model config {checkpoint.config}, which differs from this run's; use the same flags")
+    if "optimizer" not in checkpoint.extra:
+        raise NanoLladaError(f"--resume: {path} is a weights-only checkpoint; resume needs the full <run>.pt")
+    model.load_state_dict(checkpoint.state_dict)
+    model.to(device)
+    optimizer.load_state_dict(checkpoint.extra["optimizer"])
+    rng = checkpoint.extra.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    state = dict(checkpoint.extra["trainer_state"])
+    print(f"resumed {path} at step {state['step']} (best val {state['best_val']:.4f} @ {state['best_step']})")
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint's step so the curve has no duplicates."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
