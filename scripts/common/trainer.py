@@ -165,7 +165,22 @@ def train(
     log = lambda record: metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush()  # noqa: E731
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.run_name, dynamic_ncols=True, mininterval=1.0)
     pending_losses: list[torch.Tensor] = []
-    window_tokens, window_start = 0, time.perf_counter()
+    window = {"tokens": 0, "start": time.perf_counter()}
+
+    def flush_losses() -> None:
+        """Write the per-step losses since the last flush: one host sync per log interval, not per step."""
+        nonlocal pending_losses
+        if not pending_losses:
+            return
+        losses, step = torch.stack(pending_losses).tolist(), state["step"]
+        tokens_per_s = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
+        for offset, value in enumerate(losses):
+            log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg)})
+        log({"step": step, "tokens_per_s": tokens_per_s})
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        pending_losses, window["tokens"], window["start"] = [], 0, time.perf_counter()
+        if not math.isfinite(losses[-1]):
+            raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
     stopped_early = False
     forward_model.train()
     try:
@@ -182,7 +197,7 @@ def train(
             for micro in range(cfg.accumulation_steps):
                 k = step * cfg.accumulation_steps + micro
                 batch = batch_fn(k)
-                window_tokens += tokens_in(batch)
+                window["tokens"] += tokens_in(batch)
                 with autocast(device, cfg.dtype):
                     loss = loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, k)) / cfg.accumulation_steps
                 loss.backward()
@@ -195,17 +210,7 @@ def train(
             pending_losses.append(step_loss)
             bar.update(1)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                # One host sync per log interval, not per step.
-                losses = torch.stack(pending_losses).tolist()
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                for offset, value in enumerate(losses):
-                    log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg)})
-                log({"step": step, "tokens_per_s": tokens_per_s})
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                pending_losses, window_tokens, window_start = [], 0, time.perf_counter()
-                if not math.isfinite(losses[-1]):
-                    raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
+                flush_losses()
             if val_batches and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                 val = evaluate()
                 log({"step": step, "val_loss": val})
@@ -225,7 +230,7 @@ def train(
                 plot_loss(files.metrics, files.plot, cfg.run_name)
     except KeyboardInterrupt:
         # Weights change only in optimizer.step, so the last finished step can be saved and resumed exactly.
-        metrics_file.flush()
+        flush_losses()
         save()
         bar.write(f"interrupted: saved step {state['step']} to {files.full}")
         raise

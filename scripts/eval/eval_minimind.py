@@ -1,0 +1,111 @@
+"""AR evaluation: KV-cached generation from a prompt, and held-out loss / perplexity with --eval-data.
+
+uv run python -m scripts.eval.eval_minimind --checkpoint weights/minimind_pretrain_state_dict.pt \
+    --tokenizer-dir . --prompt "请介绍你自己。" --max-new-tokens 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from model.ar import generate, next_token_loss
+from model.checkpoint import build_model, read_checkpoint
+from model.errors import NanoLladaError
+from model.tokenizer import BOS_ID, EOS_ID, StreamingDecoder, chat_text, check_tokenizer_matches, encode, load_tokenizer, mask_token_id
+from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.packing import PackedRows, tokenize_to_cache
+from scripts.common.trainer import autocast
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
+    p.add_argument("--tokenizer-dir", default=".")
+    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files, which do not store it (default 8)")
+    p.add_argument("--prompt", default="请介绍你自己。")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=20, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (for comparison)")
+    p.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
+    p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: report mean loss and perplexity")
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--max-seq-len", type=int, default=256, help="row length for --eval-data")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-max-batches", type=int, default=50)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=2026)
+    return p.parse_args(argv)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Pretraining layout is [BOS] + text; chat layout is the template (which starts with <|im_start|>)."""
+    if chat:
+        return encode(tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+    return [BOS_ID, *encode(tokenizer, prompt)]
+
+
+@torch.no_grad()
+def held_out_loss(model, tokenizer, args, device) -> dict:
+    tokens, _ = tokenize_to_cache(args.eval_data, tokenizer, args.jsonl_field)
+    rows = PackedRows(tokens, min(args.max_seq_len, model.config.max_position_embeddings))
+    total, count = 0.0, 0
+    for start in range(0, min(rows.num_rows, args.eval_batch_size * args.eval_max_batches), args.eval_batch_size):
+        batch = rows.gather(range(start, min(start + args.eval_batch_size, rows.num_rows))).to(device)
+        with autocast(device, args.dtype):
+            loss = next_token_loss(model, batch)
+        predicted = batch[:, 1:].numel()
+        total, count = total + loss.item() * predicted, count + predicted
+    mean = total / count
+    return {"tokens": count, "loss": mean, "perplexity": math.exp(mean)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    positive("--max-new-tokens", args.max_new_tokens, allow_zero=True)
+    device = pick_device(args.device)
+    checkpoint = read_checkpoint(args.checkpoint, args.num_attention_heads)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    if checkpoint.kind != "ar":
+        raise NanoLladaError(f"{args.checkpoint}: is a {checkpoint.kind} checkpoint; evaluate it with scripts.eval.eval_diffusion")
+    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, args.checkpoint, args.tokenizer_dir)
+    if checkpoint.config.vocab_size != len(tokenizer):
+        raise NanoLladaError(f"{args.checkpoint}: vocab {checkpoint.config.vocab_size} does not match the tokenizer in {args.tokenizer_dir} ({len(tokenizer)})")
+    model = build_model(checkpoint, args.checkpoint).to(device).eval()
+    result: dict = {}
+
+    if args.max_new_tokens:
+        ids = prompt_ids(tokenizer, args.prompt, args.chat)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        stream = StreamingDecoder(tokenizer, skip_special_tokens=not args.show_special)
+        print(args.prompt, end="", flush=True)
+        new_ids = []
+        start = time.perf_counter()
+        with autocast(device, args.dtype):
+            for token in generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, EOS_ID,
+                                  banned_ids=(mask_token_id(tokenizer),), use_cache=not args.no_cache, generator=generator):
+                new_ids.append(token)
+                sys.stdout.write(stream.push([token]))
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - start
+        print(f"\n[{len(new_ids)} new tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s, "
+              f"{'no cache' if args.no_cache else 'KV cache'}, {device}]")
+        result.update(new_tokens=new_ids, seconds=elapsed)
+
+    if args.eval_data:
+        stats = held_out_loss(model, tokenizer, args, device)
+        print(f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, perplexity {stats['perplexity']:.2f}")
+        result["eval"] = stats
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MINIMIND2_FIXTURES = ROOT.parent / "shared" / "fixtures" / "minimind2"
+
+from model.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                       max_position_embeddings=256)
+
+
+@pytest.fixture
+def minimind2_fixtures() -> Path:
+    if not (MINIMIND2_FIXTURES / "minimind2_tiny.pth").exists():
+        pytest.skip(f"MiniMind2 fixtures not found at {MINIMIND2_FIXTURES} (they live in the team's shared/ folder)")
+    return MINIMIND2_FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

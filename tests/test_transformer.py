@@ -1,0 +1,133 @@
+"""Invariants of the one transformer: attention modes, KV cache, GQA grouping, shapes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.ar import generate
+from model.config import ModelConfig
+from model.transformer import Transformer, rope_frequencies
+
+
+def test_causal_ignores_future_tokens_and_bidirectional_does_not(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % tiny_config.vocab_size
+    with torch.no_grad():
+        causal_a, causal_b = model(ids, "causal"), model(changed, "causal")
+        bi_a, bi_b = model(ids, "bidirectional"), model(changed, "bidirectional")
+    assert torch.allclose(causal_a[:, :8], causal_b[:, :8], atol=1e-6)
+    assert not torch.allclose(causal_a[:, 8:], causal_b[:, 8:], atol=1e-3)
+    assert not torch.allclose(bi_a[:, :8], bi_b[:, :8], atol=1e-3)
+
+
+def test_explicit_mask_matches_the_named_modes(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 10))
+    lower = torch.ones(10, 10, dtype=torch.bool).tril()
+    with torch.no_grad():
+        assert torch.allclose(model(ids, lower), model(ids, "causal"), atol=1e-5)
+        assert torch.allclose(model(ids, torch.ones(10, 10, dtype=torch.bool)), model(ids, "bidirectional"), atol=1e-5)
+
+
+def test_kv_cache_chunks_equal_one_full_forward(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 15))
+    cache = model.new_kv_cache(2, 15)
+    with torch.no_grad():
+        full = model(ids, "causal")
+        pieces = [model(ids[:, :6], "causal", kv_cache=cache), model(ids[:, 6:7], "causal", kv_cache=cache),
+                  model(ids[:, 7:15], "causal", kv_cache=cache)]
+    assert cache.length == 15
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_kv_cached_greedy_decoding_equals_uncached(tiny_config):
+    model = Transformer(tiny_config).eval()
+    prompt = [1, 5, 9, 3]
+    cached = list(generate(model, prompt, 20, temperature=0.0, use_cache=True))
+    uncached = list(generate(model, prompt, 20, temperature=0.0, use_cache=False))
+    assert len(cached) == 20
+    assert cached == uncached
+
+
+def test_generation_never_samples_banned_ids_and_stops_at_eos(tiny_config):
+    model = Transformer(tiny_config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[7] += 5.0  # make token 7 attractive, then ban it
+    tokens = list(generate(model, [1, 2], 30, temperature=1.0, banned_ids=(7,), generator=torch.Generator().manual_seed(0)))
+    assert 7 not in tokens
+    first = list(generate(model, [1, 2], 30, temperature=0.0))[0]
+    assert list(generate(model, [1, 2], 30, temperature=0.0, eos_id=first)) == [first]
+
+
+def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """An independent, deliberately plain MiniMind2 forward: explicit repeat of KV heads and a softmax with a -inf mask."""
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    B, T = ids.shape
+    d, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.outer(torch.arange(T).float(), inv)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    rot = lambda x: x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin  # noqa: E731
+    x = state["model.embed_tokens.weight"][ids]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, state[p + "input_layernorm.weight"])
+        q = (h @ state[p + "self_attn.q_proj.weight"].T).view(B, T, nh, d).transpose(1, 2)
+        k = (h @ state[p + "self_attn.k_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
+        v = (h @ state[p + "self_attn.v_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
+        q, k = rot(q), rot(k)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d) + torch.full((T, T), float("-inf")).triu(1)
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + attn @ state[p + "self_attn.o_proj.weight"].T
+        h = rms(x, state[p + "post_attention_layernorm.weight"])
+        mlp = F.silu(h @ state[p + "mlp.gate_proj.weight"].T) * (h @ state[p + "mlp.up_proj.weight"].T)
+        x = x + mlp @ state[p + "mlp.down_proj.weight"].T
+    return rms(x, state["model.norm.weight"]) @ state["model.embed_tokens.weight"].T
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1), (8, 8), (16, 4)])
+def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_heads):
+    cfg = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=300,
+                      max_position_embeddings=64)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.3)  # norms must matter
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference_minimind2_forward(state, cfg, ids), atol=1e-4)
+
+
+def test_parameter_count_and_intermediate_size_follow_minimind2():
+    cfg = ModelConfig()  # MiniMind2-Small
+    assert cfg.intermediate_size == 1408 and cfg.head_dim == 64 and cfg.vocab_size == 6401
+    assert Transformer(cfg).num_parameters() == cfg.num_parameters()
+    assert 25.5e6 < cfg.num_parameters() < 26.5e6  # MiniMind2-Small is "26M"
+
+
+def test_yarn_is_off_by_default_and_only_rescales_when_asked():
+    plain = rope_frequencies(ModelConfig())
+    yarn = rope_frequencies(ModelConfig(inference_rope_scaling=True))
+    theta = 1.0 / (1e6 ** (torch.arange(0, 64, 2).double() / 64))
+    assert torch.allclose(plain, theta.float())
+    assert torch.allclose(yarn[-1], plain[-1] / 16)  # longest wavelengths are interpolated by the factor
+    assert (yarn <= plain + 1e-12).all() and (yarn < plain).any()
+
+
+def test_bad_configs_raise_clear_errors():
+    from model.errors import NanoLladaError
+
+    with pytest.raises(NanoLladaError, match="not divisible"):
+        ModelConfig(hidden_size=100, num_attention_heads=8)
+    with pytest.raises(NanoLladaError, match="key/value heads"):
+        ModelConfig(num_attention_heads=8, num_key_value_heads=3)
