@@ -1,0 +1,86 @@
+"""The masked-diffusion route (LLaDA): forward process and losses.
+
+Which ids are maskable (decided once, here):
+- every real token of a pretraining row, BOS and EOS included: they mark where documents start and end,
+  and a diffusion model must learn to place them (it decides the length of what it writes);
+- never PAD (<|endoftext|>, id 0): it only fills rows cut short by --variable-length-prob;
+- in SFT, never a prompt token; the EOS padding after the answer is maskable (that is how it learns to stop).
+The mask token itself is never a target, and its logit is never sampled (see sampling.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.tokenizer import PAD_ID
+
+
+def pretraining_maskable(input_ids: torch.Tensor) -> torch.Tensor:
+    return input_ids != PAD_ID
+
+
+def sample_mask_ratio(batch_size: int, eps: float, rng: torch.Generator, device) -> torch.Tensor:
+    """t ~ U(eps, 1 - eps) per sequence (LLaDA Eq. 3 draws t in (0, 1]; eps keeps 1/t bounded)."""
+    return eps + (1 - 2 * eps) * torch.rand(batch_size, device=device, generator=rng)
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor, mask_id: int,
+                rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each maskable token independently with probability t[row]; at least one per row that has any.
+
+    Returns (noisy ids, masked positions). Pure tensor ops: no Python loop over rows.
+    """
+    scores = torch.rand(input_ids.shape, device=input_ids.device, generator=rng)
+    masked = (scores < t[:, None]) & maskable
+    # Rows where nothing was drawn get their lowest-scoring maskable position masked.
+    forced = torch.zeros_like(masked).scatter_(1, scores.masked_fill(~maskable, 2.0).argmin(1, keepdim=True), True)
+    masked |= forced & maskable & ~masked.any(1, keepdim=True)
+    return input_ids.masked_fill(masked, mask_id), masked
+
+
+def cut_to_random_length(input_ids: torch.Tensor, prob: float, rng: torch.Generator) -> torch.Tensor:
+    """With probability `prob` per row, keep a random-length prefix (>= 1) and fill the rest with PAD,
+    so the model also sees sequences that end before the row does (LLaDA trains 1% of data this way)."""
+    B, L = input_ids.shape
+    cut = prob > 0 and torch.rand(B, device=input_ids.device, generator=rng) < prob
+    if cut is False:
+        return input_ids
+    lengths = torch.randint(1, L + 1, (B,), device=input_ids.device, generator=rng)
+    lengths = torch.where(cut, lengths, L)
+    return input_ids.masked_fill(torch.arange(L, device=input_ids.device)[None, :] >= lengths[:, None], PAD_ID)
+
+
+def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy at masked positions, 0 elsewhere (only masked logits are scored)."""
+    nll = torch.zeros(targets.shape, device=logits.device, dtype=torch.float32)
+    nll[masked] = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    return nll
+
+
+def llada_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int, eps: float = 1e-3,
+               maskable: torch.Tensor | None = None, repeat_penalty_weight: float = 0.0) -> torch.Tensor:
+    """LLaDA Eq. 3: sum over masked tokens of CE / t, divided by the number of maskable tokens.
+
+    An upper bound on the NLL per token (the NELBO); with uniform logits its expectation is ln|V|.
+    """
+    maskable = pretraining_maskable(input_ids) if maskable is None else maskable
+    t = sample_mask_ratio(input_ids.shape[0], eps, rng, input_ids.device)
+    noisy, masked = mask_tokens(input_ids, maskable, t, mask_id, rng)
+    logits = model(noisy, attention="bidirectional")
+    loss = (masked_token_nll(logits, input_ids, masked) / t[:, None]).sum() / maskable.sum().clamp(min=1)
+    if repeat_penalty_weight:
+        loss = loss + repeat_penalty_weight * repeat_unlikelihood(logits, input_ids, masked)
+    return loss
+
+
+def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token:
+    pushes probability away from runs of identical tokens, a failure mode of small diffusion models."""
+    repeats = masked.clone()
+    repeats[:, 1:] &= targets[:, 1:] == targets[:, :-1]
+    repeats[:, 0] = False
+    if not repeats.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    p = logits[repeats].float().softmax(-1).gather(-1, targets[repeats][:, None]).squeeze(-1)
+    return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
