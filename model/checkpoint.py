@@ -20,6 +20,7 @@ from model.transformer import Transformer
 FORMAT = "nano-llada"
 FORMAT_VERSION = 1
 KINDS = ("ar", "diffusion")
+KIND_NAMES = {"ar": "an AR", "diffusion": "a diffusion"}  # for messages
 
 
 @dataclass
@@ -119,6 +120,6 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     checkpoint = read_checkpoint(path, num_attention_heads)
     if kind is not None and checkpoint.kind != kind:
         hint = "scripts.eval.eval_diffusion" if checkpoint.kind == "diffusion" else "scripts.eval.eval_minimind"
-        raise NanoLladaError(f"{path}: is a {checkpoint.kind} checkpoint, expected {kind}; use {hint} for it")
+        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; use {hint} for it")
     model = build_model(checkpoint, path).to(device).eval()
     return model, checkpoint.config

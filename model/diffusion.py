@@ -84,3 +84,18 @@ def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: tor
         return logits.new_zeros((), dtype=torch.float32)
     p = logits[repeats].float().softmax(-1).gather(-1, targets[repeats][:, None]).squeeze(-1)
     return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+
+
+@torch.no_grad()
+def init_mask_embedding(model, mask_id: int, generator: torch.Generator, noise_std: float = 0.02) -> None:
+    """Set the <|mask|> row to the mean token embedding plus small noise.
+
+    An AR model never saw <|mask|> as input, so its row is untrained (MiniMind2 has none at all). The mean
+    embedding sits where real inputs live, so RMSNorm statistics and attention scales stay ordinary at high
+    mask ratios (LLaDA 2.0 reports instabilities from a near-zero mask embedding); the noise makes it distinct
+    from the "average token". With tied weights this is also the mask's output row, whose logit is never used.
+    """
+    embed = model.model.embed_tokens.weight
+    others = torch.cat([embed[:mask_id], embed[mask_id + 1:]])
+    noise = torch.randn(embed.shape[1], generator=generator).to(embed) * noise_std
+    embed[mask_id] = others.mean(0) + noise

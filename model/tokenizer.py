@@ -71,6 +71,13 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Pretraining layout is [BOS] + text; chat layout is the template (which starts with <|im_start|>)."""
+    if chat:
+        return encode(tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+    return [BOS_ID, *encode(tokenizer, prompt)]
+
+
 def decode(tokenizer, ids: list[int], skip_special_tokens: bool = True) -> str:
     """Decode a finished generation; an incomplete UTF-8 tail (a cut multi-byte character) is dropped."""
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).rstrip("\ufffd")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from model.checkpoint import KIND_NAMES, Checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.errors import NanoLladaError
 from scripts.common.plots import plot_loss
@@ -248,7 +248,7 @@ def _resume(path: Path, model, optimizer, model_config: ModelConfig, cfg: TrainC
         raise NanoLladaError(f"--resume: {path} not found; start without --resume (or check --run-name)")
     checkpoint: Checkpoint = read_checkpoint(path)
     if checkpoint.kind != cfg.kind:
-        raise NanoLladaError(f"--resume: {path} is a {checkpoint.kind} run, this trainer writes {cfg.kind}")
+        raise NanoLladaError(f"--resume: {path} is {KIND_NAMES[checkpoint.kind]} run, this trainer writes {cfg.kind}")
     if checkpoint.config != model_config:
         raise NanoLladaError(f"--resume: {path} has model config {checkpoint.config}, which differs from this run's; use the same flags")
     if "optimizer" not in checkpoint.extra:

@@ -14,11 +14,9 @@ import time
 import torch
 
 from model.ar import generate, next_token_loss
-from model.checkpoint import build_model, read_checkpoint
-from model.errors import NanoLladaError
-from model.tokenizer import BOS_ID, EOS_ID, StreamingDecoder, chat_text, check_tokenizer_matches, encode, load_tokenizer, mask_token_id
+from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.packing import PackedRows, tokenize_to_cache
+from scripts.common.evaluation import held_out_batches, load_for_eval
 from scripts.common.trainer import autocast
 
 
@@ -33,11 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=20, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token (for comparison)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token (for comparison)")
     p.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: report mean loss and perplexity")
     p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--max-seq-len", type=int, default=256, help="row length for --eval-data")
+    p.add_argument("--max-seq-len", "--seq-len", dest="seq_len", type=int, default=256, help="row length for --eval-data")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-max-batches", type=int, default=50)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -46,42 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Pretraining layout is [BOS] + text; chat layout is the template (which starts with <|im_start|>)."""
-    if chat:
-        return encode(tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
-    return [BOS_ID, *encode(tokenizer, prompt)]
-
-
 @torch.no_grad()
-def held_out_loss(model, tokenizer, args, device) -> dict:
-    tokens, _ = tokenize_to_cache(args.eval_data, tokenizer, args.jsonl_field)
-    rows = PackedRows(tokens, min(args.max_seq_len, model.config.max_position_embeddings))
+def held_out_loss(model, batches: list, device, dtype: str) -> dict:
+    """Token-weighted mean next-token loss over held-out rows, and its perplexity."""
     total, count = 0.0, 0
-    for start in range(0, min(rows.num_rows, args.eval_batch_size * args.eval_max_batches), args.eval_batch_size):
-        batch = rows.gather(range(start, min(start + args.eval_batch_size, rows.num_rows))).to(device)
-        with autocast(device, args.dtype):
-            loss = next_token_loss(model, batch)
-        predicted = batch[:, 1:].numel()
-        total, count = total + loss.item() * predicted, count + predicted
-    mean = total / count
-    return {"tokens": count, "loss": mean, "perplexity": math.exp(mean)}
+    for batch in batches:
+        with autocast(device, dtype):
+            loss = next_token_loss(model, batch.to(device))
+        total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
+    return {"tokens": count, "loss": total / count, "perplexity": math.exp(total / count)}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     positive("--max-new-tokens", args.max_new_tokens, allow_zero=True)
     device = pick_device(args.device)
-    checkpoint = read_checkpoint(args.checkpoint, args.num_attention_heads)
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    if checkpoint.kind != "ar":
-        raise NanoLladaError(f"{args.checkpoint}: is a {checkpoint.kind} checkpoint; evaluate it with scripts.eval.eval_diffusion")
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, args.checkpoint, args.tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{args.checkpoint}: vocab {checkpoint.config.vocab_size} does not match the tokenizer in {args.tokenizer_dir} ({len(tokenizer)})")
-    model = build_model(checkpoint, args.checkpoint).to(device).eval()
+    model, tokenizer = load_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
     result: dict = {}
-
     if args.max_new_tokens:
         ids = prompt_ids(tokenizer, args.prompt, args.chat)
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -97,11 +76,11 @@ def main(argv=None) -> dict:
                 sys.stdout.flush()
         elapsed = time.perf_counter() - start
         print(f"\n[{len(new_ids)} new tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s, "
-              f"{'no cache' if args.no_cache else 'KV cache'}, {device}]")
+              f"{len(new_ids)} forward passes, {'no cache' if args.no_cache else 'KV cache'}, {device}]")
         result.update(new_tokens=new_ids, seconds=elapsed)
-
     if args.eval_data:
-        stats = held_out_loss(model, tokenizer, args, device)
+        batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)
+        stats = held_out_loss(model, batches, device, args.dtype)
         print(f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, perplexity {stats['perplexity']:.2f}")
         result["eval"] = stats
     return result

@@ -1,0 +1,31 @@
+"""What the eval entry points share: loading a checkpoint of the right kind with its tokenizer, held-out rows."""
+
+from __future__ import annotations
+
+from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
+from model.errors import NanoLladaError
+from model.tokenizer import check_tokenizer_matches, load_tokenizer
+from scripts.common.packing import PackedRows, tokenize_to_cache
+
+SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
+
+
+def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
+    """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
+    checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
+    if checkpoint.kind != kind:
+        raise NanoLladaError(f"{checkpoint_path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; "
+                             f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, checkpoint_path, tokenizer_dir)
+    if checkpoint.config.vocab_size != len(tokenizer):
+        raise NanoLladaError(f"{checkpoint_path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
+                             f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
+    return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer
+
+
+def held_out_batches(path, tokenizer, field: str, seq_len: int, batch_size: int, max_batches: int) -> list:
+    """The first max_batches batches of packed rows of a held-out file (the same rows every time)."""
+    rows = PackedRows(tokenize_to_cache(path, tokenizer, field)[0], seq_len)
+    n = min(rows.num_rows, batch_size * max_batches)
+    return [rows.gather(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
