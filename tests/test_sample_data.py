@@ -1,0 +1,82 @@
+"""The offline sample: tags stripped, splits disjoint and deterministic, SFT rows well-formed, labels parsed."""
+
+import json
+import re
+
+import pytest
+
+from scripts.common.readers import iter_conversations, iter_texts
+from scripts.data.sample import SENTIMENT_LABELS, build_sample, parse_sentiment, sentiment_question, untag_line
+
+FILES = ("sample_pretrain.jsonl", "sample_pretrain_val.jsonl", "sample_sft_train.jsonl", "sample_sft_val.jsonl", "sample_sft_test.jsonl")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return build_sample(tmp_path_factory.mktemp("sample"), seed=0)
+
+
+def review_of(conversation):
+    return conversation[0]["content"].split("评论：", 1)[1]
+
+
+def test_all_files_written_and_non_empty(sample):
+    assert sorted(sample) == sorted(FILES)
+    assert all(path.stat().st_size > 0 for path in sample.values())
+    assert not list(next(iter(sample.values())).parent.glob("*.tmp"))
+
+
+def test_pos_tags_and_compound_brackets_are_removed(sample):
+    assert untag_line("[中国/ns  政府/n]nt  发表/v  声明/n  。/w") == "中国政府发表声明。"
+    assert untag_line("Windows/nx  NT/nx  系统/n") == "Windows NT系统"
+    tag = re.compile(r"\S/[A-Za-z]{1,3}(\s|$)|\][a-z]{1,3}")
+    for text in iter_texts(sample["sample_pretrain_val.jsonl"]):
+        assert not tag.search(text), text
+
+
+def test_pretraining_splits_are_disjoint(sample):
+    train = set(iter_texts(sample["sample_pretrain.jsonl"]))
+    val = set(iter_texts(sample["sample_pretrain_val.jsonl"]))
+    assert val and not train & val
+    assert 0.01 < len(val) / (len(val) + len(train)) < 0.05
+    held_out_reviews = {review_of(c) for name in ("sample_sft_val.jsonl", "sample_sft_test.jsonl") for c in iter_conversations(sample[name])}
+    assert not train & held_out_reviews, "SFT eval reviews leaked into pretraining"
+
+
+def test_sft_rows_are_valid_balanced_and_disjoint(sample):
+    reviews = {}
+    for split in ("train", "val", "test"):
+        conversations = list(iter_conversations(sample[f"sample_sft_{split}.jsonl"], skip_bad_lines=False))
+        for conversation in conversations:
+            assert [turn["role"] for turn in conversation] == ["user", "assistant"]
+            assert conversation[1]["content"] in SENTIMENT_LABELS
+            assert conversation[0]["content"] == sentiment_question(review_of(conversation))
+            assert 0 < len(review_of(conversation)) <= 300
+        reviews[split] = [review_of(c) for c in conversations]
+        assert len(set(reviews[split])) == len(reviews[split]), f"duplicate reviews in {split}"
+        if split != "train":
+            labels = [c[1]["content"] for c in conversations]
+            assert len(labels) == 500 and labels.count("正面") == labels.count("负面")
+    assert not set(reviews["train"]) & set(reviews["val"])
+    assert not set(reviews["train"]) & set(reviews["test"])
+    assert not set(reviews["val"]) & set(reviews["test"])
+
+
+def test_same_seed_same_bytes(sample, tmp_path):
+    again = build_sample(tmp_path, seed=0)
+    for name in FILES:
+        assert again[name].read_bytes() == sample[name].read_bytes(), name
+
+
+def test_parse_sentiment():
+    assert parse_sentiment("正面") == "正面"
+    assert parse_sentiment("这条评论是负面的。") == "负面"
+    assert parse_sentiment("正面还是负面呢") is None
+    assert parse_sentiment("不知道") is None
+    assert parse_sentiment("") is None
+
+
+def test_rows_are_plain_json_objects(sample):
+    with open(sample["sample_sft_test.jsonl"], encoding="utf-8") as f:
+        row = json.loads(f.readline())
+    assert set(row) == {"conversations"}
