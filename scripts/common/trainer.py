@@ -23,8 +23,10 @@ from model.config import ModelConfig
 from model.errors import NanoLladaError
 from scripts.common.plots import plot_loss
 
-# loss_fn(model, batch, rng) -> scalar loss. `rng` is seeded from the micro-step, so masks are reproducible.
-LossFn = Callable[[torch.nn.Module, object, torch.Generator], torch.Tensor]
+# loss_fn(model, batch, rng) -> scalar loss, or (loss, info) where info is a dict of plain Python values
+# (e.g. the curriculum phase and block size) logged with the step. `rng` is seeded from the micro-step,
+# so masks are reproducible and a resumed run sees the same ones.
+LossFn = Callable[[torch.nn.Module, object, torch.Generator], "torch.Tensor | tuple[torch.Tensor, dict]"]
 
 
 @dataclass
@@ -101,6 +103,10 @@ def autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+def _split(out) -> tuple[torch.Tensor, dict]:
+    return out if isinstance(out, tuple) else (out, {})
+
+
 def _rng(device: torch.device, *seed_parts: int) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(hash(seed_parts) & 0x7FFF_FFFF_FFFF)
@@ -157,7 +163,7 @@ def train(
         losses = []
         with torch.no_grad(), autocast(device, cfg.dtype):
             for i, batch in enumerate(val_batches):  # fixed seeds: every eval sees the same masks
-                losses.append(loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, -1, i)).float())
+                losses.append(_split(loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, -1, i)))[0].float())
         forward_model.train()
         return torch.stack(losses).mean().item()
 
@@ -165,20 +171,21 @@ def train(
     log = lambda record: metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush()  # noqa: E731
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.run_name, dynamic_ncols=True, mininterval=1.0)
     pending_losses: list[torch.Tensor] = []
+    pending_info: list[dict] = []
     window = {"tokens": 0, "start": time.perf_counter()}
 
     def flush_losses() -> None:
         """Write the per-step losses since the last flush: one host sync per log interval, not per step."""
-        nonlocal pending_losses
+        nonlocal pending_losses, pending_info
         if not pending_losses:
             return
         losses, step = torch.stack(pending_losses).tolist(), state["step"]
         tokens_per_s = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
-        for offset, value in enumerate(losses):
-            log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg)})
+        for offset, (value, info) in enumerate(zip(losses, pending_info)):
+            log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg), **info})
         log({"step": step, "tokens_per_s": tokens_per_s})
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        pending_losses, window["tokens"], window["start"] = [], 0, time.perf_counter()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:,.0f}", **pending_info[-1])
+        pending_losses, pending_info, window["tokens"], window["start"] = [], [], 0, time.perf_counter()
         if not math.isfinite(losses[-1]):
             raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
     stopped_early = False
@@ -193,13 +200,14 @@ def train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
+            step_loss, step_info = torch.zeros((), device=device), {}
             for micro in range(cfg.accumulation_steps):
                 k = step * cfg.accumulation_steps + micro
                 batch = batch_fn(k)
                 window["tokens"] += tokens_in(batch)
                 with autocast(device, cfg.dtype):
-                    loss = loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, k)) / cfg.accumulation_steps
+                    loss, step_info = _split(loss_fn(forward_model, to_device(batch, device), _rng(device, cfg.seed, k)))
+                    loss = loss / cfg.accumulation_steps
                 loss.backward()
                 step_loss += loss.detach()
             if cfg.grad_clip > 0:
@@ -208,6 +216,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             pending_losses.append(step_loss)
+            pending_info.append(step_info)
             bar.update(1)
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 flush_losses()
