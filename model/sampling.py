@@ -8,6 +8,7 @@ tokens never change (absorbing), the prompt never changes, and <|mask|> can neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +82,12 @@ def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None = None,
-                       generator: torch.Generator | None = None) -> SampleResult:
-    """Generate cfg.gen_length tokens after `prompt` [B, P] (rows of equal length)."""
+                       generator: torch.Generator | None = None,
+                       on_block: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
+    """Generate cfg.gen_length tokens after `prompt` [B, P] (rows of equal length).
+
+    `on_block(k, tokens)` is called after block k is final with that block's ids [B, block] (for streaming).
+    """
     cfg.validate()
     B, P = prompt.shape
     block = cfg.block_length or cfg.gen_length
@@ -120,6 +125,8 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
                 commit = _commit_top(scores, quota)
             canvas = torch.where(commit, candidates.to(canvas.dtype), canvas)
             result.commits.append(commit.sum(1))
+        if on_block is not None:
+            on_block(k, canvas[:, lo:hi])
         if cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all():
             canvas[:, hi:] = eos_id  # every row has ended: the rest is EOS padding, not worth decoding
             break
