@@ -74,6 +74,16 @@ def llada_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: in
     return loss
 
 
+def llada_sft_loss(model, input_ids: torch.Tensor, maskable: torch.Tensor, rng: torch.Generator, mask_id: int,
+                   eps: float = 1e-3) -> torch.Tensor:
+    """LLaDA SFT: only response tokens (maskable: answers + their EOS padding) are masked, t ~ U(eps, 1-eps);
+    loss = mean over samples of (sum of masked CE / t) / answer length A_b, A_b counting the EOS padding."""
+    t = sample_mask_ratio(input_ids.shape[0], eps, rng, input_ids.device)
+    noisy, masked = mask_tokens(input_ids, maskable, t, mask_id, rng)
+    nll = masked_token_nll(model(noisy, attention="bidirectional"), input_ids, masked)
+    return ((nll / t[:, None]).sum(1) / maskable.sum(1).clamp(min=1)).mean()
+
+
 def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token:
     pushes probability away from runs of identical tokens, a failure mode of small diffusion models."""

@@ -91,21 +91,33 @@ class PackedRows:
         return torch.from_numpy(np.stack([self.row(int(i)) for i in rows]).astype(np.int64))
 
 
+class EpochOrder:
+    """Indices of batch k over epochs of a shuffled dataset: a pure function of (seed, k)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.batches_per_epoch = num_items // batch_size  # the last partial batch of an epoch is dropped
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def indices(self, k: int) -> np.ndarray:
+        epoch, index = divmod(k, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
+        return self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+
+
 class PackedBatches:
-    """Shuffled batches over epochs; batch k (a micro-step) depends only on (seed, k)."""
+    """Shuffled batches of packed rows over epochs; batch k (a micro-step) depends only on (seed, k)."""
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int):
         if rows.num_rows < batch_size:
             raise NanoLladaError(f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, fewer than --batch-size {batch_size}; lower the batch size or add data")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.batches_per_epoch = rows.num_rows // batch_size
-        self._order: tuple[int, np.ndarray] | None = None
+        self.rows, self.batch_size = rows, batch_size
+        self.order = EpochOrder(rows.num_rows, batch_size, seed)
+        self.batches_per_epoch = self.order.batches_per_epoch
 
     def batch(self, k: int) -> torch.Tensor:
-        epoch, index = divmod(k, self.batches_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rows.num_rows))
-        return self.rows.gather(self._order[1][index * self.batch_size:(index + 1) * self.batch_size])
+        return self.rows.gather(self.order.indices(k))
 
 
 def split_train_val(tokens: np.ndarray, doc_ends: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

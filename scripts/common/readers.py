@@ -166,6 +166,9 @@ def conversation_of(path: Path, lineno: int, obj: dict) -> list[dict]:
             raise NanoLladaError(f"{path}:{lineno}: turn {k} ({turn['role']}) has empty content")
     if not any(turn["role"] == "assistant" for turn in turns):
         raise NanoLladaError(f"{path}:{lineno}: no assistant turn, nothing to learn from")
+    first = next(turn["role"] for turn in turns if turn["role"] != "system")
+    if first != "user":
+        raise NanoLladaError(f"{path}:{lineno}: the conversation opens with an assistant turn; it has no prompt to answer")
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 

@@ -1,0 +1,232 @@
+"""SFT data for both routes: conversations rendered with the tokenizer's chat template, assistant spans marked.
+
+One rendering for training and every eval: `chat_text` (the tokenizer's ChatML template). A conversation
+is used whole: every assistant turn is a target, from its first content token through its `<|im_end|>`.
+Tokens after the last assistant turn (the template's trailing newline, unanswered user turns) are dropped,
+so a training row ends exactly where generation should stop.
+
+Rows are tokenized once into a cache beside the data file (ids + a 0/1 assistant mask + offsets), and the
+batch of micro-step k is a pure function of (seed, k), as for pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
+from model.errors import NanoLladaError
+from model.tokenizer import EOS_ID, PAD_ID, chat_text, check_tokenizer_matches, encode, tokenizer_identity
+from model.transformer import Transformer
+from scripts.common.cli import add_model_flags, model_config_from_args, positive
+from scripts.common.packing import EpochOrder
+from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
+from scripts.common.trainer import TrainConfig
+
+CACHE_VERSION = 1
+IGNORE = -100
+
+
+def encode_conversation(tokenizer, turns: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask) of a conversation; the mask is 1 on every assistant turn's content and <|im_end|>.
+
+    Spans are found by rendering prefixes of the conversation: special tokens delimit turns, so the ids of a
+    prefix are a prefix of the ids of the whole (checked, not assumed).
+    """
+    ids = encode(tokenizer, chat_text(tokenizer, turns, add_generation_prompt=False))
+    mask = [0] * len(ids)
+    end = 0
+    for k, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        prefix = encode(tokenizer, chat_text(tokenizer, turns[:k], add_generation_prompt=True))
+        upto = encode(tokenizer, chat_text(tokenizer, turns[:k + 1], add_generation_prompt=False))
+        if ids[:len(upto)] != upto or upto[:len(prefix)] != prefix:
+            raise NanoLladaError("the chat template does not render a conversation as a concatenation of its turns")
+        span_end = len(upto)
+        while span_end > len(prefix) and upto[span_end - 1] != EOS_ID:
+            span_end -= 1  # stop at the turn's <|im_end|>, not the newline after it
+        mask[len(prefix):span_end] = [1] * (span_end - len(prefix))
+        end = span_end
+    return ids[:end], mask[:end]
+
+
+@dataclass
+class SFTExamples:
+    """Tokenized conversations: example i is tokens[offsets[i]:offsets[i+1]] with its assistant mask."""
+
+    tokens: np.ndarray
+    assistant: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[lo:hi], self.assistant[lo:hi]
+
+    def subset(self, indices) -> "SFTExamples":
+        parts = [self.example(int(i)) for i in indices]
+        lengths = np.cumsum([0] + [len(t) for t, _ in parts])
+        return SFTExamples(np.concatenate([t for t, _ in parts]), np.concatenate([a for _, a in parts]), lengths)
+
+
+def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
+    """Tokenize (once, cached beside the file) every valid conversation, truncated to max_len tokens.
+
+    Invalid rows (no assistant turn, empty content, unknown role, malformed JSON) and rows with no assistant
+    token left after truncation are counted and skipped; a summary line says how many.
+    """
+    path = check_data_file(path)
+    stat = path.stat()
+    key = json.dumps([CACHE_VERSION, tokenizer_identity(tokenizer), getattr(tokenizer, "chat_template", None), max_len, stat.st_size, stat.st_mtime_ns])
+    cache = path.with_name(f"{path.name}.sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+    if not cache.exists():
+        bad, truncated, no_target = BadLineCounter(), 0, 0
+        tokens, assistant, lengths = [], [], [0]
+        for turns in tqdm(iter_conversations(path, skip_bad_lines=True, bad=bad), desc=f"tokenizing {path.name}", unit=" rows", leave=False):
+            ids, mask = encode_conversation(tokenizer, turns)
+            if len(ids) > max_len:
+                truncated += 1
+                ids, mask = ids[:max_len], mask[:max_len]
+            if not any(mask):
+                no_target += 1
+                continue
+            tokens.append(np.asarray(ids, dtype=np.uint16))
+            assistant.append(np.asarray(mask, dtype=np.uint8))
+            lengths.append(lengths[-1] + len(ids))
+        if len(lengths) == 1:
+            raise NanoLladaError(f"{path}: no usable conversation ({bad.count} invalid rows; first: {bad.first})")
+        print(f"{path}: {len(lengths) - 1} conversations, {truncated} truncated to {max_len} tokens, "
+              f"{no_target} skipped (no answer left after truncation), {bad.count} invalid rows skipped"
+              + (f" (first: {bad.first})" if bad.count else ""))
+        tmp = Path(f"{cache}.tmp.npz")
+        np.savez(tmp, tokens=np.concatenate(tokens), assistant=np.concatenate(assistant), offsets=np.asarray(lengths, dtype=np.int64))
+        os.replace(tmp, cache)
+    data = np.load(cache)
+    return SFTExamples(data["tokens"], data["assistant"], data["offsets"])
+
+
+def collate(examples: SFTExamples, indices, route: str) -> dict:
+    """Right-padded batch of whole conversations.
+
+    ar: PAD padding, labels = ids on assistant tokens and IGNORE elsewhere (padding is never trained; old bug B9).
+    diffusion: EOS padding that belongs to the answer (LLaDA SFT: it teaches where to stop); `maskable` marks
+    the assistant tokens plus that padding; the prompt (user/system turns) is never masked.
+    """
+    parts = [examples.example(int(i)) for i in indices]
+    width = max(len(ids) for ids, _ in parts)
+    pad = PAD_ID if route == "ar" else EOS_ID
+    input_ids = torch.full((len(parts), width), pad, dtype=torch.long)
+    target = torch.zeros((len(parts), width), dtype=torch.bool)
+    for row, (ids, mask) in enumerate(parts):
+        input_ids[row, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        target[row, :len(ids)] = torch.from_numpy(mask.astype(bool))
+        if route == "diffusion":
+            target[row, len(ids):] = True
+    if route == "ar":
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(~target, IGNORE)}
+    return {"input_ids": input_ids, "maskable": target}
+
+
+class SFTBatches:
+    def __init__(self, examples: SFTExamples, batch_size: int, seed: int, route: str):
+        if len(examples) < batch_size:
+            raise NanoLladaError(f"only {len(examples)} training conversations, fewer than --batch-size {batch_size}")
+        self.examples, self.route = examples, route
+        self.order = EpochOrder(len(examples), batch_size, seed)
+
+    def batch(self, k: int) -> dict:
+        return collate(self.examples, self.order.indices(k), self.route)
+
+
+def add_sft_flags(p: argparse.ArgumentParser, run_name: str, epochs: int) -> None:
+    p.add_argument("--data", required=True, help="SFT jsonl: {\"conversations\": [{\"role\", \"content\"}, ...]} per line")
+    p.add_argument("--eval-data", default=None, help="held-out SFT jsonl (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--tokenizer-dir", default=".")
+    p.add_argument("--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)")
+    p.add_argument("--run-name", default=run_name)
+    p.add_argument("--save-dir", default="weights")
+    p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
+    add_model_flags(p)
+    p.add_argument("--max-seq-len", type=int, default=512, help="conversations longer than this are truncated")
+    p.add_argument("--epochs", type=float, default=epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--accumulation-steps", type=int, default=1)
+    p.add_argument("--learning-rate", "--lr", type=float, default=5e-5)
+    p.add_argument("--lr-schedule", choices=["cosine", "wsd", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--lr-stable-ratio", type=float, default=0.8)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--save-interval", type=int, default=500)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--early-stop-patience", type=int, default=0)
+    p.add_argument("--early-stop-min-delta", type=float, default=0.0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile (SFT batches vary in length)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=42)
+
+
+def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
+    """(training batches, fixed validation batches, optimizer steps)."""
+    for name in ("max_seq_len", "batch_size", "epochs", "accumulation_steps"):
+        positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    examples = load_sft_examples(args.data, tokenizer, args.max_seq_len)
+    if args.eval_data:
+        val = load_sft_examples(args.eval_data, tokenizer, args.max_seq_len)
+    else:  # hold out the last conversations (the file order is the user's; the split is stable)
+        n_val = max(1, int(len(examples) * args.val_fraction))
+        if len(examples) - n_val < args.batch_size:
+            raise NanoLladaError(f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} and fill a batch of {args.batch_size}")
+        val, examples = examples.subset(range(len(examples) - n_val, len(examples))), examples.subset(range(len(examples) - n_val))
+    batches = SFTBatches(examples, args.batch_size, args.seed, route)
+    n_val = min(len(val), args.eval_batches * args.batch_size)
+    val_batches = [collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)]
+    steps = args.max_steps or int(args.epochs * batches.order.batches_per_epoch) // args.accumulation_steps
+    return batches, val_batches, steps
+
+
+def sft_train_config(args, kind: str, steps: int) -> TrainConfig:
+    return TrainConfig(
+        run_name=args.run_name, kind=kind, max_steps=steps, out_dir=args.save_dir, learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, lr_stable_ratio=args.lr_stable_ratio,
+        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        accumulation_steps=args.accumulation_steps, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+        save_interval=args.save_interval, log_interval=args.log_interval, early_stop_patience=args.early_stop_patience,
+        early_stop_min_delta=args.early_stop_min_delta, dtype=args.dtype, compile=args.compile, seed=args.seed,
+    )
+
+
+def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:
+    """The run's own checkpoint (--resume), the pretrained --load-from (all weights, vocabulary included), or fresh."""
+    source = run_file if args.resume else args.load_from
+    if source is None:
+        print("note: no --load-from given; fine-tuning a randomly initialised model")
+        return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
+    checkpoint = read_checkpoint(source)
+    if checkpoint.kind != kind:
+        raise NanoLladaError(f"{source}: is {KIND_NAMES[checkpoint.kind]} checkpoint; this SFT trains {KIND_NAMES[kind]} model")
+    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, source, args.tokenizer_dir)
+    if checkpoint.config.vocab_size != len(tokenizer):
+        raise NanoLladaError(f"{source}: vocabulary {checkpoint.config.vocab_size} does not fit the tokenizer in {args.tokenizer_dir} ({len(tokenizer)})")
+    model = build_model(checkpoint, source)
+    if not args.resume:
+        print(f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
+              f"embedding and head included; optimizer starts fresh")
+    return model

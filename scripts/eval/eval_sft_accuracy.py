@@ -1,0 +1,92 @@
+"""Accuracy of SFT models on the held-out review-sentiment questions of the offline sample (or any SFT jsonl
+whose last assistant turn is the gold label): exact match on the label, with the count of unparseable answers.
+
+uv run python -m scripts.eval.eval_sft_accuracy --tokenizer-dir . --data dataset/sample_sft_test.jsonl \
+    --minimind-checkpoint weights/quick_ar_sft_state_dict.pt --diffusion-checkpoint weights/quick_diffusion_sft_state_dict.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model.errors import NanoLladaError
+from model.sampling import DiffusionSamplerConfig
+from model.tokenizer import chat_text, encode
+from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.evaluation import load_for_eval
+from scripts.common.generation import ar_answer, diffusion_answer
+from scripts.common.readers import BadLineCounter, iter_conversations
+from scripts.data.sample import parse_sentiment
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="dataset/sample_sft_test.jsonl")
+    p.add_argument("--tokenizer-dir", default=".")
+    p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
+    p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
+    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
+    p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
+    p.add_argument("--out", default=None, help="optional jsonl with every prediction")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+def questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], str]]:
+    """(prompt ids up to the last assistant turn, gold answer) per conversation."""
+    bad, out = BadLineCounter(), []
+    for turns in iter_conversations(path, bad=bad):
+        if turns[-1]["role"] != "assistant":
+            bad.add("last turn is not the assistant's answer")
+            continue
+        out.append((encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)), turns[-1]["content"].strip()))
+        if limit and len(out) == limit:
+            break
+    if bad.summary(Path(path)):
+        print(bad.summary(Path(path)))
+    if not out:
+        raise NanoLladaError(f"{path}: no usable questions")
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
+        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    positive("--max-new-tokens", args.max_new_tokens)
+    device = pick_device(args.device)
+    results, predictions = {}, []
+    for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
+        if not path:
+            continue
+        model, tokenizer = load_for_eval(path, args.tokenizer_dir, kind, device)
+        correct = unparseable = 0
+        items = questions(args.data, tokenizer, args.limit)
+        for i, (prompt, gold) in enumerate(tqdm(items, desc=f"{name} accuracy", leave=False)):
+            if kind == "ar":
+                answer = ar_answer(model, tokenizer, prompt, args.max_new_tokens, device, dtype=args.dtype)
+            else:
+                sampler = DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
+                                                 threshold=args.threshold)
+                answer = diffusion_answer(model, tokenizer, prompt, sampler, device, dtype=args.dtype)
+            label = parse_sentiment(answer.text)
+            correct += label == gold
+            unparseable += label is None
+            predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
+        n = len(items)
+        results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable}
+        print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}  [{path}]")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

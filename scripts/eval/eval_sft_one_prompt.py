@@ -1,0 +1,126 @@
+"""One prompt (or a file of prompts) through an AR SFT model, a diffusion SFT model, or both side by side,
+with a fair speed report: AR decodes with its KV cache, counts are generated token ids.
+
+uv run python -m scripts.eval.eval_sft_one_prompt --prompt "你好，请介绍你自己。" --tokenizer-dir . \
+    --minimind-checkpoint weights/minimind_sft_state_dict.pt --diffusion-checkpoint weights/diffusion_sft_state_dict.pt \
+    --seq-len 512 --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.errors import NanoLladaError
+from model.sampling import DiffusionSamplerConfig
+from model.tokenizer import prompt_ids
+from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.evaluation import load_for_eval
+from scripts.common.generation import ar_answer, default_block_length, diffusion_answer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=None, help="the user message")
+    p.add_argument("--prompt-file", default=None, help="many prompts: .txt (one per line) or .jsonl ({\"prompt\": ...}); writes --out")
+    p.add_argument("--out", default=None, help="jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)")
+    p.add_argument("--tokenizer-dir", default=".")
+    p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
+    p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
+    p.add_argument("--no-chat-wrap", action="store_true", help="feed the prompt as raw text instead of the chat template")
+    p.add_argument("--seq-len", type=int, default=512, help="diffusion canvas limit: prompt + generation")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ar-temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--ar-top-k", type=int, default=0)
+    p.add_argument("--ar-top-p", type=float, default=1.0)
+    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
+    p.add_argument("--block-length", type=int, default=None, help="diffusion block size (default: 32 if it divides the length)")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel temperature; 0 = greedy")
+    p.add_argument("--gen-cfg-scale", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding confidence threshold")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def read_prompts(path: str) -> list[str]:
+    from scripts.common.readers import check_data_file, iter_jsonl
+
+    p = check_data_file(path)
+    if p.suffix == ".txt":
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for lineno, obj in iter_jsonl(p):
+        if not isinstance(obj.get("prompt"), str):
+            raise NanoLladaError(f"{p}:{lineno}: needs a string field 'prompt'")
+        prompts.append(obj["prompt"])
+    return prompts
+
+
+def sampler_for(args, prompt_len: int) -> DiffusionSamplerConfig:
+    room = args.seq_len - prompt_len
+    if room <= 0:
+        raise NanoLladaError(f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {args.seq_len}; raise --seq-len")
+    gen = min(args.max_new_tokens, room)
+    block = args.block_length or default_block_length(gen)
+    return DiffusionSamplerConfig(gen_length=gen, steps=args.gen_steps or gen, block_length=block, temperature=args.temperature,
+                                  remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold)
+
+
+def report(name: str, answer, quiet: bool = False) -> None:
+    if quiet:
+        return
+    s = answer.stats()
+    print(f"=== {name} Output ===\n{answer.text}")
+    first = "time to first token" if name == "AR" else "time to first round"
+    print(f"--- {name} speed: {s['new_tokens']} tokens in {s['seconds']:.3f} s = {s['tokens_per_s']:.1f} tokens/s; "
+          f"{first} {s['first_seconds'] * 1000:.1f} ms; {s['forward_passes']} forward passes "
+          f"({s['tokens_per_forward']:.2f} tokens/forward)")
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
+        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise NanoLladaError("give exactly one of --prompt and --prompt-file")
+    positive("--max-new-tokens", args.max_new_tokens)
+    device = pick_device(args.device)
+    models = {}
+    if args.minimind_checkpoint:
+        models["AR"] = load_for_eval(args.minimind_checkpoint, args.tokenizer_dir, "ar", device)
+    if args.diffusion_checkpoint:
+        models["Diffusion"] = load_for_eval(args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    quiet = len(prompts) > 1
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt}
+        for name, (model, tokenizer) in models.items():
+            ids = prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap)
+            if name == "AR":
+                answer = ar_answer(model, tokenizer, ids, args.max_new_tokens, device, args.ar_temperature, args.ar_top_k,
+                                   args.ar_top_p, args.seed, args.dtype)
+            else:
+                answer = diffusion_answer(model, tokenizer, ids, sampler_for(args, len(ids)), device, args.seed, args.dtype)
+            report(name, answer, quiet)
+            row[name.lower()] = {"text": answer.text, **answer.stats()}
+        rows.append(row)
+        if quiet:
+            print(f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
+    if args.prompt_file:
+        out = Path(args.out or f"{args.prompt_file}.answers.jsonl")
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        for name in models:
+            stats = [r[name.lower()] for r in rows]
+            tokens, seconds = sum(s["new_tokens"] for s in stats), sum(s["seconds"] for s in stats)
+            print(f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s = {tokens / max(seconds, 1e-9):.1f} tokens/s")
+        print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)
