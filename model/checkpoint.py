@@ -61,8 +61,11 @@ def save_checkpoint(path, kind: str, config: ModelConfig, model, tokenizer_ident
 
 
 def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) -> Checkpoint:
-    """Read this project's checkpoints (full or weights-only) or an official MiniMind2 state dict."""
+    """Read this project's checkpoints (full or weights-only), a Hugging Face export directory, or an official MiniMind2 state dict."""
     path = Path(path)
+    if path.is_dir():  # a Hugging Face export written by scripts.export_hf (lazy import: model.hf imports this module)
+        from model.hf.convert import read_hf_export
+        return read_hf_export(path, num_attention_heads)
     if not path.is_file():
         raise NanoLladaError(f"{path}: checkpoint not found; train one first (see README) or check the path")
     try:

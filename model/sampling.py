@@ -4,6 +4,13 @@ and confidence-threshold parallel decoding (Fast-dLLM). AR sampling lives in mod
 The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each
 step runs the model on the whole canvas and commits some masked positions of that block. Committed
 tokens never change (absorbing), the prompt never changes, and <|mask|> can never be predicted.
+
+Block-causal mode (`block_causal=True`, for models trained with block diffusion, model/block_diffusion.py):
+blocks of `block_length` start at position 0 of the canvas as in training (the first block may hold the tail
+of the prompt, which stays fixed), and a block attends only to itself and earlier blocks. Earlier blocks
+never change, so their keys/values are cached exactly: the prompt's whole blocks are prefilled once, each
+step feeds only the current block, and a finished block is appended to the cache by one more forward pass
+(counted in NFE) once all its tokens are final (invariant F6: cached and uncached decoding agree).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.block_diffusion import block_causal_mask
 from model.errors import NanoLladaError
 
 
@@ -26,15 +34,20 @@ class DiffusionSamplerConfig:
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w
     threshold: float | None = None  # commit every masked position with confidence >= threshold (at least one)
     stop_at_eos: bool = True  # stop after the block in which every row has produced EOS
+    block_causal: bool = False  # block-diffusion models: block-causal attention, blocks aligned to position 0
+    use_kv_cache: bool = True  # block-causal mode: cache the finished blocks (exact); False recomputes the prefix
 
     def validate(self) -> None:
         block = self.block_length or self.gen_length
         if self.gen_length <= 0:
             raise NanoLladaError(f"nothing to generate: generation length {self.gen_length}")
-        if block <= 0 or self.gen_length % block:
+        if self.block_causal:
+            if not self.block_length or self.block_length <= 0:
+                raise NanoLladaError("block-causal decoding needs --block-length (the block size the model was trained with)")
+        elif block <= 0 or self.gen_length % block:
             raise NanoLladaError(f"--block-length {block} does not divide the generation length {self.gen_length}; "
                                  f"choose a divisor of {self.gen_length} (e.g. {self.gen_length}) or change --max-new-tokens")
-        if self.threshold is None and self.steps < self.gen_length // block:
+        if self.threshold is None and not self.block_causal and self.steps < self.gen_length // block:
             raise NanoLladaError(f"--gen-steps {self.steps} is fewer than the {self.gen_length // block} blocks; use at least one step per block")
         if self.remasking not in ("low_confidence", "random"):
             raise NanoLladaError(f"--remasking must be low_confidence or random, got '{self.remasking}'")
@@ -80,15 +93,35 @@ def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     return (ranks < quota[:, None]) & torch.isfinite(scores)
 
 
+def _choose_commits(logits: torch.Tensor, open_here: torch.Tensor, cfg: DiffusionSamplerConfig, quota: torch.Tensor | None,
+                    mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions to commit now, candidate tokens) among the open positions, by quota or by threshold."""
+    logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
+    candidates = _sampled_tokens(logits, cfg.temperature, generator)
+    if cfg.remasking == "low_confidence":
+        confidence = logits.softmax(-1).gather(-1, candidates[..., None]).squeeze(-1)
+    else:
+        confidence = torch.rand(open_here.shape, device=open_here.device, generator=generator)
+    scores = confidence.masked_fill(~open_here, float("-inf"))
+    if quota is None:  # threshold decoding: everything confident enough, and at least the best one
+        commit = open_here & (confidence >= cfg.threshold)
+        commit |= _commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
+    else:
+        commit = _commit_top(scores, quota)
+    return commit, candidates
+
+
 @torch.no_grad()
 def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None = None,
                        generator: torch.Generator | None = None,
                        on_block: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
     """Generate cfg.gen_length tokens after `prompt` [B, P] (rows of equal length).
 
-    `on_block(k, tokens)` is called after block k is final with that block's ids [B, block] (for streaming).
+    `on_block(k, tokens)` is called after block k is final with that block's generated ids [B, n] (for streaming).
     """
     cfg.validate()
+    if cfg.block_causal:
+        return _block_causal_generate(model, prompt, cfg, mask_id, eos_id, generator, on_block)
     B, P = prompt.shape
     block = cfg.block_length or cfg.gen_length
     num_blocks = cfg.gen_length // block
@@ -109,20 +142,8 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
             if quota is not None and not quota.any():
                 continue  # nothing to commit this step: skip the forward pass
             logits = _guided_logits(model, canvas, P, mask_id, cfg.cfg_scale)
-            logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
             result.nfe += 1
-            candidates = _sampled_tokens(logits, cfg.temperature, generator)
-            if cfg.remasking == "low_confidence":
-                confidence = logits.softmax(-1).gather(-1, candidates[..., None]).squeeze(-1)
-            else:
-                confidence = torch.rand(canvas.shape, device=canvas.device, generator=generator)
-            open_here = (canvas == mask_id) & in_block
-            scores = confidence.masked_fill(~open_here, float("-inf"))
-            if quota is None:  # threshold decoding: everything confident enough, and at least the best one
-                commit = open_here & (confidence >= cfg.threshold)
-                commit |= _commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
-            else:
-                commit = _commit_top(scores, quota)
+            commit, candidates = _choose_commits(logits, (canvas == mask_id) & in_block, cfg, quota, mask_id, generator)
             canvas = torch.where(commit, candidates.to(canvas.dtype), canvas)
             result.commits.append(commit.sum(1))
         if on_block is not None:
@@ -130,6 +151,74 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
         if cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all():
             canvas[:, hi:] = eos_id  # every row has ended: the rest is EOS padding, not worth decoding
             break
+    result.tokens = canvas[:, P:]
+    return result
+
+
+def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None,
+                           generator, on_block) -> SampleResult:
+    """Block-by-block decoding under the block-causal mask; see the module docstring."""
+    B, P = prompt.shape
+    K, total = cfg.block_length, P + cfg.gen_length
+    canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
+    first_block, num_blocks = P // K, -(-total // K)  # blocks [first_block, num_blocks) hold generated positions
+    decode_blocks = num_blocks - first_block
+    if cfg.threshold is None and cfg.steps < decode_blocks:
+        raise NanoLladaError(f"--gen-steps {cfg.steps} is fewer than the {decode_blocks} blocks to decode; use at least one step per block")
+    guided = cfg.cfg_scale != 0
+    prefix_block = torch.arange(total, device=canvas.device) // K
+
+    def rows(view: torch.Tensor, start: int) -> torch.Tensor:
+        """The model's input rows for canvas columns [start, ...): with CFG, a copy whose prompt is hidden."""
+        if not guided:
+            return view
+        unconditional = view.clone()
+        unconditional[:, :max(0, P - start)] = mask_id  # LLaDA's unsupervised CFG: the prompt is hidden
+        return torch.cat([view, unconditional])
+
+    def guide(logits: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return logits.float()
+        cond, uncond = logits.float().chunk(2)
+        return uncond + (cfg.cfg_scale + 1) * (cond - uncond)
+
+    cache = model.new_kv_cache(B * (2 if guided else 1), total) if cfg.use_kv_cache else None
+    result = SampleResult(canvas[:, P:], 0)
+    if cache is not None and first_block > 0:  # the prompt's whole blocks, once
+        lo = first_block * K
+        model(rows(canvas[:, :lo], 0), attention=block_causal_mask(prefix_block[:lo]), kv_cache=cache)
+        result.nfe += 1
+    for k in range(first_block, num_blocks):
+        lo, hi = k * K, min((k + 1) * K, total)
+        block_steps = cfg.steps // decode_blocks + (k - first_block < cfg.steps % decode_blocks)
+        quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if cfg.threshold is None else None
+        step = 0
+        while (canvas[:, lo:hi] == mask_id).any():
+            if quotas is not None and step >= block_steps:
+                break  # cannot happen: quotas sum to the masked count
+            quota = quotas[:, step] if quotas is not None else None
+            step += 1
+            if quota is not None and not quota.any():
+                continue
+            if cache is None:  # reference path: the whole prefix under the block-causal mask
+                logits = model(rows(canvas[:, :hi], 0), attention=block_causal_mask(prefix_block[:hi]))[:, lo:hi]
+            else:  # the block sees every cached (earlier) position and itself; its K/V are dropped again
+                logits = model(rows(canvas[:, lo:hi], lo), attention="bidirectional", kv_cache=cache)
+                cache.crop(lo)
+            result.nfe += 1
+            block = canvas[:, lo:hi]
+            commit, candidates = _choose_commits(guide(logits), block == mask_id, cfg, quota, mask_id, generator)
+            canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), block)
+            result.commits.append(commit.sum(1))
+        if on_block is not None:
+            on_block(k - first_block, canvas[:, max(lo, P):hi])
+        ended = cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all()
+        if ended:
+            canvas[:, hi:] = eos_id
+            break
+        if cache is not None and hi < total:  # the block is final: now its K/V may join the cache
+            model(rows(canvas[:, lo:hi], lo), attention="bidirectional", kv_cache=cache)
+            result.nfe += 1
     result.tokens = canvas[:, P:]
     return result
 

@@ -2,6 +2,10 @@
 
 uv run python -m scripts.eval.eval_diffusion --checkpoint weights/diffusion_from_ar_eq3_best.pt \
     --tokenizer-dir . --seq-len 256 --prompt "请介绍你自己。" --max-new-tokens 200
+
+A checkpoint trained with block diffusion (the warmup/decay phases of the WSD block curriculum, or a merge of such
+checkpoints) is decoded block-causally with an exact KV cache of the prompt and the finished blocks, at the block
+size it was trained with (--decoding overrides this).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import time
 
 import torch
 
+from model.block_diffusion import trained_block_size
+from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
@@ -34,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max sampling temperature; 0 = greedy")
     p.add_argument("--gen-cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight (0 = off)")
     p.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= this")
+    p.add_argument("--decoding", choices=["auto", "bidirectional", "block-causal"], default="auto",
+                   help="auto: block-causal for block-diffusion checkpoints, bidirectional otherwise")
+    p.add_argument("--no-kv-cache", action="store_true", help="block-causal decoding without the (exact) KV cache, for checking")
     p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after every row produced EOS")
     p.add_argument("--show-special", action="store_true", help="print the raw output including EOS padding")
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: per-token NELBO (upper bound on the NLL)")
@@ -50,7 +59,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sample(model, tokenizer, args, device) -> dict:
+def decoding_mode(args, checkpoint_block_size: int | None) -> tuple[bool, int | None]:
+    """(block-causal?, block length) from --decoding and the block size the checkpoint was trained with."""
+    block_causal = args.decoding == "block-causal" or (args.decoding == "auto" and checkpoint_block_size is not None)
+    if not block_causal:
+        return False, args.block_length
+    block_length = args.block_length or checkpoint_block_size
+    if block_length is None:
+        raise NanoLladaError("--decoding block-causal: this checkpoint was not trained with block diffusion; pass --block-length")
+    if args.block_length and checkpoint_block_size and args.block_length != checkpoint_block_size:
+        print(f"note: decoding with --block-length {args.block_length}; the checkpoint was trained with block size {checkpoint_block_size}")
+    return True, block_length
+
+
+def sample(model, tokenizer, args, device, checkpoint_block_size: int | None = None) -> dict:
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     room = args.seq_len - len(ids)
     if room <= 0:
@@ -59,9 +81,13 @@ def sample(model, tokenizer, args, device) -> dict:
     if gen_length > room:
         print(f"note: --max-new-tokens {gen_length} lowered to {room} so that prompt + generation fit --seq-len {args.seq_len}")
         gen_length = room
-    cfg = DiffusionSamplerConfig(gen_length=gen_length, steps=args.gen_steps or gen_length, block_length=args.block_length,
+    block_causal, block_length = decoding_mode(args, checkpoint_block_size)
+    if block_causal:
+        print(f"block-causal decoding, block {block_length}, {'no ' if args.no_kv_cache else ''}KV cache")
+    cfg = DiffusionSamplerConfig(gen_length=gen_length, steps=args.gen_steps or gen_length, block_length=block_length,
                                  temperature=args.temperature, remasking=args.remasking, cfg_scale=args.gen_cfg_scale,
-                                 threshold=args.threshold, stop_at_eos=not args.no_early_stop)
+                                 threshold=args.threshold, stop_at_eos=not args.no_early_stop, block_causal=block_causal,
+                                 use_kv_cache=not args.no_kv_cache)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([ids], device=device)
     if device.type == "cuda":
@@ -78,7 +104,7 @@ def sample(model, tokenizer, args, device) -> dict:
     counted = len(strip_after_eos(raw, EOS_ID))  # EOS padding is not output
     print(f"[{counted} tokens (canvas {gen_length}) in {elapsed:.2f} s = {counted / elapsed:.1f} tokens/s, "
           f"NFE {out.nfe}, {counted / max(out.nfe, 1):.2f} tokens/forward, {device}]")
-    return {"tokens": kept, "seconds": elapsed, "nfe": out.nfe}
+    return {"tokens": kept, "seconds": elapsed, "nfe": out.nfe, "block_causal": block_causal}
 
 
 def main(argv=None) -> dict:
@@ -90,7 +116,8 @@ def main(argv=None) -> dict:
     mask_id = mask_token_id(tokenizer)
     result: dict = {}
     if args.max_new_tokens:
-        result["sample"] = sample(model, tokenizer, args, device)
+        block_size = trained_block_size(read_checkpoint(args.checkpoint).extra)  # read twice: load_for_eval keeps no extra
+        result["sample"] = sample(model, tokenizer, args, device, block_size)
     if args.eval_data:
         batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)
         generator = torch.Generator(device=device).manual_seed(args.seed)

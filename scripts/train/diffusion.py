@@ -3,24 +3,52 @@
 uv run python -m scripts.train.diffusion --train --use-tokenizer --tokenizer-dir . \
     --data ./dataset/pretrain_hq.jsonl --seq-len 256 --mask-schedule iid_t \
     --init-from-minimind weights/minimind_pretrain_state_dict.pt --run-name diffusion_from_ar_eq3 --max-iters 40000
+
+LLaDA 2.0 switches (model/block_diffusion.py):
+  --mask-schedule wsd --use-block-curriculum  block-size warmup-stable-decay: BDLM on [x_t ; x_0] with block sizes
+      rising through --wsd-block-sizes-up, MDLM on the whole row, BDLM with sizes falling to the inference block
+      size. --mask-schedule wsd alone keeps the block at the full row in every phase: plain LLaDA Eq. 3 (= iid_t).
+  --time-weighted-loss  mask with probability 1 - alpha(t) and weight by -alpha'(t)/(1 - alpha(t)) at that t.
+  --use-doc-attention-mask  packed rows attend only within their document (AND the block rules in BDLM).
+  --keep-top-k K  keep the K best evaluations' weights for scripts.train.merge_checkpoints.
+Validation always scores LLaDA Eq. 3 (MDLM, linear 1/t weight, same masks each eval; with the document mask
+when training uses it), so the curve is comparable across curriculum phases and across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 import torch
 
-from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
+from model.block_diffusion import (
+    SCHEDULES, STABLE, BlockCurriculum, bdlm_loss, default_sizes_down, default_sizes_up, mdlm_loss,
+)
+from model.checkpoint import KIND_NAMES, build_model, read_checkpoint, save_checkpoint
 from model.diffusion import cut_to_random_length, init_mask_embedding, llada_loss
 from model.errors import NanoLladaError
 from model.tokenizer import check_tokenizer_matches, load_tokenizer, mask_token_id, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import model_config_from_args, pick_device, run_main
+from scripts.common.cli import model_config_from_args, pick_device, positive, run_main
+from scripts.common.packing import document_ids
 from scripts.common.pretraining import add_pretraining_flags, check_pretraining_flags, describe, packed_data, train_config
 from scripts.common.trainer import RunFiles, train
+from scripts.train.merge_checkpoints import TopKCheckpoints
 
-LLADA2_FLAGS = ("use_block_curriculum", "time_weighted_loss", "use_doc_attention_mask")
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,13 +59,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                           min_lr_ratio=0.1, batch_size=64)
     p.add_argument("--init-from-minimind", default=None, metavar="PATH",
                    help="initialise from an AR checkpoint of this project or an official MiniMind2 .pth")
-    p.add_argument("--mask-schedule", choices=["iid_t", "wsd"], default="iid_t", help="iid_t: LLaDA Eq. 3")
+    p.add_argument("--mask-schedule", choices=["iid_t", "wsd"], default="iid_t",
+                   help="iid_t: LLaDA Eq. 3; wsd: LLaDA 2.0 block-size warmup-stable-decay (with --use-block-curriculum)")
     p.add_argument("--iid-mask-eps", type=float, default=1e-3, help="t ~ U(eps, 1 - eps)")
     p.add_argument("--variable-length-prob", type=float, default=0.01, help="probability a training row is cut to a random length")
     p.add_argument("--repeat-penalty-weight", type=float, default=0.0, help="weight of the repeat unlikelihood term")
-    p.add_argument("--use-block-curriculum", action="store_true", help="LLaDA 2.0 block-size WSD curriculum (not yet supported)")
-    p.add_argument("--time-weighted-loss", action="store_true", help="LLaDA 2.0 time-weighted loss (not yet supported)")
-    p.add_argument("--use-doc-attention-mask", action="store_true", help="document attention mask for packed rows (not yet supported)")
+    p.add_argument("--use-block-curriculum", action="store_true", help="with --mask-schedule wsd: LLaDA 2.0 block-size WSD curriculum")
+    p.add_argument("--wsd-block-sizes-up", type=int_list, default=None, help="warmup block sizes (default 1,4,16,64,<seq-len>)")
+    p.add_argument("--wsd-block-sizes-down", type=int_list, default=None,
+                   help="decay block sizes (default <seq-len>, halving down to --inference-block-size)")
+    p.add_argument("--inference-block-size", type=int, default=32, help="where the default decay sizes end")
+    p.add_argument("--wsd-phase-ratios", type=float_list, default=[0.3, 0.5, 0.2], help="warmup,stable,decay shares of the steps")
+    p.add_argument("--time-weighted-loss", action="store_true", help="ELBO weight -alpha'(t)/(1-alpha(t)) of --time-weight-schedule")
+    p.add_argument("--time-weight-schedule", choices=SCHEDULES, default="cosine",
+                   help="alpha(t): cosine = cos^2(pi t/2); linear = 1 - t (weight 1/t, the default loss)")
+    p.add_argument("--use-doc-attention-mask", action="store_true", help="packed rows attend only within their own document")
+    p.add_argument("--keep-top-k", type=int, default=0, help="keep the K best evaluations' weights (for scripts.train.merge_checkpoints)")
     return p.parse_args(argv)
 
 
@@ -45,14 +82,29 @@ def check_flags(args) -> None:
     if not args.train:
         raise NanoLladaError("pass --train to train; to generate from a checkpoint use `uv run python -m scripts.eval.eval_diffusion`")
     check_pretraining_flags(args)
-    requested = [f"--{name.replace('_', '-')}" for name in LLADA2_FLAGS if getattr(args, name)]
-    if args.mask_schedule == "wsd" or requested:
-        raise NanoLladaError(f"{' '.join(['--mask-schedule wsd'] * (args.mask_schedule == 'wsd') + requested)}: "
-                             "the LLaDA 2.0 options are not yet supported; use --mask-schedule iid_t")
+    if args.use_block_curriculum and args.mask_schedule != "wsd":
+        raise NanoLladaError("--use-block-curriculum is the block-size schedule of --mask-schedule wsd; pass both")
+    if args.repeat_penalty_weight and llada2_objective(args):
+        raise NanoLladaError("--repeat-penalty-weight is only implemented for the plain LLaDA loss; drop it or the LLaDA 2.0 switches")
+    positive("--inference-block-size", args.inference_block_size)
+    positive("--keep-top-k", args.keep_top_k, allow_zero=True)
     if not 0 < args.iid_mask_eps < 0.5:
         raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {args.iid_mask_eps}")
     if not 0 <= args.variable_length_prob <= 1:
         raise NanoLladaError(f"--variable-length-prob must lie in [0, 1], got {args.variable_length_prob}")
+
+
+def llada2_objective(args) -> bool:
+    """Whether the loss needs model/block_diffusion.py (otherwise the original LLaDA Eq. 3 path runs unchanged)."""
+    return args.use_block_curriculum or args.time_weighted_loss or args.use_doc_attention_mask
+
+
+def block_curriculum(args, steps: int) -> BlockCurriculum | None:
+    if not args.use_block_curriculum:
+        return None
+    up = args.wsd_block_sizes_up or default_sizes_up(args.seq_len)
+    down = args.wsd_block_sizes_down or default_sizes_down(args.seq_len, min(args.inference_block_size, args.seq_len))
+    return BlockCurriculum(args.seq_len, steps, tuple(up), tuple(down), tuple(args.wsd_phase_ratios))
 
 
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
@@ -93,22 +145,78 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     batches, val_batches, steps = packed_data(args, tokenizer)
+    curriculum = block_curriculum(args, steps)  # checked before any model is built
     cfg = train_config(args, "diffusion", steps, device)
     model = initial_model(args, tokenizer, RunFiles(cfg))
     mask_id = mask_token_id(tokenizer)
+    schedule = args.time_weight_schedule if args.time_weighted_loss else "linear"
+    if args.mask_schedule == "wsd" and curriculum is None:
+        print("note: --mask-schedule wsd without --use-block-curriculum keeps the block at the whole row in every phase, "
+              "i.e. plain masked diffusion (LLaDA Eq. 3, as iid_t)")
+    keeper = TopKCheckpoints(args.save_dir, args.run_name, args.keep_top_k, args.resume) if args.keep_top_k else None
+    extra = {"diffusion": {"mask_schedule": args.mask_schedule, "iid_mask_eps": args.iid_mask_eps, "init_from": args.init_from_minimind,
+                           "time_weight_schedule": schedule, "doc_attention_mask": args.use_doc_attention_mask,
+                           "validation": "LLaDA Eq. 3 (MDLM, 1/t)",
+                           "block_curriculum": None if curriculum is None else {
+                               "seq_len": curriculum.seq_len, "total_steps": curriculum.total_steps, "sizes_up": list(curriculum.sizes_up),
+                               "sizes_down": list(curriculum.sizes_down), "phase_ratios": list(curriculum.phase_ratios)}}}
+    seen = {"step": 0, "val": []}
+
+    def train_loss(m, rows, rng, k):
+        rows = cut_to_random_length(rows, args.variable_length_prob, rng)
+        if not llada2_objective(args):
+            return llada_loss(m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight)
+        docs = document_ids(rows) if args.use_doc_attention_mask else None
+        phase, block_size = curriculum.at(k // args.accumulation_steps) if curriculum else (STABLE, args.seq_len)
+        if phase == STABLE:  # block = whole row: the cheaper L-token MDLM forward (no clean copy needed)
+            loss = mdlm_loss(m, rows, rng, mask_id, args.iid_mask_eps, schedule, docs)
+        else:
+            loss = bdlm_loss(m, rows, rng, mask_id, block_size, args.iid_mask_eps, schedule, docs)
+        return (loss, {"phase": phase, "block": block_size}) if curriculum else loss
+
+    def validation_loss(m, rows, rng):
+        """LLaDA Eq. 3 in every phase (old bug B11: train and val objectives differed); fixed seeds per batch."""
+        if not llada2_objective(args):
+            loss = llada_loss(m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight)
+        else:
+            loss = mdlm_loss(m, rows, rng, mask_id, args.iid_mask_eps, "linear", document_ids(rows) if args.use_doc_attention_mask else None)
+        if keeper is not None:  # the trainer averages the same per-batch losses; after the last batch the eval is complete
+            seen["val"].append(loss.detach().float())
+            if len(seen["val"]) == len(val_batches):
+                val = torch.stack(seen["val"]).mean().item()
+                seen["val"] = []
+                if seen["step"] > 0:
+                    keeper.offer(seen["step"], val, lambda path: save_checkpoint(
+                        path, "diffusion", model.config, model, tokenizer_identity(tokenizer), step=seen["step"], val_loss=val,
+                        train_config=asdict(cfg), **extra))
+        return loss
 
     def loss_fn(m, batch, rng):
-        if m.training:  # validation always scores full rows
-            batch = cut_to_random_length(batch, args.variable_length_prob, rng)
-        return llada_loss(m, batch, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight)
+        k, rows = batch  # k: the micro-step, so the curriculum is a pure function of the step
+        if not m.training:
+            return validation_loss(m, rows, rng)
+        seen["step"] = k // args.accumulation_steps + 1  # the step an evaluation right after this one reports
+        return train_loss(m, rows, rng, k)
 
-    print(describe("diffusion (LLaDA Eq. 3)", model, batches, val_batches, steps, device))
-    extra = {"diffusion": {"mask_schedule": args.mask_schedule, "iid_mask_eps": args.iid_mask_eps, "init_from": args.init_from_minimind}}
-    summary = train(model, model.config, cfg, batches.batch, val_batches, loss_fn, tokenizer_identity(tokenizer), device,
-                    resume=args.resume, extra_meta=extra)
+    objective = "LLaDA Eq. 3" if not llada2_objective(args) else (
+        f"LLaDA 2.0: {'WSD block curriculum ' + describe_curriculum(curriculum) if curriculum else 'MDLM'}, "
+        f"{schedule} time weight{', document mask' if args.use_doc_attention_mask else ''}")
+    print(describe(f"diffusion ({objective})", model, batches, val_batches, steps, device))
+    summary = train(model, model.config, cfg, lambda k: (k, batches.batch(k)), [(-1, rows) for rows in val_batches], loss_fn,
+                    tokenizer_identity(tokenizer), device, resume=args.resume, extra_meta=extra,
+                    tokens_in=lambda batch: batch[1].numel(), to_device=lambda batch, dev: (batch[0], batch[1].to(dev, non_blocking=True)))
     print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
           f"wrote {summary['files']['full']}, {summary['files']['best']}, {summary['files']['plot']}")
+    if keeper is not None:
+        print(f"kept the {len(keeper.entries)} best evaluations in {keeper.index}; merge them with "
+              f"`uv run python -m scripts.train.merge_checkpoints --run-name {args.run_name} --save-dir {args.save_dir} --k {args.keep_top_k}`")
     return summary
+
+
+def describe_curriculum(curriculum: BlockCurriculum) -> str:
+    stable_start, decay_start = curriculum.boundaries()
+    return (f"(warmup steps 0-{stable_start - 1} blocks {list(curriculum.sizes_up)}, stable to {decay_start - 1} block {curriculum.seq_len}, "
+            f"decay blocks {list(curriculum.sizes_down)})")
 
 
 if __name__ == "__main__":

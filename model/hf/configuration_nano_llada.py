@@ -1,0 +1,67 @@
+"""Hugging Face configuration of a nano-llada model (AR or diffusion), shipped with exports for trust_remote_code.
+
+Self-contained: once exported it lives next to config.json and cannot import nano-llada. The shape and RoPE
+fields mirror model/config.py's ModelConfig one to one, so an export reads back into a ModelConfig unchanged.
+"""
+
+from transformers import PretrainedConfig
+
+
+class NanoLladaConfig(PretrainedConfig):
+    model_type = "nano_llada"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        kind="ar",  # "ar": causal LM (AutoModelForCausalLM); "diffusion": bidirectional masked LM (AutoModelForMaskedLM)
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=6401,
+        intermediate_size=1408,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        dropout=0.0,
+        inference_rope_scaling=False,
+        rope_scaling_factor=16.0,
+        rope_original_max_positions=2048,
+        rope_beta_fast=32.0,
+        rope_beta_slow=1.0,
+        mask_token_id=6400,
+        tokenizer_identity=None,  # {"vocab_size", "sha256"} of the tokenizer the weights were trained with
+        use_cache=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kwargs,
+    ):
+        if kind not in ("ar", "diffusion"):
+            raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
+        self.kind = kind
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.vocab_size = vocab_size
+        self.intermediate_size = intermediate_size
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.dropout = dropout
+        self.inference_rope_scaling = inference_rope_scaling
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_original_max_positions = rope_original_max_positions
+        self.rope_beta_fast = rope_beta_fast
+        self.rope_beta_slow = rope_beta_slow
+        self.mask_token_id = mask_token_id
+        self.tokenizer_identity = tokenizer_identity
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

@@ -1,0 +1,118 @@
+"""Average the weights of a run's k best checkpoints by validation loss (LLaDA 2.0 top-k merge; offline, unlike EMA).
+
+uv run python -m scripts.train.merge_checkpoints --run-name diffusion_wsd [--save-dir weights] [--k 3]
+uv run python -m scripts.train.merge_checkpoints --run-name diffusion_wsd --checkpoints a.pt b.pt c.pt
+
+Candidates: the snapshots a diffusion run keeps with --keep-top-k (listed in <save-dir>/<run>_topk.json), or
+explicit --checkpoints (each must store its val_loss, as <run>_best.pt does). Writes <save-dir>/<run>_merged.pt,
+a weights-only checkpoint of the same kind, config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.block_diffusion import trained_block_size
+from model.checkpoint import build_model, read_checkpoint, save_checkpoint
+from model.errors import NanoLladaError
+from scripts.common.cli import positive, run_main
+
+
+def topk_index_path(save_dir, run_name: str) -> Path:
+    return Path(save_dir) / f"{run_name}_topk.json"
+
+
+class TopKCheckpoints:
+    """Keeps weights-only snapshots of the k evaluations with the lowest validation loss, and their index.
+
+    offer() saves a snapshot when it enters the top k and deletes the one it pushes out; the index
+    (<run>_topk.json: path, step, val_loss per entry, best first) is rewritten each time.
+    """
+
+    def __init__(self, save_dir, run_name: str, k: int, resume: bool = False):
+        self.save_dir, self.run_name, self.k = Path(save_dir), run_name, k
+        self.index = topk_index_path(save_dir, run_name)
+        self.entries: list[dict] = json.loads(self.index.read_text(encoding="utf-8")) if resume and self.index.exists() else []
+
+    def offer(self, step: int, val_loss: float, save) -> None:
+        """`save(path)` writes the current weights; called only when (step, val_loss) makes the top k."""
+        self.entries = [e for e in self.entries if e["step"] != step]  # a resumed run may re-evaluate a step
+        if len(self.entries) >= self.k and val_loss >= max(e["val_loss"] for e in self.entries):
+            return
+        path = self.save_dir / f"{self.run_name}_top_step{step}.pt"
+        save(path)
+        self.entries = sorted(self.entries + [{"path": str(path), "step": step, "val_loss": val_loss}], key=lambda e: e["val_loss"])
+        for dropped in self.entries[self.k:]:
+            Path(dropped["path"]).unlink(missing_ok=True)
+        self.entries = self.entries[:self.k]
+        self.index.parent.mkdir(parents=True, exist_ok=True)
+        self.index.write_text(json.dumps(self.entries, indent=1), encoding="utf-8")
+
+
+def candidates(args) -> list[dict]:
+    if args.checkpoints:
+        found = []
+        for path in args.checkpoints:
+            extra = read_checkpoint(path).extra
+            if "val_loss" not in extra:
+                raise NanoLladaError(f"{path}: stores no val_loss, so it cannot be ranked; pass checkpoints written at an evaluation "
+                                     f"(<run>_best.pt or --keep-top-k snapshots)")
+            found.append({"path": str(path), "step": extra.get("step"), "val_loss": float(extra["val_loss"])})
+        return found
+    index = topk_index_path(args.save_dir, args.run_name)
+    if not index.exists():
+        raise NanoLladaError(f"{index} not found: train with --keep-top-k K to keep the k best checkpoints, "
+                             f"or pass --checkpoints PATH [PATH ...]")
+    return json.loads(index.read_text(encoding="utf-8"))
+
+
+def merge(entries: list[dict]):
+    """(model with the fp32 mean of the weights, the best checkpoint); refuses mixed kinds, shapes or tokenizers."""
+    best = read_checkpoint(entries[0]["path"])
+    total = {name: tensor.float().clone() for name, tensor in best.state_dict.items()}
+    for entry in entries[1:]:
+        other = read_checkpoint(entry["path"])
+        if (other.kind, other.config, other.tokenizer) != (best.kind, best.config, best.tokenizer):
+            raise NanoLladaError(f"{entry['path']}: differs from {entries[0]['path']} in kind, model config or tokenizer; "
+                                 f"merge checkpoints of one run only")
+        for name, tensor in other.state_dict.items():
+            total[name] += tensor.float()
+    model = build_model(best, entries[0]["path"])
+    model.load_state_dict({name: tensor / len(entries) for name, tensor in total.items()})
+    return model, best
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-name", required=True)
+    p.add_argument("--save-dir", default="weights")
+    p.add_argument("--k", type=int, default=3, help="how many of the best checkpoints to average")
+    p.add_argument("--checkpoints", nargs="+", default=None, help="rank these instead of the run's --keep-top-k snapshots")
+    args = p.parse_args(argv)
+    positive("--k", args.k)
+    ranked = sorted(candidates(args), key=lambda e: e["val_loss"])[:args.k]
+    if not ranked:
+        raise NanoLladaError("no checkpoints to merge")
+    if len(ranked) < args.k:
+        print(f"note: only {len(ranked)} checkpoint(s) available, merging those")
+    sizes = [trained_block_size(read_checkpoint(e["path"]).extra) for e in ranked]
+    block_size = sizes[0]  # the merged model decodes as the best checkpoint does
+    if len(set(sizes)) > 1:
+        print(f"note: the checkpoints were trained at different block sizes {[s or 'whole row' for s in sizes]} "
+              f"(curriculum phases); the merge decodes like the best one ({block_size or 'bidirectional'}). "
+              f"Pass --checkpoints to merge one phase only.")
+    model, best = merge(ranked)
+    out = Path(args.save_dir) / f"{args.run_name}_merged.pt"
+    meta = {k: v for k, v in best.extra.items() if k in ("train_config", "diffusion")}
+    save_checkpoint(out, best.kind, best.config, model, best.tokenizer, merged_from=ranked,
+                    block_diffusion={"block_size": block_size} if block_size else {}, **meta)
+    for e in ranked:
+        print(f"  step {e['step']}: val loss {e['val_loss']:.4f}  {e['path']}")
+    print(f"wrote {out}: mean of {len(ranked)} checkpoint(s)")
+    return {"path": str(out), "merged": ranked}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,302 @@
+"""Invariants of the LLaDA 2.0 objectives (model/block_diffusion.py, model/llada2_sft.py) and of block-causal decoding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model.block_diffusion import (
+    STABLE, BlockCurriculum, bd3lm_attention_mask, bd3lm_document_mask, bdlm_forward, bdlm_loss, block_causal_mask,
+    default_sizes_down, default_sizes_up, document_attention_mask, document_ids_with_pad, elbo_weight, mask_probability,
+    mdlm_loss, trained_block_size,
+)
+from model.diffusion import llada_loss
+from model.errors import NanoLladaError
+from model.llada2_sft import block_sft_loss, cap_loss, complementary_masks
+from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.transformer import Transformer
+from scripts.common.packing import document_ids
+
+V, MASK, EOS = 101, 100, 2
+
+
+def rng(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class UniformModel(nn.Module):
+    def __init__(self, vocab=V):
+        super().__init__()
+        self.vocab, self.anchor = vocab, nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids, attention="bidirectional", **_):
+        return torch.zeros(*ids.shape, self.vocab) + self.anchor
+
+
+# ----------------------------------------------------------------------------- masks
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+def test_bd3lm_mask_obeys_the_four_rules_elementwise(block_size):
+    L = 8
+    mask = bd3lm_attention_mask(L, block_size)
+    assert mask.shape == (2 * L, 2 * L)
+    for i in range(2 * L):
+        for j in range(2 * L):
+            bi, bj = (i % L) // block_size, (j % L) // block_size
+            if i < L and j < L:
+                expected = bi == bj  # noisy -> noisy: same block
+            elif i < L:
+                expected = bj < bi  # noisy -> clean: strictly earlier blocks
+            elif j >= L:
+                expected = bj <= bi  # clean -> clean: block-causal
+            else:
+                expected = False  # clean -> noisy: never
+            assert bool(mask[i, j]) == expected, (i, j)
+    with pytest.raises(NanoLladaError, match="does not divide"):
+        bd3lm_attention_mask(8, 3)
+
+
+def test_block_size_one_is_next_token_prediction_and_inference_mask_is_block_causal():
+    mask = bd3lm_attention_mask(5, 1)
+    # noisy position i sees only itself and the clean tokens before it: AR is the K = 1 case (B3)
+    assert all(mask[i].nonzero().flatten().tolist() == [i] + list(range(5, 5 + i)) for i in range(5))
+    blocks = torch.tensor([0, 0, 1, 1, 1, 2])
+    inference = block_causal_mask(blocks)
+    assert torch.equal(inference, blocks[None, :] <= blocks[:, None]) and inference.diagonal().all()
+
+
+def test_bdlm_loss_equals_mdlm_loss_at_block_size_equal_to_the_row(tiny_config):
+    model = Transformer(tiny_config).eval()
+    mask_id = tiny_config.vocab_size - 1
+    ids = torch.randint(1, mask_id, (3, 16), generator=rng())
+    for schedule in ("linear", "cosine"):
+        mdlm = mdlm_loss(model, ids, rng(7), mask_id, schedule=schedule)
+        bdlm = bdlm_loss(model, ids, rng(7), mask_id, block_size=16, schedule=schedule)
+        assert bdlm.item() == pytest.approx(mdlm.item(), rel=1e-5)
+    # and MDLM with the linear schedule is LLaDA Eq. 3 exactly (same masks from the same seed)
+    assert mdlm_loss(model, ids, rng(3), mask_id).item() == pytest.approx(llada_loss(model, ids, rng(3), mask_id).item(), rel=1e-6)
+    assert bdlm_loss(model, ids, rng(7), mask_id, block_size=4).item() != pytest.approx(mdlm.item(), rel=1e-3)
+
+
+def test_noisy_block_logits_ignore_later_blocks(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(1, 99, (1, 16), generator=rng())
+    noisy = ids.clone()
+    noisy[0, ::3] = tiny_config.vocab_size - 1
+    base = bdlm_forward(model, noisy, ids, block_size=4)
+    changed_ids, changed_noisy = ids.clone(), noisy.clone()
+    changed_ids[0, 8:], changed_noisy[0, 8:] = 5, 5  # blocks 2 and 3, clean and noisy
+    after = bdlm_forward(model, changed_noisy, changed_ids, block_size=4)
+    assert torch.allclose(base[:, :8], after[:, :8], atol=1e-6)
+    assert not torch.allclose(base[:, 8:], after[:, 8:], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- time weights
+
+def test_time_weights_are_elbo_weights():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(elbo_weight(t, "linear"), 1 / t) and torch.equal(mask_probability(t, "linear"), t)
+    # cosine: alpha = cos^2(pi t / 2), weight -alpha'/(1 - alpha), checked against a finite difference
+    alpha = lambda s: torch.cos(math.pi * s / 2) ** 2  # noqa: E731
+    derivative = (alpha(t + 1e-4) - alpha(t - 1e-4)) / 2e-4
+    assert torch.allclose(elbo_weight(t, "cosine"), -derivative / (1 - alpha(t)), rtol=1e-3)
+    grid = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
+    for schedule in ("linear", "cosine"):  # E_t[weight * mask prob] = 1, so uniform logits score ln|V|
+        assert (elbo_weight(grid, schedule) * mask_probability(grid, schedule)).mean().item() == pytest.approx(1, abs=1e-3)
+    with pytest.raises(NanoLladaError, match="unknown"):
+        elbo_weight(t, "cubic")
+
+
+def test_cosine_weighted_loss_with_uniform_logits_is_ln_v():
+    # t on a midpoint grid with long rows: the average over rows is the integral over t (little Monte-Carlo noise;
+    # the forced "at least one mask" per row adds a small bias at tiny t, which long rows keep below 1%)
+    t = (torch.arange(100) + 0.5) / 100
+    ids = torch.randint(1, MASK, (100, 1000), generator=rng())
+    loss = mdlm_loss(UniformModel(), ids, rng(1), MASK, schedule="cosine", t=t)
+    assert loss.item() == pytest.approx(math.log(V), rel=0.02)
+
+
+# ----------------------------------------------------------------------------- document mask
+
+def packed(docs: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([sum(docs, [])])
+
+
+def test_packed_document_logits_equal_the_document_alone(tiny_config):
+    model = Transformer(tiny_config).eval()
+    doc_a, doc_b, doc_c = [1, 5, 6, 7, EOS], [1, 8, 9, 10, 11, EOS], [1, 12, 13, 14, 15]
+    row = packed([doc_a, doc_b, doc_c])
+    docs = document_ids(row)
+    assert docs.tolist() == [[0] * 5 + [1] * 6 + [2] * 5]
+    logits = model(row, attention=document_attention_mask(docs))
+    alone = model(torch.tensor([doc_b]), attention="bidirectional")
+    # RoPE scores depend only on relative positions, so no per-document position reset is needed
+    assert torch.allclose(logits[:, 5:11], alone, atol=1e-5)
+    per_doc_positions = torch.arange(16) - torch.tensor([0] * 5 + [5] * 6 + [11] * 5)
+    reset = model(row, attention=document_attention_mask(docs), positions=per_doc_positions)
+    assert torch.allclose(reset[:, 5:11], alone, atol=1e-5)
+    perturbed = packed([[1, 40, 41, 42, EOS], doc_b, doc_c])  # only document A changes
+    after = model(perturbed, attention=document_attention_mask(document_ids(perturbed)))
+    assert torch.allclose(after[:, 5:], logits[:, 5:], atol=1e-6) and not torch.allclose(after[:, :5], logits[:, :5], atol=1e-3)
+
+
+def test_document_mask_and_block_rules_compose_without_empty_rows(tiny_config):
+    model = Transformer(tiny_config).eval()
+    row = packed([[1, 5, 6, EOS], [1, 8, 9, 10, 11, EOS], [1, 12, 13, 14, 0, 0]])  # ends in PAD (a cut row)
+    docs = document_ids_with_pad(row, document_ids(row))
+    assert docs[0, -2:].tolist() == [-1, -1]
+    mask = bd3lm_document_mask(docs, block_size=4)
+    assert mask.any(-1).all()  # every query attends to at least itself: no NaN rows (D3)
+    assert torch.equal(mask[0, 0], bd3lm_attention_mask(16, 4) & document_attention_mask(docs.repeat(1, 2))[0, 0])
+    noisy = row.masked_fill(torch.arange(16) % 3 == 0, tiny_config.vocab_size - 1)
+    base = bdlm_forward(model, noisy, row, 4, document_ids(row))
+    other_row, other_noisy = row.clone(), noisy.clone()
+    other_row[0, 1:3], other_noisy[0, 1:3] = 50, 50  # perturb document 0 in both halves
+    after = bdlm_forward(model, other_noisy, other_row, 4, document_ids(other_row))
+    assert torch.isfinite(base).all() and torch.allclose(base[:, 4:], after[:, 4:], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- curriculum
+
+@pytest.mark.parametrize("seq_len,total", [(256, 1000), (64, 37), (32, 10)])
+def test_curriculum_is_a_pure_monotone_function_of_the_step(seq_len, total):
+    curriculum = BlockCurriculum(seq_len, total, tuple(default_sizes_up(seq_len)), tuple(default_sizes_down(seq_len, 32)))
+    schedule = [curriculum.at(step) for step in range(total)]
+    assert schedule == [curriculum.at(step) for step in range(total)]  # no hidden state
+    assert schedule == [BlockCurriculum(seq_len, total, curriculum.sizes_up, curriculum.sizes_down).at(s) for s in range(total)]
+    phases = [phase for phase, _ in schedule]
+    assert phases == sorted(phases, key=["warmup", "stable", "decay"].index)  # warmup, then stable, then decay
+    assert all(seq_len % size == 0 for _, size in schedule)
+    for phase, check in (("warmup", lambda a, b: a <= b), ("decay", lambda a, b: a >= b)):
+        sizes = [size for p, size in schedule if p == phase]
+        assert all(check(a, b) for a, b in zip(sizes, sizes[1:]))
+    assert all(size == seq_len for p, size in schedule if p == STABLE)
+    assert schedule[-1][1] == curriculum.inference_block_size == min(32, seq_len)
+    if total >= 100:
+        assert [s for p, s in schedule if p == "warmup"][0] == 1 and set(s for p, s in schedule if p == "warmup") == set(curriculum.sizes_up)
+
+
+def test_curriculum_rejects_sizes_that_do_not_divide_and_bad_ratios():
+    assert default_sizes_up(256) == [1, 4, 16, 64, 256] and default_sizes_down(256) == [256, 128, 64, 32]
+    assert default_sizes_up(48) == [1, 4, 16, 48] and default_sizes_down(48, 32) == [48]
+    with pytest.raises(NanoLladaError, match=r"\[24\] do not divide --seq-len 64"):
+        BlockCurriculum(64, 100, (1, 24, 64), (64, 32))
+    with pytest.raises(NanoLladaError, match="must not increase"):
+        BlockCurriculum(64, 100, (1, 64), (32, 64))
+    with pytest.raises(NanoLladaError, match="summing to 1"):
+        BlockCurriculum(64, 100, (1, 64), (64, 32), (0.5, 0.5, 0.5))
+
+
+def test_checkpoint_block_size_follows_the_curriculum_at_its_step():
+    stored = {"seq_len": 64, "total_steps": 10, "sizes_up": [1, 64], "sizes_down": [64, 32], "phase_ratios": [0.2, 0.5, 0.3]}
+    extra = lambda step: {"step": step, "diffusion": {"block_curriculum": stored}}  # noqa: E731
+    assert trained_block_size(extra(1)) == 1 and trained_block_size(extra(5)) is None and trained_block_size(extra(10)) == 32
+    assert trained_block_size({"block_diffusion": {"block_size": 16}}) == 16 and trained_block_size({}) is None
+
+
+# ----------------------------------------------------------------------------- SFT extras
+
+def test_complementary_masks_are_disjoint_cover_the_response_and_keep_the_prompt_clean():
+    maskable = torch.zeros(200, 24, dtype=torch.bool)
+    maskable[:, 7:] = True  # prompt = first 7 positions
+    t = torch.rand(200, generator=rng())
+    masked, complement = complementary_masks(maskable, t, rng(1))
+    assert not (masked & complement).any() and torch.equal(masked | complement, maskable)
+    assert not masked[:, :7].any() and not complement[:, :7].any()
+    assert masked.any(1).all()
+
+
+def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_hot():
+    targets = torch.tensor([[3, 4, 5, 6]])
+    masked = torch.tensor([[True, True, False, True]])
+    logits = torch.randn(1, 4, 10, generator=rng(), requires_grad=True)
+    value = cap_loss(logits, targets, masked)
+    assert value.item() >= 0
+    wrong = torch.zeros(1, 4, 10)
+    wrong[..., 0] = 5.0  # argmax 0 is never a target
+    assert cap_loss(wrong, targets, masked).item() == 0
+    one_hot = torch.full((1, 4, 10), float("-inf"))
+    one_hot[0, torch.arange(4), targets[0]] = 0.0
+    one_hot.requires_grad_(True)
+    exact = cap_loss(one_hot, targets, masked)
+    exact.backward()
+    assert exact.item() == 0 and torch.isfinite(one_hot.grad).all()
+    assert cap_loss(torch.full((1, 4, 10), 0.0), targets, torch.zeros_like(masked)).item() == 0  # nothing masked
+
+
+@pytest.mark.parametrize("block_size,complementary", [(None, False), (None, True), (4, False), (4, True)])
+def test_block_sft_loss_with_uniform_logits_is_ln_v(block_size, complementary):
+    # linear schedule: weight * mask probability = 1 for every t, so any band gives ln|V| (C2: the complement,
+    # masked at ratio 1 - t, is weighted at time 1 - t)
+    ids = torch.randint(1, MASK, (32, 42), generator=rng())
+    maskable = torch.arange(42)[None, :] >= torch.randint(2, 10, (32, 1), generator=rng(1))
+    gen = rng(2)
+    losses = [block_sft_loss(UniformModel(), ids, maskable, gen, MASK, block_size, t_range=(0.3, 0.8),
+                             complementary=complementary).item() for _ in range(40)]
+    assert sum(losses) / len(losses) == pytest.approx(math.log(V), rel=0.02)
+
+
+def test_block_sft_loss_trains_the_response_only(tiny_config):
+    model, mask_id = Transformer(tiny_config), tiny_config.vocab_size - 1
+    ids = torch.randint(1, mask_id, (2, 14), generator=rng())
+    maskable = torch.arange(14)[None, :].repeat(2, 1) >= 5
+    loss = block_sft_loss(model, ids, maskable, rng(1), mask_id, block_size=4, t_range=(0.3, 0.8), schedule="cosine",
+                          complementary=True, cap_weight=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    with pytest.raises(NanoLladaError, match="band"):
+        block_sft_loss(model, ids, maskable, rng(1), mask_id, t_range=(0.8, 0.3))
+
+
+# ----------------------------------------------------------------------------- block-causal decoding
+
+class Counting(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, ids, attention="bidirectional", kv_cache=None, positions=None):
+        self.calls.append(ids.shape[1])
+        return self.inner(ids, attention=attention, kv_cache=kv_cache, positions=positions)
+
+    def new_kv_cache(self, batch_size, max_length):
+        return self.inner.new_kv_cache(batch_size, max_length)
+
+
+@pytest.mark.parametrize("prompt_len,options", [
+    (5, {}), (8, {}), (5, {"threshold": 0.05}), (6, {"temperature": 1.0, "remasking": "random"}), (5, {"cfg_scale": 1.5}),
+])
+def test_cached_and_uncached_block_decoding_give_identical_tokens(tiny_config, prompt_len, options):
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    prompt = torch.randint(1, mask_id, (2, prompt_len), generator=rng())
+    results = {}
+    for cached in (True, False):
+        cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_length=4, stop_at_eos=False, block_causal=True,
+                                     use_kv_cache=cached, **options)
+        results[cached] = diffusion_generate(Counting(model), prompt, cfg, mask_id, generator=rng(9))
+    assert torch.equal(results[True].tokens, results[False].tokens)
+    assert not (results[True].tokens == mask_id).any()
+    if "threshold" not in options:
+        assert torch.equal(torch.stack(results[True].commits), torch.stack(results[False].commits))
+
+
+def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_blocks(tiny_config):
+    model, mask_id = Counting(Transformer(tiny_config).eval()), tiny_config.vocab_size - 1
+    prompt = torch.randint(1, mask_id, (1, 6), generator=rng())  # blocks of 4: [0,4) prompt, [4,8) prompt tail + 2 new
+    streamed = []
+    cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_length=4, stop_at_eos=False, block_causal=True)
+    out = diffusion_generate(model, prompt, cfg, mask_id, on_block=lambda k, block: streamed.append(block.clone()))
+    assert model.calls[0] == 4  # the prompt's whole block, prefilled once
+    assert set(model.calls[1:]) == {4}  # then only one block per forward (the last block here is 4 wide too)
+    # prefill + decoding steps (2 + 3 + 3: a block never takes more steps than it has masks) + appending 2 finished blocks
+    assert out.nfe == len(model.calls) == 1 + 8 + 2
+    assert [b.shape[1] for b in streamed] == [2, 4, 4] and torch.equal(torch.cat(streamed, 1), out.tokens)
+    # B4: the cached logits of a block equal one full forward under the block-causal mask
+    canvas = torch.cat([prompt, out.tokens], 1)
+    full = model.inner(canvas, attention=block_causal_mask(torch.arange(16) // 4))
+    cache = model.inner.new_kv_cache(1, 16)
+    model.inner(canvas[:, :8], attention=block_causal_mask(torch.arange(8) // 4), kv_cache=cache)
+    assert torch.allclose(model.inner(canvas[:, 8:12], attention="bidirectional", kv_cache=cache), full[:, 8:12], atol=1e-5)
+    with pytest.raises(NanoLladaError, match="needs --block-length"):
+        DiffusionSamplerConfig(gen_length=8, steps=8, block_causal=True).validate()

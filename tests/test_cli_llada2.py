@@ -1,0 +1,81 @@
+"""End-to-end: the LLaDA 2.0 switches of scripts.train.diffusion, the merge and block-causal eval, on a tiny config."""
+
+import json
+
+import pytest
+
+from model.checkpoint import read_checkpoint
+from model.errors import NanoLladaError
+from scripts.data.sample import build_sample
+from scripts.eval import eval_diffusion
+from scripts.train import diffusion, merge_checkpoints
+
+TINY = ["--hidden-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2",
+        "--max-position-embeddings", "64", "--seq-len", "16", "--batch-size", "4", "--val-fraction", "0.05",
+        "--eval-batches", "2", "--log-interval", "1", "--warmup-steps", "1", "--learning-rate", "3e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first documents of the offline sample corpus: enough rows for a few steps, quick to tokenize."""
+    out = tmp_path_factory.mktemp("llada2")
+    lines = build_sample(out)["sample_pretrain.jsonl"].read_text(encoding="utf-8").splitlines()[:120]
+    path = out / "tiny.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run(corpus, save_dir, name, *flags):
+    return diffusion.main(["--train", "--tokenizer-dir", ".", "--data", str(corpus), "--save-dir", str(save_dir),
+                           "--run-name", name, *TINY, *flags])
+
+
+def metrics(save_dir, name):
+    return [json.loads(line) for line in (save_dir / f"{name}_metrics.jsonl").read_text().splitlines()]
+
+
+def test_wsd_curriculum_with_time_weights_and_document_mask_then_merge_and_block_causal_eval(corpus, tmp_path):
+    summary = run(corpus, tmp_path, "wsd", "--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "1,4,16",
+                  "--wsd-phase-ratios", "0.3,0.3,0.4", "--inference-block-size", "4", "--time-weighted-loss",
+                  "--use-doc-attention-mask", "--keep-top-k", "2", "--max-iters", "10", "--eval-interval", "3")
+    records = metrics(tmp_path, "wsd")
+    steps = [r for r in records if "loss" in r]
+    assert [(r["phase"], r["block"]) for r in steps] == [("warmup", 1), ("warmup", 4), ("warmup", 16), ("stable", 16), ("stable", 16),
+                                                         ("stable", 16), ("decay", 16), ("decay", 16), ("decay", 8), ("decay", 4)]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[-1] < vals[0]  # the MDLM validation loss fell
+    full = read_checkpoint(tmp_path / "wsd.pt")
+    assert full.extra["diffusion"]["block_curriculum"]["sizes_down"] == [16, 8, 4]
+    assert full.extra["diffusion"]["time_weight_schedule"] == "cosine" and full.extra["diffusion"]["doc_attention_mask"]
+    assert summary["step"] == 10 and len(json.loads((tmp_path / "wsd_topk.json").read_text())) == 2
+
+    merged = merge_checkpoints.main(["--run-name", "wsd", "--save-dir", str(tmp_path), "--k", "2"])
+    assert (tmp_path / "wsd_merged.pt").exists() and len(merged["merged"]) == 2
+
+    result = eval_diffusion.main(["--checkpoint", str(tmp_path / "wsd.pt"), "--tokenizer-dir", ".", "--seq-len", "16",
+                                  "--prompt", "今天", "--max-new-tokens", "8", "--device", "cpu", "--no-early-stop"])
+    assert result["sample"]["block_causal"]  # ended in the decay phase at block 4: decoded block-causally
+    uncached = eval_diffusion.main(["--checkpoint", str(tmp_path / "wsd.pt"), "--tokenizer-dir", ".", "--seq-len", "16",
+                                    "--prompt", "今天", "--max-new-tokens", "8", "--device", "cpu", "--no-early-stop", "--no-kv-cache"])
+    assert uncached["sample"]["tokens"] == result["sample"]["tokens"]
+
+
+def test_wsd_without_curriculum_and_linear_time_weight_is_llada_eq3(corpus, tmp_path):
+    common = ["--max-iters", "2", "--eval-interval", "2"]
+    run(corpus, tmp_path, "eq3", *common)
+    run(corpus, tmp_path, "wsd_plain", "--mask-schedule", "wsd", "--time-weighted-loss", "--time-weight-schedule", "linear", *common)
+    losses = lambda name: [r.get("loss", r.get("val_loss")) for r in metrics(tmp_path, name) if "tokens_per_s" not in r]  # noqa: E731
+    assert losses("wsd_plain") == pytest.approx(losses("eq3"), rel=1e-5)  # same masks, same weights, same validation
+    assert "phase" not in metrics(tmp_path, "wsd_plain")[1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "1,3,16"], r"\[3\] do not divide --seq-len 16"),
+    (["--use-block-curriculum"], "pass both"),
+    (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-phase-ratios", "0.5,0.5,0.5"], "summing to 1"),
+    (["--use-doc-attention-mask", "--repeat-penalty-weight", "0.1"], "repeat-penalty"),
+])
+def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
+    with pytest.raises(NanoLladaError, match=message):
+        run(corpus, tmp_path, "bad", "--max-iters", "2", *flags)
+    assert not (tmp_path / "bad.pt").exists()

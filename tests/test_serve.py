@@ -1,0 +1,135 @@
+"""A live OpenAI-compatible server on an ephemeral 127.0.0.1 port, for an AR and a diffusion checkpoint, queried with
+the official openai client (stream and non-stream) and with raw HTTP for the error cases."""
+
+import http.client
+import json
+import threading
+
+import pytest
+import torch
+
+from model.ar import generate
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.tokenizer import EOS_ID, chat_text, decode, encode, load_tokenizer, tokenizer_identity
+from model.transformer import Transformer
+from scripts import serve
+
+openai = pytest.importorskip("openai")
+MESSAGES = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好，介绍一下你自己。"}]
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(".")
+
+
+def start_server(tmp_path_factory, tokenizer, kind):
+    config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=CONTEXT)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # larger weights than the init, so greedy decoding does not repeat one token
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    path = tmp_path_factory.mktemp(kind) / f"{kind}.pt"
+    save_checkpoint(path, kind, config, model, tokenizer_identity(tokenizer))
+    args = serve.parse_args(["--checkpoint", str(path), "--port", "0", "--quiet", "--model-name", f"tiny-{kind}",
+                             "--block-length", "4", "--max-tokens", "16"])
+    engine = serve.load_engine(args)
+    server = serve.make_server(engine, args.host, args.port, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    assert host == "127.0.0.1"
+    return server, thread, port, model
+
+
+@pytest.fixture(scope="module", params=["ar", "diffusion"])
+def live(request, tmp_path_factory, tokenizer):
+    server, thread, port, model = start_server(tmp_path_factory, tokenizer, request.param)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield request.param, client, port, model
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_models_and_chat(live, tokenizer):
+    kind, client, _, model = live
+    assert [m.id for m in client.models.list().data] == [f"tiny-{kind}"]
+    extra = {"block_length": 4, "steps": 12} if kind == "diffusion" else {}
+    reply = client.chat.completions.create(model=f"tiny-{kind}", messages=MESSAGES, max_tokens=12, temperature=0, extra_body=extra)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    prompt = encode(tokenizer, chat_text(tokenizer, MESSAGES, add_generation_prompt=True))
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert 1 <= reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == len(prompt) + reply.usage.completion_tokens
+    if kind == "ar":  # greedy: exactly what model.ar.generate produces
+        ours = list(generate(model, prompt, 12, temperature=0, eos_id=EOS_ID, banned_ids=(6400,)))
+        assert choice.message.content == decode(tokenizer, [t for t in ours if t != EOS_ID])
+        assert reply.usage.completion_tokens == len(ours)
+
+    chunks = list(client.chat.completions.create(model=f"tiny-{kind}", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body=extra))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == choice.message.content  # greedy: the stream spells the same answer
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # streamed in pieces: AR token by token, diffusion one delta per finished block of 4 (at most 12 / 4 of them)
+    assert 1 < len(deltas) <= (3 if kind == "diffusion" else 12)
+
+
+def raw(port, method, path, body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"null")
+    connection.close()
+    return response.status, payload
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ([1, 2], None),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages"),
+    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    ({"messages": MESSAGES, "max_tokens": "12"}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MESSAGES, "max_tokens": CONTEXT}, "max_tokens"),
+    ({"messages": MESSAGES, "stream": "yes"}, "stream"),
+    ({"messages": MESSAGES, "n": 2}, "n"),
+    ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
+    _, client, port, _ = live
+    status, payload = raw(port, "POST", "/v1/chat/completions", body)
+    assert status == 400, payload
+    assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["message"]
+    assert payload["error"]["param"] == param
+    status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "temperature": 0})
+    assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_other_errors(live):
+    kind, client, port, _ = live
+    assert raw(port, "GET", "/v1/nothing")[0] == 404
+    assert raw(port, "POST", "/v1/completions", {"prompt": "hi"})[0] == 404
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=10_000)
+    if kind == "diffusion":
+        status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "block_length": 4, "steps": 1})
+        assert status == 400 and payload["error"]["param"] == "steps"
+    assert client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2).choices[0].finish_reason in ("stop", "length")
