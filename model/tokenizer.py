@@ -24,7 +24,7 @@ def load_tokenizer(tokenizer_dir: str | Path):
     if not (path / "tokenizer.json").is_file():
         raise NanoLladaError(f"{path}: no tokenizer.json here; pass --tokenizer-dir . (the repo's tokenizer) or train one with `uv run python -m scripts.train.train_tokenizer`")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # transformers raises many types for a broken directory
         raise NanoLladaError(f"{path}: could not load the tokenizer ({err.__class__.__name__}: {err})") from None
     for token, expected in SPECIAL_TOKENS.items():

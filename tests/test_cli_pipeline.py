@@ -1,0 +1,181 @@
+"""End to end through the entry points on a tiny config: AR pretrain -> eval, diffusion from AR -> eval,
+SFT of both -> one-prompt (three modes) and accuracy; plus the one-line errors a user sees."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.checkpoint import read_checkpoint
+from scripts.common.sft import collate, encode_conversation, load_sft_examples
+from scripts.data.sample import build_sample
+from scripts.eval import eval_diffusion, eval_minimind, eval_sft_accuracy, eval_sft_one_prompt
+from scripts.train import diffusion, train_pretrain, train_sft_diffusion, train_sft_minimind
+from model.tokenizer import chat_text, encode, load_tokenizer
+
+TINY = ["--hidden-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    files = build_sample(out)
+    small = {}
+    for name, rows in (("pretrain", 1500), ("pretrain_val", 60), ("sft_train", 240), ("sft_val", 24), ("sft_test", 12)):
+        lines = files[f"sample_{name}.jsonl"].read_text(encoding="utf-8").splitlines()[:rows]
+        small[name] = out / f"{name}.jsonl"
+        small[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return small
+
+
+@pytest.fixture(scope="module")
+def trained(sample, tmp_path_factory):
+    """AR pretrain, diffusion from it, and both SFTs: each run's summary and the directory."""
+    out = tmp_path_factory.mktemp("weights")
+    pre = ["--data", str(sample["pretrain"]), "--tokenizer-dir", ".", "--save-dir", str(out), *TINY, "--seq-len", "32",
+           "--batch-size", "8", "--max-iters", "30", "--warmup-steps", "3", "--learning-rate", "3e-3", "--eval-interval", "15",
+           "--eval-batches", "3", "--val-fraction", "0.02"]
+    runs = {"ar": train_pretrain.main([*pre, "--run-name", "ar"])}
+    runs["diffusion"] = diffusion.main(["--train", "--use-tokenizer", *pre, "--run-name", "diff", "--mask-schedule", "iid_t",
+                                        "--init-from-minimind", str(out / "ar_state_dict.pt"), "--early-stop-patience", "5"])
+    sft = ["--data", str(sample["sft_train"]), "--eval-data", str(sample["sft_val"]), "--tokenizer-dir", ".", "--save-dir", str(out),
+           "--max-seq-len", "160", "--batch-size", "8", "--max-steps", "20", "--learning-rate", "2e-3", "--warmup-steps", "2",
+           "--eval-interval", "10", "--eval-batches", "3", "--device", "cpu"]
+    runs["ar_sft"] = train_sft_minimind.main([*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")])
+    runs["diffusion_sft"] = train_sft_diffusion.main([*sft, "--run-name", "diff_sft", "--load-from", str(out / "diff_best.pt")])
+    return runs, out
+
+
+def val_losses(out, run):
+    return [json.loads(line)["val_loss"] for line in (out / f"{run}_metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+
+
+@pytest.mark.parametrize("run,files", [
+    ("ar", ["ar.pt", "ar_state_dict.pt", "ar_best.pt", "ar_metrics.jsonl", "ar_loss.png"]),
+    ("diff", ["diff.pt", "diff_best.pt", "diff_loss.png"]),
+    ("ar_sft", ["ar_sft.pt", "ar_sft_state_dict.pt", "ar_sft_loss.png"]),
+    ("diff_sft", ["diff_sft.pt", "diff_sft_state_dict.pt", "diff_sft_loss.png"]),
+])
+def test_every_run_lowers_validation_loss_and_writes_its_files(trained, run, files):
+    _, out = trained
+    for name in files:
+        assert (out / name).stat().st_size > 0, name
+    losses = val_losses(out, run)
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_checkpoints_carry_kind_config_and_every_tensor_across_stages(trained):
+    _, out = trained
+    ar, diff, sft = (read_checkpoint(out / f) for f in ("ar_state_dict.pt", "diff_best.pt", "diff_sft_state_dict.pt"))
+    assert (ar.kind, diff.kind, sft.kind) == ("ar", "diffusion", "diffusion")
+    assert ar.config == diff.config == sft.config and ar.config.num_attention_heads == 4
+    assert set(ar.state_dict) == set(diff.state_dict) == set(sft.state_dict)
+    assert ar.tokenizer == diff.tokenizer == sft.tokenizer
+
+
+def test_evals_run_on_the_trained_models(trained, sample, capsys):
+    _, out = trained
+    result = eval_minimind.main(["--checkpoint", str(out / "ar_state_dict.pt"), "--tokenizer-dir", ".", "--prompt", "中国",
+                                 "--max-new-tokens", "12", "--temperature", "0", "--eval-data", str(sample["pretrain_val"]),
+                                 "--seq-len", "32", "--device", "cpu"])
+    assert 1 <= len(result["new_tokens"]) <= 12 and result["eval"]["perplexity"] > 1
+    result = eval_diffusion.main(["--checkpoint", str(out / "diff_best.pt"), "--tokenizer-dir", ".", "--seq-len", "32",
+                                  "--prompt", "中国", "--max-new-tokens", "16", "--gen-steps", "8", "--block-length", "8",
+                                  "--eval-data", str(sample["pretrain_val"]), "--eval-max-batches", "2", "--mc-samples", "2",
+                                  "--cond-ll-response", "人民", "--cond-ll-nmc", "4", "--device", "cpu"])
+    assert result["sample"]["nfe"] <= 8 and result["eval"]["nelbo"] > 0 and result["cond_ll"]["value"] < 0
+    assert "NFE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "both"])
+def test_one_prompt_runs_in_all_three_modes(trained, mode, capsys):
+    _, out = trained
+    flags = {"ar": ["--minimind-checkpoint", str(out / "ar_sft_state_dict.pt")],
+             "diffusion": ["--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt")]}
+    chosen = flags["ar"] + flags["diffusion"] if mode == "both" else flags[mode]
+    rows = eval_sft_one_prompt.main(["--prompt", "你好，请介绍你自己。", "--tokenizer-dir", ".", *chosen, "--seq-len", "96",
+                                     "--max-new-tokens", "16", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert ("=== AR Output ===" in printed) == (mode != "diffusion")
+    assert ("=== Diffusion Output ===" in printed) == (mode != "ar")
+    for key in ("ar", "diffusion"):
+        if key in rows[0]:
+            stats = rows[0][key]
+            assert stats["new_tokens"] <= 16 and stats["forward_passes"] >= 1 and stats["first_seconds"] <= stats["seconds"]
+
+
+def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp_path):
+    _, out = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("你好\n今天天气怎么样？\n", encoding="utf-8")
+    eval_sft_one_prompt.main(["--prompt-file", str(prompts), "--tokenizer-dir", ".", "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
+                              "--max-new-tokens", "8", "--device", "cpu"])
+    rows = [json.loads(line) for line in (tmp_path / "prompts.txt.answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["你好", "今天天气怎么样？"] and all("ar" in r for r in rows)
+    result = eval_sft_accuracy.main(["--data", str(sample["sft_test"]), "--tokenizer-dir", ".",
+                                     "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
+                                     "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"), "--device", "cpu"])
+    for name in ("AR", "Diffusion"):
+        r = result[name]
+        assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
+
+
+def test_sft_labels_cover_exactly_the_assistant_spans():
+    tok = load_tokenizer(".")
+    turns = [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二"},
+             {"role": "user", "content": "再加一？"}, {"role": "assistant", "content": "三"}]
+    ids, mask = encode_conversation(tok, turns)
+    assert ids == encode(tok, chat_text(tok, turns, False))[:len(ids)]  # the training text is the chat template's
+    spans = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert spans == "二<|im_end|>三<|im_end|>"
+    assert ids[-1] == 2 and mask[-1] == 1  # the row ends at the last <|im_end|>
+    prompt = encode(tok, chat_text(tok, turns[:-1], add_generation_prompt=True))
+    assert ids[:len(prompt)] == prompt  # eval renders the same text up to the answer
+
+
+def test_diffusion_sft_never_masks_the_prompt(tmp_path):
+    from model.diffusion import mask_tokens
+
+    tok = load_tokenizer(".")
+    rows = [{"conversations": [{"role": "user", "content": "问题" * k}, {"role": "assistant", "content": "答" * (3 - k % 3)}]} for k in range(1, 7)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    examples = load_sft_examples(path, tok, 64)
+    batch = collate(examples, range(6), "diffusion")
+    ar = collate(examples, range(6), "ar")
+    for i in range(6):
+        ids, assistant = examples.example(i)
+        n = len(ids)
+        assert not batch["maskable"][i, :n][~torch.from_numpy(assistant.astype(bool))].any()  # prompt: never maskable
+        assert batch["maskable"][i, n:].all() and (batch["input_ids"][i, n:] == 2).all()  # EOS padding: maskable
+        assert (ar["labels"][i, n:] == -100).all() and (ar["input_ids"][i, n:] == 0).all()  # AR padding: never trained
+    _, masked = mask_tokens(batch["input_ids"], batch["maskable"], torch.full((6,), 0.999), 6400, torch.Generator().manual_seed(0))
+    assert not (masked & ~batch["maskable"]).any()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["scripts.train.train_pretrain", "--data", "nope.jsonl", "--tokenizer-dir", "."], "nope.jsonl: data file not found"),
+    (["scripts.eval.eval_minimind", "--checkpoint", "weights/none.pt"], "weights/none.pt: checkpoint not found"),
+    (["scripts.train.diffusion", "--data", "x.jsonl"], "pass --train"),
+    (["scripts.eval.eval_sft_one_prompt", "--prompt", "hi"], "give --minimind-checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message):
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_kind_checkpoint_names_the_right_script(trained, tmp_path):
+    from model.errors import NanoLladaError
+
+    _, out = trained
+    with pytest.raises(NanoLladaError, match="scripts.eval.eval_minimind"):
+        eval_diffusion.main(["--checkpoint", str(out / "ar.pt"), "--tokenizer-dir", "."])
+    with pytest.raises(NanoLladaError, match="prompt is .* tokens, which leaves no room"):
+        eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--seq-len", "3", "--prompt", "一二三四五六"])
+    with pytest.raises(NanoLladaError, match="does not divide the generation length"):
+        eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--max-new-tokens", "10", "--block-length", "4"])
