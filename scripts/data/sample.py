@@ -116,14 +116,20 @@ def iter_embedded_texts(seed: int = 0) -> Iterator[str]:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write atomically (temp file + os.replace) so an interrupted run never leaves half a file."""
+    """Write atomically (temp file + os.replace) so an interrupted run never leaves half a file.
+
+    An unchanged file is left untouched, so its tokenized caches (keyed by size and mtime) stay valid.
+    """
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, path)
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
+        os.replace(tmp, path)
     return count
 
 
