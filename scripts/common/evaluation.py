@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
+from model.checkpoint import KIND_NAMES, Checkpoint, build_model, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import check_tokenizer_matches, load_tokenizer
 from scripts.common.packing import PackedRows, tokenize_to_cache
@@ -10,17 +10,23 @@ from scripts.common.packing import PackedRows, tokenize_to_cache
 SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
 
 
+def check_compatible(checkpoint: Checkpoint, path, kind: str, tokenizer, tokenizer_dir, hint: str | None = None) -> Checkpoint:
+    """Refuse a checkpoint of the other kind (naming what to do instead), another tokenizer, or another vocabulary."""
+    if checkpoint.kind != kind:
+        hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
+        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
+    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
+    if checkpoint.config.vocab_size != len(tokenizer):
+        raise NanoLladaError(f"{path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
+                             f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
+    return checkpoint
+
+
 def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
     """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
-    if checkpoint.kind != kind:
-        raise NanoLladaError(f"{checkpoint_path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; "
-                             f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`")
     tokenizer = load_tokenizer(tokenizer_dir)
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, checkpoint_path, tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{checkpoint_path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
-                             f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
+    check_compatible(checkpoint, checkpoint_path, kind, tokenizer, tokenizer_dir)
     return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer
 
 

@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
 from model.errors import NanoLladaError
-from model.tokenizer import EOS_ID, PAD_ID, chat_text, check_tokenizer_matches, encode, tokenizer_identity
+from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import add_model_flags, model_config_from_args, positive
+from scripts.common.evaluation import check_compatible
 from scripts.common.packing import EpochOrder
 from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
 from scripts.common.trainer import TrainConfig
@@ -219,12 +220,8 @@ def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer
     if source is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
-    checkpoint = read_checkpoint(source)
-    if checkpoint.kind != kind:
-        raise NanoLladaError(f"{source}: is {KIND_NAMES[checkpoint.kind]} checkpoint; this SFT trains {KIND_NAMES[kind]} model")
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, source, args.tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{source}: vocabulary {checkpoint.config.vocab_size} does not fit the tokenizer in {args.tokenizer_dir} ({len(tokenizer)})")
+    checkpoint = check_compatible(read_checkpoint(source), source, kind, tokenizer, args.tokenizer_dir,
+                                  hint=f"this SFT trains {KIND_NAMES[kind]} model")
     model = build_model(checkpoint, source)
     if not args.resume:
         print(f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "

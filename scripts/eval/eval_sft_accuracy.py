@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
         if not path:
             continue
         model, tokenizer = load_for_eval(path, args.tokenizer_dir, kind, device)
-        correct = unparseable = 0
+        correct = unparseable = forwards = 0
+        seconds = 0.0
         items = questions(args.data, tokenizer, args.limit)
         for i, (prompt, gold) in enumerate(tqdm(items, desc=f"{name} accuracy", leave=False)):
             if kind == "ar":
@@ -77,12 +78,15 @@ def main(argv=None) -> dict:
                                                  threshold=args.threshold)
                 answer = diffusion_answer(model, tokenizer, prompt, sampler, device, dtype=args.dtype)
             label = parse_sentiment(answer.text)
+            forwards, seconds = forwards + answer.forward_passes, seconds + answer.seconds
             correct += label == gold
             unparseable += label is None
             predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
         n = len(items)
-        results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable}
-        print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}  [{path}]")
+        results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable,
+                         "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
+        print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
+              f"{forwards / n:.1f} forward passes and {1000 * seconds / n:.1f} ms per answer  [{path}]")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
     return results

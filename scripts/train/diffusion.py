@@ -25,12 +25,13 @@ import torch
 from model.block_diffusion import (
     SCHEDULES, STABLE, BlockCurriculum, bdlm_loss, default_sizes_down, default_sizes_up, mdlm_loss,
 )
-from model.checkpoint import KIND_NAMES, build_model, read_checkpoint, save_checkpoint
+from model.checkpoint import build_model, read_checkpoint, save_checkpoint
 from model.diffusion import cut_to_random_length, init_mask_embedding, llada_loss
 from model.errors import NanoLladaError
-from model.tokenizer import check_tokenizer_matches, load_tokenizer, mask_token_id, tokenizer_identity
+from model.tokenizer import load_tokenizer, mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, pick_device, positive, run_main
+from scripts.common.evaluation import check_compatible
 from scripts.common.packing import document_ids
 from scripts.common.pretraining import add_pretraining_flags, check_pretraining_flags, describe, packed_data, train_config
 from scripts.common.trainer import RunFiles, train
@@ -110,20 +111,14 @@ def block_curriculum(args, steps: int) -> BlockCurriculum | None:
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
     """Resume the run, or copy an AR model (every tensor, RoPE setting kept), or start fresh from the flags."""
     if args.resume:
-        checkpoint = read_checkpoint(files.full)
-        check_tokenizer_matches(checkpoint.tokenizer, tokenizer, files.full, args.tokenizer_dir)
+        checkpoint = check_compatible(read_checkpoint(files.full), files.full, "diffusion", tokenizer, args.tokenizer_dir)
         return build_model(checkpoint, files.full)
     if args.init_from_minimind is None:
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
     source = args.init_from_minimind
-    checkpoint = read_checkpoint(source)
-    if checkpoint.kind != "ar":
-        raise NanoLladaError(f"{source}: is {KIND_NAMES[checkpoint.kind]} checkpoint; --init-from-minimind takes an AR checkpoint "
-                             f"(to continue a diffusion run use --resume)")
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, source, args.tokenizer_dir)
+    checkpoint = check_compatible(read_checkpoint(source), source, "ar", tokenizer, args.tokenizer_dir,
+                                  hint="--init-from-minimind takes an AR checkpoint (to continue a diffusion run use --resume)")
     config = checkpoint.config
-    if config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{source}: vocabulary {config.vocab_size} does not fit the tokenizer in {args.tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
     requested = model_config_from_args(args, vocab_size=len(tokenizer))
     ignored = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "inference_rope_scaling")
                if getattr(requested, name) != getattr(config, name)]

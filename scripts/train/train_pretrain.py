@@ -11,11 +11,11 @@ import argparse
 import torch
 
 from model.ar import next_token_loss
-from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
-from model.errors import NanoLladaError
-from model.tokenizer import check_tokenizer_matches, load_tokenizer, tokenizer_identity
+from model.checkpoint import build_model, read_checkpoint
+from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, pick_device, run_main
+from scripts.common.evaluation import check_compatible
 from scripts.common.pretraining import add_pretraining_flags, check_pretraining_flags, describe, packed_data, train_config
 from scripts.common.trainer import RunFiles, train
 
@@ -33,12 +33,8 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
     source = files.full if args.resume else args.load_from
     if source is None:
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
-    checkpoint = read_checkpoint(source)
-    if checkpoint.kind != "ar":
-        raise NanoLladaError(f"{source}: is {KIND_NAMES[checkpoint.kind]} checkpoint; AR pretraining continues only AR checkpoints")
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, source, args.tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{source}: vocab {checkpoint.config.vocab_size} != tokenizer {len(tokenizer)} ({args.tokenizer_dir})")
+    checkpoint = check_compatible(read_checkpoint(source), source, "ar", tokenizer, args.tokenizer_dir,
+                                  hint="AR pretraining continues only AR checkpoints")
     if not args.resume:
         print(f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}); config {checkpoint.config}")
     return build_model(checkpoint, source)
