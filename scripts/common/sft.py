@@ -30,7 +30,6 @@ from scripts.common.cli import add_model_flags, model_config_from_args, positive
 from scripts.common.evaluation import check_compatible
 from scripts.common.packing import EpochOrder
 from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
-from scripts.common.trainer import TrainConfig
 
 CACHE_VERSION = 1
 IGNORE = -100
@@ -203,15 +202,29 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
     return batches, val_batches, steps
 
 
-def sft_train_config(args, kind: str, steps: int) -> TrainConfig:
-    return TrainConfig(
-        run_name=args.run_name, kind=kind, max_steps=steps, out_dir=args.save_dir, learning_rate=args.learning_rate,
-        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, lr_stable_ratio=args.lr_stable_ratio,
-        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        accumulation_steps=args.accumulation_steps, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-        save_interval=args.save_interval, log_interval=args.log_interval, early_stop_patience=args.early_stop_patience,
-        early_stop_min_delta=args.early_stop_min_delta, dtype=args.dtype, compile=args.compile, seed=args.seed,
-    )
+def run_sft(args, route: str, loss_fn) -> dict:
+    """The body both SFT entry points share: data, model, the one training loop, a summary line."""
+    from model.tokenizer import load_tokenizer
+    from scripts.common.cli import pick_device
+    from scripts.common.pretraining import train_config
+    from scripts.common.trainer import RunFiles, train
+
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    batches, val_batches, steps = sft_data(args, tokenizer, route)
+    cfg = train_config(args, route, steps, device)
+    model = initial_sft_model(args, tokenizer, route, RunFiles(cfg).full)
+    print(f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
+          f"{sum(len(b['input_ids']) for b in val_batches)} validation, {steps} steps of {args.batch_size} on {device}")
+    summary = train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
+                    tokenizer_identity(tokenizer), device, resume=args.resume,
+                    tokens_in=lambda batch: batch["input_ids"].numel(),
+                    to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
+                    extra_meta={"sft": {"data": args.data, "load_from": args.load_from}})
+    print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
+          f"wrote {summary['files']['full']}, {summary['files']['weights']}, {summary['files']['plot']}")
+    return summary
 
 
 def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:
