@@ -79,3 +79,23 @@ def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
     with pytest.raises(NanoLladaError, match=message):
         run(corpus, tmp_path, "bad", "--max-iters", "2", *flags)
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_sft_switches_run_through_the_cli(tmp_path):
+    import json as _json
+
+    from scripts.train import train_sft_diffusion
+
+    rows = [{"conversations": [{"role": "user", "content": f"第{k}个问题是什么？"}, {"role": "assistant", "content": "答案" * (1 + k % 3)}]}
+            for k in range(40)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(_json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    common = ["--data", str(data), "--tokenizer-dir", ".", "--save-dir", str(tmp_path), "--hidden-size", "64", "--num-hidden-layers", "2",
+              "--num-attention-heads", "4", "--max-seq-len", "48", "--batch-size", "4", "--max-steps", "3", "--eval-interval", "3",
+              "--eval-batches", "1", "--val-fraction", "0.1", "--device", "cpu"]
+    summary = train_sft_diffusion.main([*common, "--run-name", "blk", "--block-size", "8", "--mask-ratio-min", "0.3",
+                                        "--mask-ratio-max", "0.8", "--complementary-masking", "--cap-weight", "0.1"])
+    assert summary["step"] == 3
+    assert read_checkpoint(tmp_path / "blk_state_dict.pt").extra["block_diffusion"]["block_size"] == 8
+    with pytest.raises(NanoLladaError, match="mask-ratio band"):
+        train_sft_diffusion.main([*common, "--run-name", "bad", "--mask-ratio-min", "0.9", "--mask-ratio-max", "0.2"])

@@ -179,3 +179,24 @@ def test_wrong_kind_checkpoint_names_the_right_script(trained, tmp_path):
         eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--seq-len", "3", "--prompt", "一二三四五六"])
     with pytest.raises(NanoLladaError, match="does not divide the generation length"):
         eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--max-new-tokens", "10", "--block-length", "4"])
+
+
+def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(minimind2_fixtures, tmp_path):
+    from types import SimpleNamespace
+
+    from model import load_model
+    from scripts.common.trainer import RunFiles
+
+    tokenizer = load_tokenizer(minimind2_fixtures)
+    args = diffusion.parse_args(["--train", "--init-from-minimind", str(minimind2_fixtures / "minimind2_tiny.pth"),
+                                 "--tokenizer-dir", str(minimind2_fixtures)])
+    model = diffusion.initial_model(args, tokenizer, RunFiles(SimpleNamespace(out_dir=str(tmp_path), run_name="x")))
+    reference, _ = load_model(minimind2_fixtures / "minimind2_tiny.pth")
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(ours[name][:6400], tensor[:6400])  # every real token row; only the <|mask|> row is new
+            assert not torch.equal(ours[name][6400], tensor[6400])  # mean + noise, not the bare mean
+        else:
+            assert torch.equal(ours[name], tensor), name

@@ -202,7 +202,7 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
     return batches, val_batches, steps
 
 
-def run_sft(args, route: str, loss_fn) -> dict:
+def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
     """The body both SFT entry points share: data, model, the one training loop, a summary line."""
     from model.tokenizer import load_tokenizer
     from scripts.common.cli import pick_device
@@ -221,7 +221,7 @@ def run_sft(args, route: str, loss_fn) -> dict:
                     tokenizer_identity(tokenizer), device, resume=args.resume,
                     tokens_in=lambda batch: batch["input_ids"].numel(),
                     to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
-                    extra_meta={"sft": {"data": args.data, "load_from": args.load_from}})
+                    extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})})
     print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
           f"wrote {summary['files']['full']}, {summary['files']['weights']}, {summary['files']['plot']}")
     return summary
