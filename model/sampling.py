@@ -1,9 +1,12 @@
 """Diffusion sampling: LLaDA low-confidence remasking with semi-autoregressive blocks, unsupervised CFG,
-and confidence-threshold parallel decoding (Fast-dLLM). AR sampling lives in model/ar.py.
+confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling lives in model/ar.py.
 
 The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each
 step runs the model on the whole canvas and commits some masked positions of that block. Committed
 tokens never change (absorbing), the prompt never changes, and <|mask|> can never be predicted.
+With cache="prefix" or "dual" only the first step of a block sees the whole canvas; later steps reuse its
+keys/values for the positions outside the block (approximate: those K/V would change as the block fills in).
+Rows are independent: a batch decodes together, and a row that has written EOS leaves the batch.
 
 Block-causal mode (`block_causal=True`, for models trained with block diffusion, model/block_diffusion.py):
 blocks of `block_length` start at position 0 of the canvas as in training (the first block may hold the tail
@@ -36,6 +39,7 @@ class DiffusionSamplerConfig:
     stop_at_eos: bool = True  # stop after the block in which every row has produced EOS
     block_causal: bool = False  # block-diffusion models: block-causal attention, blocks aligned to position 0
     use_kv_cache: bool = True  # block-causal mode: cache the finished blocks (exact); False recomputes the prefix
+    cache: str = "none"  # bidirectional models: none | prefix | dual, Fast-dLLM's approximate K/V caches refreshed per block
 
     def validate(self) -> None:
         block = self.block_length or self.gen_length
@@ -49,6 +53,11 @@ class DiffusionSamplerConfig:
                                  f"choose a divisor of {self.gen_length} (e.g. {self.gen_length}) or change --max-new-tokens")
         if self.threshold is None and not self.block_causal and self.steps < self.gen_length // block:
             raise NanoLladaError(f"--gen-steps {self.steps} is fewer than the {self.gen_length // block} blocks; use at least one step per block")
+        if self.cache not in ("none", "prefix", "dual"):
+            raise NanoLladaError(f"--cache must be none, prefix or dual, got '{self.cache}'")
+        if self.cache != "none" and self.block_causal:
+            raise NanoLladaError("--cache prefix/dual is for bidirectional models; block-causal decoding already caches "
+                                 "finished blocks exactly (use_kv_cache)")
         if self.remasking not in ("low_confidence", "random"):
             raise NanoLladaError(f"--remasking must be low_confidence or random, got '{self.remasking}'")
 
@@ -118,6 +127,8 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     """Generate cfg.gen_length tokens after `prompt` [B, P] (rows of equal length).
 
     `on_block(k, tokens)` is called after block k is final with that block's generated ids [B, n] (for streaming).
+    With eos_id and cfg.stop_at_eos, a row whose finished blocks hold an EOS is done: the rest of it is EOS
+    padding and it leaves the batch, so later blocks cost only the rows still writing.
     """
     cfg.validate()
     if cfg.block_causal:
@@ -127,32 +138,107 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     num_blocks = cfg.gen_length // block
     canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
     result = SampleResult(canvas[:, P:], 0)
-    positions = torch.arange(canvas.shape[1], device=canvas.device)
     for k in range(num_blocks):
         lo, hi = P + k * block, P + (k + 1) * block
-        in_block = (positions >= lo) & (positions < hi)
         block_steps = cfg.steps // num_blocks + (k < cfg.steps % num_blocks)
-        quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if cfg.threshold is None else None
-        step = 0
-        while (canvas[:, lo:hi] == mask_id).any():
-            if quotas is not None and step >= block_steps:
-                break  # cannot happen: quotas sum to the masked count
-            quota = quotas[:, step] if quotas is not None else None
-            step += 1
-            if quota is not None and not quota.any():
-                continue  # nothing to commit this step: skip the forward pass
-            logits = _guided_logits(model, canvas, P, mask_id, cfg.cfg_scale)
-            result.nfe += 1
-            commit, candidates = _choose_commits(logits, (canvas == mask_id) & in_block, cfg, quota, mask_id, generator)
-            canvas = torch.where(commit, candidates.to(canvas.dtype), canvas)
-            result.commits.append(commit.sum(1))
+        writing = (canvas[:, lo:hi] == mask_id).any(1)  # rows that have not ended
+        if writing.all():
+            _decode_block(model, canvas, P, lo, hi, block_steps, cfg, mask_id, generator, result, None)
+        elif writing.any():
+            rows = writing.nonzero().squeeze(1)
+            view = canvas[rows]
+            _decode_block(model, view, P, lo, hi, block_steps, cfg, mask_id, generator, result, rows)
+            canvas[rows] = view
         if on_block is not None:
             on_block(k, canvas[:, lo:hi])
-        if cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all():
-            canvas[:, hi:] = eos_id  # every row has ended: the rest is EOS padding, not worth decoding
-            break
+        if cfg.stop_at_eos and eos_id is not None:
+            ended = (canvas[:, P:hi] == eos_id).any(1)
+            canvas[ended, hi:] = eos_id  # that row is finished: the rest is EOS padding, not worth decoding
+            if ended.all():
+                break
     result.tokens = canvas[:, P:]
     return result
+
+
+def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_steps: int, cfg: DiffusionSamplerConfig,
+                  mask_id: int, generator, result: SampleResult, rows: torch.Tensor | None) -> None:
+    """Unmask canvas[:, lo:hi] in place, by step quotas or by threshold, with or without an approximate cache.
+
+    cache="none": every step is one forward over the whole canvas.
+    cache="prefix"/"dual" (Fast-dLLM, section 3.5; approximate for a bidirectional model): the block's first step is a
+    full forward whose keys/values are kept; later steps feed only block + suffix (prefix) or only the block (dual)
+    and attend to the kept K/V, which go stale as the block fills in and are refreshed at the next block.
+    `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts.
+    """
+    B, total, width = canvas.shape[0], canvas.shape[1], hi - lo
+    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if cfg.threshold is None else None
+    guided = cfg.cfg_scale != 0
+
+    def model_rows(view: torch.Tensor, start: int) -> torch.Tensor:
+        """The model's input rows for canvas columns [start, ...): with CFG, a copy whose prompt is hidden."""
+        if not guided:
+            return view
+        unconditional = view.clone()
+        unconditional[:, :max(0, P - start)] = mask_id  # LLaDA's unsupervised CFG: the prompt is hidden
+        return torch.cat([view, unconditional])
+
+    def guide(logits: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return logits.float()
+        cond, uncond = logits.float().chunk(2)
+        return uncond + (cfg.cfg_scale + 1) * (cond - uncond)
+
+    # Dual cache: the refresh forward runs on the canvas reordered to [before block, after block, block] with each
+    # token at its true position, so the cache ends up holding [prefix, suffix] K/V and the block's K/V, appended
+    # last, can be cropped off after every step. Bidirectional attention does not care about key order.
+    if cfg.cache == "dual":
+        order = torch.cat([torch.arange(0, lo), torch.arange(hi, total), torch.arange(lo, hi)]).to(canvas.device)
+        block_positions = order[-width:]
+    keep = {"prefix": lo, "dual": total - width}.get(cfg.cache)
+    kv_cache = None
+    step = 0
+    while (canvas[:, lo:hi] == mask_id).any():
+        if quotas is not None and step >= block_steps:
+            break  # cannot happen: quotas sum to the masked count
+        quota = quotas[:, step] if quotas is not None else None
+        step += 1
+        if quota is not None and not quota.any():
+            continue  # nothing to commit this step: skip the forward pass
+        if cfg.cache == "none":
+            logits = model(model_rows(canvas, 0), attention="bidirectional")[:, lo:hi]
+        elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
+            kv_cache = _new_kv_cache(model, B * (2 if guided else 1), total)
+            if cfg.cache == "prefix":
+                logits = model(model_rows(canvas, 0), attention="bidirectional", kv_cache=kv_cache)[:, lo:hi]
+            else:
+                logits = model(model_rows(canvas[:, order], 0), attention="bidirectional", kv_cache=kv_cache,
+                               positions=order)[:, -width:]
+            kv_cache.crop(keep)
+        elif cfg.cache == "prefix":  # block + suffix at positions lo..total, over the cached prefix
+            logits = model(model_rows(canvas[:, lo:], lo), attention="bidirectional", kv_cache=kv_cache)[:, :width]
+            kv_cache.crop(keep)
+        else:  # only the block, at its true positions, over the cached prefix and suffix
+            logits = model(model_rows(canvas[:, lo:hi], lo), attention="bidirectional", kv_cache=kv_cache,
+                           positions=block_positions)
+            kv_cache.crop(keep)
+        result.nfe += 1
+        current = canvas[:, lo:hi]
+        commit, candidates = _choose_commits(guide(logits), current == mask_id, cfg, quota, mask_id, generator)
+        canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), current)
+        counts = commit.sum(1)
+        if rows is not None:  # per-step counts always cover the whole batch (rows that have ended commit 0)
+            counts = torch.zeros(result.tokens.shape[0], dtype=counts.dtype, device=counts.device).index_copy(0, rows, counts)
+        result.commits.append(counts)
+
+
+def _new_kv_cache(model, batch_size: int, length: int):
+    """A KV cache in the dtype the attention runs in: under CUDA autocast that is bf16/fp16, which saves a cast
+    of the whole cache in every layer of every step."""
+    cache = model.new_kv_cache(batch_size, length)
+    if cache.keys.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        cache.keys, cache.values = cache.keys.to(dtype), cache.values.to(dtype)
+    return cache
 
 
 def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None,
