@@ -58,34 +58,29 @@ def ar_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, device, 
     return Answer(decode(tokenizer, kept), kept, elapsed, first or elapsed, len(ids))
 
 
-class _FirstCallTimer(torch.nn.Module):
-    """Wraps a model to note when its first forward pass (the first denoising round) has finished."""
-
-    def __init__(self, model, device):
-        super().__init__()
-        self.model, self.device, self.first_done = model, device, None
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        if self.first_done is None:
-            _sync(self.device)
-            self.first_done = time.perf_counter()
-        return out
-
-
 def diffusion_answer(model, tokenizer, prompt: list[int], sampler: DiffusionSamplerConfig, device, seed: int = 0,
                      dtype: str = "bfloat16", on_block=None) -> Answer:
     generator = torch.Generator(device=device).manual_seed(seed)
-    timed = _FirstCallTimer(model, device)
+    first_done = []
+
+    def note_first_round(module, inputs, output) -> None:  # the first forward pass is the first denoising round
+        if not first_done:
+            _sync(device)
+            first_done.append(time.perf_counter())
+
+    hook = model.register_forward_hook(note_first_round)
     _sync(device)
     start = time.perf_counter()
-    with autocast(device, dtype):
-        out = diffusion_generate(timed, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID,
-                                 generator, on_block=on_block)
+    try:
+        with autocast(device, dtype):
+            out = diffusion_generate(model, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID,
+                                     generator, on_block=on_block)
+    finally:
+        hook.remove()
     _sync(device)
     elapsed = time.perf_counter() - start
     kept = strip_after_eos(out.tokens[0].tolist(), EOS_ID)
-    first = (timed.first_done - start) if timed.first_done else elapsed
+    first = first_done[0] - start if first_done else elapsed
     return Answer(decode(tokenizer, kept), kept, elapsed, first, out.nfe)
 
 

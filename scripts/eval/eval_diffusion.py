@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max sampling temperature; 0 = greedy")
     p.add_argument("--gen-cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight (0 = off)")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                   help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block")
     p.add_argument("--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= this")
     p.add_argument("--decoding", choices=["auto", "bidirectional", "block-causal"], default="auto",
                    help="auto: block-causal for block-diffusion checkpoints, bidirectional otherwise")
@@ -87,7 +89,7 @@ def sample(model, tokenizer, args, device, checkpoint_block_size: int | None = N
     cfg = DiffusionSamplerConfig(gen_length=gen_length, steps=args.gen_steps or gen_length, block_length=block_length,
                                  temperature=args.temperature, remasking=args.remasking, cfg_scale=args.gen_cfg_scale,
                                  threshold=args.threshold, stop_at_eos=not args.no_early_stop, block_causal=block_causal,
-                                 use_kv_cache=not args.no_kv_cache)
+                                 use_kv_cache=not args.no_kv_cache, cache="none" if block_causal else args.cache)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([ids], device=device)
     if device.type == "cuda":

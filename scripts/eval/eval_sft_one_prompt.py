@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel temperature; 0 = greedy")
     p.add_argument("--gen-cfg-scale", type=float, default=0.0)
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                   help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding confidence threshold")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
@@ -67,7 +69,8 @@ def sampler_for(args, prompt_len: int) -> DiffusionSamplerConfig:
     gen = min(args.max_new_tokens, room)
     block = args.block_length or default_block_length(gen)
     return DiffusionSamplerConfig(gen_length=gen, steps=args.gen_steps or gen, block_length=block, temperature=args.temperature,
-                                  remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold)
+                                  remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold,
+                                  cache=args.cache)
 
 
 def report(name: str, answer, quiet: bool = False) -> None:
