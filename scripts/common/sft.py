@@ -206,13 +206,15 @@ def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
     """The body both SFT entry points share: data, model, the one training loop, a summary line."""
     from model.tokenizer import load_tokenizer
     from scripts.common.cli import pick_device
+    from scripts.common.distributed import main_process_first
     from scripts.common.pretraining import train_config
     from scripts.common.trainer import RunFiles, train
 
     tokenizer = load_tokenizer(args.tokenizer_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    batches, val_batches, steps = sft_data(args, tokenizer, route)
+    with main_process_first():  # one rank writes the tokenized cache, the others then read it
+        batches, val_batches, steps = sft_data(args, tokenizer, route)
     cfg = train_config(args, route, steps, device)
     model = initial_sft_model(args, tokenizer, route, RunFiles(cfg).full)
     print(f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
@@ -220,6 +222,8 @@ def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
     summary = train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
                     tokenizer_identity(tokenizer), device, resume=args.resume,
                     tokens_in=lambda batch: batch["input_ids"].numel(),
+                    # what each loss is a mean over, so multi-GPU shards are weighted exactly
+                    loss_count=(lambda b: int((b["labels"] != IGNORE).sum())) if route == "ar" else None,
                     to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
                     extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})})
     print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "

@@ -31,6 +31,7 @@ from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer, mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, pick_device, positive, run_main
+from scripts.common.distributed import main_process_first
 from scripts.common.evaluation import check_compatible
 from scripts.common.packing import document_ids
 from scripts.common.pretraining import add_pretraining_flags, check_pretraining_flags, describe, packed_data, train_config
@@ -139,7 +140,8 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    batches, val_batches, steps = packed_data(args, tokenizer)
+    with main_process_first():  # under torchrun, rank 0 writes the token cache the others read
+        batches, val_batches, steps = packed_data(args, tokenizer)
     curriculum = block_curriculum(args, steps)  # checked before any model is built
     cfg = train_config(args, "diffusion", steps, device)
     model = initial_model(args, tokenizer, RunFiles(cfg))
@@ -155,7 +157,6 @@ def main(argv=None) -> dict:
                            "block_curriculum": None if curriculum is None else {
                                "seq_len": curriculum.seq_len, "total_steps": curriculum.total_steps, "sizes_up": list(curriculum.sizes_up),
                                "sizes_down": list(curriculum.sizes_down), "phase_ratios": list(curriculum.phase_ratios)}}}
-    seen = {"step": 0, "val": []}
 
     def train_loss(m, rows, rng, k):
         rows = cut_to_random_length(rows, args.variable_length_prob, rng)
@@ -172,25 +173,19 @@ def main(argv=None) -> dict:
     def validation_loss(m, rows, rng):
         """LLaDA Eq. 3 in every phase (old bug B11: train and val objectives differed); fixed seeds per batch."""
         if not llada2_objective(args):
-            loss = llada_loss(m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight)
-        else:
-            loss = mdlm_loss(m, rows, rng, mask_id, args.iid_mask_eps, "linear", document_ids(rows) if args.use_doc_attention_mask else None)
-        if keeper is not None:  # the trainer averages the same per-batch losses; after the last batch the eval is complete
-            seen["val"].append(loss.detach().float())
-            if len(seen["val"]) == len(val_batches):
-                val = torch.stack(seen["val"]).mean().item()
-                seen["val"] = []
-                if seen["step"] > 0:
-                    keeper.offer(seen["step"], val, lambda path: save_checkpoint(
-                        path, "diffusion", model.config, model, tokenizer_identity(tokenizer), step=seen["step"], val_loss=val,
-                        train_config=asdict(cfg), **extra))
-        return loss
+            return llada_loss(m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight)
+        return mdlm_loss(m, rows, rng, mask_id, args.iid_mask_eps, "linear", document_ids(rows) if args.use_doc_attention_mask else None)
+
+    def keep_if_top_k(step, val):  # the trainer calls this on rank 0 after each evaluation
+        if keeper is not None and step > 0:
+            keeper.offer(step, val, lambda path: save_checkpoint(
+                path, "diffusion", model.config, model, tokenizer_identity(tokenizer), step=step, val_loss=val,
+                train_config=asdict(cfg), **extra))
 
     def loss_fn(m, batch, rng):
         k, rows = batch  # k: the micro-step, so the curriculum is a pure function of the step
         if not m.training:
             return validation_loss(m, rows, rng)
-        seen["step"] = k // args.accumulation_steps + 1  # the step an evaluation right after this one reports
         return train_loss(m, rows, rng, k)
 
     objective = "LLaDA Eq. 3" if not llada2_objective(args) else (
@@ -198,7 +193,7 @@ def main(argv=None) -> dict:
         f"{schedule} time weight{', document mask' if args.use_doc_attention_mask else ''}")
     print(describe(f"diffusion ({objective})", model, batches, val_batches, steps, device))
     summary = train(model, model.config, cfg, lambda k: (k, batches.batch(k)), [(-1, rows) for rows in val_batches], loss_fn,
-                    tokenizer_identity(tokenizer), device, resume=args.resume, extra_meta=extra,
+                    tokenizer_identity(tokenizer), device, resume=args.resume, extra_meta=extra, on_eval=keep_if_top_k,
                     tokens_in=lambda batch: batch[1].numel(), to_device=lambda batch, dev: (batch[0], batch[1].to(dev, non_blocking=True)))
     print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
           f"wrote {summary['files']['full']}, {summary['files']['best']}, {summary['files']['plot']}")

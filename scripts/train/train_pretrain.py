@@ -15,6 +15,7 @@ from model.checkpoint import build_model, read_checkpoint
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, pick_device, run_main
+from scripts.common.distributed import main_process_first
 from scripts.common.evaluation import check_compatible
 from scripts.common.pretraining import add_pretraining_flags, check_pretraining_flags, describe, packed_data, train_config
 from scripts.common.trainer import RunFiles, train
@@ -46,7 +47,8 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    batches, val_batches, steps = packed_data(args, tokenizer)
+    with main_process_first():  # under torchrun, rank 0 writes the token cache the others read
+        batches, val_batches, steps = packed_data(args, tokenizer)
     cfg = train_config(args, "ar", steps, device)
     model = initial_model(args, tokenizer, RunFiles(cfg))
     print(describe("AR", model, batches, val_batches, steps, device))

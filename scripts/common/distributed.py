@@ -1,0 +1,148 @@
+"""Data-parallel training under torchrun: process group, global-batch sharding, rank-0-only side effects.
+
+`torchrun --nproc_per_node N -m scripts.train.X ...` sets RANK, WORLD_SIZE and LOCAL_RANK; with WORLD_SIZE > 1
+the trainer wraps the model in DistributedDataParallel (NCCL for CUDA tensors, gloo for CPU ones). Without
+them (or with WORLD_SIZE=1) nothing here does anything and a run is exactly the single-process run.
+
+The rule for batches: `batch_fn(k)` is the *global* micro-batch k whatever the process count. Every rank builds
+it (it is a cheap pure function of (seed, k)) and trains on its contiguous slice of the rows (`shard`: shards
+differ by at most one row). The trainer scales each rank's loss by N * count(shard) / count(global batch),
+`count` being what the loss is a mean over, and DDP averages the gradients, so the result is the gradient of
+the global-batch loss: N processes see exactly the data (and for deterministic losses the gradient, up to fp32
+summation order) of one process with the same --batch-size. Checkpoints store the global step, which is also
+the data position, so a run can resume with a different N.
+
+Losses that draw random numbers (diffusion masks) get one generator per rank, seeded by (seed, k, rank): the same
+rows as one process, other (equally distributed) masks. Validation matches one process: rank r scores batches
+r, r+N, ... with the single-process seeds and the per-batch losses are summed over ranks.
+Entry points print on every rank; `torchrun --local-ranks-filter 0` shows rank 0's output only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+_initialised_here = False  # destroy the process group only if this module created it
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init() -> Dist:
+    """Join the torchrun process group once (idempotent); a no-op for single-process runs."""
+    global _initialised_here
+    env = from_env()
+    if env.enabled and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)  # one GPU per process; NCCL needs it before the first collective
+            backend = "cpu:gloo,cuda:nccl"  # CPU tensors (barriers, --device cpu runs) still have a backend
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend)
+        _initialised_here = True
+    return env
+
+
+def shutdown() -> None:
+    global _initialised_here
+    if _initialised_here and dist.is_initialized():
+        dist.destroy_process_group()
+    _initialised_here = False
+
+
+def local_device(device: torch.device, env: Dist) -> torch.device:
+    """Under torchrun, a bare "cuda" means this process's own GPU (LOCAL_RANK)."""
+    if env.enabled and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP around `model`. Its buffers are RoPE tables, equal on every rank, so forward passes skip the buffer
+    broadcast: forwards then hold no collective, and ranks may score different numbers of validation batches."""
+    # torch 2.15 renamed broadcast_buffers (kept, deprecated); pyproject allows torch >= 2.5, which has only the old name.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+
+
+def barrier() -> None:
+    """Wait for every rank. A CPU all_reduce, so it goes through gloo in both backends' set-ups."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(torch.zeros(1))
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (e.g. tokenizing into a cache file), then the others (which read the cache)."""
+    env = init()
+    if env.enabled and not env.is_main:
+        barrier()
+    yield
+    if env.enabled and env.is_main:
+        barrier()
+
+
+def shard(batch, rank: int, world_size: int):
+    """Rank `rank`'s contiguous slice (dim 0) of every tensor in a batch: a tensor, or a tuple/list/dict of them.
+
+    Other values (e.g. the micro-step index diffusion batches carry) are kept whole. Slicing the collated
+    global batch keeps its padding width, so a padded SFT row is the same row on any number of processes.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 0:
+            return batch
+        return torch.tensor_split(batch, world_size)[rank]
+    if isinstance(batch, dict):
+        return {key: shard(value, rank, world_size) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(shard(value, rank, world_size) for value in batch)
+    return batch
+
+
+def rows_in(batch) -> int | None:
+    """Number of rows (dim 0 of the first tensor) of a batch, for the "every rank has rows" check."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        rows = rows_in(value)
+        if rows is not None:
+            return rows
+    return None
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum or mean over ranks (identity for single-process runs)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor
