@@ -86,14 +86,27 @@ def _sampled_tokens(logits: torch.Tensor, temperature: float, generator) -> torc
     return (logits.double() / temperature + gumbel).argmax(-1)
 
 
-def _guided_logits(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, cfg_scale: float) -> torch.Tensor:
+def _with_unconditional(view: torch.Tensor, start: int, prompt_len: int, mask_id: int, guided: bool) -> torch.Tensor:
+    """Model input rows for canvas columns [start, ...); with CFG, stacked with a copy whose prompt is hidden
+    (LLaDA's unsupervised classifier-free guidance)."""
+    if not guided:
+        return view
+    unconditional = view.clone()
+    unconditional[:, :max(0, prompt_len - start)] = mask_id
+    return torch.cat([view, unconditional])
+
+
+def _combine_guidance(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """u + (w + 1)(c - u) for logits stacked [conditional; unconditional]; unchanged (as float) when w = 0."""
     if cfg_scale == 0:
-        return model(canvas, attention="bidirectional").float()
-    unconditional = canvas.clone()
-    unconditional[:, :prompt_len] = mask_id  # LLaDA's unsupervised CFG: the prompt is hidden
-    both = model(torch.cat([canvas, unconditional]), attention="bidirectional").float()
-    cond, uncond = both.chunk(2)
+        return logits.float()
+    cond, uncond = logits.float().chunk(2)
     return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def _guided_logits(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, cfg_scale: float) -> torch.Tensor:
+    rows = _with_unconditional(canvas, 0, prompt_len, mask_id, cfg_scale != 0)
+    return _combine_guidance(model(rows, attention="bidirectional"), cfg_scale)
 
 
 def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
@@ -175,18 +188,10 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
     guided = cfg.cfg_scale != 0
 
     def model_rows(view: torch.Tensor, start: int) -> torch.Tensor:
-        """The model's input rows for canvas columns [start, ...): with CFG, a copy whose prompt is hidden."""
-        if not guided:
-            return view
-        unconditional = view.clone()
-        unconditional[:, :max(0, P - start)] = mask_id  # LLaDA's unsupervised CFG: the prompt is hidden
-        return torch.cat([view, unconditional])
+        return _with_unconditional(view, start, P, mask_id, guided)
 
     def guide(logits: torch.Tensor) -> torch.Tensor:
-        if not guided:
-            return logits.float()
-        cond, uncond = logits.float().chunk(2)
-        return uncond + (cfg.cfg_scale + 1) * (cond - uncond)
+        return _combine_guidance(logits, cfg.cfg_scale)
 
     # Dual cache: the refresh forward runs on the canvas reordered to [before block, after block, block] with each
     # token at its true position, so the cache ends up holding [prefix, suffix] K/V and the block's K/V, appended
@@ -255,18 +260,10 @@ def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerCon
     prefix_block = torch.arange(total, device=canvas.device) // K
 
     def rows(view: torch.Tensor, start: int) -> torch.Tensor:
-        """The model's input rows for canvas columns [start, ...): with CFG, a copy whose prompt is hidden."""
-        if not guided:
-            return view
-        unconditional = view.clone()
-        unconditional[:, :max(0, P - start)] = mask_id  # LLaDA's unsupervised CFG: the prompt is hidden
-        return torch.cat([view, unconditional])
+        return _with_unconditional(view, start, P, mask_id, guided)
 
     def guide(logits: torch.Tensor) -> torch.Tensor:
-        if not guided:
-            return logits.float()
-        cond, uncond = logits.float().chunk(2)
-        return uncond + (cfg.cfg_scale + 1) * (cond - uncond)
+        return _combine_guidance(logits, cfg.cfg_scale)
 
     cache = model.new_kv_cache(B * (2 if guided else 1), total) if cfg.use_kv_cache else None
     result = SampleResult(canvas[:, P:], 0)

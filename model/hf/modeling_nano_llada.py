@@ -188,7 +188,9 @@ class NanoLladaModel(NanoLladaPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values if use_cache else None)
 
 
-class NanoLladaForCausalLM(NanoLladaPreTrainedModel, GenerationMixin):
+class _NanoLladaWithHead(NanoLladaPreTrainedModel):
+    """The backbone plus an output head (tied to the embedding unless the config unties it)."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
@@ -209,6 +211,8 @@ class NanoLladaForCausalLM(NanoLladaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+
+class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -223,28 +227,8 @@ class NanoLladaForCausalLM(NanoLladaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
-class NanoLladaForMaskedLM(NanoLladaPreTrainedModel):
+class NanoLladaForMaskedLM(_NanoLladaWithHead):
     """Diffusion model: bidirectional logits over every position; sample by unmasking <|mask|> (config.mask_token_id)."""
-
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = NanoLladaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs):
         out = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds, use_cache=False, causal=False)
