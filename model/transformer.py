@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.errors import NanoLladaError
 
+try:  # FlexAttention: dense masks (document, block diffusion) run block-sparse on CUDA instead of as an SDPA bias
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: SDPA with the boolean mask everywhere
+    BlockMask = None
+
 # How attention may look: "causal" (AR), "bidirectional" (diffusion) or an explicit boolean mask
 # broadcastable to [B, heads, T, S] where True means "may attend".
 Attention = str | torch.Tensor
@@ -68,6 +73,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA (its fast path); eager elsewhere (only tests use it there)."""
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def block_mask_from_dense(mask: torch.Tensor, T: int, S: int):
+    """A FlexAttention BlockMask equal to a boolean mask broadcastable to [B, 1, T, S] (True = may attend)."""
+    dense = mask.reshape(-1, T, S) if mask.dim() == 4 else mask.reshape(1, T, S)
+    if dense.shape[0] == 1:
+        single = dense[0]
+        return create_block_mask(lambda b, h, q, k: single[q, k], None, None, T, S, device=mask.device)
+    return create_block_mask(lambda b, h, q, k: dense[b, q, k], dense.shape[0], None, T, S, device=mask.device)
+
+
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
@@ -112,6 +139,9 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
         # enable_gqa: query head h reads key/value head h // (heads / kv_heads), MiniMind2's grouping.
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = _flex_attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -162,6 +192,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Explicit masks (document / block diffusion) use FlexAttention on CUDA; SDPA with the dense mask otherwise.
+        self.flex_attention, self.flex_on_cpu = True, False
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -199,12 +231,27 @@ class Transformer(nn.Module):
             if cos.dim() == 3:  # per-row positions [B, T, D] -> broadcast over heads
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask, is_causal = self._attention_mask(attention, T, past, input_ids.device)
-        x = self.model.dropout(self.model.embed_tokens(input_ids))
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, is_causal, kv_cache, i)
+        embedded = self.model.dropout(self.model.embed_tokens(input_ids))
+        x = None
+        if mask is not None and self._use_flex(mask):
+            try:
+                x = self._layers(embedded, cos, sin, block_mask_from_dense(mask, T, past + T), False, kv_cache)
+            except Exception as err:  # never lose a run to the faster kernel: fall back to the SDPA mask
+                print(f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); using SDPA masks")
+                self.flex_attention = False
+        if x is None:
+            x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
         return self.lm_head(self.model.norm(x))
+
+    def _layers(self, x, cos, sin, mask, is_causal, kv_cache) -> torch.Tensor:
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, is_causal, kv_cache, i)
+        return x
+
+    def _use_flex(self, mask: torch.Tensor) -> bool:
+        return BlockMask is not None and self.flex_attention and (mask.is_cuda or self.flex_on_cpu)
 
     @staticmethod
     def _attention_mask(attention: Attention, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:

@@ -131,3 +131,23 @@ def test_bad_configs_raise_clear_errors():
         ModelConfig(hidden_size=100, num_attention_heads=8)
     with pytest.raises(NanoLladaError, match="key/value heads"):
         ModelConfig(num_attention_heads=8, num_key_value_heads=3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_flex_attention_path_equals_sdpa_for_document_and_block_masks(tiny_config):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from model.block_diffusion import bd3lm_attention_mask
+
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 24))
+    doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 19])
+    same_doc = (doc[:, :, None] == doc[:, None, :])[:, None]
+    two_l = bd3lm_attention_mask(12, 4)  # the [noisy; clean] block-diffusion mask over 2 x 12 positions
+    positions = torch.arange(12).repeat(2)
+    with torch.no_grad():
+        dense = [model(ids, same_doc), model(ids, two_l, positions=positions)]
+        model.flex_on_cpu = True  # the CUDA path, run eagerly on the CPU
+        flex = [model(ids, same_doc), model(ids, two_l, positions=positions)]
+    assert model.flex_attention  # it did not fall back
+    for a, b in zip(dense, flex):
+        assert torch.allclose(a, b, atol=1e-5)
