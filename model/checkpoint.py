@@ -101,8 +101,9 @@ def _from_minimind2(path: Path, state: dict, num_heads: int) -> Checkpoint:
     config = ModelConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=kv_heads,
                          vocab_size=vocab + 1, intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
                          tie_word_embeddings=tied)
-    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
-    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else torch.cat([head, head.mean(0, keepdim=True)])
+    padding = torch.zeros(config.padded_vocab_size - vocab - 1, hidden)
+    state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True), padding])
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else torch.cat([head, head.mean(0, keepdim=True), padding])
     return Checkpoint("ar", config, state, None, "minimind2")
 
 

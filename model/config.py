@@ -21,6 +21,10 @@ class ModelConfig:
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
     vocab_size: int = BASE_VOCAB_SIZE + 1  # 6400 tokens + <|mask|>
+    # Embedding and head rows are padded to a multiple of this for faster matmuls (6401 -> 6464). Padding ids
+    # are never inputs, and the model returns logits for the real vocabulary only, so they can never be
+    # sampled or trained.
+    pad_vocab_multiple: int = 64
     intermediate_size: int | None = None  # None -> 64 * ceil(int(8h/3) / 64), as MiniMind2
     max_position_embeddings: int = 32768
     rope_theta: float = 1e6
@@ -40,7 +44,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "max_position_embeddings", "pad_vocab_multiple"):
             if getattr(self, name) <= 0:
                 raise NanoLladaError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -49,6 +54,10 @@ class ModelConfig:
             raise NanoLladaError(f"model config: {self.num_attention_heads} attention heads are not a multiple of {self.num_key_value_heads} key/value heads")
         if self.head_dim % 2:
             raise NanoLladaError(f"model config: head dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
 
     @property
     def head_dim(self) -> int:
@@ -63,10 +72,11 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise NanoLladaError(f"model config has unknown fields {sorted(unknown)}; was it written by a newer nano-llada?")
-        return cls(**data)
+        # Checkpoints written before vocabulary padding existed store unpadded tensors.
+        return cls(**{"pad_vocab_multiple": 1, **data})
 
     def num_parameters(self) -> int:
-        h, i, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        h, i, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.padded_vocab_size
         kv = self.num_key_value_heads * self.head_dim
         per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
         return V * h * (1 if self.tie_word_embeddings else 2) + L * per_layer + h

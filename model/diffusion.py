@@ -106,6 +106,6 @@ def init_mask_embedding(model, mask_id: int, generator: torch.Generator, noise_s
     from the "average token". With tied weights this is also the mask's output row, whose logit is never used.
     """
     embed = model.model.embed_tokens.weight
-    others = torch.cat([embed[:mask_id], embed[mask_id + 1:]])
+    others = torch.cat([embed[:mask_id], embed[mask_id + 1:model.config.vocab_size]])  # real tokens, no padding rows
     noise = torch.randn(embed.shape[1], generator=generator).to(embed) * noise_std
     embed[mask_id] = others.mean(0) + noise

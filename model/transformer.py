@@ -178,7 +178,7 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -189,7 +189,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Explicit masks (document / block diffusion) use FlexAttention on CUDA; SDPA with the dense mask otherwise.
@@ -202,6 +202,9 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+        with torch.no_grad():  # padding rows: never read as inputs, their logits are cut off
+            self.model.embed_tokens.weight[config.vocab_size:] = 0
+            self.lm_head.weight[config.vocab_size:] = 0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -243,7 +246,8 @@ class Transformer(nn.Module):
             x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
+        return logits[..., :self.config.vocab_size] if self.config.padded_vocab_size != self.config.vocab_size else logits
 
     def _layers(self, x, cos, sin, mask, is_causal, kv_cache) -> torch.Tensor:
         for i, layer in enumerate(self.model.layers):

@@ -84,7 +84,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     the (tied) LM head counts. Same formula for AR and diffusion, so their MFUs compare like for like.
     """
     h, i, layers, kv = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_key_value_heads * config.head_dim
-    matmul_weights = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.vocab_size * h
+    matmul_weights = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.padded_vocab_size * h
     return 6 * matmul_weights + 12 * layers * h * seq_len
 
 

@@ -12,6 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from model.config import MASK_TOKEN, ModelConfig
 from model.errors import NanoLladaError
 
@@ -52,12 +54,17 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
     out.mkdir(parents=True, exist_ok=True)
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in checkpoint.state_dict.items()}
+    vocab = checkpoint.config.vocab_size  # the export holds the real vocabulary only (no padding rows)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            state[name] = state[name][:vocab].contiguous()
     if checkpoint.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no shared tensors; the loader re-ties the head
     dtype = next(iter(state.values())).dtype
     kind = checkpoint.kind
     config = NanoLladaConfig(
-        kind=kind, **checkpoint.config.to_dict(), mask_token_id=mask_token_id(tokenizer),
+        kind=kind, **{**checkpoint.config.to_dict(), "pad_vocab_multiple": 1}, mask_token_id=mask_token_id(tokenizer),
+        training_pad_vocab_multiple=checkpoint.config.pad_vocab_multiple,
         tokenizer_identity=checkpoint.tokenizer or tokenizer_identity(tokenizer), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         pad_token_id=PAD_ID, architectures=[ARCHITECTURE[kind]], auto_map=AUTO_MAP[kind], dtype=str(dtype).removeprefix("torch."),
     )
@@ -90,9 +97,14 @@ def read_hf_export(path, num_attention_heads: int | None = None):
         raise NanoLladaError(f"{path}: not a nano-llada export (model_type {data.get('model_type')!r}, kind {data.get('kind')!r})")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     config = ModelConfig(**{k: v for k, v in data.items() if k in fields})
+    config.pad_vocab_multiple = int(data.get("training_pad_vocab_multiple", 1))  # back to the training layout
     if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
         raise NanoLladaError(f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag")
     state = load_file(str(path / WEIGHTS))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:  # re-append the zero padding rows the export left out
+            rows = state[name]
+            state[name] = torch.cat([rows, rows.new_zeros(config.padded_vocab_size - rows.shape[0], rows.shape[1])])
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return Checkpoint(data["kind"], config, state, data.get("tokenizer_identity"), "hf-export", {})
