@@ -184,7 +184,6 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
     `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts.
     """
     B, total, width = canvas.shape[0], canvas.shape[1], hi - lo
-    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if cfg.threshold is None else None
     guided = cfg.cfg_scale != 0
 
     def model_rows(view: torch.Tensor, start: int) -> torch.Tensor:
@@ -201,14 +200,7 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
         block_positions = order[-width:]
     keep = {"prefix": lo, "dual": total - width}.get(cfg.cache)
     kv_cache = None
-    step = 0
-    while (canvas[:, lo:hi] == mask_id).any():
-        if quotas is not None and step >= block_steps:
-            break  # cannot happen: quotas sum to the masked count
-        quota = quotas[:, step] if quotas is not None else None
-        step += 1
-        if quota is not None and not quota.any():
-            continue  # nothing to commit this step: skip the forward pass
+    for quota in _block_quotas(canvas, lo, hi, mask_id, block_steps, cfg.threshold):
         if cfg.cache == "none":
             logits = model(model_rows(canvas, 0), attention="bidirectional")[:, lo:hi]
         elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
@@ -227,13 +219,37 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
                            positions=block_positions)
             kv_cache.crop(keep)
         result.nfe += 1
-        current = canvas[:, lo:hi]
-        commit, candidates = _choose_commits(guide(logits), current == mask_id, cfg, quota, mask_id, generator)
-        canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), current)
-        counts = commit.sum(1)
+        counts = _commit_step(guide(logits), canvas, lo, hi, cfg, quota, mask_id, generator)
         if rows is not None:  # per-step counts always cover the whole batch (rows that have ended commit 0)
             counts = torch.zeros(result.tokens.shape[0], dtype=counts.dtype, device=counts.device).index_copy(0, rows, counts)
         result.commits.append(counts)
+
+
+def _block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_steps: int, threshold: float | None):
+    """For each step of block [lo, hi) that needs a forward pass, the per-row commit quota (None when decoding by
+    threshold), until the block has no mask left. The caller commits into `canvas` in place between steps.
+    Steps whose quotas are all zero are skipped: nothing to commit, so no forward pass."""
+    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if threshold is None else None
+    step = 0
+    while (canvas[:, lo:hi] == mask_id).any():
+        if quotas is None:
+            yield None
+            continue
+        if step >= block_steps:
+            return  # cannot happen: quotas sum to the masked count
+        quota = quotas[:, step]
+        step += 1
+        if quota.any():
+            yield quota
+
+
+def _commit_step(logits: torch.Tensor, canvas: torch.Tensor, lo: int, hi: int, cfg: DiffusionSamplerConfig,
+                 quota: torch.Tensor | None, mask_id: int, generator) -> torch.Tensor:
+    """Commit this step's tokens into canvas[:, lo:hi] in place; returns how many each row committed."""
+    current = canvas[:, lo:hi]
+    commit, candidates = _choose_commits(logits, current == mask_id, cfg, quota, mask_id, generator)
+    canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), current)
+    return commit.sum(1)
 
 
 def _new_kv_cache(model, batch_size: int, length: int):
@@ -274,25 +290,14 @@ def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerCon
     for k in range(first_block, num_blocks):
         lo, hi = k * K, min((k + 1) * K, total)
         block_steps = cfg.steps // decode_blocks + (k - first_block < cfg.steps % decode_blocks)
-        quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if cfg.threshold is None else None
-        step = 0
-        while (canvas[:, lo:hi] == mask_id).any():
-            if quotas is not None and step >= block_steps:
-                break  # cannot happen: quotas sum to the masked count
-            quota = quotas[:, step] if quotas is not None else None
-            step += 1
-            if quota is not None and not quota.any():
-                continue
+        for quota in _block_quotas(canvas, lo, hi, mask_id, block_steps, cfg.threshold):
             if cache is None:  # reference path: the whole prefix under the block-causal mask
                 logits = model(rows(canvas[:, :hi], 0), attention=block_causal_mask(prefix_block[:hi]))[:, lo:hi]
             else:  # the block sees every cached (earlier) position and itself; its K/V are dropped again
                 logits = model(rows(canvas[:, lo:hi], lo), attention="bidirectional", kv_cache=cache)
                 cache.crop(lo)
             result.nfe += 1
-            block = canvas[:, lo:hi]
-            commit, candidates = _choose_commits(guide(logits), block == mask_id, cfg, quota, mask_id, generator)
-            canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), block)
-            result.commits.append(commit.sum(1))
+            result.commits.append(_commit_step(guide(logits), canvas, lo, hi, cfg, quota, mask_id, generator))
         if on_block is not None:
             on_block(k - first_block, canvas[:, max(lo, P):hi])
         ended = cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all()
