@@ -219,16 +219,13 @@ def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
     model = initial_sft_model(args, tokenizer, route, RunFiles(cfg).full)
     print(f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
           f"{sum(len(b['input_ids']) for b in val_batches)} validation, {steps} steps of {args.batch_size} on {device}")
-    summary = train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
+    return train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
                     tokenizer_identity(tokenizer), device, resume=args.resume,
                     tokens_in=lambda batch: batch["input_ids"].numel(),
                     # what each loss is a mean over, so multi-GPU shards are weighted exactly
                     loss_count=(lambda b: int((b["labels"] != IGNORE).sum())) if route == "ar" else None,
                     to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
                     extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})})
-    print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
-          f"wrote {summary['files']['full']}, {summary['files']['weights']}, {summary['files']['plot']}")
-    return summary
 
 
 def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:

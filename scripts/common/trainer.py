@@ -323,6 +323,8 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
     save()
     if env.is_main:
         plot_loss(files.metrics, files.plot, cfg.run_name)
+        print(f"done: step {state['step']}, best val loss {state['best_val']:.4f} @ {state['best_step']}; "
+              f"wrote {', '.join(str(f) for f in (files.full, files.weights, files.best, files.metrics, files.plot) if f.exists())}")
     return {"step": state["step"], "best_val": state["best_val"], "best_step": state["best_step"], "stopped_early": stopped_early,
             "files": {k: str(v) for k, v in vars(files).items()}}
 

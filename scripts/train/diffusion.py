@@ -195,8 +195,6 @@ def main(argv=None) -> dict:
     summary = train(model, model.config, cfg, lambda k: (k, batches.batch(k)), [(-1, rows) for rows in val_batches], loss_fn,
                     tokenizer_identity(tokenizer), device, resume=args.resume, extra_meta=extra, on_eval=keep_if_top_k,
                     tokens_in=lambda batch: batch[1].numel(), to_device=lambda batch, dev: (batch[0], batch[1].to(dev, non_blocking=True)))
-    print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
-          f"wrote {summary['files']['full']}, {summary['files']['best']}, {summary['files']['plot']}")
     if keeper is not None:
         print(f"kept the {len(keeper.entries)} best evaluations in {keeper.index}; merge them with "
               f"`uv run python -m scripts.train.merge_checkpoints --run-name {args.run_name} --save-dir {args.save_dir} --k {args.keep_top_k}`")

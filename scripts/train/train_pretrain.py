@@ -52,11 +52,8 @@ def main(argv=None) -> dict:
     cfg = train_config(args, "ar", steps, device)
     model = initial_model(args, tokenizer, RunFiles(cfg))
     print(describe("AR", model, batches, val_batches, steps, device))
-    summary = train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: next_token_loss(m, batch),
+    return train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: next_token_loss(m, batch),
                     tokenizer_identity(tokenizer), device, resume=args.resume)
-    print(f"done: step {summary['step']}, best val loss {summary['best_val']:.4f} @ {summary['best_step']}; "
-          f"wrote {summary['files']['full']}, {summary['files']['weights']}, {summary['files']['plot']}")
-    return summary
 
 
 if __name__ == "__main__":
