@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.checkpoint import build_model, read_checkpoint
 from model.errors import NanoLladaError
-from model.tokenizer import check_tokenizer_matches, load_tokenizer
 from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.evaluation import load_checkpoint_for_eval
 from scripts.serving import ChatEngine, Defaults, make_server
 
 
@@ -46,13 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_engine(args) -> ChatEngine:
-    checkpoint = read_checkpoint(args.checkpoint, args.num_attention_heads)
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, args.checkpoint, args.tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{args.checkpoint}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
-                             f"{args.tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
-    model = build_model(checkpoint, args.checkpoint).to(pick_device(args.device)).eval()
+    model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, None, pick_device(args.device),
+                                                            args.num_attention_heads)
     defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         steps=args.steps, block_length=args.block_length or None, threshold=args.threshold, seq_len=args.seq_len)
     name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")

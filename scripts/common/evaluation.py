@@ -10,9 +10,10 @@ from scripts.common.packing import PackedRows, tokenize_to_cache
 SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
 
 
-def check_compatible(checkpoint: Checkpoint, path, kind: str, tokenizer, tokenizer_dir, hint: str | None = None) -> Checkpoint:
-    """Refuse a checkpoint of the other kind (naming what to do instead), another tokenizer, or another vocabulary."""
-    if checkpoint.kind != kind:
+def check_compatible(checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None) -> Checkpoint:
+    """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
+    tokenizer, or another vocabulary."""
+    if kind is not None and checkpoint.kind != kind:
         hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
         raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
     check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
@@ -22,12 +23,17 @@ def check_compatible(checkpoint: Checkpoint, path, kind: str, tokenizer, tokeniz
     return checkpoint
 
 
-def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
-    """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
+def load_checkpoint_for_eval(checkpoint_path, tokenizer_dir, kind: str | None, device, num_attention_heads: int | None = None):
+    """(model in eval mode, tokenizer, checkpoint) after the compatibility checks; the file is read once."""
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(checkpoint, checkpoint_path, kind, tokenizer, tokenizer_dir)
-    return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer
+    return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer, checkpoint
+
+
+def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
+    """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
+    return load_checkpoint_for_eval(checkpoint_path, tokenizer_dir, kind, device, num_attention_heads)[:2]
 
 
 def held_out_batches(path, tokenizer, field: str, seq_len: int, batch_size: int, max_batches: int) -> list:

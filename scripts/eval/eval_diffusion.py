@@ -16,13 +16,12 @@ import time
 import torch
 
 from model.block_diffusion import trained_block_size
-from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import held_out_batches, load_for_eval
+from scripts.common.evaluation import held_out_batches, load_checkpoint_for_eval
 from scripts.common.trainer import autocast
 
 
@@ -114,11 +113,11 @@ def main(argv=None) -> dict:
     positive("--max-new-tokens", args.max_new_tokens, allow_zero=True)
     positive("--seq-len", args.seq_len)
     device = pick_device(args.device)
-    model, tokenizer = load_for_eval(args.checkpoint, args.tokenizer_dir, "diffusion", device)
+    model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "diffusion", device)
     mask_id = mask_token_id(tokenizer)
     result: dict = {}
     if args.max_new_tokens:
-        block_size = trained_block_size(read_checkpoint(args.checkpoint).extra)  # read twice: load_for_eval keeps no extra
+        block_size = trained_block_size(checkpoint.extra)
         result["sample"] = sample(model, tokenizer, args, device, block_size)
     if args.eval_data:
         batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)

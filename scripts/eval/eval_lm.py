@@ -35,13 +35,12 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import read_checkpoint
 from model.diffusion import pretraining_maskable
 from model.errors import NanoLladaError
 from model.likelihood import ar_nll_rows, diffusion_nelbo_rows
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import held_out_batches, load_for_eval
+from scripts.common.evaluation import held_out_batches, load_checkpoint_for_eval
 from scripts.common.trainer import autocast
 
 
@@ -72,9 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
     """(model, tokenizer, kind) for a checkpoint of either kind, with load_for_eval's tokenizer checks."""
-    kind = read_checkpoint(path, num_attention_heads).kind
-    model, tokenizer = load_for_eval(path, tokenizer_dir, kind, device, num_attention_heads)
-    return model, tokenizer, kind
+    model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
+    return model, tokenizer, checkpoint.kind
 
 
 def scored_positions(input_ids: torch.Tensor) -> torch.Tensor:
