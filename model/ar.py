@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from model.padding import PaddedLayout, left_pad
+
 IGNORE = -100
 
 
@@ -59,3 +61,48 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         feed = token[:, None] if use_cache else ids
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                   top_p: float = 1.0, eos_id: int | None = None, banned_ids: tuple[int, ...] = (), pad_id: int = 0,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+    """New ids for each prompt (any lengths), decoded together with one KV cache; each list ends at its EOS.
+
+    Prompts are left-padded (model/padding.py): padding is masked out and positions start at each prompt's first
+    token, so greedy decoding gives every row what `generate` gives it alone. A row that wrote EOS or reached the
+    model's position limit stops; the batch stops when every row has.
+    """
+    device = next(model.parameters()).device
+    ids, lengths = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    limit = model.config.max_position_embeddings
+    budget = (limit - lengths).clamp(min=0, max=max_new_tokens)  # new tokens each row may write
+    steps = int(budget.max())
+    layout = PaddedLayout.build(lengths, P, P + steps)
+    padded = bool((lengths != P).any())  # equal lengths: plain causal attention, the flash path
+    cache = model.new_kv_cache(B, P + steps)
+    if padded:  # causal over real keys; a padding query sees only itself (its output is never used)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        attention = ((causal & layout.real[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+        logits = model(ids, attention=attention, kv_cache=cache, positions=layout.positions[:, :P])[:, -1]
+    else:
+        logits = model(ids, attention="causal", kv_cache=cache)[:, -1]
+    written = torch.full((B, max(steps, 1)), -1, dtype=torch.long, device=device)  # -1: nothing written there
+    running = budget > 0
+    for step in range(steps):
+        if banned_ids:
+            logits[:, list(banned_ids)] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        written[:, step] = token.masked_fill(~running, -1)
+        running &= (step + 1 < budget) & (token != eos_id if eos_id is not None else True)
+        if not running.any():
+            break
+        column = P + step
+        if padded:
+            positions = layout.positions[:, column:column + 1].clamp(max=limit - 1)  # rows past their limit are done
+            logits = model(token[:, None], attention=layout.key_mask(torch.arange(column + 1, device=device)),
+                           kv_cache=cache, positions=positions)[:, -1]
+        else:
+            logits = model(token[:, None], attention="causal", kv_cache=cache)[:, -1]
+    return [[t for t in row if t >= 0] for row in written.tolist()]

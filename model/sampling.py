@@ -6,7 +6,9 @@ step runs the model on the whole canvas and commits some masked positions of tha
 tokens never change (absorbing), the prompt never changes, and <|mask|> can never be predicted.
 With cache="prefix" or "dual" only the first step of a block sees the whole canvas; later steps reuse its
 keys/values for the positions outside the block (approximate: those K/V would change as the block fills in).
-Rows are independent: a batch decodes together, and a row that has written EOS leaves the batch.
+Rows are independent: a batch decodes together, and a row that has written EOS leaves the batch. Prompts of
+different lengths are left-padded (`prompt_lengths`, model/padding.py): padding is never attended to and
+positions start at each prompt's first token, so every row decodes as it would alone.
 
 Block-causal mode (`block_causal=True`, for models trained with block diffusion, model/block_diffusion.py):
 blocks of `block_length` start at position 0 of the canvas as in training (the first block may hold the tail
@@ -25,6 +27,7 @@ import torch
 
 from model.block_diffusion import block_causal_mask
 from model.errors import NanoLladaError
+from model.padding import PaddedLayout
 
 
 @dataclass
@@ -136,31 +139,40 @@ def _choose_commits(logits: torch.Tensor, open_here: torch.Tensor, cfg: Diffusio
 @torch.no_grad()
 def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None = None,
                        generator: torch.Generator | None = None,
-                       on_block: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
-    """Generate cfg.gen_length tokens after `prompt` [B, P] (rows of equal length).
+                       on_block: Callable[[int, torch.Tensor], None] | None = None,
+                       prompt_lengths: torch.Tensor | None = None) -> SampleResult:
+    """Generate cfg.gen_length tokens after `prompt` [B, P].
+
+    `prompt_lengths` [B]: the prompts are left-padded (model.padding.left_pad) and row b's prompt is its last
+    prompt_lengths[b] columns; None means every row is a full-width prompt.
 
     `on_block(k, tokens)` is called after block k is final with that block's generated ids [B, n] (for streaming).
     With eos_id and cfg.stop_at_eos, a row whose finished blocks hold an EOS is done: the rest of it is EOS
     padding and it leaves the batch, so later blocks cost only the rows still writing.
     """
     cfg.validate()
-    if cfg.block_causal:
-        return _block_causal_generate(model, prompt, cfg, mask_id, eos_id, generator, on_block)
     B, P = prompt.shape
+    padded = prompt_lengths is not None and bool((prompt_lengths != P).any())
+    if cfg.block_causal:
+        if padded:  # blocks are aligned to each prompt's first token, so rows of other lengths need other blocks
+            raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")
+        return _block_causal_generate(model, prompt, cfg, mask_id, eos_id, generator, on_block)
     block = cfg.block_length or cfg.gen_length
     num_blocks = cfg.gen_length // block
     canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
+    layout = PaddedLayout.build(prompt_lengths, P, canvas.shape[1]) if padded else None
     result = SampleResult(canvas[:, P:], 0)
     for k in range(num_blocks):
         lo, hi = P + k * block, P + (k + 1) * block
         block_steps = cfg.steps // num_blocks + (k < cfg.steps % num_blocks)
         writing = (canvas[:, lo:hi] == mask_id).any(1)  # rows that have not ended
         if writing.all():
-            _decode_block(model, canvas, P, lo, hi, block_steps, cfg, mask_id, generator, result, None)
+            _decode_block(model, canvas, P, lo, hi, block_steps, cfg, mask_id, generator, result, None, layout)
         elif writing.any():
             rows = writing.nonzero().squeeze(1)
             view = canvas[rows]
-            _decode_block(model, view, P, lo, hi, block_steps, cfg, mask_id, generator, result, rows)
+            _decode_block(model, view, P, lo, hi, block_steps, cfg, mask_id, generator, result, rows,
+                          layout.select(rows) if layout is not None else None)
             canvas[rows] = view
         if on_block is not None:
             on_block(k, canvas[:, lo:hi])
@@ -174,20 +186,32 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
 
 
 def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_steps: int, cfg: DiffusionSamplerConfig,
-                  mask_id: int, generator, result: SampleResult, rows: torch.Tensor | None) -> None:
+                  mask_id: int, generator, result: SampleResult, rows: torch.Tensor | None, layout: PaddedLayout | None) -> None:
     """Unmask canvas[:, lo:hi] in place, by step quotas or by threshold, with or without an approximate cache.
 
     cache="none": every step is one forward over the whole canvas.
     cache="prefix"/"dual" (Fast-dLLM, section 3.5; approximate for a bidirectional model): the block's first step is a
     full forward whose keys/values are kept; later steps feed only block + suffix (prefix) or only the block (dual)
     and attend to the kept K/V, which go stale as the block fills in and are refreshed at the next block.
-    `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts.
+    `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts;
+    `layout` says where the real tokens of left-padded rows are (None: no padding).
     """
     B, total, width = canvas.shape[0], canvas.shape[1], hi - lo
     guided = cfg.cfg_scale != 0
+    layout = layout.repeat(2 if guided else 1) if layout is not None else None
+    every_column = torch.arange(total, device=canvas.device)
 
-    def model_rows(view: torch.Tensor, start: int) -> torch.Tensor:
-        return _with_unconditional(view, start, P, mask_id, guided)
+    def forward(columns: torch.Tensor, start: int, keys: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Logits for the canvas columns `columns` (the first is `start`; at their true positions), which see the keys
+        at columns `keys`."""
+        ids = _with_unconditional(canvas[:, columns], start, P, mask_id, guided)
+        if layout is not None:
+            return model(ids, attention=layout.key_mask(keys), kv_cache=kv_cache, positions=layout.positions[:, columns])
+        if kv_cache is None:
+            return model(ids, attention="bidirectional")
+        if cfg.cache == "prefix":  # natural column order: positions follow from the cache length
+            return model(ids, attention="bidirectional", kv_cache=kv_cache)
+        return model(ids, attention="bidirectional", kv_cache=kv_cache, positions=columns)
 
     def guide(logits: torch.Tensor) -> torch.Tensor:
         return _combine_guidance(logits, cfg.cfg_scale)
@@ -195,28 +219,25 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
     # Dual cache: the refresh forward runs on the canvas reordered to [before block, after block, block] with each
     # token at its true position, so the cache ends up holding [prefix, suffix] K/V and the block's K/V, appended
     # last, can be cropped off after every step. Bidirectional attention does not care about key order.
+    # (Key order: the cache holds canvas columns in `order`; the prefix cache keeps the natural order.)
+    order = every_column
     if cfg.cache == "dual":
-        order = torch.cat([torch.arange(0, lo), torch.arange(hi, total), torch.arange(lo, hi)]).to(canvas.device)
-        block_positions = order[-width:]
+        order = torch.cat([every_column[:lo], every_column[hi:], every_column[lo:hi]])
     keep = {"prefix": lo, "dual": total - width}.get(cfg.cache)
     kv_cache = None
     for quota in _block_quotas(canvas, lo, hi, mask_id, block_steps, cfg.threshold):
         if cfg.cache == "none":
-            logits = model(model_rows(canvas, 0), attention="bidirectional")[:, lo:hi]
+            logits = forward(every_column, 0, every_column)[:, lo:hi]
         elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
             kv_cache = _new_kv_cache(model, B * (2 if guided else 1), total)
-            if cfg.cache == "prefix":
-                logits = model(model_rows(canvas, 0), attention="bidirectional", kv_cache=kv_cache)[:, lo:hi]
-            else:
-                logits = model(model_rows(canvas[:, order], 0), attention="bidirectional", kv_cache=kv_cache,
-                               positions=order)[:, -width:]
+            logits = forward(order, 0, order, kv_cache)
+            logits = logits[:, lo:hi] if cfg.cache == "prefix" else logits[:, -width:]
             kv_cache.crop(keep)
         elif cfg.cache == "prefix":  # block + suffix at positions lo..total, over the cached prefix
-            logits = model(model_rows(canvas[:, lo:], lo), attention="bidirectional", kv_cache=kv_cache)[:, :width]
+            logits = forward(every_column[lo:], lo, every_column, kv_cache)[:, :width]
             kv_cache.crop(keep)
         else:  # only the block, at its true positions, over the cached prefix and suffix
-            logits = model(model_rows(canvas[:, lo:hi], lo), attention="bidirectional", kv_cache=kv_cache,
-                           positions=block_positions)
+            logits = forward(every_column[lo:hi], lo, order, kv_cache)
             kv_cache.crop(keep)
         result.nfe += 1
         counts = _commit_step(guide(logits), canvas, lo, hi, cfg, quota, mask_id, generator)

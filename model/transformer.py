@@ -255,7 +255,9 @@ class Transformer(nn.Module):
         return x
 
     def _use_flex(self, mask: torch.Tensor) -> bool:
-        return BlockMask is not None and self.flex_attention and (mask.is_cuda or self.flex_on_cpu)
+        # Document and block-diffusion masks vary by query and are block sparse: FlexAttention skips the empty blocks.
+        # A padding mask (one row shared by every query, [B, 1, 1, S]) has nothing to skip: SDPA takes it directly.
+        return BlockMask is not None and self.flex_attention and (mask.is_cuda or self.flex_on_cpu) and mask.shape[-2] > 1
 
     @staticmethod
     def _attention_mask(attention: Attention, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:

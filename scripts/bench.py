@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from model.ar import generate, next_token_loss
+from model.ar import generate, generate_batch, next_token_loss
 from model.checkpoint import load_model
 from model.config import BASE_VOCAB_SIZE, MASK_TOKEN_ID, ModelConfig, preset
 from model.diffusion import llada_loss
@@ -128,18 +128,12 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
 
 @torch.no_grad()
 def ar_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, int]:
-    """Greedy AR decoding with the KV cache; batch 1 runs model/ar.generate itself, larger batches the same loop batched."""
+    """Greedy AR decoding with the KV cache: model/ar.generate at batch 1, model/ar.generate_batch above."""
     if prompt.shape[0] == 1:
         ids = list(generate(model, prompt[0].tolist(), new_tokens, banned_ids=(MASK_TOKEN_ID,)))
         return torch.tensor([ids], device=prompt.device), len(ids)
-    cache = model.new_kv_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
-    feed, out = prompt, []
-    for _ in range(new_tokens):
-        logits = model(feed, attention="causal", kv_cache=cache)[:, -1]
-        logits[:, MASK_TOKEN_ID] = float("-inf")
-        feed = logits.argmax(-1, keepdim=True)
-        out.append(feed)
-    return torch.cat(out, 1), new_tokens
+    rows = generate_batch(model, prompt.tolist(), new_tokens, banned_ids=(MASK_TOKEN_ID,))
+    return torch.tensor(rows, device=prompt.device), new_tokens
 
 
 def diffusion_modes(gen_length: int, s: BenchSettings) -> dict[str, DiffusionSamplerConfig]:

@@ -115,12 +115,23 @@ def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp
                               "--max-new-tokens", "8", "--device", "cpu"])
     rows = [json.loads(line) for line in (tmp_path / "prompts.txt.answers.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["你好", "今天天气怎么样？"] and all("ar" in r for r in rows)
-    result = eval_sft_accuracy.main(["--data", str(sample["sft_test"]), "--tokenizer-dir", ".",
-                                     "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
-                                     "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"), "--device", "cpu"])
-    for name in ("AR", "Diffusion"):
-        r = result[name]
-        assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
+    batched = eval_sft_one_prompt.main(["--prompt-file", str(prompts), "--tokenizer-dir", ".", "--batch-size", "2",
+                                        "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
+                                        "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"),
+                                        "--max-new-tokens", "8", "--device", "cpu", "--out", str(tmp_path / "batched.jsonl")])
+    assert [r["ar"]["text"] for r in batched] == [r["ar"]["text"] for r in rows]
+    assert all(r["ar"]["batch"] == r["diffusion"]["batch"] == 2 for r in batched)
+    predictions = {}
+    for batch in ("1", "5"):  # batched (left-padded) decoding answers what one-at-a-time decoding answers
+        result = eval_sft_accuracy.main(["--data", str(sample["sft_test"]), "--tokenizer-dir", ".", "--batch-size", batch,
+                                         "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
+                                         "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"), "--device", "cpu",
+                                         "--out", str(tmp_path / f"predictions_{batch}.jsonl")])
+        for name in ("AR", "Diffusion"):
+            r = result[name]
+            assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
+        predictions[batch] = (tmp_path / f"predictions_{batch}.jsonl").read_text(encoding="utf-8")
+    assert predictions["1"] == predictions["5"] and predictions["1"].count("\n") == 24
 
 
 def test_sft_labels_cover_exactly_the_assistant_spans():

@@ -1,7 +1,9 @@
 """Timed generation for both routes with token-accurate counts, shared by the SFT evals and the server.
 
 Counts are counts of generated token ids (never re-tokenised text, old bug B10). AR decodes with its KV
-cache; diffusion reports forward passes (NFE) and the time of its first denoising round.
+cache; diffusion reports forward passes (NFE) and the time of its first denoising round. `ar_answers` and
+`diffusion_answers` decode many prompts in batches (left-padded, model/padding.py); the times of an answer are
+then those of its batch.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.ar import generate
+from model.ar import generate, generate_batch
+from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
-from model.tokenizer import EOS_ID, decode, mask_token_id
+from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
 from scripts.common.trainer import autocast
 
 
@@ -24,6 +27,7 @@ class Answer:
     seconds: float
     first_seconds: float  # AR: time to first token; diffusion: time to the end of the first denoising round
     forward_passes: int
+    batch: int = 1  # decoded in a batch of this many prompts: seconds and forward passes are the batch's
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,30 +62,89 @@ def ar_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, device, 
     return Answer(decode(tokenizer, kept), kept, elapsed, first or elapsed, len(ids))
 
 
+class _ForwardClock:
+    """Counts a model's forward passes and notes when the first one ended (time to first token / round)."""
+
+    def __init__(self, model, device):
+        self.device, self.calls, self.first = device, 0, None
+        self.hook = model.register_forward_hook(self._seen)
+        _sync(device)
+        self.start = time.perf_counter()
+
+    def _seen(self, module, inputs, output) -> None:
+        self.calls += 1
+        if self.first is None:
+            _sync(self.device)
+            self.first = time.perf_counter() - self.start
+
+    def stop(self) -> float:
+        self.hook.remove()
+        _sync(self.device)
+        return time.perf_counter() - self.start
+
+
+def ar_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype: str = "bfloat16", batch_size: int = 16) -> list[Answer]:
+    """Answers to many prompts, `batch_size` at a time through one KV cache per batch (batch 1: ar_answer)."""
+    if batch_size <= 1:
+        return [ar_answer(model, tokenizer, p, max_new_tokens, device, temperature, top_k, top_p, seed, dtype) for p in prompts]
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        generator = torch.Generator(device=device).manual_seed(seed)
+        clock = _ForwardClock(model, device)
+        try:
+            with autocast(device, dtype):
+                rows = generate_batch(model, chunk, max_new_tokens, temperature, top_k, top_p, EOS_ID,
+                                      banned_ids=(mask_token_id(tokenizer),), pad_id=PAD_ID, generator=generator)
+        finally:
+            elapsed = clock.stop()
+        for ids in rows:
+            kept = strip_after_eos(ids, EOS_ID)
+            answers.append(Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(chunk)))
+    return answers
+
+
+def diffusion_answers(model, tokenizer, prompts: list[list[int]], sampler: DiffusionSamplerConfig, device, seed: int = 0,
+                      dtype: str = "bfloat16", batch_size: int = 16) -> list[Answer]:
+    """Answers to many prompts, `batch_size` at a time on one left-padded canvas (block-causal models batch prompts
+    of equal length: their blocks are aligned to the prompt's start). Batch 1: diffusion_answer."""
+    if batch_size <= 1:
+        return [diffusion_answer(model, tokenizer, p, sampler, device, seed, dtype) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sampler.block_causal else list(range(len(prompts)))
+    batches, answers = [], [None] * len(prompts)
+    for i in order:  # consecutive runs of `order`, cut at batch_size (and, block-causal, at a change of length)
+        if batches and len(batches[-1]) < batch_size and not (sampler.block_causal and len(prompts[batches[-1][0]]) != len(prompts[i])):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    for indices in batches:
+        ids, lengths = left_pad([prompts[i] for i in indices], PAD_ID, device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        clock = _ForwardClock(model, device)
+        try:
+            with autocast(device, dtype):
+                out = diffusion_generate(model, ids, sampler, mask_token_id(tokenizer), EOS_ID, generator, prompt_lengths=lengths)
+        finally:
+            elapsed = clock.stop()
+        for row, i in enumerate(indices):
+            kept = strip_after_eos(out.tokens[row].tolist(), EOS_ID)
+            answers[i] = Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe, len(indices))
+    return answers
+
+
 def diffusion_answer(model, tokenizer, prompt: list[int], sampler: DiffusionSamplerConfig, device, seed: int = 0,
                      dtype: str = "bfloat16", on_block=None) -> Answer:
     generator = torch.Generator(device=device).manual_seed(seed)
-    first_done = []
-
-    def note_first_round(module, inputs, output) -> None:  # the first forward pass is the first denoising round
-        if not first_done:
-            _sync(device)
-            first_done.append(time.perf_counter())
-
-    hook = model.register_forward_hook(note_first_round)
-    _sync(device)
-    start = time.perf_counter()
+    clock = _ForwardClock(model, device)  # the first forward pass is the first denoising round
     try:
         with autocast(device, dtype):
             out = diffusion_generate(model, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID,
                                      generator, on_block=on_block)
     finally:
-        hook.remove()
-    _sync(device)
-    elapsed = time.perf_counter() - start
+        elapsed = clock.stop()
     kept = strip_after_eos(out.tokens[0].tolist(), EOS_ID)
-    first = first_done[0] - start if first_done else elapsed
-    return Answer(decode(tokenizer, kept), kept, elapsed, first, out.nfe)
+    return Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe)
 
 
 def default_block_length(gen_length: int, preferred: int = 32) -> int:

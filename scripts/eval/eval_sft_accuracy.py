@@ -18,7 +18,7 @@ from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import chat_text, encode
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.evaluation import load_for_eval
-from scripts.common.generation import ar_answer, diffusion_answer
+from scripts.common.generation import ar_answers, diffusion_answers
 from scripts.common.readers import BadLineCounter, iter_conversations
 from scripts.data.sample import parse_sentiment
 
@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
+    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together (left-padded); 1 = one at a time")
     p.add_argument("--out", default=None, help="optional jsonl with every prediction")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
@@ -61,6 +62,7 @@ def main(argv=None) -> dict:
     if not args.minimind_checkpoint and not args.diffusion_checkpoint:
         raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
     positive("--max-new-tokens", args.max_new_tokens)
+    positive("--batch-size", args.batch_size)
     device = pick_device(args.device)
     results, predictions = {}, []
     for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
@@ -70,15 +72,22 @@ def main(argv=None) -> dict:
         correct = unparseable = forwards = 0
         seconds = 0.0
         items = questions(args.data, tokenizer, args.limit)
-        for i, (prompt, gold) in enumerate(tqdm(items, desc=f"{name} accuracy", leave=False)):
-            if kind == "ar":
-                answer = ar_answer(model, tokenizer, prompt, args.max_new_tokens, device, dtype=args.dtype)
-            else:
-                sampler = DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
-                                                 threshold=args.threshold)
-                answer = diffusion_answer(model, tokenizer, prompt, sampler, device, dtype=args.dtype)
+        sampler = DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
+                                         threshold=args.threshold)
+        answers = []
+        with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar:
+            for start in range(0, len(items), args.batch_size):
+                prompts = [prompt for prompt, _ in items[start:start + args.batch_size]]
+                if kind == "ar":
+                    answers += ar_answers(model, tokenizer, prompts, args.max_new_tokens, device, dtype=args.dtype,
+                                          batch_size=args.batch_size)
+                else:
+                    answers += diffusion_answers(model, tokenizer, prompts, sampler, device, dtype=args.dtype, batch_size=args.batch_size)
+                bar.update(len(prompts))
+        for i, ((_, gold), answer) in enumerate(zip(items, answers)):
             label = parse_sentiment(answer.text)
-            forwards, seconds = forwards + answer.forward_passes, seconds + answer.seconds
+            # a batch's forward passes and seconds are shared by its answers: each carries its share
+            forwards, seconds = forwards + answer.forward_passes / answer.batch, seconds + answer.seconds / answer.batch
             correct += label == gold
             unparseable += label is None
             predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
@@ -86,7 +95,7 @@ def main(argv=None) -> dict:
         results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable,
                          "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
         print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
-              f"{forwards / n:.1f} forward passes and {1000 * seconds / n:.1f} ms per answer  [{path}]")
+              f"{forwards / n:.1f} forward passes and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
     return results

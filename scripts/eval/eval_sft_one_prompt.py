@@ -17,7 +17,7 @@ from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.evaluation import load_for_eval
-from scripts.common.generation import ar_answer, default_block_length, diffusion_answer
+from scripts.common.generation import ar_answers, default_block_length, diffusion_answer, diffusion_answers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help="the user message")
     p.add_argument("--prompt-file", default=None, help="many prompts: .txt (one per line) or .jsonl ({\"prompt\": ...}); writes --out")
     p.add_argument("--out", default=None, help="jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)")
+    p.add_argument("--batch-size", type=int, default=1, help="--prompt-file: prompts decoded together (left-padded); "
+                   "an answer's time is then its batch's")
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
     p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
@@ -91,6 +93,7 @@ def main(argv=None) -> list[dict]:
     if (args.prompt is None) == (args.prompt_file is None):
         raise NanoLladaError("give exactly one of --prompt and --prompt-file")
     positive("--max-new-tokens", args.max_new_tokens)
+    positive("--batch-size", args.batch_size)
     device = pick_device(args.device)
     models = {}
     if args.minimind_checkpoint:
@@ -100,26 +103,33 @@ def main(argv=None) -> list[dict]:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     quiet = len(prompts) > 1
     rows = []
-    for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt}
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        answers = {}
         for name, (model, tokenizer) in models.items():
-            ids = prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap)
+            ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in chunk]
             if name == "AR":
-                answer = ar_answer(model, tokenizer, ids, args.max_new_tokens, device, args.ar_temperature, args.ar_top_k,
-                                   args.ar_top_p, args.seed, args.dtype)
-            else:
-                answer = diffusion_answer(model, tokenizer, ids, sampler_for(args, len(ids)), device, args.seed, args.dtype)
-            report(name, answer, quiet)
-            row[name.lower()] = {"text": answer.text, **answer.stats()}
-        rows.append(row)
+                answers[name] = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, args.ar_temperature, args.ar_top_k,
+                                           args.ar_top_p, args.seed, args.dtype, batch_size=len(chunk))
+            elif len(chunk) == 1:
+                answers[name] = [diffusion_answer(model, tokenizer, ids[0], sampler_for(args, len(ids[0])), device, args.seed, args.dtype)]
+            else:  # one canvas for the batch: the longest prompt sets the room left for the answer
+                answers[name] = diffusion_answers(model, tokenizer, ids, sampler_for(args, max(map(len, ids))), device, args.seed,
+                                                  args.dtype, batch_size=len(chunk))
+        for i, prompt in enumerate(chunk):
+            row = {"prompt": prompt}
+            for name in models:
+                report(name, answers[name][i], quiet)
+                row[name.lower()] = {"text": answers[name][i].text, **answers[name][i].stats()}
+            rows.append(row)
         if quiet:
-            print(f"[{i + 1}/{len(prompts)}] {prompt[:40]}")
+            print(f"[{start + len(chunk)}/{len(prompts)}] {chunk[-1][:40]}")
     if args.prompt_file:
         out = Path(args.out or f"{args.prompt_file}.answers.jsonl")
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         for name in models:
             stats = [r[name.lower()] for r in rows]
-            tokens, seconds = sum(s["new_tokens"] for s in stats), sum(s["seconds"] for s in stats)
+            tokens, seconds = sum(s["new_tokens"] for s in stats), sum(s["seconds"] / s["batch"] for s in stats)  # batch time once
             print(f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s = {tokens / max(seconds, 1e-9):.1f} tokens/s")
         print(f"wrote {out}")
     return rows
