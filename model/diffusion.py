@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from model.tokenizer import PAD_ID
 
+IGNORE_INDEX = -100  # cross-entropy target of positions that are not scored
+
 
 def pretraining_maskable(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids != PAD_ID
@@ -52,10 +54,14 @@ def cut_to_random_length(input_ids: torch.Tensor, prob: float, rng: torch.Genera
 
 
 def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy at masked positions, 0 elsewhere (only masked logits are scored)."""
-    nll = torch.zeros(targets.shape, device=logits.device, dtype=torch.float32)
-    nll[masked] = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
-    return nll
+    """Per-position fp32 cross-entropy at masked positions, 0 elsewhere (with no gradient to their logits).
+
+    Scores every position with ignore_index instead of gathering the masked rows: `logits[masked]` has a
+    data-dependent shape, which syncs the GPU with the host and breaks torch.compile graphs.
+    """
+    ignored = targets.masked_fill(~masked, IGNORE_INDEX)
+    nll = F.cross_entropy(logits.float().flatten(0, -2), ignored.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape)
 
 
 def llada_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int, eps: float = 1e-3,
@@ -85,15 +91,14 @@ def llada_sft_loss(model, input_ids: torch.Tensor, maskable: torch.Tensor, rng: 
 
 
 def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token:
+    """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token (0 if none):
     pushes probability away from runs of identical tokens, a failure mode of small diffusion models."""
-    repeats = masked.clone()
-    repeats[:, 1:] &= targets[:, 1:] == targets[:, :-1]
-    repeats[:, 0] = False
-    if not repeats.any():
-        return logits.new_zeros((), dtype=torch.float32)
-    p = logits[repeats].float().softmax(-1).gather(-1, targets[repeats][:, None]).squeeze(-1)
-    return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+    repeats = F.pad(masked[:, 1:] & (targets[:, 1:] == targets[:, :-1]), (1, 0), value=False)
+    # Every position is scored and the mean is a masked sum over a clamped count: no boolean indexing and no
+    # `if repeats.any()`, either of which would sync with the host and give a data-dependent shape.
+    p = logits.float().softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    unlikelihood = torch.where(repeats, -torch.log1p(-p.clamp(max=1 - 1e-6)), 0.0)
+    return unlikelihood.sum() / repeats.sum().clamp(min=1)
 
 
 @torch.no_grad()

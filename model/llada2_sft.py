@@ -48,15 +48,15 @@ def cap_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) 
     argmax already equals the target. It sharpens predictions that are right, so more tokens clear a decoding
     threshold per step. >= 0; exactly 0 when no masked prediction is correct or every correct one is one-hot.
     """
-    selected = logits[masked].float()
-    correct = selected.argmax(-1) == targets[masked]
-    if not correct.any():
-        return logits.new_zeros((), dtype=torch.float32) + 0.0 * selected.sum()  # keeps the graph, no NaN
-    log_p = F.log_softmax(selected[correct], dim=-1)
+    # Entropy at every position, averaged over the selected ones by a masked sum over a clamped count: boolean
+    # indexing or `if correct.any()` would sync with the host and give data-dependent shapes (no torch.compile).
+    logits = logits.float()
+    correct = masked & (logits.argmax(-1) == targets)
+    log_p = F.log_softmax(logits, dim=-1)
     p = log_p.exp()
     # p = 0 entries contribute 0 (and a zero gradient), not 0 * -inf.
     entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
-    return entropy.mean()
+    return torch.where(correct, entropy, 0.0).sum() / correct.sum().clamp(min=1)
 
 
 def pad_to_block_multiple(input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int,
