@@ -76,3 +76,27 @@ def test_run_writes_every_file_and_refuses_to_overwrite(tmp_path, tiny_config):
     model, cfg, val = make_run(tmp_path / "none", tiny_config, data)
     with pytest.raises(NanoLladaError, match="--resume: .* not found"):
         train(model, tiny_config, cfg, data, val, loss_fn, {}, DEVICE, resume=True)
+
+
+def test_prefetcher_returns_batch_k_builds_ahead_and_raises_where_asked():
+    from scripts.common.prefetch import Prefetcher, pin
+
+    built = []
+
+    def batch_fn(k):
+        built.append(k)
+        if k == 5:
+            raise NanoLladaError("bad batch 5")
+        return {"ids": torch.full((2, 3), k), "pair": (torch.tensor([k]), "tag")}
+
+    prefetcher = Prefetcher(batch_fn, stop=6, depth=2)
+    try:
+        assert prefetcher.get(2)["ids"].eq(2).all()  # a resumed run starts anywhere
+        assert sorted(prefetcher.pending) == [3, 4]  # the next two are on their way
+        assert [int(prefetcher.get(k)["pair"][0]) for k in (3, 4)] == [3, 4]
+        with pytest.raises(NanoLladaError, match="bad batch 5"):
+            prefetcher.get(5)
+    finally:
+        prefetcher.close()
+    assert max(built) == 5 and sorted(built) == [2, 3, 4, 5]  # nothing at or past `stop` was built
+    assert pin({"a": (3, ["x"])}) == {"a": (3, ["x"])}  # containers are rebuilt, non-tensors kept (pinning needs CUDA)

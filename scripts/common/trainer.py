@@ -28,6 +28,7 @@ from model.config import ModelConfig
 from model.errors import NanoLladaError
 from scripts.common import distributed
 from scripts.common.plots import plot_loss
+from scripts.common.prefetch import Prefetcher
 
 # loss_fn(model, batch, rng) -> scalar loss, or (loss, info) where info is a dict of plain Python values
 # (e.g. the curriculum phase and block size) logged with the step. `rng` is seeded from the micro-step,
@@ -244,6 +245,7 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
             raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
     stopped_early = False
     train_model.train()
+    batches = Prefetcher(batch_fn, stop=cfg.max_steps * cfg.accumulation_steps, pin_memory=device.type == "cuda")
     try:
         if state["step"] == 0 and val_batches:
             val = evaluate()
@@ -259,7 +261,7 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
             step_loss, step_info = torch.zeros((), device=device), {}
             for micro in range(cfg.accumulation_steps):
                 k = step * cfg.accumulation_steps + micro
-                batch = batch_fn(k)  # the global micro-batch k, whatever the process count
+                batch = batches.get(k)  # the global micro-batch k, whatever the process count
                 window["tokens"] += tokens_in(batch)
                 weight = 1.0
                 if env.enabled:
@@ -317,6 +319,7 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
         say(f"interrupted: saved step {state['step']} to {files.full}")
         raise
     finally:
+        batches.close()
         bar.close()
         if metrics_file:
             metrics_file.close()

@@ -1,0 +1,53 @@
+"""Keep the GPU fed: build the next micro-batches on a background thread while the device runs this one.
+
+`batch_fn(k)` is a pure function of k (see distributed.py), so building ahead changes nothing but timing.
+On CUDA the batches are pinned, which makes the trainer's `.to(device, non_blocking=True)` a real asynchronous
+copy instead of a synchronous one from pageable memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+def pin(batch):
+    """The batch with every tensor in page-locked memory (tensors inside dicts, tuples and lists too)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {key: pin(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(pin(value) for value in batch)
+    return batch
+
+
+class Prefetcher:
+    """`get(k)` returns batch_fn(k); batches k+1 .. k+depth are already being built when it returns.
+    Batches at or past `stop` are never built; an error of batch_fn is raised by the `get` that asks for it."""
+
+    def __init__(self, batch_fn: Callable[[int], object], stop: int, pin_memory: bool = False, depth: int = 2):
+        self.batch_fn, self.stop, self.pin_memory, self.depth = batch_fn, stop, pin_memory, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def _build(self, k: int):
+        batch = self.batch_fn(k)
+        return pin(batch) if self.pin_memory else batch
+
+    def get(self, k: int):
+        future = self.pending.pop(k, None) or self.pool.submit(self._build, k)
+        for stale in [j for j in self.pending if j < k]:  # a caller that skipped ahead: drop what it will not ask for
+            self.pending.pop(stale).cancel()
+        for ahead in range(k + 1, min(k + 1 + self.depth, self.stop)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(self._build, ahead)
+        return future.result()
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        self.pending.clear()
