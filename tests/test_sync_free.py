@@ -138,3 +138,20 @@ def test_transformer_forward_compiles_fullgraph_with_eager_logits_and_gradients(
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_compiled_forward_with_a_document_mask_runs_flex_attention_and_matches_sdpa():
+    """The CUDA training path for explicit masks (FlexAttention inside a compiled model), on CPU: inference only,
+    since FlexAttention has no CPU backward. A failure here would drop to the SDPA fallback and trip the assert."""
+    from model.block_diffusion import document_attention_mask
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    ids = torch.randint(1, 100, (2, 64))
+    mask = document_attention_mask(torch.cat([torch.zeros(2, 30, dtype=torch.long), torch.ones(2, 34, dtype=torch.long)], 1))
+    sdpa = model(ids, attention=mask)
+    model.flex_on_cpu = True
+    flex = torch.compile(model, backend="aot_eager")(ids, attention=mask)
+    assert model.flex_attention, "FlexAttention failed under torch.compile and fell back to SDPA"
+    torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-5)
