@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model.block_diffusion import trained_block_size
 from model.errors import NanoLladaError
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.evaluation import load_checkpoint_for_eval
@@ -50,7 +51,10 @@ def load_engine(args) -> ChatEngine:
     defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         steps=args.steps, block_length=args.block_length or None, threshold=args.threshold, seq_len=args.seq_len)
     name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
-    return ChatEngine(model, tokenizer, checkpoint.kind, name, defaults)
+    block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
+    if block:
+        print(f"block-trained diffusion checkpoint: decoding block-causally with block size {block} (block_length does not apply)")
+    return ChatEngine(model, tokenizer, checkpoint.kind, name, defaults, trained_block_size=block)
 
 
 def main(argv=None) -> None:

@@ -107,8 +107,10 @@ def _message_text(message, index: int) -> tuple[str, str]:
 class ChatEngine:
     """A loaded model with its tokenizer: validates requests and generates (one at a time) for them."""
 
-    def __init__(self, model, tokenizer, kind: str, model_id: str, defaults: Defaults | None = None):
+    def __init__(self, model, tokenizer, kind: str, model_id: str, defaults: Defaults | None = None,
+                 trained_block_size: int | None = None):
         self.model, self.tokenizer, self.kind, self.model_id = model, tokenizer, kind, model_id
+        self.trained_block_size = trained_block_size  # block-trained diffusion: decoded block-causally with this size
         self.defaults = defaults or Defaults()
         self.mask_id = mask_token_id(tokenizer)
         self.created = int(time.time())
@@ -152,11 +154,20 @@ class ChatEngine:
         elif max_tokens > room:
             raise RequestError(f"'{name}' {max_tokens} plus the {len(prompt)}-token prompt exceeds this model's {self.limit}-token "
                                f"context; ask for at most {room}", name, code="context_length_exceeded")
-        sampler = self._sampler(body, max_tokens, room, temperature) if self.kind == "diffusion" else None
+        sampler = self._sampler(body, max_tokens, room, temperature, len(prompt)) if self.kind == "diffusion" else None
         return ChatRequest(prompt, max_tokens, temperature, top_k, top_p, stream, include_usage, seed, sampler)
 
-    def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float) -> DiffusionSamplerConfig:
+    def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int) -> DiffusionSamplerConfig:
         d = self.defaults
+        if self.trained_block_size:  # blocks start at the prompt's first token, as in training; any length works
+            steps = _field(body, "steps", int, d.steps, minimum=1)
+            threshold = _field(body, "threshold", (int, float), d.threshold, minimum=0, maximum=1)
+            K = self.trained_block_size
+            blocks = -(-(prompt_len + max_tokens) // K) - prompt_len // K
+            if steps and threshold is None and steps < blocks:
+                raise RequestError(f"'steps' {steps} is fewer than the {blocks} blocks of {K} tokens to decode", "steps")
+            return DiffusionSamplerConfig(gen_length=max_tokens, steps=steps or max_tokens, block_length=K, temperature=temperature,
+                                          threshold=None if threshold is None else float(threshold), block_causal=True)
         block = _field(body, "block_length", int, d.block_length, minimum=1)
         block = min(block or max_tokens, max_tokens)
         gen_length = math.ceil(max_tokens / block) * block  # whole blocks; the tail past max_tokens is dropped

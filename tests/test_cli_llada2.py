@@ -81,7 +81,7 @@ def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_sft_switches_run_through_the_cli(tmp_path):
+def test_sft_switches_run_through_the_cli(tmp_path, capsys):
     import json as _json
 
     from scripts.train import train_sft_diffusion
@@ -97,5 +97,16 @@ def test_sft_switches_run_through_the_cli(tmp_path):
                                         "--mask-ratio-max", "0.8", "--complementary-masking", "--cap-weight", "0.1"])
     assert summary["step"] == 3
     assert read_checkpoint(tmp_path / "blk_state_dict.pt").extra["block_diffusion"]["block_size"] == 8
+    # every SFT decoding path decodes a block-trained checkpoint block-causally with its block size
+    from scripts.eval import eval_sft_one_prompt
+    from scripts.serve import load_engine, parse_args
+
+    answers = eval_sft_one_prompt.main(["--prompt", "第1个问题是什么？", "--tokenizer-dir", ".", "--max-new-tokens", "12",
+                                        "--diffusion-checkpoint", str(tmp_path / "blk_state_dict.pt"), "--device", "cpu"])
+    assert "decoding block-causally with block size 8" in capsys.readouterr().out and answers[0]["diffusion"]["forward_passes"] >= 1
+    engine = load_engine(parse_args(["--checkpoint", str(tmp_path / "blk_state_dict.pt"), "--tokenizer-dir", ".", "--device", "cpu"]))
+    request = engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10})
+    assert request.sampler.block_causal and request.sampler.block_length == 8 and request.sampler.gen_length == 10
+    assert engine.complete(request, lambda text: None)[1] <= 10
     with pytest.raises(NanoLladaError, match="mask-ratio band"):
         train_sft_diffusion.main([*common, "--run-name", "bad", "--mask-ratio-min", "0.9", "--mask-ratio-max", "0.2"])

@@ -126,12 +126,14 @@ def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp
         result = eval_sft_accuracy.main(["--data", str(sample["sft_test"]), "--tokenizer-dir", ".", "--batch-size", batch,
                                          "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
                                          "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"), "--device", "cpu",
-                                         "--out", str(tmp_path / f"predictions_{batch}.jsonl")])
+                                         "--out", str(tmp_path / f"predictions_{batch}.jsonl"), "--score-labels", "--mc-samples", "4"])
         for name in ("AR", "Diffusion"):
             r = result[name]
             assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
+            assert sum(r["likelihood_choices"].values()) == 12 and r["likelihood_accuracy"] * 12 == round(r["likelihood_accuracy"] * 12)
         predictions[batch] = (tmp_path / f"predictions_{batch}.jsonl").read_text(encoding="utf-8")
     assert predictions["1"] == predictions["5"] and predictions["1"].count("\n") == 24
+    assert all("likelihood_label" in json.loads(line) for line in predictions["1"].splitlines())
 
 
 def test_sft_labels_cover_exactly_the_assistant_spans():

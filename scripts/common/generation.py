@@ -9,11 +9,12 @@ then those of its batch.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from model.ar import generate, generate_batch
+from model.block_diffusion import trained_block_size
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
@@ -145,6 +146,13 @@ def diffusion_answer(model, tokenizer, prompt: list[int], sampler: DiffusionSamp
         elapsed = clock.stop()
     kept = strip_after_eos(out.tokens[0].tolist(), EOS_ID)
     return Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe)
+
+
+def as_trained(sampler: DiffusionSamplerConfig, checkpoint) -> DiffusionSamplerConfig:
+    """The sampler a checkpoint must be decoded with: block-trained ones (LLaDA 2.0 block SFT or a curriculum's
+    block phase) block-causally with their block size, in which every earlier block is final and cached exactly."""
+    block = trained_block_size(checkpoint.extra)
+    return sampler if block is None else replace(sampler, block_causal=True, block_length=block, cache="none")
 
 
 def default_block_length(gen_length: int, preferred: int = 32) -> int:

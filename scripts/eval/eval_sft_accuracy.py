@@ -1,5 +1,8 @@
 """Accuracy of SFT models on the held-out review-sentiment questions of the offline sample (or any SFT jsonl
 whose last assistant turn is the gold label): exact match on the label, with the count of unparseable answers.
+With --score-labels, also the accuracy of choosing the more likely label (AR: exact log-likelihood; diffusion:
+LLaDA's Monte-Carlo conditional log-likelihood), which tells a model that cannot tell the labels apart from
+one whose decoding does not show what it knows.
 
 uv run python -m scripts.eval.eval_sft_accuracy --tokenizer-dir . --data dataset/sample_sft_test.jsonl \
     --minimind-checkpoint weights/quick_ar_sft_state_dict.pt --diffusion-checkpoint weights/quick_diffusion_sft_state_dict.pt
@@ -11,16 +14,18 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
+from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.sampling import DiffusionSamplerConfig
-from model.tokenizer import chat_text, encode
+from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import load_for_eval
-from scripts.common.generation import ar_answers, diffusion_answers
+from scripts.common.evaluation import load_checkpoint_for_eval
+from scripts.common.generation import ar_answers, as_trained, diffusion_answers
 from scripts.common.readers import BadLineCounter, iter_conversations
-from scripts.data.sample import parse_sentiment
+from scripts.data.sample import SENTIMENT_LABELS, parse_sentiment
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together (left-padded); 1 = one at a time")
+    p.add_argument("--score-labels", action="store_true", help="also choose between the labels by likelihood")
+    p.add_argument("--mc-samples", type=int, default=32, help="diffusion: mask draws per label for --score-labels")
     p.add_argument("--out", default=None, help="optional jsonl with every prediction")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
@@ -57,6 +64,21 @@ def questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], 
     return out
 
 
+@torch.no_grad()
+def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int) -> list[str]:
+    """The label whose answer (label + <|im_end|>) is more likely after each prompt."""
+    answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
+    chosen = []
+    for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
+        if kind == "ar":
+            scores = ar_log_likelihood_batch(model, prompt, answers)
+        else:  # the same seed for every question: the mask draws do not differ between questions
+            scores = [mean for mean, _ in conditional_log_likelihood_batch(model, prompt, answers, mask_token_id(tokenizer),
+                                                                          mc_samples, generator=torch.Generator().manual_seed(0))]
+        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
+    return chosen
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.minimind_checkpoint and not args.diffusion_checkpoint:
@@ -68,12 +90,14 @@ def main(argv=None) -> dict:
     for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
         if not path:
             continue
-        model, tokenizer = load_for_eval(path, args.tokenizer_dir, kind, device)
+        model, tokenizer, checkpoint = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
         correct = unparseable = forwards = 0
         seconds = 0.0
         items = questions(args.data, tokenizer, args.limit)
-        sampler = DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
-                                         threshold=args.threshold)
+        sampler = as_trained(DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
+                                                    threshold=args.threshold), checkpoint)
+        if kind == "diffusion" and sampler.block_causal:
+            print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_length}")
         answers = []
         with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar:
             for start in range(0, len(items), args.batch_size):
@@ -96,6 +120,15 @@ def main(argv=None) -> dict:
                          "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
         print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
               f"{forwards / n:.1f} forward passes and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
+        if args.score_labels:
+            chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples)
+            hits = sum(label == gold for label, (_, gold) in zip(chosen, items))
+            results[name].update(likelihood_accuracy=hits / n, likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS})
+            for record, label in zip(predictions[-n:], chosen):
+                record["likelihood_label"] = label
+            print(f"{name}: choosing the more likely label: accuracy {hits / n:.3f} ({hits}/{n}), "
+                  f"chose {', '.join(f'{label} {chosen.count(label)}x' for label in SENTIMENT_LABELS)}"
+                  + ("" if kind == "ar" else f" ({args.mc_samples} mask draws per label)"))
     if args.out:
         Path(args.out).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
     return results

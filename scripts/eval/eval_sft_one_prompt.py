@@ -16,8 +16,14 @@ from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import load_for_eval
-from scripts.common.generation import ar_answers, default_block_length, diffusion_answer, diffusion_answers
+from scripts.common.evaluation import load_checkpoint_for_eval, load_for_eval
+from scripts.common.generation import (
+    ar_answers,
+    as_trained,
+    default_block_length,
+    diffusion_answer,
+    diffusion_answers,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,15 +70,16 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def sampler_for(args, prompt_len: int) -> DiffusionSamplerConfig:
+def sampler_for(args, prompt_len: int, checkpoint=None) -> DiffusionSamplerConfig:
     room = args.seq_len - prompt_len
     if room <= 0:
         raise NanoLladaError(f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {args.seq_len}; raise --seq-len")
     gen = min(args.max_new_tokens, room)
     block = args.block_length or default_block_length(gen)
-    return DiffusionSamplerConfig(gen_length=gen, steps=args.gen_steps or gen, block_length=block, temperature=args.temperature,
-                                  remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold,
-                                  cache=args.cache)
+    sampler = DiffusionSamplerConfig(gen_length=gen, steps=args.gen_steps or gen, block_length=block, temperature=args.temperature,
+                                     remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold,
+                                     cache=args.cache)
+    return sampler if checkpoint is None else as_trained(sampler, checkpoint)
 
 
 def report(name: str, answer, quiet: bool = False) -> None:
@@ -98,8 +105,14 @@ def main(argv=None) -> list[dict]:
     models = {}
     if args.minimind_checkpoint:
         models["AR"] = load_for_eval(args.minimind_checkpoint, args.tokenizer_dir, "ar", device)
+    checkpoint = None
     if args.diffusion_checkpoint:
-        models["Diffusion"] = load_for_eval(args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device)
+        model, tokenizer, checkpoint = load_checkpoint_for_eval(args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device)
+        models["Diffusion"] = (model, tokenizer)
+        trained = as_trained(sampler_for(args, 1), checkpoint)
+        if trained.block_causal:
+            print(f"block-trained diffusion checkpoint: decoding block-causally with block size {trained.block_length} "
+                  f"(--block-length and --cache do not apply)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     quiet = len(prompts) > 1
     rows = []
@@ -112,9 +125,9 @@ def main(argv=None) -> list[dict]:
                 answers[name] = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, args.ar_temperature, args.ar_top_k,
                                            args.ar_top_p, args.seed, args.dtype, batch_size=len(chunk))
             elif len(chunk) == 1:
-                answers[name] = [diffusion_answer(model, tokenizer, ids[0], sampler_for(args, len(ids[0])), device, args.seed, args.dtype)]
+                answers[name] = [diffusion_answer(model, tokenizer, ids[0], sampler_for(args, len(ids[0]), checkpoint), device, args.seed, args.dtype)]
             else:  # one canvas for the batch: the longest prompt sets the room left for the answer
-                answers[name] = diffusion_answers(model, tokenizer, ids, sampler_for(args, max(map(len, ids))), device, args.seed,
+                answers[name] = diffusion_answers(model, tokenizer, ids, sampler_for(args, max(map(len, ids)), checkpoint), device, args.seed,
                                                   args.dtype, batch_size=len(chunk))
         for i, prompt in enumerate(chunk):
             row = {"prompt": prompt}
