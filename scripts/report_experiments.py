@@ -5,8 +5,9 @@ uv run python -m scripts.report_experiments [--out-dir weights/report] [--steps 
 On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 heads, 2 KV heads):
 1. AR pretraining; 2. diffusion initialised from it and 3. diffusion from scratch, at equal steps;
 4. AR perplexity vs diffusion NELBO on the same held-out rows, and all validation curves on one figure;
-5. SFT of AR and of the AR-initialised diffusion model, sentiment accuracy on held-out reviews;
-6. diffusion decoding quality against speed (steps, threshold) on the same questions.
+5. SFT of AR and of the AR-initialised diffusion model, sentiment accuracy on held-out reviews (by decoding and by
+   label likelihood); the diffusion SFT again for 3x the steps, and as LLaDA 2.0 block SFT (block 32);
+6. diffusion decoding quality against speed (steps, threshold) on the same questions, with the 3x-steps model.
 Every number in the report comes from the commands this prints (also saved to <out-dir>/commands.txt).
 """
 
@@ -67,12 +68,24 @@ def main(argv=None) -> dict:
     timed("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind", [*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")])
     timed("diffusion_sft", "5b. Diffusion SFT", "scripts.train.train_sft_diffusion",
           [*sft, "--run-name", "diffusion_sft", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
-    accuracy = ["--data", str(data / "sample_sft_test.jsonl"), "--tokenizer-dir", ".", "--limit", str(args.questions), *device]
+    accuracy = ["--data", str(data / "sample_sft_test.jsonl"), "--tokenizer-dir", ".", "--limit", str(args.questions), "--batch-size", "1",
+                *device]
     timed("accuracy", "5c. Sentiment accuracy, AR vs diffusion", "scripts.eval.eval_sft_accuracy",
-          [*accuracy, "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"), "--diffusion-checkpoint", str(out / "diffusion_sft_state_dict.pt")])
-    for label, flags in (("steps4", ["--gen-steps", "4"]), ("steps2", ["--gen-steps", "2"]), ("threshold0.9", ["--threshold", "0.9"])):
-        timed(f"accuracy_{label}", f"6. Diffusion accuracy with {' '.join(flags)}", "scripts.eval.eval_sft_accuracy",
-              [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_state_dict.pt"), *flags])
+          [*accuracy, "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"), "--diffusion-checkpoint", str(out / "diffusion_sft_state_dict.pt"),
+           "--score-labels"])
+    longer = [*sft[:sft.index("--max-steps") + 1], str(3 * args.sft_steps), *sft[sft.index("--max-steps") + 2:]]
+    timed("diffusion_sft_3x", "5d. Diffusion SFT, 3x the steps", "scripts.train.train_sft_diffusion",
+          [*longer, "--run-name", "diffusion_sft_3x", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
+    timed("diffusion_sft_block32", "5e. Diffusion SFT as LLaDA 2.0 block SFT (block 32)", "scripts.train.train_sft_diffusion",
+          [*sft, "--run-name", "diffusion_sft_block32", "--block-size", "32", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
+    timed("accuracy_3x", "5f. Accuracy of the 3x-steps diffusion SFT", "scripts.eval.eval_sft_accuracy",
+          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), "--score-labels"])
+    timed("accuracy_block32", "5g. Accuracy of the block SFT (decoded block-causally)", "scripts.eval.eval_sft_accuracy",
+          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_block32_state_dict.pt")])
+    for label, flags in (("steps4", ["--gen-steps", "4"]), ("steps2", ["--gen-steps", "2"]), ("threshold0.9", ["--threshold", "0.9"]),
+                         ("threshold0.7", ["--threshold", "0.7"])):
+        timed(f"accuracy_3x_{label}", f"6. Diffusion accuracy with {' '.join(flags)}", "scripts.eval.eval_sft_accuracy",
+              [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), *flags])
     summary = {"timings_s": timings, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str, ensure_ascii=False), encoding="utf-8")
     print(f"\nwrote {out / 'results.json'}; timings (s): {timings}")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from model.block_diffusion import trained_block_size
 from model.diffusion import pretraining_maskable
 from model.errors import NanoLladaError
 from model.likelihood import ar_nll_rows, diffusion_nelbo_rows
@@ -72,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
     """(model, tokenizer, kind) for a checkpoint of either kind, with load_for_eval's tokenizer checks."""
     model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
+    if checkpoint.kind == "diffusion" and trained_block_size(checkpoint.extra):
+        print(f"note: {path} was trained with block diffusion (block {trained_block_size(checkpoint.extra)}); its NELBO here is "
+              f"the bidirectional (MDLM) bound, which is not the objective it was trained on")
     return model, tokenizer, checkpoint.kind
 
 

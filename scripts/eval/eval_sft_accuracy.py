@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
-    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together (left-padded); 1 = one at a time")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="questions decoded together, left-padded (default: 16 on CUDA; 1 on CPU, where the cores are busy "
+                        "with one question already and padding only adds work)")
     p.add_argument("--score-labels", action="store_true", help="also choose between the labels by likelihood")
     p.add_argument("--mc-samples", type=int, default=32, help="diffusion: mask draws per label for --score-labels")
     p.add_argument("--out", default=None, help="optional jsonl with every prediction")
@@ -84,8 +86,10 @@ def main(argv=None) -> dict:
     if not args.minimind_checkpoint and not args.diffusion_checkpoint:
         raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
     positive("--max-new-tokens", args.max_new_tokens)
-    positive("--batch-size", args.batch_size)
     device = pick_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 16 if device.type == "cuda" else 1
+    positive("--batch-size", args.batch_size)
     results, predictions = {}, []
     for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
         if not path:
@@ -110,8 +114,8 @@ def main(argv=None) -> dict:
                 bar.update(len(prompts))
         for i, ((_, gold), answer) in enumerate(zip(items, answers)):
             label = parse_sentiment(answer.text)
-            # a batch's forward passes and seconds are shared by its answers: each carries its share
-            forwards, seconds = forwards + answer.forward_passes / answer.batch, seconds + answer.seconds / answer.batch
+            # forward passes: those of the answer's batch (its denoising steps); seconds: its share of the batch's time
+            forwards, seconds = forwards + answer.forward_passes, seconds + answer.seconds / answer.batch
             correct += label == gold
             unparseable += label is None
             predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
@@ -119,8 +123,11 @@ def main(argv=None) -> dict:
         results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable,
                          "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
         print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
-              f"{forwards / n:.1f} forward passes and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
-        if args.score_labels:
+              f"{forwards / n:.1f} forward passes (of its batch) and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
+        if args.score_labels and kind == "diffusion" and sampler.block_causal:
+            print(f"{name}: --score-labels skipped: the Monte-Carlo likelihood here is the bidirectional one, which does not "
+                  f"apply to a block-trained checkpoint")
+        elif args.score_labels:
             chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples)
             hits = sum(label == gold for label, (_, gold) in zip(chosen, items))
             results[name].update(likelihood_accuracy=hits / n, likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS})
