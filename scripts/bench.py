@@ -188,7 +188,9 @@ def git_commit() -> dict:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # Earlier results in benchmarks/results do not make the code dirty.
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
 def markdown(report: dict) -> str:
