@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 from model.ar import next_token_loss  # noqa: E402
 from model.checkpoint import read_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
+from model.errors import NanoLladaError  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from scripts.common.distributed import shard  # noqa: E402
 from scripts.common.trainer import TrainConfig, train  # noqa: E402
@@ -127,3 +128,16 @@ def test_two_processes_match_one_and_resume_with_one(tmp_path, one_thread):
 
 if __name__ == "__main__":  # torchrun worker
     run(sys.argv[1], int(sys.argv[2]))
+
+
+def test_only_rank_zero_prints_through_the_entry_point_wrapper(monkeypatch, capsys):
+    from scripts.common.cli import run_main
+
+    for rank, expected in (("0", "hello from the entry point\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        run_main(lambda: print("hello from the entry point"))
+        assert capsys.readouterr().out == expected
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: (_ for _ in ()).throw(NanoLladaError("bad flag")))
+    assert exit_info.value.code == 2 and "error: bad flag" in capsys.readouterr().err  # errors still reach stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 import torch
@@ -12,9 +14,13 @@ from model.errors import NanoLladaError
 
 
 def run_main(main_fn) -> None:
-    """Run an entry point; a NanoLladaError becomes one line on stderr and exit status 2 (no traceback)."""
+    """Run an entry point; a NanoLladaError becomes one line on stderr and exit status 2 (no traceback).
+    Under torchrun only rank 0 prints: the other ranks' stdout is discarded (their errors still reach stderr)."""
     try:
-        main_fn()
+        with contextlib.ExitStack() as stack:
+            if int(os.environ.get("RANK", "0")) > 0:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            main_fn()
     except NanoLladaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
