@@ -91,3 +91,23 @@ def test_block_causal_decoding_of_unequal_prompts_is_refused_with_the_fix(tiny_c
     same = torch.tensor([PROMPTS[0], PROMPTS[0]])
     out = diffusion_generate(model, same, cfg, mask_id, prompt_lengths=torch.tensor([4, 4]))
     assert torch.equal(out.tokens, diffusion_generate(model, same, cfg, mask_id).tokens)
+
+
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block_causal):
+    """diffusion_answers batches left-padded prompts; for a block-trained model it groups them by length
+    (blocks start at each prompt's first token) and still returns the answers in the prompts' order."""
+    from model.config import preset
+    from model.tokenizer import load_tokenizer
+    from scripts.common.generation import ar_answers, diffusion_answers
+
+    tokenizer, model = load_tokenizer("."), lively(preset("tiny"))
+    prompts = [[1, 300, 301], [1, 400], [1, 500, 501, 502, 503], [1, 600], [1, 700, 701]]
+    sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=block_causal, stop_at_eos=False)
+    device = torch.device("cpu")
+    alone = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=1)
+    batched = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=4)
+    assert [a.ids for a in batched] == [a.ids for a in alone] and len({tuple(a.ids) for a in alone}) > 1
+    assert [a.batch for a in batched] == ([2, 2, 1, 2, 2] if block_causal else [4, 4, 4, 4, 1])
+    ar_alone = ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=1)
+    assert [a.ids for a in ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=3)] == [a.ids for a in ar_alone]
