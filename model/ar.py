@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from model.errors import NanoLladaError
 from model.padding import PaddedLayout, left_pad
 
 IGNORE = -100
@@ -77,6 +78,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
     ids, lengths = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     limit = model.config.max_position_embeddings
+    if int(lengths.max()) >= limit:
+        raise NanoLladaError(f"a prompt of {int(lengths.max())} tokens leaves no room in the model's {limit} positions; shorten it")
     budget = (limit - lengths).clamp(min=0, max=max_new_tokens)  # new tokens each row may write
     steps = int(budget.max())
     layout = PaddedLayout.build(lengths, P, P + steps)

@@ -153,6 +153,11 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     cfg.validate()
     B, P = prompt.shape
     padded = prompt_lengths is not None and bool((prompt_lengths != P).any())
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = int(prompt_lengths.max()) if padded else P
+    if limit is not None and longest + cfg.gen_length > limit:
+        raise NanoLladaError(f"a prompt of {longest} tokens plus {cfg.gen_length} new ones exceeds the model's {limit} positions; "
+                             f"shorten the prompt or generate fewer tokens")
     if cfg.block_causal:
         if padded:  # blocks are aligned to each prompt's first token, so rows of other lengths need other blocks
             raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")

@@ -111,3 +111,14 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
     assert [a.batch for a in batched] == ([2, 2, 1, 2, 2] if block_causal else [4, 4, 4, 4, 1])
     ar_alone = ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=1)
     assert [a.ids for a in ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=3)] == [a.ids for a in ar_alone]
+
+
+def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(tiny_config):
+    tiny_config.max_position_embeddings = 10
+    model, mask_id = lively(tiny_config), tiny_config.vocab_size - 1
+    with pytest.raises(NanoLladaError, match="no room"):
+        generate_batch(model, [[1] * 10, [1, 2]], 4)
+    ids, lengths = left_pad([[1] * 8, [1, 2]], pad_id=0)
+    with pytest.raises(NanoLladaError, match="exceeds the model's 10 positions"):
+        diffusion_generate(model, ids, DiffusionSamplerConfig(gen_length=4, steps=4), mask_id, prompt_lengths=lengths)
+    assert diffusion_generate(model, ids[1:, 6:], DiffusionSamplerConfig(gen_length=4, steps=4), mask_id).tokens.shape == (1, 4)
