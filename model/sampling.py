@@ -234,7 +234,7 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
         if cfg.cache == "none":
             logits = forward(every_column, 0, every_column)[:, lo:hi]
         elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
-            kv_cache = _new_kv_cache(model, B * (2 if guided else 1), total)
+            kv_cache = model.new_kv_cache(B * (2 if guided else 1), total)
             logits = forward(order, 0, order, kv_cache)
             logits = logits[:, lo:hi] if cfg.cache == "prefix" else logits[:, -width:]
             kv_cache.crop(keep)
@@ -276,16 +276,6 @@ def _commit_step(logits: torch.Tensor, canvas: torch.Tensor, lo: int, hi: int, c
     commit, candidates = _choose_commits(logits, current == mask_id, cfg, quota, mask_id, generator)
     canvas[:, lo:hi] = torch.where(commit, candidates.to(canvas.dtype), current)
     return commit.sum(1)
-
-
-def _new_kv_cache(model, batch_size: int, length: int):
-    """A KV cache in the dtype the attention runs in: under CUDA autocast that is bf16/fp16, which saves a cast
-    of the whole cache in every layer of every step."""
-    cache = model.new_kv_cache(batch_size, length)
-    if cache.keys.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        cache.keys, cache.values = cache.keys.to(dtype), cache.values.to(dtype)
-    return cache
 
 
 def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None,

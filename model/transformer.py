@@ -279,8 +279,12 @@ class Transformer(nn.Module):
         return keys[None, :] <= (past + torch.arange(T, device=device))[:, None], False
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A cache in the dtype keys and values come out in: under autocast (bf16 on a GPU) that is the autocast
+        dtype, so no step casts the cache it writes or reads."""
         param = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_length, param.device, param.dtype)
+        kind = param.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+        return KVCache(self.config, batch_size, max_length, param.device, dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
