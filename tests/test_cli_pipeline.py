@@ -149,6 +149,24 @@ def test_sft_labels_cover_exactly_the_assistant_spans():
     assert ids[:len(prompt)] == prompt  # eval renders the same text up to the answer
 
 
+@pytest.mark.parametrize("tokenizer_dir", [".", "minimind2"])
+def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_dir, request):
+    """encode_conversations (one batched tokenizer call, spans from character offsets) gives exactly what
+    encode_conversation (each prefix rendered and tokenized) gives, for both tokenizers."""
+    from scripts.common.sft import encode_conversations
+
+    tok = load_tokenizer("." if tokenizer_dir == "." else request.getfixturevalue("minimind2_fixtures"))
+    conversations = [
+        [{"role": "user", "content": "这家店的东西很好，物流也快。"}, {"role": "assistant", "content": "正面"}],
+        [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二"},
+         {"role": "user", "content": "再加一？ \n"}, {"role": "assistant", "content": " 三\n\n"}, {"role": "user", "content": "没有回答"}],
+        [{"role": "user", "content": "Hello, <b>world</b>!"}, {"role": "assistant", "content": "Hi there 😀 — ok?"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\n"}, {"role": "user", "content": "b"},
+         {"role": "assistant", "content": "b"}],
+    ]
+    assert encode_conversations(tok, conversations) == [encode_conversation(tok, turns) for turns in conversations]
+
+
 def test_diffusion_sft_never_masks_the_prompt(tmp_path):
     from model.diffusion import mask_tokens
 
@@ -213,3 +231,12 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
             assert not torch.equal(ours[name][6400], tensor[6400])  # mean + noise, not the bare mean
         else:
             assert torch.equal(ours[name], tensor), name
+
+
+def test_span_edges_inside_a_token_send_the_conversation_to_the_reference():
+    from scripts.common.sft import _mask_from_offsets
+
+    ids, offsets = [10, 11, 2, 12], [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert _mask_from_offsets(ids, offsets, [(2, 6)]) == ([10, 11, 2], [0, 1, 1])  # cut after the span's <|im_end|>
+    assert _mask_from_offsets(ids, offsets, [(1, 6)]) is None  # starts inside token 0
+    assert _mask_from_offsets(ids, [(0, 2), (1, 3), (3, 5), (5, 6)], [(2, 6)]) is None  # a token straddles char 2

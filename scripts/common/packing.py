@@ -25,7 +25,7 @@ from scripts.common.readers import BadLineCounter, check_data_file, iter_texts
 CACHE_VERSION = 1
 
 
-def _chunks(iterable, size):
+def chunks(iterable, size):
     chunk = []
     for item in iterable:
         chunk.append(item)
@@ -49,7 +49,7 @@ def tokenize_to_cache(data_path, tokenizer, field: str = "text", skip_bad_lines:
         tmp = Path(f"{tokens_path}.tmp")
         with open(tmp, "wb") as out:
             texts = iter_texts(data_path, field, skip_bad_lines, bad)
-            for batch in tqdm(_chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
+            for batch in tqdm(chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
                 for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                     doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
                     out.write(doc.tobytes())
