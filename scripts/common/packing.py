@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
-from model.tokenizer import BOS_ID, EOS_ID, tokenizer_identity
+from model.tokenizer import BOS_ID, EOS_ID, encode_batch, tokenizer_identity
 from scripts.common.readers import BadLineCounter, check_data_file, iter_texts
 
 CACHE_VERSION = 1
@@ -50,7 +50,7 @@ def tokenize_to_cache(data_path, tokenizer, field: str = "text", skip_bad_lines:
         with open(tmp, "wb") as out:
             texts = iter_texts(data_path, field, skip_bad_lines, bad)
             for batch in tqdm(chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
-                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                for ids in encode_batch(tokenizer, batch):
                     doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
                     out.write(doc.tobytes())
                     total += len(doc)

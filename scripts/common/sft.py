@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
 from model.errors import NanoLladaError
-from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, tokenizer_identity
+from model.tokenizer import (
+    EOS_ID,
+    PAD_ID,
+    chat_text,
+    encode,
+    encode_batch,
+    tokenizer_identity,
+)
 from model.transformer import Transformer
 from scripts.common.cli import add_model_flags, model_config_from_args, positive
 from scripts.common.evaluation import check_compatible
@@ -79,9 +86,9 @@ def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[tup
                 spans.append((len(prefix), len(upto)))
         texts.append(full)
         bounds.append(spans)
-    out = []  # the Rust tokenizer directly: transformers' per-row conversion of a batch costs more than the encoding
-    for turns, spans, encoding in zip(conversations, bounds, tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)):
-        masked = _mask_from_offsets(encoding.ids, encoding.offsets, spans) if spans is not None else None
+    out = []
+    for turns, spans, (ids, offsets) in zip(conversations, bounds, encode_batch(tokenizer, texts, offsets=True)):
+        masked = _mask_from_offsets(ids, offsets, spans) if spans is not None else None
         out.append(masked if masked is not None else encode_conversation(tokenizer, turns))
     return out
 
