@@ -25,14 +25,7 @@ from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
 from model.errors import NanoLladaError
-from model.tokenizer import (
-    EOS_ID,
-    PAD_ID,
-    chat_text,
-    encode,
-    encode_batch,
-    tokenizer_identity,
-)
+from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import add_model_flags, model_config_from_args, positive
 from scripts.common.evaluation import check_compatible
