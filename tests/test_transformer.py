@@ -151,3 +151,25 @@ def test_flex_attention_path_equals_sdpa_for_document_and_block_masks(tiny_confi
     assert model.flex_attention  # it did not fall back
     for a, b in zip(dense, flex):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config):
+    """The embedding and head have padded_vocab_size rows (a multiple of 64, for the matmul kernels); the
+    extra rows stay exactly zero through training and no logit exists for them."""
+    from model.ar import generate, next_token_loss
+    from model.diffusion import llada_loss
+    from scripts.common.trainer import TrainConfig, make_optimizer
+
+    model = Transformer(tiny_config)
+    V, padded = tiny_config.vocab_size, tiny_config.padded_vocab_size
+    assert padded % 64 == 0 and padded > V and model.model.embed_tokens.weight.shape[0] == padded
+    optimizer = make_optimizer(model, TrainConfig(run_name="t", kind="ar", max_steps=1, learning_rate=1e-2), torch.device("cpu"))
+    ids = torch.randint(1, V - 1, (2, 16))
+    for _ in range(3):
+        loss = next_token_loss(model, ids) + llada_loss(model, ids, torch.Generator().manual_seed(0), V - 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model(ids).shape[-1] == V
+    assert torch.count_nonzero(model.model.embed_tokens.weight[V:]) == 0 and torch.count_nonzero(model.lm_head.weight[V:]) == 0
+    assert max(generate(model, [1, 2, 3], 20, temperature=5.0, generator=torch.Generator().manual_seed(0))) < V
