@@ -152,6 +152,8 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     """
     cfg.validate()
     B, P = prompt.shape
+    if prompt_lengths is not None:
+        prompt_lengths = prompt_lengths.to(prompt.device)
     padded = prompt_lengths is not None and bool((prompt_lengths != P).any())
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     longest = int(prompt_lengths.max()) if padded else P

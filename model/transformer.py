@@ -81,7 +81,7 @@ def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
     global _compiled_flex
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention)  # shapes become dynamic after a recompile: no cache blow-up
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Explicit masks (document / block diffusion) use FlexAttention on CUDA; SDPA with the dense mask otherwise.
+        # Explicit masks (document / block diffusion) use FlexAttention when training on CUDA; SDPA otherwise (_use_flex).
         self.flex_attention, self.flex_on_cpu = True, False
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -255,9 +255,13 @@ class Transformer(nn.Module):
         return x
 
     def _use_flex(self, mask: torch.Tensor) -> bool:
-        # Document and block-diffusion masks vary by query and are block sparse: FlexAttention skips the empty blocks.
-        # A padding mask (one row shared by every query, [B, 1, 1, S]) has nothing to skip: SDPA takes it directly.
-        return BlockMask is not None and self.flex_attention and (mask.is_cuda or self.flex_on_cpu) and mask.shape[-2] > 1
+        # Training with document and block-diffusion masks: they vary by query and are block sparse, and FlexAttention
+        # skips the empty blocks. Without gradients (evaluation, decoding) the masks change shape from call to call
+        # and are cheap as dense SDPA masks, so a compiled kernel per shape would not pay. A padding mask (one row
+        # shared by every query, [B, 1, 1, S]) has nothing to skip. flex_on_cpu forces FlexAttention (tests).
+        if BlockMask is None or not self.flex_attention or mask.shape[-2] == 1:
+            return False
+        return self.flex_on_cpu or (mask.is_cuda and torch.is_grad_enabled())
 
     @staticmethod
     def _attention_mask(attention: Attention, T: int, past: int, device) -> tuple[torch.Tensor | None, bool]:

@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 
 from model.ar import generate, generate_batch, next_token_loss
-from model.checkpoint import load_model
+from model.block_diffusion import trained_block_size
+from model.checkpoint import load_model, read_checkpoint
 from model.config import BASE_VOCAB_SIZE, MASK_TOKEN_ID, ModelConfig, preset
 from model.diffusion import llada_loss
+from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
+from scripts.common.cli import run_main
 from scripts.common.trainer import TrainConfig, autocast, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         training["diffusion_vs_ar"] = training["diffusion"]["tokens_per_s"] / training["ar"]["tokens_per_s"]
 
     if args.checkpoint:
+        block = trained_block_size(read_checkpoint(args.checkpoint).extra)
+        if block:  # its decoding is block-causal, which the modes compared here (bidirectional, Fast-dLLM caches) are not
+            raise NanoLladaError(f"{args.checkpoint} was trained with block diffusion (block {block}); this benchmark compares "
+                                 f"bidirectional decoding modes: time it with `scripts.eval.eval_diffusion` instead")
         diffusion_model, diffusion_config = load_model(args.checkpoint, kind="diffusion", device=device)
     else:
         torch.manual_seed(0)
@@ -287,4 +294,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

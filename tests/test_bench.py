@@ -45,3 +45,16 @@ def test_training_flops_follow_six_n_plus_attention():
     h, layers = config.hidden_size, config.num_hidden_layers
     weights = (training_flops_per_token(config, 256) - 12 * layers * h * 256) / 6
     assert weights == layers * (2 * h * h + 2 * h * 128 + 3 * h * config.intermediate_size) + config.padded_vocab_size * h  # the head computes padded rows too
+
+
+def test_a_block_trained_checkpoint_is_refused_with_the_script_to_use(tmp_path):
+    import pytest
+
+    from model.checkpoint import save_checkpoint
+    from model.errors import NanoLladaError
+    from model.transformer import Transformer
+
+    path = tmp_path / "blk.pt"
+    save_checkpoint(path, "diffusion", preset("tiny"), Transformer(preset("tiny")), None, block_diffusion={"block_size": 8})
+    with pytest.raises(NanoLladaError, match="block diffusion .block 8.*eval_diffusion"):
+        main(["--device", "cpu", "--skip-training", "--checkpoint", str(path), "--out", str(tmp_path / "b.json")])

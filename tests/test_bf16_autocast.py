@@ -1,5 +1,6 @@
 """Every training loss and decoding path runs under bf16 autocast, as on a GPU (here CPU autocast: the same
-mixed-dtype meeting points, e.g. an fp32 KV cache read by bf16 queries, CFG logits combined in fp32)."""
+mixed-dtype meeting points, e.g. fp32 RMSNorm statistics and losses next to bf16 matmuls, CFG logits combined in
+fp32, KV caches allocated in the autocast dtype)."""
 
 import pytest
 import torch

@@ -15,7 +15,8 @@ the data position, so a run can resume with a different N.
 Losses that draw random numbers (diffusion masks) get one generator per rank, seeded by (seed, k, rank): the same
 rows as one process, other (equally distributed) masks. Validation matches one process: rank r scores batches
 r, r+N, ... with the single-process seeds and the per-batch losses are summed over ranks.
-Entry points print on every rank; `torchrun --local-ranks-filter 0` shows rank 0's output only.
+Entry points print on rank 0 only (`scripts.common.cli.run_main` discards the other ranks' stdout; errors still
+reach stderr).
 """
 
 from __future__ import annotations

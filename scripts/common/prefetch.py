@@ -26,11 +26,18 @@ def pin(batch):
 
 class Prefetcher:
     """`get(k)` returns batch_fn(k); batches k+1 .. k+depth are already being built when it returns.
-    Batches at or past `stop` are never built; an error of batch_fn is raised by the `get` that asks for it."""
+    Batches at or past `stop` are never built; an error of batch_fn is raised by the `get` that asks for it.
+    With a CUDA `pin_device` the batches are pinned, and the worker thread makes that device current first (as
+    PyTorch's DataLoader does), so a rank > 0 does not open a CUDA context on GPU 0."""
 
-    def __init__(self, batch_fn: Callable[[int], object], stop: int, pin_memory: bool = False, depth: int = 2):
-        self.batch_fn, self.stop, self.pin_memory, self.depth = batch_fn, stop, pin_memory, depth
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    def __init__(self, batch_fn: Callable[[int], object], stop: int, pin_device: torch.device | None = None, depth: int = 2):
+        self.batch_fn, self.stop, self.depth = batch_fn, stop, depth
+        self.pin_memory = pin_device is not None and pin_device.type == "cuda"
+        initializer = None
+        if self.pin_memory:  # a bare "cuda" means the device current in the calling thread
+            index = pin_device.index if pin_device.index is not None else torch.cuda.current_device()
+            initializer = lambda: torch.cuda.set_device(index)  # noqa: E731
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch", initializer=initializer)
         self.pending: dict[int, Future] = {}
 
     def _build(self, k: int):

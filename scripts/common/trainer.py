@@ -245,7 +245,7 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
             raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
     stopped_early = False
     train_model.train()
-    batches = Prefetcher(batch_fn, stop=cfg.max_steps * cfg.accumulation_steps, pin_memory=device.type == "cuda")
+    batches = Prefetcher(batch_fn, stop=cfg.max_steps * cfg.accumulation_steps, pin_device=device)
     try:
         if state["step"] == 0 and val_batches:
             val = evaluate()

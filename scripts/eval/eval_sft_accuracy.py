@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
     if args.batch_size is None:
         args.batch_size = 16 if device.type == "cuda" else 1
     positive("--batch-size", args.batch_size)
+    positive("--mc-samples", args.mc_samples)
     results, predictions = {}, []
     for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
         if not path:
