@@ -16,6 +16,9 @@ from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
 from scripts.common.packing import document_ids
 
+# FlexAttention runs eagerly on the CPU here (on CUDA it is compiled); its warning about that is expected.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 
 def rng():
     return torch.Generator().manual_seed(0)
