@@ -8,6 +8,7 @@ Batched variants score many rows or answers per forward (held-out LM comparison,
   diffusion_nelbo_terms (Eq. 3), diffusion_nelbo_rows (Eq. 14, exact mask counts: lower variance) and
   ar_nll_rows give per-row sums, so standard errors can be taken across rows;
   conditional_log_likelihood_batch / ar_log_likelihood_batch score several answers to one prompt at once.
+block_conditional_log_likelihood: the same for block-diffusion models (BD3LM, LLaDA 2.0 block SFT).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model.block_diffusion import bdlm_forward
 from model.diffusion import masked_token_nll, pretraining_maskable
 from model.tokenizer import PAD_ID
 
@@ -175,6 +177,43 @@ def conditional_log_likelihood_batch(model, prompt_ids: list[int], answers: list
         values.append(torch.where(masked[rows, P:], logp, 0.0).sum(1).double() * weights[rows])
     values = torch.cat(values)
     return [_mean_and_stderr(values[owner == index]) for index in range(len(answers))]
+
+
+@torch.no_grad()
+def block_conditional_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int], mask_id: int, block_size: int,
+                                     num_samples: int = 128, batch_size: int = 32,
+                                     generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(estimate, standard error) of log p(answer | prompt) for a block-diffusion model.
+
+    Blocks start at position 0, as in training and block-causal decoding. log p(answer | prompt) is the sum over
+    blocks b of log p(answer tokens of b | everything before b), and each term gets Algorithm 3's bound within
+    its block: per draw, l_b of the block's A_b answer tokens (l_b stratified over 1..A_b) are masked and scored
+    with weight A_b / l_b; every block in one forward over [x_t ; x_0] with the BD3LM mask, so a block sees itself
+    noised and the earlier blocks clean. The rest of the last block (after the answer) is <|mask|>: unknown, never
+    scored. Exact when no block holds more than one answer token.
+    """
+    device = next(model.parameters()).device
+    generator = generator or torch.Generator().manual_seed(0)
+    P, A = len(prompt_ids), len(answer_ids)
+    L = -(-(P + A) // block_size) * block_size
+    clean = torch.tensor(prompt_ids + answer_ids + [mask_id] * (L - P - A), device=device)
+    block_of = torch.arange(P, P + A) // block_size
+    groups = [P + (block_of == b).nonzero().flatten() for b in block_of.unique()]  # answer columns of each block
+    num_samples = 1 if all(len(cols) == 1 for cols in groups) else num_samples
+    values = []
+    for start in range(0, num_samples, batch_size):
+        rows = min(batch_size, num_samples - start)
+        masked = torch.zeros(rows, L, dtype=torch.bool)
+        weights = torch.zeros(rows, L, dtype=torch.float64)
+        for cols in groups:
+            counts, chosen = draw_answer_masks(len(cols), rows, generator)
+            masked[:, cols], weights[:, cols] = chosen, (len(cols) / counts.double())[:, None]
+        masked, weights = masked.to(device), weights.to(device)
+        batch = clean.expand(rows, -1)
+        logits = bdlm_forward(model, batch.masked_fill(masked, mask_id), batch, block_size)
+        logp = F.log_softmax(logits.float(), -1).gather(-1, batch[..., None]).squeeze(-1)
+        values.append((torch.where(masked, logp, 0.0).double() * weights).sum(1))
+    return _mean_and_stderr(torch.cat(values))
 
 
 @torch.no_grad()

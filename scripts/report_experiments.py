@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     timed("accuracy_3x", "5f. Accuracy of the 3x-steps diffusion SFT", "scripts.eval.eval_sft_accuracy",
           [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), "--score-labels"])
     timed("accuracy_block32", "5g. Accuracy of the block SFT (decoded block-causally)", "scripts.eval.eval_sft_accuracy",
-          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_block32_state_dict.pt")])
+          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_block32_state_dict.pt"), "--score-labels"])
     for label, flags in (("steps4", ["--gen-steps", "4"]), ("steps2", ["--gen-steps", "2"]), ("threshold0.9", ["--threshold", "0.9"]),
                          ("threshold0.7", ["--threshold", "0.7"])):
         timed(f"accuracy_3x_{label}", f"6. Diffusion accuracy with {' '.join(flags)}", "scripts.eval.eval_sft_accuracy",

@@ -300,3 +300,43 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     assert torch.allclose(model.inner(canvas[:, 8:12], attention="bidirectional", kv_cache=cache), full[:, 8:12], atol=1e-5)
     with pytest.raises(NanoLladaError, match="needs --block-length"):
         DiffusionSamplerConfig(gen_length=8, steps=8, block_causal=True).validate()
+
+
+# ----------------------------------------------------------------------------- likelihood of block-trained models
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 16])
+def test_block_conditional_log_likelihood_of_uniform_logits_is_minus_A_ln_V(block_size):
+    from model.likelihood import block_conditional_log_likelihood
+
+    estimate, stderr = block_conditional_log_likelihood(UniformModel(), [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], MASK,
+                                                        block_size, num_samples=8)
+    assert estimate == pytest.approx(-6 * math.log(V)) and stderr == pytest.approx(0, abs=1e-9)
+
+
+def test_one_block_over_the_whole_row_is_the_bidirectional_estimator_with_the_same_draws(tiny_config):
+    from model.likelihood import block_conditional_log_likelihood, conditional_log_likelihood
+
+    model, prompt, answer = Transformer(tiny_config).eval(), [1, 5, 6, 7, 8], [9, 10, 11]
+    block = block_conditional_log_likelihood(model, prompt, answer, tiny_config.vocab_size - 1, block_size=8,
+                                             num_samples=16, generator=rng(3))
+    bidirectional = conditional_log_likelihood(model, prompt, answer, tiny_config.vocab_size - 1, num_samples=16,
+                                               generator=rng(3))
+    assert block == pytest.approx(bidirectional, abs=1e-5)
+
+
+def test_block_likelihood_is_exact_with_one_answer_token_per_block_and_ignores_later_blocks(tiny_config):
+    """Block size 1: each answer token is scored from the clean tokens before it (nothing else is visible), in one
+    draw. So it equals the product of those conditionals, and a change after a token never changes its term."""
+    from model.likelihood import block_conditional_log_likelihood
+
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    prompt, answer = [1, 5, 6], [9, 10, 11]
+    estimate, stderr = block_conditional_log_likelihood(model, prompt, answer, mask_id, block_size=1)
+    seq = torch.tensor([prompt + answer])
+    expected = 0.0
+    for i in range(3, 6):  # token i from a canvas where only it is noised (and later positions are invisible)
+        noisy = seq.clone()
+        noisy[0, i] = mask_id
+        logits = bdlm_forward(model, noisy, seq, 1)
+        expected += torch.log_softmax(logits[0, i].float(), -1)[seq[0, i]].item()
+    assert stderr == 0 and estimate == pytest.approx(expected, abs=1e-4)

@@ -1,8 +1,8 @@
 """Accuracy of SFT models on the held-out review-sentiment questions of the offline sample (or any SFT jsonl
 whose last assistant turn is the gold label): exact match on the label, with the count of unparseable answers.
 With --score-labels, also the accuracy of choosing the more likely label (AR: exact log-likelihood; diffusion:
-LLaDA's Monte-Carlo conditional log-likelihood), which tells a model that cannot tell the labels apart from
-one whose decoding does not show what it knows.
+LLaDA's Monte-Carlo conditional log-likelihood, per block for block-trained checkpoints), which tells a model that
+cannot tell the labels apart from one whose decoding does not show what it knows.
 
 uv run python -m scripts.eval.eval_sft_accuracy --tokenizer-dir . --data dataset/sample_sft_test.jsonl \
     --minimind-checkpoint weights/quick_ar_sft_state_dict.pt --diffusion-checkpoint weights/quick_diffusion_sft_state_dict.pt
@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
+from model.likelihood import ar_log_likelihood_batch, block_conditional_log_likelihood, conditional_log_likelihood_batch
 from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
@@ -67,13 +67,17 @@ def questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], 
 
 
 @torch.no_grad()
-def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int) -> list[str]:
-    """The label whose answer (label + <|im_end|>) is more likely after each prompt."""
+def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, block_size: int | None = None) -> list[str]:
+    """The label whose answer (label + <|im_end|>) is more likely after each prompt; block_size: the estimator of a
+    block-trained diffusion model."""
     answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
     chosen = []
     for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
         if kind == "ar":
             scores = ar_log_likelihood_batch(model, prompt, answers)
+        elif block_size:
+            scores = [block_conditional_log_likelihood(model, prompt, answer, mask_token_id(tokenizer), block_size, mc_samples,
+                                                       generator=torch.Generator().manual_seed(0))[0] for answer in answers]
         else:  # the same seed for every question: the mask draws do not differ between questions
             scores = [mean for mean, _ in conditional_log_likelihood_batch(model, prompt, answers, mask_token_id(tokenizer),
                                                                           mc_samples, generator=torch.Generator().manual_seed(0))]
@@ -125,11 +129,9 @@ def main(argv=None) -> dict:
                          "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
         print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
               f"{forwards / n:.1f} forward passes (of its batch) and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
-        if args.score_labels and kind == "diffusion" and sampler.block_causal:
-            print(f"{name}: --score-labels skipped: the Monte-Carlo likelihood here is the bidirectional one, which does not "
-                  f"apply to a block-trained checkpoint")
-        elif args.score_labels:
-            chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples)
+        if args.score_labels:
+            block_size = sampler.block_length if kind == "diffusion" and sampler.block_causal else None
+            chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
             hits = sum(label == gold for label, (_, gold) in zip(chosen, items))
             results[name].update(likelihood_accuracy=hits / n, likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS})
             for record, label in zip(predictions[-n:], chosen):
