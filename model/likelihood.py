@@ -181,22 +181,24 @@ def conditional_log_likelihood_batch(model, prompt_ids: list[int], answers: list
 
 @torch.no_grad()
 def block_conditional_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int], mask_id: int, block_size: int,
-                                     num_samples: int = 128, batch_size: int = 32,
-                                     generator: torch.Generator | None = None) -> tuple[float, float]:
+                                     num_samples: int = 128, batch_size: int = 32, generator: torch.Generator | None = None,
+                                     tail_id: int | None = None) -> tuple[float, float]:
     """(estimate, standard error) of log p(answer | prompt) for a block-diffusion model.
 
     Blocks start at position 0, as in training and block-causal decoding. log p(answer | prompt) is the sum over
     blocks b of log p(answer tokens of b | everything before b), and each term gets Algorithm 3's bound within
     its block: per draw, l_b of the block's A_b answer tokens (l_b stratified over 1..A_b) are masked and scored
     with weight A_b / l_b; every block in one forward over [x_t ; x_0] with the BD3LM mask, so a block sees itself
-    noised and the earlier blocks clean. The rest of the last block (after the answer) is <|mask|>: unknown, never
-    scored. Exact when no block holds more than one answer token.
+    noised and the earlier blocks clean. The rest of the last block (after the answer) is never scored; it holds
+    `tail_id`, by default <|mask|> (unknown: the answer may go on). For a complete SFT answer (one that ends in
+    <|im_end|>) pass EOS: block SFT pads every answer's last block with EOS, so that is the context it was trained in.
+    Exact when no block holds more than one answer token.
     """
     device = next(model.parameters()).device
     generator = generator or torch.Generator().manual_seed(0)
     P, A = len(prompt_ids), len(answer_ids)
     L = -(-(P + A) // block_size) * block_size
-    clean = torch.tensor(prompt_ids + answer_ids + [mask_id] * (L - P - A), device=device)
+    clean = torch.tensor(prompt_ids + answer_ids + [mask_id if tail_id is None else tail_id] * (L - P - A), device=device)
     block_of = torch.arange(P, P + A) // block_size
     groups = [P + (block_of == b).nonzero().flatten() for b in block_of.unique()]  # answer columns of each block
     num_samples = 1 if all(len(cols) == 1 for cols in groups) else num_samples

@@ -340,3 +340,15 @@ def test_block_likelihood_is_exact_with_one_answer_token_per_block_and_ignores_l
         logits = bdlm_forward(model, noisy, seq, 1)
         expected += torch.log_softmax(logits[0, i].float(), -1)[seq[0, i]].item()
     assert stderr == 0 and estimate == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_tail_of_the_last_block_is_context_never_scored(tiny_config):
+    from model.likelihood import block_conditional_log_likelihood
+
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    args = (model, [1, 5, 6], [9, 10], mask_id, 8)
+    unknown = block_conditional_log_likelihood(*args, num_samples=4)
+    assert unknown == block_conditional_log_likelihood(*args, num_samples=4, tail_id=mask_id)
+    assert unknown != block_conditional_log_likelihood(*args, num_samples=4, tail_id=EOS)  # the tail is attended to
+    assert block_conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 8, num_samples=4, tail_id=EOS)[0] == \
+        pytest.approx(-2 * math.log(V))  # ... but never scored

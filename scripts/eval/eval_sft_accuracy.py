@@ -75,9 +75,10 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
     for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
         if kind == "ar":
             scores = ar_log_likelihood_batch(model, prompt, answers)
-        elif block_size:
+        elif block_size:  # the answers are complete (they end in <|im_end|>): the rest of their block is EOS padding
             scores = [block_conditional_log_likelihood(model, prompt, answer, mask_token_id(tokenizer), block_size, mc_samples,
-                                                       generator=torch.Generator().manual_seed(0))[0] for answer in answers]
+                                                       generator=torch.Generator().manual_seed(0), tail_id=EOS_ID)[0]
+                      for answer in answers]
         else:  # the same seed for every question: the mask draws do not differ between questions
             scores = [mean for mean, _ in conditional_log_likelihood_batch(model, prompt, answers, mask_token_id(tokenizer),
                                                                           mc_samples, generator=torch.Generator().manual_seed(0))]
