@@ -44,13 +44,18 @@ class DiffusionSamplerConfig:
     use_kv_cache: bool = True  # block-causal mode: cache the finished blocks (exact); False recomputes the prefix
     cache: str = "none"  # bidirectional models: none | prefix | dual, Fast-dLLM's approximate K/V caches refreshed per block
 
-    def validate(self) -> None:
+    def validate(self, prompt_len: int | None = None) -> None:
+        """Refuse impossible settings; with the prompt length, also too few steps for block-causal decoding (whose
+        blocks start at the prompt's first token, so their count depends on it)."""
         block = self.block_length or self.gen_length
         if self.gen_length <= 0:
             raise NanoLladaError(f"nothing to generate: generation length {self.gen_length}")
         if self.block_causal:
             if not self.block_length or self.block_length <= 0:
                 raise NanoLladaError("block-causal decoding needs --block-length (the block size the model was trained with)")
+            blocks = self.decode_blocks(prompt_len) if prompt_len is not None else 0
+            if self.threshold is None and self.steps < blocks:
+                raise NanoLladaError(f"--gen-steps {self.steps} is fewer than the {blocks} blocks to decode; use at least one step per block")
         elif block <= 0 or self.gen_length % block:
             raise NanoLladaError(f"--block-length {block} does not divide the generation length {self.gen_length}; "
                                  f"choose a divisor of {self.gen_length} (e.g. {self.gen_length}) or change --max-new-tokens")
@@ -63,6 +68,10 @@ class DiffusionSamplerConfig:
                                  "finished blocks exactly (use_kv_cache)")
         if self.remasking not in ("low_confidence", "random"):
             raise NanoLladaError(f"--remasking must be low_confidence or random, got '{self.remasking}'")
+
+    def decode_blocks(self, prompt_len: int) -> int:
+        """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""
+        return -(-(prompt_len + self.gen_length) // self.block_length) - prompt_len // self.block_length
 
 
 @dataclass
@@ -150,8 +159,8 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     With eos_id and cfg.stop_at_eos, a row whose finished blocks hold an EOS is done: the rest of it is EOS
     padding and it leaves the batch, so later blocks cost only the rows still writing.
     """
-    cfg.validate()
     B, P = prompt.shape
+    cfg.validate(P)
     if prompt_lengths is not None:
         prompt_lengths = prompt_lengths.to(prompt.device)
     padded = prompt_lengths is not None and bool((prompt_lengths != P).any())
@@ -287,9 +296,7 @@ def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerCon
     K, total = cfg.block_length, P + cfg.gen_length
     canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
     first_block, num_blocks = P // K, -(-total // K)  # blocks [first_block, num_blocks) hold generated positions
-    decode_blocks = num_blocks - first_block
-    if cfg.threshold is None and cfg.steps < decode_blocks:
-        raise NanoLladaError(f"--gen-steps {cfg.steps} is fewer than the {decode_blocks} blocks to decode; use at least one step per block")
+    decode_blocks = cfg.decode_blocks(P)
     guided = cfg.cfg_scale != 0
     prefix_block = torch.arange(total, device=canvas.device) // K
 

@@ -159,27 +159,22 @@ class ChatEngine:
 
     def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int) -> DiffusionSamplerConfig:
         d = self.defaults
-        if self.trained_block_size:  # blocks start at the prompt's first token, as in training; any length works
-            steps = _field(body, "steps", int, d.steps, minimum=1)
-            threshold = _field(body, "threshold", (int, float), d.threshold, minimum=0, maximum=1)
-            K = self.trained_block_size
-            blocks = -(-(prompt_len + max_tokens) // K) - prompt_len // K
-            if steps and threshold is None and steps < blocks:
-                raise RequestError(f"'steps' {steps} is fewer than the {blocks} blocks of {K} tokens to decode", "steps")
-            return DiffusionSamplerConfig(gen_length=max_tokens, steps=steps or max_tokens, block_length=K, temperature=temperature,
-                                          threshold=None if threshold is None else float(threshold), block_causal=True)
-        block = _field(body, "block_length", int, d.block_length, minimum=1)
-        block = min(block or max_tokens, max_tokens)
-        gen_length = math.ceil(max_tokens / block) * block  # whole blocks; the tail past max_tokens is dropped
-        if gen_length > room:
-            raise RequestError(f"max_tokens {max_tokens} rounded up to whole blocks of {block} is {gen_length} tokens, more than the "
-                               f"{room} left in the context; choose a block_length that divides max_tokens", "block_length")
+        if self.trained_block_size:  # block-causal: blocks start at the prompt's first token, as in training; any length works
+            block, gen_length = self.trained_block_size, max_tokens
+        else:
+            block = _field(body, "block_length", int, d.block_length, minimum=1)
+            block = min(block or max_tokens, max_tokens)
+            gen_length = math.ceil(max_tokens / block) * block  # whole blocks; the tail past max_tokens is dropped
+            if gen_length > room:
+                raise RequestError(f"max_tokens {max_tokens} rounded up to whole blocks of {block} is {gen_length} tokens, more than "
+                                   f"the {room} left in the context; choose a block_length that divides max_tokens", "block_length")
         steps = _field(body, "steps", int, d.steps, minimum=1)
         threshold = _field(body, "threshold", (int, float), d.threshold, minimum=0, maximum=1)
         cfg = DiffusionSamplerConfig(gen_length=gen_length, steps=steps or gen_length, block_length=block, temperature=temperature,
-                                     threshold=None if threshold is None else float(threshold))
+                                     threshold=None if threshold is None else float(threshold),
+                                     block_causal=bool(self.trained_block_size))
         try:
-            cfg.validate()
+            cfg.validate(prompt_len)
         except NanoLladaError as err:
             raise RequestError(str(err).replace("--gen-steps", "steps").replace("--block-length", "block_length"), "steps") from None
         return cfg
