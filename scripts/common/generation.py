@@ -8,6 +8,7 @@ then those of its batch.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -18,6 +19,7 @@ from model.block_diffusion import trained_block_size
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
+from scripts.common.packing import chunks
 from scripts.common.trainer import autocast
 
 
@@ -84,6 +86,17 @@ class _ForwardClock:
         return time.perf_counter() - self.start
 
 
+def _timed(model, device, dtype: str, run):
+    """(run()'s result under autocast, wall seconds, the clock with its forward count and first-pass time)."""
+    clock = _ForwardClock(model, device)
+    try:
+        with autocast(device, dtype):
+            out = run()
+    finally:
+        elapsed = clock.stop()
+    return out, elapsed, clock
+
+
 def ar_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype: str = "bfloat16", batch_size: int = 16) -> list[Answer]:
     """Answers to many prompts, `batch_size` at a time through one KV cache per batch (batch 1: ar_answer)."""
@@ -93,13 +106,9 @@ def ar_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         generator = torch.Generator(device=device).manual_seed(seed)
-        clock = _ForwardClock(model, device)
-        try:
-            with autocast(device, dtype):
-                rows = generate_batch(model, chunk, max_new_tokens, temperature, top_k, top_p, EOS_ID,
-                                      banned_ids=(mask_token_id(tokenizer),), pad_id=PAD_ID, generator=generator)
-        finally:
-            elapsed = clock.stop()
+        rows, elapsed, clock = _timed(model, device, dtype, lambda: generate_batch(
+            model, chunk, max_new_tokens, temperature, top_k, top_p, EOS_ID, banned_ids=(mask_token_id(tokenizer),),
+            pad_id=PAD_ID, generator=generator))
         for ids in rows:
             kept = strip_after_eos(ids, EOS_ID)
             answers.append(Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(chunk)))
@@ -112,38 +121,25 @@ def diffusion_answers(model, tokenizer, prompts: list[list[int]], sampler: Diffu
     of equal length: their blocks are aligned to the prompt's start). Batch 1: diffusion_answer."""
     if batch_size <= 1:
         return [diffusion_answer(model, tokenizer, p, sampler, device, seed, dtype) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sampler.block_causal else list(range(len(prompts)))
-    batches, answers = [], [None] * len(prompts)
-    for i in order:  # consecutive runs of `order`, cut at batch_size (and, block-causal, at a change of length)
-        if batches and len(batches[-1]) < batch_size and not (sampler.block_causal and len(prompts[batches[-1][0]]) != len(prompts[i])):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    for indices in batches:
-        ids, lengths = left_pad([prompts[i] for i in indices], PAD_ID, device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        clock = _ForwardClock(model, device)
-        try:
-            with autocast(device, dtype):
-                out = diffusion_generate(model, ids, sampler, mask_token_id(tokenizer), EOS_ID, generator, prompt_lengths=lengths)
-        finally:
-            elapsed = clock.stop()
-        for row, i in enumerate(indices):
-            kept = strip_after_eos(out.tokens[row].tolist(), EOS_ID)
-            answers[i] = Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe, len(indices))
+    group = (lambda i: len(prompts[i])) if sampler.block_causal else (lambda i: 0)
+    answers = [None] * len(prompts)
+    for _, same in itertools.groupby(sorted(range(len(prompts)), key=group), key=group):  # sorted() is stable
+        for indices in chunks(same, batch_size):
+            ids, lengths = left_pad([prompts[i] for i in indices], PAD_ID, device)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            out, elapsed, clock = _timed(model, device, dtype, lambda: diffusion_generate(
+                model, ids, sampler, mask_token_id(tokenizer), EOS_ID, generator, prompt_lengths=lengths))
+            for row, i in enumerate(indices):
+                kept = strip_after_eos(out.tokens[row].tolist(), EOS_ID)
+                answers[i] = Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe, len(indices))
     return answers
 
 
 def diffusion_answer(model, tokenizer, prompt: list[int], sampler: DiffusionSamplerConfig, device, seed: int = 0,
                      dtype: str = "bfloat16", on_block=None) -> Answer:
     generator = torch.Generator(device=device).manual_seed(seed)
-    clock = _ForwardClock(model, device)  # the first forward pass is the first denoising round
-    try:
-        with autocast(device, dtype):
-            out = diffusion_generate(model, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID,
-                                     generator, on_block=on_block)
-    finally:
-        elapsed = clock.stop()
+    out, elapsed, clock = _timed(model, device, dtype, lambda: diffusion_generate(  # first forward = first denoising round
+        model, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID, generator, on_block=on_block))
     kept = strip_after_eos(out.tokens[0].tolist(), EOS_ID)
     return Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe)
 

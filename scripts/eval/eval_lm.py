@@ -73,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
     """(model, tokenizer, kind) for a checkpoint of either kind, with load_for_eval's tokenizer checks."""
     model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
-    if checkpoint.kind == "diffusion" and trained_block_size(checkpoint.extra):
-        print(f"note: {path} was trained with block diffusion (block {trained_block_size(checkpoint.extra)}); its NELBO here is "
+    block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
+    if block:
+        print(f"note: {path} was trained with block diffusion (block {block}); its NELBO here is "
               f"the bidirectional (MDLM) bound, which is not the objective it was trained on")
     return model, tokenizer, checkpoint.kind
 
