@@ -11,6 +11,19 @@ MINIMIND2_FIXTURES = ROOT.parent / "shared" / "fixtures" / "minimind2"
 from model.config import ModelConfig  # noqa: E402
 
 
+def lively_model(config: ModelConfig):
+    """A random model in eval mode with large weights: its greedy outputs vary from token to token (a 0.02-init
+    model repeats its last input, which would make equal outputs meaningless). Seed before calling."""
+    from model.transformer import Transformer
+
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    return model
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,

@@ -7,20 +7,10 @@ from model.ar import generate, generate_batch
 from model.errors import NanoLladaError
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
-from model.transformer import Transformer
+
+from conftest import lively_model
 
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 99], [44]]
-
-
-def lively(config) -> Transformer:
-    """A random model with large weights: its greedy outputs vary from token to token (a 0.02-init model repeats
-    its last input, which would make equal outputs meaningless)."""
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.3)
-    return model
 
 
 def test_left_pad_right_aligns_and_rejects_empty_prompts():
@@ -31,7 +21,7 @@ def test_left_pad_right_aligns_and_rejects_empty_prompts():
 
 
 def test_ar_batch_equals_each_prompt_alone_with_eos_and_banned_ids(tiny_config):
-    model = lively(tiny_config)
+    model = lively_model(tiny_config)
     eos = list(generate(model, PROMPTS[1], 12))[3]  # a token row 1 writes: that row stops early
     alone = [list(generate(model, p, 12, eos_id=eos, banned_ids=(100,))) for p in PROMPTS]
     batched = generate_batch(model, PROMPTS, 12, eos_id=eos, banned_ids=(100,))
@@ -42,14 +32,14 @@ def test_ar_batch_equals_each_prompt_alone_with_eos_and_banned_ids(tiny_config):
 
 def test_ar_batch_respects_each_rows_position_limit(tiny_config):
     tiny_config.max_position_embeddings = 12
-    model = lively(tiny_config)
+    model = lively_model(tiny_config)
     batched = generate_batch(model, PROMPTS, 20)
     assert [len(row) for row in batched] == [12 - len(p) for p in PROMPTS]
     assert batched == [list(generate(model, p, 20)) for p in PROMPTS]
 
 
 def test_ar_padding_token_is_never_seen(tiny_config):
-    model = lively(tiny_config)
+    model = lively_model(tiny_config)
     assert generate_batch(model, PROMPTS, 8, pad_id=0) == generate_batch(model, PROMPTS, 8, pad_id=57)
 
 
@@ -59,7 +49,7 @@ MODES = [{}, {"threshold": 0.3}, {"threshold": 0.3, "cache": "prefix"}, {"thresh
 
 @pytest.mark.parametrize("options", MODES)
 def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config, options):
-    model, mask_id = lively(tiny_config), tiny_config.vocab_size - 1
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, stop_at_eos=False, **options)
     ids, lengths = left_pad(PROMPTS, pad_id=0)
     batched = diffusion_generate(model, ids, cfg, mask_id, prompt_lengths=lengths)
@@ -71,7 +61,7 @@ def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config,
 
 
 def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
-    model, mask_id = lively(tiny_config), tiny_config.vocab_size - 1
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4)
     first = diffusion_generate(model, torch.tensor([PROMPTS[2]]), cfg, mask_id).tokens[0]
     eos = int(first[1])  # row 2 writes this in its first block: it ends there and the others go on
@@ -83,7 +73,7 @@ def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
 
 
 def test_block_causal_decoding_of_unequal_prompts_is_refused_with_the_fix(tiny_config):
-    model, mask_id = lively(tiny_config), tiny_config.vocab_size - 1
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     cfg = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=True)
     ids, lengths = left_pad(PROMPTS, pad_id=0)
     with pytest.raises(NanoLladaError, match="group the prompts by length"):
@@ -101,7 +91,7 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
     from model.tokenizer import load_tokenizer
     from scripts.common.generation import ar_answers, diffusion_answers
 
-    tokenizer, model = load_tokenizer("."), lively(preset("tiny"))
+    tokenizer, model = load_tokenizer("."), lively_model(preset("tiny"))
     prompts = [[1, 300, 301], [1, 400], [1, 500, 501, 502, 503], [1, 600], [1, 700, 701]]
     sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=block_causal, stop_at_eos=False)
     device = torch.device("cpu")
@@ -115,7 +105,7 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
 
 def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(tiny_config):
     tiny_config.max_position_embeddings = 10
-    model, mask_id = lively(tiny_config), tiny_config.vocab_size - 1
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     with pytest.raises(NanoLladaError, match="no room"):
         generate_batch(model, [[1] * 10, [1, 2]], 4)
     ids, lengths = left_pad([[1] * 8, [1, 2]], pad_id=0)

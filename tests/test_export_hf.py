@@ -13,6 +13,8 @@ from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts import export_hf as export_script
 
+from conftest import lively_model
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -25,12 +27,7 @@ def tiny_model(tokenizer, **overrides) -> Transformer:
     config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=len(tokenizer), max_position_embeddings=128, **overrides)
     torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():  # larger weights than the init, so greedy decoding does not repeat one token
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.3)
-    return model
+    return lively_model(config)
 
 
 def export(tmp_path, tokenizer, model, kind) -> str:

@@ -12,8 +12,9 @@ from model.ar import generate
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.tokenizer import EOS_ID, chat_text, decode, encode, load_tokenizer, tokenizer_identity
-from model.transformer import Transformer
 from scripts import serve
+
+from conftest import lively_model
 
 openai = pytest.importorskip("openai")
 MESSAGES = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好，介绍一下你自己。"}]
@@ -29,11 +30,7 @@ def start_server(tmp_path_factory, tokenizer, kind):
     config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=len(tokenizer), max_position_embeddings=CONTEXT)
     torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():  # larger weights than the init, so greedy decoding does not repeat one token
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.3)
+    model = lively_model(config)
     path = tmp_path_factory.mktemp(kind) / f"{kind}.pt"
     save_checkpoint(path, kind, config, model, tokenizer_identity(tokenizer))
     args = serve.parse_args(["--checkpoint", str(path), "--port", "0", "--quiet", "--model-name", f"tiny-{kind}",
