@@ -5,5 +5,15 @@ from model.config import MASK_TOKEN, MASK_TOKEN_ID, ModelConfig, preset
 from model.errors import NanoLladaError
 from model.transformer import KVCache, Transformer
 
-__all__ = ["KVCache", "MASK_TOKEN", "MASK_TOKEN_ID", "ModelConfig", "NanoLladaError", "Transformer",
-           "load_model", "preset", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "KVCache",
+    "MASK_TOKEN",
+    "MASK_TOKEN_ID",
+    "ModelConfig",
+    "NanoLladaError",
+    "Transformer",
+    "load_model",
+    "preset",
+    "read_checkpoint",
+    "save_checkpoint",
+]

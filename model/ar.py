@@ -20,8 +20,13 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None 
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token id per row of logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -38,9 +43,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, banned_ids: tuple[int, ...] = (), use_cache: bool = True,
-             generator: torch.Generator | None = None) -> Iterator[int]:
+def generate(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    banned_ids: tuple[int, ...] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1). With use_cache, each step feeds only the newest token.
 
     Stops after eos_id (which is yielded) or max_new_tokens, or at the model's position limit.
@@ -65,9 +79,18 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, eos_id: int | None = None, banned_ids: tuple[int, ...] = (), pad_id: int = 0,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
+def generate_batch(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    banned_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """New ids for each prompt (any lengths), decoded together with one KV cache; each list ends at its EOS.
 
     Prompts are left-padded (model/padding.py): padding is masked out and positions start at each prompt's first
@@ -79,7 +102,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
     B, P = ids.shape
     limit = model.config.max_position_embeddings
     if int(lengths.max()) >= limit:
-        raise NanoLladaError(f"a prompt of {int(lengths.max())} tokens leaves no room in the model's {limit} positions; shorten it")
+        raise NanoLladaError(
+            f"a prompt of {int(lengths.max())} tokens leaves no room in the model's {limit} positions; shorten it"
+        )
     budget = (limit - lengths).clamp(min=0, max=max_new_tokens)  # new tokens each row may write
     steps = int(budget.max())
     layout = PaddedLayout.build(lengths, P, P + steps)
@@ -103,9 +128,13 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
             break
         column = P + step
         if padded:
-            positions = layout.positions[:, column:column + 1].clamp(max=limit - 1)  # rows past their limit are done
-            logits = model(token[:, None], attention=layout.key_mask(torch.arange(column + 1, device=device)),
-                           kv_cache=cache, positions=positions)[:, -1]
+            positions = layout.positions[:, column : column + 1].clamp(max=limit - 1)  # rows past their limit are done
+            logits = model(
+                token[:, None],
+                attention=layout.key_mask(torch.arange(column + 1, device=device)),
+                kv_cache=cache,
+                positions=positions,
+            )[:, -1]
         else:
             logits = model(token[:, None], attention="causal", kv_cache=cache)[:, -1]
     return [[t for t in row if t >= 0] for row in written.tolist()]

@@ -26,6 +26,7 @@ SCHEDULES = ("linear", "cosine")
 
 # ----------------------------------------------------------------------------- noise schedules
 
+
 def mask_probability(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
     """1 - alpha(t): the probability that a token is masked at diffusion time t.
 
@@ -52,6 +53,7 @@ def elbo_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- attention masks
+
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
     """Block index of each position 0..length-1 (blocks start at position 0, as in training)."""
@@ -100,6 +102,7 @@ def bd3lm_document_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- losses
 
+
 def sample_time(batch_size: int, eps: float, rng: torch.Generator, device) -> torch.Tensor:
     """t ~ U(eps, 1 - eps) per sequence; eps keeps every ELBO weight finite."""
     return eps + (1 - 2 * eps) * torch.rand(batch_size, device=device, generator=rng)
@@ -109,9 +112,17 @@ def _weighted_loss(logits, input_ids, masked, weight, maskable) -> torch.Tensor:
     return (masked_token_nll(logits, input_ids, masked) * weight[:, None]).sum() / maskable.sum().clamp(min=1)
 
 
-def mdlm_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int, eps: float = 1e-3,
-              schedule: str = "linear", doc_ids: torch.Tensor | None = None, maskable: torch.Tensor | None = None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+def mdlm_loss(
+    model,
+    input_ids: torch.Tensor,
+    rng: torch.Generator,
+    mask_id: int,
+    eps: float = 1e-3,
+    schedule: str = "linear",
+    doc_ids: torch.Tensor | None = None,
+    maskable: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Masked diffusion over the whole row (LLaDA Eq. 3, LLaDA 2.0 Eq. 2), weighted by elbo_weight(t).
 
     With schedule "linear" and no doc_ids it draws the same masks as model.diffusion.llada_loss and equals it.
@@ -120,13 +131,16 @@ def mdlm_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int
     maskable = pretraining_maskable(input_ids) if maskable is None else maskable
     t = sample_time(input_ids.shape[0], eps, rng, input_ids.device) if t is None else t
     noisy, masked = mask_tokens(input_ids, maskable, mask_probability(t, schedule), mask_id, rng)
-    attention = "bidirectional" if doc_ids is None else document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
+    attention = (
+        "bidirectional" if doc_ids is None else document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
+    )
     logits = model(noisy, attention=attention)
     return _weighted_loss(logits, input_ids, masked, elbo_weight(t, schedule), maskable)
 
 
-def bdlm_forward(model, noisy: torch.Tensor, clean: torch.Tensor, block_size: int,
-                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def bdlm_forward(
+    model, noisy: torch.Tensor, clean: torch.Tensor, block_size: int, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits of the noisy half of the BD3LM input [x_t ; x_0] (positions 0..L-1 for both halves)."""
     B, L = clean.shape
     positions = torch.arange(L, device=clean.device).repeat(2)
@@ -137,9 +151,18 @@ def bdlm_forward(model, noisy: torch.Tensor, clean: torch.Tensor, block_size: in
     return model(torch.cat([noisy, clean], dim=1), attention=attention, positions=positions)[:, :L]
 
 
-def bdlm_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int, block_size: int, eps: float = 1e-3,
-              schedule: str = "linear", doc_ids: torch.Tensor | None = None, maskable: torch.Tensor | None = None,
-              t: torch.Tensor | None = None) -> torch.Tensor:
+def bdlm_loss(
+    model,
+    input_ids: torch.Tensor,
+    rng: torch.Generator,
+    mask_id: int,
+    block_size: int,
+    eps: float = 1e-3,
+    schedule: str = "linear",
+    doc_ids: torch.Tensor | None = None,
+    maskable: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Block diffusion (BD3LM, LLaDA 2.0 Eq. 1): every block is noised at the row's t and denoised from itself plus
     the clean earlier blocks, in one forward pass over [x_t ; x_0]. Same weighting and normalisation as mdlm_loss,
     so at block_size = L the two agree for the same masks (invariant B2).
@@ -189,14 +212,18 @@ class BlockCurriculum:
                 raise NanoLladaError(f"{name} is empty; give at least one block size")
             bad = [s for s in sizes if s <= 0 or self.seq_len % s]
             if bad:
-                raise NanoLladaError(f"{name}: block size(s) {bad} do not divide --seq-len {self.seq_len}; "
-                                     f"use divisors of {self.seq_len} (e.g. {default_sizes_up(self.seq_len)})")
+                raise NanoLladaError(
+                    f"{name}: block size(s) {bad} do not divide --seq-len {self.seq_len}; "
+                    f"use divisors of {self.seq_len} (e.g. {default_sizes_up(self.seq_len)})"
+                )
         if any(a > b for a, b in zip(self.sizes_up, self.sizes_up[1:])):
             raise NanoLladaError(f"--wsd-block-sizes-up must not decrease, got {list(self.sizes_up)}")
         if any(a < b for a, b in zip(self.sizes_down, self.sizes_down[1:])):
             raise NanoLladaError(f"--wsd-block-sizes-down must not increase, got {list(self.sizes_down)}")
         if len(self.phase_ratios) != 3 or min(self.phase_ratios) < 0 or abs(sum(self.phase_ratios) - 1) > 1e-6:
-            raise NanoLladaError(f"--wsd-phase-ratios must be three non-negative numbers summing to 1, got {list(self.phase_ratios)}")
+            raise NanoLladaError(
+                f"--wsd-phase-ratios must be three non-negative numbers summing to 1, got {list(self.phase_ratios)}"
+            )
 
     @property
     def inference_block_size(self) -> int:
@@ -215,7 +242,9 @@ class BlockCurriculum:
         if step < decay_start or decay_start >= self.total_steps:
             return STABLE, self.seq_len
         span = self.total_steps - decay_start
-        return DECAY, self.sizes_down[min(len(self.sizes_down) * (step - decay_start) // span, len(self.sizes_down) - 1)]
+        return DECAY, self.sizes_down[
+            min(len(self.sizes_down) * (step - decay_start) // span, len(self.sizes_down) - 1)
+        ]
 
 
 def trained_block_size(extra: dict) -> int | None:
@@ -231,7 +260,12 @@ def trained_block_size(extra: dict) -> int | None:
     stored = (extra.get("diffusion") or {}).get("block_curriculum")
     if not stored or not extra.get("step"):
         return None
-    curriculum = BlockCurriculum(stored["seq_len"], stored["total_steps"], tuple(stored["sizes_up"]),
-                                 tuple(stored["sizes_down"]), tuple(stored["phase_ratios"]))
+    curriculum = BlockCurriculum(
+        stored["seq_len"],
+        stored["total_steps"],
+        tuple(stored["sizes_up"]),
+        tuple(stored["sizes_down"]),
+        tuple(stored["phase_ratios"]),
+    )
     phase, block_size = curriculum.at(int(extra["step"]) - 1)  # the last step the weights were trained at
     return None if phase == STABLE else block_size

@@ -55,8 +55,15 @@ def plain_state_dict(model: torch.nn.Module) -> dict:
 def save_checkpoint(path, kind: str, config: ModelConfig, model, tokenizer_identity: dict | None, **extra) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "config": config.to_dict(),
-               "tokenizer": tokenizer_identity, "model": plain_state_dict(model), **extra}
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config.to_dict(),
+        "tokenizer": tokenizer_identity,
+        "model": plain_state_dict(model),
+        **extra,
+    }
     atomic_save(payload, path)
 
 
@@ -65,22 +72,31 @@ def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     path = Path(path)
     if path.is_dir():  # a Hugging Face export written by scripts.export_hf (lazy import: model.hf imports this module)
         from model.hf.convert import read_hf_export
+
         return read_hf_export(path, num_attention_heads)
     if not path.is_file():
         raise NanoLladaError(f"{path}: checkpoint not found; train one first (see README) or check the path")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise NanoLladaError(f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+        raise NanoLladaError(
+            f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         config = ModelConfig.from_dict(payload["config"])
         if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
-            raise NanoLladaError(f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag")
-        extra = {k: v for k, v in payload.items() if k not in ("format", "version", "kind", "config", "tokenizer", "model")}
+            raise NanoLladaError(
+                f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag"
+            )
+        extra = {
+            k: v for k, v in payload.items() if k not in ("format", "version", "kind", "config", "tokenizer", "model")
+        }
         return Checkpoint(payload["kind"], config, payload["model"], payload.get("tokenizer"), FORMAT, extra)
     if isinstance(payload, dict) and "model.embed_tokens.weight" in payload:
         return _from_minimind2(path, payload, num_attention_heads or 8)
-    raise NanoLladaError(f"{path}: neither a nano-llada checkpoint nor a MiniMind2 state dict (no 'model.embed_tokens.weight')")
+    raise NanoLladaError(
+        f"{path}: neither a nano-llada checkpoint nor a MiniMind2 state dict (no 'model.embed_tokens.weight')"
+    )
 
 
 def _from_minimind2(path: Path, state: dict, num_heads: int) -> Checkpoint:
@@ -90,7 +106,9 @@ def _from_minimind2(path: Path, state: dict, num_heads: int) -> Checkpoint:
     embed = state["model.embed_tokens.weight"]
     vocab, hidden = embed.shape
     if hidden % num_heads:
-        raise NanoLladaError(f"{path}: hidden size {hidden} is not divisible by {num_heads} heads; pass the right num_attention_heads")
+        raise NanoLladaError(
+            f"{path}: hidden size {hidden} is not divisible by {num_heads} heads; pass the right num_attention_heads"
+        )
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
     head_dim = hidden // num_heads
     kv_heads = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
@@ -98,12 +116,20 @@ def _from_minimind2(path: Path, state: dict, num_heads: int) -> Checkpoint:
         raise NanoLladaError(f"{path}: MiniMind2-MoE checkpoints are not supported (dense models only)")
     head = state.get("lm_head.weight")
     tied = head is None or torch.equal(head, embed)
-    config = ModelConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_heads, num_key_value_heads=kv_heads,
-                         vocab_size=vocab + 1, intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
-                         tie_word_embeddings=tied)
+    config = ModelConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab + 1,
+        intermediate_size=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        tie_word_embeddings=tied,
+    )
     padding = torch.zeros(config.padded_vocab_size - vocab - 1, hidden)
     state["model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True), padding])
-    state["lm_head.weight"] = state["model.embed_tokens.weight"] if tied else torch.cat([head, head.mean(0, keepdim=True), padding])
+    state["lm_head.weight"] = (
+        state["model.embed_tokens.weight"] if tied else torch.cat([head, head.mean(0, keepdim=True), padding])
+    )
     return Checkpoint("ar", config, state, None, "minimind2")
 
 
@@ -111,7 +137,9 @@ def build_model(checkpoint: Checkpoint, path="checkpoint") -> Transformer:
     model = Transformer(checkpoint.config)
     missing, unexpected = model.load_state_dict(checkpoint.state_dict, strict=False)
     if missing or unexpected:
-        raise NanoLladaError(f"{path}: weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise NanoLladaError(
+            f"{path}: weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model
 
 

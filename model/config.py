@@ -44,14 +44,25 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                     "max_position_embeddings", "pad_vocab_multiple"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "max_position_embeddings",
+            "pad_vocab_multiple",
+        ):
             if getattr(self, name) <= 0:
                 raise NanoLladaError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise NanoLladaError(f"model config: hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} attention heads")
+            raise NanoLladaError(
+                f"model config: hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} attention heads"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise NanoLladaError(f"model config: {self.num_attention_heads} attention heads are not a multiple of {self.num_key_value_heads} key/value heads")
+            raise NanoLladaError(
+                f"model config: {self.num_attention_heads} attention heads are not a multiple of {self.num_key_value_heads} key/value heads"
+            )
         if self.head_dim % 2:
             raise NanoLladaError(f"model config: head dim {self.head_dim} must be even for RoPE")
 
@@ -67,11 +78,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise NanoLladaError(f"model config has unknown fields {sorted(unknown)}; was it written by a newer nano-llada?")
+            raise NanoLladaError(
+                f"model config has unknown fields {sorted(unknown)}; was it written by a newer nano-llada?"
+            )
         # Checkpoints written before vocabulary padding existed store unpadded tensors.
         return cls(**{"pad_vocab_multiple": 1, **data})
 
@@ -85,8 +98,12 @@ class ModelConfig:
 PRESETS = {
     "minimind2_small": dict(hidden_size=512, num_hidden_layers=8),  # 26M, the default
     "minimind2": dict(hidden_size=768, num_hidden_layers=16),  # 104M
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048
+    ),
+    "small": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096
+    ),
 }
 
 

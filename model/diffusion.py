@@ -27,8 +27,9 @@ def sample_mask_ratio(batch_size: int, eps: float, rng: torch.Generator, device)
     return eps + (1 - 2 * eps) * torch.rand(batch_size, device=device, generator=rng)
 
 
-def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor, mask_id: int,
-                rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor, maskable: torch.Tensor, t: torch.Tensor, mask_id: int, rng: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each maskable token independently with probability t[row]; at least one per row that has any.
 
     Returns (noisy ids, masked positions). Pure tensor ops: no Python loop over rows.
@@ -64,8 +65,15 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     return nll.view(targets.shape)
 
 
-def llada_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: int, eps: float = 1e-3,
-               maskable: torch.Tensor | None = None, repeat_penalty_weight: float = 0.0) -> torch.Tensor:
+def llada_loss(
+    model,
+    input_ids: torch.Tensor,
+    rng: torch.Generator,
+    mask_id: int,
+    eps: float = 1e-3,
+    maskable: torch.Tensor | None = None,
+    repeat_penalty_weight: float = 0.0,
+) -> torch.Tensor:
     """LLaDA Eq. 3: sum over masked tokens of CE / t, divided by the number of maskable tokens.
 
     An upper bound on the NLL per token (the NELBO); with uniform logits its expectation is ln|V|.
@@ -80,8 +88,9 @@ def llada_loss(model, input_ids: torch.Tensor, rng: torch.Generator, mask_id: in
     return loss
 
 
-def llada_sft_loss(model, input_ids: torch.Tensor, maskable: torch.Tensor, rng: torch.Generator, mask_id: int,
-                   eps: float = 1e-3) -> torch.Tensor:
+def llada_sft_loss(
+    model, input_ids: torch.Tensor, maskable: torch.Tensor, rng: torch.Generator, mask_id: int, eps: float = 1e-3
+) -> torch.Tensor:
     """LLaDA SFT: only response tokens (maskable: answers + their EOS padding) are masked, t ~ U(eps, 1-eps);
     loss = mean over samples of (sum of masked CE / t) / answer length A_b, A_b counting the EOS padding."""
     t = sample_mask_ratio(input_ids.shape[0], eps, rng, input_ids.device)
@@ -111,6 +120,6 @@ def init_mask_embedding(model, mask_id: int, generator: torch.Generator, noise_s
     from the "average token". With tied weights this is also the mask's output row, whose logit is never used.
     """
     embed = model.model.embed_tokens.weight
-    others = torch.cat([embed[:mask_id], embed[mask_id + 1:model.config.vocab_size]])  # real tokens, no padding rows
+    others = torch.cat([embed[:mask_id], embed[mask_id + 1 : model.config.vocab_size]])  # real tokens, no padding rows
     noise = torch.randn(embed.shape[1], generator=generator).to(embed) * noise_std
     embed[mask_id] = others.mean(0) + noise

@@ -24,8 +24,15 @@ from model.tokenizer import PAD_ID
 
 
 @torch.no_grad()
-def diffusion_nelbo_terms(model, input_ids: torch.Tensor, mask_id: int, num_samples: int, generator: torch.Generator,
-                          eps: float = 1e-3, maskable: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_nelbo_terms(
+    model,
+    input_ids: torch.Tensor,
+    mask_id: int,
+    num_samples: int,
+    generator: torch.Generator,
+    eps: float = 1e-3,
+    maskable: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row Monte-Carlo terms of the NELBO, float64 [num_samples, B]: sum over masked tokens of CE / t.
 
     LLaDA Eq. 3 without the forced mask, one t ~ U(eps, 1 - eps) and one Bernoulli(t) mask per row and draw;
@@ -43,8 +50,9 @@ def diffusion_nelbo_terms(model, input_ids: torch.Tensor, mask_id: int, num_samp
 
 
 @torch.no_grad()
-def diffusion_nelbo_rows(model, input_ids: torch.Tensor, scored: torch.Tensor, mask_id: int, num_samples: int,
-                         generator: torch.Generator) -> torch.Tensor:
+def diffusion_nelbo_rows(
+    model, input_ids: torch.Tensor, scored: torch.Tensor, mask_id: int, num_samples: int, generator: torch.Generator
+) -> torch.Tensor:
     """Per-row NELBO terms with exact mask counts, float64 [num_samples, B] (LLaDA Eq. 14, Algorithm 3's form).
 
     Draw s masks exactly l of row b's n scored positions (uniformly; the rest are context) and scores
@@ -70,8 +78,9 @@ def diffusion_nelbo_rows(model, input_ids: torch.Tensor, scored: torch.Tensor, m
 
 
 @torch.no_grad()
-def diffusion_nelbo(model, input_ids: torch.Tensor, mask_id: int, num_samples: int, generator: torch.Generator,
-                    eps: float = 1e-3) -> tuple[float, float]:
+def diffusion_nelbo(
+    model, input_ids: torch.Tensor, mask_id: int, num_samples: int, generator: torch.Generator, eps: float = 1e-3
+) -> tuple[float, float]:
     """(mean, standard error) of the per-token NELBO of input_ids [B, L] over num_samples i.i.d. mask draws."""
     maskable = pretraining_maskable(input_ids)
     terms = diffusion_nelbo_terms(model, input_ids, mask_id, num_samples, generator, eps, maskable)
@@ -100,8 +109,15 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def conditional_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int], mask_id: int, num_samples: int = 128,
-                               batch_size: int = 32, generator: torch.Generator | None = None) -> tuple[float, float]:
+def conditional_log_likelihood(
+    model,
+    prompt_ids: list[int],
+    answer_ids: list[int],
+    mask_id: int,
+    num_samples: int = 128,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
     """(estimate, standard error) of log p(answer | prompt) for a bidirectional masked-diffusion model.
 
     Each row masks exactly l answer positions (l stratified over 1..A), never the prompt, and scores
@@ -130,14 +146,21 @@ def _right_padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, tor
     lengths = torch.tensor([len(s) for s in sequences], device=device)
     ids = torch.full((len(sequences), int(lengths.max())), PAD_ID, dtype=torch.long, device=device)
     for i, sequence in enumerate(sequences):
-        ids[i, :len(sequence)] = torch.tensor(sequence, device=device)
+        ids[i, : len(sequence)] = torch.tensor(sequence, device=device)
     return ids, lengths
 
 
 @torch.no_grad()
-def conditional_log_likelihood_batch(model, prompt_ids: list[int], answers: list[list[int]], mask_id: int,
-                                     num_samples: int = 128, batch_size: int = 32, generator: torch.Generator | None = None,
-                                     rows_per_forward: int | None = None) -> list[tuple[float, float]]:
+def conditional_log_likelihood_batch(
+    model,
+    prompt_ids: list[int],
+    answers: list[list[int]],
+    mask_id: int,
+    num_samples: int = 128,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    rows_per_forward: int | None = None,
+) -> list[tuple[float, float]]:
     """conditional_log_likelihood for several answers to one prompt, every (answer, sample) row sharing forwards.
 
     The masks of each answer are drawn exactly as conditional_log_likelihood draws them (same generator calls,
@@ -180,9 +203,17 @@ def conditional_log_likelihood_batch(model, prompt_ids: list[int], answers: list
 
 
 @torch.no_grad()
-def block_conditional_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int], mask_id: int, block_size: int,
-                                     num_samples: int = 128, batch_size: int = 32, generator: torch.Generator | None = None,
-                                     tail_id: int | None = None) -> tuple[float, float]:
+def block_conditional_log_likelihood(
+    model,
+    prompt_ids: list[int],
+    answer_ids: list[int],
+    mask_id: int,
+    block_size: int,
+    num_samples: int = 128,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    tail_id: int | None = None,
+) -> tuple[float, float]:
     """(estimate, standard error) of log p(answer | prompt) for a block-diffusion model.
 
     Blocks start at position 0, as in training and block-causal decoding. log p(answer | prompt) is the sum over
@@ -198,7 +229,9 @@ def block_conditional_log_likelihood(model, prompt_ids: list[int], answer_ids: l
     generator = generator or torch.Generator().manual_seed(0)
     P, A = len(prompt_ids), len(answer_ids)
     L = -(-(P + A) // block_size) * block_size
-    clean = torch.tensor(prompt_ids + answer_ids + [mask_id if tail_id is None else tail_id] * (L - P - A), device=device)
+    clean = torch.tensor(
+        prompt_ids + answer_ids + [mask_id if tail_id is None else tail_id] * (L - P - A), device=device
+    )
     block_of = torch.arange(P, P + A) // block_size
     groups = [P + (block_of == b).nonzero().flatten() for b in block_of.unique()]  # answer columns of each block
     num_samples = 1 if all(len(cols) == 1 for cols in groups) else num_samples
@@ -225,7 +258,7 @@ def ar_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int]) -> fl
     sequence = torch.tensor([prompt_ids + answer_ids], device=device)
     logp = F.log_softmax(model(sequence, attention="causal")[0, :-1].float(), -1)
     targets = sequence[0, 1:]
-    return logp.gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1:].sum().item()
+    return logp.gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1 :].sum().item()
 
 
 @torch.no_grad()

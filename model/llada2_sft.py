@@ -32,7 +32,9 @@ def sample_time_in_band(batch_size: int, t_min: float, t_max: float, rng: torch.
     return t_min + (t_max - t_min) * torch.rand(batch_size, device=device, generator=rng)
 
 
-def complementary_masks(maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def complementary_masks(
+    maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, m'): m masks each maskable position with probability mask_prob[row] (at least one), m' = maskable & ~m.
 
     m and m' are disjoint and together cover the maskable region exactly, so each response token is supervised
@@ -59,8 +61,9 @@ def cap_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) 
     return torch.where(correct, entropy, 0.0).sum() / correct.sum().clamp(min=1)
 
 
-def pad_to_block_multiple(input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int,
-                          pad_id: int = EOS_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_to_block_multiple(
+    input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int, pad_id: int = EOS_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad rows with EOS to a multiple of block_size; the padding is response (maskable), as LLaDA's SFT
     EOS padding is (that is how the model learns to stop)."""
     extra = -input_ids.shape[1] % block_size
@@ -69,9 +72,18 @@ def pad_to_block_multiple(input_ids: torch.Tensor, maskable: torch.Tensor, block
     return F.pad(input_ids, (0, extra), value=pad_id), F.pad(maskable, (0, extra), value=True)
 
 
-def block_sft_loss(model, input_ids: torch.Tensor, maskable: torch.Tensor, rng: torch.Generator, mask_id: int,
-                   block_size: int | None = None, t_range: tuple[float, float] = (1e-3, 1 - 1e-3),
-                   schedule: str = "linear", complementary: bool = False, cap_weight: float = 0.0) -> torch.Tensor:
+def block_sft_loss(
+    model,
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    rng: torch.Generator,
+    mask_id: int,
+    block_size: int | None = None,
+    t_range: tuple[float, float] = (1e-3, 1 - 1e-3),
+    schedule: str = "linear",
+    complementary: bool = False,
+    cap_weight: float = 0.0,
+) -> torch.Tensor:
     """LLaDA SFT loss with the LLaDA 2.0 switches; a scalar to backpropagate.
 
     input_ids [B, L]: prompt + response + EOS padding; maskable [B, L]: the response incl. its EOS padding.

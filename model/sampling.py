@@ -42,7 +42,9 @@ class DiffusionSamplerConfig:
     stop_at_eos: bool = True  # stop after the block in which every row has produced EOS
     block_causal: bool = False  # block-diffusion models: block-causal attention, blocks aligned to position 0
     use_kv_cache: bool = True  # block-causal mode: cache the finished blocks (exact); False recomputes the prefix
-    cache: str = "none"  # bidirectional models: none | prefix | dual, Fast-dLLM's approximate K/V caches refreshed per block
+    cache: str = (
+        "none"  # bidirectional models: none | prefix | dual, Fast-dLLM's approximate K/V caches refreshed per block
+    )
 
     def validate(self, prompt_len: int | None = None) -> None:
         """Refuse impossible settings; with the prompt length, also too few steps for block-causal decoding (whose
@@ -52,20 +54,30 @@ class DiffusionSamplerConfig:
             raise NanoLladaError(f"nothing to generate: generation length {self.gen_length}")
         if self.block_causal:
             if not self.block_length or self.block_length <= 0:
-                raise NanoLladaError("block-causal decoding needs --block-length (the block size the model was trained with)")
+                raise NanoLladaError(
+                    "block-causal decoding needs --block-length (the block size the model was trained with)"
+                )
             blocks = self.decode_blocks(prompt_len) if prompt_len is not None else 0
             if self.threshold is None and self.steps < blocks:
-                raise NanoLladaError(f"--gen-steps {self.steps} is fewer than the {blocks} blocks to decode; use at least one step per block")
+                raise NanoLladaError(
+                    f"--gen-steps {self.steps} is fewer than the {blocks} blocks to decode; use at least one step per block"
+                )
         elif block <= 0 or self.gen_length % block:
-            raise NanoLladaError(f"--block-length {block} does not divide the generation length {self.gen_length}; "
-                                 f"choose a divisor of {self.gen_length} (e.g. {self.gen_length}) or change --max-new-tokens")
+            raise NanoLladaError(
+                f"--block-length {block} does not divide the generation length {self.gen_length}; "
+                f"choose a divisor of {self.gen_length} (e.g. {self.gen_length}) or change --max-new-tokens"
+            )
         if self.threshold is None and not self.block_causal and self.steps < self.gen_length // block:
-            raise NanoLladaError(f"--gen-steps {self.steps} is fewer than the {self.gen_length // block} blocks; use at least one step per block")
+            raise NanoLladaError(
+                f"--gen-steps {self.steps} is fewer than the {self.gen_length // block} blocks; use at least one step per block"
+            )
         if self.cache not in ("none", "prefix", "dual"):
             raise NanoLladaError(f"--cache must be none, prefix or dual, got '{self.cache}'")
         if self.cache != "none" and self.block_causal:
-            raise NanoLladaError("--cache prefix/dual is for bidirectional models; block-causal decoding already caches "
-                                 "finished blocks exactly (use_kv_cache)")
+            raise NanoLladaError(
+                "--cache prefix/dual is for bidirectional models; block-causal decoding already caches "
+                "finished blocks exactly (use_kv_cache)"
+            )
         if self.remasking not in ("low_confidence", "random"):
             raise NanoLladaError(f"--remasking must be low_confidence or random, got '{self.remasking}'")
 
@@ -104,7 +116,7 @@ def _with_unconditional(view: torch.Tensor, start: int, prompt_len: int, mask_id
     if not guided:
         return view
     unconditional = view.clone()
-    unconditional[:, :max(0, prompt_len - start)] = mask_id
+    unconditional[:, : max(0, prompt_len - start)] = mask_id
     return torch.cat([view, unconditional])
 
 
@@ -127,8 +139,14 @@ def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     return (ranks < quota[:, None]) & torch.isfinite(scores)
 
 
-def _choose_commits(logits: torch.Tensor, open_here: torch.Tensor, cfg: DiffusionSamplerConfig, quota: torch.Tensor | None,
-                    mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _choose_commits(
+    logits: torch.Tensor,
+    open_here: torch.Tensor,
+    cfg: DiffusionSamplerConfig,
+    quota: torch.Tensor | None,
+    mask_id: int,
+    generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions to commit now, candidate tokens) among the open positions, by quota or by threshold."""
     logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
     candidates = _sampled_tokens(logits, cfg.temperature, generator)
@@ -146,10 +164,16 @@ def _choose_commits(logits: torch.Tensor, open_here: torch.Tensor, cfg: Diffusio
 
 
 @torch.no_grad()
-def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None = None,
-                       generator: torch.Generator | None = None,
-                       on_block: Callable[[int, torch.Tensor], None] | None = None,
-                       prompt_lengths: torch.Tensor | None = None) -> SampleResult:
+def diffusion_generate(
+    model,
+    prompt: torch.Tensor,
+    cfg: DiffusionSamplerConfig,
+    mask_id: int,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_block: Callable[[int, torch.Tensor], None] | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+) -> SampleResult:
     """Generate cfg.gen_length tokens after `prompt` [B, P].
 
     `prompt_lengths` [B]: the prompts are left-padded (model.padding.left_pad) and row b's prompt is its last
@@ -167,15 +191,21 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     longest = int(prompt_lengths.max()) if padded else P
     if limit is not None and longest + cfg.gen_length > limit:
-        raise NanoLladaError(f"a prompt of {longest} tokens plus {cfg.gen_length} new ones exceeds the model's {limit} positions; "
-                             f"shorten the prompt or generate fewer tokens")
+        raise NanoLladaError(
+            f"a prompt of {longest} tokens plus {cfg.gen_length} new ones exceeds the model's {limit} positions; "
+            f"shorten the prompt or generate fewer tokens"
+        )
     if cfg.block_causal:
         if padded:  # blocks are aligned to each prompt's first token, so rows of other lengths need other blocks
-            raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")
+            raise NanoLladaError(
+                "block-causal decoding batches prompts of equal length only; group the prompts by length"
+            )
         return _block_causal_generate(model, prompt, cfg, mask_id, eos_id, generator, on_block)
     block = cfg.block_length or cfg.gen_length
     num_blocks = cfg.gen_length // block
-    canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
+    canvas = torch.cat(
+        [prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1
+    )
     layout = PaddedLayout.build(prompt_lengths, P, canvas.shape[1]) if padded else None
     result = SampleResult(canvas[:, P:], 0)
     for k in range(num_blocks):
@@ -187,8 +217,20 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
         elif writing.any():
             rows = writing.nonzero().squeeze(1)
             view = canvas[rows]
-            _decode_block(model, view, P, lo, hi, block_steps, cfg, mask_id, generator, result, rows,
-                          layout.select(rows) if layout is not None else None)
+            _decode_block(
+                model,
+                view,
+                P,
+                lo,
+                hi,
+                block_steps,
+                cfg,
+                mask_id,
+                generator,
+                result,
+                rows,
+                layout.select(rows) if layout is not None else None,
+            )
             canvas[rows] = view
         if on_block is not None:
             on_block(k, canvas[:, lo:hi])
@@ -201,8 +243,20 @@ def diffusion_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig,
     return result
 
 
-def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_steps: int, cfg: DiffusionSamplerConfig,
-                  mask_id: int, generator, result: SampleResult, rows: torch.Tensor | None, layout: PaddedLayout | None) -> None:
+def _decode_block(
+    model,
+    canvas: torch.Tensor,
+    P: int,
+    lo: int,
+    hi: int,
+    block_steps: int,
+    cfg: DiffusionSamplerConfig,
+    mask_id: int,
+    generator,
+    result: SampleResult,
+    rows: torch.Tensor | None,
+    layout: PaddedLayout | None,
+) -> None:
     """Unmask canvas[:, lo:hi] in place, by step quotas or by threshold, with or without an approximate cache.
 
     cache="none": every step is one forward over the whole canvas.
@@ -222,7 +276,9 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
         at columns `keys`."""
         ids = _with_unconditional(canvas[:, columns], start, P, mask_id, guided)
         if layout is not None:
-            return model(ids, attention=layout.key_mask(keys), kv_cache=kv_cache, positions=layout.positions[:, columns])
+            return model(
+                ids, attention=layout.key_mask(keys), kv_cache=kv_cache, positions=layout.positions[:, columns]
+            )
         if kv_cache is None:
             return model(ids, attention="bidirectional")
         if cfg.cache == "prefix":  # natural column order: positions follow from the cache length
@@ -258,7 +314,9 @@ def _decode_block(model, canvas: torch.Tensor, P: int, lo: int, hi: int, block_s
         result.nfe += 1
         counts = _commit_step(guide(logits), canvas, lo, hi, cfg, quota, mask_id, generator)
         if rows is not None:  # per-step counts always cover the whole batch (rows that have ended commit 0)
-            counts = torch.zeros(result.tokens.shape[0], dtype=counts.dtype, device=counts.device).index_copy(0, rows, counts)
+            counts = torch.zeros(result.tokens.shape[0], dtype=counts.dtype, device=counts.device).index_copy(
+                0, rows, counts
+            )
         result.commits.append(counts)
 
 
@@ -280,8 +338,16 @@ def _block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_st
             yield quota
 
 
-def _commit_step(logits: torch.Tensor, canvas: torch.Tensor, lo: int, hi: int, cfg: DiffusionSamplerConfig,
-                 quota: torch.Tensor | None, mask_id: int, generator) -> torch.Tensor:
+def _commit_step(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    lo: int,
+    hi: int,
+    cfg: DiffusionSamplerConfig,
+    quota: torch.Tensor | None,
+    mask_id: int,
+    generator,
+) -> torch.Tensor:
     """Commit this step's tokens into canvas[:, lo:hi] in place; returns how many each row committed."""
     current = canvas[:, lo:hi]
     commit, candidates = _choose_commits(logits, current == mask_id, cfg, quota, mask_id, generator)
@@ -289,12 +355,15 @@ def _commit_step(logits: torch.Tensor, canvas: torch.Tensor, lo: int, hi: int, c
     return commit.sum(1)
 
 
-def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None,
-                           generator, on_block) -> SampleResult:
+def _block_causal_generate(
+    model, prompt: torch.Tensor, cfg: DiffusionSamplerConfig, mask_id: int, eos_id: int | None, generator, on_block
+) -> SampleResult:
     """Block-by-block decoding under the block-causal mask; see the module docstring."""
     B, P = prompt.shape
     K, total = cfg.block_length, P + cfg.gen_length
-    canvas = torch.cat([prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1)
+    canvas = torch.cat(
+        [prompt, torch.full((B, cfg.gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)], dim=1
+    )
     first_block, num_blocks = P // K, -(-total // K)  # blocks [first_block, num_blocks) hold generated positions
     decode_blocks = cfg.decode_blocks(P)
     guided = cfg.cfg_scale != 0
@@ -324,7 +393,7 @@ def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerCon
             result.nfe += 1
             result.commits.append(_commit_step(guide(logits), canvas, lo, hi, cfg, quota, mask_id, generator))
         if on_block is not None:
-            on_block(k - first_block, canvas[:, max(lo, P):hi])
+            on_block(k - first_block, canvas[:, max(lo, P) : hi])
         ended = cfg.stop_at_eos and eos_id is not None and (canvas[:, P:hi] == eos_id).any(1).all()
         if ended:
             canvas[:, hi:] = eos_id
@@ -338,4 +407,4 @@ def _block_causal_generate(model, prompt: torch.Tensor, cfg: DiffusionSamplerCon
 
 def strip_after_eos(tokens: list[int], eos_id: int) -> list[int]:
     """Generated ids up to (not including) the first EOS: LLaDA pads the canvas with EOS."""
-    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens

@@ -22,14 +22,18 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
     path = Path(tokenizer_dir)
     if not (path / "tokenizer.json").is_file():
-        raise NanoLladaError(f"{path}: no tokenizer.json here; pass --tokenizer-dir . (the repo's tokenizer) or train one with `uv run python -m scripts.train.train_tokenizer`")
+        raise NanoLladaError(
+            f"{path}: no tokenizer.json here; pass --tokenizer-dir . (the repo's tokenizer) or train one with `uv run python -m scripts.train.train_tokenizer`"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # transformers raises many types for a broken directory
         raise NanoLladaError(f"{path}: could not load the tokenizer ({err.__class__.__name__}: {err})") from None
     for token, expected in SPECIAL_TOKENS.items():
         if tokenizer.convert_tokens_to_ids(token) != expected:
-            raise NanoLladaError(f"{path}: special token {token} must have id {expected} (MiniMind2 layout); retrain with scripts.train.train_tokenizer")
+            raise NanoLladaError(
+                f"{path}: special token {token} must have id {expected} (MiniMind2 layout); retrain with scripts.train.train_tokenizer"
+            )
     if MASK_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
     if tokenizer.convert_tokens_to_ids(MASK_TOKEN) != len(tokenizer) - 1:
@@ -74,14 +78,18 @@ def encode_batch(tokenizer, texts: list[str], offsets: bool = False) -> list:
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """The one chat rendering used by training and every eval: the tokenizer's own (ChatML) template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise NanoLladaError("this tokenizer has no chat template; use the repo's tokenizer (--tokenizer-dir .) or MiniMind2's")
+        raise NanoLladaError(
+            "this tokenizer has no chat template; use the repo's tokenizer (--tokenizer-dir .) or MiniMind2's"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Pretraining layout is [BOS] + text; chat layout is the template (which starts with <|im_start|>)."""
     if chat:
-        return encode(tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+        return encode(
+            tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        )
     return [BOS_ID, *encode(tokenizer, prompt)]
 
 
@@ -102,5 +110,5 @@ class StreamingDecoder:
         self.ids.extend(ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
         stable = text.rstrip("\ufffd")  # a trailing replacement char may be completed by the next token
-        delta, self.printed = stable[self.printed:], max(self.printed, len(stable))
+        delta, self.printed = stable[self.printed :], max(self.printed, len(stable))
         return delta

@@ -54,8 +54,12 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
         wavelengths = 2 * math.pi / inv_freq
         longer = (wavelengths > config.rope_original_max_positions).nonzero()
         corr_dim = int(longer[0]) if len(longer) else half
-        beta = config.rope_beta_slow + (config.rope_beta_fast - config.rope_beta_slow) * torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
-        scale = torch.where(torch.arange(half) < corr_dim, (beta * s - beta + 1) / (beta * s), torch.full_like(beta, 1.0 / s))
+        beta = config.rope_beta_slow + (config.rope_beta_fast - config.rope_beta_slow) * torch.arange(
+            half, dtype=torch.float64
+        ) / max(half - 1, 1)
+        scale = torch.where(
+            torch.arange(half) < corr_dim, (beta * s - beta + 1) / (beta * s), torch.full_like(beta, 1.0 / s)
+        )
         inv_freq = inv_freq * scale
     return inv_freq.float()
 
@@ -111,8 +115,8 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def crop(self, length: int) -> None:
@@ -122,7 +126,11 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -143,7 +151,12 @@ class SelfAttention(nn.Module):
             y = _flex_attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -203,8 +216,8 @@ class Transformer(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
         with torch.no_grad():  # padding rows: never read as inputs, their logits are cut off
-            self.model.embed_tokens.weight[config.vocab_size:] = 0
-            self.lm_head.weight[config.vocab_size:] = 0
+            self.model.embed_tokens.weight[config.vocab_size :] = 0
+            self.lm_head.weight[config.vocab_size :] = 0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -227,8 +240,10 @@ class Transformer(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if positions is None:
             if past + T > self.config.max_position_embeddings:
-                raise NanoLladaError(f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}")
-            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
+                raise NanoLladaError(
+                    f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                )
+            cos, sin = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if cos.dim() == 3:  # per-row positions [B, T, D] -> broadcast over heads
@@ -240,14 +255,18 @@ class Transformer(nn.Module):
             try:
                 x = self._layers(embedded, cos, sin, block_mask_from_dense(mask, T, past + T), False, kv_cache)
             except Exception as err:  # never lose a run to the faster kernel: fall back to the SDPA mask
-                print(f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); using SDPA masks")
+                print(
+                    f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); using SDPA masks"
+                )
                 self.flex_attention = False
         if x is None:
             x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
         logits = self.lm_head(self.model.norm(x))
-        return logits[..., :self.config.vocab_size] if self.config.padded_vocab_size != self.config.vocab_size else logits
+        return (
+            logits[..., : self.config.vocab_size] if self.config.padded_vocab_size != self.config.vocab_size else logits
+        )
 
     def _layers(self, x, cos, sin, mask, is_causal, kv_cache) -> torch.Tensor:
         for i, layer in enumerate(self.model.layers):
@@ -273,7 +292,9 @@ class Transformer(nn.Module):
         if attention == "bidirectional":
             return None, False
         if attention != "causal":
-            raise NanoLladaError(f"unknown attention mode '{attention}'; use 'causal', 'bidirectional' or a boolean mask")
+            raise NanoLladaError(
+                f"unknown attention mode '{attention}'; use 'causal', 'bidirectional' or a boolean mask"
+            )
         if past == 0:
             return None, T > 1
         if T == 1:

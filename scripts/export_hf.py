@@ -18,10 +18,21 @@ from scripts.common.cli import run_main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="nano-llada checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
-    p.add_argument("--out", required=True, help="directory to write (created if missing; existing files are overwritten)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="nano-llada checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth",
+    )
+    p.add_argument(
+        "--out", required=True, help="directory to write (created if missing; existing files are overwritten)"
+    )
     p.add_argument("--tokenizer-dir", default=".", help="the tokenizer the checkpoint was trained with")
-    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files, which do not store it (default 8)")
+    p.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="only for MiniMind2 .pth files, which do not store it (default 8)",
+    )
     return p.parse_args(argv)
 
 
@@ -29,8 +40,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = export_hf(args.checkpoint, args.out, args.tokenizer_dir, args.num_attention_heads)
     auto = next(name for name in config["auto_map"] if name.startswith("AutoModelFor"))
-    print(f"exported {config['kind']} model ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-          f"vocab {config['vocab_size']}) to {args.out}; load with {auto}.from_pretrained('{args.out}', trust_remote_code=True)")
+    print(
+        f"exported {config['kind']} model ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+        f"vocab {config['vocab_size']}) to {args.out}; load with {auto}.from_pretrained('{args.out}', trust_remote_code=True)"
+    )
 
 
 if __name__ == "__main__":

@@ -50,42 +50,178 @@ def main(argv=None) -> dict:
 
     device = ["--device", args.device]
     timed("sample", "0. Offline sample", "scripts.data.sample", ["--out-dir", str(data)])
-    pretrain = ["--data", str(data / "sample_pretrain.jsonl"), "--tokenizer-dir", ".", "--save-dir", str(out), *SMALL_MODEL, *device,
-                "--seq-len", "128", "--batch-size", "16", "--max-iters", str(args.steps), "--warmup-steps", "25",
-                "--learning-rate", "2e-3", "--eval-interval", "50", "--eval-batches", "8", "--log-interval", "10"]
+    pretrain = [
+        "--data",
+        str(data / "sample_pretrain.jsonl"),
+        "--tokenizer-dir",
+        ".",
+        "--save-dir",
+        str(out),
+        *SMALL_MODEL,
+        *device,
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "16",
+        "--max-iters",
+        str(args.steps),
+        "--warmup-steps",
+        "25",
+        "--learning-rate",
+        "2e-3",
+        "--eval-interval",
+        "50",
+        "--eval-batches",
+        "8",
+        "--log-interval",
+        "10",
+    ]
     timed("ar", "1. AR pretraining", "scripts.train.train_pretrain", [*pretrain, "--run-name", "ar"])
     diffusion = ["--train", "--use-tokenizer", *pretrain, "--mask-schedule", "iid_t", "--lr-schedule", "cosine"]
-    timed("diffusion_from_ar", "2. Diffusion initialised from AR", "scripts.train.diffusion",
-          [*diffusion, "--run-name", "diffusion_from_ar", "--init-from-minimind", str(out / "ar_state_dict.pt")])
-    timed("diffusion_scratch", "3. Diffusion from scratch", "scripts.train.diffusion", [*diffusion, "--run-name", "diffusion_scratch"])
-    timed("compare", "4. AR perplexity vs diffusion NELBO, validation curves", "scripts.eval.compare",
-          ["--out", str(out / "compare"), "--tokenizer-dir", ".", "--seq-len", "128", "--eval-data", str(data / "sample_pretrain_val.jsonl"),
-           "--eval-max-batches", "8", "--mc-samples", "8", "--checkpoint", str(out / "ar_state_dict.pt"),
-           "--checkpoint", str(out / "diffusion_from_ar_state_dict.pt"), "--checkpoint", str(out / "diffusion_scratch_state_dict.pt"), *device])
-    sft = ["--data", str(data / "sample_sft_train.jsonl"), "--eval-data", str(data / "sample_sft_val.jsonl"), "--tokenizer-dir", ".",
-           "--save-dir", str(out), "--max-seq-len", "256", "--batch-size", "16", "--max-steps", str(args.sft_steps),
-           "--learning-rate", "1e-3", "--warmup-steps", "20", "--eval-interval", "50", "--eval-batches", "8", *device]
-    timed("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind", [*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")])
-    timed("diffusion_sft", "5b. Diffusion SFT", "scripts.train.train_sft_diffusion",
-          [*sft, "--run-name", "diffusion_sft", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
-    accuracy = ["--data", str(data / "sample_sft_test.jsonl"), "--tokenizer-dir", ".", "--limit", str(args.questions), "--batch-size", "1",
-                *device]
-    timed("accuracy", "5c. Sentiment accuracy, AR vs diffusion", "scripts.eval.eval_sft_accuracy",
-          [*accuracy, "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"), "--diffusion-checkpoint", str(out / "diffusion_sft_state_dict.pt"),
-           "--score-labels"])
-    longer = [*sft[:sft.index("--max-steps") + 1], str(3 * args.sft_steps), *sft[sft.index("--max-steps") + 2:]]
-    timed("diffusion_sft_3x", "5d. Diffusion SFT, 3x the steps", "scripts.train.train_sft_diffusion",
-          [*longer, "--run-name", "diffusion_sft_3x", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
-    timed("diffusion_sft_block32", "5e. Diffusion SFT as LLaDA 2.0 block SFT (block 32)", "scripts.train.train_sft_diffusion",
-          [*sft, "--run-name", "diffusion_sft_block32", "--block-size", "32", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")])
-    timed("accuracy_3x", "5f. Accuracy of the 3x-steps diffusion SFT", "scripts.eval.eval_sft_accuracy",
-          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), "--score-labels"])
-    timed("accuracy_block32", "5g. Accuracy of the block SFT (decoded block-causally)", "scripts.eval.eval_sft_accuracy",
-          [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_block32_state_dict.pt"), "--score-labels"])
-    for label, flags in (("steps4", ["--gen-steps", "4"]), ("steps2", ["--gen-steps", "2"]), ("threshold0.9", ["--threshold", "0.9"]),
-                         ("threshold0.7", ["--threshold", "0.7"])):
-        timed(f"accuracy_3x_{label}", f"6. Diffusion accuracy with {' '.join(flags)}", "scripts.eval.eval_sft_accuracy",
-              [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), *flags])
+    timed(
+        "diffusion_from_ar",
+        "2. Diffusion initialised from AR",
+        "scripts.train.diffusion",
+        [*diffusion, "--run-name", "diffusion_from_ar", "--init-from-minimind", str(out / "ar_state_dict.pt")],
+    )
+    timed(
+        "diffusion_scratch",
+        "3. Diffusion from scratch",
+        "scripts.train.diffusion",
+        [*diffusion, "--run-name", "diffusion_scratch"],
+    )
+    timed(
+        "compare",
+        "4. AR perplexity vs diffusion NELBO, validation curves",
+        "scripts.eval.compare",
+        [
+            "--out",
+            str(out / "compare"),
+            "--tokenizer-dir",
+            ".",
+            "--seq-len",
+            "128",
+            "--eval-data",
+            str(data / "sample_pretrain_val.jsonl"),
+            "--eval-max-batches",
+            "8",
+            "--mc-samples",
+            "8",
+            "--checkpoint",
+            str(out / "ar_state_dict.pt"),
+            "--checkpoint",
+            str(out / "diffusion_from_ar_state_dict.pt"),
+            "--checkpoint",
+            str(out / "diffusion_scratch_state_dict.pt"),
+            *device,
+        ],
+    )
+    sft = [
+        "--data",
+        str(data / "sample_sft_train.jsonl"),
+        "--eval-data",
+        str(data / "sample_sft_val.jsonl"),
+        "--tokenizer-dir",
+        ".",
+        "--save-dir",
+        str(out),
+        "--max-seq-len",
+        "256",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        str(args.sft_steps),
+        "--learning-rate",
+        "1e-3",
+        "--warmup-steps",
+        "20",
+        "--eval-interval",
+        "50",
+        "--eval-batches",
+        "8",
+        *device,
+    ]
+    timed(
+        "ar_sft",
+        "5a. AR SFT",
+        "scripts.train.train_sft_minimind",
+        [*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")],
+    )
+    timed(
+        "diffusion_sft",
+        "5b. Diffusion SFT",
+        "scripts.train.train_sft_diffusion",
+        [*sft, "--run-name", "diffusion_sft", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")],
+    )
+    accuracy = [
+        "--data",
+        str(data / "sample_sft_test.jsonl"),
+        "--tokenizer-dir",
+        ".",
+        "--limit",
+        str(args.questions),
+        "--batch-size",
+        "1",
+        *device,
+    ]
+    timed(
+        "accuracy",
+        "5c. Sentiment accuracy, AR vs diffusion",
+        "scripts.eval.eval_sft_accuracy",
+        [
+            *accuracy,
+            "--minimind-checkpoint",
+            str(out / "ar_sft_state_dict.pt"),
+            "--diffusion-checkpoint",
+            str(out / "diffusion_sft_state_dict.pt"),
+            "--score-labels",
+        ],
+    )
+    longer = [*sft[: sft.index("--max-steps") + 1], str(3 * args.sft_steps), *sft[sft.index("--max-steps") + 2 :]]
+    timed(
+        "diffusion_sft_3x",
+        "5d. Diffusion SFT, 3x the steps",
+        "scripts.train.train_sft_diffusion",
+        [*longer, "--run-name", "diffusion_sft_3x", "--load-from", str(out / "diffusion_from_ar_state_dict.pt")],
+    )
+    timed(
+        "diffusion_sft_block32",
+        "5e. Diffusion SFT as LLaDA 2.0 block SFT (block 32)",
+        "scripts.train.train_sft_diffusion",
+        [
+            *sft,
+            "--run-name",
+            "diffusion_sft_block32",
+            "--block-size",
+            "32",
+            "--load-from",
+            str(out / "diffusion_from_ar_state_dict.pt"),
+        ],
+    )
+    timed(
+        "accuracy_3x",
+        "5f. Accuracy of the 3x-steps diffusion SFT",
+        "scripts.eval.eval_sft_accuracy",
+        [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), "--score-labels"],
+    )
+    timed(
+        "accuracy_block32",
+        "5g. Accuracy of the block SFT (decoded block-causally)",
+        "scripts.eval.eval_sft_accuracy",
+        [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_block32_state_dict.pt"), "--score-labels"],
+    )
+    for label, flags in (
+        ("steps4", ["--gen-steps", "4"]),
+        ("steps2", ["--gen-steps", "2"]),
+        ("threshold0.9", ["--threshold", "0.9"]),
+        ("threshold0.7", ["--threshold", "0.7"]),
+    ):
+        timed(
+            f"accuracy_3x_{label}",
+            f"6. Diffusion accuracy with {' '.join(flags)}",
+            "scripts.eval.eval_sft_accuracy",
+            [*accuracy, "--diffusion-checkpoint", str(out / "diffusion_sft_3x_state_dict.pt"), *flags],
+        )
     summary = {"timings_s": timings, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str, ensure_ascii=False), encoding="utf-8")
     print(f"\nwrote {out / 'results.json'}; timings (s): {timings}")

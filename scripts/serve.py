@@ -26,34 +26,78 @@ from scripts.serving import ChatEngine, Defaults, make_server
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth",
+    )
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files, which do not store it (default 8)")
+    p.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="only for MiniMind2 .pth files, which do not store it (default 8)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8998, help="0 picks a free port")
-    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: the checkpoint's file name)")
+    p.add_argument(
+        "--model-name", default=None, help="model id reported by /v1/models (default: the checkpoint's file name)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives no max_tokens")
-    p.add_argument("--temperature", type=float, default=None, help="default temperature (default 0.8 for AR, 0 = greedy for diffusion)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default temperature (default 0.8 for AR, 0 = greedy for diffusion)",
+    )
     p.add_argument("--top-k", type=int, default=20, help="AR default top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="AR default nucleus mass")
-    p.add_argument("--gen-steps", "--steps", dest="steps", type=int, default=None, help="diffusion forward passes over all blocks (default: one per token)")
+    p.add_argument(
+        "--gen-steps",
+        "--steps",
+        dest="steps",
+        type=int,
+        default=None,
+        help="diffusion forward passes over all blocks (default: one per token)",
+    )
     p.add_argument("--block-length", type=int, default=32, help="diffusion block size; 0 = one block")
-    p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding: commit every token with confidence >= this")
-    p.add_argument("--seq-len", type=int, default=None, help="diffusion canvas limit, prompt + generation (default: max_position_embeddings)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="diffusion parallel decoding: commit every token with confidence >= this",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="diffusion canvas limit, prompt + generation (default: max_position_embeddings)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     return p.parse_args(argv)
 
 
 def load_engine(args) -> ChatEngine:
-    model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, None, pick_device(args.device),
-                                                            args.num_attention_heads)
-    defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        steps=args.steps, block_length=args.block_length or None, threshold=args.threshold, seq_len=args.seq_len)
+    model, tokenizer, checkpoint = load_checkpoint_for_eval(
+        args.checkpoint, args.tokenizer_dir, None, pick_device(args.device), args.num_attention_heads
+    )
+    defaults = Defaults(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        steps=args.steps,
+        block_length=args.block_length or None,
+        threshold=args.threshold,
+        seq_len=args.seq_len,
+    )
     name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
     if block:
-        print(f"block-trained diffusion checkpoint: decoding block-causally with block size {block} (block_length does not apply)")
+        print(
+            f"block-trained diffusion checkpoint: decoding block-causally with block size {block} (block_length does not apply)"
+        )
     return ChatEngine(model, tokenizer, checkpoint.kind, name, defaults, trained_block_size=block)
 
 
@@ -65,9 +109,14 @@ def main(argv=None) -> None:
     try:
         server = make_server(engine, args.host, args.port, quiet=args.quiet)
     except OSError as err:
-        raise NanoLladaError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port") from None
+        raise NanoLladaError(
+            f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port"
+        ) from None
     host, port = server.server_address[:2]
-    print(f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models)", flush=True)
+    print(
+        f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     finally:

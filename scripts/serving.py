@@ -22,7 +22,12 @@ from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.tokenizer import EOS_ID, StreamingDecoder, chat_text, encode, mask_token_id
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's new name for system
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+}  # developer: OpenAI's new name for system
 MAX_BODY_BYTES = 4 << 20
 
 
@@ -80,7 +85,14 @@ def _field(body: dict, name: str, types, default=None, minimum=None, maximum=Non
 
 
 def _type_names(types) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object", list: "an array"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "an object",
+        list: "an array",
+    }
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join(names[t] for t in types if not (t is int and float in types))
 
@@ -96,7 +108,9 @@ def _message_text(message, index: int) -> tuple[str, str]:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported", "messages")
+                raise RequestError(
+                    f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported", "messages"
+                )
             parts.append(part["text"])
         content = "".join(parts)
     if not isinstance(content, str):
@@ -107,8 +121,15 @@ def _message_text(message, index: int) -> tuple[str, str]:
 class ChatEngine:
     """A loaded model with its tokenizer: validates requests and generates (one at a time) for them."""
 
-    def __init__(self, model, tokenizer, kind: str, model_id: str, defaults: Defaults | None = None,
-                 trained_block_size: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kind: str,
+        model_id: str,
+        defaults: Defaults | None = None,
+        trained_block_size: int | None = None,
+    ):
         self.model, self.tokenizer, self.kind, self.model_id = model, tokenizer, kind, model_id
         self.trained_block_size = trained_block_size  # block-trained diffusion: decoded block-causally with this size
         self.defaults = defaults or Defaults()
@@ -145,38 +166,60 @@ class ChatEngine:
         prompt = encode(self.tokenizer, chat_text(self.tokenizer, turns, add_generation_prompt=True))
         room = self.limit - len(prompt)
         if room <= 0:
-            raise RequestError(f"the prompt is {len(prompt)} tokens, which leaves no room in this model's {self.limit}-token "
-                               "context; shorten the messages", "messages", code="context_length_exceeded")
+            raise RequestError(
+                f"the prompt is {len(prompt)} tokens, which leaves no room in this model's {self.limit}-token "
+                "context; shorten the messages",
+                "messages",
+                code="context_length_exceeded",
+            )
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _field(body, name, int, None, minimum=1)
         if max_tokens is None:
             max_tokens = min(d.max_tokens, room)
         elif max_tokens > room:
-            raise RequestError(f"'{name}' {max_tokens} plus the {len(prompt)}-token prompt exceeds this model's {self.limit}-token "
-                               f"context; ask for at most {room}", name, code="context_length_exceeded")
+            raise RequestError(
+                f"'{name}' {max_tokens} plus the {len(prompt)}-token prompt exceeds this model's {self.limit}-token "
+                f"context; ask for at most {room}",
+                name,
+                code="context_length_exceeded",
+            )
         sampler = self._sampler(body, max_tokens, room, temperature, len(prompt)) if self.kind == "diffusion" else None
         return ChatRequest(prompt, max_tokens, temperature, top_k, top_p, stream, include_usage, seed, sampler)
 
-    def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int) -> DiffusionSamplerConfig:
+    def _sampler(
+        self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int
+    ) -> DiffusionSamplerConfig:
         d = self.defaults
-        if self.trained_block_size:  # block-causal: blocks start at the prompt's first token, as in training; any length works
+        if (
+            self.trained_block_size
+        ):  # block-causal: blocks start at the prompt's first token, as in training; any length works
             block, gen_length = self.trained_block_size, max_tokens
         else:
             block = _field(body, "block_length", int, d.block_length, minimum=1)
             block = min(block or max_tokens, max_tokens)
             gen_length = math.ceil(max_tokens / block) * block  # whole blocks; the tail past max_tokens is dropped
             if gen_length > room:
-                raise RequestError(f"max_tokens {max_tokens} rounded up to whole blocks of {block} is {gen_length} tokens, more than "
-                                   f"the {room} left in the context; choose a block_length that divides max_tokens", "block_length")
+                raise RequestError(
+                    f"max_tokens {max_tokens} rounded up to whole blocks of {block} is {gen_length} tokens, more than "
+                    f"the {room} left in the context; choose a block_length that divides max_tokens",
+                    "block_length",
+                )
         steps = _field(body, "steps", int, d.steps, minimum=1)
         threshold = _field(body, "threshold", (int, float), d.threshold, minimum=0, maximum=1)
-        cfg = DiffusionSamplerConfig(gen_length=gen_length, steps=steps or gen_length, block_length=block, temperature=temperature,
-                                     threshold=None if threshold is None else float(threshold),
-                                     block_causal=bool(self.trained_block_size))
+        cfg = DiffusionSamplerConfig(
+            gen_length=gen_length,
+            steps=steps or gen_length,
+            block_length=block,
+            temperature=temperature,
+            threshold=None if threshold is None else float(threshold),
+            block_causal=bool(self.trained_block_size),
+        )
         try:
             cfg.validate(prompt_len)
         except NanoLladaError as err:
-            raise RequestError(str(err).replace("--gen-steps", "steps").replace("--block-length", "block_length"), "steps") from None
+            raise RequestError(
+                str(err).replace("--gen-steps", "steps").replace("--block-length", "block_length"), "steps"
+            ) from None
         return cfg
 
     # ---- generation ----------------------------------------------------------------------------------------
@@ -191,9 +234,9 @@ class ChatEngine:
             """Emit tokens up to EOS and max_tokens; later calls are ignored once finished."""
             if state["finish"] == "stop" or state["count"] >= request.max_tokens:
                 return
-            tokens = tokens[:request.max_tokens - state["count"]]
+            tokens = tokens[: request.max_tokens - state["count"]]
             if EOS_ID in tokens:
-                tokens = tokens[:tokens.index(EOS_ID) + 1]
+                tokens = tokens[: tokens.index(EOS_ID) + 1]
                 state["finish"] = "stop"
             state["count"] += len(tokens)
             text = decoder.push([t for t in tokens if t != EOS_ID])
@@ -202,13 +245,29 @@ class ChatEngine:
 
         with self.lock, torch.no_grad():
             if request.sampler is None:
-                for token in generate(self.model, request.prompt_ids, request.max_tokens, request.temperature, request.top_k,
-                                      request.top_p, eos_id=EOS_ID, banned_ids=(self.mask_id,), generator=generator):
+                for token in generate(
+                    self.model,
+                    request.prompt_ids,
+                    request.max_tokens,
+                    request.temperature,
+                    request.top_k,
+                    request.top_p,
+                    eos_id=EOS_ID,
+                    banned_ids=(self.mask_id,),
+                    generator=generator,
+                ):
                     push([token])
             else:
                 prompt = torch.tensor([request.prompt_ids], device=device)
-                diffusion_generate(self.model, prompt, request.sampler, self.mask_id, EOS_ID, generator,
-                                   on_block=lambda _k, block: push(block[0].tolist()))
+                diffusion_generate(
+                    self.model,
+                    prompt,
+                    request.sampler,
+                    self.mask_id,
+                    EOS_ID,
+                    generator,
+                    on_block=lambda _k, block: push(block[0].tolist()),
+                )
         return state["finish"], state["count"]
 
 
@@ -250,7 +309,9 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
         if path != "/v1/chat/completions":
-            return self._send_error(RequestError(f"no route POST {path}; use POST /v1/chat/completions", status=404, code="not_found"))
+            return self._send_error(
+                RequestError(f"no route POST {path}; use POST /v1/chat/completions", status=404, code="not_found")
+            )
         try:
             request = self.engine.parse(self._read_json())
         except RequestError as err:
@@ -258,7 +319,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         except NanoLladaError as err:  # e.g. a tokenizer without a chat template
             return self._send_error(RequestError(str(err)))
         except Exception as err:  # a bug, not the client's fault: answer 500 and keep serving
-            return self._send_error(RequestError(f"could not read the request: {err.__class__.__name__}: {err}", status=500))
+            return self._send_error(
+                RequestError(f"could not read the request: {err.__class__.__name__}: {err}", status=500)
+            )
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             self._stream(request, reply_id, created)
@@ -282,7 +345,11 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _usage(self, request: ChatRequest, completion_tokens: int) -> dict:
         prompt_tokens = len(request.prompt_ids)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def _reply(self, request: ChatRequest, reply_id: str, created: int) -> None:
         pieces: list[str] = []
@@ -290,11 +357,24 @@ class ChatHandler(BaseHTTPRequestHandler):
             finish, count = self.engine.complete(request, pieces.append)
         except Exception as err:  # a bug, not the client's fault: answer 500 and keep serving
             return self._send_error(RequestError(f"generation failed: {err.__class__.__name__}: {err}", status=500))
-        self._send_json(200, {
-            "id": reply_id, "object": "chat.completion", "created": created, "model": self.engine.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "logprobs": None, "finish_reason": finish}],
-            "usage": self._usage(request, count),
-        })
+        self._send_json(
+            200,
+            {
+                "id": reply_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.engine.model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": self._usage(request, count),
+            },
+        )
 
     def _stream(self, request: ChatRequest, reply_id: str, created: int) -> None:
         self.send_response(200)
@@ -303,8 +383,13 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
         def event(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> None:
-            chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.engine.model_id,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
+            chunk = {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.engine.model_id,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+            }
             if usage is not None or request.include_usage:
                 chunk["usage"] = usage
             self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
@@ -328,7 +413,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                 pass
 
 
-def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8998, quiet: bool = False) -> ThreadingHTTPServer:
+def make_server(
+    engine: ChatEngine, host: str = "127.0.0.1", port: int = 8998, quiet: bool = False
+) -> ThreadingHTTPServer:
     """A threaded HTTP server (not yet serving) bound to host:port; port 0 picks a free one (server.server_address)."""
     handler = type("BoundChatHandler", (ChatHandler,), {"engine": engine, "quiet": quiet})
     server = ThreadingHTTPServer((host, port), handler)

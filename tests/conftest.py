@@ -26,8 +26,14 @@ def lively_model(config: ModelConfig):
 
 @pytest.fixture
 def tiny_config() -> ModelConfig:
-    return ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                       max_position_embeddings=256)
+    return ModelConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=256,
+    )
 
 
 @pytest.fixture

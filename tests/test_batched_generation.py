@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import lively_model
 
 from model.ar import generate, generate_batch
 from model.errors import NanoLladaError
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
-
-from conftest import lively_model
 
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 99], [44]]
 
@@ -43,8 +42,14 @@ def test_ar_padding_token_is_never_seen(tiny_config):
     assert generate_batch(model, PROMPTS, 8, pad_id=0) == generate_batch(model, PROMPTS, 8, pad_id=57)
 
 
-MODES = [{}, {"threshold": 0.3}, {"threshold": 0.3, "cache": "prefix"}, {"threshold": 0.3, "cache": "dual"},
-         {"cfg_scale": 1.0}, {"cfg_scale": 1.0, "threshold": 0.5, "cache": "dual"}]
+MODES = [
+    {},
+    {"threshold": 0.3},
+    {"threshold": 0.3, "cache": "prefix"},
+    {"threshold": 0.3, "cache": "dual"},
+    {"cfg_scale": 1.0},
+    {"cfg_scale": 1.0, "threshold": 0.5, "cache": "dual"},
+]
 
 
 @pytest.mark.parametrize("options", MODES)
@@ -69,7 +74,11 @@ def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
     batched = diffusion_generate(model, ids, cfg, mask_id, eos_id=eos, prompt_lengths=lengths)
     alone = torch.cat([diffusion_generate(model, torch.tensor([p]), cfg, mask_id, eos_id=eos).tokens for p in PROMPTS])
     assert torch.equal(batched.tokens, alone)
-    assert (batched.tokens[2, 4:] == eos).all() and len(batched.commits) > 4 and torch.stack(batched.commits)[4:, 2].sum() == 0
+    assert (
+        (batched.tokens[2, 4:] == eos).all()
+        and len(batched.commits) > 4
+        and torch.stack(batched.commits)[4:, 2].sum() == 0
+    )
 
 
 def test_block_causal_decoding_of_unequal_prompts_is_refused_with_the_fix(tiny_config):
@@ -93,14 +102,18 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
 
     tokenizer, model = load_tokenizer("."), lively_model(preset("tiny"))
     prompts = [[1, 300, 301], [1, 400], [1, 500, 501, 502, 503], [1, 600], [1, 700, 701]]
-    sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=block_causal, stop_at_eos=False)
+    sampler = DiffusionSamplerConfig(
+        gen_length=8, steps=8, block_length=4, block_causal=block_causal, stop_at_eos=False
+    )
     device = torch.device("cpu")
     alone = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=1)
     batched = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=4)
     assert [a.ids for a in batched] == [a.ids for a in alone] and len({tuple(a.ids) for a in alone}) > 1
     assert [a.batch for a in batched] == ([2, 2, 1, 2, 2] if block_causal else [4, 4, 4, 4, 1])
     ar_alone = ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=1)
-    assert [a.ids for a in ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=3)] == [a.ids for a in ar_alone]
+    assert [a.ids for a in ar_answers(model, tokenizer, prompts, 6, device, dtype="float32", batch_size=3)] == [
+        a.ids for a in ar_alone
+    ]
 
 
 def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(tiny_config):
@@ -111,4 +124,6 @@ def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(tiny_config
     ids, lengths = left_pad([[1] * 8, [1, 2]], pad_id=0)
     with pytest.raises(NanoLladaError, match="exceeds the model's 10 positions"):
         diffusion_generate(model, ids, DiffusionSamplerConfig(gen_length=4, steps=4), mask_id, prompt_lengths=lengths)
-    assert diffusion_generate(model, ids[1:, 6:], DiffusionSamplerConfig(gen_length=4, steps=4), mask_id).tokens.shape == (1, 4)
+    assert diffusion_generate(
+        model, ids[1:, 6:], DiffusionSamplerConfig(gen_length=4, steps=4), mask_id
+    ).tokens.shape == (1, 4)

@@ -4,8 +4,8 @@ import json
 import math
 import numbers
 
-from scripts.bench import main, training_flops_per_token
 from model.config import preset
+from scripts.bench import main, training_flops_per_token
 
 
 def is_number(value) -> bool:
@@ -28,7 +28,10 @@ def test_tiny_cpu_benchmark_writes_json_and_markdown_with_every_figure(tmp_path)
     assert len(report["decoding"]) == len(modes) * len(settings["gen_lengths"]) * len(settings["decode_batches"])
     for row in report["decoding"]:
         assert row["mode"] in modes
-        assert all(is_number(row[k]) for k in ("seconds", "tokens_per_s", "nfe", "tokens_per_forward", "speedup_vs_baseline", "speed_vs_ar"))
+        assert all(
+            is_number(row[k])
+            for k in ("seconds", "tokens_per_s", "nfe", "tokens_per_forward", "speedup_vs_baseline", "speed_vs_ar")
+        )
         assert 1 <= row["nfe"] <= row["gen_length"] and row["tokens_per_forward"] == row["gen_length"] / row["nfe"]
         if row["mode"] == "ar_kv_cache":
             assert row["agreement_with_baseline"] is None
@@ -44,7 +47,9 @@ def test_training_flops_follow_six_n_plus_attention():
     config = preset("minimind2_small")
     h, layers = config.hidden_size, config.num_hidden_layers
     weights = (training_flops_per_token(config, 256) - 12 * layers * h * 256) / 6
-    assert weights == layers * (2 * h * h + 2 * h * 128 + 3 * h * config.intermediate_size) + config.padded_vocab_size * h  # the head computes padded rows too
+    assert (
+        weights == layers * (2 * h * h + 2 * h * 128 + 3 * h * config.intermediate_size) + config.padded_vocab_size * h
+    )  # the head computes padded rows too
 
 
 def test_a_block_trained_checkpoint_is_refused_with_the_script_to_use(tmp_path):
@@ -55,6 +60,8 @@ def test_a_block_trained_checkpoint_is_refused_with_the_script_to_use(tmp_path):
     from model.transformer import Transformer
 
     path = tmp_path / "blk.pt"
-    save_checkpoint(path, "diffusion", preset("tiny"), Transformer(preset("tiny")), None, block_diffusion={"block_size": 8})
+    save_checkpoint(
+        path, "diffusion", preset("tiny"), Transformer(preset("tiny")), None, block_diffusion={"block_size": 8}
+    )
     with pytest.raises(NanoLladaError, match="block diffusion .block 8.*eval_diffusion"):
         main(["--device", "cpu", "--skip-training", "--checkpoint", str(path), "--out", str(tmp_path / "b.json")])

@@ -35,7 +35,9 @@ LOSSES = {
     "llada": lambda m, x: llada_loss(m, x, rng(), MASK_TOKEN_ID, repeat_penalty_weight=0.1),
     "mdlm_documents": lambda m, x: mdlm_loss(m, x, rng(), MASK_TOKEN_ID, 1e-3, "cosine", document_ids(x)),
     "bdlm_documents": lambda m, x: bdlm_loss(m, x, rng(), MASK_TOKEN_ID, 8, 1e-3, "linear", document_ids(x)),
-    "block_sft": lambda m, x: block_sft_loss(m, x, x > 3000, rng(), MASK_TOKEN_ID, 8, complementary=True, cap_weight=1.0),
+    "block_sft": lambda m, x: block_sft_loss(
+        m, x, x > 3000, rng(), MASK_TOKEN_ID, 8, complementary=True, cap_weight=1.0
+    ),
 }
 
 
@@ -53,12 +55,32 @@ PADDED = left_pad([[1, 5, 6], [1]], pad_id=0)
 DECODERS = {
     "ar": lambda m: list(generate(m, [1, 5, 6], 5)),
     "ar_batch_padded": lambda m: generate_batch(m, [[1, 5, 6], [1]], 5),
-    "block_causal_cached": lambda m: diffusion_generate(m, torch.tensor([[1, 5, 6, 7, 8, 9]]), DiffusionSamplerConfig(
-        gen_length=8, steps=8, block_length=4, block_causal=True), MASK_TOKEN_ID).tokens,
+    "block_causal_cached": lambda m: (
+        diffusion_generate(
+            m,
+            torch.tensor([[1, 5, 6, 7, 8, 9]]),
+            DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=True),
+            MASK_TOKEN_ID,
+        ).tokens
+    ),
     "likelihood": lambda m: conditional_log_likelihood_batch(m, [1, 5], [[7, 8], [9]], MASK_TOKEN_ID, 4),
-    **{f"diffusion_{cache}_cfg{scale}": (lambda m, cache=cache, scale=scale: diffusion_generate(
-        m, PADDED[0], DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, threshold=0.5, cache=cache, cfg_scale=scale),
-        MASK_TOKEN_ID, prompt_lengths=PADDED[1]).tokens) for cache in ("none", "prefix", "dual") for scale in (0.0, 1.0)},
+    **{
+        f"diffusion_{cache}_cfg{scale}": (
+            lambda m, cache=cache, scale=scale: (
+                diffusion_generate(
+                    m,
+                    PADDED[0],
+                    DiffusionSamplerConfig(
+                        gen_length=8, steps=8, block_length=4, threshold=0.5, cache=cache, cfg_scale=scale
+                    ),
+                    MASK_TOKEN_ID,
+                    prompt_lengths=PADDED[1],
+                ).tokens
+            )
+        )
+        for cache in ("none", "prefix", "dual")
+        for scale in (0.0, 1.0)
+    },
 }
 
 

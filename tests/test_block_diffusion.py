@@ -7,9 +7,21 @@ import torch
 import torch.nn as nn
 
 from model.block_diffusion import (
-    STABLE, BlockCurriculum, bd3lm_attention_mask, bd3lm_document_mask, bdlm_forward, bdlm_loss, block_causal_mask,
-    default_sizes_down, default_sizes_up, document_attention_mask, document_ids_with_pad, elbo_weight, mask_probability,
-    mdlm_loss, trained_block_size,
+    STABLE,
+    BlockCurriculum,
+    bd3lm_attention_mask,
+    bd3lm_document_mask,
+    bdlm_forward,
+    bdlm_loss,
+    block_causal_mask,
+    default_sizes_down,
+    default_sizes_up,
+    document_attention_mask,
+    document_ids_with_pad,
+    elbo_weight,
+    mask_probability,
+    mdlm_loss,
+    trained_block_size,
 )
 from model.diffusion import llada_loss
 from model.errors import NanoLladaError
@@ -35,6 +47,7 @@ class UniformModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- masks
+
 
 @pytest.mark.parametrize("block_size", [1, 2, 4, 8])
 def test_bd3lm_mask_obeys_the_four_rules_elementwise(block_size):
@@ -75,7 +88,9 @@ def test_bdlm_loss_equals_mdlm_loss_at_block_size_equal_to_the_row(tiny_config):
         bdlm = bdlm_loss(model, ids, rng(7), mask_id, block_size=16, schedule=schedule)
         assert bdlm.item() == pytest.approx(mdlm.item(), rel=1e-5)
     # and MDLM with the linear schedule is LLaDA Eq. 3 exactly (same masks from the same seed)
-    assert mdlm_loss(model, ids, rng(3), mask_id).item() == pytest.approx(llada_loss(model, ids, rng(3), mask_id).item(), rel=1e-6)
+    assert mdlm_loss(model, ids, rng(3), mask_id).item() == pytest.approx(
+        llada_loss(model, ids, rng(3), mask_id).item(), rel=1e-6
+    )
     assert bdlm_loss(model, ids, rng(7), mask_id, block_size=4).item() != pytest.approx(mdlm.item(), rel=1e-3)
 
 
@@ -94,6 +109,7 @@ def test_noisy_block_logits_ignore_later_blocks(tiny_config):
 
 # ----------------------------------------------------------------------------- time weights
 
+
 def test_time_weights_are_elbo_weights():
     t = torch.tensor([0.1, 0.5, 0.9])
     assert torch.allclose(elbo_weight(t, "linear"), 1 / t) and torch.equal(mask_probability(t, "linear"), t)
@@ -103,7 +119,9 @@ def test_time_weights_are_elbo_weights():
     assert torch.allclose(elbo_weight(t, "cosine"), -derivative / (1 - alpha(t)), rtol=1e-3)
     grid = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
     for schedule in ("linear", "cosine"):  # E_t[weight * mask prob] = 1, so uniform logits score ln|V|
-        assert (elbo_weight(grid, schedule) * mask_probability(grid, schedule)).mean().item() == pytest.approx(1, abs=1e-3)
+        assert (elbo_weight(grid, schedule) * mask_probability(grid, schedule)).mean().item() == pytest.approx(
+            1, abs=1e-3
+        )
     with pytest.raises(NanoLladaError, match="unknown"):
         elbo_weight(t, "cubic")
 
@@ -118,6 +136,7 @@ def test_cosine_weighted_loss_with_uniform_logits_is_ln_v():
 
 
 # ----------------------------------------------------------------------------- document mask
+
 
 def packed(docs: list[list[int]]) -> torch.Tensor:
     return torch.tensor([sum(docs, [])])
@@ -138,7 +157,9 @@ def test_packed_document_logits_equal_the_document_alone(tiny_config):
     assert torch.allclose(reset[:, 5:11], alone, atol=1e-5)
     perturbed = packed([[1, 40, 41, 42, EOS], doc_b, doc_c])  # only document A changes
     after = model(perturbed, attention=document_attention_mask(document_ids(perturbed)))
-    assert torch.allclose(after[:, 5:], logits[:, 5:], atol=1e-6) and not torch.allclose(after[:, :5], logits[:, :5], atol=1e-3)
+    assert torch.allclose(after[:, 5:], logits[:, 5:], atol=1e-6) and not torch.allclose(
+        after[:, :5], logits[:, :5], atol=1e-3
+    )
 
 
 def test_document_mask_and_block_rules_compose_without_empty_rows(tiny_config):
@@ -159,12 +180,17 @@ def test_document_mask_and_block_rules_compose_without_empty_rows(tiny_config):
 
 # ----------------------------------------------------------------------------- curriculum
 
+
 @pytest.mark.parametrize("seq_len,total", [(256, 1000), (64, 37), (32, 10)])
 def test_curriculum_is_a_pure_monotone_function_of_the_step(seq_len, total):
-    curriculum = BlockCurriculum(seq_len, total, tuple(default_sizes_up(seq_len)), tuple(default_sizes_down(seq_len, 32)))
+    curriculum = BlockCurriculum(
+        seq_len, total, tuple(default_sizes_up(seq_len)), tuple(default_sizes_down(seq_len, 32))
+    )
     schedule = [curriculum.at(step) for step in range(total)]
     assert schedule == [curriculum.at(step) for step in range(total)]  # no hidden state
-    assert schedule == [BlockCurriculum(seq_len, total, curriculum.sizes_up, curriculum.sizes_down).at(s) for s in range(total)]
+    assert schedule == [
+        BlockCurriculum(seq_len, total, curriculum.sizes_up, curriculum.sizes_down).at(s) for s in range(total)
+    ]
     phases = [phase for phase, _ in schedule]
     assert phases == sorted(phases, key=["warmup", "stable", "decay"].index)  # warmup, then stable, then decay
     assert all(seq_len % size == 0 for _, size in schedule)
@@ -174,7 +200,9 @@ def test_curriculum_is_a_pure_monotone_function_of_the_step(seq_len, total):
     assert all(size == seq_len for p, size in schedule if p == STABLE)
     assert schedule[-1][1] == curriculum.inference_block_size == min(32, seq_len)
     if total >= 100:
-        assert [s for p, s in schedule if p == "warmup"][0] == 1 and set(s for p, s in schedule if p == "warmup") == set(curriculum.sizes_up)
+        assert [s for p, s in schedule if p == "warmup"][0] == 1 and set(
+            s for p, s in schedule if p == "warmup"
+        ) == set(curriculum.sizes_up)
 
 
 def test_curriculum_rejects_sizes_that_do_not_divide_and_bad_ratios():
@@ -189,13 +217,24 @@ def test_curriculum_rejects_sizes_that_do_not_divide_and_bad_ratios():
 
 
 def test_checkpoint_block_size_follows_the_curriculum_at_its_step():
-    stored = {"seq_len": 64, "total_steps": 10, "sizes_up": [1, 64], "sizes_down": [64, 32], "phase_ratios": [0.2, 0.5, 0.3]}
+    stored = {
+        "seq_len": 64,
+        "total_steps": 10,
+        "sizes_up": [1, 64],
+        "sizes_down": [64, 32],
+        "phase_ratios": [0.2, 0.5, 0.3],
+    }
     extra = lambda step: {"step": step, "diffusion": {"block_curriculum": stored}}  # noqa: E731
-    assert trained_block_size(extra(1)) == 1 and trained_block_size(extra(5)) is None and trained_block_size(extra(10)) == 32
+    assert (
+        trained_block_size(extra(1)) == 1
+        and trained_block_size(extra(5)) is None
+        and trained_block_size(extra(10)) == 32
+    )
     assert trained_block_size({"block_diffusion": {"block_size": 16}}) == 16 and trained_block_size({}) is None
 
 
 # ----------------------------------------------------------------------------- SFT extras
+
 
 def test_complementary_masks_are_disjoint_cover_the_response_and_keep_the_prompt_clean():
     maskable = torch.zeros(200, 24, dtype=torch.bool)
@@ -232,8 +271,12 @@ def test_block_sft_loss_with_uniform_logits_is_ln_v(block_size, complementary):
     ids = torch.randint(1, MASK, (32, 42), generator=rng())
     maskable = torch.arange(42)[None, :] >= torch.randint(2, 10, (32, 1), generator=rng(1))
     gen = rng(2)
-    losses = [block_sft_loss(UniformModel(), ids, maskable, gen, MASK, block_size, t_range=(0.3, 0.8),
-                             complementary=complementary).item() for _ in range(40)]
+    losses = [
+        block_sft_loss(
+            UniformModel(), ids, maskable, gen, MASK, block_size, t_range=(0.3, 0.8), complementary=complementary
+        ).item()
+        for _ in range(40)
+    ]
     assert sum(losses) / len(losses) == pytest.approx(math.log(V), rel=0.02)
 
 
@@ -241,8 +284,18 @@ def test_block_sft_loss_trains_the_response_only(tiny_config):
     model, mask_id = Transformer(tiny_config), tiny_config.vocab_size - 1
     ids = torch.randint(1, mask_id, (2, 14), generator=rng())
     maskable = torch.arange(14)[None, :].repeat(2, 1) >= 5
-    loss = block_sft_loss(model, ids, maskable, rng(1), mask_id, block_size=4, t_range=(0.3, 0.8), schedule="cosine",
-                          complementary=True, cap_weight=2.0)
+    loss = block_sft_loss(
+        model,
+        ids,
+        maskable,
+        rng(1),
+        mask_id,
+        block_size=4,
+        t_range=(0.3, 0.8),
+        schedule="cosine",
+        complementary=True,
+        cap_weight=2.0,
+    )
     loss.backward()
     assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
     with pytest.raises(NanoLladaError, match="band"):
@@ -250,6 +303,7 @@ def test_block_sft_loss_trains_the_response_only(tiny_config):
 
 
 # ----------------------------------------------------------------------------- block-causal decoding
+
 
 class Counting(nn.Module):
     def __init__(self, inner):
@@ -264,16 +318,30 @@ class Counting(nn.Module):
         return self.inner.new_kv_cache(batch_size, max_length)
 
 
-@pytest.mark.parametrize("prompt_len,options", [
-    (5, {}), (8, {}), (5, {"threshold": 0.05}), (6, {"temperature": 1.0, "remasking": "random"}), (5, {"cfg_scale": 1.5}),
-])
+@pytest.mark.parametrize(
+    "prompt_len,options",
+    [
+        (5, {}),
+        (8, {}),
+        (5, {"threshold": 0.05}),
+        (6, {"temperature": 1.0, "remasking": "random"}),
+        (5, {"cfg_scale": 1.5}),
+    ],
+)
 def test_cached_and_uncached_block_decoding_give_identical_tokens(tiny_config, prompt_len, options):
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (2, prompt_len), generator=rng())
     results = {}
     for cached in (True, False):
-        cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_length=4, stop_at_eos=False, block_causal=True,
-                                     use_kv_cache=cached, **options)
+        cfg = DiffusionSamplerConfig(
+            gen_length=10,
+            steps=10,
+            block_length=4,
+            stop_at_eos=False,
+            block_causal=True,
+            use_kv_cache=cached,
+            **options,
+        )
         results[cached] = diffusion_generate(Counting(model), prompt, cfg, mask_id, generator=rng(9))
     assert torch.equal(results[True].tokens, results[False].tokens)
     assert not (results[True].tokens == mask_id).any()
@@ -297,19 +365,23 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     full = model.inner(canvas, attention=block_causal_mask(torch.arange(16) // 4))
     cache = model.inner.new_kv_cache(1, 16)
     model.inner(canvas[:, :8], attention=block_causal_mask(torch.arange(8) // 4), kv_cache=cache)
-    assert torch.allclose(model.inner(canvas[:, 8:12], attention="bidirectional", kv_cache=cache), full[:, 8:12], atol=1e-5)
+    assert torch.allclose(
+        model.inner(canvas[:, 8:12], attention="bidirectional", kv_cache=cache), full[:, 8:12], atol=1e-5
+    )
     with pytest.raises(NanoLladaError, match="needs --block-length"):
         DiffusionSamplerConfig(gen_length=8, steps=8, block_causal=True).validate()
 
 
 # ----------------------------------------------------------------------------- likelihood of block-trained models
 
+
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
 def test_block_conditional_log_likelihood_of_uniform_logits_is_minus_A_ln_V(block_size):
     from model.likelihood import block_conditional_log_likelihood
 
-    estimate, stderr = block_conditional_log_likelihood(UniformModel(), [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], MASK,
-                                                        block_size, num_samples=8)
+    estimate, stderr = block_conditional_log_likelihood(
+        UniformModel(), [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], MASK, block_size, num_samples=8
+    )
     assert estimate == pytest.approx(-6 * math.log(V)) and stderr == pytest.approx(0, abs=1e-9)
 
 
@@ -317,10 +389,12 @@ def test_one_block_over_the_whole_row_is_the_bidirectional_estimator_with_the_sa
     from model.likelihood import block_conditional_log_likelihood, conditional_log_likelihood
 
     model, prompt, answer = Transformer(tiny_config).eval(), [1, 5, 6, 7, 8], [9, 10, 11]
-    block = block_conditional_log_likelihood(model, prompt, answer, tiny_config.vocab_size - 1, block_size=8,
-                                             num_samples=16, generator=rng(3))
-    bidirectional = conditional_log_likelihood(model, prompt, answer, tiny_config.vocab_size - 1, num_samples=16,
-                                               generator=rng(3))
+    block = block_conditional_log_likelihood(
+        model, prompt, answer, tiny_config.vocab_size - 1, block_size=8, num_samples=16, generator=rng(3)
+    )
+    bidirectional = conditional_log_likelihood(
+        model, prompt, answer, tiny_config.vocab_size - 1, num_samples=16, generator=rng(3)
+    )
     assert block == pytest.approx(bidirectional, abs=1e-5)
 
 
@@ -350,5 +424,6 @@ def test_the_tail_of_the_last_block_is_context_never_scored(tiny_config):
     unknown = block_conditional_log_likelihood(*args, num_samples=4)
     assert unknown == block_conditional_log_likelihood(*args, num_samples=4, tail_id=mask_id)
     assert unknown != block_conditional_log_likelihood(*args, num_samples=4, tail_id=EOS)  # the tail is attended to
-    assert block_conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 8, num_samples=4, tail_id=EOS)[0] == \
-        pytest.approx(-2 * math.log(V))  # ... but never scored
+    assert block_conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 8, num_samples=4, tail_id=EOS)[
+        0
+    ] == pytest.approx(-2 * math.log(V))  # ... but never scored

@@ -61,11 +61,14 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "checkpoint not found"),
-    (b"not a checkpoint", "not a readable PyTorch checkpoint"),
-    ({"something": torch.zeros(1)}, "neither a nano-llada checkpoint nor a MiniMind2"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "checkpoint not found"),
+        (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+        ({"something": torch.zeros(1)}, "neither a nano-llada checkpoint nor a MiniMind2"),
+    ],
+)
 def test_bad_checkpoint_files_give_one_clear_error(tmp_path, content, match):
     path = tmp_path / "bad.pt"
     if isinstance(content, bytes):

@@ -10,9 +10,34 @@ from scripts.data.sample import build_sample
 from scripts.eval import eval_diffusion
 from scripts.train import diffusion, merge_checkpoints
 
-TINY = ["--hidden-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2",
-        "--max-position-embeddings", "64", "--seq-len", "16", "--batch-size", "4", "--val-fraction", "0.05",
-        "--eval-batches", "2", "--log-interval", "1", "--warmup-steps", "1", "--learning-rate", "3e-3", "--device", "cpu"]
+TINY = [
+    "--hidden-size",
+    "64",
+    "--num-hidden-layers",
+    "2",
+    "--num-attention-heads",
+    "4",
+    "--num-key-value-heads",
+    "2",
+    "--max-position-embeddings",
+    "64",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--val-fraction",
+    "0.05",
+    "--eval-batches",
+    "2",
+    "--log-interval",
+    "1",
+    "--warmup-steps",
+    "1",
+    "--learning-rate",
+    "3e-3",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +51,21 @@ def corpus(tmp_path_factory):
 
 
 def run(corpus, save_dir, name, *flags):
-    return diffusion.main(["--train", "--tokenizer-dir", ".", "--data", str(corpus), "--save-dir", str(save_dir),
-                           "--run-name", name, *TINY, *flags])
+    return diffusion.main(
+        [
+            "--train",
+            "--tokenizer-dir",
+            ".",
+            "--data",
+            str(corpus),
+            "--save-dir",
+            str(save_dir),
+            "--run-name",
+            name,
+            *TINY,
+            *flags,
+        ]
+    )
 
 
 def metrics(save_dir, name):
@@ -35,13 +73,42 @@ def metrics(save_dir, name):
 
 
 def test_wsd_curriculum_with_time_weights_and_document_mask_then_merge_and_block_causal_eval(corpus, tmp_path):
-    summary = run(corpus, tmp_path, "wsd", "--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "1,4,16",
-                  "--wsd-phase-ratios", "0.3,0.3,0.4", "--inference-block-size", "4", "--time-weighted-loss",
-                  "--use-doc-attention-mask", "--keep-top-k", "2", "--max-iters", "10", "--eval-interval", "3")
+    summary = run(
+        corpus,
+        tmp_path,
+        "wsd",
+        "--mask-schedule",
+        "wsd",
+        "--use-block-curriculum",
+        "--wsd-block-sizes-up",
+        "1,4,16",
+        "--wsd-phase-ratios",
+        "0.3,0.3,0.4",
+        "--inference-block-size",
+        "4",
+        "--time-weighted-loss",
+        "--use-doc-attention-mask",
+        "--keep-top-k",
+        "2",
+        "--max-iters",
+        "10",
+        "--eval-interval",
+        "3",
+    )
     records = metrics(tmp_path, "wsd")
     steps = [r for r in records if "loss" in r]
-    assert [(r["phase"], r["block"]) for r in steps] == [("warmup", 1), ("warmup", 4), ("warmup", 16), ("stable", 16), ("stable", 16),
-                                                         ("stable", 16), ("decay", 16), ("decay", 16), ("decay", 8), ("decay", 4)]
+    assert [(r["phase"], r["block"]) for r in steps] == [
+        ("warmup", 1),
+        ("warmup", 4),
+        ("warmup", 16),
+        ("stable", 16),
+        ("stable", 16),
+        ("stable", 16),
+        ("decay", 16),
+        ("decay", 16),
+        ("decay", 8),
+        ("decay", 4),
+    ]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert vals[-1] < vals[0]  # the MDLM validation loss fell
     full = read_checkpoint(tmp_path / "wsd.pt")
@@ -52,29 +119,76 @@ def test_wsd_curriculum_with_time_weights_and_document_mask_then_merge_and_block
     merged = merge_checkpoints.main(["--run-name", "wsd", "--save-dir", str(tmp_path), "--k", "2"])
     assert (tmp_path / "wsd_merged.pt").exists() and len(merged["merged"]) == 2
 
-    result = eval_diffusion.main(["--checkpoint", str(tmp_path / "wsd.pt"), "--tokenizer-dir", ".", "--seq-len", "16",
-                                  "--prompt", "今天", "--max-new-tokens", "8", "--device", "cpu", "--no-early-stop"])
+    result = eval_diffusion.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "wsd.pt"),
+            "--tokenizer-dir",
+            ".",
+            "--seq-len",
+            "16",
+            "--prompt",
+            "今天",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--no-early-stop",
+        ]
+    )
     assert result["sample"]["block_causal"]  # ended in the decay phase at block 4: decoded block-causally
-    uncached = eval_diffusion.main(["--checkpoint", str(tmp_path / "wsd.pt"), "--tokenizer-dir", ".", "--seq-len", "16",
-                                    "--prompt", "今天", "--max-new-tokens", "8", "--device", "cpu", "--no-early-stop", "--no-kv-cache"])
+    uncached = eval_diffusion.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "wsd.pt"),
+            "--tokenizer-dir",
+            ".",
+            "--seq-len",
+            "16",
+            "--prompt",
+            "今天",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--no-early-stop",
+            "--no-kv-cache",
+        ]
+    )
     assert uncached["sample"]["tokens"] == result["sample"]["tokens"]
 
 
 def test_wsd_without_curriculum_and_linear_time_weight_is_llada_eq3(corpus, tmp_path):
     common = ["--max-iters", "2", "--eval-interval", "2"]
     run(corpus, tmp_path, "eq3", *common)
-    run(corpus, tmp_path, "wsd_plain", "--mask-schedule", "wsd", "--time-weighted-loss", "--time-weight-schedule", "linear", *common)
+    run(
+        corpus,
+        tmp_path,
+        "wsd_plain",
+        "--mask-schedule",
+        "wsd",
+        "--time-weighted-loss",
+        "--time-weight-schedule",
+        "linear",
+        *common,
+    )
     losses = lambda name: [r.get("loss", r.get("val_loss")) for r in metrics(tmp_path, name) if "tokens_per_s" not in r]  # noqa: E731
     assert losses("wsd_plain") == pytest.approx(losses("eq3"), rel=1e-5)  # same masks, same weights, same validation
     assert "phase" not in metrics(tmp_path, "wsd_plain")[1]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "1,3,16"], r"\[3\] do not divide --seq-len 16"),
-    (["--use-block-curriculum"], "pass both"),
-    (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-phase-ratios", "0.5,0.5,0.5"], "summing to 1"),
-    (["--use-doc-attention-mask", "--repeat-penalty-weight", "0.1"], "repeat-penalty"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "1,3,16"],
+            r"\[3\] do not divide --seq-len 16",
+        ),
+        (["--use-block-curriculum"], "pass both"),
+        (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-phase-ratios", "0.5,0.5,0.5"], "summing to 1"),
+        (["--use-doc-attention-mask", "--repeat-penalty-weight", "0.1"], "repeat-penalty"),
+    ],
+)
 def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
     with pytest.raises(NanoLladaError, match=message):
         run(corpus, tmp_path, "bad", "--max-iters", "2", *flags)
@@ -86,25 +200,88 @@ def test_sft_switches_run_through_the_cli(tmp_path, capsys):
 
     from scripts.train import train_sft_diffusion
 
-    rows = [{"conversations": [{"role": "user", "content": f"第{k}个问题是什么？"}, {"role": "assistant", "content": "答案" * (1 + k % 3)}]}
-            for k in range(40)]
+    rows = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"第{k}个问题是什么？"},
+                {"role": "assistant", "content": "答案" * (1 + k % 3)},
+            ]
+        }
+        for k in range(40)
+    ]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(_json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    common = ["--data", str(data), "--tokenizer-dir", ".", "--save-dir", str(tmp_path), "--hidden-size", "64", "--num-hidden-layers", "2",
-              "--num-attention-heads", "4", "--max-seq-len", "48", "--batch-size", "4", "--max-steps", "3", "--eval-interval", "3",
-              "--eval-batches", "1", "--val-fraction", "0.1", "--device", "cpu"]
-    summary = train_sft_diffusion.main([*common, "--run-name", "blk", "--block-size", "8", "--mask-ratio-min", "0.3",
-                                        "--mask-ratio-max", "0.8", "--complementary-masking", "--cap-weight", "0.1"])
+    common = [
+        "--data",
+        str(data),
+        "--tokenizer-dir",
+        ".",
+        "--save-dir",
+        str(tmp_path),
+        "--hidden-size",
+        "64",
+        "--num-hidden-layers",
+        "2",
+        "--num-attention-heads",
+        "4",
+        "--max-seq-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--eval-interval",
+        "3",
+        "--eval-batches",
+        "1",
+        "--val-fraction",
+        "0.1",
+        "--device",
+        "cpu",
+    ]
+    summary = train_sft_diffusion.main(
+        [
+            *common,
+            "--run-name",
+            "blk",
+            "--block-size",
+            "8",
+            "--mask-ratio-min",
+            "0.3",
+            "--mask-ratio-max",
+            "0.8",
+            "--complementary-masking",
+            "--cap-weight",
+            "0.1",
+        ]
+    )
     assert summary["step"] == 3
     assert read_checkpoint(tmp_path / "blk_state_dict.pt").extra["block_diffusion"]["block_size"] == 8
     # every SFT decoding path decodes a block-trained checkpoint block-causally with its block size
     from scripts.eval import eval_sft_one_prompt
     from scripts.serve import load_engine, parse_args
 
-    answers = eval_sft_one_prompt.main(["--prompt", "第1个问题是什么？", "--tokenizer-dir", ".", "--max-new-tokens", "12",
-                                        "--diffusion-checkpoint", str(tmp_path / "blk_state_dict.pt"), "--device", "cpu"])
-    assert "decoding block-causally with block size 8" in capsys.readouterr().out and answers[0]["diffusion"]["forward_passes"] >= 1
-    engine = load_engine(parse_args(["--checkpoint", str(tmp_path / "blk_state_dict.pt"), "--tokenizer-dir", ".", "--device", "cpu"]))
+    answers = eval_sft_one_prompt.main(
+        [
+            "--prompt",
+            "第1个问题是什么？",
+            "--tokenizer-dir",
+            ".",
+            "--max-new-tokens",
+            "12",
+            "--diffusion-checkpoint",
+            str(tmp_path / "blk_state_dict.pt"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        "decoding block-causally with block size 8" in capsys.readouterr().out
+        and answers[0]["diffusion"]["forward_passes"] >= 1
+    )
+    engine = load_engine(
+        parse_args(["--checkpoint", str(tmp_path / "blk_state_dict.pt"), "--tokenizer-dir", ".", "--device", "cpu"])
+    )
     request = engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10})
     assert request.sampler.block_causal and request.sampler.block_length == 8 and request.sampler.gen_length == 10
     assert engine.complete(request, lambda text: None)[1] <= 10

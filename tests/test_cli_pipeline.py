@@ -9,13 +9,24 @@ import pytest
 import torch
 
 from model.checkpoint import read_checkpoint
+from model.tokenizer import chat_text, encode, load_tokenizer
 from scripts.common.sft import collate, encode_conversation, load_sft_examples
 from scripts.data.sample import build_sample
 from scripts.eval import eval_diffusion, eval_minimind, eval_sft_accuracy, eval_sft_one_prompt
 from scripts.train import diffusion, train_pretrain, train_sft_diffusion, train_sft_minimind
-from model.tokenizer import chat_text, encode, load_tokenizer
 
-TINY = ["--hidden-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4", "--num-key-value-heads", "2", "--device", "cpu"]
+TINY = [
+    "--hidden-size",
+    "64",
+    "--num-hidden-layers",
+    "2",
+    "--num-attention-heads",
+    "4",
+    "--num-key-value-heads",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +45,99 @@ def sample(tmp_path_factory):
 def trained(sample, tmp_path_factory):
     """AR pretrain, diffusion from it, and both SFTs: each run's summary and the directory."""
     out = tmp_path_factory.mktemp("weights")
-    pre = ["--data", str(sample["pretrain"]), "--tokenizer-dir", ".", "--save-dir", str(out), *TINY, "--seq-len", "32",
-           "--batch-size", "8", "--max-iters", "30", "--warmup-steps", "3", "--learning-rate", "3e-3", "--eval-interval", "15",
-           "--eval-batches", "3", "--val-fraction", "0.02"]
+    pre = [
+        "--data",
+        str(sample["pretrain"]),
+        "--tokenizer-dir",
+        ".",
+        "--save-dir",
+        str(out),
+        *TINY,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-iters",
+        "30",
+        "--warmup-steps",
+        "3",
+        "--learning-rate",
+        "3e-3",
+        "--eval-interval",
+        "15",
+        "--eval-batches",
+        "3",
+        "--val-fraction",
+        "0.02",
+    ]
     runs = {"ar": train_pretrain.main([*pre, "--run-name", "ar"])}
-    runs["diffusion"] = diffusion.main(["--train", "--use-tokenizer", *pre, "--run-name", "diff", "--mask-schedule", "iid_t",
-                                        "--init-from-minimind", str(out / "ar_state_dict.pt"), "--early-stop-patience", "5"])
-    sft = ["--data", str(sample["sft_train"]), "--eval-data", str(sample["sft_val"]), "--tokenizer-dir", ".", "--save-dir", str(out),
-           "--max-seq-len", "160", "--batch-size", "8", "--max-steps", "20", "--learning-rate", "2e-3", "--warmup-steps", "2",
-           "--eval-interval", "10", "--eval-batches", "3", "--device", "cpu"]
-    runs["ar_sft"] = train_sft_minimind.main([*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")])
-    runs["diffusion_sft"] = train_sft_diffusion.main([*sft, "--run-name", "diff_sft", "--load-from", str(out / "diff_best.pt")])
+    runs["diffusion"] = diffusion.main(
+        [
+            "--train",
+            "--use-tokenizer",
+            *pre,
+            "--run-name",
+            "diff",
+            "--mask-schedule",
+            "iid_t",
+            "--init-from-minimind",
+            str(out / "ar_state_dict.pt"),
+            "--early-stop-patience",
+            "5",
+        ]
+    )
+    sft = [
+        "--data",
+        str(sample["sft_train"]),
+        "--eval-data",
+        str(sample["sft_val"]),
+        "--tokenizer-dir",
+        ".",
+        "--save-dir",
+        str(out),
+        "--max-seq-len",
+        "160",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "20",
+        "--learning-rate",
+        "2e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-interval",
+        "10",
+        "--eval-batches",
+        "3",
+        "--device",
+        "cpu",
+    ]
+    runs["ar_sft"] = train_sft_minimind.main(
+        [*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")]
+    )
+    runs["diffusion_sft"] = train_sft_diffusion.main(
+        [*sft, "--run-name", "diff_sft", "--load-from", str(out / "diff_best.pt")]
+    )
     return runs, out
 
 
 def val_losses(out, run):
-    return [json.loads(line)["val_loss"] for line in (out / f"{run}_metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    return [
+        json.loads(line)["val_loss"]
+        for line in (out / f"{run}_metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
 
 
-@pytest.mark.parametrize("run,files", [
-    ("ar", ["ar.pt", "ar_state_dict.pt", "ar_best.pt", "ar_metrics.jsonl", "ar_loss.png"]),
-    ("diff", ["diff.pt", "diff_best.pt", "diff_loss.png"]),
-    ("ar_sft", ["ar_sft.pt", "ar_sft_state_dict.pt", "ar_sft_loss.png"]),
-    ("diff_sft", ["diff_sft.pt", "diff_sft_state_dict.pt", "diff_sft_loss.png"]),
-])
+@pytest.mark.parametrize(
+    "run,files",
+    [
+        ("ar", ["ar.pt", "ar_state_dict.pt", "ar_best.pt", "ar_metrics.jsonl", "ar_loss.png"]),
+        ("diff", ["diff.pt", "diff_best.pt", "diff_loss.png"]),
+        ("ar_sft", ["ar_sft.pt", "ar_sft_state_dict.pt", "ar_sft_loss.png"]),
+        ("diff_sft", ["diff_sft.pt", "diff_sft_state_dict.pt", "diff_sft_loss.png"]),
+    ],
+)
 def test_every_run_lowers_validation_loss_and_writes_its_files(trained, run, files):
     _, out = trained
     for name in files:
@@ -78,14 +158,57 @@ def test_checkpoints_carry_kind_config_and_every_tensor_across_stages(trained):
 
 def test_evals_run_on_the_trained_models(trained, sample, capsys):
     _, out = trained
-    result = eval_minimind.main(["--checkpoint", str(out / "ar_state_dict.pt"), "--tokenizer-dir", ".", "--prompt", "中国",
-                                 "--max-new-tokens", "12", "--temperature", "0", "--eval-data", str(sample["pretrain_val"]),
-                                 "--seq-len", "32", "--device", "cpu"])
+    result = eval_minimind.main(
+        [
+            "--checkpoint",
+            str(out / "ar_state_dict.pt"),
+            "--tokenizer-dir",
+            ".",
+            "--prompt",
+            "中国",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--eval-data",
+            str(sample["pretrain_val"]),
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+        ]
+    )
     assert 1 <= len(result["new_tokens"]) <= 12 and result["eval"]["perplexity"] > 1
-    result = eval_diffusion.main(["--checkpoint", str(out / "diff_best.pt"), "--tokenizer-dir", ".", "--seq-len", "32",
-                                  "--prompt", "中国", "--max-new-tokens", "16", "--gen-steps", "8", "--block-length", "8",
-                                  "--eval-data", str(sample["pretrain_val"]), "--eval-max-batches", "2", "--mc-samples", "2",
-                                  "--cond-ll-response", "人民", "--cond-ll-nmc", "4", "--device", "cpu"])
+    result = eval_diffusion.main(
+        [
+            "--checkpoint",
+            str(out / "diff_best.pt"),
+            "--tokenizer-dir",
+            ".",
+            "--seq-len",
+            "32",
+            "--prompt",
+            "中国",
+            "--max-new-tokens",
+            "16",
+            "--gen-steps",
+            "8",
+            "--block-length",
+            "8",
+            "--eval-data",
+            str(sample["pretrain_val"]),
+            "--eval-max-batches",
+            "2",
+            "--mc-samples",
+            "2",
+            "--cond-ll-response",
+            "人民",
+            "--cond-ll-nmc",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result["sample"]["nfe"] <= 8 and result["eval"]["nelbo"] > 0 and result["cond_ll"]["value"] < 0
     assert "NFE" in capsys.readouterr().out
 
@@ -93,44 +216,110 @@ def test_evals_run_on_the_trained_models(trained, sample, capsys):
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "both"])
 def test_one_prompt_runs_in_all_three_modes(trained, mode, capsys):
     _, out = trained
-    flags = {"ar": ["--minimind-checkpoint", str(out / "ar_sft_state_dict.pt")],
-             "diffusion": ["--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt")]}
+    flags = {
+        "ar": ["--minimind-checkpoint", str(out / "ar_sft_state_dict.pt")],
+        "diffusion": ["--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt")],
+    }
     chosen = flags["ar"] + flags["diffusion"] if mode == "both" else flags[mode]
-    rows = eval_sft_one_prompt.main(["--prompt", "你好，请介绍你自己。", "--tokenizer-dir", ".", *chosen, "--seq-len", "96",
-                                     "--max-new-tokens", "16", "--device", "cpu"])
+    rows = eval_sft_one_prompt.main(
+        [
+            "--prompt",
+            "你好，请介绍你自己。",
+            "--tokenizer-dir",
+            ".",
+            *chosen,
+            "--seq-len",
+            "96",
+            "--max-new-tokens",
+            "16",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert ("=== AR Output ===" in printed) == (mode != "diffusion")
     assert ("=== Diffusion Output ===" in printed) == (mode != "ar")
     for key in ("ar", "diffusion"):
         if key in rows[0]:
             stats = rows[0][key]
-            assert stats["new_tokens"] <= 16 and stats["forward_passes"] >= 1 and stats["first_seconds"] <= stats["seconds"]
+            assert (
+                stats["new_tokens"] <= 16
+                and stats["forward_passes"] >= 1
+                and stats["first_seconds"] <= stats["seconds"]
+            )
 
 
 def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp_path):
     _, out = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("你好\n今天天气怎么样？\n", encoding="utf-8")
-    eval_sft_one_prompt.main(["--prompt-file", str(prompts), "--tokenizer-dir", ".", "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
-                              "--max-new-tokens", "8", "--device", "cpu"])
+    eval_sft_one_prompt.main(
+        [
+            "--prompt-file",
+            str(prompts),
+            "--tokenizer-dir",
+            ".",
+            "--minimind-checkpoint",
+            str(out / "ar_sft_state_dict.pt"),
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "prompts.txt.answers.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["你好", "今天天气怎么样？"] and all("ar" in r for r in rows)
-    batched = eval_sft_one_prompt.main(["--prompt-file", str(prompts), "--tokenizer-dir", ".", "--batch-size", "2",
-                                        "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
-                                        "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"),
-                                        "--max-new-tokens", "8", "--device", "cpu", "--out", str(tmp_path / "batched.jsonl")])
+    batched = eval_sft_one_prompt.main(
+        [
+            "--prompt-file",
+            str(prompts),
+            "--tokenizer-dir",
+            ".",
+            "--batch-size",
+            "2",
+            "--minimind-checkpoint",
+            str(out / "ar_sft_state_dict.pt"),
+            "--diffusion-checkpoint",
+            str(out / "diff_sft_state_dict.pt"),
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "batched.jsonl"),
+        ]
+    )
     assert [r["ar"]["text"] for r in batched] == [r["ar"]["text"] for r in rows]
     assert all(r["ar"]["batch"] == r["diffusion"]["batch"] == 2 for r in batched)
     predictions = {}
     for batch in ("1", "5"):  # batched (left-padded) decoding answers what one-at-a-time decoding answers
-        result = eval_sft_accuracy.main(["--data", str(sample["sft_test"]), "--tokenizer-dir", ".", "--batch-size", batch,
-                                         "--minimind-checkpoint", str(out / "ar_sft_state_dict.pt"),
-                                         "--diffusion-checkpoint", str(out / "diff_sft_state_dict.pt"), "--device", "cpu",
-                                         "--out", str(tmp_path / f"predictions_{batch}.jsonl"), "--score-labels", "--mc-samples", "4"])
+        result = eval_sft_accuracy.main(
+            [
+                "--data",
+                str(sample["sft_test"]),
+                "--tokenizer-dir",
+                ".",
+                "--batch-size",
+                batch,
+                "--minimind-checkpoint",
+                str(out / "ar_sft_state_dict.pt"),
+                "--diffusion-checkpoint",
+                str(out / "diff_sft_state_dict.pt"),
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / f"predictions_{batch}.jsonl"),
+                "--score-labels",
+                "--mc-samples",
+                "4",
+            ]
+        )
         for name in ("AR", "Diffusion"):
             r = result[name]
             assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
-            assert sum(r["likelihood_choices"].values()) == 12 and r["likelihood_accuracy"] * 12 == round(r["likelihood_accuracy"] * 12)
+            assert sum(r["likelihood_choices"].values()) == 12 and r["likelihood_accuracy"] * 12 == round(
+                r["likelihood_accuracy"] * 12
+            )
         predictions[batch] = (tmp_path / f"predictions_{batch}.jsonl").read_text(encoding="utf-8")
     assert predictions["1"] == predictions["5"] and predictions["1"].count("\n") == 24
     assert all("likelihood_label" in json.loads(line) for line in predictions["1"].splitlines())
@@ -138,15 +327,20 @@ def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp
 
 def test_sft_labels_cover_exactly_the_assistant_spans():
     tok = load_tokenizer(".")
-    turns = [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二"},
-             {"role": "user", "content": "再加一？"}, {"role": "assistant", "content": "三"}]
+    turns = [
+        {"role": "system", "content": "简短回答"},
+        {"role": "user", "content": "一加一？"},
+        {"role": "assistant", "content": "二"},
+        {"role": "user", "content": "再加一？"},
+        {"role": "assistant", "content": "三"},
+    ]
     ids, mask = encode_conversation(tok, turns)
-    assert ids == encode(tok, chat_text(tok, turns, False))[:len(ids)]  # the training text is the chat template's
+    assert ids == encode(tok, chat_text(tok, turns, False))[: len(ids)]  # the training text is the chat template's
     spans = tok.decode([i for i, m in zip(ids, mask) if m])
     assert spans == "二<|im_end|>三<|im_end|>"
     assert ids[-1] == 2 and mask[-1] == 1  # the row ends at the last <|im_end|>
     prompt = encode(tok, chat_text(tok, turns[:-1], add_generation_prompt=True))
-    assert ids[:len(prompt)] == prompt  # eval renders the same text up to the answer
+    assert ids[: len(prompt)] == prompt  # eval renders the same text up to the answer
 
 
 @pytest.mark.parametrize("tokenizer_dir", [".", "minimind2"])
@@ -158,11 +352,21 @@ def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_di
     tok = load_tokenizer("." if tokenizer_dir == "." else request.getfixturevalue("minimind2_fixtures"))
     conversations = [
         [{"role": "user", "content": "这家店的东西很好，物流也快。"}, {"role": "assistant", "content": "正面"}],
-        [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "一加一？"}, {"role": "assistant", "content": "二"},
-         {"role": "user", "content": "再加一？ \n"}, {"role": "assistant", "content": " 三\n\n"}, {"role": "user", "content": "没有回答"}],
+        [
+            {"role": "system", "content": "简短回答"},
+            {"role": "user", "content": "一加一？"},
+            {"role": "assistant", "content": "二"},
+            {"role": "user", "content": "再加一？ \n"},
+            {"role": "assistant", "content": " 三\n\n"},
+            {"role": "user", "content": "没有回答"},
+        ],
         [{"role": "user", "content": "Hello, <b>world</b>!"}, {"role": "assistant", "content": "Hi there 😀 — ok?"}],
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\n"}, {"role": "user", "content": "b"},
-         {"role": "assistant", "content": "b"}],
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "\n"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "b"},
+        ],
     ]
     assert encode_conversations(tok, conversations) == [encode_conversation(tok, turns) for turns in conversations]
 
@@ -171,7 +375,15 @@ def test_diffusion_sft_never_masks_the_prompt(tmp_path):
     from model.diffusion import mask_tokens
 
     tok = load_tokenizer(".")
-    rows = [{"conversations": [{"role": "user", "content": "问题" * k}, {"role": "assistant", "content": "答" * (3 - k % 3)}]} for k in range(1, 7)]
+    rows = [
+        {
+            "conversations": [
+                {"role": "user", "content": "问题" * k},
+                {"role": "assistant", "content": "答" * (3 - k % 3)},
+            ]
+        }
+        for k in range(1, 7)
+    ]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     examples = load_sft_examples(path, tok, 64)
@@ -183,16 +395,24 @@ def test_diffusion_sft_never_masks_the_prompt(tmp_path):
         assert not batch["maskable"][i, :n][~torch.from_numpy(assistant.astype(bool))].any()  # prompt: never maskable
         assert batch["maskable"][i, n:].all() and (batch["input_ids"][i, n:] == 2).all()  # EOS padding: maskable
         assert (ar["labels"][i, n:] == -100).all() and (ar["input_ids"][i, n:] == 0).all()  # AR padding: never trained
-    _, masked = mask_tokens(batch["input_ids"], batch["maskable"], torch.full((6,), 0.999), 6400, torch.Generator().manual_seed(0))
+    _, masked = mask_tokens(
+        batch["input_ids"], batch["maskable"], torch.full((6,), 0.999), 6400, torch.Generator().manual_seed(0)
+    )
     assert not (masked & ~batch["maskable"]).any()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["scripts.train.train_pretrain", "--data", "nope.jsonl", "--tokenizer-dir", "."], "nope.jsonl: data file not found"),
-    (["scripts.eval.eval_minimind", "--checkpoint", "weights/none.pt"], "weights/none.pt: checkpoint not found"),
-    (["scripts.train.diffusion", "--data", "x.jsonl"], "pass --train"),
-    (["scripts.eval.eval_sft_one_prompt", "--prompt", "hi"], "give --minimind-checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["scripts.train.train_pretrain", "--data", "nope.jsonl", "--tokenizer-dir", "."],
+            "nope.jsonl: data file not found",
+        ),
+        (["scripts.eval.eval_minimind", "--checkpoint", "weights/none.pt"], "weights/none.pt: checkpoint not found"),
+        (["scripts.train.diffusion", "--data", "x.jsonl"], "pass --train"),
+        (["scripts.eval.eval_sft_one_prompt", "--prompt", "hi"], "give --minimind-checkpoint"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, message):
     proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -207,9 +427,22 @@ def test_wrong_kind_checkpoint_names_the_right_script(trained, tmp_path):
     with pytest.raises(NanoLladaError, match="scripts.eval.eval_minimind"):
         eval_diffusion.main(["--checkpoint", str(out / "ar.pt"), "--tokenizer-dir", "."])
     with pytest.raises(NanoLladaError, match="prompt is .* tokens, which leaves no room"):
-        eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--seq-len", "3", "--prompt", "一二三四五六"])
+        eval_diffusion.main(
+            ["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--seq-len", "3", "--prompt", "一二三四五六"]
+        )
     with pytest.raises(NanoLladaError, match="does not divide the generation length"):
-        eval_diffusion.main(["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--max-new-tokens", "10", "--block-length", "4"])
+        eval_diffusion.main(
+            [
+                "--checkpoint",
+                str(out / "diff.pt"),
+                "--tokenizer-dir",
+                ".",
+                "--max-new-tokens",
+                "10",
+                "--block-length",
+                "4",
+            ]
+        )
 
 
 def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(minimind2_fixtures, tmp_path):
@@ -219,8 +452,15 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
     from scripts.common.trainer import RunFiles
 
     tokenizer = load_tokenizer(minimind2_fixtures)
-    args = diffusion.parse_args(["--train", "--init-from-minimind", str(minimind2_fixtures / "minimind2_tiny.pth"),
-                                 "--tokenizer-dir", str(minimind2_fixtures)])
+    args = diffusion.parse_args(
+        [
+            "--train",
+            "--init-from-minimind",
+            str(minimind2_fixtures / "minimind2_tiny.pth"),
+            "--tokenizer-dir",
+            str(minimind2_fixtures),
+        ]
+    )
     model = diffusion.initial_model(args, tokenizer, RunFiles(SimpleNamespace(out_dir=str(tmp_path), run_name="x")))
     reference, _ = load_model(minimind2_fixtures / "minimind2_tiny.pth")
     ours, theirs = model.state_dict(), reference.state_dict()

@@ -2,11 +2,11 @@
 
 import json
 
-from scripts.eval import compare
-
 from conftest import ROOT
 from test_eval_lm import save_tiny, write_corpus
 from test_multiple_choice import letter_rows, write_csv
+
+from scripts.eval import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,13 +24,43 @@ def test_compare_writes_table_numbers_and_figures(tmp_path):
     write_metrics(weights / "pretrain_ar_metrics.jsonl", [(0, 8.8), (10, 7.5), (20, 7.0)])
     write_metrics(weights / "diffusion_from_ar_metrics.jsonl", [(0, 9.0), (10, 8.1)])
     out = tmp_path / "report"
-    result = compare.main(["--checkpoint", ar, "--checkpoint", diffusion, "--tokenizer-dir", str(ROOT), "--device", "cpu",
-                           "--eval-data", write_corpus(tmp_path / "val.jsonl"), "--seq-len", "32", "--eval-batch-size", "4",
-                           "--eval-max-batches", "1", "--mc-samples", "2", "--data", write_csv(tmp_path / "mc.csv", letter_rows("A")[:2]),
-                           "--out", str(out)])
+    result = compare.main(
+        [
+            "--checkpoint",
+            ar,
+            "--checkpoint",
+            diffusion,
+            "--tokenizer-dir",
+            str(ROOT),
+            "--device",
+            "cpu",
+            "--eval-data",
+            write_corpus(tmp_path / "val.jsonl"),
+            "--seq-len",
+            "32",
+            "--eval-batch-size",
+            "4",
+            "--eval-max-batches",
+            "1",
+            "--mc-samples",
+            "2",
+            "--data",
+            write_csv(tmp_path / "mc.csv", letter_rows("A")[:2]),
+            "--out",
+            str(out),
+        ]
+    )
     table = (out / "comparison.md").read_text(encoding="utf-8")
-    for expected in (ar, diffusion, "| ar |", "| diffusion |", "validation_curves.png", "lm_nll.png", "## Multiple choice",
-                     "diffusion_from_ar_metrics.jsonl"):
+    for expected in (
+        ar,
+        diffusion,
+        "| ar |",
+        "| diffusion |",
+        "validation_curves.png",
+        "lm_nll.png",
+        "## Multiple choice",
+        "diffusion_from_ar_metrics.jsonl",
+    ):
         assert expected in table
     assert table.count("\n| ") >= 2 + 2 + 2  # LM, multiple-choice and curve tables each have two data rows
     for figure in ("validation_curves.png", "lm_nll.png"):
@@ -44,8 +74,26 @@ def test_compare_writes_table_numbers_and_figures(tmp_path):
 
 def test_compare_notes_runs_without_metrics(tmp_path):
     ar = save_tiny(tmp_path / "lonely.pt", "ar")
-    compare.main(["--checkpoint", ar, "--tokenizer-dir", str(ROOT), "--device", "cpu", "--eval-data", write_corpus(tmp_path / "val.jsonl"),
-                  "--seq-len", "32", "--eval-batch-size", "2", "--eval-max-batches", "1", "--out", str(tmp_path / "out")])
+    compare.main(
+        [
+            "--checkpoint",
+            ar,
+            "--tokenizer-dir",
+            str(ROOT),
+            "--device",
+            "cpu",
+            "--eval-data",
+            write_corpus(tmp_path / "val.jsonl"),
+            "--seq-len",
+            "32",
+            "--eval-batch-size",
+            "2",
+            "--eval-max-batches",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     table = (tmp_path / "out" / "comparison.md").read_text(encoding="utf-8")
     assert "No validation records in" in table and "lonely_metrics.jsonl" in table
     assert not (tmp_path / "out" / "validation_curves.png").exists() and (tmp_path / "out" / "lm_nll.png").exists()

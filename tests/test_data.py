@@ -32,11 +32,14 @@ def test_malformed_line_names_file_and_line_and_can_be_skipped(tmp_path):
     assert bad.count == 1 and "bad.jsonl: skipped 1 bad line" in bad.summary(path)
 
 
-@pytest.mark.parametrize("lines,match", [
-    ([json.dumps({"content": "x"})], r":1: no field 'text' \(this line has: content\); pass --jsonl-field"),
-    ([json.dumps({"text": 3})], "field 'text' is int"),
-    ([json.dumps([1, 2])], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        ([json.dumps({"content": "x"})], r":1: no field 'text' \(this line has: content\); pass --jsonl-field"),
+        ([json.dumps({"text": 3})], "field 'text' is int"),
+        ([json.dumps([1, 2])], "expected a JSON object"),
+    ],
+)
 def test_missing_or_wrong_fields(tmp_path, lines, match):
     with pytest.raises(NanoLladaError, match=match):
         list(iter_texts(write(tmp_path / "f.jsonl", lines)))
@@ -52,9 +55,13 @@ def test_missing_and_empty_files_say_how_to_get_data(tmp_path):
 
 def test_sft_rows_are_validated_and_bad_ones_counted(tmp_path):
     good = {"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}
-    rows = [good, {"conversations": [{"role": "user", "content": "只有问题"}]},
-            {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-            {"conversations": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}, {"text": "no conv"}]
+    rows = [
+        good,
+        {"conversations": [{"role": "user", "content": "只有问题"}]},
+        {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"conversations": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
+        {"text": "no conv"},
+    ]
     path = write(tmp_path / "sft.jsonl", [json.dumps(r, ensure_ascii=False) for r in rows])
     bad = BadLineCounter()
     assert list(iter_conversations(path, bad=bad)) == [good["conversations"]]

@@ -34,8 +34,14 @@ from model.transformer import Transformer  # noqa: E402
 from scripts.common.distributed import shard  # noqa: E402
 from scripts.common.trainer import TrainConfig, train  # noqa: E402
 
-CONFIG = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                     max_position_embeddings=256)
+CONFIG = ModelConfig(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,
+    max_position_embeddings=256,
+)
 ROWS = 5  # an odd global batch: the two ranks get 3 and 2 rows, so the per-rank loss weights matter
 
 
@@ -46,17 +52,40 @@ def data(k):
 def run(out_dir, max_steps: int, resume: bool = False) -> dict:
     torch.manual_seed(0)
     model = Transformer(CONFIG)
-    cfg = TrainConfig("run", "ar", max_steps=max_steps, out_dir=str(out_dir), learning_rate=3e-3, lr_schedule="constant",
-                      warmup_steps=2, accumulation_steps=2, eval_interval=3, save_interval=100, log_interval=2)
+    cfg = TrainConfig(
+        "run",
+        "ar",
+        max_steps=max_steps,
+        out_dir=str(out_dir),
+        learning_rate=3e-3,
+        lr_schedule="constant",
+        warmup_steps=2,
+        accumulation_steps=2,
+        eval_interval=3,
+        save_interval=100,
+        log_interval=2,
+    )
     gen = torch.Generator().manual_seed(9)
     val = [torch.randint(0, 101, (4, 16), generator=gen) for _ in range(3)]  # 3 batches: ranks score 2 and 1
-    return train(model, CONFIG, cfg, data, val, lambda m, batch, rng: next_token_loss(m, batch), {"vocab_size": 101, "sha256": "t"},
-                 torch.device("cpu"), resume=resume)
+    return train(
+        model,
+        CONFIG,
+        cfg,
+        data,
+        val,
+        lambda m, batch, rng: next_token_loss(m, batch),
+        {"vocab_size": 101, "sha256": "t"},
+        torch.device("cpu"),
+        resume=resume,
+    )
 
 
 def metrics(out_dir) -> tuple[dict, dict]:
     records = [json.loads(line) for line in (Path(out_dir) / "run_metrics.jsonl").read_text().splitlines()]
-    return ({r["step"]: r["loss"] for r in records if "loss" in r}, {r["step"]: r["val_loss"] for r in records if "val_loss" in r})
+    return (
+        {r["step"]: r["loss"] for r in records if "loss" in r},
+        {r["step"]: r["val_loss"] for r in records if "val_loss" in r},
+    )
 
 
 def launch(out_dir, max_steps: int, nproc: int = 2) -> list[subprocess.Popen]:
@@ -68,11 +97,26 @@ def launch(out_dir, max_steps: int, nproc: int = 2) -> list[subprocess.Popen]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
-    return [subprocess.Popen([sys.executable, __file__, str(out_dir), str(max_steps)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
-            for r in range(nproc)]
+    base = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, __file__, str(out_dir), str(max_steps)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(nproc)
+    ]
 
 
 def wait(workers: list[subprocess.Popen]) -> None:

@@ -81,7 +81,9 @@ def test_variable_length_cut_and_repeat_term():
     assert ((cut == 0).long().diff(dim=1) >= 0).all()  # PAD only as a suffix
     targets = torch.tensor([[5, 5, 5, 6]])
     masked = torch.ones_like(targets, dtype=torch.bool)
-    assert repeat_unlikelihood(torch.zeros(1, 4, V), targets, masked).item() == pytest.approx(-math.log(1 - 1 / V), rel=1e-4)
+    assert repeat_unlikelihood(torch.zeros(1, 4, V), targets, masked).item() == pytest.approx(
+        -math.log(1 - 1 / V), rel=1e-4
+    )
     assert repeat_unlikelihood(torch.zeros(1, 4, V), torch.tensor([[1, 2, 3, 4]]), masked).item() == 0
 
 
@@ -130,7 +132,10 @@ def test_temperature_zero_is_deterministic_and_random_sampling_is_seeded(tiny_co
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     prompt = torch.tensor([[1, 7, 9]])
     greedy = DiffusionSamplerConfig(gen_length=8, steps=8)
-    assert torch.equal(diffusion_generate(model, prompt, greedy, mask_id).tokens, diffusion_generate(model, prompt, greedy, mask_id).tokens)
+    assert torch.equal(
+        diffusion_generate(model, prompt, greedy, mask_id).tokens,
+        diffusion_generate(model, prompt, greedy, mask_id).tokens,
+    )
     hot = DiffusionSamplerConfig(gen_length=8, steps=8, temperature=1.0, remasking="random")
     a = diffusion_generate(model, prompt, hot, mask_id, generator=rng(5)).tokens
     assert torch.equal(a, diffusion_generate(model, prompt, hot, mask_id, generator=rng(5)).tokens)
@@ -151,19 +156,32 @@ def test_cfg_scale_zero_equals_no_guidance_and_guidance_changes_logits(tiny_conf
 def test_threshold_above_one_equals_one_token_per_step_low_confidence(tiny_config):
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     prompt = torch.tensor([[1, 7, 9, 4]])
-    baseline = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, stop_at_eos=False), mask_id)
-    fast = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, threshold=1.5, stop_at_eos=False), mask_id)
+    baseline = diffusion_generate(
+        model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, stop_at_eos=False), mask_id
+    )
+    fast = diffusion_generate(
+        model,
+        prompt,
+        DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, threshold=1.5, stop_at_eos=False),
+        mask_id,
+    )
     assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8
-    one_shot = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, threshold=0.0), mask_id)
+    one_shot = diffusion_generate(
+        model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, threshold=0.0), mask_id
+    )
     assert one_shot.nfe == 2  # threshold 0: each block in one step
 
 
 def test_eos_stop_and_strip(tiny_config):
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     prompt = torch.tensor([[1, 7, 9]])
-    free = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=2, stop_at_eos=False), mask_id)
+    free = diffusion_generate(
+        model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=2, stop_at_eos=False), mask_id
+    )
     eos = int(free.tokens[0, 0])  # pretend the first generated token is EOS
-    stopped = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=2), mask_id, eos_id=eos)
+    stopped = diffusion_generate(
+        model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_length=2), mask_id, eos_id=eos
+    )
     assert stopped.nfe == 2 and (stopped.tokens[0, 2:] == eos).all()
     assert strip_after_eos([4, 5, 2, 2], 2) == [4, 5] and strip_after_eos([4, 5], 2) == [4, 5]
 
@@ -181,7 +199,9 @@ def test_conditional_likelihood_is_exact_for_one_token_and_minus_a_ln_v_for_unif
     estimate, stderr = conditional_log_likelihood(model, prompt, answer, mask_id, num_samples=64)
     logits = model(torch.tensor([prompt + [mask_id]]), attention="bidirectional")
     assert estimate == pytest.approx(torch.log_softmax(logits[0, -1], -1)[9].item(), abs=1e-5) and stderr == 0
-    uniform, _ = conditional_log_likelihood(UniformModel(tiny_config.vocab_size), prompt, [3, 4, 5], mask_id, num_samples=10)
+    uniform, _ = conditional_log_likelihood(
+        UniformModel(tiny_config.vocab_size), prompt, [3, 4, 5], mask_id, num_samples=10
+    )
     assert uniform == pytest.approx(-3 * math.log(tiny_config.vocab_size), rel=1e-6)
     a = conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))
     assert a == conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))

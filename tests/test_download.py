@@ -23,6 +23,7 @@ def fake_modelscope(monkeypatch):
             with open(path, "w") as f:
                 f.write("stub")
             return path
+
         return download
 
     fake = types.ModuleType("modelscope.hub.file_download")
@@ -55,7 +56,12 @@ def test_existing_files_are_skipped_unless_forced(fake_modelscope, tmp_path, cap
 def test_minimind2_goes_into_its_own_folder(fake_modelscope, tmp_path):
     main(["--out-dir", str(tmp_path), "--files", "sft_mini_512.jsonl", "--minimind2"])
     model_requests = [(name, local_dir) for kind, _, name, local_dir in fake_modelscope.requests if kind == "model"]
-    assert sorted(name for name, _ in model_requests) == ["full_sft_512.pth", "pretrain_512.pth", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(name for name, _ in model_requests) == [
+        "full_sft_512.pth",
+        "pretrain_512.pth",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert {local_dir for _, local_dir in model_requests} == {str(tmp_path / "minimind2")}
     assert (tmp_path / "minimind2" / "full_sft_512.pth").is_file()
 

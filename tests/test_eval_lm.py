@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT
 
 from model.ar import next_token_loss
 from model.checkpoint import save_checkpoint
@@ -18,11 +19,14 @@ from model.transformer import Transformer
 from scripts.eval import eval_lm
 from scripts.eval.eval_lm import ratio_mean_and_stderr, scored_positions
 
-from conftest import ROOT
-
 V, MASK = 101, 100
-SENTENCES = ["今天天气很好，我们一起去公园散步。", "他在图书馆里读了一下午的书。", "春天来了，河边的柳树发芽了。",
-             "老师说明天要考试，大家都在复习。", "这家店的咖啡味道不错，价格也合适。"]
+SENTENCES = [
+    "今天天气很好，我们一起去公园散步。",
+    "他在图书馆里读了一下午的书。",
+    "春天来了，河边的柳树发芽了。",
+    "老师说明天要考试，大家都在复习。",
+    "这家店的咖啡味道不错，价格也合适。",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,8 +36,15 @@ def repo_tokenizer():
 
 def tiny_eval_config() -> ModelConfig:
     """Tiny, but with the repo tokenizer's vocabulary, so the entry points can load it with --tokenizer-dir."""
-    return ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=len(repo_tokenizer()), max_position_embeddings=128, tie_word_embeddings=False)
+    return ModelConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(repo_tokenizer()),
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
 
 
 def save_tiny(path, kind: str, model: Transformer | None = None, **extra):
@@ -46,8 +57,13 @@ def save_tiny(path, kind: str, model: Transformer | None = None, **extra):
 
 
 def write_corpus(path, documents: int = 40):
-    path.write_text("".join(json.dumps({"text": SENTENCES[i % len(SENTENCES)] * (1 + i % 3)}, ensure_ascii=False) + "\n"
-                            for i in range(documents)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"text": SENTENCES[i % len(SENTENCES)] * (1 + i % 3)}, ensure_ascii=False) + "\n"
+            for i in range(documents)
+        ),
+        encoding="utf-8",
+    )
     return str(path)
 
 
@@ -63,8 +79,16 @@ class UniformModel(nn.Module):
 
 def test_nelbo_terms_match_diffusion_nelbo_and_never_mask_the_context():
     ids = torch.randint(1, MASK, (6, 24), generator=torch.Generator().manual_seed(0))
-    model = Transformer(ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    vocab_size=V, max_position_embeddings=64)).eval()
+    model = Transformer(
+        ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=V,
+            max_position_embeddings=64,
+        )
+    ).eval()
     terms = diffusion_nelbo_terms(model, ids, MASK, 5, torch.Generator().manual_seed(3))
     mean, stderr = diffusion_nelbo(model, ids, MASK, 5, torch.Generator().manual_seed(3))
     per_draw = terms.sum(1) / ids.numel()
@@ -93,20 +117,40 @@ def test_exact_count_nelbo_rows_are_exact_for_uniform_logits_and_seeded():
         assert not (masked & ~scored).any() and (masked.sum(1) >= 1).all()
     counts = torch.stack([(x == MASK).sum(1) for x in spy.inputs])  # [draws, rows]
     assert counts[:, 0].unique().numel() == 7  # stratified: 7 draws spread over 1..19
-    model = Transformer(ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    vocab_size=V, max_position_embeddings=64)).eval()
+    model = Transformer(
+        ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=V,
+            max_position_embeddings=64,
+        )
+    ).eval()
     first = diffusion_nelbo_rows(model, ids, scored, MASK, 3, torch.Generator().manual_seed(5))
     assert torch.equal(first, diffusion_nelbo_rows(model, ids, scored, MASK, 3, torch.Generator().manual_seed(5)))
     one = torch.zeros_like(scored)
     one[:, 7] = True  # one scored token: the estimate is exact, -log p(x_7 | rest) with x_7 masked
-    exact = torch.log_softmax(model(ids.masked_fill(one, MASK), attention="bidirectional")[:, 7], -1).gather(1, ids[:, 7:8])
-    assert torch.allclose(diffusion_nelbo_rows(model, ids, one, MASK, 2, torch.Generator())[0], -exact.squeeze(1).double(), atol=1e-5)
+    exact = torch.log_softmax(model(ids.masked_fill(one, MASK), attention="bidirectional")[:, 7], -1).gather(
+        1, ids[:, 7:8]
+    )
+    assert torch.allclose(
+        diffusion_nelbo_rows(model, ids, one, MASK, 2, torch.Generator())[0], -exact.squeeze(1).double(), atol=1e-5
+    )
 
 
 def test_ar_rows_are_exact_next_token_sums():
     ids = torch.randint(1, MASK, (3, 16), generator=torch.Generator().manual_seed(0))
-    model = Transformer(ModelConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    vocab_size=V, max_position_embeddings=64)).eval()
+    model = Transformer(
+        ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=V,
+            max_position_embeddings=64,
+        )
+    ).eval()
     rows = ar_nll_rows(model, ids, scored_positions(ids))
     assert rows.sum().item() / (3 * 15) == pytest.approx(next_token_loss(model, ids).item(), rel=1e-5)
     uniform = ar_nll_rows(UniformModel(), ids, scored_positions(ids))
@@ -125,8 +169,24 @@ def test_eval_lm_scores_both_routes_on_the_same_rows(tmp_path, capsys):
     ar = save_tiny(tmp_path / "ar.pt", "ar")
     diffusion = save_tiny(tmp_path / "diffusion.pt", "diffusion")
     data = write_corpus(tmp_path / "val.jsonl")
-    args = ["--tokenizer-dir", str(ROOT), "--eval-data", data, "--seq-len", "32", "--eval-batch-size", "4",
-            "--eval-max-batches", "2", "--mc-samples", "3", "--device", "cpu", "--json-out", str(tmp_path / "lm.json")]
+    args = [
+        "--tokenizer-dir",
+        str(ROOT),
+        "--eval-data",
+        data,
+        "--seq-len",
+        "32",
+        "--eval-batch-size",
+        "4",
+        "--eval-max-batches",
+        "2",
+        "--mc-samples",
+        "3",
+        "--device",
+        "cpu",
+        "--json-out",
+        str(tmp_path / "lm.json"),
+    ]
     results = eval_lm.main(["--checkpoint", ar, "--checkpoint", diffusion, "--checkpoint", ar, *args])
     first, second, again = results
     assert (first["kind"], second["kind"]) == ("ar", "diffusion")

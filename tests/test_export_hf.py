@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import lively_model
 
 from model.ar import generate
 from model.checkpoint import load_model, save_checkpoint
@@ -12,8 +13,6 @@ from model.config import ModelConfig
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts import export_hf as export_script
-
-from conftest import lively_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,8 +23,15 @@ def tokenizer():
 
 
 def tiny_model(tokenizer, **overrides) -> Transformer:
-    config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=len(tokenizer), max_position_embeddings=128, **overrides)
+    config = ModelConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        **overrides,
+    )
     torch.manual_seed(0)
     return lively_model(config)
 
@@ -56,7 +62,7 @@ def test_ar_export_logits_generate_and_reload(tmp_path, tokenizer):
 
     prompt = [1, 300, 301, 302, 303]
     ours = list(generate(model, prompt, 24, eos_id=2))
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
     assert theirs == ours and len(set(ours)) > 3
 
     reloaded, reloaded_config = load_model(out, kind="ar")
@@ -70,7 +76,9 @@ def test_ar_export_logits_generate_and_reload(tmp_path, tokenizer):
 
 
 def test_diffusion_export_bidirectional_logits(tmp_path, tokenizer):
-    model = tiny_model(tokenizer, tie_word_embeddings=False, inference_rope_scaling=True, rope_original_max_positions=32)
+    model = tiny_model(
+        tokenizer, tie_word_embeddings=False, inference_rope_scaling=True, rope_original_max_positions=32
+    )
     out = export(tmp_path, tokenizer, model, "diffusion")
     ids = torch.randint(0, 6401, (2, 40))
     with torch.no_grad():

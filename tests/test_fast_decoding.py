@@ -24,8 +24,14 @@ class Recorder(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         logits = self.inner(ids, attention=attention, kv_cache=kv_cache, positions=positions)
         where = positions if positions is not None else past + torch.arange(ids.shape[1])
-        self.calls.append({"ids": ids.clone(), "positions": where.clone(), "refresh": kv_cache is not None and past == 0,
-                           "logits": logits.clone()})
+        self.calls.append(
+            {
+                "ids": ids.clone(),
+                "positions": where.clone(),
+                "refresh": kv_cache is not None and past == 0,
+                "logits": logits.clone(),
+            }
+        )
         return logits
 
     def new_kv_cache(self, batch_size, max_length):
@@ -47,7 +53,9 @@ def test_first_step_after_a_refresh_equals_the_uncached_forward(tiny_config, cac
     """F5: a refresh forward sees the true canvas at true positions, so its logits are the uncached ones."""
     model, mask_id, prompt = setup(tiny_config)
     recorder = Recorder(model)
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.9, cache=cache, cfg_scale=cfg_scale, stop_at_eos=False)
+    cfg = DiffusionSamplerConfig(
+        gen_length=12, steps=12, block_length=4, threshold=0.9, cache=cache, cfg_scale=cfg_scale, stop_at_eos=False
+    )
     diffusion_generate(recorder, prompt, cfg, mask_id)
     refreshes = [c for c in recorder.calls if c["refresh"]]
     assert len(refreshes) == 3  # once per block
@@ -59,8 +67,16 @@ def test_first_step_after_a_refresh_equals_the_uncached_forward(tiny_config, cac
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-@pytest.mark.parametrize("options", [{"threshold": 0.9}, {"threshold": 0.02}, {}, {"cfg_scale": 1.0, "threshold": 0.9},
-                                     {"temperature": 1.0, "remasking": "random"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"threshold": 0.9},
+        {"threshold": 0.02},
+        {},
+        {"cfg_scale": 1.0, "threshold": 0.9},
+        {"temperature": 1.0, "remasking": "random"},
+    ],
+)
 def test_cached_decoding_fills_every_mask_and_never_changes_prompt_or_committed_tokens(tiny_config, cache, options):
     model, mask_id, prompt = setup(tiny_config, batch=3)
     recorder = Recorder(model)
@@ -81,8 +97,15 @@ def test_cached_decoding_fills_every_mask_and_never_changes_prompt_or_committed_
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exact(tiny_config, cache):
     model, mask_id, prompt = setup(tiny_config)
-    uncached = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0), mask_id)
-    cached = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0, cache=cache), mask_id)
+    uncached = diffusion_generate(
+        model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0), mask_id
+    )
+    cached = diffusion_generate(
+        model,
+        prompt,
+        DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0, cache=cache),
+        mask_id,
+    )
     assert torch.equal(uncached.tokens, cached.tokens) and cached.nfe == uncached.nfe == 3
 
 
@@ -98,9 +121,11 @@ def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confiden
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_batched_threshold_decoding_equals_each_row_alone(tiny_config, cache):
     model, mask_id, prompt = setup(tiny_config, batch=3)
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.05, cache=cache, stop_at_eos=False)
+    cfg = DiffusionSamplerConfig(
+        gen_length=12, steps=12, block_length=4, threshold=0.05, cache=cache, stop_at_eos=False
+    )
     batched = diffusion_generate(model, prompt, cfg, mask_id).tokens
-    alone = torch.cat([diffusion_generate(model, prompt[b:b + 1], cfg, mask_id).tokens for b in range(3)])
+    alone = torch.cat([diffusion_generate(model, prompt[b : b + 1], cfg, mask_id).tokens for b in range(3)])
     assert torch.equal(batched, alone)
 
 
@@ -139,8 +164,10 @@ def test_cached_agreement_with_the_uncached_sampler_is_reported(tiny_config, cap
         rate = agreement(out.tokens, reference.tokens)
         assert 0.0 <= rate <= 1.0 and not (out.tokens == mask_id).any()
         with capsys.disabled():
-            print(f"\n{cache} cache: {rate:.1%} of tokens agree with the uncached threshold sampler (random tiny model), "
-                  f"NFE {out.nfe} vs {reference.nfe}")
+            print(
+                f"\n{cache} cache: {rate:.1%} of tokens agree with the uncached threshold sampler (random tiny model), "
+                f"NFE {out.nfe} vs {reference.nfe}"
+            )
 
 
 def test_cache_option_errors_are_explained():

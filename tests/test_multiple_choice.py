@@ -6,18 +6,21 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT
+from test_eval_lm import UniformModel, repo_tokenizer, save_tiny, tiny_eval_config
 
 from model.errors import NanoLladaError
-from model.likelihood import (ar_log_likelihood, ar_log_likelihood_batch, conditional_log_likelihood,
-                              conditional_log_likelihood_batch)
+from model.likelihood import (
+    ar_log_likelihood,
+    ar_log_likelihood_batch,
+    conditional_log_likelihood,
+    conditional_log_likelihood_batch,
+)
 from model.tokenizer import encode
 from model.transformer import Transformer
 from scripts.common.cli import run_main
 from scripts.eval import eval_multiple_choice
 from scripts.eval.eval_multiple_choice import read_questions
-
-from conftest import ROOT
-from test_eval_lm import UniformModel, repo_tokenizer, save_tiny, tiny_eval_config
 
 PROMPT, ANSWERS = [1, 5, 6, 7], [[9], [3, 4, 5], [10, 11], [12, 13, 14, 15, 16]]
 
@@ -30,10 +33,16 @@ def test_batched_choices_are_exact_for_one_token_and_minus_a_ln_v_for_uniform(ti
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     one_token = conditional_log_likelihood_batch(model, PROMPT, [[9], [10], [3]], mask_id, num_samples=64)
     logp = torch.log_softmax(model(torch.tensor([PROMPT + [mask_id]]), attention="bidirectional")[0, -1], -1)
-    assert [value for value, _ in one_token] == pytest.approx([logp[9].item(), logp[10].item(), logp[3].item()], abs=1e-5)
+    assert [value for value, _ in one_token] == pytest.approx(
+        [logp[9].item(), logp[10].item(), logp[3].item()], abs=1e-5
+    )
     assert all(stderr == 0 for _, stderr in one_token)
-    uniform = conditional_log_likelihood_batch(UniformModel(tiny_config.vocab_size), PROMPT, ANSWERS, mask_id, num_samples=10)
-    assert [value for value, _ in uniform] == pytest.approx([-len(a) * math.log(tiny_config.vocab_size) for a in ANSWERS], rel=1e-6)
+    uniform = conditional_log_likelihood_batch(
+        UniformModel(tiny_config.vocab_size), PROMPT, ANSWERS, mask_id, num_samples=10
+    )
+    assert [value for value, _ in uniform] == pytest.approx(
+        [-len(a) * math.log(tiny_config.vocab_size) for a in ANSWERS], rel=1e-6
+    )
 
 
 def test_batched_choices_equal_one_at_a_time_and_are_seeded(tiny_config):
@@ -44,7 +53,9 @@ def test_batched_choices_equal_one_at_a_time_and_are_seeded(tiny_config):
     one_at_a_time = [conditional_log_likelihood(model, PROMPT, answer, mask_id, 8, 4, generator) for answer in ANSWERS]
     for (value, stderr), (single, single_stderr) in zip(batched, one_at_a_time):
         assert value == pytest.approx(single, abs=1e-4) and stderr == pytest.approx(single_stderr, abs=1e-4)
-    assert batched == conditional_log_likelihood_batch(model, PROMPT, ANSWERS, mask_id, 8, 4, rng(3), rows_per_forward=7)
+    assert batched == conditional_log_likelihood_batch(
+        model, PROMPT, ANSWERS, mask_id, 8, 4, rng(3), rows_per_forward=7
+    )
     assert all(value <= 0 for value, _ in batched)
     ar = ar_log_likelihood_batch(model, PROMPT, ANSWERS)
     assert ar == pytest.approx([ar_log_likelihood(model, PROMPT, answer) for answer in ANSWERS], abs=1e-4)
@@ -73,12 +84,16 @@ QUESTIONS = ["下列哪个是中国的首都？", "哪一项是水果？", "一�
 
 
 def letter_rows(answer: str) -> list[dict]:
-    return [{"id": i, "question": q, "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": answer} for i, q in enumerate(QUESTIONS)]
+    return [
+        {"id": i, "question": q, "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": answer}
+        for i, q in enumerate(QUESTIONS)
+    ]
 
 
 def run_choice(tmp_path, checkpoint, data, *extra):
-    return eval_multiple_choice.main(["--checkpoint", checkpoint, "--tokenizer-dir", str(ROOT), "--data", data,
-                                      "--device", "cpu", *extra])
+    return eval_multiple_choice.main(
+        ["--checkpoint", checkpoint, "--tokenizer-dir", str(ROOT), "--data", data, "--device", "cpu", *extra]
+    )
 
 
 @pytest.mark.parametrize("kind", ["ar", "diffusion"])
@@ -108,21 +123,43 @@ def test_option_scoring_finds_the_planted_text_wherever_it_is(tmp_path, kind):
     rows = []
     for i, (question, answer) in enumerate(zip(QUESTIONS, "ABCD")):
         options = iter(distractors)
-        rows.append({"id": i, "question": question, "answer": answer,
-                     **{letter: planted if letter == answer else next(options) for letter in "ABCD"}})
+        rows.append(
+            {
+                "id": i,
+                "question": question,
+                "answer": answer,
+                **{letter: planted if letter == answer else next(options) for letter in "ABCD"},
+            }
+        )
     data = write_csv(tmp_path / "options.csv", rows)
-    result = run_choice(tmp_path, checkpoint, data, "--continuation", "option", "--mc-samples", "8", "--mc-batch-size", "4",
-                        "--max-forward-tokens", "200")
+    result = run_choice(
+        tmp_path,
+        checkpoint,
+        data,
+        "--continuation",
+        "option",
+        "--mc-samples",
+        "8",
+        "--mc-batch-size",
+        "4",
+        "--max-forward-tokens",
+        "200",
+    )
     assert result["summaries"]["all"] == {"items": 4, "accuracy": 1.0, "stderr": 0.0}
     assert [item["prediction"] for item in result["items"]] == list("ABCD")
 
 
 def test_cmmlu_layout_and_file_errors(tmp_path):
-    cmmlu = write_csv(tmp_path / "cmmlu.csv", [{"": 0, "Question": "问题", "A": "一", "B": "二", "C": "三", "D": "四", "Answer": "d"}],
-                      columns=("", "Question", "A", "B", "C", "D", "Answer"))
+    cmmlu = write_csv(
+        tmp_path / "cmmlu.csv",
+        [{"": 0, "Question": "问题", "A": "一", "B": "二", "C": "三", "D": "四", "Answer": "d"}],
+        columns=("", "Question", "A", "B", "C", "D", "Answer"),
+    )
     (question,) = read_questions(cmmlu)
     assert (question.id, question.answer, question.options["D"]) == ("0", "D", "四")
-    no_answer = write_csv(tmp_path / "no_answer.csv", [{"question": "问题", "A": "一", "B": "二"}], columns=("question", "A", "B"))
+    no_answer = write_csv(
+        tmp_path / "no_answer.csv", [{"question": "问题", "A": "一", "B": "二"}], columns=("question", "A", "B")
+    )
     with pytest.raises(NanoLladaError, match=r"no_answer.csv:2: no 'answer' field"):
         read_questions(no_answer)
     bad_letter = write_csv(tmp_path / "bad_letter.csv", letter_rows("C")[:1] + letter_rows("E")[:1])

@@ -8,7 +8,13 @@ import pytest
 from scripts.common.readers import iter_conversations, iter_texts
 from scripts.data.sample import SENTIMENT_LABELS, build_sample, parse_sentiment, sentiment_question, untag_line
 
-FILES = ("sample_pretrain.jsonl", "sample_pretrain_val.jsonl", "sample_sft_train.jsonl", "sample_sft_val.jsonl", "sample_sft_test.jsonl")
+FILES = (
+    "sample_pretrain.jsonl",
+    "sample_pretrain_val.jsonl",
+    "sample_sft_train.jsonl",
+    "sample_sft_val.jsonl",
+    "sample_sft_test.jsonl",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,11 @@ def test_pretraining_splits_are_disjoint(sample):
     val = set(iter_texts(sample["sample_pretrain_val.jsonl"]))
     assert val and not train & val
     assert 0.01 < len(val) / (len(val) + len(train)) < 0.05
-    held_out_reviews = {review_of(c) for name in ("sample_sft_val.jsonl", "sample_sft_test.jsonl") for c in iter_conversations(sample[name])}
+    held_out_reviews = {
+        review_of(c)
+        for name in ("sample_sft_val.jsonl", "sample_sft_test.jsonl")
+        for c in iter_conversations(sample[name])
+    }
     assert not train & held_out_reviews, "SFT eval reviews leaked into pretraining"
 
 

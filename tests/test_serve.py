@@ -7,14 +7,13 @@ import threading
 
 import pytest
 import torch
+from conftest import lively_model
 
 from model.ar import generate
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.tokenizer import EOS_ID, chat_text, decode, encode, load_tokenizer, tokenizer_identity
 from scripts import serve
-
-from conftest import lively_model
 
 openai = pytest.importorskip("openai")
 MESSAGES = [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "你好，介绍一下你自己。"}]
@@ -27,14 +26,33 @@ def tokenizer():
 
 
 def start_server(tmp_path_factory, tokenizer, kind):
-    config = ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=len(tokenizer), max_position_embeddings=CONTEXT)
+    config = ModelConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=CONTEXT,
+    )
     torch.manual_seed(0)
     model = lively_model(config)
     path = tmp_path_factory.mktemp(kind) / f"{kind}.pt"
     save_checkpoint(path, kind, config, model, tokenizer_identity(tokenizer))
-    args = serve.parse_args(["--checkpoint", str(path), "--port", "0", "--quiet", "--model-name", f"tiny-{kind}",
-                             "--block-length", "4", "--max-tokens", "16"])
+    args = serve.parse_args(
+        [
+            "--checkpoint",
+            str(path),
+            "--port",
+            "0",
+            "--quiet",
+            "--model-name",
+            f"tiny-{kind}",
+            "--block-length",
+            "4",
+            "--max-tokens",
+            "16",
+        ]
+    )
     engine = serve.load_engine(args)
     server = serve.make_server(engine, args.host, args.port, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -59,7 +77,9 @@ def test_models_and_chat(live, tokenizer):
     kind, client, _, model = live
     assert [m.id for m in client.models.list().data] == [f"tiny-{kind}"]
     extra = {"block_length": 4, "steps": 12} if kind == "diffusion" else {}
-    reply = client.chat.completions.create(model=f"tiny-{kind}", messages=MESSAGES, max_tokens=12, temperature=0, extra_body=extra)
+    reply = client.chat.completions.create(
+        model=f"tiny-{kind}", messages=MESSAGES, max_tokens=12, temperature=0, extra_body=extra
+    )
     choice = reply.choices[0]
     assert reply.object == "chat.completion" and choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
@@ -72,8 +92,17 @@ def test_models_and_chat(live, tokenizer):
         assert choice.message.content == decode(tokenizer, [t for t in ours if t != EOS_ID])
         assert reply.usage.completion_tokens == len(ours)
 
-    chunks = list(client.chat.completions.create(model=f"tiny-{kind}", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, extra_body=extra))
+    chunks = list(
+        client.chat.completions.create(
+            model=f"tiny-{kind}",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
@@ -95,28 +124,33 @@ def raw(port, method, path, body=None):
     return response.status, payload
 
 
-@pytest.mark.parametrize("body, param", [
-    (b"{not json", None),
-    ([1, 2], None),
-    ({"messages": []}, "messages"),
-    ({"messages": "hello"}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": 42}]}, "messages"),
-    ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
-    ({"messages": MESSAGES, "max_tokens": "12"}, "max_tokens"),
-    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
-    ({"messages": MESSAGES, "max_tokens": CONTEXT}, "max_tokens"),
-    ({"messages": MESSAGES, "stream": "yes"}, "stream"),
-    ({"messages": MESSAGES, "n": 2}, "n"),
-    ({"messages": MESSAGES, "top_p": 0}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        ([1, 2], None),
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages"),
+        ({"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+        ({"messages": MESSAGES, "max_tokens": "12"}, "max_tokens"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "max_tokens": CONTEXT}, "max_tokens"),
+        ({"messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"messages": MESSAGES, "n": 2}, "n"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+    ],
+)
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
     _, client, port, _ = live
     status, payload = raw(port, "POST", "/v1/chat/completions", body)
     assert status == 400, payload
     assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["message"]
     assert payload["error"]["param"] == param
-    status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "temperature": 0})
+    status, payload = raw(
+        port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    )
     assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -127,6 +161,11 @@ def test_other_errors(live):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=10_000)
     if kind == "diffusion":
-        status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "block_length": 4, "steps": 1})
+        status, payload = raw(
+            port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "block_length": 4, "steps": 1}
+        )
         assert status == 400 and payload["error"]["param"] == "steps"
-    assert client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+    assert client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=2).choices[0].finish_reason in (
+        "stop",
+        "length",
+    )

@@ -34,12 +34,14 @@ def _fresh_dynamo():
 
 def static_backend(inner: str = "eager"):
     """A Dynamo backend that fails on any data-dependent size or scalar in the graph, then hands it to `inner`."""
+
     def backend(gm: torch.fx.GraphModule, example_inputs):
         for node in gm.graph.nodes:
             value = node.meta.get("example_value")
             if value is not None and free_unbacked_symbols(value):
                 raise AssertionError(f"data-dependent value (a host sync) in the step: {node.format_node()}")
         return gm if inner == "eager" else lookup_backend(inner)(gm, example_inputs)
+
     return backend
 
 
@@ -80,8 +82,11 @@ def test_loss_helpers_compile_to_one_static_graph_with_eager_values(helper, mask
     V = 7
     targets = torch.randint(0, 3, (2, 9), generator=gen)  # few ids: repeats and correct argmaxes occur
     logits = (3 * torch.randn(2, 9, V, generator=gen)).requires_grad_(True)
-    masked = {"random": torch.rand(2, 9, generator=gen) < 0.6, "none": torch.zeros(2, 9, dtype=torch.bool),
-              "all": torch.ones(2, 9, dtype=torch.bool)}[masks]
+    masked = {
+        "random": torch.rand(2, 9, generator=gen) < 0.6,
+        "none": torch.zeros(2, 9, dtype=torch.bool),
+        "all": torch.ones(2, 9, dtype=torch.bool),
+    }[masks]
     eager = helper(logits, targets, masked)
     (eager_grad,) = torch.autograd.grad(eager.sum(), logits)
     compiled = compile_static(helper)(logits, targets, masked)
@@ -100,13 +105,23 @@ def _docs(ids):
 
 # Every loss a training step calls, with the switches that add code paths (draws from a generator included).
 TRAINING_LOSSES = {
-    "llada": lambda m, ids, g: llada_loss(m, cut_to_random_length(ids, 0.5, g), g, MASK_TOKEN_ID, repeat_penalty_weight=0.1),
+    "llada": lambda m, ids, g: llada_loss(
+        m, cut_to_random_length(ids, 0.5, g), g, MASK_TOKEN_ID, repeat_penalty_weight=0.1
+    ),
     "llada_sft": lambda m, ids, g: llada_sft_loss(m, ids, ids > 50, g, MASK_TOKEN_ID),
     "mdlm_docs_cosine": lambda m, ids, g: mdlm_loss(m, ids, g, MASK_TOKEN_ID, schedule="cosine", doc_ids=_docs(ids)),
     "bdlm_docs": lambda m, ids, g: bdlm_loss(m, ids, g, MASK_TOKEN_ID, 4, doc_ids=_docs(ids)),
     "block_sft_cap_complementary": lambda m, ids, g: block_sft_loss(
-        m, ids[:, :14], ids[:, :14] > 50, g, MASK_TOKEN_ID, block_size=4, t_range=(0.3, 0.8), complementary=True,
-        cap_weight=1.0),
+        m,
+        ids[:, :14],
+        ids[:, :14] > 50,
+        g,
+        MASK_TOKEN_ID,
+        block_size=4,
+        t_range=(0.3, 0.8),
+        complementary=True,
+        cap_weight=1.0,
+    ),
     "sft_cap": lambda m, ids, g: block_sft_loss(m, ids, ids > 50, g, MASK_TOKEN_ID, cap_weight=1.0),
     "ar": lambda m, ids, g: next_token_loss(m, ids),
 }
@@ -149,7 +164,9 @@ def test_compiled_forward_with_a_document_mask_runs_flex_attention_and_matches_s
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()
     ids = torch.randint(1, 100, (2, 64))
-    mask = document_attention_mask(torch.cat([torch.zeros(2, 30, dtype=torch.long), torch.ones(2, 34, dtype=torch.long)], 1))
+    mask = document_attention_mask(
+        torch.cat([torch.zeros(2, 30, dtype=torch.long), torch.ones(2, 34, dtype=torch.long)], 1)
+    )
     sdpa = model(ids, attention=mask)
     model.flex_on_cpu = True
     flex = torch.compile(model, backend="aot_eager")(ids, attention=mask)

@@ -3,8 +3,19 @@
 import pytest
 
 from model.errors import NanoLladaError
-from model.tokenizer import (BOS_ID, EOS_ID, PAD_ID, StreamingDecoder, chat_text, decode, encode, load_tokenizer, mask_token_id,
-                             prompt_ids, tokenizer_identity)
+from model.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    StreamingDecoder,
+    chat_text,
+    decode,
+    encode,
+    load_tokenizer,
+    mask_token_id,
+    prompt_ids,
+    tokenizer_identity,
+)
 
 
 @pytest.fixture(params=["repo", "minimind2"])
@@ -13,7 +24,11 @@ def tokenizer(request, minimind2_fixtures):
 
 
 def test_special_ids_and_mask_id(tokenizer):
-    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [PAD_ID, BOS_ID, EOS_ID]
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
+        PAD_ID,
+        BOS_ID,
+        EOS_ID,
+    ]
     assert mask_token_id(tokenizer) == 6400 and len(tokenizer) == 6401
     assert encode(tokenizer, "<|im_start|>你好<|im_end|>")[0] == BOS_ID
 

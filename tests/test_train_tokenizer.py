@@ -19,7 +19,9 @@ SENTENCES = [
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.jsonl"
-    rows = [{"text": f"{SENTENCES[i % len(SENTENCES)]}{SENTENCES[(i * 3 + 1) % len(SENTENCES)]}第{i}条"} for i in range(300)]
+    rows = [
+        {"text": f"{SENTENCES[i % len(SENTENCES)]}{SENTENCES[(i * 3 + 1) % len(SENTENCES)]}第{i}条"} for i in range(300)
+    ]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -34,7 +36,11 @@ def test_specials_and_transformers_loading(corpus, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(train(corpus, tmp_path / "tok")))
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
-    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+    )
     assert len(tokenizer) <= 400 and "<|mask|>" not in tokenizer.get_vocab()
     for text in SENTENCES + ["从未见过的字：龘靐齉", "emoji 🙂 and\ttabs\n"]:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -47,7 +53,10 @@ def test_chat_template(corpus, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(train(corpus, tmp_path / "tok")))
     messages = [{"role": "user", "content": "你好"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    )
     messages.append({"role": "assistant", "content": "正面"})
     assert tokenizer.apply_chat_template(messages, tokenize=False).endswith("<|im_start|>assistant\n正面<|im_end|>\n")
 

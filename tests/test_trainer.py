@@ -19,15 +19,34 @@ def test_lr_schedules():
     assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
     assert lr_at(10, cos) == pytest.approx(1.0) and lr_at(100, cos) == pytest.approx(0.1)
     assert all(lr_at(s, cos) >= lr_at(s + 1, cos) for s in range(10, 100))
-    wsd = TrainConfig("r", "ar", max_steps=100, learning_rate=1.0, warmup_steps=10, lr_stable_ratio=0.4, min_lr_ratio=0.0, lr_schedule="wsd")
+    wsd = TrainConfig(
+        "r",
+        "ar",
+        max_steps=100,
+        learning_rate=1.0,
+        warmup_steps=10,
+        lr_stable_ratio=0.4,
+        min_lr_ratio=0.0,
+        lr_schedule="wsd",
+    )
     assert lr_at(49, wsd) == 1.0 and lr_at(75, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
 
 
 def make_run(tmp_path, tiny_config, batch_fn, name="run", max_steps=8):
     torch.manual_seed(0)
     model = Transformer(tiny_config)
-    cfg = TrainConfig(name, "ar", max_steps=max_steps, out_dir=str(tmp_path), learning_rate=3e-3, warmup_steps=2,
-                      accumulation_steps=2, eval_interval=3, save_interval=100, log_interval=2)
+    cfg = TrainConfig(
+        name,
+        "ar",
+        max_steps=max_steps,
+        out_dir=str(tmp_path),
+        learning_rate=3e-3,
+        warmup_steps=2,
+        accumulation_steps=2,
+        eval_interval=3,
+        save_interval=100,
+        log_interval=2,
+    )
     val = [torch.randint(0, tiny_config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))]
     return model, cfg, val
 
@@ -55,11 +74,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
         train(model, tiny_config, cfg, interrupt_at_step_5, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE)
     assert read_checkpoint(tmp_path / "b" / "run.pt").extra["step"] == 5
     model, cfg, val = make_run(tmp_path / "b", tiny_config, data)  # a fresh process: new model, same flags
-    summary = train(model, tiny_config, cfg, data, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE, resume=True)
+    summary = train(
+        model, tiny_config, cfg, data, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE, resume=True
+    )
     assert summary["step"] == 8
     assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run_metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "b" / "run_metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, 9))  # no duplicated or missing steps across the resume
 
 

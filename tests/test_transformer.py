@@ -39,8 +39,11 @@ def test_kv_cache_chunks_equal_one_full_forward(tiny_config):
     cache = model.new_kv_cache(2, 15)
     with torch.no_grad():
         full = model(ids, "causal")
-        pieces = [model(ids[:, :6], "causal", kv_cache=cache), model(ids[:, 6:7], "causal", kv_cache=cache),
-                  model(ids[:, 7:15], "causal", kv_cache=cache)]
+        pieces = [
+            model(ids[:, :6], "causal", kv_cache=cache),
+            model(ids[:, 6:7], "causal", kv_cache=cache),
+            model(ids[:, 7:15], "causal", kv_cache=cache),
+        ]
     assert cache.length == 15
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
 
@@ -58,7 +61,9 @@ def test_generation_never_samples_banned_ids_and_stops_at_eos(tiny_config):
     model = Transformer(tiny_config).eval()
     with torch.no_grad():
         model.lm_head.weight[7] += 5.0  # make token 7 attractive, then ban it
-    tokens = list(generate(model, [1, 2], 30, temperature=1.0, banned_ids=(7,), generator=torch.Generator().manual_seed(0)))
+    tokens = list(
+        generate(model, [1, 2], 30, temperature=1.0, banned_ids=(7,), generator=torch.Generator().manual_seed(0))
+    )
     assert 7 not in tokens
     first = list(generate(model, [1, 2], 30, temperature=0.0))[0]
     assert list(generate(model, [1, 2], 30, temperature=0.0, eos_id=first)) == [first]
@@ -66,6 +71,7 @@ def test_generation_never_samples_banned_ids_and_stops_at_eos(tiny_config):
 
 def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
     """An independent, deliberately plain MiniMind2 forward: explicit repeat of KV heads and a softmax with a -inf mask."""
+
     def rms(x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
 
@@ -74,7 +80,7 @@ def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
     ang = torch.outer(torch.arange(T).float(), inv)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    rot = lambda x: x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin  # noqa: E731
+    rot = lambda x: x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin  # noqa: E731
     x = state["model.embed_tokens.weight"][ids]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -95,8 +101,14 @@ def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1), (8, 8), (16, 4)])
 def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_heads):
-    cfg = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=300,
-                      max_position_embeddings=64)
+    cfg = ModelConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=300,
+        max_position_embeddings=64,
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -105,7 +117,9 @@ def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_hea
     state = {k: v.detach() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
-        assert torch.allclose(model(ids), reference_minimind2_forward(state, cfg, ids)[..., :cfg.vocab_size], atol=1e-4)
+        assert torch.allclose(
+            model(ids), reference_minimind2_forward(state, cfg, ids)[..., : cfg.vocab_size], atol=1e-4
+        )
 
 
 def test_parameter_count_and_intermediate_size_follow_minimind2():
@@ -163,7 +177,9 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     model = Transformer(tiny_config)
     V, padded = tiny_config.vocab_size, tiny_config.padded_vocab_size
     assert padded % 64 == 0 and padded > V and model.model.embed_tokens.weight.shape[0] == padded
-    optimizer = make_optimizer(model, TrainConfig(run_name="t", kind="ar", max_steps=1, learning_rate=1e-2), torch.device("cpu"))
+    optimizer = make_optimizer(
+        model, TrainConfig(run_name="t", kind="ar", max_steps=1, learning_rate=1e-2), torch.device("cpu")
+    )
     ids = torch.randint(1, V - 1, (2, 16))
     for _ in range(3):
         loss = next_token_loss(model, ids) + llada_loss(model, ids, torch.Generator().manual_seed(0), V - 1)
@@ -171,5 +187,8 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
         optimizer.step()
         optimizer.zero_grad()
     assert model(ids).shape[-1] == V
-    assert torch.count_nonzero(model.model.embed_tokens.weight[V:]) == 0 and torch.count_nonzero(model.lm_head.weight[V:]) == 0
+    assert (
+        torch.count_nonzero(model.model.embed_tokens.weight[V:]) == 0
+        and torch.count_nonzero(model.lm_head.weight[V:]) == 0
+    )
     assert max(generate(model, [1, 2, 3], 20, temperature=5.0, generator=torch.Generator().manual_seed(0))) < V

@@ -59,8 +59,13 @@ class NanoLladaConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.tokenizer_identity = tokenizer_identity
         self.use_cache = use_cache
-        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, **kwargs)
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
 
     @property
     def head_dim(self) -> int:

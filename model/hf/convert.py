@@ -26,10 +26,16 @@ CONFIG_CLASS = "configuration_nano_llada.NanoLladaConfig"
 # as LLaDA's own release does, since "hidden states only" is of little use for a masked-diffusion LM.
 ARCHITECTURE = {"ar": "NanoLladaForCausalLM", "diffusion": "NanoLladaForMaskedLM"}
 AUTO_MAP = {
-    "ar": {"AutoConfig": CONFIG_CLASS, "AutoModel": "modeling_nano_llada.NanoLladaModel",
-           "AutoModelForCausalLM": "modeling_nano_llada.NanoLladaForCausalLM"},
-    "diffusion": {"AutoConfig": CONFIG_CLASS, "AutoModel": "modeling_nano_llada.NanoLladaForMaskedLM",
-                  "AutoModelForMaskedLM": "modeling_nano_llada.NanoLladaForMaskedLM"},
+    "ar": {
+        "AutoConfig": CONFIG_CLASS,
+        "AutoModel": "modeling_nano_llada.NanoLladaModel",
+        "AutoModelForCausalLM": "modeling_nano_llada.NanoLladaForCausalLM",
+    },
+    "diffusion": {
+        "AutoConfig": CONFIG_CLASS,
+        "AutoModel": "modeling_nano_llada.NanoLladaForMaskedLM",
+        "AutoModelForMaskedLM": "modeling_nano_llada.NanoLladaForMaskedLM",
+    },
 }
 
 
@@ -40,14 +46,24 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
 
     from model.checkpoint import read_checkpoint
     from model.hf.configuration_nano_llada import NanoLladaConfig
-    from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, check_tokenizer_matches, load_tokenizer, mask_token_id, tokenizer_identity
+    from model.tokenizer import (
+        BOS_ID,
+        EOS_ID,
+        PAD_ID,
+        check_tokenizer_matches,
+        load_tokenizer,
+        mask_token_id,
+        tokenizer_identity,
+    )
 
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_matches(checkpoint.tokenizer, tokenizer, checkpoint_path, tokenizer_dir)
     if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{checkpoint_path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
-                             f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>); pass the --tokenizer-dir it was trained with")
+        raise NanoLladaError(
+            f"{checkpoint_path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
+            f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>); pass the --tokenizer-dir it was trained with"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NanoLladaError(f"{out}: exists and is not a directory; choose another --out")
@@ -63,10 +79,17 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
     dtype = next(iter(state.values())).dtype
     kind = checkpoint.kind
     config = NanoLladaConfig(
-        kind=kind, **{**checkpoint.config.to_dict(), "pad_vocab_multiple": 1}, mask_token_id=mask_token_id(tokenizer),
+        kind=kind,
+        **{**checkpoint.config.to_dict(), "pad_vocab_multiple": 1},
+        mask_token_id=mask_token_id(tokenizer),
         training_pad_vocab_multiple=checkpoint.config.pad_vocab_multiple,
-        tokenizer_identity=checkpoint.tokenizer or tokenizer_identity(tokenizer), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID, architectures=[ARCHITECTURE[kind]], auto_map=AUTO_MAP[kind], dtype=str(dtype).removeprefix("torch."),
+        tokenizer_identity=checkpoint.tokenizer or tokenizer_identity(tokenizer),
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        architectures=[ARCHITECTURE[kind]],
+        auto_map=AUTO_MAP[kind],
+        dtype=str(dtype).removeprefix("torch."),
     )
     # Every field written (no diff against class defaults), so read_hf_export needs no transformers.
     config.to_json_file(out / "config.json", use_diff=False)
@@ -88,18 +111,24 @@ def read_hf_export(path, num_attention_heads: int | None = None):
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
-        raise NanoLladaError(f"{path}: a directory without config.json and {WEIGHTS}; export one with `uv run python -m scripts.export_hf`")
+        raise NanoLladaError(
+            f"{path}: a directory without config.json and {WEIGHTS}; export one with `uv run python -m scripts.export_hf`"
+        )
     try:
         data = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise NanoLladaError(f"{path}/config.json: not readable JSON ({err})") from None
     if data.get("model_type") != MODEL_TYPE or data.get("kind") not in KINDS:
-        raise NanoLladaError(f"{path}: not a nano-llada export (model_type {data.get('model_type')!r}, kind {data.get('kind')!r})")
+        raise NanoLladaError(
+            f"{path}: not a nano-llada export (model_type {data.get('model_type')!r}, kind {data.get('kind')!r})"
+        )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     config = ModelConfig(**{k: v for k, v in data.items() if k in fields})
     config.pad_vocab_multiple = int(data.get("training_pad_vocab_multiple", 1))  # back to the training layout
     if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
-        raise NanoLladaError(f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag")
+        raise NanoLladaError(
+            f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag"
+        )
     state = load_file(str(path / WEIGHTS))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in state:  # re-append the zero padding rows the export left out

@@ -29,8 +29,12 @@ def rope_frequencies(config) -> torch.Tensor:
         half, s = dim // 2, config.rope_scaling_factor
         longer = (2 * math.pi / inv_freq > config.rope_original_max_positions).nonzero()
         corr_dim = int(longer[0]) if len(longer) else half
-        beta = config.rope_beta_slow + (config.rope_beta_fast - config.rope_beta_slow) * torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
-        scale = torch.where(torch.arange(half) < corr_dim, (beta * s - beta + 1) / (beta * s), torch.full_like(beta, 1.0 / s))
+        beta = config.rope_beta_slow + (config.rope_beta_fast - config.rope_beta_slow) * torch.arange(
+            half, dtype=torch.float64
+        ) / max(half - 1, 1)
+        scale = torch.where(
+            torch.arange(half) < corr_dim, (beta * s - beta + 1) / (beta * s), torch.full_like(beta, 1.0 / s)
+        )
         inv_freq = inv_freq * scale
     return inv_freq.float()
 
@@ -55,7 +59,11 @@ class NanoLladaAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -71,9 +79,15 @@ class NanoLladaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -159,14 +173,25 @@ class NanoLladaModel(NanoLladaPreTrainedModel):
                 return None, False
         allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
         if causal:  # query i sits at position past+i and sees keys 0..past+i
-            allowed = (torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None])[None, None]
+            allowed = (torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None])[
+                None, None
+            ]
         if padded:
             allowed = allowed & attention_mask[:, None, None, :S].bool()
             allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries attend everywhere instead of NaN
         return allowed, False
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, causal=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        causal=None,
+        **kwargs,
+    ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         causal = self.config.kind == "ar" if causal is None else causal
@@ -176,7 +201,9 @@ class NanoLladaModel(NanoLladaPreTrainedModel):
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)[None]
         cos, sin = self._rope(position_ids)
@@ -185,7 +212,9 @@ class NanoLladaModel(NanoLladaPreTrainedModel):
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, is_causal, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(x), past_key_values=past_key_values if use_cache else None
+        )
 
 
 class _NanoLladaWithHead(NanoLladaPreTrainedModel):
@@ -213,10 +242,22 @@ class _NanoLladaWithHead(NanoLladaPreTrainedModel):
 
 
 class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, causal=True)
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, causal=True
+        )
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -230,7 +271,9 @@ class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
 class NanoLladaForMaskedLM(_NanoLladaWithHead):
     """Diffusion model: bidirectional logits over every position; sample by unmasking <|mask|> (config.mask_token_id)."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
+    ):
         out = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds, use_cache=False, causal=False)
         logits = self.lm_head(out.last_hidden_state)
         loss = None

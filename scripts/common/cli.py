@@ -41,16 +41,32 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rope-theta", type=float, default=1e6)
     group.add_argument("--rms-norm-eps", type=float, default=1e-5)
     group.add_argument("--dropout", type=float, default=0.0)
-    group.add_argument("--untie-word-embeddings", action="store_true", help="separate output head (default: tied to the embedding, as MiniMind2)")
-    group.add_argument("--inference-rope-scaling", action="store_true", help="YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint")
+    group.add_argument(
+        "--untie-word-embeddings",
+        action="store_true",
+        help="separate output head (default: tied to the embedding, as MiniMind2)",
+    )
+    group.add_argument(
+        "--inference-rope-scaling",
+        action="store_true",
+        help="YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
+    )
 
 
 def model_config_from_args(args, vocab_size: int) -> ModelConfig:
     return ModelConfig(
-        hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads, vocab_size=vocab_size, intermediate_size=args.intermediate_size,
-        max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta, rms_norm_eps=args.rms_norm_eps,
-        dropout=args.dropout, tie_word_embeddings=not args.untie_word_embeddings, inference_rope_scaling=args.inference_rope_scaling,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        vocab_size=vocab_size,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=args.max_position_embeddings,
+        rope_theta=args.rope_theta,
+        rms_norm_eps=args.rms_norm_eps,
+        dropout=args.dropout,
+        tie_word_embeddings=not args.untie_word_embeddings,
+        inference_rope_scaling=args.inference_rope_scaling,
     )
 
 

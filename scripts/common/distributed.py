@@ -89,9 +89,14 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
     """DDP around `model`. Its buffers are RoPE tables, equal on every rank, so forward passes skip the buffer
     broadcast: forwards then hold no collective, and ranks may score different numbers of validation batches."""
     # torch 2.15 renamed broadcast_buffers (kept, deprecated); pyproject allows torch >= 2.5, which has only the old name.
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )
 
 
 def barrier() -> None:

@@ -10,7 +10,9 @@ from scripts.common.packing import PackedRows, tokenize_to_cache
 SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
 
 
-def check_compatible(checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None) -> Checkpoint:
+def check_compatible(
+    checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
+) -> Checkpoint:
     """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
     tokenizer, or another vocabulary."""
     if kind is not None and checkpoint.kind != kind:
@@ -18,12 +20,16 @@ def check_compatible(checkpoint: Checkpoint, path, kind: str | None, tokenizer, 
         raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
     check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
     if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(f"{path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
-                             f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)")
+        raise NanoLladaError(
+            f"{path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
+            f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)"
+        )
     return checkpoint
 
 
-def load_checkpoint_for_eval(checkpoint_path, tokenizer_dir, kind: str | None, device, num_attention_heads: int | None = None):
+def load_checkpoint_for_eval(
+    checkpoint_path, tokenizer_dir, kind: str | None, device, num_attention_heads: int | None = None
+):
     """(model in eval mode, tokenizer, checkpoint) after the compatibility checks; the file is read once."""
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
     tokenizer = load_tokenizer(tokenizer_dir)

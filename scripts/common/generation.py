@@ -39,8 +39,12 @@ class Answer:
     def stats(self) -> dict:
         out = asdict(self)
         out.pop("text"), out.pop("ids")
-        return {"new_tokens": len(self.ids), **out, "tokens_per_s": self.tokens_per_second,
-                "tokens_per_forward": len(self.ids) / max(self.forward_passes, 1)}
+        return {
+            "new_tokens": len(self.ids),
+            **out,
+            "tokens_per_s": self.tokens_per_second,
+            "tokens_per_forward": len(self.ids) / max(self.forward_passes, 1),
+        }
 
 
 def _sync(device) -> None:
@@ -48,15 +52,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def ar_answer(model, tokenizer, prompt: list[int], max_new_tokens: int, device, temperature: float = 0.0, top_k: int = 0,
-              top_p: float = 1.0, seed: int = 0, dtype: str = "bfloat16") -> Answer:
+def ar_answer(
+    model,
+    tokenizer,
+    prompt: list[int],
+    max_new_tokens: int,
+    device,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+) -> Answer:
     generator = torch.Generator(device=device).manual_seed(seed)
     ids, first = [], None
     _sync(device)
     start = time.perf_counter()
     with autocast(device, dtype):
-        for token in generate(model, prompt, max_new_tokens, temperature, top_k, top_p, EOS_ID,
-                              banned_ids=(mask_token_id(tokenizer),), generator=generator):
+        for token in generate(
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            EOS_ID,
+            banned_ids=(mask_token_id(tokenizer),),
+            generator=generator,
+        ):
             first = first if first is not None else time.perf_counter() - start
             ids.append(token)
     _sync(device)
@@ -97,26 +120,64 @@ def _timed(model, device, dtype: str, run):
     return out, elapsed, clock
 
 
-def ar_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, device, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype: str = "bfloat16", batch_size: int = 16) -> list[Answer]:
+def ar_answers(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    batch_size: int = 16,
+) -> list[Answer]:
     """Answers to many prompts, `batch_size` at a time through one KV cache per batch (batch 1: ar_answer)."""
     if batch_size <= 1:
-        return [ar_answer(model, tokenizer, p, max_new_tokens, device, temperature, top_k, top_p, seed, dtype) for p in prompts]
+        return [
+            ar_answer(model, tokenizer, p, max_new_tokens, device, temperature, top_k, top_p, seed, dtype)
+            for p in prompts
+        ]
     answers = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk = prompts[i : i + batch_size]
         generator = torch.Generator(device=device).manual_seed(seed)
-        rows, elapsed, clock = _timed(model, device, dtype, lambda: generate_batch(
-            model, chunk, max_new_tokens, temperature, top_k, top_p, EOS_ID, banned_ids=(mask_token_id(tokenizer),),
-            pad_id=PAD_ID, generator=generator))
+        rows, elapsed, clock = _timed(
+            model,
+            device,
+            dtype,
+            lambda: generate_batch(
+                model,
+                chunk,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                EOS_ID,
+                banned_ids=(mask_token_id(tokenizer),),
+                pad_id=PAD_ID,
+                generator=generator,
+            ),
+        )
         for ids in rows:
             kept = strip_after_eos(ids, EOS_ID)
-            answers.append(Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(chunk)))
+            answers.append(
+                Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(chunk))
+            )
     return answers
 
 
-def diffusion_answers(model, tokenizer, prompts: list[list[int]], sampler: DiffusionSamplerConfig, device, seed: int = 0,
-                      dtype: str = "bfloat16", batch_size: int = 16) -> list[Answer]:
+def diffusion_answers(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampler: DiffusionSamplerConfig,
+    device,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    batch_size: int = 16,
+) -> list[Answer]:
     """Answers to many prompts, `batch_size` at a time on one left-padded canvas (block-causal models batch prompts
     of equal length: their blocks are aligned to the prompt's start). Batch 1: diffusion_answer."""
     if batch_size <= 1:
@@ -127,19 +188,47 @@ def diffusion_answers(model, tokenizer, prompts: list[list[int]], sampler: Diffu
         for indices in chunks(same, batch_size):
             ids, lengths = left_pad([prompts[i] for i in indices], PAD_ID, device)
             generator = torch.Generator(device=device).manual_seed(seed)
-            out, elapsed, clock = _timed(model, device, dtype, lambda: diffusion_generate(
-                model, ids, sampler, mask_token_id(tokenizer), EOS_ID, generator, prompt_lengths=lengths))
+            out, elapsed, clock = _timed(
+                model,
+                device,
+                dtype,
+                lambda: diffusion_generate(
+                    model, ids, sampler, mask_token_id(tokenizer), EOS_ID, generator, prompt_lengths=lengths
+                ),
+            )
             for row, i in enumerate(indices):
                 kept = strip_after_eos(out.tokens[row].tolist(), EOS_ID)
-                answers[i] = Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe, len(indices))
+                answers[i] = Answer(
+                    decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe, len(indices)
+                )
     return answers
 
 
-def diffusion_answer(model, tokenizer, prompt: list[int], sampler: DiffusionSamplerConfig, device, seed: int = 0,
-                     dtype: str = "bfloat16", on_block=None) -> Answer:
+def diffusion_answer(
+    model,
+    tokenizer,
+    prompt: list[int],
+    sampler: DiffusionSamplerConfig,
+    device,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    on_block=None,
+) -> Answer:
     generator = torch.Generator(device=device).manual_seed(seed)
-    out, elapsed, clock = _timed(model, device, dtype, lambda: diffusion_generate(  # first forward = first denoising round
-        model, torch.tensor([prompt], device=device), sampler, mask_token_id(tokenizer), EOS_ID, generator, on_block=on_block))
+    out, elapsed, clock = _timed(
+        model,
+        device,
+        dtype,
+        lambda: diffusion_generate(  # first forward = first denoising round
+            model,
+            torch.tensor([prompt], device=device),
+            sampler,
+            mask_token_id(tokenizer),
+            EOS_ID,
+            generator,
+            on_block=on_block,
+        ),
+    )
     kept = strip_after_eos(out.tokens[0].tolist(), EOS_ID)
     return Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, out.nfe)
 

@@ -36,7 +36,9 @@ def chunks(iterable, size):
         yield chunk
 
 
-def tokenize_to_cache(data_path, tokenizer, field: str = "text", skip_bad_lines: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_to_cache(
+    data_path, tokenizer, field: str = "text", skip_bad_lines: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens uint16 memmap, document end offsets) of a jsonl/txt file, built once and cached beside it."""
     data_path = check_data_file(data_path)
     stat = data_path.stat()
@@ -49,7 +51,9 @@ def tokenize_to_cache(data_path, tokenizer, field: str = "text", skip_bad_lines:
         tmp = Path(f"{tokens_path}.tmp")
         with open(tmp, "wb") as out:
             texts = iter_texts(data_path, field, skip_bad_lines, bad)
-            for batch in tqdm(chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
+            for batch in tqdm(
+                chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False
+            ):
                 for ids in encode_batch(tokenizer, batch):
                     doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
                     out.write(doc.tobytes())
@@ -82,10 +86,12 @@ class PackedRows:
     def __post_init__(self) -> None:
         self.num_rows = len(self.tokens) // self.seq_len
         if self.num_rows == 0:
-            raise NanoLladaError(f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; use more data or a smaller sequence length")
+            raise NanoLladaError(
+                f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; use more data or a smaller sequence length"
+            )
 
     def row(self, i: int) -> np.ndarray:
-        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len]
+        return self.tokens[i * self.seq_len : (i + 1) * self.seq_len]
 
     def gather(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.row(int(i)) for i in rows]).astype(np.int64))
@@ -103,7 +109,7 @@ class EpochOrder:
         epoch, index = divmod(k, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
-        return self._order[1][index * self.batch_size:(index + 1) * self.batch_size]
+        return self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
 
 
 class PackedBatches:
@@ -111,7 +117,9 @@ class PackedBatches:
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int):
         if rows.num_rows < batch_size:
-            raise NanoLladaError(f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, fewer than --batch-size {batch_size}; lower the batch size or add data")
+            raise NanoLladaError(
+                f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, fewer than --batch-size {batch_size}; lower the batch size or add data"
+            )
         self.rows, self.batch_size = rows, batch_size
         self.order = EpochOrder(rows.num_rows, batch_size, seed)
         self.batches_per_epoch = self.order.batches_per_epoch
@@ -120,11 +128,15 @@ class PackedBatches:
         return self.rows.gather(self.order.indices(k))
 
 
-def split_train_val(tokens: np.ndarray, doc_ends: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    tokens: np.ndarray, doc_ends: np.ndarray, val_fraction: float, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out the last documents (about val_fraction of the tokens, at least one row) for validation."""
     want = max(int(len(tokens) * val_fraction), seq_len)
     cut_doc = np.searchsorted(doc_ends, len(tokens) - want, side="right")
     cut = int(doc_ends[cut_doc - 1]) if cut_doc > 0 else 0
     if cut < seq_len or len(tokens) - cut < seq_len:
-        raise NanoLladaError(f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; add data or lower --max-seq-len")
+        raise NanoLladaError(
+            f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; add data or lower --max-seq-len"
+        )
     return tokens[:cut], tokens[cut:]

@@ -37,7 +37,13 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str) -> Non
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, ema(list(losses), alpha=min(1.0, 20 / max(len(losses), 1))), color="tab:blue", linewidth=1.8, label="train (smoothed)")
+        ax.plot(
+            steps,
+            ema(list(losses), alpha=min(1.0, 20 / max(len(losses), 1))),
+            color="tab:blue",
+            linewidth=1.8,
+            label="train (smoothed)",
+        )
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.8, markersize=4, label="validation")

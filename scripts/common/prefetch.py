@@ -30,7 +30,9 @@ class Prefetcher:
     With a CUDA `pin_device` the batches are pinned, and the worker thread makes that device current first (as
     PyTorch's DataLoader does), so a rank > 0 does not open a CUDA context on GPU 0."""
 
-    def __init__(self, batch_fn: Callable[[int], object], stop: int, pin_device: torch.device | None = None, depth: int = 2):
+    def __init__(
+        self, batch_fn: Callable[[int], object], stop: int, pin_device: torch.device | None = None, depth: int = 2
+    ):
         self.batch_fn, self.stop, self.depth = batch_fn, stop, depth
         self.pin_memory = pin_device is not None and pin_device.type == "cuda"
         initializer = None

@@ -31,7 +31,9 @@ def check_data_file(path: str | os.PathLike) -> Path:
     if p.stat().st_size == 0:
         raise NanoLladaError(f"{p}: data file is empty; {HOW_TO_GET_DATA}")
     if p.suffix not in (".jsonl", ".json", ".txt"):
-        raise NanoLladaError(f"{p}: unsupported data format '{p.suffix}'; use .jsonl (one JSON object per line) or .txt (one document per line)")
+        raise NanoLladaError(
+            f"{p}: unsupported data format '{p.suffix}'; use .jsonl (one JSON object per line) or .txt (one document per line)"
+        )
     return p
 
 
@@ -39,9 +41,13 @@ def _parse_json_line(path: Path, lineno: int, raw: bytes) -> dict:
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NanoLladaError(f"{path}:{lineno}: malformed JSON ({err.__class__.__name__}: {err}); fix the line or pass --skip-bad-lines") from None
+        raise NanoLladaError(
+            f"{path}:{lineno}: malformed JSON ({err.__class__.__name__}: {err}); fix the line or pass --skip-bad-lines"
+        ) from None
     if not isinstance(obj, dict):
-        raise NanoLladaError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line or pass --skip-bad-lines")
+        raise NanoLladaError(
+            f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line or pass --skip-bad-lines"
+        )
     return obj
 
 
@@ -62,7 +68,9 @@ class BadLineCounter:
         return f"{path}: skipped {self.count} bad line(s); first: {self.first}"
 
 
-def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, bad: BadLineCounter | None = None) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(
+    path: str | os.PathLike, skip_bad_lines: bool = False, bad: BadLineCounter | None = None
+) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line of a jsonl file."""
     path = check_data_file(path)
     with open(path, "rb") as f:
@@ -81,14 +89,18 @@ def iter_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, bad: BadLi
 def text_of(path: Path, lineno: int, obj: dict, field: str) -> str:
     """The text field of a pretraining row, or a clear error naming the line and the fields it does have."""
     if field not in obj:
-        raise NanoLladaError(f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); pass --jsonl-field NAME")
+        raise NanoLladaError(
+            f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); pass --jsonl-field NAME"
+        )
     value = obj[field]
     if not isinstance(value, str):
         raise NanoLladaError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, expected a string")
     return value
 
 
-def iter_texts(path: str | os.PathLike, field: str = "text", skip_bad_lines: bool = False, bad: BadLineCounter | None = None) -> Iterator[str]:
+def iter_texts(
+    path: str | os.PathLike, field: str = "text", skip_bad_lines: bool = False, bad: BadLineCounter | None = None
+) -> Iterator[str]:
     """Yield the documents of a pretraining file: jsonl `{field: text}` rows or .txt lines (blank lines skipped)."""
     path = check_data_file(path)
     if path.suffix == ".txt":
@@ -154,25 +166,33 @@ def conversation_of(path: Path, lineno: int, obj: dict) -> list[dict]:
     """Validate one SFT row `{"conversations": [{"role", "content"}, ...]}` and return its turns."""
     turns = obj.get("conversations", obj.get("messages"))
     if turns is None:
-        raise NanoLladaError(f"{path}:{lineno}: no field 'conversations' (this line has: {', '.join(sorted(obj)) or 'nothing'})")
+        raise NanoLladaError(
+            f"{path}:{lineno}: no field 'conversations' (this line has: {', '.join(sorted(obj)) or 'nothing'})"
+        )
     if not isinstance(turns, list) or not turns:
         raise NanoLladaError(f"{path}:{lineno}: 'conversations' must be a non-empty list of {{role, content}}")
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise NanoLladaError(f"{path}:{lineno}: turn {k} needs 'role' and 'content'")
         if turn["role"] not in SFT_ROLES:
-            raise NanoLladaError(f"{path}:{lineno}: turn {k} has unknown role '{turn['role']}' (expected one of {', '.join(SFT_ROLES)})")
+            raise NanoLladaError(
+                f"{path}:{lineno}: turn {k} has unknown role '{turn['role']}' (expected one of {', '.join(SFT_ROLES)})"
+            )
         if not isinstance(turn["content"], str) or not turn["content"].strip():
             raise NanoLladaError(f"{path}:{lineno}: turn {k} ({turn['role']}) has empty content")
     if not any(turn["role"] == "assistant" for turn in turns):
         raise NanoLladaError(f"{path}:{lineno}: no assistant turn, nothing to learn from")
     first = next(turn["role"] for turn in turns if turn["role"] != "system")
     if first != "user":
-        raise NanoLladaError(f"{path}:{lineno}: the conversation opens with an assistant turn; it has no prompt to answer")
+        raise NanoLladaError(
+            f"{path}:{lineno}: the conversation opens with an assistant turn; it has no prompt to answer"
+        )
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
-def iter_conversations(path: str | os.PathLike, skip_bad_lines: bool = True, bad: BadLineCounter | None = None) -> Iterator[list[dict]]:
+def iter_conversations(
+    path: str | os.PathLike, skip_bad_lines: bool = True, bad: BadLineCounter | None = None
+) -> Iterator[list[dict]]:
     """Yield validated conversations; invalid rows are counted in `bad` (or raised if skip_bad_lines is False)."""
     path = check_data_file(path)
     for lineno, obj in iter_jsonl(path, skip_bad_lines, bad):

@@ -49,13 +49,13 @@ def encode_conversation(tokenizer, turns: list[dict]) -> tuple[list[int], list[i
         if turn["role"] != "assistant":
             continue
         prefix = encode(tokenizer, chat_text(tokenizer, turns[:k], add_generation_prompt=True))
-        upto = encode(tokenizer, chat_text(tokenizer, turns[:k + 1], add_generation_prompt=False))
-        if ids[:len(upto)] != upto or upto[:len(prefix)] != prefix:
+        upto = encode(tokenizer, chat_text(tokenizer, turns[: k + 1], add_generation_prompt=False))
+        if ids[: len(upto)] != upto or upto[: len(prefix)] != prefix:
             raise NanoLladaError("the chat template does not render a conversation as a concatenation of its turns")
         span_end = len(upto)
         while span_end > len(prefix) and upto[span_end - 1] != EOS_ID:
             span_end -= 1  # stop at the turn's <|im_end|>, not the newline after it
-        mask[len(prefix):span_end] = [1] * (span_end - len(prefix))
+        mask[len(prefix) : span_end] = [1] * (span_end - len(prefix))
         end = span_end
     return ids[:end], mask[:end]
 
@@ -72,7 +72,9 @@ def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[tup
         for k, turn in enumerate(turns):
             if turn["role"] == "assistant":
                 prefix = chat_text(tokenizer, turns[:k], add_generation_prompt=True)
-                upto = full if k == len(turns) - 1 else chat_text(tokenizer, turns[:k + 1], add_generation_prompt=False)
+                upto = (
+                    full if k == len(turns) - 1 else chat_text(tokenizer, turns[: k + 1], add_generation_prompt=False)
+                )
                 if not (full.startswith(upto) and upto.startswith(prefix)):
                     spans = None
                     break
@@ -121,7 +123,7 @@ class SFTExamples:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return self.tokens[lo:hi], self.assistant[lo:hi]
 
-    def subset(self, indices) -> "SFTExamples":
+    def subset(self, indices) -> SFTExamples:
         parts = [self.example(int(i)) for i in indices]
         lengths = np.cumsum([0] + [len(t) for t, _ in parts])
         return SFTExamples(np.concatenate([t for t, _ in parts]), np.concatenate([a for _, a in parts]), lengths)
@@ -135,14 +137,27 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
     """
     path = check_data_file(path)
     stat = path.stat()
-    key = json.dumps([CACHE_VERSION, tokenizer_identity(tokenizer), getattr(tokenizer, "chat_template", None), max_len, stat.st_size, stat.st_mtime_ns])
+    key = json.dumps(
+        [
+            CACHE_VERSION,
+            tokenizer_identity(tokenizer),
+            getattr(tokenizer, "chat_template", None),
+            max_len,
+            stat.st_size,
+            stat.st_mtime_ns,
+        ]
+    )
     cache = path.with_name(f"{path.name}.sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
     if not cache.exists():
         bad, truncated, no_target = BadLineCounter(), 0, 0
         tokens, assistant, lengths = [], [], [0]
         conversations = chunks(iter_conversations(path, skip_bad_lines=True, bad=bad), 1024)
-        for ids, mask in tqdm((row for chunk in conversations for row in encode_conversations(tokenizer, chunk)),
-                              desc=f"tokenizing {path.name}", unit=" rows", leave=False):
+        for ids, mask in tqdm(
+            (row for chunk in conversations for row in encode_conversations(tokenizer, chunk)),
+            desc=f"tokenizing {path.name}",
+            unit=" rows",
+            leave=False,
+        ):
             if len(ids) > max_len:
                 truncated += 1
                 ids, mask = ids[:max_len], mask[:max_len]
@@ -154,11 +169,18 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
             lengths.append(lengths[-1] + len(ids))
         if len(lengths) == 1:
             raise NanoLladaError(f"{path}: no usable conversation ({bad.count} invalid rows; first: {bad.first})")
-        print(f"{path}: {len(lengths) - 1} conversations, {truncated} truncated to {max_len} tokens, "
-              f"{no_target} skipped (no answer left after truncation), {bad.count} invalid rows skipped"
-              + (f" (first: {bad.first})" if bad.count else ""))
+        print(
+            f"{path}: {len(lengths) - 1} conversations, {truncated} truncated to {max_len} tokens, "
+            f"{no_target} skipped (no answer left after truncation), {bad.count} invalid rows skipped"
+            + (f" (first: {bad.first})" if bad.count else "")
+        )
         tmp = Path(f"{cache}.tmp.npz")
-        np.savez(tmp, tokens=np.concatenate(tokens), assistant=np.concatenate(assistant), offsets=np.asarray(lengths, dtype=np.int64))
+        np.savez(
+            tmp,
+            tokens=np.concatenate(tokens),
+            assistant=np.concatenate(assistant),
+            offsets=np.asarray(lengths, dtype=np.int64),
+        )
         os.replace(tmp, cache)
     data = np.load(cache)
     return SFTExamples(data["tokens"], data["assistant"], data["offsets"])
@@ -177,10 +199,10 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
     input_ids = torch.full((len(parts), width), pad, dtype=torch.long)
     target = torch.zeros((len(parts), width), dtype=torch.bool)
     for row, (ids, mask) in enumerate(parts):
-        input_ids[row, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
-        target[row, :len(ids)] = torch.from_numpy(mask.astype(bool))
+        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        target[row, : len(ids)] = torch.from_numpy(mask.astype(bool))
         if route == "diffusion":
-            target[row, len(ids):] = True
+            target[row, len(ids) :] = True
     if route == "ar":
         return {"input_ids": input_ids, "labels": input_ids.masked_fill(~target, IGNORE)}
     return {"input_ids": input_ids, "maskable": target}
@@ -198,11 +220,13 @@ class SFTBatches:
 
 
 def add_sft_flags(p: argparse.ArgumentParser, run_name: str, epochs: int) -> None:
-    p.add_argument("--data", required=True, help="SFT jsonl: {\"conversations\": [{\"role\", \"content\"}, ...]} per line")
+    p.add_argument("--data", required=True, help='SFT jsonl: {"conversations": [{"role", "content"}, ...]} per line')
     p.add_argument("--eval-data", default=None, help="held-out SFT jsonl (default: hold out --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)")
+    p.add_argument(
+        "--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)"
+    )
     p.add_argument("--run-name", default=run_name)
     p.add_argument("--save-dir", default="weights")
     p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
@@ -226,7 +250,12 @@ def add_sft_flags(p: argparse.ArgumentParser, run_name: str, epochs: int) -> Non
     p.add_argument("--early-stop-patience", type=int, default=0)
     p.add_argument("--early-stop-min-delta", type=float, default=0.0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile (SFT batches vary in length)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile (SFT batches vary in length)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=42)
 
@@ -241,11 +270,18 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
     else:  # hold out the last conversations (the file order is the user's; the split is stable)
         n_val = max(1, int(len(examples) * args.val_fraction))
         if len(examples) - n_val < args.batch_size:
-            raise NanoLladaError(f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} and fill a batch of {args.batch_size}")
-        val, examples = examples.subset(range(len(examples) - n_val, len(examples))), examples.subset(range(len(examples) - n_val))
+            raise NanoLladaError(
+                f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} and fill a batch of {args.batch_size}"
+            )
+        val, examples = (
+            examples.subset(range(len(examples) - n_val, len(examples))),
+            examples.subset(range(len(examples) - n_val)),
+        )
     batches = SFTBatches(examples, args.batch_size, args.seed, route)
     n_val = min(len(val), args.eval_batches * args.batch_size)
-    val_batches = [collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)]
+    val_batches = [
+        collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)
+    ]
     steps = args.max_steps or int(args.epochs * batches.order.batches_per_epoch) // args.accumulation_steps
     return batches, val_batches, steps
 
@@ -265,15 +301,26 @@ def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
         batches, val_batches, steps = sft_data(args, tokenizer, route)
     cfg = train_config(args, route, steps, device)
     model = initial_sft_model(args, tokenizer, route, RunFiles(cfg).full)
-    print(f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
-          f"{sum(len(b['input_ids']) for b in val_batches)} validation, {steps} steps of {args.batch_size} on {device}")
-    return train(model, model.config, cfg, batches.batch, val_batches, lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
-                    tokenizer_identity(tokenizer), device, resume=args.resume,
-                    tokens_in=lambda batch: batch["input_ids"].numel(),
-                    # what each loss is a mean over, so multi-GPU shards are weighted exactly
-                    loss_count=(lambda b: int((b["labels"] != IGNORE).sum())) if route == "ar" else None,
-                    to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
-                    extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})})
+    print(
+        f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
+        f"{sum(len(b['input_ids']) for b in val_batches)} validation, {steps} steps of {args.batch_size} on {device}"
+    )
+    return train(
+        model,
+        model.config,
+        cfg,
+        batches.batch,
+        val_batches,
+        lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
+        tokenizer_identity(tokenizer),
+        device,
+        resume=args.resume,
+        tokens_in=lambda batch: batch["input_ids"].numel(),
+        # what each loss is a mean over, so multi-GPU shards are weighted exactly
+        loss_count=(lambda b: int((b["labels"] != IGNORE).sum())) if route == "ar" else None,
+        to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
+        extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})},
+    )
 
 
 def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:
@@ -282,10 +329,18 @@ def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer
     if source is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
-    checkpoint = check_compatible(read_checkpoint(source), source, kind, tokenizer, args.tokenizer_dir,
-                                  hint=f"this SFT trains {KIND_NAMES[kind]} model")
+    checkpoint = check_compatible(
+        read_checkpoint(source),
+        source,
+        kind,
+        tokenizer,
+        args.tokenizer_dir,
+        hint=f"this SFT trains {KIND_NAMES[kind]} model",
+    )
     model = build_model(checkpoint, source)
     if not args.resume:
-        print(f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
-              f"embedding and head included; optimizer starts fresh")
+        print(
+            f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
+            f"embedding and head included; optimizer starts fresh"
+        )
     return model

@@ -66,7 +66,9 @@ class TrainConfig:
         if self.lr_schedule not in ("cosine", "wsd", "constant"):
             raise NanoLladaError(f"--lr-schedule must be cosine, wsd or constant, got '{self.lr_schedule}'")
         if self.max_steps <= 0:
-            raise NanoLladaError(f"nothing to train: {self.max_steps} optimizer steps (check --epochs/--max-iters, batch size and data size)")
+            raise NanoLladaError(
+                f"nothing to train: {self.max_steps} optimizer steps (check --epochs/--max-iters, batch size and data size)"
+            )
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.lr_stable_ratio <= 1:
             raise NanoLladaError("--min-lr-ratio and --lr-stable-ratio must lie in [0, 1]")
         for name in ("learning_rate", "accumulation_steps", "eval_interval", "save_interval", "log_interval"):
@@ -155,9 +157,23 @@ def train(
     cfg.validate()
     env = distributed.init()
     # On an exception the process group is left alone: other ranks may still be inside a collective.
-    summary = _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_identity,
-                     distributed.local_device(device, env), env, resume, tokens_in, to_device, extra_meta,
-                     loss_count or tokens_in, on_eval)
+    summary = _train(
+        model,
+        model_config,
+        cfg,
+        batch_fn,
+        val_batches,
+        loss_fn,
+        tokenizer_identity,
+        distributed.local_device(device, env),
+        env,
+        resume,
+        tokens_in,
+        to_device,
+        extra_meta,
+        loss_count or tokens_in,
+        on_eval,
+    )
     distributed.barrier()  # every rank returns only once rank 0 has written the final files
     distributed.shutdown()
     return summary
@@ -174,8 +190,23 @@ def _rank_weight(batch, local_batch, env: distributed.Dist, loss_count) -> float
     return env.world_size * float(loss_count(local_batch)) / total if total > 0 else 1.0
 
 
-def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_identity, device, env: distributed.Dist,
-           resume, tokens_in, to_device, extra_meta, loss_count, on_eval) -> dict:
+def _train(
+    model,
+    model_config,
+    cfg,
+    batch_fn,
+    val_batches,
+    loss_fn,
+    tokenizer_identity,
+    device,
+    env: distributed.Dist,
+    resume,
+    tokens_in,
+    to_device,
+    extra_meta,
+    loss_count,
+    on_eval,
+) -> dict:
     files = RunFiles(cfg)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
@@ -197,9 +228,17 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
     def save(path_full: bool = True) -> None:
         if not env.is_main:
             return
-        extra = {**meta, "optimizer": optimizer.state_dict(), "step": state["step"], "trainer_state": dict(state),
-                 "world_size": env.world_size,  # informational: the step is global, so any process count can resume
-                 "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
+        extra = {
+            **meta,
+            "optimizer": optimizer.state_dict(),
+            "step": state["step"],
+            "trainer_state": dict(state),
+            "world_size": env.world_size,  # informational: the step is global, so any process count can resume
+            "rng": {
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
+            },
+        }
         save_checkpoint(files.full, cfg.kind, model_config, model, tokenizer_identity, **extra)
         save_checkpoint(files.weights, cfg.kind, model_config, model, tokenizer_identity, step=state["step"], **meta)
 
@@ -221,7 +260,14 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
 
     metrics_file = open(files.metrics, "a", encoding="utf-8") if env.is_main else None
     log = lambda record: metrics_file and (metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush())  # noqa: E731
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.run_name, dynamic_ncols=True, mininterval=1.0, disable=not env.is_main)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc=cfg.run_name,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not env.is_main,
+    )
     say = bar.write if env.is_main else (lambda text: None)
     pending_losses: list[torch.Tensor] = []
     pending_info: list[dict] = []
@@ -236,13 +282,26 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
         losses, step = (distributed.all_reduce_(stacked, "mean") if reduce else stacked).tolist(), state["step"]
         tokens_per_s = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
         for offset, (value, info) in enumerate(zip(losses, pending_info)):
-            log({"step": step - len(losses) + offset + 1, "loss": value, "lr": lr_at(step - len(losses) + offset, cfg), **info})
+            log(
+                {
+                    "step": step - len(losses) + offset + 1,
+                    "loss": value,
+                    "lr": lr_at(step - len(losses) + offset, cfg),
+                    **info,
+                }
+            )
         log({"step": step, "tokens_per_s": tokens_per_s})
         if env.is_main:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step - 1, cfg):.2e}", tok_s=f"{tokens_per_s:,.0f}", **pending_info[-1])
+            bar.set_postfix(
+                loss=f"{losses[-1]:.4f}",
+                lr=f"{lr_at(step - 1, cfg):.2e}",
+                tok_s=f"{tokens_per_s:,.0f}",
+                **pending_info[-1],
+            )
         pending_losses, pending_info, window["tokens"], window["start"] = [], [], 0, time.perf_counter()
         if not math.isfinite(losses[-1]):
             raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
+
     stopped_early = False
     train_model.train()
     batches = Prefetcher(batch_fn, stop=cfg.max_steps * cfg.accumulation_steps, pin_device=device)
@@ -267,12 +326,14 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
                 if env.enabled:
                     local_batch = distributed.shard(batch, env.rank, env.world_size)
                     if distributed.rows_in(local_batch) == 0:
-                        raise NanoLladaError(f"a batch of {distributed.rows_in(batch)} rows cannot be split over {env.world_size} processes; "
-                                             f"use a --batch-size of at least {env.world_size}")
+                        raise NanoLladaError(
+                            f"a batch of {distributed.rows_in(batch)} rows cannot be split over {env.world_size} processes; "
+                            f"use a --batch-size of at least {env.world_size}"
+                        )
                     weight, batch = _rank_weight(batch, local_batch, env, loss_count), local_batch
                 # DDP all-reduces gradients in backward; only the last micro-step of an accumulation needs that.
                 sync = ddp is None or micro == cfg.accumulation_steps - 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                with contextlib.nullcontext() if sync else ddp.no_sync():
                     with autocast(device, cfg.dtype):
                         loss, step_info = _split(loss_fn(train_model, to_device(batch, device), loss_rng(k)))
                         loss = loss / cfg.accumulation_steps
@@ -297,14 +358,25 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
                 if improved:
                     state.update(best_val=val, best_step=step, bad_evals=0)
                     if env.is_main:
-                        save_checkpoint(files.best, cfg.kind, model_config, model, tokenizer_identity, step=step, val_loss=val, **meta)
+                        save_checkpoint(
+                            files.best,
+                            cfg.kind,
+                            model_config,
+                            model,
+                            tokenizer_identity,
+                            step=step,
+                            val_loss=val,
+                            **meta,
+                        )
                 else:
                     state["bad_evals"] += 1
                 if on_eval and env.is_main:
                     on_eval(step, val)
                 say(f"step {step}: val loss {val:.4f} (best {state['best_val']:.4f} @ {state['best_step']})")
                 if cfg.early_stop_patience and state["bad_evals"] >= cfg.early_stop_patience:
-                    say(f"early stop: no val improvement > {cfg.early_stop_min_delta} for {cfg.early_stop_patience} evals")
+                    say(
+                        f"early stop: no val improvement > {cfg.early_stop_min_delta} for {cfg.early_stop_patience} evals"
+                    )
                     stopped_early = True
                     break
             if step % cfg.save_interval == 0 and step < cfg.max_steps:
@@ -326,20 +398,31 @@ def _train(model, model_config, cfg, batch_fn, val_batches, loss_fn, tokenizer_i
     save()
     if env.is_main:
         plot_loss(files.metrics, files.plot, cfg.run_name)
-        print(f"done: step {state['step']}, best val loss {state['best_val']:.4f} @ {state['best_step']}; "
-              f"wrote {', '.join(str(f) for f in (files.full, files.weights, files.best, files.metrics, files.plot) if f.exists())}")
-    return {"step": state["step"], "best_val": state["best_val"], "best_step": state["best_step"], "stopped_early": stopped_early,
-            "files": {k: str(v) for k, v in vars(files).items()}}
+        print(
+            f"done: step {state['step']}, best val loss {state['best_val']:.4f} @ {state['best_step']}; "
+            f"wrote {', '.join(str(f) for f in (files.full, files.weights, files.best, files.metrics, files.plot) if f.exists())}"
+        )
+    return {
+        "step": state["step"],
+        "best_val": state["best_val"],
+        "best_step": state["best_step"],
+        "stopped_early": stopped_early,
+        "files": {k: str(v) for k, v in vars(files).items()},
+    }
 
 
-def _resume(path: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, device, verbose: bool = True) -> dict:
+def _resume(
+    path: Path, model, optimizer, model_config: ModelConfig, cfg: TrainConfig, device, verbose: bool = True
+) -> dict:
     if not path.exists():
         raise NanoLladaError(f"--resume: {path} not found; start without --resume (or check --run-name)")
     checkpoint: Checkpoint = read_checkpoint(path)
     if checkpoint.kind != cfg.kind:
         raise NanoLladaError(f"--resume: {path} is {KIND_NAMES[checkpoint.kind]} run, this trainer writes {cfg.kind}")
     if checkpoint.config != model_config:
-        raise NanoLladaError(f"--resume: {path} has model config {checkpoint.config}, which differs from this run's; use the same flags")
+        raise NanoLladaError(
+            f"--resume: {path} has model config {checkpoint.config}, which differs from this run's; use the same flags"
+        )
     if "optimizer" not in checkpoint.extra:
         raise NanoLladaError(f"--resume: {path} is a weights-only checkpoint; resume needs the full <run>.pt")
     model.load_state_dict(checkpoint.state_dict)
@@ -363,7 +446,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)

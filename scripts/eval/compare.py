@@ -26,8 +26,13 @@ from scripts.common.cli import pick_device, run_main
 from scripts.common.evaluation import held_out_batches
 from scripts.common.plots import read_metrics  # also selects the Agg backend
 from scripts.eval.eval_lm import add_lm_flags, add_paired_deltas, check_lm_args, lm_eval_model, lm_table, load_any_kind
-from scripts.eval.eval_multiple_choice import (ScoringSettings, add_choice_flags, evaluate_question_sets, load_question_sets,
-                                               settings_from_args)
+from scripts.eval.eval_multiple_choice import (
+    ScoringSettings,
+    add_choice_flags,
+    evaluate_question_sets,
+    load_question_sets,
+    settings_from_args,
+)
 
 RUN_SUFFIXES = ("_state_dict", "_best")
 
@@ -75,10 +80,18 @@ def plot_lm_numbers(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5), dpi=120)
     labels = [f"{run_name(r['checkpoint'])}\n({r['kind']})" for r in results]
     colors = ["tab:blue" if r["kind"] == "ar" else "tab:orange" for r in results]
-    ax.bar(range(len(results)), [r["nll_per_token"] for r in results], yerr=[r["stderr"] for r in results], color=colors, capsize=4)
+    ax.bar(
+        range(len(results)),
+        [r["nll_per_token"] for r in results],
+        yerr=[r["stderr"] for r in results],
+        color=colors,
+        capsize=4,
+    )
     ax.set_xticks(range(len(results)), labels, fontsize=8)
-    ax.set(title="held-out nats/token on the same rows, ±1 s.e.\nblue: AR NLL (exact), orange: diffusion NELBO (bound)",
-           ylabel="nats/token")
+    ax.set(
+        title="held-out nats/token on the same rows, ±1 s.e.\nblue: AR NLL (exact), orange: diffusion NELBO (bound)",
+        ylabel="nats/token",
+    )
     ax.title.set_fontsize(10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -98,9 +111,16 @@ def main(argv=None) -> dict:
     for path in args.checkpoint:
         model, tokenizer, kind = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
         if batches is None:
-            batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)
-        result = {"checkpoint": str(path), "run": run_name(path),
-                  **lm_eval_model(model, kind, batches, mask_token_id(tokenizer), args.mc_samples, args.seed, device, args.dtype)}
+            batches = held_out_batches(
+                args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
+            )
+        result = {
+            "checkpoint": str(path),
+            "run": run_name(path),
+            **lm_eval_model(
+                model, kind, batches, mask_token_id(tokenizer), args.mc_samples, args.seed, device, args.dtype
+            ),
+        }
         if settings is not None:
             summaries, _ = evaluate_question_sets(model, kind, tokenizer, question_sets, settings, device, args.dtype)
             result["choice"] = summaries["all"]
@@ -111,31 +131,53 @@ def main(argv=None) -> dict:
             curves[f"{result['run']} ({kind})"] = validation
             result["final_val_loss"] = validation[-1][1]
         results.append(result)
-        print(f"{path}: {kind}, {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"
-              + (f", accuracy {result['choice']['accuracy']:.4f}" if settings else ""))
+        print(
+            f"{path}: {kind}, {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"
+            + (f", accuracy {result['choice']['accuracy']:.4f}" if settings else "")
+        )
         del model
     add_paired_deltas(results)
 
-    lines = ["# Checkpoint comparison", "",
-             f"Held-out rows: the first {results[0]['rows']} rows of {args.seq_len} tokens of `{args.eval_data}`, each scored on "
-             f"tokens 1..{args.seq_len - 1} given token 0. AR: exact NLL; diffusion: NELBO (upper bound), {args.mc_samples} mask "
-             f"draws per row, seed {args.seed}. s.e. across rows (diffusion: rows and masks); MC s.e.: mask noise only.", "",
-             lm_table(results), "", "![held-out nats/token](lm_nll.png)", ""]
+    lines = [
+        "# Checkpoint comparison",
+        "",
+        f"Held-out rows: the first {results[0]['rows']} rows of {args.seq_len} tokens of `{args.eval_data}`, each scored on "
+        f"tokens 1..{args.seq_len - 1} given token 0. AR: exact NLL; diffusion: NELBO (upper bound), {args.mc_samples} mask "
+        f"draws per row, seed {args.seed}. s.e. across rows (diffusion: rows and masks); MC s.e.: mask noise only.",
+        "",
+        lm_table(results),
+        "",
+        "![held-out nats/token](lm_nll.png)",
+        "",
+    ]
     if settings is not None:
-        lines += [f"## Multiple choice ({', '.join(map(str, args.data))}; scored the {settings.continuation})", "",
-                  "| checkpoint | kind | questions | accuracy | s.e. |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['checkpoint']} | {r['kind']} | {r['choice']['items']} | {r['choice']['accuracy']:.4f} | {r['choice']['stderr']:.4f} |"
-                  for r in results]
+        lines += [
+            f"## Multiple choice ({', '.join(map(str, args.data))}; scored the {settings.continuation})",
+            "",
+            "| checkpoint | kind | questions | accuracy | s.e. |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['checkpoint']} | {r['kind']} | {r['choice']['items']} | {r['choice']['accuracy']:.4f} | {r['choice']['stderr']:.4f} |"
+            for r in results
+        ]
         lines.append("")
     lines += ["## Validation curves", ""]
     if curves:
-        lines += ["![validation curves](validation_curves.png)", "", "| run | metrics file | last val loss |", "|---|---|---:|"]
+        lines += [
+            "![validation curves](validation_curves.png)",
+            "",
+            "| run | metrics file | last val loss |",
+            "|---|---|---:|",
+        ]
         lines += [f"| {r['run']} | `{r['metrics']}` | {r['final_val_loss']:.4f} |" for r in results if r["metrics"]]
     missing = [str(metrics_path(r["checkpoint"])) for r in results if not r["metrics"]]
     if missing:
         lines += ["", "No validation records in: " + ", ".join(f"`{m}`" for m in missing)]
     (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "comparison.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
     plot_lm_numbers(results, out / "lm_nll.png")
     if curves:
         plot_validation_curves(curves, out / "validation_curves.png")

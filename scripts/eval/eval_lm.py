@@ -47,20 +47,40 @@ from scripts.common.trainer import autocast
 
 def add_lm_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared with scripts.eval.compare."""
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="AR or diffusion checkpoint (.pt, full, _best or _state_dict, or a MiniMind2 .pth); repeat for several")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="AR or diffusion checkpoint (.pt, full, _best or _state_dict, or a MiniMind2 .pth); repeat for several",
+    )
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files, which do not store it (default 8)")
-    p.add_argument("--eval-data", default="dataset/sample_pretrain_val.jsonl",
-                   help="held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)")
+    p.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="only for MiniMind2 .pth files, which do not store it (default 8)",
+    )
+    p.add_argument(
+        "--eval-data",
+        default="dataset/sample_pretrain_val.jsonl",
+        help="held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)",
+    )
     p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--seq-len", "--max-seq-len", dest="seq_len", type=int, default=256, help="row length (use the trained one)")
+    p.add_argument(
+        "--seq-len", "--max-seq-len", dest="seq_len", type=int, default=256, help="row length (use the trained one)"
+    )
     p.add_argument("--eval-batch-size", type=int, default=16, help="rows per forward")
-    p.add_argument("--eval-max-batches", type=int, default=8, help="rows scored = batch size x this (fewer if the file is short)")
+    p.add_argument(
+        "--eval-max-batches", type=int, default=8, help="rows scored = batch size x this (fewer if the file is short)"
+    )
     p.add_argument("--mc-samples", type=int, default=8, help="mask draws per row for diffusion checkpoints")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
+    )
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every checkpoint)")
+    p.add_argument(
+        "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every checkpoint)"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,8 +95,10 @@ def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
     model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
     block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
     if block:
-        print(f"note: {path} was trained with block diffusion (block {block}); its NELBO here is "
-              f"the bidirectional (MDLM) bound, which is not the objective it was trained on")
+        print(
+            f"note: {path} was trained with block diffusion (block {block}); its NELBO here is "
+            f"the bidirectional (MDLM) bound, which is not the objective it was trained on"
+        )
     return model, tokenizer, checkpoint.kind
 
 
@@ -99,7 +121,9 @@ def ratio_mean_and_stderr(row_sums: torch.Tensor, row_tokens: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def lm_eval_model(model, kind: str, batches: list, mask_id: int, mc_samples: int, seed: int, device, dtype: str) -> dict:
+def lm_eval_model(
+    model, kind: str, batches: list, mask_id: int, mc_samples: int, seed: int, device, dtype: str
+) -> dict:
     """Per-token NLL (AR) or NELBO (diffusion) over the batches, with s.e. across rows and the mask-noise s.e."""
     generator = torch.Generator(device=device).manual_seed(seed)
     sums, tokens, mc_variances = [], [], []
@@ -112,14 +136,25 @@ def lm_eval_model(model, kind: str, batches: list, mask_id: int, mc_samples: int
             else:
                 terms = diffusion_nelbo_rows(model, batch, scored, mask_id, mc_samples, generator).cpu()  # [S, B]
                 sums.append(terms.mean(0))
-                mc_variances.append(terms.var(0) / mc_samples if mc_samples > 1 else torch.full_like(terms[0], float("nan")))
+                mc_variances.append(
+                    terms.var(0) / mc_samples if mc_samples > 1 else torch.full_like(terms[0], float("nan"))
+                )
         tokens.append(scored.sum(1).cpu())
     row_sums, row_tokens = torch.cat(sums), torch.cat(tokens)
     mean, stderr = ratio_mean_and_stderr(row_sums, row_tokens)
     mc_stderr = 0.0 if kind == "ar" else math.sqrt(torch.cat(mc_variances).sum().item()) / row_tokens.sum().item()
-    return {"kind": kind, "rows": len(row_sums), "tokens": int(row_tokens.sum()), "nll_per_token": mean, "stderr": stderr,
-            "mc_stderr": mc_stderr, "mc_samples": mc_samples if kind == "diffusion" else 0,
-            "perplexity": math.exp(min(mean, 700.0)), "row_sums": row_sums.tolist(), "row_tokens": row_tokens.tolist()}
+    return {
+        "kind": kind,
+        "rows": len(row_sums),
+        "tokens": int(row_tokens.sum()),
+        "nll_per_token": mean,
+        "stderr": stderr,
+        "mc_stderr": mc_stderr,
+        "mc_samples": mc_samples if kind == "diffusion" else 0,
+        "perplexity": math.exp(min(mean, 700.0)),
+        "row_sums": row_sums.tolist(),
+        "row_tokens": row_tokens.tolist(),
+    }
 
 
 def add_paired_deltas(results: list[dict]) -> None:
@@ -127,22 +162,28 @@ def add_paired_deltas(results: list[dict]) -> None:
     base = results[0]
     for result in results:
         if result["row_tokens"] != base["row_tokens"]:
-            raise NanoLladaError(f"{result['checkpoint']}: scored other rows than {base['checkpoint']}; compare with the same --eval-data and --seq-len")
+            raise NanoLladaError(
+                f"{result['checkpoint']}: scored other rows than {base['checkpoint']}; compare with the same --eval-data and --seq-len"
+            )
         difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
         result["delta"], result["delta_stderr"] = ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
 
 
 def lm_table(results: list[dict]) -> str:
     """Markdown table of lm_eval_model results (after add_paired_deltas)."""
-    lines = ["| checkpoint | kind | rows | tokens | nats/token | s.e. | MC s.e. | perplexity | Δ vs first (paired s.e.) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| checkpoint | kind | rows | tokens | nats/token | s.e. | MC s.e. | perplexity | Δ vs first (paired s.e.) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         measure = "NLL" if r["kind"] == "ar" else f"NELBO ({r['mc_samples']} draws)"
         ppl = f"{r['perplexity']:.2f}" if r["kind"] == "ar" else f"≤ {r['perplexity']:.2f}"
         mc = "exact" if r["kind"] == "ar" else f"{r['mc_stderr']:.4f}"
         delta = "—" if r is results[0] else f"{r['delta']:+.4f} ± {r['delta_stderr']:.4f}"
-        lines.append(f"| {r['checkpoint']} | {r['kind']} | {r['rows']} | {r['tokens']:,} | {r['nll_per_token']:.4f} {measure} | "
-                     f"{r['stderr']:.4f} | {mc} | {ppl} | {delta} |")
+        lines.append(
+            f"| {r['checkpoint']} | {r['kind']} | {r['rows']} | {r['tokens']:,} | {r['nll_per_token']:.4f} {measure} | "
+            f"{r['stderr']:.4f} | {mc} | {ppl} | {delta} |"
+        )
     return "\n".join(lines)
 
 
@@ -159,17 +200,25 @@ def main(argv=None) -> list[dict]:
     for path in args.checkpoint:
         model, tokenizer, kind = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
         if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows
-            batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)
-        result = lm_eval_model(model, kind, batches, mask_token_id(tokenizer), args.mc_samples, args.seed, device, args.dtype)
+            batches = held_out_batches(
+                args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
+            )
+        result = lm_eval_model(
+            model, kind, batches, mask_token_id(tokenizer), args.mc_samples, args.seed, device, args.dtype
+        )
         results.append({"checkpoint": str(path), **result})
         del model
     add_paired_deltas(results)
-    print(f"held-out {args.eval_data}: rows of {args.seq_len} tokens, each scored on tokens 1..{args.seq_len - 1} given token 0 "
-          f"(AR: exact NLL; diffusion: NELBO, an upper bound; s.e. across rows)")
+    print(
+        f"held-out {args.eval_data}: rows of {args.seq_len} tokens, each scored on tokens 1..{args.seq_len - 1} given token 0 "
+        f"(AR: exact NLL; diffusion: NELBO, an upper bound; s.e. across rows)"
+    )
     print(lm_table(results))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps({"eval_data": args.eval_data, "seq_len": args.seq_len, "results": results}, indent=1))
+        Path(args.json_out).write_text(
+            json.dumps({"eval_data": args.eval_data, "seq_len": args.seq_len, "results": results}, indent=1)
+        )
     return results
 
 

@@ -22,20 +22,33 @@ from scripts.common.trainer import autocast
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
+    p.add_argument(
+        "--checkpoint", required=True, help="AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth"
+    )
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files, which do not store it (default 8)")
+    p.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=None,
+        help="only for MiniMind2 .pth files, which do not store it (default 8)",
+    )
     p.add_argument("--prompt", default="请介绍你自己。")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=20, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for every token (for comparison)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole prefix for every token (for comparison)"
+    )
     p.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: report mean loss and perplexity")
     p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--max-seq-len", "--seq-len", dest="seq_len", type=int, default=256, help="row length for --eval-data")
+    p.add_argument(
+        "--max-seq-len", "--seq-len", dest="seq_len", type=int, default=256, help="row length for --eval-data"
+    )
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-max-batches", type=int, default=50)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
@@ -69,19 +82,35 @@ def main(argv=None) -> dict:
         new_ids = []
         start = time.perf_counter()
         with autocast(device, args.dtype):
-            for token in generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, EOS_ID,
-                                  banned_ids=(mask_token_id(tokenizer),), use_cache=not args.no_cache, generator=generator):
+            for token in generate(
+                model,
+                ids,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                EOS_ID,
+                banned_ids=(mask_token_id(tokenizer),),
+                use_cache=not args.no_cache,
+                generator=generator,
+            ):
                 new_ids.append(token)
                 sys.stdout.write(stream.push([token]))
                 sys.stdout.flush()
         elapsed = time.perf_counter() - start
-        print(f"\n[{len(new_ids)} new tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s, "
-              f"{len(new_ids)} forward passes, {'no cache' if args.no_cache else 'KV cache'}, {device}]")
+        print(
+            f"\n[{len(new_ids)} new tokens in {elapsed:.2f} s = {len(new_ids) / elapsed:.1f} tokens/s, "
+            f"{len(new_ids)} forward passes, {'no cache' if args.no_cache else 'KV cache'}, {device}]"
+        )
         result.update(new_tokens=new_ids, seconds=elapsed)
     if args.eval_data:
-        batches = held_out_batches(args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches)
+        batches = held_out_batches(
+            args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
+        )
         stats = held_out_loss(model, batches, device, args.dtype)
-        print(f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, perplexity {stats['perplexity']:.2f}")
+        print(
+            f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, perplexity {stats['perplexity']:.2f}"
+        )
         result["eval"] = stats
     return result
 

@@ -64,7 +64,9 @@ def question_of(path: Path, lineno: int, row: dict) -> Question:
     where = f"{path}:{lineno}"
     for name in ("question", "answer"):
         if name not in lower:
-            raise NanoLladaError(f"{where}: no '{name}' field (this row has: {', '.join(fields) or 'nothing'}); expected question, A, B, C, D, answer")
+            raise NanoLladaError(
+                f"{where}: no '{name}' field (this row has: {', '.join(fields) or 'nothing'}); expected question, A, B, C, D, answer"
+            )
         if lower[name] is None:
             raise NanoLladaError(f"{where}: fewer columns than the header (no value for '{name}')")
     options = {}
@@ -109,7 +111,9 @@ def read_questions(path: str | Path) -> list[Question]:
         try:
             questions = [question_of(path, lineno, obj) for lineno, obj in _jsonl_rows(path)]
         except UnicodeDecodeError as err:
-            raise NanoLladaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from None
+            raise NanoLladaError(
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+            ) from None
     elif path.suffix == ".csv":
         questions = []
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -125,7 +129,9 @@ def read_questions(path: str | Path) -> list[Question]:
             except csv.Error as err:
                 raise NanoLladaError(f"{path}:{reader.line_num}: malformed csv ({err})") from None
             except UnicodeDecodeError as err:  # e.g. a GBK-encoded export
-                raise NanoLladaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8") from None
+                raise NanoLladaError(
+                    f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+                ) from None
     else:
         raise NanoLladaError(f"{path}: unsupported format '{path.suffix}'; use .csv (with a header) or .jsonl")
     if not questions:
@@ -169,18 +175,35 @@ def score_question(model, kind: str, tokenizer, question: Question, settings: Sc
     context = prompt_ids(tokenizer, prompt_text(question), settings.chat)
     letters = list(question.options)
     texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
-    answers = [encode(tokenizer, text) or encode(tokenizer, " ") for text in texts]  # an empty option still gets a token
+    answers = [
+        encode(tokenizer, text) or encode(tokenizer, " ") for text in texts
+    ]  # an empty option still gets a token
     if kind == "ar":
         scores, errors = ar_log_likelihood_batch(model, context, answers), [0.0] * len(answers)
     else:
         rows_per_forward = max(1, settings.max_forward_tokens // (len(context) + max(map(len, answers))))
         generator = torch.Generator().manual_seed(settings.seed)  # the same draws for every checkpoint
-        estimates = conditional_log_likelihood_batch(model, context, answers, mask_token_id(tokenizer), settings.mc_samples,
-                                                     settings.mc_batch_size, generator, rows_per_forward)
+        estimates = conditional_log_likelihood_batch(
+            model,
+            context,
+            answers,
+            mask_token_id(tokenizer),
+            settings.mc_samples,
+            settings.mc_batch_size,
+            generator,
+            rows_per_forward,
+        )
         scores, errors = [e[0] for e in estimates], [e[1] for e in estimates]
     prediction = letters[max(range(len(letters)), key=lambda i: scores[i])]
-    return {"source": question.source, "id": question.id, "answer": question.answer, "prediction": prediction,
-            "correct": prediction == question.answer, "scores": dict(zip(letters, scores)), "stderr": dict(zip(letters, errors))}
+    return {
+        "source": question.source,
+        "id": question.id,
+        "answer": question.answer,
+        "prediction": prediction,
+        "correct": prediction == question.answer,
+        "scores": dict(zip(letters, scores)),
+        "stderr": dict(zip(letters, errors)),
+    }
 
 
 def accuracy_summary(items: list[dict]) -> dict:
@@ -194,8 +217,9 @@ def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, 
     return {str(path): read_questions(path)[:limit] for path in data_files(paths)}
 
 
-def evaluate_question_sets(model, kind: str, tokenizer, question_sets: dict[str, list[Question]], settings: ScoringSettings,
-                           device, dtype: str) -> tuple[dict, list[dict]]:
+def evaluate_question_sets(
+    model, kind: str, tokenizer, question_sets: dict[str, list[Question]], settings: ScoringSettings, device, dtype: str
+) -> tuple[dict, list[dict]]:
     """({file or 'all': accuracy summary}, per-item predictions) over every question."""
     summaries, items = {}, []
     for name, questions in question_sets.items():
@@ -209,37 +233,69 @@ def evaluate_question_sets(model, kind: str, tokenizer, question_sets: dict[str,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="AR or diffusion checkpoint (kind read from the file) or a MiniMind2 .pth")
+    p.add_argument(
+        "--checkpoint", required=True, help="AR or diffusion checkpoint (kind read from the file) or a MiniMind2 .pth"
+    )
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
     add_choice_flags(p)
-    p.add_argument("--predictions-out", default=None, help="write one json line per question (scores, prediction, correct)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)")
+    p.add_argument(
+        "--predictions-out", default=None, help="write one json line per question (scores, prediction, correct)"
+    )
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
+    )
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
 
-def add_choice_flags(p, data_required: bool = True, mc_samples_flag: str = "--mc-samples", with_seed: bool = True) -> None:
+def add_choice_flags(
+    p, data_required: bool = True, mc_samples_flag: str = "--mc-samples", with_seed: bool = True
+) -> None:
     """Flags shared with scripts.eval.compare (which has its own --mc-samples and --seed for the LM numbers)."""
-    p.add_argument("--data", action="append", required=data_required, help=".csv/.jsonl file or directory of them; repeat for several")
-    p.add_argument("--continuation", choices=["letter", "option"], default="letter", help="score the answer letter or the option text")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=data_required,
+        help=".csv/.jsonl file or directory of them; repeat for several",
+    )
+    p.add_argument(
+        "--continuation",
+        choices=["letter", "option"],
+        default="letter",
+        help="score the answer letter or the option text",
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT models)")
-    p.add_argument(mc_samples_flag, dest="choice_mc_samples", type=int, default=128,
-                   help="diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)")
+    p.add_argument(
+        mc_samples_flag,
+        dest="choice_mc_samples",
+        type=int,
+        default=128,
+        help="diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)",
+    )
     p.add_argument("--mc-batch-size", type=int, default=32, help="draws per stratified group of mask counts")
-    p.add_argument("--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)")
+    p.add_argument(
+        "--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)"
+    )
     p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
     if with_seed:
-        p.add_argument("--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every question)")
+        p.add_argument(
+            "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every question)"
+        )
 
 
 def settings_from_args(args) -> ScoringSettings:
-    for flag, value in (("--mc-samples", args.choice_mc_samples), ("--mc-batch-size", args.mc_batch_size),
-                        ("--max-forward-tokens", args.max_forward_tokens)):
+    for flag, value in (
+        ("--mc-samples", args.choice_mc_samples),
+        ("--mc-batch-size", args.mc_batch_size),
+        ("--max-forward-tokens", args.max_forward_tokens),
+    ):
         positive(flag, value)
     if args.limit is not None:
         positive("--limit", args.limit)
-    return ScoringSettings(args.continuation, args.chat, args.choice_mc_samples, args.mc_batch_size, args.max_forward_tokens, args.seed)
+    return ScoringSettings(
+        args.continuation, args.chat, args.choice_mc_samples, args.mc_batch_size, args.max_forward_tokens, args.seed
+    )
 
 
 def main(argv=None) -> dict:

@@ -38,9 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="questions decoded together, left-padded (default: 16 on CUDA; 1 on CPU, where the cores are busy "
-                        "with one question already and padding only adds work)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="questions decoded together, left-padded (default: 16 on CUDA; 1 on CPU, where the cores are busy "
+        "with one question already and padding only adds work)",
+    )
     p.add_argument("--score-labels", action="store_true", help="also choose between the labels by likelihood")
     p.add_argument("--mc-samples", type=int, default=32, help="diffusion: mask draws per label for --score-labels")
     p.add_argument("--out", default=None, help="optional jsonl with every prediction")
@@ -56,7 +60,12 @@ def questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], 
         if turns[-1]["role"] != "assistant":
             bad.add("last turn is not the assistant's answer")
             continue
-        out.append((encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)), turns[-1]["content"].strip()))
+        out.append(
+            (
+                encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)),
+                turns[-1]["content"].strip(),
+            )
+        )
         if limit and len(out) == limit:
             break
     if bad.summary(Path(path)):
@@ -76,12 +85,31 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
         if kind == "ar":
             scores = ar_log_likelihood_batch(model, prompt, answers)
         elif block_size:  # the answers are complete (they end in <|im_end|>): the rest of their block is EOS padding
-            scores = [block_conditional_log_likelihood(model, prompt, answer, mask_token_id(tokenizer), block_size, mc_samples,
-                                                       generator=torch.Generator().manual_seed(0), tail_id=EOS_ID)[0]
-                      for answer in answers]
+            scores = [
+                block_conditional_log_likelihood(
+                    model,
+                    prompt,
+                    answer,
+                    mask_token_id(tokenizer),
+                    block_size,
+                    mc_samples,
+                    generator=torch.Generator().manual_seed(0),
+                    tail_id=EOS_ID,
+                )[0]
+                for answer in answers
+            ]
         else:  # the same seed for every question: the mask draws do not differ between questions
-            scores = [mean for mean, _ in conditional_log_likelihood_batch(model, prompt, answers, mask_token_id(tokenizer),
-                                                                          mc_samples, generator=torch.Generator().manual_seed(0))]
+            scores = [
+                mean
+                for mean, _ in conditional_log_likelihood_batch(
+                    model,
+                    prompt,
+                    answers,
+                    mask_token_id(tokenizer),
+                    mc_samples,
+                    generator=torch.Generator().manual_seed(0),
+                )
+            ]
         chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
     return chosen
 
@@ -97,26 +125,42 @@ def main(argv=None) -> dict:
     positive("--batch-size", args.batch_size)
     positive("--mc-samples", args.mc_samples)
     results, predictions = {}, []
-    for name, path, kind in (("AR", args.minimind_checkpoint, "ar"), ("Diffusion", args.diffusion_checkpoint, "diffusion")):
+    for name, path, kind in (
+        ("AR", args.minimind_checkpoint, "ar"),
+        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
+    ):
         if not path:
             continue
         model, tokenizer, checkpoint = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
         correct = unparseable = forwards = 0
         seconds = 0.0
         items = questions(args.data, tokenizer, args.limit)
-        sampler = as_trained(DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens,
-                                                    threshold=args.threshold), checkpoint)
+        sampler = as_trained(
+            DiffusionSamplerConfig(
+                gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens, threshold=args.threshold
+            ),
+            checkpoint,
+        )
         if kind == "diffusion" and sampler.block_causal:
             print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_length}")
         answers = []
         with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar:
             for start in range(0, len(items), args.batch_size):
-                prompts = [prompt for prompt, _ in items[start:start + args.batch_size]]
+                prompts = [prompt for prompt, _ in items[start : start + args.batch_size]]
                 if kind == "ar":
-                    answers += ar_answers(model, tokenizer, prompts, args.max_new_tokens, device, dtype=args.dtype,
-                                          batch_size=args.batch_size)
+                    answers += ar_answers(
+                        model,
+                        tokenizer,
+                        prompts,
+                        args.max_new_tokens,
+                        device,
+                        dtype=args.dtype,
+                        batch_size=args.batch_size,
+                    )
                 else:
-                    answers += diffusion_answers(model, tokenizer, prompts, sampler, device, dtype=args.dtype, batch_size=args.batch_size)
+                    answers += diffusion_answers(
+                        model, tokenizer, prompts, sampler, device, dtype=args.dtype, batch_size=args.batch_size
+                    )
                 bar.update(len(prompts))
         for i, ((_, gold), answer) in enumerate(zip(items, answers)):
             label = parse_sentiment(answer.text)
@@ -126,22 +170,37 @@ def main(argv=None) -> dict:
             unparseable += label is None
             predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
         n = len(items)
-        results[name] = {"questions": n, "correct": correct, "accuracy": correct / n, "unparseable": unparseable,
-                         "forward_passes_per_answer": forwards / n, "seconds_per_answer": seconds / n}
-        print(f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
-              f"{forwards / n:.1f} forward passes (of its batch) and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]")
+        results[name] = {
+            "questions": n,
+            "correct": correct,
+            "accuracy": correct / n,
+            "unparseable": unparseable,
+            "forward_passes_per_answer": forwards / n,
+            "seconds_per_answer": seconds / n,
+        }
+        print(
+            f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
+            f"{forwards / n:.1f} forward passes (of its batch) and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]"
+        )
         if args.score_labels:
             block_size = sampler.block_length if kind == "diffusion" and sampler.block_causal else None
             chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
             hits = sum(label == gold for label, (_, gold) in zip(chosen, items))
-            results[name].update(likelihood_accuracy=hits / n, likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS})
+            results[name].update(
+                likelihood_accuracy=hits / n,
+                likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS},
+            )
             for record, label in zip(predictions[-n:], chosen):
                 record["likelihood_label"] = label
-            print(f"{name}: choosing the more likely label: accuracy {hits / n:.3f} ({hits}/{n}), "
-                  f"chose {', '.join(f'{label} {chosen.count(label)}x' for label in SENTIMENT_LABELS)}"
-                  + ("" if kind == "ar" else f" ({args.mc_samples} mask draws per label)"))
+            print(
+                f"{name}: choosing the more likely label: accuracy {hits / n:.3f} ({hits}/{n}), "
+                f"chose {', '.join(f'{label} {chosen.count(label)}x' for label in SENTIMENT_LABELS)}"
+                + ("" if kind == "ar" else f" ({args.mc_samples} mask draws per label)")
+            )
     if args.out:
-        Path(args.out).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+        Path(args.out).write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8"
+        )
     return results
 
 

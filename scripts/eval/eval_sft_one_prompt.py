@@ -29,26 +29,46 @@ from scripts.common.generation import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="the user message")
-    p.add_argument("--prompt-file", default=None, help="many prompts: .txt (one per line) or .jsonl ({\"prompt\": ...}); writes --out")
-    p.add_argument("--out", default=None, help="jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)")
-    p.add_argument("--batch-size", type=int, default=1, help="--prompt-file: prompts decoded together (left-padded); "
-                   "an answer's time is then its batch's")
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        help='many prompts: .txt (one per line) or .jsonl ({"prompt": ...}); writes --out',
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="--prompt-file: prompts decoded together (left-padded); an answer's time is then its batch's",
+    )
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
     p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
-    p.add_argument("--no-chat-wrap", action="store_true", help="feed the prompt as raw text instead of the chat template")
+    p.add_argument(
+        "--no-chat-wrap", action="store_true", help="feed the prompt as raw text instead of the chat template"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="diffusion canvas limit: prompt + generation")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--ar-temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--ar-top-k", type=int, default=0)
     p.add_argument("--ar-top-p", type=float, default=1.0)
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
-    p.add_argument("--block-length", type=int, default=None, help="diffusion block size (default: 32 if it divides the length)")
+    p.add_argument(
+        "--block-length", type=int, default=None, help="diffusion block size (default: 32 if it divides the length)"
+    )
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel temperature; 0 = greedy")
     p.add_argument("--gen-cfg-scale", type=float, default=0.0)
-    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
-                   help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block")
+    p.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        default="none",
+        help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
+    )
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding confidence threshold")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
@@ -73,12 +93,21 @@ def read_prompts(path: str) -> list[str]:
 def sampler_for(args, prompt_len: int, checkpoint=None) -> DiffusionSamplerConfig:
     room = args.seq_len - prompt_len
     if room <= 0:
-        raise NanoLladaError(f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {args.seq_len}; raise --seq-len")
+        raise NanoLladaError(
+            f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {args.seq_len}; raise --seq-len"
+        )
     gen = min(args.max_new_tokens, room)
     block = args.block_length or default_block_length(gen)
-    sampler = DiffusionSamplerConfig(gen_length=gen, steps=args.gen_steps or gen, block_length=block, temperature=args.temperature,
-                                     remasking=args.remasking, cfg_scale=args.gen_cfg_scale, threshold=args.threshold,
-                                     cache=args.cache)
+    sampler = DiffusionSamplerConfig(
+        gen_length=gen,
+        steps=args.gen_steps or gen,
+        block_length=block,
+        temperature=args.temperature,
+        remasking=args.remasking,
+        cfg_scale=args.gen_cfg_scale,
+        threshold=args.threshold,
+        cache=args.cache,
+    )
     return sampler if checkpoint is None else as_trained(sampler, checkpoint)
 
 
@@ -88,9 +117,11 @@ def report(name: str, answer, quiet: bool = False) -> None:
     s = answer.stats()
     print(f"=== {name} Output ===\n{answer.text}")
     first = "time to first token" if name == "AR" else "time to first round"
-    print(f"--- {name} speed: {s['new_tokens']} tokens in {s['seconds']:.3f} s = {s['tokens_per_s']:.1f} tokens/s; "
-          f"{first} {s['first_seconds'] * 1000:.1f} ms; {s['forward_passes']} forward passes "
-          f"({s['tokens_per_forward']:.2f} tokens/forward)")
+    print(
+        f"--- {name} speed: {s['new_tokens']} tokens in {s['seconds']:.3f} s = {s['tokens_per_s']:.1f} tokens/s; "
+        f"{first} {s['first_seconds'] * 1000:.1f} ms; {s['forward_passes']} forward passes "
+        f"({s['tokens_per_forward']:.2f} tokens/forward)"
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -107,28 +138,61 @@ def main(argv=None) -> list[dict]:
         models["AR"] = load_for_eval(args.minimind_checkpoint, args.tokenizer_dir, "ar", device)
     checkpoint = None
     if args.diffusion_checkpoint:
-        model, tokenizer, checkpoint = load_checkpoint_for_eval(args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device)
+        model, tokenizer, checkpoint = load_checkpoint_for_eval(
+            args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device
+        )
         models["Diffusion"] = (model, tokenizer)
         trained = as_trained(sampler_for(args, 1), checkpoint)
         if trained.block_causal:
-            print(f"block-trained diffusion checkpoint: decoding block-causally with block size {trained.block_length} "
-                  f"(--block-length and --cache do not apply)")
+            print(
+                f"block-trained diffusion checkpoint: decoding block-causally with block size {trained.block_length} "
+                f"(--block-length and --cache do not apply)"
+            )
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     quiet = len(prompts) > 1
     rows = []
     for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
+        chunk = prompts[start : start + args.batch_size]
         answers = {}
         for name, (model, tokenizer) in models.items():
             ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in chunk]
             if name == "AR":
-                answers[name] = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, args.ar_temperature, args.ar_top_k,
-                                           args.ar_top_p, args.seed, args.dtype, batch_size=len(chunk))
+                answers[name] = ar_answers(
+                    model,
+                    tokenizer,
+                    ids,
+                    args.max_new_tokens,
+                    device,
+                    args.ar_temperature,
+                    args.ar_top_k,
+                    args.ar_top_p,
+                    args.seed,
+                    args.dtype,
+                    batch_size=len(chunk),
+                )
             elif len(chunk) == 1:
-                answers[name] = [diffusion_answer(model, tokenizer, ids[0], sampler_for(args, len(ids[0]), checkpoint), device, args.seed, args.dtype)]
+                answers[name] = [
+                    diffusion_answer(
+                        model,
+                        tokenizer,
+                        ids[0],
+                        sampler_for(args, len(ids[0]), checkpoint),
+                        device,
+                        args.seed,
+                        args.dtype,
+                    )
+                ]
             else:  # one canvas for the batch: the longest prompt sets the room left for the answer
-                answers[name] = diffusion_answers(model, tokenizer, ids, sampler_for(args, max(map(len, ids)), checkpoint), device, args.seed,
-                                                  args.dtype, batch_size=len(chunk))
+                answers[name] = diffusion_answers(
+                    model,
+                    tokenizer,
+                    ids,
+                    sampler_for(args, max(map(len, ids)), checkpoint),
+                    device,
+                    args.seed,
+                    args.dtype,
+                    batch_size=len(chunk),
+                )
         for i, prompt in enumerate(chunk):
             row = {"prompt": prompt}
             for name in models:
@@ -142,8 +206,13 @@ def main(argv=None) -> list[dict]:
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         for name in models:
             stats = [r[name.lower()] for r in rows]
-            tokens, seconds = sum(s["new_tokens"] for s in stats), sum(s["seconds"] / s["batch"] for s in stats)  # batch time once
-            print(f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s = {tokens / max(seconds, 1e-9):.1f} tokens/s")
+            tokens, seconds = (
+                sum(s["new_tokens"] for s in stats),
+                sum(s["seconds"] / s["batch"] for s in stats),
+            )  # batch time once
+            print(
+                f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s = {tokens / max(seconds, 1e-9):.1f} tokens/s"
+            )
         print(f"wrote {out}")
     return rows
 

@@ -34,7 +34,9 @@ class TopKCheckpoints:
     def __init__(self, save_dir, run_name: str, k: int, resume: bool = False):
         self.save_dir, self.run_name, self.k = Path(save_dir), run_name, k
         self.index = topk_index_path(save_dir, run_name)
-        self.entries: list[dict] = json.loads(self.index.read_text(encoding="utf-8")) if resume and self.index.exists() else []
+        self.entries: list[dict] = (
+            json.loads(self.index.read_text(encoding="utf-8")) if resume and self.index.exists() else []
+        )
 
     def offer(self, step: int, val_loss: float, save) -> None:
         """`save(path)` writes the current weights; called only when (step, val_loss) makes the top k."""
@@ -43,10 +45,12 @@ class TopKCheckpoints:
             return
         path = self.save_dir / f"{self.run_name}_top_step{step}.pt"
         save(path)
-        self.entries = sorted(self.entries + [{"path": str(path), "step": step, "val_loss": val_loss}], key=lambda e: e["val_loss"])
-        for dropped in self.entries[self.k:]:
+        self.entries = sorted(
+            self.entries + [{"path": str(path), "step": step, "val_loss": val_loss}], key=lambda e: e["val_loss"]
+        )
+        for dropped in self.entries[self.k :]:
             Path(dropped["path"]).unlink(missing_ok=True)
-        self.entries = self.entries[:self.k]
+        self.entries = self.entries[: self.k]
         self.index.parent.mkdir(parents=True, exist_ok=True)
         self.index.write_text(json.dumps(self.entries, indent=1), encoding="utf-8")
 
@@ -57,14 +61,18 @@ def candidates(args) -> list[dict]:
         for path in args.checkpoints:
             extra = read_checkpoint(path).extra
             if "val_loss" not in extra:
-                raise NanoLladaError(f"{path}: stores no val_loss, so it cannot be ranked; pass checkpoints written at an evaluation "
-                                     f"(<run>_best.pt or --keep-top-k snapshots)")
+                raise NanoLladaError(
+                    f"{path}: stores no val_loss, so it cannot be ranked; pass checkpoints written at an evaluation "
+                    f"(<run>_best.pt or --keep-top-k snapshots)"
+                )
             found.append({"path": str(path), "step": extra.get("step"), "val_loss": float(extra["val_loss"])})
         return found
     index = topk_index_path(args.save_dir, args.run_name)
     if not index.exists():
-        raise NanoLladaError(f"{index} not found: train with --keep-top-k K to keep the k best checkpoints, "
-                             f"or pass --checkpoints PATH [PATH ...]")
+        raise NanoLladaError(
+            f"{index} not found: train with --keep-top-k K to keep the k best checkpoints, "
+            f"or pass --checkpoints PATH [PATH ...]"
+        )
     return json.loads(index.read_text(encoding="utf-8"))
 
 
@@ -75,8 +83,10 @@ def merge(entries: list[dict]):
     for entry in entries[1:]:
         other = read_checkpoint(entry["path"])
         if (other.kind, other.config, other.tokenizer) != (best.kind, best.config, best.tokenizer):
-            raise NanoLladaError(f"{entry['path']}: differs from {entries[0]['path']} in kind, model config or tokenizer; "
-                                 f"merge checkpoints of one run only")
+            raise NanoLladaError(
+                f"{entry['path']}: differs from {entries[0]['path']} in kind, model config or tokenizer; "
+                f"merge checkpoints of one run only"
+            )
         for name, tensor in other.state_dict.items():
             total[name] += tensor.float()
     model = build_model(best, entries[0]["path"])
@@ -89,10 +99,12 @@ def main(argv=None) -> dict:
     p.add_argument("--run-name", required=True)
     p.add_argument("--save-dir", default="weights")
     p.add_argument("--k", type=int, default=3, help="how many of the best checkpoints to average")
-    p.add_argument("--checkpoints", nargs="+", default=None, help="rank these instead of the run's --keep-top-k snapshots")
+    p.add_argument(
+        "--checkpoints", nargs="+", default=None, help="rank these instead of the run's --keep-top-k snapshots"
+    )
     args = p.parse_args(argv)
     positive("--k", args.k)
-    ranked = sorted(candidates(args), key=lambda e: e["val_loss"])[:args.k]
+    ranked = sorted(candidates(args), key=lambda e: e["val_loss"])[: args.k]
     if not ranked:
         raise NanoLladaError("no checkpoints to merge")
     if len(ranked) < args.k:
@@ -100,14 +112,24 @@ def main(argv=None) -> dict:
     sizes = [trained_block_size(read_checkpoint(e["path"]).extra) for e in ranked]
     block_size = sizes[0]  # the merged model decodes as the best checkpoint does
     if len(set(sizes)) > 1:
-        print(f"note: the checkpoints were trained at different block sizes {[s or 'whole row' for s in sizes]} "
-              f"(curriculum phases); the merge decodes like the best one ({block_size or 'bidirectional'}). "
-              f"Pass --checkpoints to merge one phase only.")
+        print(
+            f"note: the checkpoints were trained at different block sizes {[s or 'whole row' for s in sizes]} "
+            f"(curriculum phases); the merge decodes like the best one ({block_size or 'bidirectional'}). "
+            f"Pass --checkpoints to merge one phase only."
+        )
     model, best = merge(ranked)
     out = Path(args.save_dir) / f"{args.run_name}_merged.pt"
     meta = {k: v for k, v in best.extra.items() if k in ("train_config", "diffusion")}
-    save_checkpoint(out, best.kind, best.config, model, best.tokenizer, merged_from=ranked,
-                    block_diffusion={"block_size": block_size} if block_size else {}, **meta)
+    save_checkpoint(
+        out,
+        best.kind,
+        best.config,
+        model,
+        best.tokenizer,
+        merged_from=ranked,
+        block_diffusion={"block_size": block_size} if block_size else {},
+        **meta,
+    )
     for e in ranked:
         print(f"  step {e['step']}: val loss {e['val_loss']:.4f}  {e['path']}")
     print(f"wrote {out}: mean of {len(ranked)} checkpoint(s)")

@@ -21,7 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    return run_sft(args, "ar", lambda model, batch, rng, tokenizer: next_token_loss(model, batch["input_ids"], batch["labels"]))
+    return run_sft(
+        args, "ar", lambda model, batch, rng, tokenizer: next_token_loss(model, batch["input_ids"], batch["labels"])
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def train_bpe(texts, vocab_size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -46,11 +48,24 @@ def tokenizer_config() -> dict:
     """What transformers needs to load tokenizer.json as a ChatML tokenizer (mirrors MiniMind2's settings)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-        "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
-            str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+            str(i): {
+                "content": token,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for i, token in enumerate(SPECIAL_TOKENS)
         },
         "chat_template": CHAT_TEMPLATE,
@@ -64,7 +79,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json).")
+    parser = argparse.ArgumentParser(
+        description="Train the byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)."
+    )
     parser.add_argument("--data", default=None, help="a .jsonl or .txt corpus (default: the offline sample corpus)")
     parser.add_argument("--jsonl-field", default="text")
     parser.add_argument("--vocab-size", type=int, default=6400, help="including the 3 special tokens (MiniMind2: 6400)")
@@ -76,7 +93,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise NanoLladaError(f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+        raise NanoLladaError(
+            f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}"
+        )
     if args.data is None:
         from scripts.data.sample import iter_embedded_texts
 
@@ -93,7 +112,9 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     write_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config(), ensure_ascii=False, indent=2) + "\n")
-    print(f"trained on {source}: vocab {tokenizer.get_vocab_size()} in {seconds:.1f}s -> {out_dir / 'tokenizer.json'}, {out_dir / 'tokenizer_config.json'}")
+    print(
+        f"trained on {source}: vocab {tokenizer.get_vocab_size()} in {seconds:.1f}s -> {out_dir / 'tokenizer.json'}, {out_dir / 'tokenizer_config.json'}"
+    )
 
 
 if __name__ == "__main__":
