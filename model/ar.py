@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import NanoLladaError
+from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
-
-IGNORE = -100
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE are not scored)."""
+    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored)."""
     logits = model(input_ids, attention="causal")
     targets = (input_ids if labels is None else labels)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def sample_next(

@@ -46,3 +46,16 @@ def minimind2_fixtures() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class UniformModel(torch.nn.Module):
+    """Identical logits everywhere: every loss and likelihood has a closed form (ln|V| per scored token)."""
+
+    def __init__(self, vocab: int = 101):
+        super().__init__()
+        self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []  # every input it was called on
+
+    def forward(self, ids, attention="bidirectional", **_):
+        self.inputs.append(ids.clone())
+        return torch.zeros(*ids.shape, self.vocab) + self.anchor

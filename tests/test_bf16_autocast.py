@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from model.ar import generate, generate_batch, next_token_loss
-from model.block_diffusion import bdlm_loss, mdlm_loss
 from model.config import MASK_TOKEN_ID, preset
-from model.diffusion import llada_loss
+from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.likelihood import conditional_log_likelihood_batch
-from model.llada2_sft import block_sft_loss
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
@@ -30,13 +28,18 @@ def rows():
     return ids
 
 
+SFT_BLOCK_COMPLEMENTARY_CAP = DiffusionObjective(block_size=8, normalization="row", complementary=True, cap_weight=1.0)
 LOSSES = {
     "ar": lambda m, x: next_token_loss(m, x),
-    "llada": lambda m, x: llada_loss(m, x, rng(), MASK_TOKEN_ID, repeat_penalty_weight=0.1),
-    "mdlm_documents": lambda m, x: mdlm_loss(m, x, rng(), MASK_TOKEN_ID, 1e-3, "cosine", document_ids(x)),
-    "bdlm_documents": lambda m, x: bdlm_loss(m, x, rng(), MASK_TOKEN_ID, 8, 1e-3, "linear", document_ids(x)),
-    "block_sft": lambda m, x: block_sft_loss(
-        m, x, x > 3000, rng(), MASK_TOKEN_ID, 8, complementary=True, cap_weight=1.0
+    "llada": lambda m, x: diffusion_loss(m, x, rng(), MASK_TOKEN_ID, DiffusionObjective(repeat_penalty_weight=0.1)),
+    "mdlm_documents": lambda m, x: diffusion_loss(
+        m, x, rng(), MASK_TOKEN_ID, DiffusionObjective("cosine"), doc_ids=document_ids(x)
+    ),
+    "bdlm_documents": lambda m, x: diffusion_loss(
+        m, x, rng(), MASK_TOKEN_ID, DiffusionObjective(block_size=8), doc_ids=document_ids(x)
+    ),
+    "block_sft": lambda m, x: diffusion_loss(
+        m, x, rng(), MASK_TOKEN_ID, SFT_BLOCK_COMPLEMENTARY_CAP, maskable=x > 3000
     ),
 }
 
@@ -59,7 +62,7 @@ DECODERS = {
         diffusion_generate(
             m,
             torch.tensor([[1, 5, 6, 7, 8, 9]]),
-            DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=True),
+            DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, block_causal=True),
             MASK_TOKEN_ID,
         ).tokens
     ),
@@ -71,7 +74,7 @@ DECODERS = {
                     m,
                     PADDED[0],
                     DiffusionSamplerConfig(
-                        gen_length=8, steps=8, block_length=4, threshold=0.5, cache=cache, cfg_scale=scale
+                        gen_length=8, steps=8, block_size=4, threshold=0.5, cache=cache, cfg_scale=scale
                     ),
                     MASK_TOKEN_ID,
                     prompt_lengths=PADDED[1],

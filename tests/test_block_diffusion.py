@@ -1,31 +1,23 @@
-"""Invariants of the LLaDA 2.0 objectives (model/block_diffusion.py, model/llada2_sft.py) and of block-causal decoding."""
+"""Invariants of block diffusion: attention masks, the WSD curriculum, block-causal decoding and block likelihoods."""
 
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import UniformModel
 
-from model.block_diffusion import (
-    STABLE,
-    BlockCurriculum,
+from model.block_attention import (
     bd3lm_attention_mask,
     bd3lm_document_mask,
     bdlm_forward,
-    bdlm_loss,
     block_causal_mask,
-    default_sizes_down,
-    default_sizes_up,
     document_attention_mask,
     document_ids_with_pad,
-    elbo_weight,
-    mask_probability,
-    mdlm_loss,
-    trained_block_size,
 )
-from model.diffusion import llada_loss
+from model.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up, trained_block_size
 from model.errors import NanoLladaError
-from model.llada2_sft import block_sft_loss, cap_loss, complementary_masks
+from model.likelihood import conditional_log_likelihood
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
 from scripts.common.packing import document_ids
@@ -35,15 +27,6 @@ V, MASK, EOS = 101, 100, 2
 
 def rng(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-class UniformModel(nn.Module):
-    def __init__(self, vocab=V):
-        super().__init__()
-        self.vocab, self.anchor = vocab, nn.Parameter(torch.zeros(()))
-
-    def forward(self, ids, attention="bidirectional", **_):
-        return torch.zeros(*ids.shape, self.vocab) + self.anchor
 
 
 # ----------------------------------------------------------------------------- masks
@@ -79,21 +62,6 @@ def test_block_size_one_is_next_token_prediction_and_inference_mask_is_block_cau
     assert torch.equal(inference, blocks[None, :] <= blocks[:, None]) and inference.diagonal().all()
 
 
-def test_bdlm_loss_equals_mdlm_loss_at_block_size_equal_to_the_row(tiny_config):
-    model = Transformer(tiny_config).eval()
-    mask_id = tiny_config.vocab_size - 1
-    ids = torch.randint(1, mask_id, (3, 16), generator=rng())
-    for schedule in ("linear", "cosine"):
-        mdlm = mdlm_loss(model, ids, rng(7), mask_id, schedule=schedule)
-        bdlm = bdlm_loss(model, ids, rng(7), mask_id, block_size=16, schedule=schedule)
-        assert bdlm.item() == pytest.approx(mdlm.item(), rel=1e-5)
-    # and MDLM with the linear schedule is LLaDA Eq. 3 exactly (same masks from the same seed)
-    assert mdlm_loss(model, ids, rng(3), mask_id).item() == pytest.approx(
-        llada_loss(model, ids, rng(3), mask_id).item(), rel=1e-6
-    )
-    assert bdlm_loss(model, ids, rng(7), mask_id, block_size=4).item() != pytest.approx(mdlm.item(), rel=1e-3)
-
-
 def test_noisy_block_logits_ignore_later_blocks(tiny_config):
     model = Transformer(tiny_config).eval()
     ids = torch.randint(1, 99, (1, 16), generator=rng())
@@ -105,34 +73,6 @@ def test_noisy_block_logits_ignore_later_blocks(tiny_config):
     after = bdlm_forward(model, changed_noisy, changed_ids, block_size=4)
     assert torch.allclose(base[:, :8], after[:, :8], atol=1e-6)
     assert not torch.allclose(base[:, 8:], after[:, 8:], atol=1e-3)
-
-
-# ----------------------------------------------------------------------------- time weights
-
-
-def test_time_weights_are_elbo_weights():
-    t = torch.tensor([0.1, 0.5, 0.9])
-    assert torch.allclose(elbo_weight(t, "linear"), 1 / t) and torch.equal(mask_probability(t, "linear"), t)
-    # cosine: alpha = cos^2(pi t / 2), weight -alpha'/(1 - alpha), checked against a finite difference
-    alpha = lambda s: torch.cos(math.pi * s / 2) ** 2  # noqa: E731
-    derivative = (alpha(t + 1e-4) - alpha(t - 1e-4)) / 2e-4
-    assert torch.allclose(elbo_weight(t, "cosine"), -derivative / (1 - alpha(t)), rtol=1e-3)
-    grid = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
-    for schedule in ("linear", "cosine"):  # E_t[weight * mask prob] = 1, so uniform logits score ln|V|
-        assert (elbo_weight(grid, schedule) * mask_probability(grid, schedule)).mean().item() == pytest.approx(
-            1, abs=1e-3
-        )
-    with pytest.raises(NanoLladaError, match="unknown"):
-        elbo_weight(t, "cubic")
-
-
-def test_cosine_weighted_loss_with_uniform_logits_is_ln_v():
-    # t on a midpoint grid with long rows: the average over rows is the integral over t (little Monte-Carlo noise;
-    # the forced "at least one mask" per row adds a small bias at tiny t, which long rows keep below 1%)
-    t = (torch.arange(100) + 0.5) / 100
-    ids = torch.randint(1, MASK, (100, 1000), generator=rng())
-    loss = mdlm_loss(UniformModel(), ids, rng(1), MASK, schedule="cosine", t=t)
-    assert loss.item() == pytest.approx(math.log(V), rel=0.02)
 
 
 # ----------------------------------------------------------------------------- document mask
@@ -208,7 +148,7 @@ def test_curriculum_is_a_pure_monotone_function_of_the_step(seq_len, total):
 def test_curriculum_rejects_sizes_that_do_not_divide_and_bad_ratios():
     assert default_sizes_up(256) == [1, 4, 16, 64, 256] and default_sizes_down(256) == [256, 128, 64, 32]
     assert default_sizes_up(48) == [1, 4, 16, 48] and default_sizes_down(48, 32) == [48]
-    with pytest.raises(NanoLladaError, match=r"\[24\] do not divide --seq-len 64"):
+    with pytest.raises(NanoLladaError, match=r"\[24\] do not divide seq_len 64"):
         BlockCurriculum(64, 100, (1, 24, 64), (64, 32))
     with pytest.raises(NanoLladaError, match="must not increase"):
         BlockCurriculum(64, 100, (1, 64), (32, 64))
@@ -231,75 +171,6 @@ def test_checkpoint_block_size_follows_the_curriculum_at_its_step():
         and trained_block_size(extra(10)) == 32
     )
     assert trained_block_size({"block_diffusion": {"block_size": 16}}) == 16 and trained_block_size({}) is None
-
-
-# ----------------------------------------------------------------------------- SFT extras
-
-
-def test_complementary_masks_are_disjoint_cover_the_response_and_keep_the_prompt_clean():
-    maskable = torch.zeros(200, 24, dtype=torch.bool)
-    maskable[:, 7:] = True  # prompt = first 7 positions
-    t = torch.rand(200, generator=rng())
-    masked, complement = complementary_masks(maskable, t, rng(1))
-    assert not (masked & complement).any() and torch.equal(masked | complement, maskable)
-    assert not masked[:, :7].any() and not complement[:, :7].any()
-    assert masked.any(1).all()
-
-
-def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_hot():
-    targets = torch.tensor([[3, 4, 5, 6]])
-    masked = torch.tensor([[True, True, False, True]])
-    logits = torch.randn(1, 4, 10, generator=rng(), requires_grad=True)
-    value = cap_loss(logits, targets, masked)
-    assert value.item() >= 0
-    wrong = torch.zeros(1, 4, 10)
-    wrong[..., 0] = 5.0  # argmax 0 is never a target
-    assert cap_loss(wrong, targets, masked).item() == 0
-    one_hot = torch.full((1, 4, 10), float("-inf"))
-    one_hot[0, torch.arange(4), targets[0]] = 0.0
-    one_hot.requires_grad_(True)
-    exact = cap_loss(one_hot, targets, masked)
-    exact.backward()
-    assert exact.item() == 0 and torch.isfinite(one_hot.grad).all()
-    assert cap_loss(torch.full((1, 4, 10), 0.0), targets, torch.zeros_like(masked)).item() == 0  # nothing masked
-
-
-@pytest.mark.parametrize("block_size,complementary", [(None, False), (None, True), (4, False), (4, True)])
-def test_block_sft_loss_with_uniform_logits_is_ln_v(block_size, complementary):
-    # linear schedule: weight * mask probability = 1 for every t, so any band gives ln|V| (C2: the complement,
-    # masked at ratio 1 - t, is weighted at time 1 - t)
-    ids = torch.randint(1, MASK, (32, 42), generator=rng())
-    maskable = torch.arange(42)[None, :] >= torch.randint(2, 10, (32, 1), generator=rng(1))
-    gen = rng(2)
-    losses = [
-        block_sft_loss(
-            UniformModel(), ids, maskable, gen, MASK, block_size, t_range=(0.3, 0.8), complementary=complementary
-        ).item()
-        for _ in range(40)
-    ]
-    assert sum(losses) / len(losses) == pytest.approx(math.log(V), rel=0.02)
-
-
-def test_block_sft_loss_trains_the_response_only(tiny_config):
-    model, mask_id = Transformer(tiny_config), tiny_config.vocab_size - 1
-    ids = torch.randint(1, mask_id, (2, 14), generator=rng())
-    maskable = torch.arange(14)[None, :].repeat(2, 1) >= 5
-    loss = block_sft_loss(
-        model,
-        ids,
-        maskable,
-        rng(1),
-        mask_id,
-        block_size=4,
-        t_range=(0.3, 0.8),
-        schedule="cosine",
-        complementary=True,
-        cap_weight=2.0,
-    )
-    loss.backward()
-    assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
-    with pytest.raises(NanoLladaError, match="band"):
-        block_sft_loss(model, ids, maskable, rng(1), mask_id, t_range=(0.8, 0.3))
 
 
 # ----------------------------------------------------------------------------- block-causal decoding
@@ -336,7 +207,7 @@ def test_cached_and_uncached_block_decoding_give_identical_tokens(tiny_config, p
         cfg = DiffusionSamplerConfig(
             gen_length=10,
             steps=10,
-            block_length=4,
+            block_size=4,
             stop_at_eos=False,
             block_causal=True,
             use_kv_cache=cached,
@@ -353,7 +224,7 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     model, mask_id = Counting(Transformer(tiny_config).eval()), tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (1, 6), generator=rng())  # blocks of 4: [0,4) prompt, [4,8) prompt tail + 2 new
     streamed = []
-    cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_length=4, stop_at_eos=False, block_causal=True)
+    cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_size=4, stop_at_eos=False, block_causal=True)
     out = diffusion_generate(model, prompt, cfg, mask_id, on_block=lambda k, block: streamed.append(block.clone()))
     assert model.calls[0] == 4  # the prompt's whole block, prefilled once
     assert set(model.calls[1:]) == {4}  # then only one block per forward (the last block here is 4 wide too)
@@ -368,7 +239,7 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     assert torch.allclose(
         model.inner(canvas[:, 8:12], attention="bidirectional", kv_cache=cache), full[:, 8:12], atol=1e-5
     )
-    with pytest.raises(NanoLladaError, match="needs --block-length"):
+    with pytest.raises(NanoLladaError, match="needs block_size"):
         DiffusionSamplerConfig(gen_length=8, steps=8, block_causal=True).validate()
 
 
@@ -377,20 +248,16 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
 
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
 def test_block_conditional_log_likelihood_of_uniform_logits_is_minus_A_ln_V(block_size):
-    from model.likelihood import block_conditional_log_likelihood
-
-    estimate, stderr = block_conditional_log_likelihood(
-        UniformModel(), [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], MASK, block_size, num_samples=8
+    estimate, stderr = conditional_log_likelihood(
+        UniformModel(), [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], MASK, num_samples=8, block_size=block_size
     )
     assert estimate == pytest.approx(-6 * math.log(V)) and stderr == pytest.approx(0, abs=1e-9)
 
 
 def test_one_block_over_the_whole_row_is_the_bidirectional_estimator_with_the_same_draws(tiny_config):
-    from model.likelihood import block_conditional_log_likelihood, conditional_log_likelihood
-
     model, prompt, answer = Transformer(tiny_config).eval(), [1, 5, 6, 7, 8], [9, 10, 11]
-    block = block_conditional_log_likelihood(
-        model, prompt, answer, tiny_config.vocab_size - 1, block_size=8, num_samples=16, generator=rng(3)
+    block = conditional_log_likelihood(
+        model, prompt, answer, tiny_config.vocab_size - 1, num_samples=16, generator=rng(3), block_size=8
     )
     bidirectional = conditional_log_likelihood(
         model, prompt, answer, tiny_config.vocab_size - 1, num_samples=16, generator=rng(3)
@@ -401,11 +268,9 @@ def test_one_block_over_the_whole_row_is_the_bidirectional_estimator_with_the_sa
 def test_block_likelihood_is_exact_with_one_answer_token_per_block_and_ignores_later_blocks(tiny_config):
     """Block size 1: each answer token is scored from the clean tokens before it (nothing else is visible), in one
     draw. So it equals the product of those conditionals, and a change after a token never changes its term."""
-    from model.likelihood import block_conditional_log_likelihood
-
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     prompt, answer = [1, 5, 6], [9, 10, 11]
-    estimate, stderr = block_conditional_log_likelihood(model, prompt, answer, mask_id, block_size=1)
+    estimate, stderr = conditional_log_likelihood(model, prompt, answer, mask_id, block_size=1)
     seq = torch.tensor([prompt + answer])
     expected = 0.0
     for i in range(3, 6):  # token i from a canvas where only it is noised (and later positions are invisible)
@@ -417,13 +282,10 @@ def test_block_likelihood_is_exact_with_one_answer_token_per_block_and_ignores_l
 
 
 def test_the_tail_of_the_last_block_is_context_never_scored(tiny_config):
-    from model.likelihood import block_conditional_log_likelihood
-
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
-    args = (model, [1, 5, 6], [9, 10], mask_id, 8)
-    unknown = block_conditional_log_likelihood(*args, num_samples=4)
-    assert unknown == block_conditional_log_likelihood(*args, num_samples=4, tail_id=mask_id)
-    assert unknown != block_conditional_log_likelihood(*args, num_samples=4, tail_id=EOS)  # the tail is attended to
-    assert block_conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 8, num_samples=4, tail_id=EOS)[
-        0
-    ] == pytest.approx(-2 * math.log(V))  # ... but never scored
+    args = (model, [1, 5, 6], [9, 10], mask_id, 4)
+    unknown = conditional_log_likelihood(*args, block_size=8)
+    assert unknown == conditional_log_likelihood(*args, block_size=8, tail_id=mask_id)
+    assert unknown != conditional_log_likelihood(*args, block_size=8, tail_id=EOS)  # the tail is attended to
+    uniform = conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 4, block_size=8, tail_id=EOS)
+    assert uniform[0] == pytest.approx(-2 * math.log(V))  # ... but never scored

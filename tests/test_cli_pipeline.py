@@ -372,7 +372,7 @@ def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_di
 
 
 def test_diffusion_sft_never_masks_the_prompt(tmp_path):
-    from model.diffusion import mask_tokens
+    from model.masking import mask_tokens
 
     tok = load_tokenizer(".")
     rows = [

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
-from conftest import ROOT
+from conftest import ROOT, UniformModel
 
 from model.ar import next_token_loss
 from model.checkpoint import save_checkpoint
@@ -65,16 +64,6 @@ def write_corpus(path, documents: int = 40):
         encoding="utf-8",
     )
     return str(path)
-
-
-class UniformModel(nn.Module):
-    def __init__(self, vocab=V):
-        super().__init__()
-        self.vocab, self.anchor, self.inputs = vocab, nn.Parameter(torch.zeros(())), []
-
-    def forward(self, ids, attention="bidirectional", **_):
-        self.inputs.append(ids.clone())
-        return torch.zeros(*ids.shape, self.vocab) + self.anchor
 
 
 def test_nelbo_terms_match_diffusion_nelbo_and_never_mask_the_context():

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT
-from test_eval_lm import UniformModel, repo_tokenizer, save_tiny, tiny_eval_config
+from conftest import ROOT, UniformModel
+from test_eval_lm import repo_tokenizer, save_tiny, tiny_eval_config
 
 from model.errors import NanoLladaError
 from model.likelihood import (
@@ -48,14 +48,14 @@ def test_batched_choices_are_exact_for_one_token_and_minus_a_ln_v_for_uniform(ti
 def test_batched_choices_equal_one_at_a_time_and_are_seeded(tiny_config):
     """Padding to the longest answer (with a key-padding mask) and chunking change nothing."""
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
-    batched = conditional_log_likelihood_batch(model, PROMPT, ANSWERS, mask_id, 8, 4, rng(3), rows_per_forward=7)
+    batched = conditional_log_likelihood_batch(model, PROMPT, ANSWERS, mask_id, 8, rng(3), rows_per_forward=7)
     generator = rng(3)
-    one_at_a_time = [conditional_log_likelihood(model, PROMPT, answer, mask_id, 8, 4, generator) for answer in ANSWERS]
+    one_at_a_time = [
+        conditional_log_likelihood(model, PROMPT, answer, mask_id, 8, generator=generator) for answer in ANSWERS
+    ]
     for (value, stderr), (single, single_stderr) in zip(batched, one_at_a_time):
         assert value == pytest.approx(single, abs=1e-4) and stderr == pytest.approx(single_stderr, abs=1e-4)
-    assert batched == conditional_log_likelihood_batch(
-        model, PROMPT, ANSWERS, mask_id, 8, 4, rng(3), rows_per_forward=7
-    )
+    assert batched == conditional_log_likelihood_batch(model, PROMPT, ANSWERS, mask_id, 8, rng(3), rows_per_forward=7)
     assert all(value <= 0 for value, _ in batched)
     ar = ar_log_likelihood_batch(model, PROMPT, ANSWERS)
     assert ar == pytest.approx([ar_log_likelihood(model, PROMPT, answer) for answer in ANSWERS], abs=1e-4)

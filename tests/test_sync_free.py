@@ -17,10 +17,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from model.ar import next_token_loss
-from model.block_diffusion import _weighted_loss, bdlm_forward, bdlm_loss, mdlm_loss
+from model.block_attention import bdlm_forward
 from model.config import MASK_TOKEN_ID, preset
-from model.diffusion import cut_to_random_length, llada_loss, llada_sft_loss, masked_token_nll, repeat_unlikelihood
-from model.llada2_sft import block_sft_loss, cap_loss
+from model.diffusion_loss import (
+    DiffusionObjective,
+    cap_loss,
+    diffusion_loss,
+    masked_token_nll,
+    repeat_unlikelihood,
+)
 from model.tokenizer import EOS_ID
 from model.transformer import Transformer
 
@@ -71,12 +76,8 @@ def test_detectors_reject_each_kind_of_sync(fn):
         fn(*(mode.from_tensor(x) for x in (logits, targets, masked)))
 
 
-def _weighted(logits, targets, masked):
-    return _weighted_loss(logits, targets, masked, torch.tensor([1.5, 3.0]), targets != 0)
-
-
 @pytest.mark.parametrize("masks", ["random", "none", "all"])
-@pytest.mark.parametrize("helper", [masked_token_nll, repeat_unlikelihood, cap_loss, _weighted])
+@pytest.mark.parametrize("helper", [masked_token_nll, repeat_unlikelihood, cap_loss])
 def test_loss_helpers_compile_to_one_static_graph_with_eager_values(helper, masks):
     gen = torch.Generator().manual_seed(0)
     V = 7
@@ -104,25 +105,30 @@ def _docs(ids):
 
 
 # Every loss a training step calls, with the switches that add code paths (draws from a generator included).
+SFT = DiffusionObjective(normalization="row")
 TRAINING_LOSSES = {
-    "llada": lambda m, ids, g: llada_loss(
-        m, cut_to_random_length(ids, 0.5, g), g, MASK_TOKEN_ID, repeat_penalty_weight=0.1
+    "llada": lambda m, ids, g: diffusion_loss(m, ids, g, MASK_TOKEN_ID, DiffusionObjective(repeat_penalty_weight=0.1)),
+    "llada_sft": lambda m, ids, g: diffusion_loss(m, ids, g, MASK_TOKEN_ID, SFT, maskable=ids > 50),
+    "sft_padding_weight": lambda m, ids, g: diffusion_loss(
+        m, ids, g, MASK_TOKEN_ID, DiffusionObjective(normalization="row", padding_weight=0.1), maskable=ids > 50
     ),
-    "llada_sft": lambda m, ids, g: llada_sft_loss(m, ids, ids > 50, g, MASK_TOKEN_ID),
-    "mdlm_docs_cosine": lambda m, ids, g: mdlm_loss(m, ids, g, MASK_TOKEN_ID, schedule="cosine", doc_ids=_docs(ids)),
-    "bdlm_docs": lambda m, ids, g: bdlm_loss(m, ids, g, MASK_TOKEN_ID, 4, doc_ids=_docs(ids)),
-    "block_sft_cap_complementary": lambda m, ids, g: block_sft_loss(
+    "mdlm_docs_cosine": lambda m, ids, g: diffusion_loss(
+        m, ids, g, MASK_TOKEN_ID, DiffusionObjective("cosine"), doc_ids=_docs(ids)
+    ),
+    "bdlm_docs": lambda m, ids, g: diffusion_loss(
+        m, ids, g, MASK_TOKEN_ID, DiffusionObjective(block_size=4), doc_ids=_docs(ids)
+    ),
+    "block_sft_cap_complementary": lambda m, ids, g: diffusion_loss(
         m,
         ids[:, :14],
-        ids[:, :14] > 50,
         g,
         MASK_TOKEN_ID,
-        block_size=4,
-        t_range=(0.3, 0.8),
-        complementary=True,
-        cap_weight=1.0,
+        DiffusionObjective(t_min=0.3, t_max=0.8, block_size=4, normalization="row", complementary=True, cap_weight=1.0),
+        maskable=ids[:, :14] > 50,
     ),
-    "sft_cap": lambda m, ids, g: block_sft_loss(m, ids, ids > 50, g, MASK_TOKEN_ID, cap_weight=1.0),
+    "sft_cap": lambda m, ids, g: diffusion_loss(
+        m, ids, g, MASK_TOKEN_ID, DiffusionObjective(normalization="row", cap_weight=1.0), maskable=ids > 50
+    ),
     "ar": lambda m, ids, g: next_token_loss(m, ids),
 }
 
@@ -159,7 +165,7 @@ def test_transformer_forward_compiles_fullgraph_with_eager_logits_and_gradients(
 def test_compiled_forward_with_a_document_mask_runs_flex_attention_and_matches_sdpa():
     """The CUDA training path for explicit masks (FlexAttention inside a compiled model), on CPU: inference only,
     since FlexAttention has no CPU backward. A failure here would drop to the SDPA fallback and trip the assert."""
-    from model.block_diffusion import document_attention_mask
+    from model.block_attention import document_attention_mask
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()

@@ -150,7 +150,7 @@ def test_bad_configs_raise_clear_errors():
 @pytest.mark.filterwarnings("ignore")
 def test_flex_attention_path_equals_sdpa_for_document_and_block_masks(tiny_config):
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from model.block_diffusion import bd3lm_attention_mask
+    from model.block_attention import bd3lm_attention_mask
 
     model = Transformer(tiny_config).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (2, 24))
@@ -171,7 +171,7 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     """The embedding and head have padded_vocab_size rows (a multiple of 64, for the matmul kernels); the
     extra rows stay exactly zero through training and no logit exists for them."""
     from model.ar import generate, next_token_loss
-    from model.diffusion import llada_loss
+    from model.diffusion_loss import diffusion_loss
     from scripts.common.trainer import TrainConfig, make_optimizer
 
     model = Transformer(tiny_config)
@@ -182,7 +182,7 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     )
     ids = torch.randint(1, V - 1, (2, 16))
     for _ in range(3):
-        loss = next_token_loss(model, ids) + llada_loss(model, ids, torch.Generator().manual_seed(0), V - 1)
+        loss = next_token_loss(model, ids) + diffusion_loss(model, ids, torch.Generator().manual_seed(0), V - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -4,7 +4,7 @@ uv run python -m scripts.train.diffusion --train --use-tokenizer --tokenizer-dir
     --data ./dataset/pretrain_hq.jsonl --seq-len 256 --mask-schedule iid_t \
     --init-from-minimind weights/minimind_pretrain_state_dict.pt --run-name diffusion_from_ar_eq3 --max-iters 40000
 
-LLaDA 2.0 switches (model/block_diffusion.py):
+LLaDA 2.0 switches (settings of model/diffusion_loss.py, the curriculum in model/block_curriculum.py):
   --mask-schedule wsd --use-block-curriculum  block-size warmup-stable-decay: BDLM on [x_t ; x_0] with block sizes
       rising through --wsd-block-sizes-up, MDLM on the whole row, BDLM with sizes falling to the inference block
       size. --mask-schedule wsd alone keeps the block at the full row in every phase: plain LLaDA Eq. 3 (= iid_t).
@@ -18,36 +18,24 @@ when training uses it), so the curve is comparable across curriculum phases and 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
-from model.block_diffusion import (
-    SCHEDULES,
-    STABLE,
-    BlockCurriculum,
-    bdlm_loss,
-    default_sizes_down,
-    default_sizes_up,
-    mdlm_loss,
-)
+from model.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up
 from model.checkpoint import build_model, read_checkpoint, save_checkpoint
-from model.diffusion import cut_to_random_length, init_mask_embedding, llada_loss
+from model.conversion import init_mask_embedding
+from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
-from model.tokenizer import load_tokenizer, mask_token_id, tokenizer_identity
+from model.masking import SCHEDULES, random_crop_length
+from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import model_config_from_args, pick_device, positive, run_main
-from scripts.common.distributed import main_process_first
+from scripts.common.cli import model_config_from_args, positive, run_main
 from scripts.common.evaluation import check_compatible
 from scripts.common.packing import document_ids
-from scripts.common.pretraining import (
-    add_pretraining_flags,
-    check_pretraining_flags,
-    describe,
-    packed_data,
-    train_config,
-)
-from scripts.common.trainer import RunFiles, train
+from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.trainer import RunFiles, RunOptions, Task, train
+from scripts.common.trainer_cli import check_training_flags, start_run
 from scripts.train.merge_checkpoints import TopKCheckpoints
 
 
@@ -71,15 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--use-tokenizer", action="store_true", help="accepted for compatibility: training always uses --tokenizer-dir"
     )
-    add_pretraining_flags(
-        p,
-        run_name="diffusion",
-        learning_rate=4e-4,
-        lr_schedule="wsd",
-        warmup_steps=1000,
-        min_lr_ratio=0.1,
-        batch_size=64,
-    )
+    add_pretraining_flags(p, run_name="diffusion", batch_size=64, learning_rate=4e-4, lr_schedule="wsd", warmup_steps=1000)
     p.add_argument(
         "--init-from-minimind",
         default=None,
@@ -94,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--iid-mask-eps", type=float, default=1e-3, help="t ~ U(eps, 1 - eps)")
     p.add_argument(
-        "--variable-length-prob", type=float, default=0.01, help="probability a training row is cut to a random length"
+        "--variable-length-prob",
+        type=float,
+        default=0.01,
+        help="probability a training batch is cropped to a random length (LLaDA: 1%%)",
     )
     p.add_argument("--repeat-penalty-weight", type=float, default=0.0, help="weight of the repeat unlikelihood term")
     p.add_argument(
@@ -143,13 +126,9 @@ def check_flags(args) -> None:
         raise NanoLladaError(
             "pass --train to train; to generate from a checkpoint use `uv run python -m scripts.eval.eval_diffusion`"
         )
-    check_pretraining_flags(args)
+    check_training_flags(args)
     if args.use_block_curriculum and args.mask_schedule != "wsd":
         raise NanoLladaError("--use-block-curriculum is the block-size schedule of --mask-schedule wsd; pass both")
-    if args.repeat_penalty_weight and llada2_objective(args):
-        raise NanoLladaError(
-            "--repeat-penalty-weight is only implemented for the plain LLaDA loss; drop it or the LLaDA 2.0 switches"
-        )
     positive("--inference-block-size", args.inference_block_size)
     positive("--keep-top-k", args.keep_top_k, allow_zero=True)
     if not 0 < args.iid_mask_eps < 0.5:
@@ -158,17 +137,29 @@ def check_flags(args) -> None:
         raise NanoLladaError(f"--variable-length-prob must lie in [0, 1], got {args.variable_length_prob}")
 
 
-def llada2_objective(args) -> bool:
-    """Whether the loss needs model/block_diffusion.py (otherwise the original LLaDA Eq. 3 path runs unchanged)."""
-    return args.use_block_curriculum or args.time_weighted_loss or args.use_doc_attention_mask
-
-
 def block_curriculum(args, steps: int) -> BlockCurriculum | None:
     if not args.use_block_curriculum:
         return None
     up = args.wsd_block_sizes_up or default_sizes_up(args.seq_len)
     down = args.wsd_block_sizes_down or default_sizes_down(args.seq_len, min(args.inference_block_size, args.seq_len))
-    return BlockCurriculum(args.seq_len, steps, tuple(up), tuple(down), tuple(args.wsd_phase_ratios))
+    try:
+        return BlockCurriculum(args.seq_len, steps, tuple(up), tuple(down), tuple(args.wsd_phase_ratios))
+    except NanoLladaError as error:
+        raise NanoLladaError(_as_flags(str(error))) from None
+
+
+def _as_flags(message: str) -> str:
+    for field, flag in CURRICULUM_FLAGS.items():
+        message = message.replace(field, flag)
+    return message
+
+
+CURRICULUM_FLAGS = {
+    "sizes_up": "--wsd-block-sizes-up",
+    "sizes_down": "--wsd-block-sizes-down",
+    "phase_ratios": "--wsd-phase-ratios",
+    "seq_len": "--seq-len",
+}
 
 
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
@@ -214,16 +205,11 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_flags(args)
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    with main_process_first():  # under torchrun, rank 0 writes the token cache the others read
-        batches, val_batches, steps = packed_data(args, tokenizer)
-    curriculum = block_curriculum(args, steps)  # checked before any model is built
-    cfg = train_config(args, "diffusion", steps, device)
+    run = start_run(args, "diffusion", packed_data)
+    tokenizer, device, batches, val_batches, cfg = run.tokenizer, run.device, run.batches, run.val_batches, run.cfg
+    curriculum = block_curriculum(args, cfg.max_steps)  # checked before any model is built
     model = initial_model(args, tokenizer, RunFiles(cfg))
     mask_id = mask_token_id(tokenizer)
-    schedule = args.time_weight_schedule if args.time_weighted_loss else "linear"
     if args.mask_schedule == "wsd" and curriculum is None:
         print(
             "note: --mask-schedule wsd without --use-block-curriculum keeps the block at the whole row in every phase, "
@@ -235,7 +221,7 @@ def main(argv=None) -> dict:
             "mask_schedule": args.mask_schedule,
             "iid_mask_eps": args.iid_mask_eps,
             "init_from": args.init_from_minimind,
-            "time_weight_schedule": schedule,
+            "time_weight_schedule": args.time_weight_schedule if args.time_weighted_loss else "linear",
             "doc_attention_mask": args.use_doc_attention_mask,
             "validation": "LLaDA Eq. 3 (MDLM, 1/t)",
             "block_curriculum": None
@@ -250,35 +236,8 @@ def main(argv=None) -> dict:
         }
     }
 
-    def train_loss(m, rows, rng, k):
-        rows = cut_to_random_length(rows, args.variable_length_prob, rng)
-        if not llada2_objective(args):
-            return llada_loss(
-                m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight
-            )
-        docs = document_ids(rows) if args.use_doc_attention_mask else None
-        phase, block_size = curriculum.at(k // args.accumulation_steps) if curriculum else (STABLE, args.seq_len)
-        if phase == STABLE:  # block = whole row: the cheaper L-token MDLM forward (no clean copy needed)
-            loss = mdlm_loss(m, rows, rng, mask_id, args.iid_mask_eps, schedule, docs)
-        else:
-            loss = bdlm_loss(m, rows, rng, mask_id, block_size, args.iid_mask_eps, schedule, docs)
-        return (loss, {"phase": phase, "block": block_size}) if curriculum else loss
-
-    def validation_loss(m, rows, rng):
-        """LLaDA Eq. 3 in every phase (old bug B11: train and val objectives differed); fixed seeds per batch."""
-        if not llada2_objective(args):
-            return llada_loss(
-                m, rows, rng, mask_id, args.iid_mask_eps, repeat_penalty_weight=args.repeat_penalty_weight
-            )
-        return mdlm_loss(
-            m,
-            rows,
-            rng,
-            mask_id,
-            args.iid_mask_eps,
-            "linear",
-            document_ids(rows) if args.use_doc_attention_mask else None,
-        )
+    loss = PretrainingLoss(args, curriculum, mask_id)
+    train_loss, validation_loss = loss.train, loss.validation
 
     def keep_if_top_k(step, val):  # the trainer calls this on rank 0 after each evaluation
         if keeper is not None and step > 0:
@@ -298,42 +257,53 @@ def main(argv=None) -> dict:
                 ),
             )
 
-    def loss_fn(m, batch, rng):
-        k, rows = batch  # k: the micro-step, so the curriculum is a pure function of the step
-        if not m.training:
-            return validation_loss(m, rows, rng)
-        return train_loss(m, rows, rng, k)
-
-    objective = (
-        "LLaDA Eq. 3"
-        if not llada2_objective(args)
-        else (
-            f"LLaDA 2.0: {'WSD block curriculum ' + describe_curriculum(curriculum) if curriculum else 'MDLM'}, "
-            f"{schedule} time weight{', document mask' if args.use_doc_attention_mask else ''}"
-        )
-    )
-    print(describe(f"diffusion ({objective})", model, batches, val_batches, steps, device))
-    summary = train(
-        model,
-        model.config,
-        cfg,
-        lambda k: (k, batches.batch(k)),
-        [(-1, rows) for rows in val_batches],
-        loss_fn,
-        tokenizer_identity(tokenizer),
-        device,
-        resume=args.resume,
-        extra_meta=extra,
-        on_eval=keep_if_top_k,
-        tokens_in=lambda batch: batch[1].numel(),
-        to_device=lambda batch, dev: (batch[0], batch[1].to(dev, non_blocking=True)),
-    )
+    print(describe(f"diffusion ({loss.describe()})", model, batches, val_batches, cfg.max_steps, device))
+    task = Task(batches.batch, val_batches, train_loss, validation_loss)
+    options = RunOptions(tokenizer_identity(tokenizer), args.resume, extra, on_eval=keep_if_top_k)
+    summary = train(model, cfg, task, options, device)
     if keeper is not None:
         print(
             f"kept the {len(keeper.entries)} best evaluations in {keeper.index}; merge them with "
             f"`uv run python -m scripts.train.merge_checkpoints --run-name {args.run_name} --save-dir {args.save_dir} --k {args.keep_top_k}`"
         )
     return summary
+
+
+class PretrainingLoss:
+    """The training and validation objectives of a run: one diffusion_loss, with the block size of the curriculum's
+    step. Validation always scores LLaDA Eq. 3 (whole row, linear 1/t weight; with the document mask when training
+    uses it), so the curve is comparable across curriculum phases and across runs."""
+
+    def __init__(self, args, curriculum: BlockCurriculum | None, mask_id: int):
+        self.args, self.curriculum, self.mask_id = args, curriculum, mask_id
+        eps = args.iid_mask_eps
+        schedule = args.time_weight_schedule if args.time_weighted_loss else "linear"
+        self.objective = DiffusionObjective(schedule, eps, 1 - eps, repeat_penalty_weight=args.repeat_penalty_weight)
+        self.validation_objective = DiffusionObjective("linear", eps, 1 - eps)
+
+    def documents(self, rows):
+        return document_ids(rows) if self.args.use_doc_attention_mask else None
+
+    def train(self, model, rows, rng, step):
+        phase, block_size = self.curriculum.at(step) if self.curriculum else (STABLE, 0)
+        block_size = None if phase == STABLE else block_size  # the whole row: the cheaper L-token forward
+        # The crop decision comes from its own CPU stream, seeded like the masks: no GPU sync for a shape.
+        crop_rng = torch.Generator().manual_seed(rng.initial_seed() ^ 0x5EED)
+        length = random_crop_length(rows.shape[1], self.args.variable_length_prob, crop_rng, block_size or 1)
+        rows = rows[:, :length]
+        objective = replace(self.objective, block_size=block_size)
+        loss = diffusion_loss(model, rows, rng, self.mask_id, objective, doc_ids=self.documents(rows))
+        return (loss, {"phase": phase, "block": block_size or rows.shape[1]}) if self.curriculum else loss
+
+    def validation(self, model, rows, rng):
+        return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
+
+    def describe(self) -> str:
+        if self.curriculum is None and self.objective.schedule == "linear" and not self.args.use_doc_attention_mask:
+            return "LLaDA Eq. 3"
+        blocks = "WSD block curriculum " + describe_curriculum(self.curriculum) if self.curriculum else "MDLM"
+        documents = ", document mask" if self.args.use_doc_attention_mask else ""
+        return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}"
 
 
 def describe_curriculum(curriculum: BlockCurriculum) -> str:

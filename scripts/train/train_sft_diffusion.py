@@ -1,30 +1,42 @@
 """Diffusion SFT (LLaDA): the prompt is never masked; answer tokens and their EOS padding are masked with
-t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length.
+t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length (model/diffusion_loss.py).
 
 Multi-turn rows: every assistant turn is a target at once (user/system turns are the clean prompt), so the
 model learns p(all answers | all user turns); the last turn of a chat at inference is the single-turn case.
 
 uv run python -m scripts.train.train_sft_diffusion --data dataset/sft_mini_512.jsonl --tokenizer-dir . \
-    --load-from weights/diffusion_from_ar_eq3_best.pt --run-name diffusion_sft --max-seq-len 512 --batch-size 96 --epochs 3
+    --load-from weights/diffusion_from_ar_eq3_best.pt --run-name diffusion_sft --max-seq-len 512 --batch-size 96 \
+    --epochs 3
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
-from model.diffusion import llada_sft_loss
+from model.diffusion_loss import NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
-from model.llada2_sft import block_sft_loss
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
-from scripts.common.sft import add_sft_flags, run_sft
+from scripts.common.sft import run_sft, sft_parser, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sft_flags(p, run_name="diffusion_sft", epochs=3)
+    p = sft_parser(__doc__, run_name="diffusion_sft", epochs=3)
     p.add_argument("--iid-mask-eps", type=float, default=1e-3, help="t ~ U(eps, 1 - eps)")
-    llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/llada2_sft.py)")
+    p.add_argument(
+        "--loss-normalization",
+        choices=NORMALIZATIONS,
+        default="row",
+        help="row: each sample's loss divided by its answer length (LLaDA); batch: one token mean over the batch",
+    )
+    p.add_argument(
+        "--eos-padding-weight",
+        type=float,
+        default=1.0,
+        help="weight of the EOS padding after each answer in the loss and its length (1: LLaDA, padding counts fully)",
+    )
+    llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/diffusion_loss.py)")
     llada2.add_argument(
         "--block-size", type=int, default=None, help="block-diffusion SFT with this block size (BD3LM mask)"
     )
@@ -48,40 +60,30 @@ def main(argv=None) -> dict:
         raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
     if args.block_size is not None and args.block_size <= 0:
         raise NanoLladaError(f"--block-size must be > 0, got {args.block_size}")
-    llada2 = (
-        args.block_size is not None
-        or args.complementary_masking
-        or args.cap_weight > 0
-        or args.time_weight_schedule != "linear"
-        or args.mask_ratio_min is not None
-        or args.mask_ratio_max is not None
+    if not 0 <= args.eos_padding_weight <= 1:
+        raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
+    objective = DiffusionObjective(
+        args.time_weight_schedule,
+        t_min,
+        t_max,
+        args.block_size,
+        args.loss_normalization,
+        args.eos_padding_weight,
+        args.complementary_masking,
+        args.cap_weight,
     )
-    if not llada2:
-        return run_sft(
-            args,
-            "diffusion",
-            lambda model, batch, rng, tokenizer: llada_sft_loss(
-                model, batch["input_ids"], batch["maskable"], rng, mask_token_id(tokenizer), args.iid_mask_eps
-            ),
-        )
 
-    def loss(model, batch, rng, tokenizer):
-        return block_sft_loss(
-            model,
-            batch["input_ids"],
-            batch["maskable"],
-            rng,
-            mask_token_id(tokenizer),
-            args.block_size,
-            (t_min, t_max),
-            args.time_weight_schedule,
-            args.complementary_masking,
-            args.cap_weight,
-        )
+    run = start_sft(args, "diffusion")
+    mask_id = mask_token_id(run.tokenizer)
+
+    def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
+        return diffusion_loss(model, batch["input_ids"], rng, mask_id, objective, batch["maskable"])
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
-    meta = {"block_diffusion": {"block_size": args.block_size}} if args.block_size else {}
-    return run_sft(args, "diffusion", loss, extra_meta=meta)
+    meta = {"sft_objective": asdict(objective)}
+    if args.block_size:
+        meta["block_diffusion"] = {"block_size": args.block_size}
+    return run_sft(args, run, loss, extra_meta=meta)
 
 
 if __name__ == "__main__":

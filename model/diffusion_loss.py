@@ -1,0 +1,173 @@
+"""The masked-diffusion loss: one estimator, with LLaDA 1.0, MDLM, BD3LM and LLaDA 2.0 as settings of it.
+
+    loss = sum over masked positions j of w(t) * c_j * CE_j / sum over maskable positions of c_j
+
+t ~ U(t_min, t_max) per row, each maskable token masked independently with probability 1 - alpha(t), w(t) the ELBO
+weight of the schedule (1/t for LLaDA's linear schedule), c_j a per-token weight (1, or a smaller weight for SFT's
+EOS padding). Since E[w(t) * P(masked)] = 1, the estimate is unbiased for the NELBO per (weighted) token: with
+uniform logits it averages ln|V| for any row or answer length, schedule and block structure.
+
+- normalization "batch": one ratio over the whole batch (pretraining; LLaDA Eq. 3);
+  "row": the ratio per row, then the mean over rows (LLaDA SFT: each sample divided by its answer length A_b).
+- block_size None: the noisy row is denoised with bidirectional attention. block_size K: block diffusion (BD3LM,
+  LLaDA 2.0 Eq. 1 and 5) on [x_t ; x_0], each block denoised from itself plus the clean earlier blocks.
+- SFT is the same loss with a clean prompt: pass `maskable` = the answer and its EOS padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad
+from model.errors import NanoLladaError
+from model.masking import (
+    IGNORE_INDEX,
+    check_schedule,
+    check_time_range,
+    complementary_masks,
+    elbo_weight,
+    eos_padding,
+    mask_probability,
+    pretraining_maskable,
+    sample_time,
+)
+from model.tokenizer import EOS_ID
+
+NORMALIZATIONS = ("batch", "row")
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """The settings of diffusion_loss. The defaults are LLaDA 1.0 pretraining (Eq. 3)."""
+
+    schedule: str = "linear"  # alpha(t): linear (mask ratio t, weight 1/t) or cosine
+    t_min: float = 1e-3
+    t_max: float = 1 - 1e-3
+    block_size: int | None = None  # None: bidirectional over the row; K: block diffusion with blocks of K
+    normalization: str = "batch"  # batch | row (see the module docstring)
+    padding_weight: float = 1.0  # c_j of SFT's EOS padding; 1 is LLaDA's answer length including the padding
+    complementary: bool = False  # each row twice: a mask at t and its complement at 1 - t (LLaDA 2.0)
+    cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
+    repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise NanoLladaError(
+                f"normalization must be one of {', '.join(NORMALIZATIONS)}, got '{self.normalization}'"
+            )
+        if self.block_size is not None and self.block_size <= 0:
+            raise NanoLladaError(f"block_size must be > 0, got {self.block_size}")
+        if not 0 <= self.padding_weight <= 1:
+            raise NanoLladaError(f"padding_weight must lie in [0, 1], got {self.padding_weight}")
+        check_schedule(self.schedule)
+        check_time_range(self.t_min, self.t_max)
+
+
+def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per-position fp32 cross-entropy at masked positions, 0 elsewhere (with no gradient to their logits).
+
+    Scores every position with ignore_index instead of gathering the masked rows: `logits[masked]` has a
+    data-dependent shape, which syncs the GPU with the host and breaks torch.compile graphs.
+    """
+    ignored = targets.masked_fill(~masked, IGNORE_INDEX)
+    nll = F.cross_entropy(logits.float().flatten(0, -2), ignored.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape)
+
+
+def pad_to_block_multiple(
+    input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows with maskable EOS to a multiple of block_size, as LLaDA's SFT EOS padding (how it learns to
+    stop). Pretraining rows already have a length the block sizes divide."""
+    extra = -input_ids.shape[1] % block_size
+    if extra == 0:
+        return input_ids, maskable
+    return F.pad(input_ids, (0, extra), value=EOS_ID), F.pad(maskable, (0, extra), value=True)
+
+
+def draw_masks(
+    objective: DiffusionObjective, maskable: torch.Tensor, rng: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, masked) of each noisy row: one per row, or, with complementary masking, the batch twice over
+    (m at t, then its complement at 1 - t)."""
+    t = sample_time(maskable.shape[0], rng, maskable.device, objective.t_min, objective.t_max)
+    masked, complement = complementary_masks(maskable, mask_probability(t, objective.schedule), rng)
+    if not objective.complementary:
+        return t, masked
+    return torch.cat([t, 1 - t]), torch.cat([masked, complement])
+
+
+def token_weights(objective: DiffusionObjective, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """c_j: 1 on maskable tokens, padding_weight on SFT's EOS padding, 0 elsewhere (float [B, L])."""
+    weights = maskable.float()
+    if objective.padding_weight != 1.0:
+        weights = weights.masked_fill(eos_padding(input_ids, maskable), objective.padding_weight)
+    return weights
+
+
+def diffusion_loss(
+    model,
+    input_ids: torch.Tensor,
+    rng: torch.Generator,
+    mask_id: int,
+    objective: DiffusionObjective = DiffusionObjective(),
+    maskable: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar loss of one batch input_ids [B, L] (see the module docstring).
+
+    maskable [B, L]: positions that may be masked and are scored (default: every non-PAD token); the rest is clean
+    context. doc_ids [B, L]: restrict attention to each token's own document (packed pretraining rows).
+    """
+    maskable = pretraining_maskable(input_ids) if maskable is None else maskable
+    if objective.block_size is not None:
+        input_ids, maskable = pad_to_block_multiple(input_ids, maskable, objective.block_size)
+    t, masked = draw_masks(objective, maskable, rng)
+    if objective.complementary:
+        input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)
+        doc_ids = None if doc_ids is None else doc_ids.repeat(2, 1)
+    noisy = input_ids.masked_fill(masked, mask_id)
+    if objective.block_size is not None:
+        logits = bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)
+    elif doc_ids is not None:
+        logits = model(noisy, attention=document_attention_mask(document_ids_with_pad(input_ids, doc_ids)))
+    else:
+        logits = model(noisy, attention="bidirectional")
+    weights = token_weights(objective, input_ids, maskable)
+    scored = masked_token_nll(logits, input_ids, masked) * elbo_weight(t, objective.schedule)[:, None] * weights
+    if objective.normalization == "batch":
+        loss = scored.sum() / weights.sum().clamp(min=1e-6)
+    else:
+        loss = (scored.sum(1) / weights.sum(1).clamp(min=1e-6)).mean()
+    if objective.cap_weight:
+        loss = loss + objective.cap_weight * cap_loss(logits, input_ids, masked)
+    if objective.repeat_penalty_weight:
+        loss = loss + objective.repeat_penalty_weight * repeat_unlikelihood(logits, input_ids, masked)
+    return loss
+
+
+def cap_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Confidence-aware parallel (CAP, dParallel) loss: mean entropy of p_theta over masked positions whose
+    argmax already equals the target. It sharpens predictions that are right, so more tokens clear a decoding
+    threshold per step. >= 0; exactly 0 when no masked prediction is correct or every correct one is one-hot.
+    """
+    # Masked sums over clamped counts throughout: boolean indexing or `if correct.any()` would sync with the host
+    # and give data-dependent shapes (no torch.compile).
+    logits = logits.float()
+    correct = masked & (logits.argmax(-1) == targets)
+    log_p = F.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # p = 0 entries contribute 0, not 0 * -inf
+    return torch.where(correct, entropy, 0.0).sum() / correct.sum().clamp(min=1)
+
+
+def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token (0 if none):
+    pushes probability away from runs of identical tokens, a failure mode of small diffusion models."""
+    repeats = F.pad(masked[:, 1:] & (targets[:, 1:] == targets[:, :-1]), (1, 0), value=False)
+    p = logits.float().softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    unlikelihood = torch.where(repeats, -torch.log1p(-p.clamp(max=1 - 1e-6)), 0.0)
+    return unlikelihood.sum() / repeats.sum().clamp(min=1)

@@ -1,0 +1,130 @@
+"""The forward process of masked diffusion: which tokens may be masked, how t and the masks are drawn.
+
+Which ids are maskable (decided once, here):
+- every real token of a pretraining row, BOS and EOS included: they mark where documents start and end,
+  and a diffusion model must learn to place them (it decides the length of what it writes);
+- never PAD (<|endoftext|>, id 0);
+- in SFT, never a prompt token; the EOS padding after the answer is maskable (that is how it learns to stop).
+The mask token itself is never a target, and its logit is never sampled (see sampling.py).
+
+No draw forces a mask into a row: a row that drew none contributes 0 to a loss, which keeps every 1/t-weighted
+estimate unbiased (forcing one token in and weighting it 1/t inflates short rows' losses by up to 1/eps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.errors import NanoLladaError
+from model.tokenizer import EOS_ID, PAD_ID
+
+IGNORE_INDEX = -100  # cross-entropy target of positions that are not scored (PyTorch's default ignore_index)
+SCHEDULES = ("linear", "cosine")
+
+
+def pretraining_maskable(input_ids: torch.Tensor) -> torch.Tensor:
+    return input_ids != PAD_ID
+
+
+def eos_padding(input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+    """The EOS padding of SFT rows: maskable EOS tokens after the answer's own closing EOS (the first of the
+    trailing run of EOS). Only rows padded to a common length have any."""
+    trailing = (input_ids == EOS_ID).flip(1).long().cumprod(1).flip(1).bool() & maskable
+    return trailing & torch.nn.functional.pad(trailing[:, :-1], (1, 0), value=False)
+
+
+# ----------------------------------------------------------------------------- noise schedule
+
+
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise NanoLladaError(f"unknown time-weight schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+
+
+def mask_probability(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """1 - alpha(t): the probability that a token is masked at diffusion time t.
+
+    linear: alpha = 1 - t (LLaDA, mask ratio = t); cosine: alpha = cos^2(pi t / 2) (mask ratio sin^2(pi t / 2)).
+    """
+    check_schedule(schedule)
+    return t if schedule == "linear" else torch.sin(math.pi * t / 2) ** 2
+
+
+def elbo_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """-alpha'(t) / (1 - alpha(t)), the continuous-time ELBO weight (MDLM Eq. 10) at the t that masked the row.
+
+    linear: 1/t (LLaDA Eq. 3). cosine: (pi/2) sin(pi t) / sin^2(pi t/2) = pi cot(pi t / 2).
+    Both give E[weight * P(masked)] = 1 for t ~ U(0, 1), so uniform logits score ln|V| per token.
+    """
+    check_schedule(schedule)
+    return 1.0 / t if schedule == "linear" else math.pi / torch.tan(math.pi * t / 2)
+
+
+def check_time_range(t_min: float, t_max: float) -> None:
+    if not 0 < t_min <= t_max < 1:
+        raise NanoLladaError(f"the time range must satisfy 0 < t_min <= t_max < 1, got [{t_min}, {t_max}]")
+
+
+def sample_time(
+    batch_size: int, rng: torch.Generator, device, t_min: float = 1e-3, t_max: float = 1 - 1e-3
+) -> torch.Tensor:
+    """t ~ U(t_min, t_max) per row. (eps, 1 - eps) is LLaDA's U(0, 1] with every ELBO weight kept finite; a
+    narrower band (LLaDA 2.0's mask-ratio bandwidth, e.g. [0.3, 0.8]) trades unbiasedness for lower variance."""
+    check_time_range(t_min, t_max)
+    return t_min + (t_max - t_min) * torch.rand(batch_size, device=device, generator=rng)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, maskable: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, rng: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each maskable token independently with probability mask_prob[row]. Returns (noisy ids, masked)."""
+    masked = (torch.rand(input_ids.shape, device=input_ids.device, generator=rng) < mask_prob[:, None]) & maskable
+    return input_ids.masked_fill(masked, mask_id), masked
+
+
+def complementary_masks(
+    maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, m'): m masks each maskable position with probability mask_prob[row], m' = maskable & ~m.
+
+    m and m' are disjoint and together cover the maskable region, so each response token is supervised once per
+    pair. m' has mask probability 1 - mask_prob: under the linear and cosine schedules that is time 1 - t.
+    """
+    masked = (torch.rand(maskable.shape, device=maskable.device, generator=rng) < mask_prob[:, None]) & maskable
+    return masked, maskable & ~masked
+
+
+def stratified_counts(n: torch.Tensor, num_draws: int, rng: torch.Generator) -> torch.Tensor:
+    """How many of n[row] positions each of num_draws draws masks, int64 [num_draws, rows], in 1..n (0 if n = 0).
+
+    Draw d of a row takes u = (offset + d / num_draws) mod 1 with offset ~ U[0, 1) and masks floor(u n) + 1
+    positions: every draw is exactly uniform on 1..n (LLaDA Algorithm 3), and the draws of a row are spread
+    evenly over 1..n (exactly balanced when num_draws is a multiple of n).
+    """
+    offset = torch.rand(n.shape, device=n.device, generator=rng, dtype=torch.float64)
+    draws = torch.arange(num_draws, device=n.device, dtype=torch.float64)[:, None]
+    u = torch.frac(offset[None, :] + draws / num_draws)
+    return torch.minimum((u * n).long() + 1, n).clamp(min=0)
+
+
+def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Mask exactly counts[row] of the scored positions of each row, uniformly without replacement."""
+    scores = torch.rand(scored.shape, device=scored.device, generator=rng).masked_fill(~scored, 2.0)
+    ranks = scores.argsort(1).argsort(1)
+    return (ranks < counts[:, None]) & scored
+
+
+def random_crop_length(seq_len: int, prob: float, generator: torch.Generator, multiple_of: int = 1) -> int:
+    """With probability `prob`, a random length in 1..seq_len (rounded up to a multiple of `multiple_of`) to crop
+    the whole batch to, else seq_len. LLaDA trains 1% of its data at a random length this way, so the model also
+    sees sequences that end early; cropping instead of padding leaves no PAD for real tokens to attend to.
+    Drawn on the CPU from its own generator: the shape decision never waits for the GPU."""
+    if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
+        return seq_len
+    length = int(torch.randint(1, seq_len + 1, (), generator=generator))
+    return min(seq_len, -(-length // multiple_of) * multiple_of)

@@ -1,0 +1,192 @@
+"""Invariants of the masking rules and of the one diffusion loss (model/masking.py, model/diffusion_loss.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import UniformModel
+
+from model.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
+from model.errors import NanoLladaError
+from model.masking import (
+    complementary_masks,
+    elbo_weight,
+    eos_padding,
+    mask_exactly,
+    mask_probability,
+    mask_tokens,
+    random_crop_length,
+    stratified_counts,
+)
+from model.tokenizer import EOS_ID
+from model.transformer import Transformer
+
+V, MASK = 101, 100
+
+
+def rng(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def sft_rows(rows: int, answer_len: int, row_len: int, vocab: int = V) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFT-like rows: a prompt, then an answer region of answer_len maskable tokens (content, the closing EOS, and
+    EOS padding in its second half)."""
+    prompt_len = row_len - answer_len
+    ids = torch.randint(3, vocab, (rows, row_len), generator=rng())
+    ids[:, prompt_len + max(1, answer_len // 2) - 1 :] = EOS_ID
+    maskable = torch.arange(row_len)[None, :].expand(rows, -1) >= prompt_len
+    return ids, maskable
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("row_len", [16, 256])
+@pytest.mark.parametrize("answer_len", [1, 2, 4, 16, 64])
+def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, row_len, answer_len):
+    """Unbiased for any answer or row length: a row that drew no mask adds 0 (nothing is forced in at weight 1/t).
+    Within 2 %, or 4 standard errors where one answer token per row leaves the 1/t estimate too noisy for 2 % in
+    the rows drawn here (forcing a mask, as the code once did, gave 2.2 ln|V| at 4 answer tokens: far outside either)."""
+    if answer_len > row_len:
+        pytest.skip("the answer does not fit the row")
+    vocab = 8  # the estimator does not depend on |V|; a small one keeps 100k rows cheap
+    ids, maskable = sft_rows(4096 // row_len, answer_len, row_len, vocab)
+    settings = {
+        "pretraining": (DiffusionObjective(schedule), None),
+        "sft": (DiffusionObjective(schedule, normalization="row"), maskable),
+        "sft_padding_weight": (DiffusionObjective(schedule, normalization="row", padding_weight=0.1), maskable),
+        "sft_token_mean": (DiffusionObjective(schedule, normalization="batch"), maskable),
+        "sft_block": (DiffusionObjective(schedule, block_size=4, normalization="row", complementary=True), maskable),
+    }
+    gen = rng(1)
+    for name, (objective, scored) in settings.items():
+        model = UniformModel(vocab)
+        losses = torch.tensor([diffusion_loss(model, ids, gen, vocab - 1, objective, scored).item() for _ in range(200)])
+        tolerance = max(0.02 * math.log(vocab), 4 * losses.std().item() / math.sqrt(len(losses)))
+        assert losses.mean().item() == pytest.approx(math.log(vocab), abs=tolerance), name
+
+
+def test_a_row_with_no_mask_contributes_nothing():
+    ids, maskable = sft_rows(4, 1, 16)
+    objective = DiffusionObjective(t_min=1e-3, t_max=1e-3, normalization="row")  # almost never masked
+    assert diffusion_loss(UniformModel(), ids, rng(), MASK, objective, maskable).item() == 0.0
+
+
+def test_stratified_counts_are_exactly_uniform_and_balanced():
+    for n in range(1, 9):
+        counts = stratified_counts(torch.tensor([n]), 4 * n, rng(n))[:, 0]
+        assert torch.equal(torch.bincount(counts, minlength=n + 1)[1:], torch.full((n,), 4))  # exactly balanced
+        # every single draw is uniform on 1..n: its histogram over many offsets
+        draws = stratified_counts(torch.full((20_000,), n), 3, rng(n))  # [3, rows]
+        for d in range(3):
+            freq = torch.bincount(draws[d], minlength=n + 1)[1:].double() / 20_000
+            assert torch.allclose(freq, torch.full((n,), 1 / n, dtype=torch.float64), atol=0.02), (n, d)
+    assert torch.equal(stratified_counts(torch.tensor([2]), 32, rng())[:, 0].bincount()[1:], torch.tensor([16, 16]))
+    assert (stratified_counts(torch.tensor([0, 5]), 6, rng())[:, 0] == 0).all()
+
+
+def test_mask_exactly_masks_the_count_among_scored_positions():
+    scored = torch.rand(50, 30, generator=rng()) < 0.6
+    counts = (scored.sum(1) * torch.rand(50, generator=rng(1))).long()
+    masked = mask_exactly(scored, counts, rng(2))
+    assert torch.equal(masked.sum(1), counts) and not (masked & ~scored).any()
+
+
+def test_masking_respects_maskable_and_never_forces_a_mask():
+    ids = torch.randint(1, MASK, (500, 40), generator=rng())
+    maskable = torch.rand(500, 40, generator=rng(1)) < 0.7
+    noisy, masked = mask_tokens(ids, maskable, torch.full((500,), 1e-4), MASK, rng(2))
+    assert not (masked & ~maskable).any() and masked.sum() < 10  # tiny t: next to nothing is masked
+    assert torch.equal(noisy == MASK, masked) and torch.equal(noisy[~masked], ids[~masked])
+    _, masked = mask_tokens(ids, maskable, torch.full((500,), 0.3), MASK, rng(3))
+    assert masked.sum() / maskable.sum() == pytest.approx(0.3, abs=0.01)
+
+
+def test_complementary_masks_are_disjoint_and_cover_the_response():
+    maskable = torch.zeros(200, 24, dtype=torch.bool)
+    maskable[:, 7:] = True  # prompt = first 7 positions
+    masked, complement = complementary_masks(maskable, torch.rand(200, generator=rng()), rng(1))
+    assert not (masked & complement).any() and torch.equal(masked | complement, maskable)
+    assert not masked[:, :7].any() and not complement[:, :7].any()
+
+
+def test_eos_padding_is_the_trailing_eos_after_the_closing_one():
+    ids = torch.tensor([[1, 5, 6, 7, 2, 2, 2], [1, 5, 2, 7, 8, 9, 2], [1, 2, 6, 2, 2, 2, 2]])
+    maskable = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]).bool()
+    expected = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]]).bool()
+    assert torch.equal(eos_padding(ids, maskable), expected)
+
+
+def test_time_weights_are_elbo_weights():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(elbo_weight(t, "linear"), 1 / t) and torch.equal(mask_probability(t, "linear"), t)
+    alpha = lambda s: torch.cos(math.pi * s / 2) ** 2  # noqa: E731  cosine: alpha = cos^2(pi t / 2)
+    derivative = (alpha(t + 1e-4) - alpha(t - 1e-4)) / 2e-4
+    assert torch.allclose(elbo_weight(t, "cosine"), -derivative / (1 - alpha(t)), rtol=1e-3)
+    with pytest.raises(NanoLladaError, match="unknown"):
+        elbo_weight(t, "cubic")
+    with pytest.raises(NanoLladaError, match="time range"):
+        DiffusionObjective(t_min=0.8, t_max=0.3)
+
+
+def test_block_size_equal_to_the_row_is_the_bidirectional_loss(tiny_config):
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    ids = torch.randint(1, mask_id, (3, 16), generator=rng())
+    for schedule in ("linear", "cosine"):
+        bidirectional = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule))
+        block = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule, block_size=16))
+        assert block.item() == pytest.approx(bidirectional.item(), rel=1e-5)
+    smaller = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(block_size=4))
+    assert smaller.item() != pytest.approx(bidirectional.item(), rel=1e-3)
+
+
+def test_sft_loss_trains_the_answer_only(tiny_config):
+    model, mask_id = Transformer(tiny_config), tiny_config.vocab_size - 1
+    ids = torch.randint(1, mask_id, (2, 14), generator=rng())
+    maskable = torch.arange(14)[None, :].repeat(2, 1) >= 5
+    objective = DiffusionObjective("cosine", 0.3, 0.8, 4, "row", complementary=True, cap_weight=2.0)
+    loss = diffusion_loss(model, ids, rng(1), mask_id, objective, maskable)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_unmasked_positions_get_zero_gradient(tiny_config):
+    model, captured = Transformer(tiny_config), {}
+
+    class Capture(nn.Module):
+        def forward(self, ids, attention="bidirectional"):
+            captured["ids"], captured["logits"] = ids, model(ids, attention=attention)
+            captured["logits"].retain_grad()
+            return captured["logits"]
+
+    ids = torch.randint(1, tiny_config.vocab_size - 1, (4, 32), generator=rng())
+    diffusion_loss(Capture(), ids, rng(1), tiny_config.vocab_size - 1).backward()
+    grad, masked = captured["logits"].grad, captured["ids"] == tiny_config.vocab_size - 1
+    assert masked.any() and (~masked).any()
+    assert (grad[~masked] == 0).all() and (grad[masked].abs().sum(-1) > 0).all()
+
+
+def test_random_crop_length_and_repeat_term():
+    lengths = [random_crop_length(30, 0.5, rng(seed), multiple_of=4) for seed in range(400)]
+    cropped = [n for n in lengths if n < 30]
+    assert 0.35 < len(cropped) / 400 < 0.65 and all(n % 4 == 0 and n >= 4 for n in cropped)
+    assert all(random_crop_length(30, 0.0, rng(seed)) == 30 for seed in range(20))
+    targets, masked = torch.tensor([[5, 5, 5, 6]]), torch.ones(1, 4, dtype=torch.bool)
+    assert repeat_unlikelihood(torch.zeros(1, 4, V), targets, masked).item() == pytest.approx(
+        -math.log(1 - 1 / V), rel=1e-4
+    )
+    assert repeat_unlikelihood(torch.zeros(1, 4, V), torch.tensor([[1, 2, 3, 4]]), masked).item() == 0
+
+
+def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_hot():
+    targets, masked = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[True, True, False, True]])
+    assert cap_loss(torch.randn(1, 4, 10, generator=rng()), targets, masked).item() >= 0
+    wrong = torch.zeros(1, 4, 10)
+    wrong[..., 0] = 5.0  # argmax 0 is never a target
+    assert cap_loss(wrong, targets, masked).item() == 0
+    one_hot = torch.full((1, 4, 10), float("-inf"))
+    one_hot[0, torch.arange(4), targets[0]] = 0.0
+    one_hot.requires_grad_(True)
+    exact = cap_loss(one_hot, targets, masked)
+    exact.backward()
+    assert exact.item() == 0 and torch.isfinite(one_hot.grad).all()
+    assert cap_loss(torch.zeros(1, 4, 10), targets, torch.zeros_like(masked)).item() == 0  # nothing masked
