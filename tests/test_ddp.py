@@ -28,20 +28,13 @@ if str(ROOT) not in sys.path:
 
 from model.ar import next_token_loss  # noqa: E402
 from model.checkpoint import read_checkpoint  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
+from model.config import preset  # noqa: E402
 from model.errors import NanoLladaError  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from scripts.common.distributed import shard  # noqa: E402
-from scripts.common.trainer import TrainConfig, train  # noqa: E402
+from scripts.common.trainer import RunOptions, Task, TrainConfig, train  # noqa: E402
 
-CONFIG = ModelConfig(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=101,
-    max_position_embeddings=256,
-)
+CONFIG = preset("tiny", vocab_size=101, max_position_embeddings=256)
 ROWS = 5  # an odd global batch: the two ranks get 3 and 2 rows, so the per-rank loss weights matter
 
 
@@ -67,17 +60,12 @@ def run(out_dir, max_steps: int, resume: bool = False) -> dict:
     )
     gen = torch.Generator().manual_seed(9)
     val = [torch.randint(0, 101, (4, 16), generator=gen) for _ in range(3)]  # 3 batches: ranks score 2 and 1
-    return train(
-        model,
-        CONFIG,
-        cfg,
-        data,
-        val,
-        lambda m, batch, rng: next_token_loss(m, batch),
-        {"vocab_size": 101, "sha256": "t"},
-        torch.device("cpu"),
-        resume=resume,
-    )
+    task = Task(data, val, loss, loss)
+    return train(model, cfg, task, RunOptions({"vocab_size": 101, "sha256": "t"}, resume), torch.device("cpu"))
+
+
+def loss(model, rows, rng, step=None):
+    return next_token_loss(model, rows)
 
 
 def metrics(out_dir) -> tuple[dict, dict]:
@@ -132,7 +120,7 @@ def wait(workers: list[subprocess.Popen]) -> None:
 def test_shard_covers_every_row_once():
     batch = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(5)}
     parts = [shard((7, batch), r, 2) for r in range(2)]
-    assert [p[0] for p in parts] == [7, 7]  # non-tensor values (the diffusion micro-step) stay whole
+    assert [p[0] for p in parts] == [7, 7]  # non-tensor values stay whole
     assert torch.equal(torch.cat([p[1]["input_ids"] for p in parts]), batch["input_ids"])
     assert [len(p[1]["labels"]) for p in parts] == [3, 2]
 

@@ -1,4 +1,4 @@
-"""The shared training loop: LR schedules, resume equals an uninterrupted run, files written."""
+"""The shared training loop: LR schedules, resume equals an uninterrupted run, files written, metrics kept."""
 
 import json
 
@@ -9,9 +9,10 @@ from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.transformer import Transformer
-from scripts.common.trainer import TrainConfig, lr_at, train
+from scripts.common.trainer import RunOptions, Task, TrainConfig, lr_at, train
 
 DEVICE = torch.device("cpu")
+TOKENIZER = {"vocab_size": 101, "sha256": "t"}
 
 
 def test_lr_schedules():
@@ -55,13 +56,17 @@ def data(k):
     return torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(k))
 
 
-def loss_fn(model, batch, rng):
+def loss_fn(model, batch, rng, step=None):
     return next_token_loss(model, batch)
+
+
+def run_train(model, cfg, val, batch_fn=data, loss=loss_fn, resume=False, tokenizer=TOKENIZER) -> dict:
+    return train(model, cfg, Task(batch_fn, val, loss, loss_fn), RunOptions(tokenizer, resume), DEVICE)
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
     model, cfg, val = make_run(tmp_path / "a", tiny_config, data)
-    train(model, tiny_config, cfg, data, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE)
+    run_train(model, cfg, val)
     uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
 
     def interrupt_at_step_5(k):
@@ -71,12 +76,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
 
     model, cfg, val = make_run(tmp_path / "b", tiny_config, data)
     with pytest.raises(KeyboardInterrupt):
-        train(model, tiny_config, cfg, interrupt_at_step_5, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE)
+        run_train(model, cfg, val, batch_fn=interrupt_at_step_5)
     assert read_checkpoint(tmp_path / "b" / "run.pt").extra["step"] == 5
     model, cfg, val = make_run(tmp_path / "b", tiny_config, data)  # a fresh process: new model, same flags
-    summary = train(
-        model, tiny_config, cfg, data, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE, resume=True
-    )
+    summary = run_train(model, cfg, val, resume=True)
     assert summary["step"] == 8
     assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
     steps = [
@@ -89,17 +92,60 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
 
 def test_run_writes_every_file_and_refuses_to_overwrite(tmp_path, tiny_config):
     model, cfg, val = make_run(tmp_path, tiny_config, data)
-    summary = train(model, tiny_config, cfg, data, val, loss_fn, {"vocab_size": 101, "sha256": "t"}, DEVICE)
+    summary = run_train(model, cfg, val)
     for name in ("run.pt", "run_state_dict.pt", "run_best.pt", "run_metrics.jsonl", "run_loss.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert summary["best_step"] > 0
     assert "optimizer" not in read_checkpoint(tmp_path / "run_state_dict.pt").extra
     model, cfg, val = make_run(tmp_path, tiny_config, data)
     with pytest.raises(NanoLladaError, match="already exists; pass --resume"):
-        train(model, tiny_config, cfg, data, val, loss_fn, {}, DEVICE)
+        run_train(model, cfg, val, tokenizer={})
     model, cfg, val = make_run(tmp_path / "none", tiny_config, data)
     with pytest.raises(NanoLladaError, match="--resume: .* not found"):
-        train(model, tiny_config, cfg, data, val, loss_fn, {}, DEVICE, resume=True)
+        run_train(model, cfg, val, resume=True, tokenizer={})
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_lines_are_readable_while_the_run_is_alive_and_after_it_fails(tmp_path, tiny_config):
+    seen = {}
+
+    def loss_reading_the_metrics(model, batch, rng, step):
+        if step == 5:  # steps 1-4 are done and logged (every 2 steps); the run is still going
+            seen["steps"] = [r["step"] for r in records(tmp_path / "run_metrics.jsonl") if "loss" in r]
+        if step == 7:
+            raise RuntimeError("the data went bad")
+        return loss_fn(model, batch, rng)
+
+    model, cfg, val = make_run(tmp_path, tiny_config, data)
+    with pytest.raises(RuntimeError, match="the data went bad"):
+        run_train(model, cfg, val, loss=loss_reading_the_metrics)
+    assert seen["steps"] == [1, 2, 3, 4]
+    kept = records(tmp_path / "run_metrics.jsonl")  # every line whole after the failure
+    assert [r["step"] for r in kept if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in kept if "val_loss" in r] == [0, 3, 6]
+
+
+def test_a_resumed_run_keeps_the_metrics_before_its_checkpoint(tmp_path, tiny_config):
+    def crash_in_step_4(model, batch, rng, step):
+        if step == 3:  # after the checkpoint of step 3, before the next log line (step 4)
+            raise RuntimeError("killed")
+        return loss_fn(model, batch, rng)
+
+    model, cfg, val = make_run(tmp_path, tiny_config, data)
+    cfg.save_interval = 3  # not a multiple of log_interval: step 3's loss is logged with its checkpoint
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train(model, cfg, val, loss=crash_in_step_4)
+    with open(tmp_path / "run_metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "lo')  # a line cut short by a killed process
+    model, cfg, val = make_run(tmp_path, tiny_config, data)
+    cfg.save_interval = 3
+    run_train(model, cfg, val, resume=True)
+    kept = records(tmp_path / "run_metrics.jsonl")
+    assert [r["step"] for r in kept if "loss" in r] == list(range(1, 9))  # the whole run, each step once
+    assert [r["step"] for r in kept if "val_loss" in r] == [0, 3, 6, 8]
 
 
 def test_prefetcher_returns_batch_k_builds_ahead_and_raises_where_asked():

@@ -29,18 +29,28 @@ def run_main(main_fn) -> None:
         sys.exit(130)
 
 
+# ModelConfig fields with a flag of the same name (the seed commands' shape flags); defaults are ModelConfig's.
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "dropout",
+)
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Shape flags of the seed commands (defaults = MiniMind2-Small). A checkpoint's stored config wins over them."""
     group = parser.add_argument_group("model shape (ignored when a checkpoint supplies the config)")
-    group.add_argument("--hidden-size", type=int, default=512)
-    group.add_argument("--num-hidden-layers", type=int, default=8)
-    group.add_argument("--num-attention-heads", type=int, default=8)
-    group.add_argument("--num-key-value-heads", type=int, default=2)
-    group.add_argument("--intermediate-size", type=int, default=None)
-    group.add_argument("--max-position-embeddings", type=int, default=32768)
-    group.add_argument("--rope-theta", type=float, default=1e6)
-    group.add_argument("--rms-norm-eps", type=float, default=1e-5)
-    group.add_argument("--dropout", type=float, default=0.0)
+    for name in SHAPE_FIELDS:
+        default = ModelConfig.__dataclass_fields__[name].default
+        group.add_argument(
+            f"--{name.replace('_', '-')}", type=int if default is None else type(default), default=default
+        )
     group.add_argument(
         "--untie-word-embeddings",
         action="store_true",
@@ -55,16 +65,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def model_config_from_args(args, vocab_size: int) -> ModelConfig:
     return ModelConfig(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads,
+        **{name: getattr(args, name) for name in SHAPE_FIELDS},
         vocab_size=vocab_size,
-        intermediate_size=args.intermediate_size,
-        max_position_embeddings=args.max_position_embeddings,
-        rope_theta=args.rope_theta,
-        rms_norm_eps=args.rms_norm_eps,
-        dropout=args.dropout,
         tie_word_embeddings=not args.untie_word_embeddings,
         inference_rope_scaling=args.inference_rope_scaling,
     )

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from model.errors import NanoLladaError
+
 _initialised_here = False  # destroy the process group only if this module created it
 
 
@@ -88,7 +90,8 @@ def local_device(device: torch.device, env: Dist) -> torch.device:
 def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around `model`. Its buffers are RoPE tables, equal on every rank, so forward passes skip the buffer
     broadcast: forwards then hold no collective, and ranks may score different numbers of validation batches."""
-    # torch 2.15 renamed broadcast_buffers (kept, deprecated); pyproject allows torch >= 2.5, which has only the old name.
+    # torch 2.15 renamed broadcast_buffers (kept, deprecated); pyproject allows torch >= 2.5, which has only the
+    # old name.
     no_buffer_sync = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
@@ -116,10 +119,31 @@ def main_process_first():
         barrier()
 
 
+def local_share(batch, env: Dist, loss_count) -> tuple[object, float]:
+    """This rank's slice of the global batch and the weight of its loss: N * count(slice) / count(global batch),
+    so that with DDP's gradient mean the ranks' losses add up to the global-batch loss (1.0 for one process).
+
+    Exact when the loss is a mean over what `loss_count` counts: packed rows (every row full, so tokens are
+    proportional to rows) and losses that are a mean over rows of one padded width. A per-token mean over a
+    varying number of scored tokens (AR SFT) is exact only if loss_count counts the scored tokens; otherwise ranks
+    are weighted by their row share, an approximation. Losses normalised by a random count (LLaDA Eq. 3 after a
+    random crop) are weighted right in expectation; they draw random masks anyway."""
+    if not env.enabled:
+        return batch, 1.0
+    local = shard(batch, env.rank, env.world_size)
+    if rows_in(local) == 0:
+        raise NanoLladaError(
+            f"a batch of {rows_in(batch)} rows cannot be split over {env.world_size} processes; "
+            f"use a --batch-size of at least {env.world_size}"
+        )
+    total = float(loss_count(batch))
+    return local, (env.world_size * float(loss_count(local)) / total if total > 0 else 1.0)
+
+
 def shard(batch, rank: int, world_size: int):
     """Rank `rank`'s contiguous slice (dim 0) of every tensor in a batch: a tensor, or a tuple/list/dict of them.
 
-    Other values (e.g. the micro-step index diffusion batches carry) are kept whole. Slicing the collated
+    Other values are kept whole. Slicing the collated
     global batch keeps its padding width, so a padded SFT row is the same row on any number of processes.
     """
     if isinstance(batch, torch.Tensor):

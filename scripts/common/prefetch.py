@@ -13,6 +13,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 
+def tokens_in(batch) -> int:
+    """Tokens in a batch: a tensor of rows, or a dict whose "input_ids" are the rows."""
+    return (batch["input_ids"] if isinstance(batch, dict) else batch).numel()
+
+
+def to_device(batch, device: torch.device):
+    """The batch with every tensor on `device` (tensors inside dicts, tuples and lists too); pinned tensors copy
+    asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
 def pin(batch):
     """The batch with every tensor in page-locked memory (tensors inside dicts, tuples and lists too)."""
     if isinstance(batch, torch.Tensor):

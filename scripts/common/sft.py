@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import hashlib
 import json
 import os
@@ -23,17 +24,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import KIND_NAMES, build_model, read_checkpoint
+from model.checkpoint import KIND_NAMES, build_model
 from model.errors import NanoLladaError
+from model.masking import IGNORE_INDEX
 from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import add_model_flags, model_config_from_args, positive
-from scripts.common.evaluation import check_compatible
+from scripts.common.cli import model_config_from_args
 from scripts.common.packing import EpochOrder, chunks
 from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
+from scripts.common.trainer import RunFiles, RunOptions, Task, train
+from scripts.common.trainer_cli import RunStart, add_training_flags, optimizer_steps, start_run, starting_checkpoint
 
 CACHE_VERSION = 1
-IGNORE = -100
+# SFT defaults shared by both routes; each entry point adds its run name and epochs.
+SFT_DEFAULTS = dict(
+    batch_size=16,
+    seq_len=512,
+    val_fraction=0.02,
+    learning_rate=5e-5,
+    warmup_steps=50,
+    lr_stable_ratio=0.8,
+    eval_batches=20,
+)
 
 
 def encode_conversation(tokenizer, turns: list[dict]) -> tuple[list[int], list[int]]:
@@ -189,7 +201,8 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
 def collate(examples: SFTExamples, indices, route: str) -> dict:
     """Right-padded batch of whole conversations.
 
-    ar: PAD padding, labels = ids on assistant tokens and IGNORE elsewhere (padding is never trained; old bug B9).
+    ar: PAD padding, labels = ids on assistant tokens and IGNORE_INDEX elsewhere (padding is never a target:
+    it would teach the model to emit PAD after its answer).
     diffusion: EOS padding that belongs to the answer (LLaDA SFT: it teaches where to stop); `maskable` marks
     the assistant tokens plus that padding; the prompt (user/system turns) is never masked.
     """
@@ -204,7 +217,7 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
         if route == "diffusion":
             target[row, len(ids) :] = True
     if route == "ar":
-        return {"input_ids": input_ids, "labels": input_ids.masked_fill(~target, IGNORE)}
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(~target, IGNORE_INDEX)}
     return {"input_ids": input_ids, "maskable": target}
 
 
@@ -219,59 +232,29 @@ class SFTBatches:
         return collate(self.examples, self.order.indices(k), self.route)
 
 
-def add_sft_flags(p: argparse.ArgumentParser, run_name: str, epochs: int) -> None:
+def sft_parser(description: str, run_name: str, epochs: int) -> argparse.ArgumentParser:
+    """An SFT entry point's parser: the SFT data flags and every training flag, with the SFT defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help='SFT jsonl: {"conversations": [{"role", "content"}, ...]} per line')
     p.add_argument("--eval-data", default=None, help="held-out SFT jsonl (default: hold out --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.02)
-    p.add_argument("--tokenizer-dir", default=".")
     p.add_argument(
         "--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)"
     )
-    p.add_argument("--run-name", default=run_name)
-    p.add_argument("--save-dir", default="weights")
-    p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
-    add_model_flags(p)
-    p.add_argument("--max-seq-len", type=int, default=512, help="conversations longer than this are truncated")
-    p.add_argument("--epochs", type=float, default=epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--accumulation-steps", type=int, default=1)
-    p.add_argument("--learning-rate", "--lr", type=float, default=5e-5)
-    p.add_argument("--lr-schedule", choices=["cosine", "wsd", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--lr-stable-ratio", type=float, default=0.8)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=200)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--save-interval", type=int, default=500)
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--early-stop-patience", type=int, default=0)
-    p.add_argument("--early-stop-min-delta", type=float, default=0.0)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile (SFT batches vary in length)",
-    )
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=42)
+    add_training_flags(p, run_name=run_name, epochs=epochs, **SFT_DEFAULTS)
+    return p
 
 
 def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps)."""
-    for name in ("max_seq_len", "batch_size", "epochs", "accumulation_steps"):
-        positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    examples = load_sft_examples(args.data, tokenizer, args.max_seq_len)
+    examples = load_sft_examples(args.data, tokenizer, args.seq_len)
     if args.eval_data:
-        val = load_sft_examples(args.eval_data, tokenizer, args.max_seq_len)
+        val = load_sft_examples(args.eval_data, tokenizer, args.seq_len)
     else:  # hold out the last conversations (the file order is the user's; the split is stable)
         n_val = max(1, int(len(examples) * args.val_fraction))
         if len(examples) - n_val < args.batch_size:
             raise NanoLladaError(
-                f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} and fill a batch of {args.batch_size}"
+                f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} "
+                f"and fill a batch of {args.batch_size}"
             )
         val, examples = (
             examples.subset(range(len(examples) - n_val, len(examples))),
@@ -282,65 +265,48 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
     val_batches = [
         collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)
     ]
-    steps = args.max_steps or int(args.epochs * batches.order.batches_per_epoch) // args.accumulation_steps
-    return batches, val_batches, steps
+    return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
 
 
-def run_sft(args, route: str, loss_fn, extra_meta: dict | None = None) -> dict:
-    """The body both SFT entry points share: data, model, the one training loop, a summary line."""
-    from model.tokenizer import load_tokenizer
-    from scripts.common.cli import pick_device
-    from scripts.common.distributed import main_process_first
-    from scripts.common.pretraining import train_config
-    from scripts.common.trainer import RunFiles, train
+def start_sft(args, route: str) -> RunStart:
+    """Checked flags, tokenizer, device and the tokenized conversations of an SFT run (`route`: ar | diffusion)."""
+    return start_run(args, route, functools.partial(sft_data, route=route))
 
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    with main_process_first():  # one rank writes the tokenized cache, the others then read it
-        batches, val_batches, steps = sft_data(args, tokenizer, route)
-    cfg = train_config(args, route, steps, device)
-    model = initial_sft_model(args, tokenizer, route, RunFiles(cfg).full)
+
+def scored_tokens(batch: dict) -> int:
+    """What the AR SFT loss is a mean over: the assistant tokens (multi-process runs weight ranks by it)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None) -> dict:
+    """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
+    batches alike), a summary line."""
+    route = run.cfg.kind
+    model = initial_sft_model(args, run.tokenizer, route, RunFiles(run.cfg).full)
     print(
-        f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, {len(batches.examples)} conversations, "
-        f"{sum(len(b['input_ids']) for b in val_batches)} validation, {steps} steps of {args.batch_size} on {device}"
+        f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
+        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}"
     )
-    return train(
-        model,
-        model.config,
-        cfg,
-        batches.batch,
-        val_batches,
-        lambda m, batch, rng: loss_fn(m, batch, rng, tokenizer),
-        tokenizer_identity(tokenizer),
-        device,
-        resume=args.resume,
-        tokens_in=lambda batch: batch["input_ids"].numel(),
-        # what each loss is a mean over, so multi-GPU shards are weighted exactly
-        loss_count=(lambda b: int((b["labels"] != IGNORE).sum())) if route == "ar" else None,
-        to_device=lambda batch, dev: {k: v.to(dev, non_blocking=True) for k, v in batch.items()},
-        extra_meta={"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})},
-    )
+    task = Task(run.batches.batch, run.val_batches, loss_fn, loss_fn)
+    if route == "ar":
+        task.loss_count = scored_tokens
+    meta = {"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})}
+    return train(model, run.cfg, task, RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta), run.device)
 
 
 def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:
     """The run's own checkpoint (--resume), the pretrained --load-from (all weights, vocabulary included), or fresh."""
     source = run_file if args.resume else args.load_from
-    if source is None:
+    checkpoint = starting_checkpoint(args, tokenizer, source, kind, hint=f"this SFT trains {KIND_NAMES[kind]} model")
+    if checkpoint is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
-    checkpoint = check_compatible(
-        read_checkpoint(source),
-        source,
-        kind,
-        tokenizer,
-        args.tokenizer_dir,
-        hint=f"this SFT trains {KIND_NAMES[kind]} model",
-    )
     model = build_model(checkpoint, source)
     if not args.resume:
         print(
-            f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
-            f"embedding and head included; optimizer starts fresh"
+            f"loaded all {len(checkpoint.state_dict)} tensors from {source} "
+            f"({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
+            "embedding and head included; optimizer starts fresh"
         )
     return model

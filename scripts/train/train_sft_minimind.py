@@ -1,7 +1,8 @@
 """AR SFT: next-token loss on every assistant span (content + <|im_end|>), never on prompt or padding.
 
 uv run python -m scripts.train.train_sft_minimind --data dataset/sft_mini_512.jsonl --tokenizer-dir . \
-    --load-from weights/minimind_pretrain_state_dict.pt --run-name minimind_sft --max-seq-len 512 --batch-size 96 --epochs 2
+    --load-from weights/minimind_pretrain_state_dict.pt --run-name minimind_sft --max-seq-len 512 --batch-size 96 \
+    --epochs 2
 """
 
 from __future__ import annotations
@@ -10,20 +11,21 @@ import argparse
 
 from model.ar import next_token_loss
 from scripts.common.cli import run_main
-from scripts.common.sft import add_sft_flags, run_sft
+from scripts.common.sft import run_sft, sft_parser, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sft_flags(p, run_name="minimind_sft", epochs=2)
-    return p.parse_args(argv)
+    return sft_parser(__doc__, run_name="minimind_sft", epochs=2).parse_args(argv)
+
+
+def sft_loss(model, batch, rng, step=None):
+    """Next-token cross-entropy on the assistant tokens (labels); the same for training and validation."""
+    return next_token_loss(model, batch["input_ids"], batch["labels"])
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    return run_sft(
-        args, "ar", lambda model, batch, rng, tokenizer: next_token_loss(model, batch["input_ids"], batch["labels"])
-    )
+    return run_sft(args, start_sft(args, "ar"), sft_loss)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""TrainConfig, the settings of the training loop, and the optimisation it sets: the learning-rate schedule
+and AdamW's parameter groups."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from model.errors import NanoLladaError
+
+
+@dataclass
+class TrainConfig:
+    run_name: str
+    kind: str  # "ar" | "diffusion": the kind written into checkpoints
+    max_steps: int  # optimizer steps
+    out_dir: str = "weights"
+    learning_rate: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    lr_stable_ratio: float = 0.4  # wsd: fraction of max_steps held at the peak after warmup
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    accumulation_steps: int = 1
+    eval_interval: int = 200
+    eval_batches: int = 8
+    save_interval: int = 500
+    log_interval: int = 10
+    early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
+    early_stop_min_delta: float = 0.0
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs fp32
+    compile: bool = False
+    seed: int = 42
+
+    def validate(self) -> None:
+        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+            raise NanoLladaError(f"--lr-schedule must be cosine, wsd or constant, got '{self.lr_schedule}'")
+        if self.max_steps <= 0:
+            raise NanoLladaError(
+                f"nothing to train: {self.max_steps} optimizer steps "
+                "(check --epochs/--max-iters, batch size and data size)"
+            )
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.lr_stable_ratio <= 1:
+            raise NanoLladaError("--min-lr-ratio and --lr-stable-ratio must lie in [0, 1]")
+        for name in ("learning_rate", "accumulation_steps", "eval_interval", "save_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise NanoLladaError(f"--{name.replace('_', '-')} must be > 0")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr (cosine), or a plateau then linear decay to min_lr (wsd)."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, cfg.max_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return peak
+    if cfg.lr_schedule == "wsd":
+        decay_start = min(cfg.max_steps, warmup + int(cfg.lr_stable_ratio * cfg.max_steps))
+        if step < decay_start:
+            return peak
+        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return peak + (floor - peak) * min(1.0, progress)
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices decay, while norms and the (tied) embedding do not (decaying them only hurts)."""
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        (no_decay if param.dim() < 2 or "embed_tokens" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")

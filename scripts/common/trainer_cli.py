@@ -1,0 +1,160 @@
+"""The command line and the start every trainer shares: the training flags (each defined once, with the same
+spelling and aliases everywhere), the TrainConfig they make, and the steps before the loop (tokenizer, device,
+data, the checkpoint a run starts from).
+
+A trainer passes its own defaults (run name, batch size, learning rate...); every other default is TrainConfig's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.checkpoint import Checkpoint, read_checkpoint
+from model.errors import NanoLladaError
+from model.tokenizer import load_tokenizer
+from scripts.common.cli import add_model_flags, pick_device, positive
+from scripts.common.distributed import main_process_first
+from scripts.common.evaluation import check_compatible
+from scripts.common.optimization import TrainConfig
+
+CONFIG_FIELDS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def add_training_flags(
+    p: argparse.ArgumentParser,
+    run_name: str,
+    batch_size: int,
+    epochs: float,
+    seq_len: int,
+    val_fraction: float,
+    **config_defaults,
+) -> None:
+    """The flags of every trainer. `config_defaults` are this trainer's defaults for TrainConfig fields (by field
+    name; compile=None means on with CUDA); the other fields keep TrainConfig's."""
+    unknown = set(config_defaults) - set(CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"not TrainConfig fields: {sorted(unknown)}")
+    default = {**CONFIG_FIELDS, **config_defaults}
+    p.add_argument("--tokenizer-dir", default=".")
+    p.add_argument("--run-name", default=run_name)
+    p.add_argument("--save-dir", default="weights")
+    p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
+    add_model_flags(p)
+    p.add_argument(
+        "--max-seq-len",
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        default=seq_len,
+        help="tokens per training row (pretraining packs rows of this length; SFT truncates longer conversations)",
+    )
+    p.add_argument(
+        "--epochs", type=float, default=epochs, help="passes over the training split (unless --max-iters is given)"
+    )
+    p.add_argument(
+        "--max-iters", "--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps (default: epochs)"
+    )
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=val_fraction,
+        help="share held out for validation from the end of the data (pretraining: tokens; SFT: conversations)",
+    )
+    _add_config_flags(p, default)
+    p.add_argument("--device", default=None)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, default: dict) -> None:
+    """The flags that are TrainConfig fields of the same name."""
+    for name in ("accumulation_steps", "warmup_steps", "eval_interval", "eval_batches", "save_interval"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default[name])
+    p.add_argument("--learning-rate", "--lr", type=float, default=default["learning_rate"])
+    p.add_argument("--lr-schedule", choices=["cosine", "wsd", "constant"], default=default["lr_schedule"])
+    p.add_argument(
+        "--lr-stable-ratio",
+        type=float,
+        default=default["lr_stable_ratio"],
+        help="wsd: fraction of steps held at the peak LR after warmup",
+    )
+    for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default[name])
+    p.add_argument("--log-interval", type=int, default=default["log_interval"])
+    p.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=default["early_stop_patience"],
+        help="evals without improvement before stopping (0 = off)",
+    )
+    p.add_argument("--early-stop-min-delta", type=float, default=default["early_stop_min_delta"])
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=default["dtype"],
+        help="autocast dtype on CUDA (CPU runs float32)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=default["compile"],
+        help="torch.compile on CUDA (default: on for pretraining; off for SFT, whose batches vary in length)",
+    )
+    p.add_argument("--seed", type=int, default=default["seed"])
+
+
+def check_training_flags(args) -> None:
+    positive("--max-seq-len", args.seq_len)
+    for name in ("batch_size", "epochs", "accumulation_steps"):
+        positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.max_steps is not None:
+        positive("--max-iters", args.max_steps)
+    if not 0 < args.val_fraction < 0.5:
+        raise NanoLladaError(f"--val-fraction must lie in (0, 0.5), got {args.val_fraction}")
+
+
+def optimizer_steps(args, batches_per_epoch: int) -> int:
+    """--max-iters, or the optimizer steps of --epochs passes."""
+    if args.max_steps is not None:
+        return args.max_steps
+    return int(args.epochs * batches_per_epoch) // args.accumulation_steps
+
+
+def train_config(args, kind: str, steps: int, device: torch.device) -> TrainConfig:
+    """The TrainConfig of the parsed flags: every field with a flag of its name, plus what the run decided."""
+    flags = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
+    compile_model = device.type == "cuda" if args.compile is None else args.compile
+    return TrainConfig(
+        **{**flags, "kind": kind, "max_steps": steps, "out_dir": args.save_dir, "compile": compile_model}
+    )
+
+
+@dataclass
+class RunStart:
+    tokenizer: object
+    device: torch.device
+    batches: object  # .batch(k) is the global micro-batch k
+    val_batches: list
+    cfg: TrainConfig
+
+
+def start_run(args, kind: str, load_data: Callable) -> RunStart:
+    """Checked flags, tokenizer, device, seeded torch RNG, data and TrainConfig: the steps before any model.
+    load_data(args, tokenizer) -> (training batches, validation batches, optimizer steps)."""
+    check_training_flags(args)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    with main_process_first():  # under torchrun, rank 0 writes the tokenized cache the others read
+        batches, val_batches, steps = load_data(args, tokenizer)
+    return RunStart(tokenizer, device, batches, val_batches, train_config(args, kind, steps, device))
+
+
+def starting_checkpoint(args, tokenizer, path, kind: str, hint: str | None = None) -> Checkpoint | None:
+    """The checkpoint at `path` (None: none, start fresh), refused unless it is `kind` with this tokenizer."""
+    if path is None:
+        return None
+    return check_compatible(read_checkpoint(path), path, kind, tokenizer, args.tokenizer_dir, hint=hint)
