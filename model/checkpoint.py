@@ -2,7 +2,9 @@
 
 `weights/<run>.pt` (full): kind, config, tokenizer identity, weights, optimizer, step, RNG, data position.
 `weights/<run>_state_dict.pt` (weights-only): kind, config, tokenizer identity, weights.
-Both carry the config, so loading never guesses a shape from tensors (old bugs B2, B3, B5).
+Both carry the config, so loading never guesses a shape from the tensors: the head count, the YaRN settings or the
+vocabulary padding cannot be read off the weights, and a wrong guess builds a model that loads but computes
+something else.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ def save_checkpoint(path, kind: str, config: ModelConfig, model, tokenizer_ident
 
 
 def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) -> Checkpoint:
-    """Read this project's checkpoints (full or weights-only), a Hugging Face export directory, or an official MiniMind2 state dict."""
+    """Read this project's checkpoints (full or weights-only), a Hugging Face export directory, or an official
+    MiniMind2 state dict."""
     path = Path(path)
-    if path.is_dir():  # a Hugging Face export written by scripts.export_hf (lazy import: model.hf imports this module)
+    if path.is_dir():  # a Hugging Face export (model/hf/convert.py; imported here because it imports this module)
         from model.hf.convert import read_hf_export
 
         return read_hf_export(path, num_attention_heads)
@@ -86,7 +89,8 @@ def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
         config = ModelConfig.from_dict(payload["config"])
         if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
             raise NanoLladaError(
-                f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag"
+                f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were "
+                "requested; leave num_attention_heads unset (the stored count is used)"
             )
         extra = {
             k: v for k, v in payload.items() if k not in ("format", "version", "kind", "config", "tokenizer", "model")
@@ -147,11 +151,12 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     """Public loader: `model, config = load_model(path)`; logits are `model(input_ids)` of shape [B, T, V].
 
     Accepts full and weights-only nano-llada checkpoints and official MiniMind2 `.pth` files (fp16 or fp32).
-    With `kind`, a checkpoint of the other kind is refused with a message saying which script to use.
+    With `kind`, a checkpoint of the other kind is refused (scripts say which entry point takes it).
     """
     checkpoint = read_checkpoint(path, num_attention_heads)
     if kind is not None and checkpoint.kind != kind:
-        hint = "scripts.eval.eval_diffusion" if checkpoint.kind == "diffusion" else "scripts.eval.eval_minimind"
-        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; use {hint} for it")
+        raise NanoLladaError(
+            f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; load it as {checkpoint.kind}"
+        )
     model = build_model(checkpoint, path).to(device).eval()
     return model, checkpoint.config

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from model.errors import NanoLladaError
 
-# MiniMind2's tokenizer has 6400 tokens; `<|mask|>` is appended once, so it is always id 6400.
+# MiniMind2's tokenizer (and the repo's) has 6400 tokens; `<|mask|>` is appended after them, so the default
+# vocabulary is 6401. Its id is the tokenizer's to say: model.tokenizer.mask_token_id.
 BASE_VOCAB_SIZE = 6400
 MASK_TOKEN = "<|mask|>"
-MASK_TOKEN_ID = BASE_VOCAB_SIZE
 
 
 @dataclass
@@ -31,7 +31,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     dropout: float = 0.0
-    # YaRN (MiniMind2's numbers). Part of the config, so every stage uses the same positions (old bug B5).
+    # YaRN (MiniMind2's numbers). Part of the config, so every stage (and every load) uses the same positions
+    # instead of each script choosing its own.
     inference_rope_scaling: bool = False
     rope_scaling_factor: float = 16.0
     rope_original_max_positions: int = 2048
@@ -57,11 +58,13 @@ class ModelConfig:
                 raise NanoLladaError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise NanoLladaError(
-                f"model config: hidden size {self.hidden_size} is not divisible by {self.num_attention_heads} attention heads"
+                f"model config: hidden size {self.hidden_size} is not divisible by "
+                f"{self.num_attention_heads} attention heads"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise NanoLladaError(
-                f"model config: {self.num_attention_heads} attention heads are not a multiple of {self.num_key_value_heads} key/value heads"
+                f"model config: {self.num_attention_heads} attention heads are not a multiple of "
+                f"{self.num_key_value_heads} key/value heads"
             )
         if self.head_dim % 2:
             raise NanoLladaError(f"model config: head dim {self.head_dim} must be even for RoPE")

@@ -1,8 +1,35 @@
 """One exception type for every mistake a user can fix (bad file, bad flag, wrong checkpoint)."""
 
+from __future__ import annotations
+
+import string
+
 
 class NanoLladaError(Exception):
     """Raised with a one-line message that names the file (and line) and says how to fix it.
 
     Entry points catch it, print the message and exit with status 2 (see scripts/common/cli.py).
     """
+
+
+class SettingError(NanoLladaError):
+    """A library parameter with an impossible value.
+
+    The library knows its parameters, not the command lines or requests that set them, so the message writes
+    each parameter it names as a `{name}` placeholder: str() reads in the library's own names ("steps 3 is ...")
+    and an entry point rewords it in its own with `worded({"steps": "--gen-steps"})`.
+    """
+
+    def __init__(self, template: str):
+        self.template = template
+        self.params = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        super().__init__(self.worded({}))
+
+    @property
+    def param(self) -> str | None:
+        """The parameter the message is about (the first it names)."""
+        return self.params[0] if self.params else None
+
+    def worded(self, names: dict[str, str]) -> str:
+        """The message with each parameter called by its name in `names` (its own name when absent)."""
+        return self.template.format_map({param: names.get(param, param) for param in self.params})

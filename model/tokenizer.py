@@ -23,7 +23,8 @@ def load_tokenizer(tokenizer_dir: str | Path):
     path = Path(tokenizer_dir)
     if not (path / "tokenizer.json").is_file():
         raise NanoLladaError(
-            f"{path}: no tokenizer.json here; pass --tokenizer-dir . (the repo's tokenizer) or train one with `uv run python -m scripts.train.train_tokenizer`"
+            f"{path}: no tokenizer.json here; use the repo's root directory (its tokenizer), MiniMind2's tokenizer "
+            "directory, or a directory written by the tokenizer trainer"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -32,7 +33,8 @@ def load_tokenizer(tokenizer_dir: str | Path):
     for token, expected in SPECIAL_TOKENS.items():
         if tokenizer.convert_tokens_to_ids(token) != expected:
             raise NanoLladaError(
-                f"{path}: special token {token} must have id {expected} (MiniMind2 layout); retrain with scripts.train.train_tokenizer"
+                f"{path}: special token {token} must have id {expected} (MiniMind2's layout); retrain the tokenizer "
+                "with that layout"
             )
     if MASK_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
@@ -42,11 +44,16 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
 
 def mask_token_id(tokenizer) -> int:
+    """The id of `<|mask|>`, the one source of truth for it. load_tokenizer appends the token after the base
+    vocabulary, so its id depends on the tokenizer (6400 for the repo's and MiniMind2's, another for a tokenizer
+    trained with another vocabulary size); no constant can know it. A model's vocabulary is its tokenizer's
+    (checked when a checkpoint is loaded), so code that holds only a model finds it as the last id,
+    config.vocab_size - 1."""
     return tokenizer.convert_tokens_to_ids(MASK_TOKEN)
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    """Vocabulary size and a hash of the token->id map, stored in checkpoints to catch a mismatched --tokenizer-dir."""
+    """Vocabulary size and a hash of the token->id map, stored in checkpoints to catch a mismatched tokenizer."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
     return {"vocab_size": len(tokenizer), "sha256": digest}
@@ -58,8 +65,9 @@ def check_tokenizer_matches(identity: dict | None, tokenizer, checkpoint_path, t
     mine = tokenizer_identity(tokenizer)
     if mine != identity:
         raise NanoLladaError(
-            f"{checkpoint_path}: trained with a different tokenizer (vocab {identity['vocab_size']}, hash {identity['sha256']}) "
-            f"than {tokenizer_dir} (vocab {mine['vocab_size']}, hash {mine['sha256']}); pass the --tokenizer-dir it was trained with"
+            f"{checkpoint_path}: trained with a different tokenizer (vocab {identity['vocab_size']}, hash "
+            f"{identity['sha256']}) than {tokenizer_dir} (vocab {mine['vocab_size']}, hash {mine['sha256']}); "
+            "use the tokenizer directory it was trained with"
         )
 
 
@@ -79,7 +87,7 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> s
     """The one chat rendering used by training and every eval: the tokenizer's own (ChatML) template."""
     if not getattr(tokenizer, "chat_template", None):
         raise NanoLladaError(
-            "this tokenizer has no chat template; use the repo's tokenizer (--tokenizer-dir .) or MiniMind2's"
+            "this tokenizer has no chat template; use the repo's tokenizer (its root directory) or MiniMind2's"
         )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

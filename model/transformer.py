@@ -122,6 +122,10 @@ class KVCache:
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a boolean mask or indices): rows that finished decoding leave the batch."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -205,7 +209,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Explicit masks (document / block diffusion) use FlexAttention when training on CUDA; SDPA otherwise (_use_flex).
+        # Explicit masks (document / block diffusion) use FlexAttention when training on CUDA; SDPA otherwise
+        # (_use_flex).
         self.flex_attention, self.flex_on_cpu = True, False
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -241,7 +246,8 @@ class Transformer(nn.Module):
         if positions is None:
             if past + T > self.config.max_position_embeddings:
                 raise NanoLladaError(
-                    f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                    f"sequence of {past + T} positions exceeds max_position_embeddings="
+                    f"{self.config.max_position_embeddings}"
                 )
             cos, sin = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
         else:
@@ -256,7 +262,8 @@ class Transformer(nn.Module):
                 x = self._layers(embedded, cos, sin, block_mask_from_dense(mask, T, past + T), False, kv_cache)
             except Exception as err:  # never lose a run to the faster kernel: fall back to the SDPA mask
                 print(
-                    f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); using SDPA masks"
+                    f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); "
+                    "using SDPA masks"
                 )
                 self.flex_attention = False
         if x is None:

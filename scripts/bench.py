@@ -3,7 +3,7 @@
     uv run python -m scripts.bench [--device cuda|cpu] [--tiny] [--out benchmarks/results/bench_<device>_<date>.json]
 
 Training: the default model (MiniMind2-Small shape, seq 256, batch 128) with the real losses (model/ar.py
-next_token_loss, model/diffusion.py llada_loss), the real optimizer (scripts/common/trainer.make_optimizer),
+next_token_loss, model/diffusion_loss.py diffusion_loss), the real optimizer (scripts/common/trainer.make_optimizer),
 bf16 autocast and torch.compile on CUDA; a few warmup steps, then timed steps. Reports tokens/s, model FLOPs
 utilisation against the device's dense bf16 peak, and peak memory.
 Decoding: AR greedy with KV cache vs diffusion (LLaDA low-confidence with steps = gen length; threshold parallel
@@ -20,7 +20,6 @@ import datetime
 import json
 import platform
 import re
-import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,29 +27,16 @@ from pathlib import Path
 import torch
 
 from model.ar import generate, generate_batch, next_token_loss
-from model.block_diffusion import trained_block_size
 from model.checkpoint import load_model, read_checkpoint
-from model.config import BASE_VOCAB_SIZE, MASK_TOKEN_ID, ModelConfig, preset
-from model.diffusion import llada_loss
+from model.config import BASE_VOCAB_SIZE, ModelConfig, preset
+from model.diffusion_loss import diffusion_loss
 from model.errors import NanoLladaError
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.sampling import DiffusionSamplerConfig, diffusion_generate, sampler_for_checkpoint
 from model.transformer import Transformer
+from scripts.common.bench_report import ROOT, git_commit, markdown, peak_bf16_flops
 from scripts.common.cli import run_main
-from scripts.common.trainer import TrainConfig, autocast, make_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets; matched in this order
-# against torch.cuda.get_device_name(). An unknown device gets MFU null rather than a guess.
-BF16_PEAK_FLOPS = [
-    ("h100 pcie", 756e12),
-    ("h100 nvl", 835e12),
-    ("h100", 989e12),
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("rtx 4090", 165e12),
-    ("rtx 3090", 71e12),
-]
+from scripts.common.device import autocast, synchronize
+from scripts.common.trainer import TrainConfig, make_optimizer
 
 
 @dataclass
@@ -63,7 +49,7 @@ class BenchSettings:
     gen_lengths: tuple[int, ...] = (128, 256)
     decode_batches: tuple[int, ...] = (1, 32)
     prompt_len: int = 32
-    block_length: int = 32
+    block_size: int = 32
     threshold: float = 0.9
     compile: bool = True
     dtype: str = "bfloat16"
@@ -78,21 +64,9 @@ TINY = BenchSettings(
     gen_lengths=(16, 32),
     decode_batches=(1, 2),
     prompt_len=8,
-    block_length=8,
+    block_size=8,
     compile=False,
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_bf16_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -124,7 +98,7 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
             loss = (
                 next_token_loss(forward_model, data)
                 if kind == "ar"
-                else llada_loss(forward_model, data, rng, MASK_TOKEN_ID)
+                else diffusion_loss(forward_model, data, rng, mask_id_of(config))
             )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the trainer clips too (grad_clip 1.0)
@@ -134,14 +108,14 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
     compile_start = time.perf_counter()
     for _ in range(s.warmup_steps):
         step()
-    _sync(device)
+    synchronize(device)
     warmup_seconds = time.perf_counter() - compile_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(s.timed_steps):
         step()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     tokens_per_s = s.timed_steps * s.train_batch * s.seq_len / seconds
     peak = peak_bf16_flops(device)
@@ -156,20 +130,25 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
     }
 
 
+def mask_id_of(config: ModelConfig) -> int:
+    """<|mask|> is the last id of a model's vocabulary (model.tokenizer.load_tokenizer appends it there); the
+    benchmark has no tokenizer, so it reads the id from the model's config."""
+    return config.vocab_size - 1
+
+
 @torch.no_grad()
 def ar_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, int]:
     """Greedy AR decoding with the KV cache: model/ar.generate at batch 1, model/ar.generate_batch above."""
+    banned = (mask_id_of(model.config),)
     if prompt.shape[0] == 1:
-        ids = list(generate(model, prompt[0].tolist(), new_tokens, banned_ids=(MASK_TOKEN_ID,)))
+        ids = list(generate(model, prompt[0].tolist(), new_tokens, banned_ids=banned))
         return torch.tensor([ids], device=prompt.device), len(ids)
-    rows = generate_batch(model, prompt.tolist(), new_tokens, banned_ids=(MASK_TOKEN_ID,))
+    rows = generate_batch(model, prompt.tolist(), new_tokens, banned_ids=banned)
     return torch.tensor(rows, device=prompt.device), new_tokens
 
 
 def diffusion_modes(gen_length: int, s: BenchSettings) -> dict[str, DiffusionSamplerConfig]:
-    base = DiffusionSamplerConfig(
-        gen_length=gen_length, steps=gen_length, block_length=s.block_length, stop_at_eos=False
-    )
+    base = DiffusionSamplerConfig(gen_length=gen_length, steps=gen_length, block_size=s.block_size, stop_at_eos=False)
     return {
         "llada_baseline": base,
         "threshold": replace(base, threshold=s.threshold),
@@ -179,123 +158,59 @@ def diffusion_modes(gen_length: int, s: BenchSettings) -> dict[str, DiffusionSam
 
 
 def timed(device: torch.device, dtype: str, fn):
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with autocast(device, dtype):
         out = fn()
-    _sync(device)
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
+def decoding_row(name: str, gen_length: int, batch: int, seconds: float, nfe: int, agreement) -> dict:
+    return {
+        "mode": name,
+        "gen_length": gen_length,
+        "batch": batch,
+        "seconds": seconds,
+        "tokens_per_s": batch * gen_length / seconds,
+        "nfe": nfe,
+        "tokens_per_forward": gen_length / nfe,
+        "agreement_with_baseline": agreement,
+    }
+
+
 def bench_decoding(diffusion_model, ar_model, s: BenchSettings, device: torch.device) -> list[dict]:
-    rows = []
+    """One row per generation length, batch size and mode, with its speed relative to the baseline and to AR."""
+    mask_id, rows = mask_id_of(diffusion_model.config), []
     for gen_length in s.gen_lengths:
         for batch in s.decode_batches:
             prompt = torch.randint(
                 1, BASE_VOCAB_SIZE, (batch, s.prompt_len), generator=torch.Generator().manual_seed(batch)
             ).to(device)
             runs = {"ar_kv_cache": lambda: ar_decode(ar_model, prompt, gen_length)}
-            for name, cfg in diffusion_modes(gen_length, s).items():
-                runs[name] = lambda cfg=cfg: (lambda out: (out.tokens, out.nfe))(
-                    diffusion_generate(diffusion_model, prompt, cfg, MASK_TOKEN_ID)
+            for name, sampler in diffusion_modes(gen_length, s).items():
+                runs[name] = lambda sampler=sampler: (lambda out: (out.tokens, out.nfe))(
+                    diffusion_generate(diffusion_model, prompt, sampler, mask_id)
                 )
-            baseline = None
+            here, baseline = [], None
             for name, run in runs.items():
                 if device.type == "cuda":
                     timed(device, s.dtype, run)  # warm the kernels for this shape
                 (tokens, nfe), seconds = timed(device, s.dtype, run)
-                if name == "llada_baseline":
-                    baseline = tokens
-                rows.append(
-                    {
-                        "mode": name,
-                        "gen_length": gen_length,
-                        "batch": batch,
-                        "seconds": seconds,
-                        "tokens_per_s": batch * gen_length / seconds,
-                        "nfe": nfe,
-                        "tokens_per_forward": gen_length / nfe,
-                        "agreement_with_baseline": None
-                        if name == "ar_kv_cache" or baseline is None
-                        else (tokens == baseline).float().mean().item(),
-                    }
-                )
-            base_rate = next(
-                r["tokens_per_s"]
-                for r in rows
-                if r["mode"] == "llada_baseline" and r["gen_length"] == gen_length and r["batch"] == batch
-            )
-            ar_rate = next(
-                r["tokens_per_s"]
-                for r in rows
-                if r["mode"] == "ar_kv_cache" and r["gen_length"] == gen_length and r["batch"] == batch
-            )
-            for r in rows[-len(runs) :]:
-                r["speedup_vs_baseline"], r["speed_vs_ar"] = r["tokens_per_s"] / base_rate, r["tokens_per_s"] / ar_rate
+                baseline = tokens if name == "llada_baseline" else baseline
+                agreement = None
+                if baseline is not None and name != "ar_kv_cache":
+                    agreement = (tokens == baseline).float().mean().item()
+                here.append(decoding_row(name, gen_length, batch, seconds, nfe, agreement))
+            rate = {r["mode"]: r["tokens_per_s"] for r in here}
+            for r in here:
+                r["speedup_vs_baseline"] = r["tokens_per_s"] / rate["llada_baseline"]
+                r["speed_vs_ar"] = r["tokens_per_s"] / rate["ar_kv_cache"]
+            rows += here
     return rows
 
 
-def git_commit() -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    # Earlier results in benchmarks/results do not make the code dirty.
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
-
-
-def markdown(report: dict) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# nano-llada benchmark: {report['device']} ({report['date']})", ""]
-    if report["smoke_test"]:
-        lines += ["**Smoke test: tiny config, not a measurement of the default model.**", ""]
-    lines += [
-        f"torch {report['torch']}, commit {str(report['git']['commit'])[:10]}{' (dirty)' if report['git']['dirty'] else ''}, "
-        f"model preset `{report['settings']['preset']}` ({report['model_parameters'] / 1e6:.1f}M parameters), "
-        f"decoding with diffusion weights: {report['diffusion_weights']} "
-        f"({ModelConfig.from_dict(report['decoding_model_config']).num_parameters() / 1e6:.1f}M parameters)",
-        "",
-    ]
-    t = report["training"]
-    lines += (
-        []
-        if not t
-        else [
-            f"## Training (seq {report['settings']['seq_len']}, batch {report['settings']['train_batch']}, "
-            f"{report['settings']['dtype'] if report['device_type'] == 'cuda' else 'float32'}, compile {report['compiled']})",
-            "",
-            "| route | tokens/s | step ms | TFLOP/s | MFU | peak memory GiB |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-    )
-    for route in ("ar", "diffusion") if t else ():
-        r = t[route]
-        lines.append(
-            f"| {route} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_seconds']:.1f} | {r['achieved_tflops']:.2f} | "
-            f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | {fmt(r['peak_memory_gib'], '.2f')} |"
-        )
-    lines += (["", f"diffusion / AR tokens/s: {t['diffusion_vs_ar']:.3f}"] if t else []) + [
-        "",
-        f"## Decoding (prompt {report['settings']['prompt_len']}, block {report['settings']['block_length']}, "
-        f"threshold {report['settings']['threshold']}, greedy)",
-        "",
-        "| new tokens | batch | mode | tokens/s | NFE | tokens/forward | vs baseline | vs AR | agreement |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["decoding"]:
-        lines.append(
-            f"| {r['gen_length']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:,.1f} | {r['nfe']} | {r['tokens_per_forward']:.2f} | "
-            f"{r['speedup_vs_baseline']:.2f}x | {r['speed_vs_ar']:.2f}x | {fmt(r['agreement_with_baseline'] and 100 * r['agreement_with_baseline'], '.1f')}"
-            f"{'%' if r['agreement_with_baseline'] is not None else ''} |"
-        )
-    lines += [""] + [f"- {note}" for note in report["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny config smoke test (always on for CPU)")
@@ -309,43 +224,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--skip-training", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    settings = TINY if args.tiny or device.type == "cpu" else BenchSettings()
-    settings = replace(
-        settings, compile=settings.compile and not args.no_compile, threshold=args.threshold or settings.threshold
-    )
-    config = preset(settings.preset)
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})"
-    )
-    notes = []
-    if device.type == "cpu" or args.tiny:
-        notes.append("CPU/tiny smoke test: checks that the benchmark runs; its numbers say nothing about GPU speed.")
 
-    training = {}
-    if not args.skip_training:
-        for kind in ("ar", "diffusion"):
-            print(f"training {kind} ...", flush=True)
-            training[kind] = bench_training(kind, config, settings, device)
-        training["diffusion_vs_ar"] = training["diffusion"]["tokens_per_s"] / training["ar"]["tokens_per_s"]
-
+def decoding_models(args, settings: BenchSettings, config: ModelConfig, device: torch.device, notes: list[str]):
+    """(diffusion model, AR model) for the decoding rows: the checkpoints given, else random weights."""
     if args.checkpoint:
-        block = trained_block_size(read_checkpoint(args.checkpoint).extra)
-        if (
-            block
-        ):  # its decoding is block-causal, which the modes compared here (bidirectional, Fast-dLLM caches) are not
+        sampler = sampler_for_checkpoint(
+            read_checkpoint(args.checkpoint), diffusion_modes(1, settings)["llada_baseline"]
+        )
+        if sampler.block_causal:  # the modes compared here (bidirectional, Fast-dLLM caches) do not apply to it
             raise NanoLladaError(
-                f"{args.checkpoint} was trained with block diffusion (block {block}); this benchmark compares "
-                f"bidirectional decoding modes: time it with `scripts.eval.eval_diffusion` instead"
+                f"{args.checkpoint} was trained with block diffusion (block {sampler.block_size}); this benchmark "
+                f"compares bidirectional decoding modes: time it with `scripts.eval.eval_diffusion` instead"
             )
-        diffusion_model, diffusion_config = load_model(args.checkpoint, kind="diffusion", device=device)
+        diffusion_model, _ = load_model(args.checkpoint, kind="diffusion", device=device)
     else:
         torch.manual_seed(0)
-        diffusion_model, diffusion_config = Transformer(config).to(device).eval(), config
+        diffusion_model = Transformer(config).to(device).eval()
         notes.append(
             "Random-weight diffusion model: its confidences are near-uniform, so threshold decoding commits about one "
             "token per step and agreement with the baseline says little; pass --checkpoint for meaningful numbers."
@@ -354,15 +250,39 @@ def main(argv: list[str] | None = None) -> dict:
         ar_model, _ = load_model(args.ar_checkpoint, kind="ar", device=device)
     else:
         torch.manual_seed(1)
-        ar_model = Transformer(diffusion_config).to(device).eval()
+        ar_model = Transformer(diffusion_model.config).to(device).eval()
+    return diffusion_model, ar_model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    settings = TINY if args.tiny or device.type == "cpu" else BenchSettings()
+    settings = replace(
+        settings, compile=settings.compile and not args.no_compile, threshold=args.threshold or settings.threshold
+    )
+    config = preset(settings.preset)
+    notes = []
+    if device.type == "cpu" or args.tiny:
+        notes.append("CPU/tiny smoke test: checks that the benchmark runs; its numbers say nothing about GPU speed.")
+    training = {}
+    if not args.skip_training:
+        for kind in ("ar", "diffusion"):
+            print(f"training {kind} ...", flush=True)
+            training[kind] = bench_training(kind, config, settings, device)
+        training["diffusion_vs_ar"] = training["diffusion"]["tokens_per_s"] / training["ar"]["tokens_per_s"]
+    diffusion_model, ar_model = decoding_models(args, settings, config, device, notes)
     print("decoding ...", flush=True)
     decoding = bench_decoding(diffusion_model, ar_model, settings, device)
-
-    date = datetime.date.today().isoformat()
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     report = {
         "device": device_name,
         "device_type": device.type,
-        "date": date,
+        "date": datetime.date.today().isoformat(),
         "smoke_test": device.type == "cpu" or args.tiny,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -375,24 +295,26 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_bf16_tflops": (peak_bf16_flops(device) or 0) / 1e12 or None,
         "flops_per_token_training": training_flops_per_token(config, settings.seq_len),
         "diffusion_weights": args.checkpoint or "random",
-        "decoding_model_config": diffusion_config.to_dict(),
+        "decoding_model_config": diffusion_model.config.to_dict(),
         "training": training,
         "decoding": decoding,
         "notes": notes,
     }
-    slug = (
-        "cpu"
-        if device.type == "cpu"
-        else re.sub(r"[^a-z0-9]+", "_", device_name.lower().replace("nvidia", "")).strip("_")
-    )
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_{slug}_{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table, encoding="utf-8")
-    print(table)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_report(report, args.out)
     return report
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """The JSON (default benchmarks/results/bench_<device>_<date>.json) and its markdown table beside it."""
+    name = report["device"].lower().replace("nvidia", "")
+    slug = "cpu" if report["device_type"] == "cpu" else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+    path = Path(out or ROOT / "benchmarks" / "results" / f"bench_{slug}_{report['date']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    table = markdown(report)
+    path.with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.block_diffusion import trained_block_size
 from model.errors import NanoLladaError
+from scripts.common.chat_http import make_server
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.evaluation import load_checkpoint_for_eval
-from scripts.serving import ChatEngine, Defaults, make_server
+from scripts.common.serving import ChatEngine, Defaults
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,17 +88,20 @@ def load_engine(args) -> ChatEngine:
         top_k=args.top_k,
         top_p=args.top_p,
         steps=args.steps,
-        block_length=args.block_length or None,
+        block_size=args.block_length or None,
         threshold=args.threshold,
         seq_len=args.seq_len,
     )
     name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
-    block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
-    if block:
-        print(
-            f"block-trained diffusion checkpoint: decoding block-causally with block size {block} (block_length does not apply)"
-        )
-    return ChatEngine(model, tokenizer, checkpoint.kind, name, defaults, trained_block_size=block)
+    engine = ChatEngine(model, tokenizer, checkpoint, name, defaults)
+    if engine.kind == "diffusion":  # what a request with the default settings decodes with
+        sampler = engine.sampler_for(args.max_tokens, block_size=defaults.block_size)
+        if sampler.block_causal:
+            print(
+                f"block-trained diffusion checkpoint: decoding block-causally with block size {sampler.block_size} "
+                "(block_length does not apply)"
+            )
+    return engine
 
 
 def main(argv=None) -> None:
@@ -114,7 +117,8 @@ def main(argv=None) -> None:
         ) from None
     host, port = server.server_address[:2]
     print(
-        f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models)",
+        f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 "
+        "(POST /v1/chat/completions, GET /v1/models)",
         flush=True,
     )
     try:

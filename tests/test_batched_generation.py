@@ -1,5 +1,7 @@
 """Batched generation of prompts with different lengths: left padding is invisible to every row."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import lively_model
@@ -55,24 +57,26 @@ MODES = [
 @pytest.mark.parametrize("options", MODES)
 def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config, options):
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, stop_at_eos=False, **options)
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, stop_at_eos=False, **options)
     ids, lengths = left_pad(PROMPTS, pad_id=0)
-    batched = diffusion_generate(model, ids, cfg, mask_id, prompt_lengths=lengths)
-    alone = [diffusion_generate(model, torch.tensor([p]), cfg, mask_id) for p in PROMPTS]
+    batched = diffusion_generate(model, ids, sampler, mask_id, prompt_lengths=lengths)
+    alone = [diffusion_generate(model, torch.tensor([p]), sampler, mask_id) for p in PROMPTS]
     assert torch.equal(batched.tokens, torch.cat([a.tokens for a in alone]))
     # the padding is masked out, not merely unlikely to matter: another pad id changes nothing
-    repadded = diffusion_generate(model, ids.masked_fill(ids == 0, 57), cfg, mask_id, prompt_lengths=lengths)
+    repadded = diffusion_generate(model, ids.masked_fill(ids == 0, 57), sampler, mask_id, prompt_lengths=lengths)
     assert torch.equal(repadded.tokens, batched.tokens)
 
 
 def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4)
-    first = diffusion_generate(model, torch.tensor([PROMPTS[2]]), cfg, mask_id).tokens[0]
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4)
+    first = diffusion_generate(model, torch.tensor([PROMPTS[2]]), sampler, mask_id).tokens[0]
     eos = int(first[1])  # row 2 writes this in its first block: it ends there and the others go on
     ids, lengths = left_pad(PROMPTS, pad_id=0)
-    batched = diffusion_generate(model, ids, cfg, mask_id, eos_id=eos, prompt_lengths=lengths)
-    alone = torch.cat([diffusion_generate(model, torch.tensor([p]), cfg, mask_id, eos_id=eos).tokens for p in PROMPTS])
+    batched = diffusion_generate(model, ids, sampler, mask_id, eos_id=eos, prompt_lengths=lengths)
+    alone = torch.cat(
+        [diffusion_generate(model, torch.tensor([p]), sampler, mask_id, eos_id=eos).tokens for p in PROMPTS]
+    )
     assert torch.equal(batched.tokens, alone)
     assert (
         (batched.tokens[2, 4:] == eos).all()
@@ -81,15 +85,49 @@ def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
     )
 
 
+class RowCounting(torch.nn.Module):
+    """Records how many rows each forward pass feeds."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.rows = inner, inner.config, []
+
+    def forward(self, ids, **kwargs):
+        self.rows.append(ids.shape[0])
+        return self.inner(ids, **kwargs)
+
+    def new_kv_cache(self, batch_size, max_length):
+        return self.inner.new_kv_cache(batch_size, max_length)
+
+
+@pytest.mark.parametrize("options", [{}, {"use_kv_cache": False}, {"cfg_scale": 1.0}, {"threshold": 0.3}])
+def test_block_causal_rows_that_write_eos_leave_the_batch(tiny_config, options):
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, block_causal=True, **options)
+    prompts = torch.tensor([[1, 5, 9, 33, 8, 2], [1, 7, 3, 3, 40, 41], [1, 2, 3, 4, 5, 99]])
+    first = diffusion_generate(model, prompts[2:], sampler, mask_id).tokens[0]
+    eos = int(first[0])  # row 2 writes this in its first block (the prompt's tail + 2 new): it ends there
+    counting = RowCounting(model)
+    batched = diffusion_generate(counting, prompts, sampler, mask_id, eos_id=eos)
+    alone = [diffusion_generate(model, prompts[b : b + 1], sampler, mask_id, eos_id=eos) for b in range(3)]
+    assert torch.equal(batched.tokens, torch.cat([a.tokens for a in alone]))
+    assert (batched.tokens[2, 2:] == eos).all() and not (batched.tokens[:2, 2:] == eos).all(1).any()
+    copies = 2 if "cfg_scale" in options else 1
+    assert counting.rows[0] == 3 * copies and counting.rows[-1] < 3 * copies  # row 2 left after its first block
+    assert torch.stack(batched.commits)[len(alone[2].commits) :, 2].sum() == 0
+    kept = diffusion_generate(RowCounting(model), prompts, replace(sampler, stop_at_eos=False), mask_id, eos_id=eos)
+    assert batched.nfe <= kept.nfe and sum(counting.rows) < 3 * copies * kept.nfe
+
+
 def test_block_causal_decoding_of_unequal_prompts_is_refused_with_the_fix(tiny_config):
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
-    cfg = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=True)
+    sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, block_causal=True)
     ids, lengths = left_pad(PROMPTS, pad_id=0)
     with pytest.raises(NanoLladaError, match="group the prompts by length"):
-        diffusion_generate(model, ids, cfg, mask_id, prompt_lengths=lengths)
+        diffusion_generate(model, ids, sampler, mask_id, prompt_lengths=lengths)
     same = torch.tensor([PROMPTS[0], PROMPTS[0]])
-    out = diffusion_generate(model, same, cfg, mask_id, prompt_lengths=torch.tensor([4, 4]))
-    assert torch.equal(out.tokens, diffusion_generate(model, same, cfg, mask_id).tokens)
+    out = diffusion_generate(model, same, sampler, mask_id, prompt_lengths=torch.tensor([4, 4]))
+    assert torch.equal(out.tokens, diffusion_generate(model, same, sampler, mask_id).tokens)
 
 
 @pytest.mark.parametrize("block_causal", [False, True])
@@ -102,9 +140,7 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
 
     tokenizer, model = load_tokenizer("."), lively_model(preset("tiny"))
     prompts = [[1, 300, 301], [1, 400], [1, 500, 501, 502, 503], [1, 600], [1, 700, 701]]
-    sampler = DiffusionSamplerConfig(
-        gen_length=8, steps=8, block_length=4, block_causal=block_causal, stop_at_eos=False
-    )
+    sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, block_causal=block_causal, stop_at_eos=False)
     device = torch.device("cpu")
     alone = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=1)
     batched = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype="float32", batch_size=4)

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from model.ar import generate, generate_batch, next_token_loss
-from model.config import MASK_TOKEN_ID, preset
+from model.config import preset
 from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.likelihood import conditional_log_likelihood_batch
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
 from scripts.common.packing import document_ids
+
+MASK_TOKEN_ID = preset("tiny").vocab_size - 1  # <|mask|> is the last id (model.tokenizer.mask_token_id)
 
 # FlexAttention runs eagerly on the CPU here (on CUDA it is compiled); its warning about that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -283,9 +283,9 @@ def test_sft_switches_run_through_the_cli(tmp_path, capsys):
         parse_args(["--checkpoint", str(tmp_path / "blk_state_dict.pt"), "--tokenizer-dir", ".", "--device", "cpu"])
     )
     request = engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10})
-    assert request.sampler.block_causal and request.sampler.block_length == 8 and request.sampler.gen_length == 10
+    assert request.sampler.block_causal and request.sampler.block_size == 8 and request.sampler.gen_length == 10
     assert engine.complete(request, lambda text: None)[1] <= 10
-    from scripts.serving import RequestError
+    from scripts.common.serving import RequestError
 
     with pytest.raises(RequestError, match="steps 1 is fewer than the 2 blocks to decode"):  # the sampler's own check
         engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10, "steps": 1})

@@ -53,10 +53,10 @@ def test_first_step_after_a_refresh_equals_the_uncached_forward(tiny_config, cac
     """F5: a refresh forward sees the true canvas at true positions, so its logits are the uncached ones."""
     model, mask_id, prompt = setup(tiny_config)
     recorder = Recorder(model)
-    cfg = DiffusionSamplerConfig(
-        gen_length=12, steps=12, block_length=4, threshold=0.9, cache=cache, cfg_scale=cfg_scale, stop_at_eos=False
+    sampler = DiffusionSamplerConfig(
+        gen_length=12, steps=12, block_size=4, threshold=0.9, cache=cache, cfg_scale=cfg_scale, stop_at_eos=False
     )
-    diffusion_generate(recorder, prompt, cfg, mask_id)
+    diffusion_generate(recorder, prompt, sampler, mask_id)
     refreshes = [c for c in recorder.calls if c["refresh"]]
     assert len(refreshes) == 3  # once per block
     for call in refreshes:
@@ -80,8 +80,8 @@ def test_first_step_after_a_refresh_equals_the_uncached_forward(tiny_config, cac
 def test_cached_decoding_fills_every_mask_and_never_changes_prompt_or_committed_tokens(tiny_config, cache, options):
     model, mask_id, prompt = setup(tiny_config, batch=3)
     recorder = Recorder(model)
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, cache=cache, stop_at_eos=False, **options)
-    out = diffusion_generate(recorder, prompt, cfg, mask_id, generator=rng(3))
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, cache=cache, stop_at_eos=False, **options)
+    out = diffusion_generate(recorder, prompt, sampler, mask_id, generator=rng(3))
     assert out.tokens.shape == (3, 12) and not (out.tokens == mask_id).any()
     assert out.nfe == len(recorder.calls) and torch.stack(out.commits).sum(0).tolist() == [12, 12, 12]
     final = torch.cat([prompt, out.tokens], 1)
@@ -98,12 +98,12 @@ def test_cached_decoding_fills_every_mask_and_never_changes_prompt_or_committed_
 def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exact(tiny_config, cache):
     model, mask_id, prompt = setup(tiny_config)
     uncached = diffusion_generate(
-        model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0), mask_id
+        model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, threshold=0.0), mask_id
     )
     cached = diffusion_generate(
         model,
         prompt,
-        DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.0, cache=cache),
+        DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, threshold=0.0, cache=cache),
         mask_id,
     )
     assert torch.equal(uncached.tokens, cached.tokens) and cached.nfe == uncached.nfe == 3
@@ -112,7 +112,7 @@ def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exa
 def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence(tiny_config):
     """F2 at batch > 1 (Fast-dLLM issue #7: batches broke the original code)."""
     model, mask_id, prompt = setup(tiny_config, batch=3)
-    base = DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, stop_at_eos=False)
+    base = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, stop_at_eos=False)
     baseline = diffusion_generate(model, prompt, base, mask_id)
     fast = diffusion_generate(model, prompt, DiffusionSamplerConfig(**{**vars(base), "threshold": 1.5}), mask_id)
     assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8
@@ -121,11 +121,11 @@ def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confiden
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_batched_threshold_decoding_equals_each_row_alone(tiny_config, cache):
     model, mask_id, prompt = setup(tiny_config, batch=3)
-    cfg = DiffusionSamplerConfig(
-        gen_length=12, steps=12, block_length=4, threshold=0.05, cache=cache, stop_at_eos=False
+    sampler = DiffusionSamplerConfig(
+        gen_length=12, steps=12, block_size=4, threshold=0.05, cache=cache, stop_at_eos=False
     )
-    batched = diffusion_generate(model, prompt, cfg, mask_id).tokens
-    alone = torch.cat([diffusion_generate(model, prompt[b : b + 1], cfg, mask_id).tokens for b in range(3)])
+    batched = diffusion_generate(model, prompt, sampler, mask_id).tokens
+    alone = torch.cat([diffusion_generate(model, prompt[b : b + 1], sampler, mask_id).tokens for b in range(3)])
     assert torch.equal(batched, alone)
 
 
@@ -145,19 +145,19 @@ def test_a_row_that_wrote_eos_leaves_the_batch_and_is_padded_with_eos(tiny_confi
     mask_id, eos = tiny_config.vocab_size - 1, 11
     model = FirstTokenModel(tiny_config.vocab_size)
     prompt = torch.tensor([[eos, 3, 4], [12, 3, 4]])
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=12, block_length=4, threshold=0.9)
-    out = diffusion_generate(model, prompt, cfg, mask_id, eos_id=eos)
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, threshold=0.9)
+    out = diffusion_generate(model, prompt, sampler, mask_id, eos_id=eos)
     assert (out.tokens[0] == eos).all() and (out.tokens[1] == 12).all()
     assert model.batch_sizes == [2, 1, 1]  # one step per block; blocks 2 and 3 run on the row still writing
     assert torch.stack(out.commits).tolist() == [[4, 4], [0, 4], [0, 4]]
-    both_end = diffusion_generate(model, torch.tensor([[eos, 3], [eos, 4]]), cfg, mask_id, eos_id=eos)
+    both_end = diffusion_generate(model, torch.tensor([[eos, 3], [eos, 4]]), sampler, mask_id, eos_id=eos)
     assert both_end.nfe == 1 and (both_end.tokens == eos).all()
 
 
 def test_cached_agreement_with_the_uncached_sampler_is_reported(tiny_config, capsys):
     """Prefix/dual caches are approximations for bidirectional models (F5): report agreement, do not assert it."""
     model, mask_id, prompt = setup(tiny_config, batch=4, prompt_len=8)
-    base = DiffusionSamplerConfig(gen_length=32, steps=32, block_length=8, threshold=0.02, stop_at_eos=False)
+    base = DiffusionSamplerConfig(gen_length=32, steps=32, block_size=8, threshold=0.02, stop_at_eos=False)
     reference = diffusion_generate(model, prompt, base, mask_id)
     for cache in ("prefix", "dual"):
         out = diffusion_generate(model, prompt, DiffusionSamplerConfig(**{**vars(base), "cache": cache}), mask_id)
@@ -171,7 +171,7 @@ def test_cached_agreement_with_the_uncached_sampler_is_reported(tiny_config, cap
 
 
 def test_cache_option_errors_are_explained():
-    with pytest.raises(NanoLladaError, match="--cache must be none, prefix or dual"):
+    with pytest.raises(NanoLladaError, match="cache must be none, prefix or dual"):
         DiffusionSamplerConfig(gen_length=8, steps=8, cache="full").validate()
     with pytest.raises(NanoLladaError, match="already caches"):
-        DiffusionSamplerConfig(gen_length=8, steps=8, block_length=4, block_causal=True, cache="prefix").validate()
+        DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, block_causal=True, cache="prefix").validate()

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from scripts.common.readers import iter_conversations, iter_texts
-from scripts.data.sample import SENTIMENT_LABELS, build_sample, parse_sentiment, sentiment_question, untag_line
+from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
+from scripts.data.sample import build_sample, untag_line
 
 FILES = (
     "sample_pretrain.jsonl",

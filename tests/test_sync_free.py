@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from model.ar import next_token_loss
 from model.block_attention import bdlm_forward
-from model.config import MASK_TOKEN_ID, preset
+from model.config import preset
 from model.diffusion_loss import (
     DiffusionObjective,
     cap_loss,
@@ -28,6 +28,8 @@ from model.diffusion_loss import (
 )
 from model.tokenizer import EOS_ID
 from model.transformer import Transformer
+
+MASK_TOKEN_ID = preset("tiny").vocab_size - 1  # <|mask|> is the last id (model.tokenizer.mask_token_id)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Download MiniMind's training data (and optionally MiniMind2's tokenizer and weights) from ModelScope.
 
-uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl] [--minimind2] [--force]
+uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl] \
+    [--minimind2] [--force]
 """
 
 from __future__ import annotations

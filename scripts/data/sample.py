@@ -20,8 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from model.errors import NanoLladaError
+from scripts.common.sentiment import SENTIMENT_LABELS, sentiment_question
 
-SENTIMENT_LABELS = ("正面", "负面")
 MIN_PARAGRAPH_CHARS = 8  # drops datelines and bylines such as "（一九九七年十二月三十一日）"
 MAX_REVIEW_CHARS = 300  # question + review must fit a 512-token SFT context
 PRETRAIN_VAL_FRACTION = 0.02
@@ -92,16 +92,6 @@ def split_reviews(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
-
-
-def sentiment_question(review: str) -> str:
-    return f"下面这条商品评论的情感是正面还是负面？请只回答“正面”或“负面”。\n评论：{review}"
-
-
-def parse_sentiment(answer: str) -> str | None:
-    """The label an answer states; None when it states neither or both."""
-    stated = [label for label in SENTIMENT_LABELS if label in answer]
-    return stated[0] if len(stated) == 1 else None
 
 
 def pretrain_documents(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -176,7 +166,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for name, path in build_sample(args.out_dir, args.seed).items():
+    for path in build_sample(args.out_dir, args.seed).values():
         with open(path, encoding="utf-8") as f:
             print(f"{path}: {sum(1 for _ in f)} rows")
 

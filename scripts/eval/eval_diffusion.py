@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from model.block_diffusion import trained_block_size
-from model.errors import NanoLladaError
+from model.block_curriculum import trained_block_size
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
+from model.sampling import DECODINGS, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.decoding import add_sampler_flags, generation_length, sampler_from_args
+from scripts.common.device import autocast, synchronize
 from scripts.common.evaluation import held_out_batches, load_checkpoint_for_eval
-from scripts.common.trainer import autocast
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,27 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument(
-        "--gen-steps", type=int, default=None, help="forward passes over all blocks (default: one per token)"
-    )
-    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
-    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-max sampling temperature; 0 = greedy")
-    p.add_argument(
-        "--gen-cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight (0 = off)"
-    )
-    p.add_argument(
-        "--cache",
-        choices=["none", "prefix", "dual"],
-        default="none",
-        help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
-    )
-    p.add_argument(
-        "--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= this"
-    )
+    add_sampler_flags(p, block_default="one block")
     p.add_argument(
         "--decoding",
-        choices=["auto", "bidirectional", "block-causal"],
+        choices=DECODINGS,
         default="auto",
         help="auto: block-causal for block-diffusion checkpoints, bidirectional otherwise",
     )
@@ -84,61 +67,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def decoding_mode(args, checkpoint_block_size: int | None) -> tuple[bool, int | None]:
-    """(block-causal?, block length) from --decoding and the block size the checkpoint was trained with."""
-    block_causal = args.decoding == "block-causal" or (args.decoding == "auto" and checkpoint_block_size is not None)
-    if not block_causal:
-        return False, args.block_length
-    block_length = args.block_length or checkpoint_block_size
-    if block_length is None:
-        raise NanoLladaError(
-            "--decoding block-causal: this checkpoint was not trained with block diffusion; pass --block-length"
-        )
-    if args.block_length and checkpoint_block_size and args.block_length != checkpoint_block_size:
-        print(
-            f"note: decoding with --block-length {args.block_length}; the checkpoint was trained with block size {checkpoint_block_size}"
-        )
-    return True, block_length
-
-
-def sample(model, tokenizer, args, device, checkpoint_block_size: int | None = None) -> dict:
+def sample(model, tokenizer, args, device, checkpoint) -> dict:
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
-    room = args.seq_len - len(ids)
-    if room <= 0:
-        raise NanoLladaError(
-            f"the prompt is {len(ids)} tokens, which leaves no room in --seq-len {args.seq_len}; shorten it or raise --seq-len"
-        )
-    gen_length = args.max_new_tokens
-    if gen_length > room:
+    gen_length = generation_length(len(ids), args.seq_len, args.max_new_tokens)
+    if gen_length < args.max_new_tokens:
         print(
-            f"note: --max-new-tokens {gen_length} lowered to {room} so that prompt + generation fit --seq-len {args.seq_len}"
+            f"note: --max-new-tokens {args.max_new_tokens} lowered to {gen_length} so that prompt + generation fit "
+            f"--seq-len {args.seq_len}"
         )
-        gen_length = room
-    block_causal, block_length = decoding_mode(args, checkpoint_block_size)
-    if block_causal:
-        print(f"block-causal decoding, block {block_length}, {'no ' if args.no_kv_cache else ''}KV cache")
-    cfg = DiffusionSamplerConfig(
-        gen_length=gen_length,
-        steps=args.gen_steps or gen_length,
-        block_length=block_length,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        cfg_scale=args.gen_cfg_scale,
-        threshold=args.threshold,
+    sampler = sampler_from_args(
+        args,
+        checkpoint,
+        gen_length,
+        args.block_length,
+        args.decoding,
+        args.block_length,
+        len(ids),
         stop_at_eos=not args.no_early_stop,
-        block_causal=block_causal,
         use_kv_cache=not args.no_kv_cache,
-        cache="none" if block_causal else args.cache,
     )
+    trained = trained_block_size(checkpoint.extra)
+    if sampler.block_causal:
+        print(f"block-causal decoding, block {sampler.block_size}, {'no ' if args.no_kv_cache else ''}KV cache")
+        if trained and sampler.block_size != trained:
+            print(f"note: decoding with --block-length {sampler.block_size}; the checkpoint was trained with {trained}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = torch.tensor([ids], device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     with autocast(device, args.dtype):
-        out = diffusion_generate(model, prompt, cfg, mask_token_id(tokenizer), EOS_ID, generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        out = diffusion_generate(
+            model, torch.tensor([ids], device=device), sampler, mask_token_id(tokenizer), EOS_ID, generator
+        )
+    synchronize(device)
     elapsed = time.perf_counter() - start
     raw = out.tokens[0].tolist()
     kept = raw if args.show_special else strip_after_eos(raw, EOS_ID)
@@ -148,7 +108,7 @@ def sample(model, tokenizer, args, device, checkpoint_block_size: int | None = N
         f"[{counted} tokens (canvas {gen_length}) in {elapsed:.2f} s = {counted / elapsed:.1f} tokens/s, "
         f"NFE {out.nfe}, {counted / max(out.nfe, 1):.2f} tokens/forward, {device}]"
     )
-    return {"tokens": kept, "seconds": elapsed, "nfe": out.nfe, "block_causal": block_causal}
+    return {"tokens": kept, "seconds": elapsed, "nfe": out.nfe, "block_causal": sampler.block_causal}
 
 
 def main(argv=None) -> dict:
@@ -159,9 +119,9 @@ def main(argv=None) -> dict:
     model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "diffusion", device)
     mask_id = mask_token_id(tokenizer)
     result: dict = {}
+    block_size = trained_block_size(checkpoint.extra)  # block-trained: every estimate below is the block one
     if args.max_new_tokens:
-        block_size = trained_block_size(checkpoint.extra)
-        result["sample"] = sample(model, tokenizer, args, device, block_size)
+        result["sample"] = sample(model, tokenizer, args, device, checkpoint)
     if args.eval_data:
         batches = held_out_batches(
             args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
@@ -170,12 +130,15 @@ def main(argv=None) -> dict:
         means, errors = [], []
         with autocast(device, args.dtype):
             for batch in batches:
-                mean, stderr = diffusion_nelbo(model, batch.to(device), mask_id, args.mc_samples, generator)
+                mean, stderr = diffusion_nelbo(
+                    model, batch.to(device), mask_id, args.mc_samples, generator, block_size=block_size
+                )
                 means.append(mean), errors.append(stderr)
         nelbo = sum(means) / len(means)
         stderr = (sum(e * e for e in errors) ** 0.5) / len(errors)
         print(
-            f"eval {args.eval_data}: {sum(b.numel() for b in batches):,} tokens, NELBO {nelbo:.4f} ± {stderr:.4f} nats/token "
+            f"eval {args.eval_data}: {sum(b.numel() for b in batches):,} tokens, "
+            f"NELBO {nelbo:.4f} ± {stderr:.4f} nats/token "
             f"(upper bound on NLL; {args.mc_samples} mask draws per batch, seed {args.seed})"
         )
         result["eval"] = {"nelbo": nelbo, "stderr": stderr}
@@ -186,10 +149,18 @@ def main(argv=None) -> dict:
         answer = encode(tokenizer, args.cond_ll_response) + [EOS_ID]
         with autocast(device, args.dtype):
             value, stderr = conditional_log_likelihood(
-                model, prompt, answer, mask_id, args.cond_ll_nmc, generator=torch.Generator().manual_seed(args.seed)
+                model,
+                prompt,
+                answer,
+                mask_id,
+                args.cond_ll_nmc,
+                generator=torch.Generator().manual_seed(args.seed),
+                block_size=block_size,
+                tail_id=EOS_ID,  # the answer is complete: the rest of its block is the EOS padding of block SFT
             )
         print(
-            f"log p(response + EOS | prompt) ≈ {value:.3f} ± {stderr:.3f} nats ({len(answer)} tokens, {args.cond_ll_nmc} MC samples)"
+            f"log p(response + EOS | prompt) ≈ {value:.3f} ± {stderr:.3f} nats "
+            f"({len(answer)} tokens, {args.cond_ll_nmc} MC samples)"
         )
         result["cond_ll"] = {"value": value, "stderr": stderr}
     return result

@@ -5,7 +5,8 @@ LLaDA's Monte-Carlo conditional log-likelihood, per block for block-trained chec
 cannot tell the labels apart from one whose decoding does not show what it knows.
 
 uv run python -m scripts.eval.eval_sft_accuracy --tokenizer-dir . --data dataset/sample_sft_test.jsonl \
-    --minimind-checkpoint weights/quick_ar_sft_state_dict.pt --diffusion-checkpoint weights/quick_diffusion_sft_state_dict.pt
+    --minimind-checkpoint weights/quick_ar_sft_state_dict.pt \
+    --diffusion-checkpoint weights/quick_diffusion_sft_state_dict.pt
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch, block_conditional_log_likelihood, conditional_log_likelihood_batch
-from model.sampling import DiffusionSamplerConfig
+from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
+from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.decoding import flag_names
 from scripts.common.evaluation import load_checkpoint_for_eval
-from scripts.common.generation import ar_answers, as_trained, diffusion_answers
+from scripts.common.generation import ar_answers, diffusion_answers
+from scripts.common.packing import chunks
 from scripts.common.readers import BadLineCounter, iter_conversations
-from scripts.data.sample import SENTIMENT_LABELS, parse_sentiment
+from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,34 +87,89 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
     for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
         if kind == "ar":
             scores = ar_log_likelihood_batch(model, prompt, answers)
-        elif block_size:  # the answers are complete (they end in <|im_end|>): the rest of their block is EOS padding
-            scores = [
-                block_conditional_log_likelihood(
-                    model,
-                    prompt,
-                    answer,
-                    mask_token_id(tokenizer),
-                    block_size,
-                    mc_samples,
-                    generator=torch.Generator().manual_seed(0),
-                    tail_id=EOS_ID,
-                )[0]
-                for answer in answers
-            ]
-        else:  # the same seed for every question: the mask draws do not differ between questions
-            scores = [
-                mean
-                for mean, _ in conditional_log_likelihood_batch(
-                    model,
-                    prompt,
-                    answers,
-                    mask_token_id(tokenizer),
-                    mc_samples,
-                    generator=torch.Generator().manual_seed(0),
-                )
-            ]
+        else:  # the same seed for every question: the mask draws do not differ between questions. The answers are
+            # complete (they end in <|im_end|>): for a block-trained model the rest of their block is EOS padding.
+            estimates = conditional_log_likelihood_batch(
+                model,
+                prompt,
+                answers,
+                mask_token_id(tokenizer),
+                mc_samples,
+                torch.Generator().manual_seed(0),
+                block_size=block_size,
+                tail_id=EOS_ID,
+            )
+            scores = [mean for mean, _ in estimates]
         chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
     return chosen
+
+
+def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[list, DiffusionSamplerConfig | None]:
+    """Every question's decoded answer, `--batch-size` at a time, and the diffusion settings used (None for AR)."""
+    model, tokenizer, checkpoint = loaded
+    prompts = [prompt for prompt, _ in items]
+    sampler = None
+    if kind == "diffusion":
+        asked = DiffusionSamplerConfig(
+            gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens, threshold=args.threshold
+        )
+        with flag_names():
+            sampler = sampler_for_checkpoint(checkpoint, asked)
+        if sampler.block_causal:
+            print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
+    answers = []
+    with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar, flag_names():
+        for batch in chunks(prompts, args.batch_size):
+            size = len(batch)
+            if sampler is None:
+                answers += ar_answers(
+                    model, tokenizer, batch, args.max_new_tokens, device, dtype=args.dtype, batch_size=size
+                )
+            else:
+                answers += diffusion_answers(
+                    model, tokenizer, batch, sampler, device, dtype=args.dtype, batch_size=size
+                )
+            bar.update(len(batch))
+    return answers, sampler
+
+
+def score_answers(name: str, items, answers, predictions: list) -> dict:
+    """Accuracy of the decoded labels; appends one prediction record per question."""
+    correct = unparseable = forwards = 0
+    seconds = 0.0
+    for i, ((_, gold), answer) in enumerate(zip(items, answers)):
+        label = parse_sentiment(answer.text)
+        # forward passes: those of the answer's batch (its denoising steps); seconds: its share of the batch's time
+        forwards, seconds = forwards + answer.forward_passes, seconds + answer.seconds / answer.batch
+        correct += label == gold
+        unparseable += label is None
+        predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
+    n = len(items)
+    return {
+        "questions": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "unparseable": unparseable,
+        "forward_passes_per_answer": forwards / n,
+        "seconds_per_answer": seconds / n,
+    }
+
+
+def score_labels(name: str, kind: str, model, tokenizer, items, args, block_size, predictions: list) -> dict:
+    """Accuracy of choosing the more likely label; adds it to the last len(items) prediction records."""
+    chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
+    n, hits = len(items), sum(label == gold for label, (_, gold) in zip(chosen, items))
+    for record, label in zip(predictions[-n:], chosen):
+        record["likelihood_label"] = label
+    print(
+        f"{name}: choosing the more likely label: accuracy {hits / n:.3f} ({hits}/{n}), "
+        f"chose {', '.join(f'{label} {chosen.count(label)}x' for label in SENTIMENT_LABELS)}"
+        + ("" if kind == "ar" else f" ({args.mc_samples} mask draws per label)")
+    )
+    return {
+        "likelihood_accuracy": hits / n,
+        "likelihood_choices": {label: chosen.count(label) for label in SENTIMENT_LABELS},
+    }
 
 
 def main(argv=None) -> dict:
@@ -131,72 +189,19 @@ def main(argv=None) -> dict:
     ):
         if not path:
             continue
-        model, tokenizer, checkpoint = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
-        correct = unparseable = forwards = 0
-        seconds = 0.0
-        items = questions(args.data, tokenizer, args.limit)
-        sampler = as_trained(
-            DiffusionSamplerConfig(
-                gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens, threshold=args.threshold
-            ),
-            checkpoint,
-        )
-        if kind == "diffusion" and sampler.block_causal:
-            print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_length}")
-        answers = []
-        with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar:
-            for start in range(0, len(items), args.batch_size):
-                prompts = [prompt for prompt, _ in items[start : start + args.batch_size]]
-                if kind == "ar":
-                    answers += ar_answers(
-                        model,
-                        tokenizer,
-                        prompts,
-                        args.max_new_tokens,
-                        device,
-                        dtype=args.dtype,
-                        batch_size=args.batch_size,
-                    )
-                else:
-                    answers += diffusion_answers(
-                        model, tokenizer, prompts, sampler, device, dtype=args.dtype, batch_size=args.batch_size
-                    )
-                bar.update(len(prompts))
-        for i, ((_, gold), answer) in enumerate(zip(items, answers)):
-            label = parse_sentiment(answer.text)
-            # forward passes: those of the answer's batch (its denoising steps); seconds: its share of the batch's time
-            forwards, seconds = forwards + answer.forward_passes, seconds + answer.seconds / answer.batch
-            correct += label == gold
-            unparseable += label is None
-            predictions.append({"model": name, "index": i, "gold": gold, "answer": answer.text, "label": label})
-        n = len(items)
-        results[name] = {
-            "questions": n,
-            "correct": correct,
-            "accuracy": correct / n,
-            "unparseable": unparseable,
-            "forward_passes_per_answer": forwards / n,
-            "seconds_per_answer": seconds / n,
-        }
+        loaded = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
+        items = questions(args.data, loaded[1], args.limit)
+        answers, sampler = decode_answers(name, kind, loaded, items, args, device)
+        result = results[name] = score_answers(name, items, answers, predictions)
         print(
-            f"{name}: accuracy {correct / n:.3f} ({correct}/{n}), unparseable {unparseable}, "
-            f"{forwards / n:.1f} forward passes (of its batch) and {1000 * seconds / n:.1f} ms per answer (batch {args.batch_size})  [{path}]"
+            f"{name}: accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}), "
+            f"unparseable {result['unparseable']}, {result['forward_passes_per_answer']:.1f} forward passes "
+            f"(of its batch) and {1000 * result['seconds_per_answer']:.1f} ms per answer "
+            f"(batch {args.batch_size})  [{path}]"
         )
-        if args.score_labels:
-            block_size = sampler.block_length if kind == "diffusion" and sampler.block_causal else None
-            chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
-            hits = sum(label == gold for label, (_, gold) in zip(chosen, items))
-            results[name].update(
-                likelihood_accuracy=hits / n,
-                likelihood_choices={label: chosen.count(label) for label in SENTIMENT_LABELS},
-            )
-            for record, label in zip(predictions[-n:], chosen):
-                record["likelihood_label"] = label
-            print(
-                f"{name}: choosing the more likely label: accuracy {hits / n:.3f} ({hits}/{n}), "
-                f"chose {', '.join(f'{label} {chosen.count(label)}x' for label in SENTIMENT_LABELS)}"
-                + ("" if kind == "ar" else f" ({args.mc_samples} mask draws per label)")
-            )
+        if args.score_labels:  # a block-trained model's likelihood is estimated block by block, as it decodes
+            block_size = sampler.block_size if sampler is not None and sampler.block_causal else None
+            result.update(score_labels(name, kind, loaded[0], loaded[1], items, args, block_size, predictions))
     if args.out:
         Path(args.out).write_text(
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8"

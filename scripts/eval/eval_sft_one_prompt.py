@@ -2,8 +2,8 @@
 with a fair speed report: AR decodes with its KV cache, counts are generated token ids.
 
 uv run python -m scripts.eval.eval_sft_one_prompt --prompt "你好，请介绍你自己。" --tokenizer-dir . \
-    --minimind-checkpoint weights/minimind_sft_state_dict.pt --diffusion-checkpoint weights/diffusion_sft_state_dict.pt \
-    --seq-len 512 --max-new-tokens 128
+    --minimind-checkpoint weights/minimind_sft_state_dict.pt \
+    --diffusion-checkpoint weights/diffusion_sft_state_dict.pt --seq-len 512 --max-new-tokens 128
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import load_checkpoint_for_eval, load_for_eval
-from scripts.common.generation import (
-    ar_answers,
-    as_trained,
-    default_block_length,
-    diffusion_answer,
-    diffusion_answers,
-)
+from scripts.common.decoding import add_sampler_flags, flag_names, generation_length, sampler_from_args
+from scripts.common.evaluation import load_checkpoint_for_eval
+from scripts.common.generation import ar_answers, default_block_size, diffusion_answers
+from scripts.common.packing import chunks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,20 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar-temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--ar-top-k", type=int, default=0)
     p.add_argument("--ar-top-p", type=float, default=1.0)
-    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
-    p.add_argument(
-        "--block-length", type=int, default=None, help="diffusion block size (default: 32 if it divides the length)"
-    )
-    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel temperature; 0 = greedy")
-    p.add_argument("--gen-cfg-scale", type=float, default=0.0)
-    p.add_argument(
-        "--cache",
-        choices=["none", "prefix", "dual"],
-        default="none",
-        help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
-    )
-    p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding confidence threshold")
+    add_sampler_flags(p, block_default="32 if it divides the length")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -90,25 +73,10 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def sampler_for(args, prompt_len: int, checkpoint=None) -> DiffusionSamplerConfig:
-    room = args.seq_len - prompt_len
-    if room <= 0:
-        raise NanoLladaError(
-            f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {args.seq_len}; raise --seq-len"
-        )
-    gen = min(args.max_new_tokens, room)
-    block = args.block_length or default_block_length(gen)
-    sampler = DiffusionSamplerConfig(
-        gen_length=gen,
-        steps=args.gen_steps or gen,
-        block_length=block,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        cfg_scale=args.gen_cfg_scale,
-        threshold=args.threshold,
-        cache=args.cache,
-    )
-    return sampler if checkpoint is None else as_trained(sampler, checkpoint)
+def sampler_for(args, prompt_len: int, checkpoint) -> DiffusionSamplerConfig:
+    """The diffusion settings for a prompt (or a batch whose longest prompt is) `prompt_len` tokens long."""
+    gen_length = generation_length(prompt_len, args.seq_len, args.max_new_tokens)
+    return sampler_from_args(args, checkpoint, gen_length, args.block_length or default_block_size(gen_length))
 
 
 def report(name: str, answer, quiet: bool = False) -> None:
@@ -124,6 +92,58 @@ def report(name: str, answer, quiet: bool = False) -> None:
     )
 
 
+def load_models(args, device) -> dict:
+    """{"AR": (model, tokenizer, checkpoint), "Diffusion": ...} for the checkpoints given."""
+    models = {}
+    for name, path, kind in (
+        ("AR", args.minimind_checkpoint, "ar"),
+        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
+    ):
+        if path:
+            models[name] = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
+    return models
+
+
+def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[list, DiffusionSamplerConfig | None]:
+    """One model's answers to a batch of prompts, and the diffusion settings they were decoded with (one canvas for
+    a diffusion batch: its longest prompt sets the room left for the answers)."""
+    model, tokenizer, checkpoint = loaded
+    ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in prompts]
+    if name == "AR":
+        answers = ar_answers(
+            model,
+            tokenizer,
+            ids,
+            args.max_new_tokens,
+            device,
+            args.ar_temperature,
+            args.ar_top_k,
+            args.ar_top_p,
+            args.seed,
+            args.dtype,
+            batch_size=len(ids),
+        )
+        return answers, None
+    sampler = sampler_for(args, max(map(len, ids)), checkpoint)
+    with flag_names():
+        return diffusion_answers(model, tokenizer, ids, sampler, device, args.seed, args.dtype, len(ids)), sampler
+
+
+def summarize(rows: list[dict], names, args) -> None:
+    """Write the answers of --prompt-file and print each model's total speed (a batch's time counted once)."""
+    out = Path(args.out or f"{args.prompt_file}.answers.jsonl")
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for name in names:
+        stats = [r[name.lower()] for r in rows]
+        tokens = sum(s["new_tokens"] for s in stats)
+        seconds = sum(s["seconds"] / s["batch"] for s in stats)
+        print(
+            f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s "
+            f"= {tokens / max(seconds, 1e-9):.1f} tokens/s"
+        )
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if not args.minimind_checkpoint and not args.diffusion_checkpoint:
@@ -133,65 +153,19 @@ def main(argv=None) -> list[dict]:
     positive("--max-new-tokens", args.max_new_tokens)
     positive("--batch-size", args.batch_size)
     device = pick_device(args.device)
-    models = {}
-    if args.minimind_checkpoint:
-        models["AR"] = load_for_eval(args.minimind_checkpoint, args.tokenizer_dir, "ar", device)
-    checkpoint = None
-    if args.diffusion_checkpoint:
-        model, tokenizer, checkpoint = load_checkpoint_for_eval(
-            args.diffusion_checkpoint, args.tokenizer_dir, "diffusion", device
-        )
-        models["Diffusion"] = (model, tokenizer)
-        trained = as_trained(sampler_for(args, 1), checkpoint)
-        if trained.block_causal:
-            print(
-                f"block-trained diffusion checkpoint: decoding block-causally with block size {trained.block_length} "
-                f"(--block-length and --cache do not apply)"
-            )
+    models = load_models(args, device)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     quiet = len(prompts) > 1
-    rows = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
+    rows, noted = [], False
+    for chunk in chunks(prompts, args.batch_size):
         answers = {}
-        for name, (model, tokenizer) in models.items():
-            ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in chunk]
-            if name == "AR":
-                answers[name] = ar_answers(
-                    model,
-                    tokenizer,
-                    ids,
-                    args.max_new_tokens,
-                    device,
-                    args.ar_temperature,
-                    args.ar_top_k,
-                    args.ar_top_p,
-                    args.seed,
-                    args.dtype,
-                    batch_size=len(chunk),
-                )
-            elif len(chunk) == 1:
-                answers[name] = [
-                    diffusion_answer(
-                        model,
-                        tokenizer,
-                        ids[0],
-                        sampler_for(args, len(ids[0]), checkpoint),
-                        device,
-                        args.seed,
-                        args.dtype,
-                    )
-                ]
-            else:  # one canvas for the batch: the longest prompt sets the room left for the answer
-                answers[name] = diffusion_answers(
-                    model,
-                    tokenizer,
-                    ids,
-                    sampler_for(args, max(map(len, ids)), checkpoint),
-                    device,
-                    args.seed,
-                    args.dtype,
-                    batch_size=len(chunk),
+        for name, loaded in models.items():
+            answers[name], sampler = answer_batch(name, loaded, args, chunk, device)
+            if sampler is not None and sampler.block_causal and not noted:
+                noted = True
+                print(
+                    f"block-trained diffusion checkpoint: decoding block-causally with block size {sampler.block_size} "
+                    f"(--block-length and --cache do not apply)"
                 )
         for i, prompt in enumerate(chunk):
             row = {"prompt": prompt}
@@ -200,20 +174,9 @@ def main(argv=None) -> list[dict]:
                 row[name.lower()] = {"text": answers[name][i].text, **answers[name][i].stats()}
             rows.append(row)
         if quiet:
-            print(f"[{start + len(chunk)}/{len(prompts)}] {chunk[-1][:40]}")
+            print(f"[{len(rows)}/{len(prompts)}] {chunk[-1][:40]}")
     if args.prompt_file:
-        out = Path(args.out or f"{args.prompt_file}.answers.jsonl")
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        for name in models:
-            stats = [r[name.lower()] for r in rows]
-            tokens, seconds = (
-                sum(s["new_tokens"] for s in stats),
-                sum(s["seconds"] / s["batch"] for s in stats),
-            )  # batch time once
-            print(
-                f"{name}: {len(stats)} prompts, {tokens} tokens in {seconds:.2f} s = {tokens / max(seconds, 1e-9):.1f} tokens/s"
-            )
-        print(f"wrote {out}")
+        summarize(rows, models, args)
     return rows
 
 

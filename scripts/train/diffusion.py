@@ -34,9 +34,9 @@ from scripts.common.cli import model_config_from_args, positive, run_main
 from scripts.common.evaluation import check_compatible
 from scripts.common.packing import document_ids
 from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.topk import TopKCheckpoints
 from scripts.common.trainer import RunFiles, RunOptions, Task, train
 from scripts.common.trainer_cli import check_training_flags, start_run
-from scripts.train.merge_checkpoints import TopKCheckpoints
 
 
 def int_list(text: str) -> list[int]:

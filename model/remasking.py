@@ -1,0 +1,134 @@
+"""LLaDA's remasking step, shared by every diffusion sampler (model/sampling.py): how many masked positions a
+step commits (the linear schedule, or a confidence threshold), which ones (lowest-confidence remasking or
+random), to what tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free
+guidance; and the tally of forward passes and commits of one generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [B, gen_length] generated ids (EOS-filled after an early stop)
+    nfe: int  # model forward passes (a CFG pair counts once: it is one batched call)
+    commits: list[torch.Tensor] = field(default_factory=list)  # per step: tokens committed per row
+
+
+def step_quotas(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's linear schedule: split each row's masked count over `steps` as evenly as possible,
+    larger quotas first. Returns [B, steps]; every row sums to its masked count."""
+    base = masked_count[:, None] // steps
+    extra = torch.arange(steps, device=masked_count.device)[None, :] < (masked_count % steps)[:, None]
+    return base + extra.long()
+
+
+def _sampled_tokens(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    # Gumbel-max in float64: argmax(l/T + g) is an exact sample from softmax(l/T).
+    uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float64, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    return (logits.double() / temperature + gumbel).argmax(-1)
+
+
+def _with_unconditional(view: torch.Tensor, start: int, prompt_len: int, mask_id: int, guided: bool) -> torch.Tensor:
+    """Model input rows for canvas columns [start, ...); with CFG, stacked with a copy whose prompt is hidden
+    (LLaDA's unsupervised classifier-free guidance)."""
+    if not guided:
+        return view
+    unconditional = view.clone()
+    unconditional[:, : max(0, prompt_len - start)] = mask_id
+    return torch.cat([view, unconditional])
+
+
+def _combine_guidance(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """u + (w + 1)(c - u) for logits stacked [conditional; unconditional]; unchanged (as float) when w = 0."""
+    if cfg_scale == 0:
+        return logits.float()
+    cond, uncond = logits.float().chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def _guided_logits(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, cfg_scale: float) -> torch.Tensor:
+    rows = _with_unconditional(canvas, 0, prompt_len, mask_id, cfg_scale != 0)
+    return _combine_guidance(model(rows, attention="bidirectional"), cfg_scale)
+
+
+def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, N]: the `quota[b]` highest-scoring positions of each row (scores of -inf never chosen)."""
+    ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (ranks < quota[:, None]) & torch.isfinite(scores)
+
+
+def _choose_commits(
+    logits: torch.Tensor, open_here: torch.Tensor, sampler, quota, mask_id: int, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions to commit now, candidate tokens) among the open positions, by quota or by threshold."""
+    logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
+    candidates = _sampled_tokens(logits, sampler.temperature, generator)
+    if sampler.remasking == "low_confidence":
+        confidence = logits.softmax(-1).gather(-1, candidates[..., None]).squeeze(-1)
+    else:
+        confidence = torch.rand(open_here.shape, device=open_here.device, generator=generator)
+    scores = confidence.masked_fill(~open_here, float("-inf"))
+    if quota is None:  # threshold decoding: everything confident enough, and at least the best one
+        commit = open_here & (confidence >= sampler.threshold)
+        commit |= _commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
+    else:
+        commit = _commit_top(scores, quota)
+    return commit, candidates
+
+
+def block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_steps: int, threshold: float | None):
+    """For each step of block [lo, hi) that needs a forward pass, the per-row commit quota (None when decoding by
+    threshold), until the block has no mask left. The caller commits into `canvas` in place between steps.
+    Steps whose quotas are all zero are skipped: nothing to commit, so no forward pass."""
+    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if threshold is None else None
+    step = 0
+    while (canvas[:, lo:hi] == mask_id).any():
+        if quotas is None:
+            yield None
+            continue
+        if step >= block_steps:
+            return  # cannot happen: quotas sum to the masked count
+        quota = quotas[:, step]
+        step += 1
+        if quota.any():
+            yield quota
+
+
+class DecodingRun:
+    """What every step of one generation shares: model, settings, prompt width, and the tally of forward passes
+    and per-row commits (always over the whole batch, whichever rows are still decoding)."""
+
+    def __init__(self, model, sampler, mask_id: int, generator, prompt: torch.Tensor):
+        self.model, self.sampler, self.mask_id, self.generator = model, sampler, mask_id, generator
+        self.batch, self.prompt_width = prompt.shape
+        self.guided = sampler.cfg_scale != 0
+        self.result = SampleResult(prompt[:, :0], 0)
+
+    def inputs(self, view: torch.Tensor, start: int) -> torch.Tensor:
+        """Model input rows for canvas columns [start, ...) of `view` (doubled for CFG)."""
+        return _with_unconditional(view, start, self.prompt_width, self.mask_id, self.guided)
+
+    def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """One counted forward pass (a CFG pair is one batched call)."""
+        self.result.nfe += 1
+        return self.model(ids, **kwargs)
+
+    def commit(self, logits, view: torch.Tensor, lo: int, hi: int, quota, rows: torch.Tensor | None) -> None:
+        """Commit this step's tokens into view[:, lo:hi] in place; `rows`: the view's rows in the batch (None: all)."""
+        current = view[:, lo:hi]
+        logits = _combine_guidance(logits, self.sampler.cfg_scale)
+        commit, candidates = _choose_commits(
+            logits, current == self.mask_id, self.sampler, quota, self.mask_id, self.generator
+        )
+        view[:, lo:hi] = torch.where(commit, candidates.to(view.dtype), current)
+        counts = commit.sum(1)
+        if rows is not None:  # rows that have ended commit 0
+            counts = torch.zeros(self.batch, dtype=counts.dtype, device=counts.device).index_copy(0, rows, counts)
+        self.result.commits.append(counts)

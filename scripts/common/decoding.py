@@ -1,0 +1,93 @@
+"""The diffusion decoding flags of the eval entry points, written once, and how their values become the settings
+a checkpoint decodes with (model.sampling.sampler_for_checkpoint decides the mode from the checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from model.errors import NanoLladaError, SettingError
+from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
+
+# The command-line name of each sampler parameter, for the library's messages (model.errors.SettingError).
+SAMPLER_FLAGS = {
+    "gen_length": "--max-new-tokens",
+    "steps": "--gen-steps",
+    "block_size": "--block-length",
+    "remasking": "--remasking",
+    "cache": "--cache",
+    "threshold": "--threshold",
+    "decoding": "--decoding",
+}
+
+
+def add_sampler_flags(p: argparse.ArgumentParser, block_default: str) -> None:
+    """The sampler flags of eval_diffusion and eval_sft_one_prompt (`block_default`: what no --block-length means)."""
+    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
+    p.add_argument(
+        "--block-length", type=int, default=None, help=f"semi-autoregressive block size (default: {block_default})"
+    )
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel-max temperature; 0 = greedy")
+    p.add_argument(
+        "--gen-cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight (0 = off)"
+    )
+    p.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        default="none",
+        help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= this"
+    )
+
+
+def generation_length(prompt_len: int, seq_len: int, max_new_tokens: int) -> int:
+    """--max-new-tokens, lowered where needed so that prompt + generation fit --seq-len (the canvas limit)."""
+    room = seq_len - prompt_len
+    if room <= 0:
+        raise NanoLladaError(
+            f"the prompt is {prompt_len} tokens, which leaves no room in --seq-len {seq_len}; "
+            "shorten it or raise --seq-len"
+        )
+    return min(max_new_tokens, room)
+
+
+def sampler_from_args(
+    args,
+    checkpoint,
+    gen_length: int,
+    block_size: int | None,
+    decoding: str = "auto",
+    trained_block_override: int | None = None,
+    prompt_len: int | None = None,
+    **options,
+) -> DiffusionSamplerConfig:
+    """The settings `checkpoint` decodes with under the sampler flags, validated (for a prompt of `prompt_len`
+    tokens when given); `options` are more sampler fields. `decoding` and `trained_block_override` replace the
+    checkpoint's own mode and block size (eval_diffusion's --decoding and --block-length)."""
+    asked = DiffusionSamplerConfig(
+        gen_length=gen_length,
+        steps=args.gen_steps or gen_length,
+        block_size=block_size,
+        temperature=args.temperature,
+        remasking=args.remasking,
+        cfg_scale=args.gen_cfg_scale,
+        threshold=args.threshold,
+        cache=args.cache,
+        **options,
+    )
+    with flag_names():
+        sampler = sampler_for_checkpoint(checkpoint, asked, decoding, trained_block_override)
+        sampler.validate(prompt_len)
+    return sampler
+
+
+@contextlib.contextmanager
+def flag_names():
+    """Reword the sampler's complaints about its parameters as complaints about the command-line flags."""
+    try:
+        yield
+    except SettingError as err:
+        raise NanoLladaError(err.worded(SAMPLER_FLAGS)) from None
