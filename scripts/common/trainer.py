@@ -70,6 +70,23 @@ class LossWindow:
 
 
 @dataclass
+class Models:
+    """One set of weights in the wrappings each use needs."""
+
+    plain: torch.nn.Module  # what checkpoints hold and clipping sees
+    train: torch.nn.Module  # compiled (with --compile on CUDA) and wrapped in DDP under torchrun
+    eval: torch.nn.Module  # compiled only: without DDP, ranks may score different numbers of batches
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, compile_model: bool, device: torch.device, env: distributed.Dist) -> Models:
+        eval_model = torch.compile(model) if compile_model else model
+        ddp = distributed.wrap(model, device) if env.enabled else None
+        train_model = eval_model if ddp is None else (torch.compile(ddp) if compile_model else ddp)
+        return cls(model, train_model, eval_model, ddp)
+
+
+@dataclass
 class Run:
     """A run's parts, built once by `_start`; the loop's steps read and update them."""
 
@@ -78,10 +95,7 @@ class Run:
     options: RunOptions
     device: torch.device
     env: distributed.Dist
-    model: torch.nn.Module  # the plain model: what checkpoints hold and the clipping sees
-    train_model: torch.nn.Module  # model, compiled and/or wrapped in DDP
-    eval_model: torch.nn.Module  # model, compiled (no DDP: ranks score different batches)
-    ddp: torch.nn.parallel.DistributedDataParallel | None
+    models: Models
     optimizer: torch.optim.Optimizer
     state: TrainState
     files: RunFiles
@@ -127,11 +141,8 @@ def _start(model, cfg: TrainConfig, task: Task, options: RunOptions, device, env
     if env.is_main:
         files.metrics.parent.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(files.metrics, state.step)
-    compile_model = cfg.compile and device.type == "cuda"
-    eval_model = torch.compile(model) if compile_model else model
     # DDP is built after the checks above (its construction is a collective), so no rank trains while another raised.
-    ddp = distributed.wrap(model, device) if env.enabled else None
-    train_model = eval_model if ddp is None else (torch.compile(ddp) if compile_model else ddp)
+    models = Models.wrap(model, cfg.compile and device.type == "cuda", device, env)
     meta = {"train_config": asdict(cfg), **options.meta}
     writer = CheckpointWriter(files, cfg.kind, model, options.tokenizer_identity, meta, device)
     bar = tqdm(
@@ -143,29 +154,13 @@ def _start(model, cfg: TrainConfig, task: Task, options: RunOptions, device, env
         disable=not env.is_main,
     )
     metrics = MetricsLog(files.metrics if env.is_main else None)
-    return Run(
-        cfg,
-        task,
-        options,
-        device,
-        env,
-        model,
-        train_model,
-        eval_model,
-        ddp,
-        optimizer,
-        state,
-        files,
-        writer,
-        metrics,
-        bar,
-    )
+    return Run(cfg, task, options, device, env, models, optimizer, state, files, writer, metrics, bar)
 
 
 def _loop(run: Run) -> bool:
     """Optimizer steps until max_steps; True if early stopping ended the run."""
     cfg, state = run.cfg, run.state
-    run.train_model.train()
+    run.models.train.train()
     batches = Prefetcher(run.task.batch_fn, stop=cfg.max_steps * cfg.accumulation_steps, pin_device=run.device)
     try:
         if state.step == 0 and run.task.val_batches:
@@ -216,11 +211,11 @@ def _forward_backward(run: Run, batches: Prefetcher) -> tuple[torch.Tensor, dict
         run.window.tokens += tokens_in(batch)
         batch, weight = distributed.local_share(batch, run.env, run.task.loss_count)
         # DDP all-reduces gradients in backward; only the last micro-step of an accumulation needs that.
-        sync = run.ddp is None or micro == cfg.accumulation_steps - 1
-        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+        sync = run.models.ddp is None or micro == cfg.accumulation_steps - 1
+        with contextlib.nullcontext() if sync else run.models.ddp.no_sync():
             with autocast(run.device, cfg.dtype):
                 rng = _train_rng(run, k)
-                loss, info = _split(run.task.loss_fn(run.train_model, to_device(batch, run.device), rng, step))
+                loss, info = _split(run.task.loss_fn(run.models.train, to_device(batch, run.device), rng, step))
                 loss = loss / cfg.accumulation_steps
                 if weight != 1.0:
                     loss = loss * weight
@@ -231,7 +226,7 @@ def _forward_backward(run: Run, batches: Prefetcher) -> tuple[torch.Tensor, dict
 
 def _optimizer_step(run: Run) -> None:
     if run.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.models.plain.parameters(), run.cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -260,13 +255,13 @@ def _evaluate(run: Run) -> float:
     """Mean validation loss over the fixed batches; with N ranks, rank r scores batches r, r+N, ... with the
     same seeds as one process would, and the per-batch losses are summed over ranks: the same number."""
     val_batches, device, env = run.task.val_batches, run.device, run.env
-    run.eval_model.eval()
+    run.models.eval.eval()
     losses = torch.zeros(len(val_batches), device=device)
     with torch.no_grad(), autocast(device, run.cfg.dtype):
         for i in range(env.rank, len(val_batches), env.world_size):  # fixed seeds: every eval sees the same masks
             rng = _rng(device, run.cfg.seed, -1, i)
-            losses[i] = _split(run.task.val_loss_fn(run.eval_model, to_device(val_batches[i], device), rng))[0].float()
-    run.eval_model.train()
+            losses[i] = run.task.val_loss_fn(run.models.eval, to_device(val_batches[i], device), rng).float()
+    run.models.eval.train()
     return distributed.all_reduce_(losses).mean().item()
 
 
