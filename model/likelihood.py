@@ -27,14 +27,7 @@ from model.tokenizer import PAD_ID
 
 @torch.no_grad()
 def diffusion_nelbo_terms(
-    model,
-    input_ids: torch.Tensor,
-    mask_id: int,
-    num_samples: int,
-    generator: torch.Generator,
-    eps: float = 1e-3,
-    maskable: torch.Tensor | None = None,
-    block_size: int | None = None,
+    model, input_ids, mask_id, num_samples, generator, eps=1e-3, maskable=None, block_size=None
 ) -> torch.Tensor:
     """Per-row Monte-Carlo terms of the NELBO, float64 [num_samples, B]: sum over masked tokens of CE / t.
 
@@ -63,13 +56,7 @@ def pad_to_blocks(input_ids: torch.Tensor, scored: torch.Tensor, block_size: int
 
 @torch.no_grad()
 def diffusion_nelbo(
-    model,
-    input_ids: torch.Tensor,
-    mask_id: int,
-    num_samples: int,
-    generator: torch.Generator,
-    eps: float = 1e-3,
-    block_size: int | None = None,
+    model, input_ids, mask_id, num_samples, generator, eps=1e-3, block_size=None
 ) -> tuple[float, float]:
     """(mean, standard error) of the per-token NELBO of input_ids [B, L] over num_samples i.i.d. mask draws."""
     maskable = pretraining_maskable(input_ids)

@@ -11,30 +11,19 @@ Every step prints the command it runs, so you can rerun or scale any of them by 
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import time
 from pathlib import Path
 
 from scripts.common.cli import run_main
+from scripts.common.pipeline import SMALL_MODEL, cli, step
 
-SMALL_MODEL = [
-    "--hidden-size",
-    "128",
-    "--num-hidden-layers",
-    "4",
-    "--num-attention-heads",
-    "4",
-    "--num-key-value-heads",
-    "2",
-]
+PROMPT = "下面这条商品评论的情感是正面还是负面？请只回答“正面”或“负面”。\n评论：质量很好，物流也快，非常满意！"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--out-dir", default="weights/quickstart", help="where the quickstart's checkpoints go (cleared first)"
-    )
+    p.add_argument("--out-dir", default="weights/quickstart", help="where its checkpoints go (cleared first)")
     p.add_argument("--data-dir", default="dataset")
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--sft-steps", type=int, default=80)
@@ -43,15 +32,93 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def step(title: str, module: str, argv: list[str]):
-    """Run one entry point in this process (imports are paid once), after printing its command line."""
-    import importlib
+def pretrain(args, out: Path, data: Path) -> tuple[dict, dict]:
+    """AR pretraining, then diffusion pretraining initialised from it."""
+    # fmt: off
+    common = cli(data=data / "sample_pretrain.jsonl", jsonl_field="text", tokenizer_dir=".", save_dir=out,
+                 device=args.device, **SMALL_MODEL, seq_len=128, batch_size=16, max_iters=args.pretrain_steps,
+                 warmup_steps=15, learning_rate="2e-3", eval_interval=50, eval_batches=4, log_interval=10)
+    # fmt: on
+    ar = step("1. AR pretraining", "scripts.train.train_pretrain", [*common, *cli(run_name="quick_ar")])
+    diffusion = step(
+        "2. Diffusion pretraining, initialised from the AR model",
+        "scripts.train.diffusion",
+        cli(
+            "--train",
+            "--use-tokenizer",
+            *common,
+            run_name="quick_diffusion",
+            mask_schedule="iid_t",
+            init_from_minimind=out / "quick_ar_state_dict.pt",
+        ),
+    )
+    return ar, diffusion
 
-    print(f"\n## {title}\n$ uv run python -m {module} {shlex.join(argv)}", flush=True)
-    start = time.perf_counter()
-    result = importlib.import_module(module).main(argv)
-    print(f"({time.perf_counter() - start:.0f} s)")
-    return result
+
+def samples(args, out: Path, data: Path) -> None:
+    """A greedy continuation and the held-out loss of each pretrained model."""
+    common = cli(
+        tokenizer_dir=".",
+        prompt="中国经济",
+        max_new_tokens=40,
+        seq_len=128,
+        eval_data=data / "sample_pretrain_val.jsonl",
+        eval_max_batches=8,
+        device=args.device,
+    )
+    step(
+        "3a. AR sample",
+        "scripts.eval.eval_minimind",
+        cli(*common, checkpoint=out / "quick_ar_state_dict.pt", temperature=0),
+    )
+    step(
+        "3b. Diffusion sample",
+        "scripts.eval.eval_diffusion",
+        cli(*common, checkpoint=out / "quick_diffusion_best.pt", block_length=8),
+    )
+
+
+def finetune(args, out: Path, data: Path) -> None:
+    """AR SFT and diffusion SFT on the review-sentiment questions, each from its pretrained model."""
+    # fmt: off
+    common = cli(data=data / "sample_sft_train.jsonl", eval_data=data / "sample_sft_val.jsonl", tokenizer_dir=".",
+                 save_dir=out, device=args.device, max_seq_len=256, batch_size=16, max_steps=args.sft_steps,
+                 learning_rate="1e-3", warmup_steps=10, eval_interval=40, eval_batches=4)
+    # fmt: on
+    step(
+        "4a. AR SFT",
+        "scripts.train.train_sft_minimind",
+        cli(*common, run_name="quick_ar_sft", load_from=out / "quick_ar_state_dict.pt"),
+    )
+    step(
+        "4b. Diffusion SFT",
+        "scripts.train.train_sft_diffusion",
+        cli(*common, run_name="quick_diffusion_sft", load_from=out / "quick_diffusion_best.pt"),
+    )
+
+
+def compare(args, out: Path, data: Path) -> dict:
+    """Both SFT models on one prompt side by side, then their accuracy on held-out reviews."""
+    checkpoints = cli(
+        minimind_checkpoint=out / "quick_ar_sft_state_dict.pt",
+        diffusion_checkpoint=out / "quick_diffusion_sft_state_dict.pt",
+    )
+    step(
+        "5. One prompt, side by side",
+        "scripts.eval.eval_sft_one_prompt",
+        cli(*checkpoints, prompt=PROMPT, tokenizer_dir=".", seq_len=256, max_new_tokens=8, device=args.device),
+    )
+    return step(
+        "6. Sentiment accuracy on held-out reviews",
+        "scripts.eval.eval_sft_accuracy",
+        cli(
+            *checkpoints,
+            data=data / "sample_sft_test.jsonl",
+            tokenizer_dir=".",
+            limit=args.accuracy_questions,
+            device=args.device,
+        ),
+    )
 
 
 def main(argv=None) -> dict:
@@ -59,168 +126,12 @@ def main(argv=None) -> dict:
     out, data = Path(args.out_dir), Path(args.data_dir)
     if out.exists():
         shutil.rmtree(out)
-    device = ["--device", args.device] if args.device else []
-    common = ["--tokenizer-dir", ".", "--save-dir", str(out), *device]
     started = time.perf_counter()
-
-    step("0. Build the offline sample", "scripts.data.sample", ["--out-dir", str(data)])
-    pretrain = [
-        "--data",
-        str(data / "sample_pretrain.jsonl"),
-        "--jsonl-field",
-        "text",
-        *common,
-        *SMALL_MODEL,
-        "--seq-len",
-        "128",
-        "--batch-size",
-        "16",
-        "--max-iters",
-        str(args.pretrain_steps),
-        "--warmup-steps",
-        "15",
-        "--eval-interval",
-        "50",
-        "--eval-batches",
-        "4",
-        "--log-interval",
-        "10",
-    ]
-    ar = step(
-        "1. AR pretraining",
-        "scripts.train.train_pretrain",
-        [*pretrain, "--run-name", "quick_ar", "--learning-rate", "2e-3"],
-    )
-    diffusion = step(
-        "2. Diffusion pretraining, initialised from the AR model",
-        "scripts.train.diffusion",
-        [
-            "--train",
-            "--use-tokenizer",
-            *pretrain,
-            "--run-name",
-            "quick_diffusion",
-            "--learning-rate",
-            "2e-3",
-            "--mask-schedule",
-            "iid_t",
-            "--init-from-minimind",
-            str(out / "quick_ar_state_dict.pt"),
-        ],
-    )
-    step(
-        "3a. AR sample",
-        "scripts.eval.eval_minimind",
-        [
-            "--checkpoint",
-            str(out / "quick_ar_state_dict.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--prompt",
-            "中国经济",
-            "--max-new-tokens",
-            "40",
-            "--temperature",
-            "0",
-            "--eval-data",
-            str(data / "sample_pretrain_val.jsonl"),
-            "--seq-len",
-            "128",
-            "--eval-max-batches",
-            "8",
-            *device,
-        ],
-    )
-    step(
-        "3b. Diffusion sample",
-        "scripts.eval.eval_diffusion",
-        [
-            "--checkpoint",
-            str(out / "quick_diffusion_best.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--seq-len",
-            "128",
-            "--prompt",
-            "中国经济",
-            "--max-new-tokens",
-            "40",
-            "--block-length",
-            "8",
-            "--eval-data",
-            str(data / "sample_pretrain_val.jsonl"),
-            "--eval-max-batches",
-            "8",
-            *device,
-        ],
-    )
-    sft = [
-        "--data",
-        str(data / "sample_sft_train.jsonl"),
-        "--eval-data",
-        str(data / "sample_sft_val.jsonl"),
-        *common,
-        "--max-seq-len",
-        "256",
-        "--batch-size",
-        "16",
-        "--max-steps",
-        str(args.sft_steps),
-        "--learning-rate",
-        "1e-3",
-        "--warmup-steps",
-        "10",
-        "--eval-interval",
-        "40",
-        "--eval-batches",
-        "4",
-    ]
-    step(
-        "4a. AR SFT",
-        "scripts.train.train_sft_minimind",
-        [*sft, "--run-name", "quick_ar_sft", "--load-from", str(out / "quick_ar_state_dict.pt")],
-    )
-    step(
-        "4b. Diffusion SFT",
-        "scripts.train.train_sft_diffusion",
-        [*sft, "--run-name", "quick_diffusion_sft", "--load-from", str(out / "quick_diffusion_best.pt")],
-    )
-    checkpoints = [
-        "--minimind-checkpoint",
-        str(out / "quick_ar_sft_state_dict.pt"),
-        "--diffusion-checkpoint",
-        str(out / "quick_diffusion_sft_state_dict.pt"),
-    ]
-    step(
-        "5. One prompt, side by side",
-        "scripts.eval.eval_sft_one_prompt",
-        [
-            "--prompt",
-            "下面这条商品评论的情感是正面还是负面？请只回答“正面”或“负面”。\n评论：质量很好，物流也快，非常满意！",
-            "--tokenizer-dir",
-            ".",
-            *checkpoints,
-            "--seq-len",
-            "256",
-            "--max-new-tokens",
-            "8",
-            *device,
-        ],
-    )
-    accuracy = step(
-        "6. Sentiment accuracy on held-out reviews",
-        "scripts.eval.eval_sft_accuracy",
-        [
-            "--data",
-            str(data / "sample_sft_test.jsonl"),
-            "--tokenizer-dir",
-            ".",
-            *checkpoints,
-            "--limit",
-            str(args.accuracy_questions),
-            *device,
-        ],
-    )
+    step("0. Build the offline sample", "scripts.data.sample", cli(out_dir=data))
+    ar, diffusion = pretrain(args, out, data)
+    samples(args, out, data)
+    finetune(args, out, data)
+    accuracy = compare(args, out, data)
     print(
         f"\nquickstart done in {time.perf_counter() - started:.0f} s: AR val loss {ar['best_val']:.3f}, "
         f"diffusion val loss (NELBO bound) {diffusion['best_val']:.3f}, accuracy AR {accuracy['AR']['accuracy']:.2f} / "
