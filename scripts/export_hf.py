@@ -1,6 +1,7 @@
 """Export a checkpoint as a Hugging Face directory (config, safetensors, tokenizer with <|mask|>, modelling code).
 
-uv run python -m scripts.export_hf --checkpoint weights/minimind_pretrain_state_dict.pt --out hf/minimind --tokenizer-dir .
+uv run python -m scripts.export_hf --checkpoint weights/minimind_pretrain_state_dict.pt --out hf/minimind \
+    --tokenizer-dir .
 
 Load it with transformers (trust_remote_code runs the copied model/hf/modeling_nano_llada.py):
   AR:        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  -> generate() works
@@ -14,24 +15,14 @@ import argparse
 
 from model.hf.convert import export_hf
 from scripts.common.cli import run_main
+from scripts.common.evaluation import add_checkpoint_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="nano-llada checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth",
-    )
+    add_checkpoint_flags(p, "nano-llada checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
     p.add_argument(
         "--out", required=True, help="directory to write (created if missing; existing files are overwritten)"
-    )
-    p.add_argument("--tokenizer-dir", default=".", help="the tokenizer the checkpoint was trained with")
-    p.add_argument(
-        "--num-attention-heads",
-        type=int,
-        default=None,
-        help="only for MiniMind2 .pth files, which do not store it (default 8)",
     )
     return p.parse_args(argv)
 
@@ -42,7 +33,8 @@ def main(argv=None) -> None:
     auto = next(name for name in config["auto_map"] if name.startswith("AutoModelFor"))
     print(
         f"exported {config['kind']} model ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"vocab {config['vocab_size']}) to {args.out}; load with {auto}.from_pretrained('{args.out}', trust_remote_code=True)"
+        f"vocab {config['vocab_size']}) to {args.out}; "
+        f"load with {auto}.from_pretrained('{args.out}', trust_remote_code=True)"
     )
 
 

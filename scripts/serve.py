@@ -20,24 +20,13 @@ from pathlib import Path
 from model.errors import NanoLladaError
 from scripts.common.chat_http import make_server
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import load_checkpoint_for_eval
+from scripts.common.evaluation import add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.serving import ChatEngine, Defaults
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth",
-    )
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument(
-        "--num-attention-heads",
-        type=int,
-        default=None,
-        help="only for MiniMind2 .pth files, which do not store it (default 8)",
-    )
+    add_checkpoint_flags(p, "AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8998, help="0 picks a free port")
     p.add_argument(
@@ -45,35 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives no max_tokens")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="default temperature (default 0.8 for AR, 0 = greedy for diffusion)",
-    )
+    p.add_argument("--temperature", type=float, default=None, help="default: 0.8 for AR, 0 (greedy) for diffusion")
     p.add_argument("--top-k", type=int, default=20, help="AR default top-k (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="AR default nucleus mass")
-    p.add_argument(
-        "--gen-steps",
-        "--steps",
-        dest="steps",
-        type=int,
-        default=None,
-        help="diffusion forward passes over all blocks (default: one per token)",
-    )
-    p.add_argument("--block-length", type=int, default=32, help="diffusion block size; 0 = one block")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="diffusion parallel decoding: commit every token with confidence >= this",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        help="diffusion canvas limit, prompt + generation (default: max_position_embeddings)",
-    )
+    diffusion = p.add_argument_group("diffusion defaults (a request's steps, block_length, threshold override them)")
+    steps_help = "forward passes over all blocks (default: one per token)"
+    diffusion.add_argument("--gen-steps", "--steps", dest="steps", type=int, default=None, help=steps_help)
+    diffusion.add_argument("--block-length", type=int, default=32, help="block size; 0 = one block")
+    diffusion.add_argument("--threshold", type=float, default=None, help="commit every token at least this confident")
+    seq_help = "canvas limit, prompt + generation (default: max_position_embeddings)"
+    diffusion.add_argument("--seq-len", type=int, default=None, help=seq_help)
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     return p.parse_args(argv)
 

@@ -16,6 +16,14 @@ def write_metrics(path, val_losses):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
+def run_compare(tmp_path, checkpoints: list[str], out, *flags: str) -> dict:
+    """scripts.eval.compare on a small held-out corpus, 32-token rows, one batch."""
+    argv = [flag for checkpoint in checkpoints for flag in ("--checkpoint", checkpoint)]
+    corpus = write_corpus(tmp_path / "val.jsonl")
+    argv += ["--tokenizer-dir", str(ROOT), "--device", "cpu", "--eval-data", corpus, "--seq-len", "32"]
+    return compare.main([*argv, "--eval-max-batches", "1", "--out", str(out), *flags])
+
+
 def test_compare_writes_table_numbers_and_figures(tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -24,31 +32,16 @@ def test_compare_writes_table_numbers_and_figures(tmp_path):
     write_metrics(weights / "pretrain_ar_metrics.jsonl", [(0, 8.8), (10, 7.5), (20, 7.0)])
     write_metrics(weights / "diffusion_from_ar_metrics.jsonl", [(0, 9.0), (10, 8.1)])
     out = tmp_path / "report"
-    result = compare.main(
-        [
-            "--checkpoint",
-            ar,
-            "--checkpoint",
-            diffusion,
-            "--tokenizer-dir",
-            str(ROOT),
-            "--device",
-            "cpu",
-            "--eval-data",
-            write_corpus(tmp_path / "val.jsonl"),
-            "--seq-len",
-            "32",
-            "--eval-batch-size",
-            "4",
-            "--eval-max-batches",
-            "1",
-            "--mc-samples",
-            "2",
-            "--data",
-            write_csv(tmp_path / "mc.csv", letter_rows("A")[:2]),
-            "--out",
-            str(out),
-        ]
+    result = run_compare(
+        tmp_path,
+        [ar, diffusion],
+        out,
+        "--eval-batch-size",
+        "4",
+        "--mc-samples",
+        "2",
+        "--data",
+        write_csv(tmp_path / "mc.csv", letter_rows("A")[:2]),
     )
     table = (out / "comparison.md").read_text(encoding="utf-8")
     for expected in (
@@ -74,26 +67,7 @@ def test_compare_writes_table_numbers_and_figures(tmp_path):
 
 def test_compare_notes_runs_without_metrics(tmp_path):
     ar = save_tiny(tmp_path / "lonely.pt", "ar")
-    compare.main(
-        [
-            "--checkpoint",
-            ar,
-            "--tokenizer-dir",
-            str(ROOT),
-            "--device",
-            "cpu",
-            "--eval-data",
-            write_corpus(tmp_path / "val.jsonl"),
-            "--seq-len",
-            "32",
-            "--eval-batch-size",
-            "2",
-            "--eval-max-batches",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    run_compare(tmp_path, [ar], tmp_path / "out", "--eval-batch-size", "2")
     table = (tmp_path / "out" / "comparison.md").read_text(encoding="utf-8")
     assert "No validation records in" in table and "lonely_metrics.jsonl" in table
     assert not (tmp_path / "out" / "validation_curves.png").exists() and (tmp_path / "out" / "lm_nll.png").exists()

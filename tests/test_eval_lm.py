@@ -10,13 +10,13 @@ from conftest import ROOT, UniformModel
 
 from model.ar import next_token_loss
 from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
+from model.config import ModelConfig, preset
 from model.errors import NanoLladaError
 from model.likelihood import ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows, diffusion_nelbo_terms
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
+from scripts.common.lm_scores import ratio_mean_and_stderr, scored_positions
 from scripts.eval import eval_lm
-from scripts.eval.eval_lm import ratio_mean_and_stderr, scored_positions
 
 V, MASK = 101, 100
 SENTENCES = [
@@ -35,15 +35,13 @@ def repo_tokenizer():
 
 def tiny_eval_config() -> ModelConfig:
     """Tiny, but with the repo tokenizer's vocabulary, so the entry points can load it with --tokenizer-dir."""
-    return ModelConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(repo_tokenizer()),
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    return preset("tiny", vocab_size=len(repo_tokenizer()), max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def micro_model() -> Transformer:
+    """One layer of width 32 over the V-token vocabulary, in eval mode."""
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    return Transformer(ModelConfig(**shape, vocab_size=V, max_position_embeddings=64)).eval()
 
 
 def save_tiny(path, kind: str, model: Transformer | None = None, **extra):
@@ -68,16 +66,7 @@ def write_corpus(path, documents: int = 40):
 
 def test_nelbo_terms_match_diffusion_nelbo_and_never_mask_the_context():
     ids = torch.randint(1, MASK, (6, 24), generator=torch.Generator().manual_seed(0))
-    model = Transformer(
-        ModelConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=V,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = micro_model()
     terms = diffusion_nelbo_terms(model, ids, MASK, 5, torch.Generator().manual_seed(3))
     mean, stderr = diffusion_nelbo(model, ids, MASK, 5, torch.Generator().manual_seed(3))
     per_draw = terms.sum(1) / ids.numel()
@@ -106,16 +95,7 @@ def test_exact_count_nelbo_rows_are_exact_for_uniform_logits_and_seeded():
         assert not (masked & ~scored).any() and (masked.sum(1) >= 1).all()
     counts = torch.stack([(x == MASK).sum(1) for x in spy.inputs])  # [draws, rows]
     assert counts[:, 0].unique().numel() == 7  # stratified: 7 draws spread over 1..19
-    model = Transformer(
-        ModelConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=V,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = micro_model()
     first = diffusion_nelbo_rows(model, ids, scored, MASK, 3, torch.Generator().manual_seed(5))
     assert torch.equal(first, diffusion_nelbo_rows(model, ids, scored, MASK, 3, torch.Generator().manual_seed(5)))
     one = torch.zeros_like(scored)
@@ -130,16 +110,7 @@ def test_exact_count_nelbo_rows_are_exact_for_uniform_logits_and_seeded():
 
 def test_ar_rows_are_exact_next_token_sums():
     ids = torch.randint(1, MASK, (3, 16), generator=torch.Generator().manual_seed(0))
-    model = Transformer(
-        ModelConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=V,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = micro_model()
     rows = ar_nll_rows(model, ids, scored_positions(ids))
     assert rows.sum().item() / (3 * 15) == pytest.approx(next_token_loss(model, ids).item(), rel=1e-5)
     uniform = ar_nll_rows(UniformModel(), ids, scored_positions(ids))

@@ -9,7 +9,7 @@ from conftest import lively_model
 
 from model.ar import generate
 from model.checkpoint import load_model, save_checkpoint
-from model.config import ModelConfig
+from model.config import preset
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts import export_hf as export_script
@@ -23,15 +23,7 @@ def tokenizer():
 
 
 def tiny_model(tokenizer, **overrides) -> Transformer:
-    config = ModelConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        **overrides,
-    )
+    config = preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=128, **overrides)
     torch.manual_seed(0)
     return lively_model(config)
 

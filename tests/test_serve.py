@@ -11,7 +11,7 @@ from conftest import lively_model
 
 from model.ar import generate
 from model.checkpoint import save_checkpoint
-from model.config import ModelConfig
+from model.config import preset
 from model.tokenizer import EOS_ID, chat_text, decode, encode, load_tokenizer, tokenizer_identity
 from scripts import serve
 
@@ -26,14 +26,7 @@ def tokenizer():
 
 
 def start_server(tmp_path_factory, tokenizer, kind):
-    config = ModelConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=CONTEXT,
-    )
+    config = preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=CONTEXT)
     torch.manual_seed(0)
     model = lively_model(config)
     path = tmp_path_factory.mktemp(kind) / f"{kind}.pt"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from model.block_curriculum import trained_block_size
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import check_tokenizer_matches, load_tokenizer
 from scripts.common.packing import PackedRows, tokenize_to_cache
 
 SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
+
+
+def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None:
+    """--checkpoint (repeatable with `several`), --tokenizer-dir and --num-attention-heads, spelled as every entry
+    point that reads a checkpoint spells them."""
+    p.add_argument("--checkpoint", required=True, action="append" if several else "store", help=checkpoint_help)
+    p.add_argument("--tokenizer-dir", default=".", help="the tokenizer the checkpoint was trained with")
+    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
 
 
 def check_compatible(
@@ -40,6 +49,18 @@ def load_checkpoint_for_eval(
 def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
     """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
     return load_checkpoint_for_eval(checkpoint_path, tokenizer_dir, kind, device, num_attention_heads)[:2]
+
+
+def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
+    """(model, tokenizer, kind) for a checkpoint of either kind, with the compatibility checks."""
+    model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
+    block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
+    if block:
+        print(
+            f"note: {path} was trained with block diffusion (block {block}); its NELBO here is "
+            f"the bidirectional (MDLM) bound, which is not the objective it was trained on"
+        )
+    return model, tokenizer, checkpoint.kind
 
 
 def held_out_batches(path, tokenizer, field: str, seq_len: int, batch_size: int, max_batches: int) -> list:

@@ -98,35 +98,28 @@ def ar_answers(
     batch_size: int = 16,
 ) -> list[Answer]:
     """Answers to many prompts, `batch_size` at a time through one KV cache per batch."""
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOS_ID)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOS_ID)
     banned = (mask_token_id(tokenizer),)
     answers = []
     for chunk in chunks(prompts, max(batch_size, 1)):
         generator = torch.Generator(device=device).manual_seed(seed)
         if len(chunk) == 1:  # one prompt needs no padding
             run = lambda: [
-                list(generate(model, chunk[0], max_new_tokens, **sampling, banned_ids=banned, generator=generator))
+                list(generate(model, chunk[0], max_new_tokens, **options, banned_ids=banned, generator=generator))
             ]
         else:
             run = lambda: generate_batch(
-                model, chunk, max_new_tokens, **sampling, banned_ids=banned, pad_id=PAD_ID, generator=generator
+                model, chunk, max_new_tokens, **options, banned_ids=banned, pad_id=PAD_ID, generator=generator
             )
         answers += _timed_answers(model, tokenizer, device, dtype, run)
     return answers
 
 
 def diffusion_answers(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    sampler: DiffusionSamplerConfig,
-    device,
-    seed: int = 0,
-    dtype: str = "bfloat16",
-    batch_size: int = 16,
+    model, tokenizer, prompts: list, sampler: DiffusionSamplerConfig, device, seed=0, dtype="bfloat16", batch_size=16
 ) -> list[Answer]:
-    """Answers to many prompts, `batch_size` at a time on one left-padded canvas (block-causal models batch prompts
-    of equal length: their blocks are aligned to the prompt's start). The answers come back in the prompts' order."""
+    """Answers to many prompts (lists of ids), `batch_size` at a time on one left-padded canvas (block-causal models
+    batch prompts of equal length: their blocks are aligned to the prompt's start), in the prompts' order."""
     group = (lambda i: len(prompts[i])) if sampler.block_causal else (lambda i: 0)
     answers = [None] * len(prompts)
     for _, same in itertools.groupby(sorted(range(len(prompts)), key=group), key=group):  # sorted() is stable

@@ -1,8 +1,9 @@
 """Compare several checkpoints (AR and diffusion): one markdown table, validation curves on one figure.
 
 uv run python -m scripts.eval.compare --out reports/compare --tokenizer-dir . \
-    --checkpoint weights/pretrain_ar.pt --checkpoint weights/diffusion_from_ar.pt --checkpoint weights/diffusion_scratch.pt \
-    [--eval-data dataset/sample_pretrain_val.jsonl] [--data ceval/val --limit 50]
+    --checkpoint weights/pretrain_ar.pt --checkpoint weights/diffusion_from_ar.pt \
+    --checkpoint weights/diffusion_scratch.pt [--eval-data dataset/sample_pretrain_val.jsonl] \
+    [--data ceval/val --limit 50]
 
 For each checkpoint: held-out LM numbers on the same rows (scripts.eval.eval_lm: AR NLL vs diffusion NELBO,
 s.e. across rows, Δ vs the first checkpoint with a paired s.e.), optionally multiple-choice accuracy on --data
@@ -21,18 +22,16 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
-from scripts.common.evaluation import held_out_batches
-from scripts.common.plots import read_metrics  # also selects the Agg backend
-from scripts.eval.eval_lm import add_lm_flags, add_paired_deltas, check_lm_args, lm_eval_model, lm_table, load_any_kind
-from scripts.eval.eval_multiple_choice import (
+from scripts.common.lm_scores import add_lm_flags, add_paired_deltas, check_lm_args, lm_results, lm_table
+from scripts.common.multiple_choice import (
     ScoringSettings,
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,
     settings_from_args,
 )
+from scripts.common.plots import read_metrics  # also selects the Agg backend
 
 RUN_SUFFIXES = ("_state_dict", "_best")
 
@@ -98,52 +97,15 @@ def plot_lm_numbers(results: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_lm_args(args)
-    settings: ScoringSettings | None = None
-    if args.data:
-        settings, question_sets = settings_from_args(args), load_question_sets(args.data, args.limit)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(args.device)
-    results, curves, batches = [], {}, None
-    for path in args.checkpoint:
-        model, tokenizer, kind = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
-        if batches is None:
-            batches = held_out_batches(
-                args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-            )
-        result = {
-            "checkpoint": str(path),
-            "run": run_name(path),
-            **lm_eval_model(
-                model, kind, batches, mask_token_id(tokenizer), args.mc_samples, args.seed, device, args.dtype
-            ),
-        }
-        if settings is not None:
-            summaries, _ = evaluate_question_sets(model, kind, tokenizer, question_sets, settings, device, args.dtype)
-            result["choice"] = summaries["all"]
-        records = read_metrics(metrics_path(path))
-        validation = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-        result["metrics"] = str(metrics_path(path)) if validation else None
-        if validation:
-            curves[f"{result['run']} ({kind})"] = validation
-            result["final_val_loss"] = validation[-1][1]
-        results.append(result)
-        print(
-            f"{path}: {kind}, {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"
-            + (f", accuracy {result['choice']['accuracy']:.4f}" if settings else "")
-        )
-        del model
-    add_paired_deltas(results)
-
+def comparison_markdown(args, results: list[dict], settings: ScoringSettings | None, curves: dict) -> str:
+    """comparison.md: the LM table, the multiple-choice table (with --data) and the validation curves."""
     lines = [
         "# Checkpoint comparison",
         "",
-        f"Held-out rows: the first {results[0]['rows']} rows of {args.seq_len} tokens of `{args.eval_data}`, each scored on "
-        f"tokens 1..{args.seq_len - 1} given token 0. AR: exact NLL; diffusion: NELBO (upper bound), {args.mc_samples} mask "
-        f"draws per row, seed {args.seed}. s.e. across rows (diffusion: rows and masks); MC s.e.: mask noise only.",
+        f"Held-out rows: the first {results[0]['rows']} rows of {args.seq_len} tokens of `{args.eval_data}`, each "
+        f"scored on tokens 1..{args.seq_len - 1} given token 0. AR: exact NLL; diffusion: NELBO (upper bound), "
+        f"{args.mc_samples} mask draws per row, seed {args.seed}. s.e. across rows (diffusion: rows and masks); "
+        "MC s.e.: mask noise only.",
         "",
         lm_table(results),
         "",
@@ -157,10 +119,12 @@ def main(argv=None) -> dict:
             "| checkpoint | kind | questions | accuracy | s.e. |",
             "|---|---|---:|---:|---:|",
         ]
-        lines += [
-            f"| {r['checkpoint']} | {r['kind']} | {r['choice']['items']} | {r['choice']['accuracy']:.4f} | {r['choice']['stderr']:.4f} |"
-            for r in results
-        ]
+        for r in results:
+            choice = r["choice"]
+            lines.append(
+                f"| {r['checkpoint']} | {r['kind']} | {choice['items']} | {choice['accuracy']:.4f} | "
+                f"{choice['stderr']:.4f} |"
+            )
         lines.append("")
     lines += ["## Validation curves", ""]
     if curves:
@@ -174,7 +138,38 @@ def main(argv=None) -> dict:
     missing = [str(metrics_path(r["checkpoint"])) for r in results if not r["metrics"]]
     if missing:
         lines += ["", "No validation records in: " + ", ".join(f"`{m}`" for m in missing)]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    check_lm_args(args)
+    settings: ScoringSettings | None = None
+    if args.data:
+        settings, question_sets = settings_from_args(args), load_question_sets(args.data, args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(args.device)
+    results, curves = [], {}
+    for result, model, tokenizer in lm_results(args, device):
+        path, kind = result["checkpoint"], result["kind"]
+        result["run"] = run_name(path)
+        if settings is not None:
+            summaries, _ = evaluate_question_sets(model, kind, tokenizer, question_sets, settings, device, args.dtype)
+            result["choice"] = summaries["all"]
+        del model
+        validation = [(r["step"], r["val_loss"]) for r in read_metrics(metrics_path(path)) if "val_loss" in r]
+        result["metrics"] = str(metrics_path(path)) if validation else None
+        if validation:
+            curves[f"{result['run']} ({kind})"] = validation
+            result["final_val_loss"] = validation[-1][1]
+        results.append(result)
+        print(
+            f"{path}: {kind}, {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"
+            + (f", accuracy {result['choice']['accuracy']:.4f}" if settings else "")
+        )
+    add_paired_deltas(results)
+    (out / "comparison.md").write_text(comparison_markdown(args, results, settings, curves), encoding="utf-8")
     (out / "comparison.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1, ensure_ascii=False), encoding="utf-8"
     )

@@ -38,18 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     add_sampler_flags(p, block_default="one block")
-    p.add_argument(
-        "--decoding",
-        choices=DECODINGS,
-        default="auto",
-        help="auto: block-causal for block-diffusion checkpoints, bidirectional otherwise",
-    )
-    p.add_argument(
-        "--no-kv-cache", action="store_true", help="block-causal decoding without the (exact) KV cache, for checking"
-    )
-    p.add_argument(
-        "--no-early-stop", action="store_true", help="decode the whole canvas even after every row produced EOS"
-    )
+    decoding_help = "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise"
+    p.add_argument("--decoding", choices=DECODINGS, default="auto", help=decoding_help)
+    p.add_argument("--no-kv-cache", action="store_true", help="block-causal decoding without its exact KV cache")
+    p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after every row's EOS")
     p.add_argument("--show-special", action="store_true", help="print the raw output including EOS padding")
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: per-token NELBO (upper bound on the NLL)")
     p.add_argument("--jsonl-field", default="text")

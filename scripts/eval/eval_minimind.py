@@ -16,22 +16,13 @@ import torch
 from model.ar import generate, next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.evaluation import held_out_batches, load_for_eval
-from scripts.common.trainer import autocast
+from scripts.common.device import autocast
+from scripts.common.evaluation import add_checkpoint_flags, held_out_batches, load_for_eval
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", required=True, help="AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth"
-    )
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument(
-        "--num-attention-heads",
-        type=int,
-        default=None,
-        help="only for MiniMind2 .pth files, which do not store it (default 8)",
-    )
+    add_checkpoint_flags(p, "AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
     p.add_argument("--prompt", default="请介绍你自己。")
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
@@ -109,7 +100,8 @@ def main(argv=None) -> dict:
         )
         stats = held_out_loss(model, batches, device, args.dtype)
         print(
-            f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, perplexity {stats['perplexity']:.2f}"
+            f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, "
+            f"perplexity {stats['perplexity']:.2f}"
         )
         result["eval"] = stats
     return result

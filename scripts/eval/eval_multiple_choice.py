@@ -29,215 +29,22 @@ the highest-scoring choice; accuracy's s.e. is sqrt(p(1-p)/n).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
-from model.tokenizer import encode, mask_token_id, prompt_ids
-from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.trainer import autocast
-from scripts.eval.eval_lm import load_any_kind
-
-LETTERS = "ABCDEFGHIJ"
-ANSWER_CUE = "答案："
-
-
-@dataclass
-class Question:
-    source: str  # file:line, for messages and the predictions file
-    id: str
-    question: str
-    options: dict[str, str]  # letter -> option text, in letter order
-    answer: str
-
-
-def question_of(path: Path, lineno: int, row: dict) -> Question:
-    """Validate one row (a csv record or a jsonl object) into a Question, or fail naming file:line."""
-    fields = {str(k).strip(): v for k, v in row.items() if k is not None}
-    lower = {k.lower(): v for k, v in fields.items()}
-    where = f"{path}:{lineno}"
-    for name in ("question", "answer"):
-        if name not in lower:
-            raise NanoLladaError(
-                f"{where}: no '{name}' field (this row has: {', '.join(fields) or 'nothing'}); expected question, A, B, C, D, answer"
-            )
-        if lower[name] is None:
-            raise NanoLladaError(f"{where}: fewer columns than the header (no value for '{name}')")
-    options = {}
-    for letter in LETTERS:
-        if letter not in fields and letter.lower() not in fields:
-            break
-        options[letter] = str(fields.get(letter, fields.get(letter.lower())) or "").strip()
-    if len(options) < 2:
-        raise NanoLladaError(f"{where}: needs option columns A and B at least (this row has: {', '.join(fields)})")
-    answer = str(lower["answer"]).strip().upper()
-    if not answer:
-        raise NanoLladaError(f"{where}: empty answer (C-Eval's test split has no answers; evaluate on val)")
-    if answer not in options:
-        raise NanoLladaError(f"{where}: answer '{answer}' is not one of the options {', '.join(options)}")
-    question = str(lower["question"]).strip()
-    if not question:
-        raise NanoLladaError(f"{where}: empty question")
-    row_id = lower.get("id", fields.get("", lineno))
-    return Question(where, str(row_id), question, options, answer)
-
-
-def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise NanoLladaError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise NanoLladaError(f"{path}:{lineno}: expected a JSON object with question, A, B, C, D, answer")
-            yield lineno, obj
-
-
-def read_questions(path: str | Path) -> list[Question]:
-    """Questions of one .csv or .jsonl file (see the module docstring for the columns)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanoLladaError(f"{path}: multiple-choice file not found (C-Eval/CMMLU csv from ModelScope, or a .jsonl)")
-    if path.suffix == ".jsonl":
-        try:
-            questions = [question_of(path, lineno, obj) for lineno, obj in _jsonl_rows(path)]
-        except UnicodeDecodeError as err:
-            raise NanoLladaError(
-                f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
-            ) from None
-    elif path.suffix == ".csv":
-        questions = []
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                if reader.fieldnames is None:  # reads the header
-                    raise NanoLladaError(f"{path}: empty csv; expected a header row question, A, B, C, D, answer")
-                start = reader.line_num + 1
-                for row in reader:
-                    if any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                        questions.append(question_of(path, start, row))
-                    start = reader.line_num + 1
-            except csv.Error as err:
-                raise NanoLladaError(f"{path}:{reader.line_num}: malformed csv ({err})") from None
-            except UnicodeDecodeError as err:  # e.g. a GBK-encoded export
-                raise NanoLladaError(
-                    f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
-                ) from None
-    else:
-        raise NanoLladaError(f"{path}: unsupported format '{path.suffix}'; use .csv (with a header) or .jsonl")
-    if not questions:
-        raise NanoLladaError(f"{path}: no questions found")
-    return questions
-
-
-def data_files(paths: list[str]) -> list[Path]:
-    """The files named, with a directory expanded to its .csv/.jsonl files (sorted)."""
-    files = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
-            if not found:
-                raise NanoLladaError(f"{path}: directory has no .csv or .jsonl files")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
-def prompt_text(question: Question) -> str:
-    options = "".join(f"{letter}. {text}\n" for letter, text in question.options.items())
-    return f"{question.question}\n{options}{ANSWER_CUE}"
-
-
-@dataclass
-class ScoringSettings:
-    continuation: str = "letter"  # "letter" | "option"
-    chat: bool = False
-    mc_samples: int = 128
-    mc_batch_size: int = 32  # rows per stratified group (LLaDA Algorithm 3's mini-batch)
-    max_forward_tokens: int = 32768
-    seed: int = 2026
-
-
-@torch.no_grad()
-def score_question(model, kind: str, tokenizer, question: Question, settings: ScoringSettings) -> dict:
-    """Log-likelihood (and its Monte-Carlo s.e.; 0 when exact) of each choice's continuation given the prompt."""
-    context = prompt_ids(tokenizer, prompt_text(question), settings.chat)
-    letters = list(question.options)
-    texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
-    answers = [
-        encode(tokenizer, text) or encode(tokenizer, " ") for text in texts
-    ]  # an empty option still gets a token
-    if kind == "ar":
-        scores, errors = ar_log_likelihood_batch(model, context, answers), [0.0] * len(answers)
-    else:
-        rows_per_forward = max(1, settings.max_forward_tokens // (len(context) + max(map(len, answers))))
-        generator = torch.Generator().manual_seed(settings.seed)  # the same draws for every checkpoint
-        estimates = conditional_log_likelihood_batch(
-            model,
-            context,
-            answers,
-            mask_token_id(tokenizer),
-            settings.mc_samples,
-            settings.mc_batch_size,
-            generator,
-            rows_per_forward,
-        )
-        scores, errors = [e[0] for e in estimates], [e[1] for e in estimates]
-    prediction = letters[max(range(len(letters)), key=lambda i: scores[i])]
-    return {
-        "source": question.source,
-        "id": question.id,
-        "answer": question.answer,
-        "prediction": prediction,
-        "correct": prediction == question.answer,
-        "scores": dict(zip(letters, scores)),
-        "stderr": dict(zip(letters, errors)),
-    }
-
-
-def accuracy_summary(items: list[dict]) -> dict:
-    n = len(items)
-    p = sum(item["correct"] for item in items) / n
-    return {"items": n, "accuracy": p, "stderr": math.sqrt(p * (1 - p) / n)}
-
-
-def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, list[Question]]:
-    """{file: its first `limit` questions} for every file named (directories expanded); read before any model loads."""
-    return {str(path): read_questions(path)[:limit] for path in data_files(paths)}
-
-
-def evaluate_question_sets(
-    model, kind: str, tokenizer, question_sets: dict[str, list[Question]], settings: ScoringSettings, device, dtype: str
-) -> tuple[dict, list[dict]]:
-    """({file or 'all': accuracy summary}, per-item predictions) over every question."""
-    summaries, items = {}, []
-    for name, questions in question_sets.items():
-        with autocast(device, dtype):
-            file_items = [score_question(model, kind, tokenizer, q, settings) for q in questions]
-        summaries[name] = accuracy_summary(file_items)
-        items.extend(file_items)
-    summaries["all"] = accuracy_summary(items)
-    return summaries, items
+from scripts.common.cli import pick_device, run_main
+from scripts.common.evaluation import add_checkpoint_flags, load_any_kind
+from scripts.common.multiple_choice import (
+    add_choice_flags,
+    evaluate_question_sets,
+    load_question_sets,
+    settings_from_args,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", required=True, help="AR or diffusion checkpoint (kind read from the file) or a MiniMind2 .pth"
-    )
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
+    add_checkpoint_flags(p, "AR or diffusion checkpoint (kind read from the file) or a MiniMind2 .pth")
     add_choice_flags(p)
     p.add_argument(
         "--predictions-out", default=None, help="write one json line per question (scores, prediction, correct)"
@@ -247,55 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
-
-
-def add_choice_flags(
-    p, data_required: bool = True, mc_samples_flag: str = "--mc-samples", with_seed: bool = True
-) -> None:
-    """Flags shared with scripts.eval.compare (which has its own --mc-samples and --seed for the LM numbers)."""
-    p.add_argument(
-        "--data",
-        action="append",
-        required=data_required,
-        help=".csv/.jsonl file or directory of them; repeat for several",
-    )
-    p.add_argument(
-        "--continuation",
-        choices=["letter", "option"],
-        default="letter",
-        help="score the answer letter or the option text",
-    )
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT models)")
-    p.add_argument(
-        mc_samples_flag,
-        dest="choice_mc_samples",
-        type=int,
-        default=128,
-        help="diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)",
-    )
-    p.add_argument("--mc-batch-size", type=int, default=32, help="draws per stratified group of mask counts")
-    p.add_argument(
-        "--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)"
-    )
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
-    if with_seed:
-        p.add_argument(
-            "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every question)"
-        )
-
-
-def settings_from_args(args) -> ScoringSettings:
-    for flag, value in (
-        ("--mc-samples", args.choice_mc_samples),
-        ("--mc-batch-size", args.mc_batch_size),
-        ("--max-forward-tokens", args.max_forward_tokens),
-    ):
-        positive(flag, value)
-    if args.limit is not None:
-        positive("--limit", args.limit)
-    return ScoringSettings(
-        args.continuation, args.chat, args.choice_mc_samples, args.mc_batch_size, args.max_forward_tokens, args.seed
-    )
 
 
 def main(argv=None) -> dict:

@@ -1,0 +1,155 @@
+"""Held-out language modelling for both routes on the SAME rows (scripts.eval.eval_lm, scripts.eval.compare):
+AR NLL vs diffusion NELBO per token, their standard errors across rows, and paired differences between
+checkpoints. The eval_lm docstring says what is scored and why."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+
+import torch
+
+from model.errors import NanoLladaError
+from model.likelihood import ar_nll_rows, diffusion_nelbo_rows
+from model.masking import pretraining_maskable
+from model.tokenizer import mask_token_id
+from scripts.common.cli import positive
+from scripts.common.device import autocast
+from scripts.common.evaluation import add_checkpoint_flags, held_out_batches, load_any_kind
+
+
+def add_lm_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of scripts.eval.eval_lm, shared with scripts.eval.compare."""
+    add_checkpoint_flags(
+        p,
+        "AR or diffusion checkpoint (.pt, full, _best or _state_dict, or a MiniMind2 .pth); repeat for several",
+        several=True,
+    )
+    p.add_argument(
+        "--eval-data",
+        default="dataset/sample_pretrain_val.jsonl",
+        help="held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)",
+    )
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument(
+        "--seq-len", "--max-seq-len", dest="seq_len", type=int, default=256, help="row length (use the trained one)"
+    )
+    p.add_argument("--eval-batch-size", type=int, default=16, help="rows per forward")
+    p.add_argument(
+        "--eval-max-batches", type=int, default=8, help="rows scored = batch size x this (fewer if the file is short)"
+    )
+    p.add_argument("--mc-samples", type=int, default=8, help="mask draws per row for diffusion checkpoints")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every checkpoint)"
+    )
+
+
+def scored_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """The tokens both routes score: every non-PAD token after the row's first, which is the context."""
+    scored = pretraining_maskable(input_ids).clone()
+    scored[:, 0] = False
+    return scored
+
+
+def ratio_mean_and_stderr(row_sums: torch.Tensor, row_tokens: torch.Tensor) -> tuple[float, float]:
+    """Per-token mean sum(row_sums) / sum(row_tokens) and its delta-method standard error across rows."""
+    row_sums, row_tokens = row_sums.double(), row_tokens.double()
+    mean = (row_sums.sum() / row_tokens.sum()).item()
+    rows = len(row_sums)
+    if rows < 2:
+        return mean, float("nan")
+    residual = row_sums - mean * row_tokens
+    return mean, math.sqrt(rows / (rows - 1) * (residual**2).sum().item()) / row_tokens.sum().item()
+
+
+@torch.no_grad()
+def lm_eval_model(
+    model, kind: str, batches: list, mask_id: int, mc_samples: int, seed: int, device, dtype: str
+) -> dict:
+    """Per-token NLL (AR) or NELBO (diffusion) over the batches, with s.e. across rows and the mask-noise s.e."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums, tokens, mc_variances = [], [], []
+    for batch in batches:
+        batch = batch.to(device)
+        scored = scored_positions(batch)
+        with autocast(device, dtype):
+            if kind == "ar":
+                sums.append(ar_nll_rows(model, batch, scored).cpu())
+            else:
+                terms = diffusion_nelbo_rows(model, batch, scored, mask_id, mc_samples, generator).cpu()  # [S, B]
+                sums.append(terms.mean(0))
+                mc_variances.append(
+                    terms.var(0) / mc_samples if mc_samples > 1 else torch.full_like(terms[0], float("nan"))
+                )
+        tokens.append(scored.sum(1).cpu())
+    row_sums, row_tokens = torch.cat(sums), torch.cat(tokens)
+    mean, stderr = ratio_mean_and_stderr(row_sums, row_tokens)
+    mc_stderr = 0.0 if kind == "ar" else math.sqrt(torch.cat(mc_variances).sum().item()) / row_tokens.sum().item()
+    return {
+        "kind": kind,
+        "rows": len(row_sums),
+        "tokens": int(row_tokens.sum()),
+        "nll_per_token": mean,
+        "stderr": stderr,
+        "mc_stderr": mc_stderr,
+        "mc_samples": mc_samples if kind == "diffusion" else 0,
+        "perplexity": math.exp(min(mean, 700.0)),
+        "row_sums": row_sums.tolist(),
+        "row_tokens": row_tokens.tolist(),
+    }
+
+
+def add_paired_deltas(results: list[dict]) -> None:
+    """Each result gains delta / delta_stderr: its per-token number minus the first one's, paired over rows."""
+    base = results[0]
+    for result in results:
+        if result["row_tokens"] != base["row_tokens"]:
+            raise NanoLladaError(
+                f"{result['checkpoint']}: scored other rows than {base['checkpoint']}; compare with the same "
+                "--eval-data and --seq-len"
+            )
+        difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
+        result["delta"], result["delta_stderr"] = ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
+
+
+def lm_table(results: list[dict]) -> str:
+    """Markdown table of lm_eval_model results (after add_paired_deltas)."""
+    lines = [
+        "| checkpoint | kind | rows | tokens | nats/token | s.e. | MC s.e. | perplexity | Δ vs first (paired s.e.) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        measure = "NLL" if r["kind"] == "ar" else f"NELBO ({r['mc_samples']} draws)"
+        ppl = f"{r['perplexity']:.2f}" if r["kind"] == "ar" else f"≤ {r['perplexity']:.2f}"
+        mc = "exact" if r["kind"] == "ar" else f"{r['mc_stderr']:.4f}"
+        delta = "—" if r is results[0] else f"{r['delta']:+.4f} ± {r['delta_stderr']:.4f}"
+        lines.append(
+            f"| {r['checkpoint']} | {r['kind']} | {r['rows']} | {r['tokens']:,} | {r['nll_per_token']:.4f} {measure} | "
+            f"{r['stderr']:.4f} | {mc} | {ppl} | {delta} |"
+        )
+    return "\n".join(lines)
+
+
+def check_lm_args(args) -> None:
+    for name in ("seq_len", "eval_batch_size", "eval_max_batches", "mc_samples"):
+        positive("--" + name.replace("_", "-"), getattr(args, name))
+
+
+def lm_results(args, device) -> Iterator[tuple[dict, object, object]]:
+    """(result, model, tokenizer) for each --checkpoint in turn, all scored on the same held-out rows."""
+    batches = None
+    for path in args.checkpoint:
+        model, tokenizer, kind = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
+        if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows
+            batches = held_out_batches(
+                args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
+            )
+        mask_id = mask_token_id(tokenizer)
+        result = lm_eval_model(model, kind, batches, mask_id, args.mc_samples, args.seed, device, args.dtype)
+        yield {"checkpoint": str(path), **result}, model, tokenizer
+        del model  # before the next one loads
