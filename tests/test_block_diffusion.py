@@ -55,7 +55,7 @@ def test_bd3lm_mask_obeys_the_four_rules_elementwise(block_size):
 
 def test_block_size_one_is_next_token_prediction_and_inference_mask_is_block_causal():
     mask = bd3lm_attention_mask(5, 1)
-    # noisy position i sees only itself and the clean tokens before it: AR is the K = 1 case (B3)
+    # noisy position i sees only itself and the clean tokens before it: block size 1 is next-token prediction (AR)
     assert all(mask[i].nonzero().flatten().tolist() == [i] + list(range(5, 5 + i)) for i in range(5))
     blocks = torch.tensor([0, 0, 1, 1, 1, 2])
     inference = block_causal_mask(blocks)
@@ -231,7 +231,7 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     # prefill + decoding steps (2 + 3 + 3: a block never takes more steps than it has masks) + appending 2 finished blocks
     assert out.nfe == len(model.calls) == 1 + 8 + 2
     assert [b.shape[1] for b in streamed] == [2, 4, 4] and torch.equal(torch.cat(streamed, 1), out.tokens)
-    # B4: the cached logits of a block equal one full forward under the block-causal mask
+    # the cached logits of a block equal one full forward under the block-causal mask (the cache is exact)
     canvas = torch.cat([prompt, out.tokens], 1)
     full = model.inner(canvas, attention=block_causal_mask(torch.arange(16) // 4))
     cache = model.inner.new_kv_cache(1, 16)

@@ -14,7 +14,8 @@ def rng(seed=0):
 
 
 class Recorder(nn.Module):
-    """Wraps a model; keeps, for every call, the ids, their true positions, whether it started a fresh cache, and the logits."""
+    """Wraps a model; keeps, for every call, the ids, their true positions, whether it started a fresh cache, and
+    the logits."""
 
     def __init__(self, inner):
         super().__init__()
@@ -50,7 +51,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 def test_first_step_after_a_refresh_equals_the_uncached_forward(tiny_config, cache, cfg_scale):
-    """F5: a refresh forward sees the true canvas at true positions, so its logits are the uncached ones."""
+    """A refresh forward sees the true canvas at true positions, so its logits are the uncached ones."""
     model, mask_id, prompt = setup(tiny_config)
     recorder = Recorder(model)
     sampler = DiffusionSamplerConfig(
@@ -110,7 +111,8 @@ def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exa
 
 
 def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence(tiny_config):
-    """F2 at batch > 1 (Fast-dLLM issue #7: batches broke the original code)."""
+    """A threshold no confidence reaches commits one token per step (the most confident), as low-confidence
+    remasking does, and batches do not change that (Fast-dLLM's issue #7: batches broke the original code)."""
     model, mask_id, prompt = setup(tiny_config, batch=3)
     base = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, stop_at_eos=False)
     baseline = diffusion_generate(model, prompt, base, mask_id)
@@ -155,7 +157,8 @@ def test_a_row_that_wrote_eos_leaves_the_batch_and_is_padded_with_eos(tiny_confi
 
 
 def test_cached_agreement_with_the_uncached_sampler_is_reported(tiny_config, capsys):
-    """Prefix/dual caches are approximations for bidirectional models (F5): report agreement, do not assert it."""
+    """Prefix/dual caches are approximations for bidirectional models (the K/V outside the block go stale as it
+    fills in): report agreement, do not assert it."""
     model, mask_id, prompt = setup(tiny_config, batch=4, prompt_len=8)
     base = DiffusionSamplerConfig(gen_length=32, steps=32, block_size=8, threshold=0.02, stop_at_eos=False)
     reference = diffusion_generate(model, prompt, base, mask_id)

@@ -69,20 +69,21 @@ def test_generation_never_samples_banned_ids_and_stops_at_eos(tiny_config):
     assert list(generate(model, [1, 2], 30, temperature=0.0, eos_id=first)) == [first]
 
 
-def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
-    """An independent, deliberately plain MiniMind2 forward: explicit repeat of KV heads and a softmax with a -inf mask."""
+def reference_minimind2_forward(state: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """An independent, deliberately plain MiniMind2 forward: explicit repeat of KV heads and a softmax with a -inf
+    mask."""
 
     def rms(x, w):
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps))
 
     B, T = ids.shape
-    d, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2).float() / d))
     ang = torch.outer(torch.arange(T).float(), inv)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     rot = lambda x: x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin  # noqa: E731
     x = state["model.embed_tokens.weight"][ids]
-    for i in range(cfg.num_hidden_layers):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         h = rms(x, state[p + "input_layernorm.weight"])
         q = (h @ state[p + "self_attn.q_proj.weight"].T).view(B, T, nh, d).transpose(1, 2)
@@ -101,7 +102,7 @@ def reference_minimind2_forward(state: dict, cfg: ModelConfig, ids: torch.Tensor
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1), (8, 8), (16, 4)])
 def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_heads):
-    cfg = ModelConfig(
+    config = ModelConfig(
         hidden_size=128,
         num_hidden_layers=2,
         num_attention_heads=heads,
@@ -109,7 +110,7 @@ def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_hea
         vocab_size=300,
         max_position_embeddings=64,
     )
-    model = Transformer(cfg).eval()
+    model = Transformer(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -118,15 +119,15 @@ def test_gqa_grouping_matches_a_plain_reference_for_any_head_count(heads, kv_hea
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert torch.allclose(
-            model(ids), reference_minimind2_forward(state, cfg, ids)[..., : cfg.vocab_size], atol=1e-4
+            model(ids), reference_minimind2_forward(state, config, ids)[..., : config.vocab_size], atol=1e-4
         )
 
 
 def test_parameter_count_and_intermediate_size_follow_minimind2():
-    cfg = ModelConfig()  # MiniMind2-Small
-    assert cfg.intermediate_size == 1408 and cfg.head_dim == 64 and cfg.vocab_size == 6401
-    assert Transformer(cfg).num_parameters() == cfg.num_parameters()
-    assert 25.5e6 < cfg.num_parameters() < 26.5e6  # MiniMind2-Small is "26M"
+    config = ModelConfig()  # MiniMind2-Small
+    assert config.intermediate_size == 1408 and config.head_dim == 64 and config.vocab_size == 6401
+    assert Transformer(config).num_parameters() == config.num_parameters()
+    assert 25.5e6 < config.num_parameters() < 26.5e6  # MiniMind2-Small is "26M"
 
 
 def test_yarn_is_off_by_default_and_only_rescales_when_asked():
