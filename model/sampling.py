@@ -169,10 +169,10 @@ def _bidirectional_decode(
 ) -> None:
     """Semi-autoregressive blocks over the whole canvas; the rows that have ended leave the batch."""
     sampler, P = run.sampler, run.prompt_width
-    block = sampler.block_size or sampler.gen_length
-    num_blocks = sampler.gen_length // block
+    block_size = sampler.block_size or sampler.gen_length
+    num_blocks = sampler.gen_length // block_size
     for k in range(num_blocks):
-        lo, hi = P + k * block, P + (k + 1) * block
+        lo, hi = P + k * block_size, P + (k + 1) * block_size
         block_steps = sampler.steps // num_blocks + (k < sampler.steps % num_blocks)
         writing = (canvas[:, lo:hi] == run.mask_id).any(1)  # rows that have not ended
         if writing.all():
@@ -200,7 +200,7 @@ def _decode_block(
     `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts;
     `layout` says where the real tokens of left-padded rows are (None: no padding).
     """
-    B, total, width, cache = canvas.shape[0], canvas.shape[1], hi - lo, run.sampler.cache
+    B, total, block_size, cache = canvas.shape[0], canvas.shape[1], hi - lo, run.sampler.cache
     layout = layout.repeat(2 if run.guided else 1) if layout is not None else None
     every_column = torch.arange(total, device=canvas.device)
 
@@ -224,7 +224,7 @@ def _decode_block(
     order = every_column
     if cache == "dual":
         order = torch.cat([every_column[:lo], every_column[hi:], every_column[lo:hi]])
-    keep = {"prefix": lo, "dual": total - width}.get(cache)
+    keep = {"prefix": lo, "dual": total - block_size}.get(cache)
     kv_cache = None
     for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler.threshold):
         if cache == "none":
@@ -232,9 +232,9 @@ def _decode_block(
         elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
             kv_cache = run.model.new_kv_cache(B * (2 if run.guided else 1), total)
             logits = forward(order, 0, order, kv_cache)
-            logits = logits[:, lo:hi] if cache == "prefix" else logits[:, -width:]
+            logits = logits[:, lo:hi] if cache == "prefix" else logits[:, -block_size:]
         elif cache == "prefix":  # block + suffix at positions lo..total, over the cached prefix
-            logits = forward(every_column[lo:], lo, every_column, kv_cache)[:, :width]
+            logits = forward(every_column[lo:], lo, every_column, kv_cache)[:, :block_size]
         else:  # only the block, at its true positions, over the cached prefix and suffix
             logits = forward(every_column[lo:hi], lo, order, kv_cache)
         if kv_cache is not None:
@@ -245,19 +245,20 @@ def _decode_block(
 def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_block) -> None:
     """Block-by-block decoding under the block-causal mask (see the module docstring). Rows that have ended leave
     the batch, and their rows of the K/V cache with them."""
-    sampler, P, K = run.sampler, run.prompt_width, run.sampler.block_size
+    sampler, P, block_size = run.sampler, run.prompt_width, run.sampler.block_size
     total = canvas.shape[1]
-    first_block, num_blocks = P // K, -(-total // K)  # blocks [first_block, num_blocks) hold generated positions
+    first_block = P // block_size  # blocks [first_block, num_blocks) hold generated positions
+    num_blocks = -(-total // block_size)
     decode_blocks = sampler.decode_blocks(P)
-    block_of = torch.arange(total, device=canvas.device) // K
+    block_of = torch.arange(total, device=canvas.device) // block_size
     copies = 2 if run.guided else 1  # CFG stacks [conditional; unconditional] rows, in the cache too
     cache = run.model.new_kv_cache(run.batch * copies, total) if sampler.use_kv_cache else None
     if cache is not None and first_block > 0:  # the prompt's whole blocks, once
-        lo = first_block * K
+        lo = first_block * block_size
         run.forward(run.inputs(canvas[:, :lo], 0), attention=block_causal_mask(block_of[:lo]), kv_cache=cache)
     rows = None  # the rows still decoding (None: all of them)
     for k in range(first_block, num_blocks):
-        lo, hi = k * K, min((k + 1) * K, total)
+        lo, hi = k * block_size, min((k + 1) * block_size, total)
         block_steps = sampler.steps // decode_blocks + (k - first_block < sampler.steps % decode_blocks)
         view = canvas if rows is None else canvas[rows]
         for quota in block_quotas(view, lo, hi, run.mask_id, block_steps, sampler.threshold):

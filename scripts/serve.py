@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     diffusion = p.add_argument_group("diffusion defaults (a request's steps, block_length, threshold override them)")
     steps_help = "forward passes over all blocks (default: one per token)"
     diffusion.add_argument("--gen-steps", "--steps", dest="steps", type=int, default=None, help=steps_help)
-    diffusion.add_argument("--block-length", type=int, default=32, help="block size; 0 = one block")
+    diffusion.add_argument("--block-length", dest="block_size", type=int, default=32, help="block size; 0 = one block")
     diffusion.add_argument("--threshold", type=float, default=None, help="commit every token at least this confident")
     seq_help = "canvas limit, prompt + generation (default: max_position_embeddings)"
     diffusion.add_argument("--seq-len", type=int, default=None, help=seq_help)
@@ -58,7 +58,7 @@ def load_engine(args) -> ChatEngine:
         top_k=args.top_k,
         top_p=args.top_p,
         steps=args.steps,
-        block_size=args.block_length or None,
+        block_size=args.block_size or None,
         threshold=args.threshold,
         seq_len=args.seq_len,
     )
@@ -77,7 +77,7 @@ def load_engine(args) -> ChatEngine:
 def main(argv=None) -> None:
     args = parse_args(argv)
     positive("--max-tokens", args.max_tokens)
-    positive("--block-length", args.block_length, allow_zero=True)
+    positive("--block-length", args.block_size, allow_zero=True)
     engine = load_engine(args)
     try:
         server = make_server(engine, args.host, args.port, quiet=args.quiet)

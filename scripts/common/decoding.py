@@ -25,7 +25,11 @@ def add_sampler_flags(p: argparse.ArgumentParser, block_default: str) -> None:
     """The sampler flags of eval_diffusion and eval_sft_one_prompt (`block_default`: what no --block-length means)."""
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument(
-        "--block-length", type=int, default=None, help=f"semi-autoregressive block size (default: {block_default})"
+        "--block-length",
+        dest="block_size",
+        type=int,
+        default=None,
+        help=f"semi-autoregressive block size (default: {block_default})",
     )
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel-max temperature; 0 = greedy")

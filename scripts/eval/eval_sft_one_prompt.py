@@ -76,7 +76,7 @@ def read_prompts(path: str) -> list[str]:
 def sampler_for(args, prompt_len: int, checkpoint) -> DiffusionSamplerConfig:
     """The diffusion settings for a prompt (or a batch whose longest prompt is) `prompt_len` tokens long."""
     gen_length = generation_length(prompt_len, args.seq_len, args.max_new_tokens)
-    return sampler_from_args(args, checkpoint, gen_length, args.block_length or default_block_size(gen_length))
+    return sampler_from_args(args, checkpoint, gen_length, args.block_size or default_block_size(gen_length))
 
 
 def report(name: str, answer, quiet: bool = False) -> None:
