@@ -178,3 +178,39 @@ def test_cache_option_errors_are_explained():
         DiffusionSamplerConfig(gen_length=8, steps=8, cache="full").validate()
     with pytest.raises(NanoLladaError, match="already caches"):
         DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, block_causal=True, cache="prefix").validate()
+
+
+def test_sampler_errors_name_the_library_parameters_and_entry_points_reword_them():
+    from model.errors import SettingError
+    from scripts.common.decoding import flag_names
+    from scripts.common.serving import REQUEST_FIELDS
+
+    few_steps = DiffusionSamplerConfig(gen_length=10, steps=3, block_size=2)
+    with pytest.raises(SettingError) as caught:
+        few_steps.validate()
+    assert str(caught.value).startswith("steps 3 is fewer than the 5 blocks") and caught.value.param == "steps"
+    assert caught.value.worded(REQUEST_FIELDS).startswith("steps 3")
+    with pytest.raises(NanoLladaError, match="^--gen-steps 3 is fewer than the 5 blocks"), flag_names():
+        few_steps.validate()
+    with (
+        pytest.raises(NanoLladaError, match="^--block-length 4 does not divide the generation length 10"),
+        flag_names(),
+    ):
+        DiffusionSamplerConfig(gen_length=10, steps=10, block_size=4).validate()
+
+
+def test_a_checkpoint_decodes_as_it_was_trained_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from model.sampling import sampler_for_checkpoint
+
+    asked = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, cache="dual")
+    plain, blocks = SimpleNamespace(extra={}), SimpleNamespace(extra={"block_diffusion": {"block_size": 8}})
+    assert sampler_for_checkpoint(plain, asked) == asked
+    trained = sampler_for_checkpoint(blocks, asked)
+    assert trained.block_causal and trained.block_size == 8 and trained.cache == "none"  # its cache is exact
+    assert sampler_for_checkpoint(blocks, asked, "bidirectional") == asked
+    assert sampler_for_checkpoint(blocks, asked, block_size=2).block_size == 2
+    assert sampler_for_checkpoint(plain, asked, "block-causal", block_size=2).block_causal
+    with pytest.raises(NanoLladaError, match="not trained with block diffusion; give block_size"):
+        sampler_for_checkpoint(plain, asked, "block-causal")

@@ -72,9 +72,9 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
         checkpoint,
         gen_length,
         args.block_size,
-        args.decoding,
-        args.block_size,
-        len(ids),
+        decoding=args.decoding,
+        trained_block_override=args.block_size,  # an explicit --block-length wins over the trained one
+        prompt_len=len(ids),
         stop_at_eos=not args.no_early_stop,
         use_kv_cache=not args.no_kv_cache,
     )
