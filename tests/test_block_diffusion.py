@@ -228,7 +228,8 @@ def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_b
     out = diffusion_generate(model, prompt, cfg, mask_id, on_block=lambda k, block: streamed.append(block.clone()))
     assert model.calls[0] == 4  # the prompt's whole block, prefilled once
     assert set(model.calls[1:]) == {4}  # then only one block per forward (the last block here is 4 wide too)
-    # prefill + decoding steps (2 + 3 + 3: a block never takes more steps than it has masks) + appending 2 finished blocks
+    # prefill + decoding steps (2 + 3 + 3: a block never takes more steps than it has masks)
+    # + appending 2 finished blocks
     assert out.nfe == len(model.calls) == 1 + 8 + 2
     assert [b.shape[1] for b in streamed] == [2, 4, 4] and torch.equal(torch.cat(streamed, 1), out.tokens)
     # the cached logits of a block equal one full forward under the block-causal mask (the cache is exact)
@@ -289,3 +290,19 @@ def test_the_tail_of_the_last_block_is_context_never_scored(tiny_config):
     assert unknown != conditional_log_likelihood(*args, block_size=8, tail_id=EOS)  # the tail is attended to
     uniform = conditional_log_likelihood(UniformModel(), [1, 5, 6], [9, 10], MASK, 4, block_size=8, tail_id=EOS)
     assert uniform[0] == pytest.approx(-2 * math.log(V))  # ... but never scored
+
+
+def test_block_nelbo_rows_are_exact_for_uniform_logits_and_one_block_is_the_bidirectional_estimator(tiny_config):
+    from model.likelihood import diffusion_nelbo_rows, diffusion_nelbo_terms
+
+    ids = torch.randint(1, MASK, (3, 12), generator=rng())
+    scored = torch.ones_like(ids, dtype=torch.bool)
+    scored[:, 0] = False
+    uniform = diffusion_nelbo_rows(UniformModel(), ids, scored, MASK, 5, rng(1), block_size=5)  # padded to 15
+    assert torch.allclose(uniform, torch.full((5, 3), 11 * math.log(V), dtype=torch.float64))
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    ids = torch.randint(1, mask_id, (3, 12), generator=rng())
+    one_block = diffusion_nelbo_rows(model, ids, scored, mask_id, 4, rng(2), block_size=12)
+    assert torch.allclose(one_block, diffusion_nelbo_rows(model, ids, scored, mask_id, 4, rng(2)), atol=1e-4)
+    one_block = diffusion_nelbo_terms(model, ids, mask_id, 3, rng(3), block_size=12)
+    assert torch.allclose(one_block, diffusion_nelbo_terms(model, ids, mask_id, 3, rng(3)), atol=1e-4)

@@ -186,7 +186,7 @@ def test_wsd_without_curriculum_and_linear_time_weight_is_llada_eq3(corpus, tmp_
         ),
         (["--use-block-curriculum"], "pass both"),
         (["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-phase-ratios", "0.5,0.5,0.5"], "summing to 1"),
-        (["--use-doc-attention-mask", "--repeat-penalty-weight", "0.1"], "repeat-penalty"),
+        (["--variable-length-prob", "2"], r"--variable-length-prob must lie in \[0, 1\]"),
     ],
 )
 def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
@@ -291,3 +291,22 @@ def test_sft_switches_run_through_the_cli(tmp_path, capsys):
         engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10, "steps": 1})
     with pytest.raises(NanoLladaError, match="mask-ratio band"):
         train_sft_diffusion.main([*common, "--run-name", "bad", "--mask-ratio-min", "0.9", "--mask-ratio-max", "0.2"])
+
+
+def test_random_length_crops_whole_batches_to_a_block_multiple(corpus, tmp_path, monkeypatch):
+    """--variable-length-prob 1: every training batch is cropped (no PAD is ever attended to); under the block
+    curriculum the crop is a multiple of the step's block size, so block diffusion always sees whole blocks."""
+    widths = []
+    original = diffusion.diffusion_loss
+
+    def spy(model, rows, rng, mask_id, objective, maskable=None, doc_ids=None):
+        if model.training:
+            widths.append((rows.shape[1], objective.block_size))
+            assert not (rows == 0).any()
+        return original(model, rows, rng, mask_id, objective, maskable, doc_ids)
+
+    monkeypatch.setattr(diffusion, "diffusion_loss", spy)
+    flags = ["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "4,16"]
+    run(corpus, tmp_path, "cropped", "--max-iters", "6", "--variable-length-prob", "1", *flags)
+    assert len(widths) == 6 and any(width < 16 for width, _ in widths)
+    assert all(width % (block or 1) == 0 for width, block in widths)

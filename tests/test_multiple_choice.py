@@ -140,8 +140,6 @@ def test_option_scoring_finds_the_planted_text_wherever_it_is(tmp_path, kind):
         "option",
         "--mc-samples",
         "8",
-        "--mc-batch-size",
-        "4",
         "--max-forward-tokens",
         "200",
     )

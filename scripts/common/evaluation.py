@@ -52,15 +52,13 @@ def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attenti
 
 
 def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
-    """(model, tokenizer, kind) for a checkpoint of either kind, with the compatibility checks."""
+    """(model, tokenizer, kind, block size) for a checkpoint of either kind, with the compatibility checks. The block
+    size is that of a block-trained diffusion checkpoint (scored with the block estimators), else None."""
     model, tokenizer, checkpoint = load_checkpoint_for_eval(path, tokenizer_dir, None, device, num_attention_heads)
-    block = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
-    if block:
-        print(
-            f"note: {path} was trained with block diffusion (block {block}); its NELBO here is "
-            f"the bidirectional (MDLM) bound, which is not the objective it was trained on"
-        )
-    return model, tokenizer, checkpoint.kind
+    block_size = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
+    if block_size:
+        print(f"note: {path} was trained with block diffusion; it is scored block by block (block size {block_size})")
+    return model, tokenizer, checkpoint.kind, block_size
 
 
 def held_out_batches(path, tokenizer, field: str, seq_len: int, batch_size: int, max_batches: int) -> list:

@@ -69,9 +69,10 @@ def ratio_mean_and_stderr(row_sums: torch.Tensor, row_tokens: torch.Tensor) -> t
 
 @torch.no_grad()
 def lm_eval_model(
-    model, kind: str, batches: list, mask_id: int, mc_samples: int, seed: int, device, dtype: str
+    model, kind: str, batches: list, mask_id: int, mc_samples: int, seed: int, device, dtype: str, block_size=None
 ) -> dict:
-    """Per-token NLL (AR) or NELBO (diffusion) over the batches, with s.e. across rows and the mask-noise s.e."""
+    """Per-token NLL (AR) or NELBO (diffusion; the block NELBO of a block-trained model) over the batches, with s.e.
+    across rows and the mask-noise s.e."""
     generator = torch.Generator(device=device).manual_seed(seed)
     sums, tokens, mc_variances = [], [], []
     for batch in batches:
@@ -81,7 +82,7 @@ def lm_eval_model(
             if kind == "ar":
                 sums.append(ar_nll_rows(model, batch, scored).cpu())
             else:
-                terms = diffusion_nelbo_rows(model, batch, scored, mask_id, mc_samples, generator).cpu()  # [S, B]
+                terms = diffusion_nelbo_rows(model, batch, scored, mask_id, mc_samples, generator, block_size).cpu()
                 sums.append(terms.mean(0))
                 mc_variances.append(
                     terms.var(0) / mc_samples if mc_samples > 1 else torch.full_like(terms[0], float("nan"))
@@ -92,6 +93,7 @@ def lm_eval_model(
     mc_stderr = 0.0 if kind == "ar" else math.sqrt(torch.cat(mc_variances).sum().item()) / row_tokens.sum().item()
     return {
         "kind": kind,
+        "block_size": block_size,
         "rows": len(row_sums),
         "tokens": int(row_tokens.sum()),
         "nll_per_token": mean,
@@ -144,12 +146,14 @@ def lm_results(args, device) -> Iterator[tuple[dict, object, object]]:
     """(result, model, tokenizer) for each --checkpoint in turn, all scored on the same held-out rows."""
     batches = None
     for path in args.checkpoint:
-        model, tokenizer, kind = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
+        model, tokenizer, kind, block_size = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
         if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows
             batches = held_out_batches(
                 args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
             )
         mask_id = mask_token_id(tokenizer)
-        result = lm_eval_model(model, kind, batches, mask_id, args.mc_samples, args.seed, device, args.dtype)
+        result = lm_eval_model(
+            model, kind, batches, mask_id, args.mc_samples, args.seed, device, args.dtype, block_size
+        )
         yield {"checkpoint": str(path), **result}, model, tokenizer
         del model  # before the next one loads

@@ -139,14 +139,14 @@ class ScoringSettings:
     continuation: str = "letter"  # "letter" | "option"
     chat: bool = False
     mc_samples: int = 128
-    mc_batch_size: int = 32  # rows per stratified group (LLaDA Algorithm 3's mini-batch)
     max_forward_tokens: int = 32768
     seed: int = 2026
 
 
 @torch.no_grad()
-def score_question(model, kind: str, tokenizer, question: Question, settings: ScoringSettings) -> dict:
-    """Log-likelihood (and its Monte-Carlo s.e.; 0 when exact) of each choice's continuation given the prompt."""
+def score_question(model, kind: str, tokenizer, question: Question, settings: ScoringSettings, block_size=None) -> dict:
+    """Log-likelihood (and its Monte-Carlo s.e.; 0 when exact) of each choice's continuation given the prompt;
+    block_size: a block-trained diffusion model, scored block by block."""
     context = prompt_ids(tokenizer, prompt_text(question), settings.chat)
     letters = list(question.options)
     texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
@@ -166,6 +166,7 @@ def score_question(model, kind: str, tokenizer, question: Question, settings: Sc
             settings.mc_samples,
             generator,
             rows_per_forward,
+            block_size,
         )
         scores, errors = [e[0] for e in estimates], [e[1] for e in estimates]
     prediction = letters[max(range(len(letters)), key=lambda i: scores[i])]
@@ -192,13 +193,20 @@ def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, 
 
 
 def evaluate_question_sets(
-    model, kind: str, tokenizer, question_sets: dict[str, list[Question]], settings: ScoringSettings, device, dtype: str
+    model,
+    kind,
+    tokenizer,
+    question_sets: dict[str, list[Question]],
+    settings: ScoringSettings,
+    device,
+    dtype,
+    block_size=None,
 ) -> tuple[dict, list[dict]]:
     """({file or 'all': accuracy summary}, per-item predictions) over every question."""
     summaries, items = {}, []
     for name, questions in question_sets.items():
         with autocast(device, dtype):
-            file_items = [score_question(model, kind, tokenizer, q, settings) for q in questions]
+            file_items = [score_question(model, kind, tokenizer, q, settings, block_size) for q in questions]
         summaries[name] = accuracy_summary(file_items)
         items.extend(file_items)
     summaries["all"] = accuracy_summary(items)
@@ -217,7 +225,6 @@ def add_choice_flags(
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT models)")
     draws_help = "diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)"
     p.add_argument(mc_samples_flag, dest="choice_mc_samples", type=int, default=128, help=draws_help)
-    p.add_argument("--mc-batch-size", type=int, default=32, help="draws per stratified group of mask counts")
     p.add_argument(
         "--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)"
     )
@@ -231,12 +238,9 @@ def add_choice_flags(
 def settings_from_args(args) -> ScoringSettings:
     for flag, value in (
         ("--mc-samples", args.choice_mc_samples),
-        ("--mc-batch-size", args.mc_batch_size),
         ("--max-forward-tokens", args.max_forward_tokens),
     ):
         positive(flag, value)
     if args.limit is not None:
         positive("--limit", args.limit)
-    return ScoringSettings(
-        args.continuation, args.chat, args.choice_mc_samples, args.mc_batch_size, args.max_forward_tokens, args.seed
-    )
+    return ScoringSettings(args.continuation, args.chat, args.choice_mc_samples, args.max_forward_tokens, args.seed)

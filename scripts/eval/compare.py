@@ -155,7 +155,9 @@ def main(argv=None) -> dict:
         path, kind = result["checkpoint"], result["kind"]
         result["run"] = run_name(path)
         if settings is not None:
-            summaries, _ = evaluate_question_sets(model, kind, tokenizer, question_sets, settings, device, args.dtype)
+            summaries, _ = evaluate_question_sets(
+                model, kind, tokenizer, question_sets, settings, device, args.dtype, result["block_size"]
+            )
             result["choice"] = summaries["all"]
         del model
         validation = [(r["step"], r["val_loss"]) for r in read_metrics(metrics_path(path)) if "val_loss" in r]

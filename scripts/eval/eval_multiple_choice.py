@@ -61,8 +61,12 @@ def main(argv=None) -> dict:
     settings = settings_from_args(args)
     question_sets = load_question_sets(args.data, args.limit)
     device = pick_device(args.device)
-    model, tokenizer, kind = load_any_kind(args.checkpoint, args.tokenizer_dir, device, args.num_attention_heads)
-    summaries, items = evaluate_question_sets(model, kind, tokenizer, question_sets, settings, device, args.dtype)
+    model, tokenizer, kind, block_size = load_any_kind(
+        args.checkpoint, args.tokenizer_dir, device, args.num_attention_heads
+    )
+    summaries, items = evaluate_question_sets(
+        model, kind, tokenizer, question_sets, settings, device, args.dtype, block_size
+    )
     chance = sum(1 / len(item["scores"]) for item in items) / len(items)
     for name, s in summaries.items():
         print(f"{name}: accuracy {s['accuracy']:.4f} ± {s['stderr']:.4f} over {s['items']} questions")
