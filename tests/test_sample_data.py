@@ -6,8 +6,9 @@ import re
 import pytest
 
 from scripts.common.readers import iter_conversations, iter_texts
+from scripts.common.sample_corpus import untag_line
 from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
-from scripts.data.sample import build_sample, untag_line
+from scripts.data.sample import build_sample
 
 FILES = (
     "sample_pretrain.jsonl",

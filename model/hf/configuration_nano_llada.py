@@ -13,7 +13,8 @@ class NanoLladaConfig(PretrainedConfig):
 
     def __init__(
         self,
-        kind="ar",  # "ar": causal LM (AutoModelForCausalLM); "diffusion": bidirectional masked LM (AutoModelForMaskedLM)
+        # "ar": causal LM (AutoModelForCausalLM); "diffusion": bidirectional masked LM (AutoModelForMaskedLM)
+        kind="ar",
         hidden_size=512,
         num_hidden_layers=8,
         num_attention_heads=8,

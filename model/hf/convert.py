@@ -112,7 +112,8 @@ def read_hf_export(path, num_attention_heads: int | None = None):
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
         raise NanoLladaError(
-            f"{path}: a directory without config.json and {WEIGHTS}; export one with `uv run python -m scripts.export_hf`"
+            f"{path}: a directory without config.json and {WEIGHTS}; "
+            "export one with the Hugging Face export entry point first"
         )
     try:
         data = json.loads((path / "config.json").read_text())
@@ -127,7 +128,8 @@ def read_hf_export(path, num_attention_heads: int | None = None):
     config.pad_vocab_multiple = int(data.get("training_pad_vocab_multiple", 1))  # back to the training layout
     if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
         raise NanoLladaError(
-            f"{path}: stores {config.num_attention_heads} attention heads, but {num_attention_heads} were requested; drop the flag"
+            f"{path}: stores {config.num_attention_heads} attention heads, "
+            f"but {num_attention_heads} were requested; drop the flag"
         )
     state = load_file(str(path / WEIGHTS))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -202,7 +202,8 @@ class NanoLladaModel(NanoLladaPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past + T > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {past + T} positions exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                f"sequence of {past + T} positions exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)[None]
@@ -269,7 +270,8 @@ class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
 
 
 class NanoLladaForMaskedLM(_NanoLladaWithHead):
-    """Diffusion model: bidirectional logits over every position; sample by unmasking <|mask|> (config.mask_token_id)."""
+    """Diffusion model: bidirectional logits over every position;
+    sample by unmasking <|mask|> (config.mask_token_id)."""
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs

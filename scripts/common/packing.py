@@ -87,7 +87,8 @@ class PackedRows:
         self.num_rows = len(self.tokens) // self.seq_len
         if self.num_rows == 0:
             raise NanoLladaError(
-                f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; use more data or a smaller sequence length"
+                f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; "
+                "use more data or a smaller sequence length"
             )
 
     def row(self, i: int) -> np.ndarray:
@@ -118,7 +119,8 @@ class PackedBatches:
     def __init__(self, rows: PackedRows, batch_size: int, seed: int):
         if rows.num_rows < batch_size:
             raise NanoLladaError(
-                f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, fewer than --batch-size {batch_size}; lower the batch size or add data"
+                f"the training split has {rows.num_rows} rows of {rows.seq_len} tokens, "
+                f"fewer than --batch-size {batch_size}; lower the batch size or add data"
             )
         self.rows, self.batch_size = rows, batch_size
         self.order = EpochOrder(rows.num_rows, batch_size, seed)
@@ -137,6 +139,7 @@ def split_train_val(
     cut = int(doc_ends[cut_doc - 1]) if cut_doc > 0 else 0
     if cut < seq_len or len(tokens) - cut < seq_len:
         raise NanoLladaError(
-            f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; add data or lower --max-seq-len"
+            f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; "
+            "add data or lower --max-seq-len"
         )
     return tokens[:cut], tokens[cut:]

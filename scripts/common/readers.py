@@ -32,7 +32,8 @@ def check_data_file(path: str | os.PathLike) -> Path:
         raise NanoLladaError(f"{p}: data file is empty; {HOW_TO_GET_DATA}")
     if p.suffix not in (".jsonl", ".json", ".txt"):
         raise NanoLladaError(
-            f"{p}: unsupported data format '{p.suffix}'; use .jsonl (one JSON object per line) or .txt (one document per line)"
+            f"{p}: unsupported data format '{p.suffix}'; "
+            "use .jsonl (one JSON object per line) or .txt (one document per line)"
         )
     return p
 
@@ -90,7 +91,8 @@ def text_of(path: Path, lineno: int, obj: dict, field: str) -> str:
     """The text field of a pretraining row, or a clear error naming the line and the fields it does have."""
     if field not in obj:
         raise NanoLladaError(
-            f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); pass --jsonl-field NAME"
+            f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); "
+            "pass --jsonl-field NAME"
         )
     value = obj[field]
     if not isinstance(value, str):

@@ -1,8 +1,10 @@
 """Train a byte-level BPE tokenizer with MiniMind2's layout (ChatML specials at ids 0/1/2, 6400 tokens).
 
-    uv run python -m scripts.train.train_tokenizer [--data FILE.jsonl|.txt] [--jsonl-field text] [--vocab-size 6400] [--max-docs N] [--out-dir .]
+    uv run python -m scripts.train.train_tokenizer [--data FILE.jsonl|.txt] [--jsonl-field text]
+        [--vocab-size 6400] [--max-docs N] [--out-dir .]
 
-Without --data it trains on the offline sample corpus (scripts.data.sample), so it works with no download.
+Without --data it trains on the offline sample corpus (scripts/common/sample_corpus.py), so it works with no
+download.
 `<|mask|>` is deliberately absent: model/tokenizer.py appends it at load time (id 6400).
 """
 
@@ -97,7 +99,7 @@ def main(argv=None):
             f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}"
         )
     if args.data is None:
-        from scripts.data.sample import iter_embedded_texts
+        from scripts.common.sample_corpus import iter_embedded_texts
 
         texts, source = iter_embedded_texts(), "the offline sample corpus"
     else:  # checked here: an error raised inside the Rust trainer's iteration would lose its message
@@ -113,7 +115,8 @@ def main(argv=None):
     write_atomic(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     write_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config(), ensure_ascii=False, indent=2) + "\n")
     print(
-        f"trained on {source}: vocab {tokenizer.get_vocab_size()} in {seconds:.1f}s -> {out_dir / 'tokenizer.json'}, {out_dir / 'tokenizer_config.json'}"
+        f"trained on {source}: vocab {tokenizer.get_vocab_size()} in {seconds:.1f}s -> "
+        f"{out_dir / 'tokenizer.json'}, {out_dir / 'tokenizer_config.json'}"
     )
 
 
