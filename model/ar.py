@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +42,38 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class ARSamplerConfig:
+    """How AR decoding draws each next token (see sample_next); `banned_ids` (e.g. <|mask|>) are never drawn."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    banned_ids: tuple[int, ...] = ()
+
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token id per row of logits [B, V] (banned columns are set to -inf in place)."""
+        if self.banned_ids:
+            logits[:, list(self.banned_ids)] = float("-inf")
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, generator)
+
+
+GREEDY = ARSamplerConfig()
+
+
 @torch.no_grad()
 def generate(
     model,
     prompt_ids: list[int],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampler: ARSamplerConfig = GREEDY,
     eos_id: int | None = None,
-    banned_ids: tuple[int, ...] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1). With use_cache, each step feeds only the newest token.
 
     Stops after eos_id (which is yielded) or max_new_tokens, or at the model's position limit.
-    `banned_ids` (e.g. <|mask|>) can never be sampled.
     """
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings
@@ -67,9 +83,7 @@ def generate(
     feed = ids
     for _ in range(max_new_tokens):
         logits = model(feed, attention="causal", kv_cache=cache)[:, -1]
-        if banned_ids:
-            logits[:, list(banned_ids)] = float("-inf")
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sampler.draw(logits, generator)
         yield int(token)
         if eos_id is not None and int(token) == eos_id:
             return
@@ -82,11 +96,8 @@ def generate_batch(
     model,
     prompts: list[list[int]],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampler: ARSamplerConfig = GREEDY,
     eos_id: int | None = None,
-    banned_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
@@ -118,9 +129,7 @@ def generate_batch(
     written = torch.full((B, max(steps, 1)), -1, dtype=torch.long, device=device)  # -1: nothing written there
     running = budget > 0
     for step in range(steps):
-        if banned_ids:
-            logits[:, list(banned_ids)] = float("-inf")
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sampler.draw(logits, generator)
         written[:, step] = token.masked_fill(~running, -1)
         running &= (step + 1 < budget) & (token != eos_id if eos_id is not None else True)
         if not running.any():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from model.ar import generate, generate_batch, next_token_loss
+from model.ar import ARSamplerConfig, generate, generate_batch, next_token_loss
 from model.checkpoint import load_model, read_checkpoint
 from model.config import BASE_VOCAB_SIZE, ModelConfig, preset
 from model.diffusion_loss import diffusion_loss
@@ -36,7 +36,7 @@ from model.transformer import Transformer
 from scripts.common.bench_report import ROOT, git_commit, markdown, peak_bf16_flops
 from scripts.common.cli import run_main
 from scripts.common.device import autocast, synchronize
-from scripts.common.trainer import TrainConfig, make_optimizer
+from scripts.common.optimization import TrainConfig, make_optimizer
 
 
 @dataclass
@@ -139,11 +139,11 @@ def mask_id_of(config: ModelConfig) -> int:
 @torch.no_grad()
 def ar_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, int]:
     """Greedy AR decoding with the KV cache: model/ar.generate at batch 1, model/ar.generate_batch above."""
-    banned = (mask_id_of(model.config),)
+    greedy = ARSamplerConfig(banned_ids=(mask_id_of(model.config),))
     if prompt.shape[0] == 1:
-        ids = list(generate(model, prompt[0].tolist(), new_tokens, banned_ids=banned))
+        ids = list(generate(model, prompt[0].tolist(), new_tokens, greedy))
         return torch.tensor([ids], device=prompt.device), len(ids)
-    rows = generate_batch(model, prompt.tolist(), new_tokens, banned_ids=banned)
+    rows = generate_batch(model, prompt.tolist(), new_tokens, greedy)
     return torch.tensor(rows, device=prompt.device), new_tokens
 
 

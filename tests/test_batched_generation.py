@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import lively_model
 
-from model.ar import generate, generate_batch
+from model.ar import ARSamplerConfig, generate, generate_batch
 from model.errors import NanoLladaError
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
@@ -24,8 +24,9 @@ def test_left_pad_right_aligns_and_rejects_empty_prompts():
 def test_ar_batch_equals_each_prompt_alone_with_eos_and_banned_ids(tiny_config):
     model = lively_model(tiny_config)
     eos = list(generate(model, PROMPTS[1], 12))[3]  # a token row 1 writes: that row stops early
-    alone = [list(generate(model, p, 12, eos_id=eos, banned_ids=(100,))) for p in PROMPTS]
-    batched = generate_batch(model, PROMPTS, 12, eos_id=eos, banned_ids=(100,))
+    sampler = ARSamplerConfig(banned_ids=(100,))
+    alone = [list(generate(model, p, 12, sampler, eos_id=eos)) for p in PROMPTS]
+    batched = generate_batch(model, PROMPTS, 12, sampler, eos_id=eos)
     assert batched == alone
     assert len(set(map(len, alone))) > 1 and len(set(tuple(a) for a in alone)) == len(alone)  # the case is not trivial
     assert all(100 not in row for row in batched)

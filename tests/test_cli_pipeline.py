@@ -449,7 +449,7 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
     from types import SimpleNamespace
 
     from model import load_model
-    from scripts.common.trainer import RunFiles
+    from scripts.common.run_files import RunFiles
 
     tokenizer = load_tokenizer(minimind2_fixtures)
     args = diffusion.parse_args(

@@ -45,7 +45,8 @@ def sft_rows(rows: int, answer_len: int, row_len: int, vocab: int = V) -> tuple[
 def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, row_len, answer_len):
     """Unbiased for any answer or row length: a row that drew no mask adds 0 (nothing is forced in at weight 1/t).
     Within 2 %, or 4 standard errors where one answer token per row leaves the 1/t estimate too noisy for 2 % in
-    the rows drawn here (forcing a mask, as the code once did, gave 2.2 ln|V| at 4 answer tokens: far outside either)."""
+    the rows drawn here (forcing a mask, as the code once did, gave 2.2 ln|V| at 4 answer tokens: far outside
+    either)."""
     if answer_len > row_len:
         pytest.skip("the answer does not fit the row")
     vocab = 8  # the estimator does not depend on |V|; a small one keeps 100k rows cheap
@@ -60,7 +61,9 @@ def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, row_le
     gen = rng(1)
     for name, (objective, scored) in settings.items():
         model = UniformModel(vocab)
-        losses = torch.tensor([diffusion_loss(model, ids, gen, vocab - 1, objective, scored).item() for _ in range(200)])
+        losses = torch.tensor(
+            [diffusion_loss(model, ids, gen, vocab - 1, objective, scored).item() for _ in range(200)]
+        )
         tolerance = max(0.02 * math.log(vocab), 4 * losses.std().item() / math.sqrt(len(losses)))
         assert losses.mean().item() == pytest.approx(math.log(vocab), abs=tolerance), name
 

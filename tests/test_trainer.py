@@ -9,7 +9,8 @@ from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.transformer import Transformer
-from scripts.common.trainer import RunOptions, Task, TrainConfig, lr_at, train
+from scripts.common.optimization import TrainConfig, lr_at
+from scripts.common.trainer import RunOptions, Task, train
 
 DEVICE = torch.device("cpu")
 TOKENIZER = {"vocab_size": 101, "sha256": "t"}

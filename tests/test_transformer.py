@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.ar import generate
+from model.ar import ARSamplerConfig, generate
 from model.config import ModelConfig
 from model.transformer import Transformer, rope_frequencies
 
@@ -51,8 +51,8 @@ def test_kv_cache_chunks_equal_one_full_forward(tiny_config):
 def test_kv_cached_greedy_decoding_equals_uncached(tiny_config):
     model = Transformer(tiny_config).eval()
     prompt = [1, 5, 9, 3]
-    cached = list(generate(model, prompt, 20, temperature=0.0, use_cache=True))
-    uncached = list(generate(model, prompt, 20, temperature=0.0, use_cache=False))
+    cached = list(generate(model, prompt, 20, use_cache=True))
+    uncached = list(generate(model, prompt, 20, use_cache=False))
     assert len(cached) == 20
     assert cached == uncached
 
@@ -61,12 +61,11 @@ def test_generation_never_samples_banned_ids_and_stops_at_eos(tiny_config):
     model = Transformer(tiny_config).eval()
     with torch.no_grad():
         model.lm_head.weight[7] += 5.0  # make token 7 attractive, then ban it
-    tokens = list(
-        generate(model, [1, 2], 30, temperature=1.0, banned_ids=(7,), generator=torch.Generator().manual_seed(0))
-    )
+    sampler = ARSamplerConfig(temperature=1.0, banned_ids=(7,))
+    tokens = list(generate(model, [1, 2], 30, sampler, generator=torch.Generator().manual_seed(0)))
     assert 7 not in tokens
-    first = list(generate(model, [1, 2], 30, temperature=0.0))[0]
-    assert list(generate(model, [1, 2], 30, temperature=0.0, eos_id=first)) == [first]
+    first = list(generate(model, [1, 2], 30))[0]  # greedy by default
+    assert list(generate(model, [1, 2], 30, eos_id=first)) == [first]
 
 
 def reference_minimind2_forward(state: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
@@ -173,7 +172,7 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     extra rows stay exactly zero through training and no logit exists for them."""
     from model.ar import generate, next_token_loss
     from model.diffusion_loss import diffusion_loss
-    from scripts.common.trainer import TrainConfig, make_optimizer
+    from scripts.common.optimization import TrainConfig, make_optimizer
 
     model = Transformer(tiny_config)
     V, padded = tiny_config.vocab_size, tiny_config.padded_vocab_size
@@ -192,4 +191,5 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
         torch.count_nonzero(model.model.embed_tokens.weight[V:]) == 0
         and torch.count_nonzero(model.lm_head.weight[V:]) == 0
     )
-    assert max(generate(model, [1, 2, 3], 20, temperature=5.0, generator=torch.Generator().manual_seed(0))) < V
+    hot = ARSamplerConfig(temperature=5.0)
+    assert max(generate(model, [1, 2, 3], 20, hot, generator=torch.Generator().manual_seed(0))) < V

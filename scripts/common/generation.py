@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.ar import generate, generate_batch
+from model.ar import ARSamplerConfig, generate, generate_batch
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
@@ -98,18 +98,15 @@ def ar_answers(
     batch_size: int = 16,
 ) -> list[Answer]:
     """Answers to many prompts, `batch_size` at a time through one KV cache per batch."""
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOS_ID)
-    banned = (mask_token_id(tokenizer),)
+    sampler = ARSamplerConfig(temperature, top_k, top_p, banned_ids=(mask_token_id(tokenizer),))
     answers = []
     for chunk in chunks(prompts, max(batch_size, 1)):
         generator = torch.Generator(device=device).manual_seed(seed)
         if len(chunk) == 1:  # one prompt needs no padding
-            run = lambda: [
-                list(generate(model, chunk[0], max_new_tokens, **options, banned_ids=banned, generator=generator))
-            ]
+            run = lambda: [list(generate(model, chunk[0], max_new_tokens, sampler, EOS_ID, generator=generator))]
         else:
             run = lambda: generate_batch(
-                model, chunk, max_new_tokens, **options, banned_ids=banned, pad_id=PAD_ID, generator=generator
+                model, chunk, max_new_tokens, sampler, EOS_ID, pad_id=PAD_ID, generator=generator
             )
         answers += _timed_answers(model, tokenizer, device, dtype, run)
     return answers

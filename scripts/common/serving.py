@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from model.ar import generate
+from model.ar import ARSamplerConfig, generate
 from model.errors import SettingError
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, StreamingDecoder, chat_text, encode, mask_token_id
@@ -251,11 +251,8 @@ class ChatEngine:
                     self.model,
                     request.prompt_ids,
                     request.max_tokens,
-                    request.temperature,
-                    request.top_k,
-                    request.top_p,
+                    ARSamplerConfig(request.temperature, request.top_k, request.top_p, banned_ids=(self.mask_id,)),
                     eos_id=EOS_ID,
-                    banned_ids=(self.mask_id,),
                     generator=generator,
                 ):
                     push([token])

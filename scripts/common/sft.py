@@ -32,7 +32,8 @@ from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args
 from scripts.common.packing import EpochOrder, chunks
 from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
-from scripts.common.trainer import RunFiles, RunOptions, Task, train
+from scripts.common.run_files import RunFiles
+from scripts.common.trainer import RunOptions, Task, train
 from scripts.common.trainer_cli import RunStart, add_training_flags, optimizer_steps, start_run, starting_checkpoint
 
 CACHE_VERSION = 1

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from model.ar import generate, next_token_loss
+from model.ar import ARSamplerConfig, generate, next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.device import autocast
@@ -77,11 +77,8 @@ def main(argv=None) -> dict:
                 model,
                 ids,
                 args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
+                ARSamplerConfig(args.temperature, args.top_k, args.top_p, banned_ids=(mask_token_id(tokenizer),)),
                 EOS_ID,
-                banned_ids=(mask_token_id(tokenizer),),
                 use_cache=not args.no_cache,
                 generator=generator,
             ):

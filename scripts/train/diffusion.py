@@ -34,8 +34,9 @@ from scripts.common.cli import model_config_from_args, positive, run_main
 from scripts.common.evaluation import check_compatible
 from scripts.common.packing import document_ids
 from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.run_files import RunFiles
 from scripts.common.topk import TopKCheckpoints
-from scripts.common.trainer import RunFiles, RunOptions, Task, train
+from scripts.common.trainer import RunOptions, Task, train
 from scripts.common.trainer_cli import check_training_flags, start_run
 
 
@@ -190,13 +191,15 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
     if ignored:
         print(
             f"note: {', '.join(f'{n}={getattr(requested, n)}' for n in ignored)} ignored: the AR checkpoint has "
-            f"{', '.join(f'{n}={getattr(config, n)}' for n in ignored)}, and the diffusion model keeps its shape and RoPE setting"
+            f"{', '.join(f'{n}={getattr(config, n)}' for n in ignored)}, "
+            "and the diffusion model keeps its shape and RoPE setting"
         )
     model = build_model(checkpoint, source)
     init_mask_embedding(model, mask_token_id(tokenizer), torch.Generator().manual_seed(args.seed))
     print(
         f"initialised from {source} ({checkpoint.source}): all {len(checkpoint.state_dict)} tensors copied "
-        f"(embedding {tuple(model.model.embed_tokens.weight.shape)}, head {'tied' if config.tie_word_embeddings else 'untied'}), "
+        f"(embedding {tuple(model.model.embed_tokens.weight.shape)}, "
+        f"head {'tied' if config.tie_word_embeddings else 'untied'}), "
         f"<|mask|> row = mean embedding + noise, attention now bidirectional"
     )
     return model
@@ -264,7 +267,8 @@ def main(argv=None) -> dict:
     if keeper is not None:
         print(
             f"kept the {len(keeper.entries)} best evaluations in {keeper.index}; merge them with "
-            f"`uv run python -m scripts.train.merge_checkpoints --run-name {args.run_name} --save-dir {args.save_dir} --k {args.keep_top_k}`"
+            f"`uv run python -m scripts.train.merge_checkpoints --run-name {args.run_name} "
+            f"--save-dir {args.save_dir} --k {args.keep_top_k}`"
         )
     return summary
 
@@ -309,7 +313,8 @@ class PretrainingLoss:
 def describe_curriculum(curriculum: BlockCurriculum) -> str:
     stable_start, decay_start = curriculum.boundaries()
     return (
-        f"(warmup steps 0-{stable_start - 1} blocks {list(curriculum.sizes_up)}, stable to {decay_start - 1} block {curriculum.seq_len}, "
+        f"(warmup steps 0-{stable_start - 1} blocks {list(curriculum.sizes_up)}, "
+        f"stable to {decay_start - 1} block {curriculum.seq_len}, "
         f"decay blocks {list(curriculum.sizes_down)})"
     )
 

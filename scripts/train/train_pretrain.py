@@ -14,7 +14,8 @@ from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, run_main
 from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
-from scripts.common.trainer import RunFiles, RunOptions, Task, train
+from scripts.common.run_files import RunFiles
+from scripts.common.trainer import RunOptions, Task, train
 from scripts.common.trainer_cli import start_run, starting_checkpoint
 
 
