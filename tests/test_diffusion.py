@@ -46,26 +46,27 @@ class Recorder(nn.Module):
         return self.inner(ids, attention=attention)
 
 
-@pytest.mark.parametrize("block_length,steps", [(None, 12), (4, 12), (6, 6)])
-def test_sampler_keeps_prompt_fills_every_mask_and_follows_the_schedule(tiny_config, block_length, steps):
+@pytest.mark.parametrize("block_size,steps", [(None, 12), (4, 12), (6, 6)])
+def test_sampler_keeps_prompt_fills_every_mask_and_follows_the_schedule(tiny_config, block_size, steps):
     model = Recorder(Transformer(tiny_config).eval())
     mask_id = tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (2, 5), generator=rng())
-    cfg = DiffusionSamplerConfig(gen_length=12, steps=steps, block_size=block_length, stop_at_eos=False)
-    out = diffusion_generate(model, prompt, cfg, mask_id)
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=steps, block_size=block_size, stop_at_eos=False)
+    out = diffusion_generate(model, prompt, sampler, mask_id)
     assert out.tokens.shape == (2, 12) and not (out.tokens == mask_id).any()
     assert out.nfe == steps == len(model.canvases)
-    block = block_length or 12
-    per_block = steps // (12 // block)
-    expected = step_quotas(torch.tensor([block, block]), per_block).T
-    assert torch.equal(torch.stack(out.commits), expected.repeat(12 // block, 1))
+    block_size = block_size or 12  # None: the whole generation is one block
+    per_block = steps // (12 // block_size)
+    expected = step_quotas(torch.tensor([block_size, block_size]), per_block).T
+    assert torch.equal(torch.stack(out.commits), expected.repeat(12 // block_size, 1))
     for before, after in zip(model.canvases, model.canvases[1:] + [torch.cat([prompt, out.tokens], 1)]):
         assert torch.equal(after[:, :5], prompt)  # the prompt never changes
         decided = before != mask_id
         assert torch.equal(after[decided], before[decided])  # committed tokens never change
         first_open = (before[:, 5:] == mask_id).float().argmax(1)
         changed = (after != before)[:, 5:]
-        assert all((changed[b].nonzero() // block >= first_open[b] // block).all() for b in range(2))  # block order
+        block_of_first_open = first_open // block_size  # blocks decode in order: nothing changes before it
+        assert all((changed[b].nonzero() // block_size >= block_of_first_open[b]).all() for b in range(2))
 
 
 def test_temperature_zero_is_deterministic_and_random_sampling_is_seeded(tiny_config):
