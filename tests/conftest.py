@@ -10,6 +10,32 @@ MINIMIND2_FIXTURES = ROOT.parent / "shared" / "fixtures" / "minimind2"
 
 from model.config import ModelConfig  # noqa: E402
 
+# The shape of every tiny test model: as keyword options of ModelConfig, and as the trainers' flags (with cli()).
+TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+# The training loop's tests (one process and DDP): a short run with 2-step accumulation, evaluations every 3 steps.
+TINY_TRAINING = {
+    "learning_rate": 3e-3,
+    "warmup_steps": 2,
+    "accumulation_steps": 2,
+    "eval_interval": 3,
+    "save_interval": 100,
+    "log_interval": 2,
+}
+
+
+def sample_subset(out: Path, rows: dict[str, int]) -> dict[str, Path]:
+    """The first `rows[name]` lines of each offline sample file sample_{name}.jsonl, written to out/{name}.jsonl:
+    enough for a few training steps on a tiny model, quick to tokenize."""
+    from scripts.data.sample import build_sample
+
+    files = build_sample(out)
+    subset = {}
+    for name, count in rows.items():
+        lines = files[f"sample_{name}.jsonl"].read_text(encoding="utf-8").splitlines()[:count]
+        subset[name] = out / f"{name}.jsonl"
+        subset[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return subset
+
 
 def lively_model(config: ModelConfig):
     """A random model in eval mode with large weights: its greedy outputs vary from token to token (a 0.02-init
@@ -26,14 +52,7 @@ def lively_model(config: ModelConfig):
 
 @pytest.fixture
 def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=256,
-    )
+    return ModelConfig(**TINY_MODEL, vocab_size=101, max_position_embeddings=256)
 
 
 @pytest.fixture

@@ -3,68 +3,29 @@
 import json
 
 import pytest
+from conftest import TINY_MODEL, sample_subset
 
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
-from scripts.data.sample import build_sample
+from scripts.common.pipeline import cli
 from scripts.eval import eval_diffusion
 from scripts.train import diffusion, merge_checkpoints
 
 TINY = [
-    "--hidden-size",
-    "64",
-    "--num-hidden-layers",
-    "2",
-    "--num-attention-heads",
-    "4",
-    "--num-key-value-heads",
-    "2",
-    "--max-position-embeddings",
-    "64",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "4",
-    "--val-fraction",
-    "0.05",
-    "--eval-batches",
-    "2",
-    "--log-interval",
-    "1",
-    "--warmup-steps",
-    "1",
-    "--learning-rate",
-    "3e-3",
-    "--device",
-    "cpu",
+    *cli(**TINY_MODEL, max_position_embeddings=64, seq_len=16, device="cpu"),
+    *cli(batch_size=4, val_fraction=0.05, eval_batches=2, log_interval=1, warmup_steps=1, learning_rate=3e-3),
 ]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The first documents of the offline sample corpus: enough rows for a few steps, quick to tokenize."""
-    out = tmp_path_factory.mktemp("llada2")
-    lines = build_sample(out)["sample_pretrain.jsonl"].read_text(encoding="utf-8").splitlines()[:120]
-    path = out / "tiny.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return sample_subset(tmp_path_factory.mktemp("llada2"), {"pretrain": 120})["pretrain"]
 
 
 def run(corpus, save_dir, name, *flags):
     return diffusion.main(
-        [
-            "--train",
-            "--tokenizer-dir",
-            ".",
-            "--data",
-            str(corpus),
-            "--save-dir",
-            str(save_dir),
-            "--run-name",
-            name,
-            *TINY,
-            *flags,
-        ]
+        [*cli("--train", tokenizer_dir=".", data=corpus, save_dir=save_dir, run_name=name), *TINY, *flags]
     )
 
 
@@ -72,107 +33,54 @@ def metrics(save_dir, name):
     return [json.loads(line) for line in (save_dir / f"{name}_metrics.jsonl").read_text().splitlines()]
 
 
-def test_wsd_curriculum_with_time_weights_and_document_mask_then_merge_and_block_causal_eval(corpus, tmp_path):
-    summary = run(
-        corpus,
-        tmp_path,
-        "wsd",
-        "--mask-schedule",
-        "wsd",
-        "--use-block-curriculum",
-        "--wsd-block-sizes-up",
-        "1,4,16",
-        "--wsd-phase-ratios",
-        "0.3,0.3,0.4",
-        "--inference-block-size",
-        "4",
-        "--time-weighted-loss",
-        "--use-doc-attention-mask",
-        "--keep-top-k",
-        "2",
-        "--max-iters",
-        "10",
-        "--eval-interval",
-        "3",
+@pytest.fixture(scope="module")
+def wsd_run(corpus, tmp_path_factory):
+    """Ten steps of the WSD block curriculum with cosine time weights, the document mask and the top-2 kept."""
+    save_dir = tmp_path_factory.mktemp("wsd")
+    curriculum = cli(
+        "--use-block-curriculum", mask_schedule="wsd", wsd_block_sizes_up="1,4,16", wsd_phase_ratios="0.3,0.3,0.4"
     )
-    records = metrics(tmp_path, "wsd")
+    weighting = cli("--time-weighted-loss", "--use-doc-attention-mask", inference_block_size=4)
+    schedule = cli(keep_top_k=2, max_iters=10, eval_interval=3)
+    return run(corpus, save_dir, "wsd", *curriculum, *weighting, *schedule), save_dir
+
+
+def test_wsd_curriculum_walks_its_phases_and_blocks_and_stores_its_settings(wsd_run):
+    summary, save_dir = wsd_run
+    records = metrics(save_dir, "wsd")
     steps = [r for r in records if "loss" in r]
-    assert [(r["phase"], r["block"]) for r in steps] == [
-        ("warmup", 1),
-        ("warmup", 4),
-        ("warmup", 16),
-        ("stable", 16),
-        ("stable", 16),
-        ("stable", 16),
-        ("decay", 16),
-        ("decay", 16),
-        ("decay", 8),
-        ("decay", 4),
-    ]
+    warmup, stable, decay = [("warmup", 1), ("warmup", 4), ("warmup", 16)], [("stable", 16)] * 3, [("decay", 16)] * 2
+    assert [(r["phase"], r["block"]) for r in steps] == warmup + stable + decay + [("decay", 8), ("decay", 4)]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert vals[-1] < vals[0]  # the MDLM validation loss fell
-    full = read_checkpoint(tmp_path / "wsd.pt")
+    full = read_checkpoint(save_dir / "wsd.pt")
     assert full.extra["diffusion"]["block_curriculum"]["sizes_down"] == [16, 8, 4]
     assert full.extra["diffusion"]["time_weight_schedule"] == "cosine" and full.extra["diffusion"]["doc_attention_mask"]
-    assert summary["step"] == 10 and len(json.loads((tmp_path / "wsd_topk.json").read_text())) == 2
+    assert summary["step"] == 10 and len(json.loads((save_dir / "wsd_topk.json").read_text())) == 2
 
-    merged = merge_checkpoints.main(["--run-name", "wsd", "--save-dir", str(tmp_path), "--k", "2"])
-    assert (tmp_path / "wsd_merged.pt").exists() and len(merged["merged"]) == 2
 
-    result = eval_diffusion.main(
-        [
-            "--checkpoint",
-            str(tmp_path / "wsd.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--seq-len",
-            "16",
-            "--prompt",
-            "今天",
-            "--max-new-tokens",
-            "8",
-            "--device",
-            "cpu",
-            "--no-early-stop",
-        ]
-    )
+def test_wsd_run_merges_its_top_k_and_decodes_block_causally_with_and_without_the_cache(wsd_run):
+    _, save_dir = wsd_run
+    merged = merge_checkpoints.main(cli(run_name="wsd", save_dir=save_dir, k=2))
+    assert (save_dir / "wsd_merged.pt").exists() and len(merged["merged"]) == 2
+
+    checkpoint = cli(checkpoint=save_dir / "wsd.pt", tokenizer_dir=".", seq_len=16, device="cpu")
+    sample = [*checkpoint, *cli("--no-early-stop", prompt="今天", max_new_tokens=8)]
+    result = eval_diffusion.main(sample)
     assert result["sample"]["block_causal"]  # ended in the decay phase at block 4: decoded block-causally
-    uncached = eval_diffusion.main(
-        [
-            "--checkpoint",
-            str(tmp_path / "wsd.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--seq-len",
-            "16",
-            "--prompt",
-            "今天",
-            "--max-new-tokens",
-            "8",
-            "--device",
-            "cpu",
-            "--no-early-stop",
-            "--no-kv-cache",
-        ]
-    )
+    uncached = eval_diffusion.main([*sample, "--no-kv-cache"])
     assert uncached["sample"]["tokens"] == result["sample"]["tokens"]
 
 
 def test_wsd_without_curriculum_and_linear_time_weight_is_llada_eq3(corpus, tmp_path):
     common = ["--max-iters", "2", "--eval-interval", "2"]
     run(corpus, tmp_path, "eq3", *common)
-    run(
-        corpus,
-        tmp_path,
-        "wsd_plain",
-        "--mask-schedule",
-        "wsd",
-        "--time-weighted-loss",
-        "--time-weight-schedule",
-        "linear",
-        *common,
-    )
-    losses = lambda name: [r.get("loss", r.get("val_loss")) for r in metrics(tmp_path, name) if "tokens_per_s" not in r]  # noqa: E731
+    linear_weights = cli("--time-weighted-loss", mask_schedule="wsd", time_weight_schedule="linear")
+    run(corpus, tmp_path, "wsd_plain", *linear_weights, *common)
+
+    def losses(name):
+        return [r.get("loss", r.get("val_loss")) for r in metrics(tmp_path, name) if "tokens_per_s" not in r]
+
     assert losses("wsd_plain") == pytest.approx(losses("eq3"), rel=1e-5)  # same masks, same weights, same validation
     assert "phase" not in metrics(tmp_path, "wsd_plain")[1]
 
@@ -195,11 +103,8 @@ def test_bad_llada2_flags_are_explained(corpus, tmp_path, flags, message):
     assert not (tmp_path / "bad.pt").exists()
 
 
-def test_sft_switches_run_through_the_cli(tmp_path, capsys):
-    import json as _json
-
-    from scripts.train import train_sft_diffusion
-
+def sft_flags(save_dir):
+    """A tiny diffusion SFT run on 40 short question/answer conversations written to save_dir."""
     rows = [
         {
             "conversations": [
@@ -209,88 +114,53 @@ def test_sft_switches_run_through_the_cli(tmp_path, capsys):
         }
         for k in range(40)
     ]
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(_json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    common = [
-        "--data",
-        str(data),
-        "--tokenizer-dir",
-        ".",
-        "--save-dir",
-        str(tmp_path),
-        "--hidden-size",
-        "64",
-        "--num-hidden-layers",
-        "2",
-        "--num-attention-heads",
-        "4",
-        "--max-seq-len",
-        "48",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "3",
-        "--eval-interval",
-        "3",
-        "--eval-batches",
-        "1",
-        "--val-fraction",
-        "0.1",
-        "--device",
-        "cpu",
+    data = save_dir / "sft.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return [
+        *cli(data=data, tokenizer_dir=".", save_dir=save_dir, **TINY_MODEL, device="cpu"),
+        *cli(max_seq_len=48, batch_size=4, max_steps=3, eval_interval=3, eval_batches=1, val_fraction=0.1),
     ]
-    summary = train_sft_diffusion.main(
-        [
-            *common,
-            "--run-name",
-            "blk",
-            "--block-size",
-            "8",
-            "--mask-ratio-min",
-            "0.3",
-            "--mask-ratio-max",
-            "0.8",
-            "--complementary-masking",
-            "--cap-weight",
-            "0.1",
-        ]
-    )
-    assert summary["step"] == 3
-    assert read_checkpoint(tmp_path / "blk_state_dict.pt").extra["block_diffusion"]["block_size"] == 8
-    # every SFT decoding path decodes a block-trained checkpoint block-causally with its block size
+
+
+def test_block_sft_switches_run_through_the_cli_and_every_sft_path_decodes_block_causally(tmp_path, capsys):
+    from scripts.common.serving import RequestError
     from scripts.eval import eval_sft_one_prompt
     from scripts.serve import load_engine, parse_args
+    from scripts.train import train_sft_diffusion
 
+    block_sft = cli(
+        "--complementary-masking", run_name="blk", block_size=8, mask_ratio_min=0.3, mask_ratio_max=0.8, cap_weight=0.1
+    )
+    summary = train_sft_diffusion.main([*sft_flags(tmp_path), *block_sft])
+    assert summary["step"] == 3
+    checkpoint = tmp_path / "blk_state_dict.pt"
+    assert read_checkpoint(checkpoint).extra["block_diffusion"]["block_size"] == 8
+    # every SFT decoding path decodes a block-trained checkpoint block-causally with its block size
     answers = eval_sft_one_prompt.main(
-        [
-            "--prompt",
-            "第1个问题是什么？",
-            "--tokenizer-dir",
-            ".",
-            "--max-new-tokens",
-            "12",
-            "--diffusion-checkpoint",
-            str(tmp_path / "blk_state_dict.pt"),
-            "--device",
-            "cpu",
-        ]
+        cli(
+            prompt="第1个问题是什么？",
+            tokenizer_dir=".",
+            max_new_tokens=12,
+            diffusion_checkpoint=checkpoint,
+            device="cpu",
+        )
     )
-    assert (
-        "decoding block-causally with block size 8" in capsys.readouterr().out
-        and answers[0]["diffusion"]["forward_passes"] >= 1
-    )
-    engine = load_engine(
-        parse_args(["--checkpoint", str(tmp_path / "blk_state_dict.pt"), "--tokenizer-dir", ".", "--device", "cpu"])
-    )
-    request = engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10})
+    assert "decoding block-causally with block size 8" in capsys.readouterr().out
+    assert answers[0]["diffusion"]["forward_passes"] >= 1
+    engine = load_engine(parse_args(cli(checkpoint=checkpoint, tokenizer_dir=".", device="cpu")))
+    messages = [{"role": "user", "content": "第2个问题是什么？"}]
+    request = engine.parse({"messages": messages, "max_tokens": 10})
     assert request.sampler.block_causal and request.sampler.block_size == 8 and request.sampler.gen_length == 10
     assert engine.complete(request, lambda text: None)[1] <= 10
-    from scripts.common.serving import RequestError
-
     with pytest.raises(RequestError, match="steps 1 is fewer than the 2 blocks to decode"):  # the sampler's own check
-        engine.parse({"messages": [{"role": "user", "content": "第2个问题是什么？"}], "max_tokens": 10, "steps": 1})
+        engine.parse({"messages": messages, "max_tokens": 10, "steps": 1})
+
+
+def test_an_inverted_mask_ratio_band_is_explained(tmp_path):
+    from scripts.train import train_sft_diffusion
+
     with pytest.raises(NanoLladaError, match="mask-ratio band"):
-        train_sft_diffusion.main([*common, "--run-name", "bad", "--mask-ratio-min", "0.9", "--mask-ratio-max", "0.2"])
+        train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", mask_ratio_min=0.9, mask_ratio_max=0.2)])
 
 
 def test_random_length_crops_whole_batches_to_a_block_multiple(corpus, tmp_path, monkeypatch):

@@ -7,118 +7,56 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_MODEL, sample_subset
 
 from model.checkpoint import read_checkpoint
 from model.tokenizer import chat_text, encode, load_tokenizer
+from scripts.common.pipeline import cli
 from scripts.common.sft import collate, encode_conversation, load_sft_examples
-from scripts.data.sample import build_sample
 from scripts.eval import eval_diffusion, eval_minimind, eval_sft_accuracy, eval_sft_one_prompt
 from scripts.train import diffusion, train_pretrain, train_sft_diffusion, train_sft_minimind
 
-TINY = [
-    "--hidden-size",
-    "64",
-    "--num-hidden-layers",
-    "2",
-    "--num-attention-heads",
-    "4",
-    "--num-key-value-heads",
-    "2",
-    "--device",
-    "cpu",
-]
+TINY = cli(**TINY_MODEL, device="cpu")
+ROWS = {"pretrain": 1500, "pretrain_val": 60, "sft_train": 240, "sft_val": 24, "sft_test": 12}
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample")
-    files = build_sample(out)
-    small = {}
-    for name, rows in (("pretrain", 1500), ("pretrain_val", 60), ("sft_train", 240), ("sft_val", 24), ("sft_test", 12)):
-        lines = files[f"sample_{name}.jsonl"].read_text(encoding="utf-8").splitlines()[:rows]
-        small[name] = out / f"{name}.jsonl"
-        small[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return small
+    return sample_subset(tmp_path_factory.mktemp("sample"), ROWS)
+
+
+def pretrain_runs(sample, out) -> dict:
+    """AR pretraining, then diffusion initialised from it: each run's summary."""
+    pre = [
+        *cli(data=sample["pretrain"], tokenizer_dir=".", save_dir=out),
+        *TINY,
+        *cli(seq_len=32, batch_size=8, max_iters=30, warmup_steps=3, learning_rate=3e-3, eval_interval=15),
+        *cli(eval_batches=3, val_fraction=0.02),
+    ]
+    runs = {"ar": train_pretrain.main([*pre, "--run-name", "ar"])}
+    from_ar = cli(mask_schedule="iid_t", init_from_minimind=out / "ar_state_dict.pt", early_stop_patience=5)
+    runs["diffusion"] = diffusion.main(["--train", "--use-tokenizer", *pre, "--run-name", "diff", *from_ar])
+    return runs
+
+
+def sft_runs(sample, out) -> dict:
+    """SFT of the AR and of the best diffusion checkpoint: each run's summary."""
+    sft = [
+        *cli(data=sample["sft_train"], eval_data=sample["sft_val"], tokenizer_dir=".", save_dir=out),
+        *cli(max_seq_len=160, batch_size=8, max_steps=20, learning_rate=2e-3, warmup_steps=2, eval_interval=10),
+        *cli(eval_batches=3, device="cpu"),
+    ]
+    return {
+        "ar_sft": train_sft_minimind.main([*sft, *cli(run_name="ar_sft", load_from=out / "ar_state_dict.pt")]),
+        "diffusion_sft": train_sft_diffusion.main([*sft, *cli(run_name="diff_sft", load_from=out / "diff_best.pt")]),
+    }
 
 
 @pytest.fixture(scope="module")
 def trained(sample, tmp_path_factory):
     """AR pretrain, diffusion from it, and both SFTs: each run's summary and the directory."""
     out = tmp_path_factory.mktemp("weights")
-    pre = [
-        "--data",
-        str(sample["pretrain"]),
-        "--tokenizer-dir",
-        ".",
-        "--save-dir",
-        str(out),
-        *TINY,
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--max-iters",
-        "30",
-        "--warmup-steps",
-        "3",
-        "--learning-rate",
-        "3e-3",
-        "--eval-interval",
-        "15",
-        "--eval-batches",
-        "3",
-        "--val-fraction",
-        "0.02",
-    ]
-    runs = {"ar": train_pretrain.main([*pre, "--run-name", "ar"])}
-    runs["diffusion"] = diffusion.main(
-        [
-            "--train",
-            "--use-tokenizer",
-            *pre,
-            "--run-name",
-            "diff",
-            "--mask-schedule",
-            "iid_t",
-            "--init-from-minimind",
-            str(out / "ar_state_dict.pt"),
-            "--early-stop-patience",
-            "5",
-        ]
-    )
-    sft = [
-        "--data",
-        str(sample["sft_train"]),
-        "--eval-data",
-        str(sample["sft_val"]),
-        "--tokenizer-dir",
-        ".",
-        "--save-dir",
-        str(out),
-        "--max-seq-len",
-        "160",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "20",
-        "--learning-rate",
-        "2e-3",
-        "--warmup-steps",
-        "2",
-        "--eval-interval",
-        "10",
-        "--eval-batches",
-        "3",
-        "--device",
-        "cpu",
-    ]
-    runs["ar_sft"] = train_sft_minimind.main(
-        [*sft, "--run-name", "ar_sft", "--load-from", str(out / "ar_state_dict.pt")]
-    )
-    runs["diffusion_sft"] = train_sft_diffusion.main(
-        [*sft, "--run-name", "diff_sft", "--load-from", str(out / "diff_best.pt")]
-    )
-    return runs, out
+    return {**pretrain_runs(sample, out), **sft_runs(sample, out)}, out
 
 
 def val_losses(out, run):
@@ -158,56 +96,14 @@ def test_checkpoints_carry_kind_config_and_every_tensor_across_stages(trained):
 
 def test_evals_run_on_the_trained_models(trained, sample, capsys):
     _, out = trained
-    result = eval_minimind.main(
-        [
-            "--checkpoint",
-            str(out / "ar_state_dict.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--prompt",
-            "中国",
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0",
-            "--eval-data",
-            str(sample["pretrain_val"]),
-            "--seq-len",
-            "32",
-            "--device",
-            "cpu",
-        ]
-    )
+    held_out = cli(eval_data=sample["pretrain_val"], seq_len=32, device="cpu")
+    greedy = cli(prompt="中国", max_new_tokens=12, temperature=0)
+    result = eval_minimind.main([*cli(checkpoint=out / "ar_state_dict.pt", tokenizer_dir="."), *greedy, *held_out])
     assert 1 <= len(result["new_tokens"]) <= 12 and result["eval"]["perplexity"] > 1
+    sample_flags = cli(prompt="中国", max_new_tokens=16, gen_steps=8, block_length=8)
+    scoring = cli(eval_max_batches=2, mc_samples=2, cond_ll_response="人民", cond_ll_nmc=4)
     result = eval_diffusion.main(
-        [
-            "--checkpoint",
-            str(out / "diff_best.pt"),
-            "--tokenizer-dir",
-            ".",
-            "--seq-len",
-            "32",
-            "--prompt",
-            "中国",
-            "--max-new-tokens",
-            "16",
-            "--gen-steps",
-            "8",
-            "--block-length",
-            "8",
-            "--eval-data",
-            str(sample["pretrain_val"]),
-            "--eval-max-batches",
-            "2",
-            "--mc-samples",
-            "2",
-            "--cond-ll-response",
-            "人民",
-            "--cond-ll-nmc",
-            "4",
-            "--device",
-            "cpu",
-        ]
+        [*cli(checkpoint=out / "diff_best.pt", tokenizer_dir="."), *sample_flags, *held_out, *scoring]
     )
     assert result["sample"]["nfe"] <= 8 and result["eval"]["nelbo"] > 0 and result["cond_ll"]["value"] < 0
     assert "NFE" in capsys.readouterr().out
@@ -223,17 +119,9 @@ def test_one_prompt_runs_in_all_three_modes(trained, mode, capsys):
     chosen = flags["ar"] + flags["diffusion"] if mode == "both" else flags[mode]
     rows = eval_sft_one_prompt.main(
         [
-            "--prompt",
-            "你好，请介绍你自己。",
-            "--tokenizer-dir",
-            ".",
+            *cli(prompt="你好，请介绍你自己。", tokenizer_dir="."),
             *chosen,
-            "--seq-len",
-            "96",
-            "--max-new-tokens",
-            "16",
-            "--device",
-            "cpu",
+            *cli(seq_len=96, max_new_tokens=16, device="cpu"),
         ]
     )
     printed = capsys.readouterr().out
@@ -249,78 +137,45 @@ def test_one_prompt_runs_in_all_three_modes(trained, mode, capsys):
             )
 
 
-def test_prompt_file_writes_jsonl_and_accuracy_reports_both(trained, sample, tmp_path):
+def test_prompt_file_writes_jsonl_and_batched_answers_equal_one_at_a_time(trained, tmp_path):
     _, out = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("你好\n今天天气怎么样？\n", encoding="utf-8")
-    eval_sft_one_prompt.main(
-        [
-            "--prompt-file",
-            str(prompts),
-            "--tokenizer-dir",
-            ".",
-            "--minimind-checkpoint",
-            str(out / "ar_sft_state_dict.pt"),
-            "--max-new-tokens",
-            "8",
-            "--device",
-            "cpu",
-        ]
-    )
+    ar = cli(minimind_checkpoint=out / "ar_sft_state_dict.pt")
+    eval_sft_one_prompt.main([*cli(prompt_file=prompts, tokenizer_dir="."), *ar, *cli(max_new_tokens=8, device="cpu")])
     rows = [json.loads(line) for line in (tmp_path / "prompts.txt.answers.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["你好", "今天天气怎么样？"] and all("ar" in r for r in rows)
+    both = [*ar, *cli(diffusion_checkpoint=out / "diff_sft_state_dict.pt")]
     batched = eval_sft_one_prompt.main(
         [
-            "--prompt-file",
-            str(prompts),
-            "--tokenizer-dir",
-            ".",
-            "--batch-size",
-            "2",
-            "--minimind-checkpoint",
-            str(out / "ar_sft_state_dict.pt"),
-            "--diffusion-checkpoint",
-            str(out / "diff_sft_state_dict.pt"),
-            "--max-new-tokens",
-            "8",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "batched.jsonl"),
+            *cli(prompt_file=prompts, tokenizer_dir=".", batch_size=2),
+            *both,
+            *cli(max_new_tokens=8, device="cpu", out=tmp_path / "batched.jsonl"),
         ]
     )
     assert [r["ar"]["text"] for r in batched] == [r["ar"]["text"] for r in rows]
     assert all(r["ar"]["batch"] == r["diffusion"]["batch"] == 2 for r in batched)
+
+
+def test_accuracy_reports_both_routes_and_batching_changes_no_prediction(trained, sample, tmp_path):
+    _, out = trained
+    models = cli(minimind_checkpoint=out / "ar_sft_state_dict.pt", diffusion_checkpoint=out / "diff_sft_state_dict.pt")
     predictions = {}
     for batch in ("1", "5"):  # batched (left-padded) decoding answers what one-at-a-time decoding answers
+        written = tmp_path / f"predictions_{batch}.jsonl"
         result = eval_sft_accuracy.main(
             [
-                "--data",
-                str(sample["sft_test"]),
-                "--tokenizer-dir",
-                ".",
-                "--batch-size",
-                batch,
-                "--minimind-checkpoint",
-                str(out / "ar_sft_state_dict.pt"),
-                "--diffusion-checkpoint",
-                str(out / "diff_sft_state_dict.pt"),
-                "--device",
-                "cpu",
-                "--out",
-                str(tmp_path / f"predictions_{batch}.jsonl"),
-                "--score-labels",
-                "--mc-samples",
-                "4",
+                *cli(data=sample["sft_test"], tokenizer_dir=".", batch_size=batch),
+                *models,
+                *cli("--score-labels", device="cpu", out=written, mc_samples=4),
             ]
         )
         for name in ("AR", "Diffusion"):
             r = result[name]
             assert r["questions"] == 12 and 0 <= r["correct"] <= 12 and 0 <= r["unparseable"] <= 12
-            assert sum(r["likelihood_choices"].values()) == 12 and r["likelihood_accuracy"] * 12 == round(
-                r["likelihood_accuracy"] * 12
-            )
-        predictions[batch] = (tmp_path / f"predictions_{batch}.jsonl").read_text(encoding="utf-8")
+            assert sum(r["likelihood_choices"].values()) == 12
+            assert r["likelihood_accuracy"] * 12 == round(r["likelihood_accuracy"] * 12)
+        predictions[batch] = written.read_text(encoding="utf-8")
     assert predictions["1"] == predictions["5"] and predictions["1"].count("\n") == 24
     assert all("likelihood_label" in json.loads(line) for line in predictions["1"].splitlines())
 
@@ -431,18 +286,7 @@ def test_wrong_kind_checkpoint_names_the_right_script(trained, tmp_path):
             ["--checkpoint", str(out / "diff.pt"), "--tokenizer-dir", ".", "--seq-len", "3", "--prompt", "一二三四五六"]
         )
     with pytest.raises(NanoLladaError, match="does not divide the generation length"):
-        eval_diffusion.main(
-            [
-                "--checkpoint",
-                str(out / "diff.pt"),
-                "--tokenizer-dir",
-                ".",
-                "--max-new-tokens",
-                "10",
-                "--block-length",
-                "4",
-            ]
-        )
+        eval_diffusion.main(cli(checkpoint=out / "diff.pt", tokenizer_dir=".", max_new_tokens=10, block_length=4))
 
 
 def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(minimind2_fixtures, tmp_path):
@@ -453,13 +297,7 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
 
     tokenizer = load_tokenizer(minimind2_fixtures)
     args = diffusion.parse_args(
-        [
-            "--train",
-            "--init-from-minimind",
-            str(minimind2_fixtures / "minimind2_tiny.pth"),
-            "--tokenizer-dir",
-            str(minimind2_fixtures),
-        ]
+        cli("--train", init_from_minimind=minimind2_fixtures / "minimind2_tiny.pth", tokenizer_dir=minimind2_fixtures)
     )
     model = diffusion.initial_model(args, tokenizer, RunFiles(SimpleNamespace(out_dir=str(tmp_path), run_name="x")))
     reference, _ = load_model(minimind2_fixtures / "minimind2_tiny.pth")

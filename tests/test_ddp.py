@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import TINY_TRAINING  # noqa: E402
+
 from model.ar import next_token_loss  # noqa: E402
 from model.checkpoint import read_checkpoint  # noqa: E402
 from model.config import preset  # noqa: E402
@@ -46,19 +48,7 @@ def data(k):
 def run(out_dir, max_steps: int, resume: bool = False) -> dict:
     torch.manual_seed(0)
     model = Transformer(CONFIG)
-    cfg = TrainConfig(
-        "run",
-        "ar",
-        max_steps=max_steps,
-        out_dir=str(out_dir),
-        learning_rate=3e-3,
-        lr_schedule="constant",
-        warmup_steps=2,
-        accumulation_steps=2,
-        eval_interval=3,
-        save_interval=100,
-        log_interval=2,
-    )
+    cfg = TrainConfig("run", "ar", max_steps=max_steps, out_dir=str(out_dir), lr_schedule="constant", **TINY_TRAINING)
     gen = torch.Generator().manual_seed(9)
     val = [torch.randint(0, 101, (4, 16), generator=gen) for _ in range(3)]  # 3 batches: ranks score 2 and 1
     task = Task(data, val, loss, loss)

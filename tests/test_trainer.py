@@ -1,9 +1,11 @@
 """The shared training loop: LR schedules, resume equals an uninterrupted run, files written, metrics kept."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
@@ -21,34 +23,14 @@ def test_lr_schedules():
     assert lr_at(0, cos) == pytest.approx(0.1) and lr_at(9, cos) == pytest.approx(1.0)
     assert lr_at(10, cos) == pytest.approx(1.0) and lr_at(100, cos) == pytest.approx(0.1)
     assert all(lr_at(s, cos) >= lr_at(s + 1, cos) for s in range(10, 100))
-    wsd = TrainConfig(
-        "r",
-        "ar",
-        max_steps=100,
-        learning_rate=1.0,
-        warmup_steps=10,
-        lr_stable_ratio=0.4,
-        min_lr_ratio=0.0,
-        lr_schedule="wsd",
-    )
+    wsd = replace(cos, lr_schedule="wsd", lr_stable_ratio=0.4, min_lr_ratio=0.0)
     assert lr_at(49, wsd) == 1.0 and lr_at(75, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
 
 
 def make_run(tmp_path, tiny_config, batch_fn, name="run", max_steps=8):
     torch.manual_seed(0)
     model = Transformer(tiny_config)
-    cfg = TrainConfig(
-        name,
-        "ar",
-        max_steps=max_steps,
-        out_dir=str(tmp_path),
-        learning_rate=3e-3,
-        warmup_steps=2,
-        accumulation_steps=2,
-        eval_interval=3,
-        save_interval=100,
-        log_interval=2,
-    )
+    cfg = TrainConfig(name, "ar", max_steps=max_steps, out_dir=str(tmp_path), **TINY_TRAINING)
     val = [torch.randint(0, tiny_config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(9))]
     return model, cfg, val
 
