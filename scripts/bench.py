@@ -3,9 +3,9 @@
     uv run python -m scripts.bench [--device cuda|cpu] [--tiny] [--out benchmarks/results/bench_<device>_<date>.json]
 
 Training: the default model (MiniMind2-Small shape, seq 256, batch 128) with the real losses (model/ar.py
-next_token_loss, model/diffusion_loss.py diffusion_loss), the real optimizer (scripts/common/trainer.make_optimizer),
-bf16 autocast and torch.compile on CUDA; a few warmup steps, then timed steps. Reports tokens/s, model FLOPs
-utilisation against the device's dense bf16 peak, and peak memory.
+next_token_loss, model/diffusion_loss.py diffusion_loss), the real optimizer
+(scripts/common/optimization.make_optimizer), bf16 autocast and torch.compile on CUDA; a few warmup steps, then
+timed steps. Reports tokens/s, model FLOPs utilisation against the device's dense bf16 peak, and peak memory.
 Decoding: AR greedy with KV cache vs diffusion (LLaDA low-confidence with steps = gen length; threshold parallel
 decoding; threshold + prefix cache; threshold + dual cache) at each generation length and batch size. Reports
 tokens/s, forward passes (NFE), tokens per forward and each fast mode's token agreement with the baseline.
