@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--use-tokenizer", action="store_true", help="accepted for compatibility: training always uses --tokenizer-dir"
     )
-    add_pretraining_flags(p, run_name="diffusion", batch_size=64, learning_rate=4e-4, lr_schedule="wsd", warmup_steps=1000)
+    add_pretraining_flags(
+        p, run_name="diffusion", batch_size=64, learning_rate=4e-4, lr_schedule="wsd", warmup_steps=1000
+    )
     p.add_argument(
         "--init-from-minimind",
         default=None,
