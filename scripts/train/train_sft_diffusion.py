@@ -1,5 +1,6 @@
 """Diffusion SFT (LLaDA): the prompt is never masked; answer tokens and their EOS padding are masked with
-t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length (model/diffusion_loss.py).
+t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length, its EOS padding weighted
+--eos-padding-weight (model/diffusion_loss.py).
 
 Multi-turn rows: every assistant turn is a target at once (user/system turns are the clean prompt), so the
 model learns p(all answers | all user turns); the last turn of a chat at inference is the single-turn case.
@@ -33,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--eos-padding-weight",
         type=float,
-        default=1.0,
-        help="weight of the EOS padding after each answer in the loss and its length (1: LLaDA, padding counts fully)",
+        default=0.1,
+        help="weight of the EOS padding after each answer in the loss and its length (1: LLaDA's normalisation; "
+        "0.1 gives the tokens of a short answer a real share of its loss, see technical_report.md 7.3)",
     )
     llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/diffusion_loss.py)")
     llada2.add_argument(
