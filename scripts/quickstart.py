@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="weights/quickstart", help="where its checkpoints go (cleared first)")
     p.add_argument("--data-dir", default="dataset")
     p.add_argument("--pretrain-steps", type=int, default=150)
-    p.add_argument("--sft-steps", type=int, default=80)
+    p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--accuracy-questions", type=int, default=100)
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
