@@ -38,6 +38,10 @@ class ModelConfig:
     rope_original_max_positions: int = 2048
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
+    # Diffusion models converted from an AR model may keep its next-token head: the prediction for position i is
+    # read at position i - 1 (Dream, Fast-dLLM v2). A checkpoint without the field was written before it existed
+    # and is unshifted. model/logit_shift.py applies it.
+    logit_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
