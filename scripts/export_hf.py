@@ -6,6 +6,7 @@ uv run python -m scripts.export_hf --checkpoint weights/minimind_pretrain_state_
 Load it with transformers (trust_remote_code runs the copied model/hf/modeling_nano_llada.py):
   AR:        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  -> generate() works
   diffusion: AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)  (or AutoModel) -> bidirectional logits
+             (logits[:, j] predicts token j; for a logit-shifted model the shift is applied inside)
 and with nano-llada: `model, config = load_model(out)`.
 """
 
@@ -31,9 +32,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = export_hf(args.checkpoint, args.out, args.tokenizer_dir, args.num_attention_heads)
     auto = next(name for name in config["auto_map"] if name.startswith("AutoModelFor"))
+    shifted = " logit-shifted" if config.get("logit_shift") else ""
     print(
-        f"exported {config['kind']} model ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"vocab {config['vocab_size']}) to {args.out}; "
+        f"exported{shifted} {config['kind']} model ({config['num_hidden_layers']} layers, "
+        f"hidden {config['hidden_size']}, vocab {config['vocab_size']}) to {args.out}; "
         f"load with {auto}.from_pretrained('{args.out}', trust_remote_code=True)"
     )
 

@@ -1,10 +1,15 @@
 """Checkpoint format, MiniMind2 import and parity, and the errors a user sees for a wrong file."""
 
+import dataclasses
+
 import pytest
 import torch
+from conftest import lively_model
 
 from model import NanoLladaError, Transformer, load_model, read_checkpoint, save_checkpoint
 from model.checkpoint import atomic_save
+from model.logit_shift import is_shifted
+from model.sampling import DiffusionSamplerConfig, diffusion_generate
 
 
 def test_minimind2_fixture_parity(minimind2_fixtures):
@@ -45,6 +50,31 @@ def test_round_trip_keeps_config_kind_and_every_tensor(tiny_config, tmp_path):
         load_model(tmp_path / "m.pt", kind="ar")
     with pytest.raises(NanoLladaError, match="stores 4 attention heads"):
         load_model(tmp_path / "m.pt", num_attention_heads=8)
+
+
+def test_checkpoint_without_the_shift_field_loads_unshifted_and_decodes_as_before(tiny_config, tmp_path):
+    model = lively_model(tiny_config)
+    save_checkpoint(tmp_path / "new.pt", "diffusion", tiny_config, model, None)
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    del payload["config"]["logit_shift"]  # as written before the field existed
+    torch.save(payload, tmp_path / "old.pt")
+
+    old, old_config = load_model(tmp_path / "old.pt", kind="diffusion")
+    new, new_config = load_model(tmp_path / "new.pt", kind="diffusion")
+    assert old_config.logit_shift is False and not is_shifted(old) and old_config == new_config
+    prompt = torch.randint(0, 100, (2, 6))
+    sampler = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4)
+    tokens = [diffusion_generate(m, prompt, sampler, mask_id=100).tokens for m in (old, new, model)]
+    assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
+    assert len(set(tokens[0].flatten().tolist())) > 2  # a decode that varies, so equal tokens mean something
+
+
+def test_shifted_checkpoint_loads_shifted(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config, logit_shift=True)
+    save_checkpoint(tmp_path / "shifted.pt", "diffusion", config, Transformer(config), None)
+    assert read_checkpoint(tmp_path / "shifted.pt").config.logit_shift is True
+    model, loaded = load_model(tmp_path / "shifted.pt", kind="diffusion")
+    assert loaded == config and is_shifted(model)
 
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):

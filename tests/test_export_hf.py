@@ -1,7 +1,8 @@
 """HF export: transformers loads it with trust_remote_code, logits equal ours, AR generate() equals model.ar.generate,
-and load_model reads the directory back."""
+and load_model reads the directory back. A logit-shifted diffusion model exports its shifted predictions."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from conftest import lively_model
 from model.ar import generate
 from model.checkpoint import load_model, save_checkpoint
 from model.config import preset
+from model.errors import NanoLladaError
+from model.logit_shift import read_shifted
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts import export_hf as export_script
@@ -72,6 +75,7 @@ def test_diffusion_export_bidirectional_logits(tmp_path, tokenizer):
         tokenizer, tie_word_embeddings=False, inference_rope_scaling=True, rope_original_max_positions=32
     )
     out = export(tmp_path, tokenizer, model, "diffusion")
+    assert json.loads(open(f"{out}/config.json").read())["logit_shift"] is False
     ids = torch.randint(0, 6401, (2, 40))
     with torch.no_grad():
         ours = model(ids, attention="bidirectional")
@@ -83,3 +87,54 @@ def test_diffusion_export_bidirectional_logits(tmp_path, tokenizer):
     assert config == model.config
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids, attention="bidirectional"), ours, atol=0, rtol=0)
+
+
+def test_shifted_diffusion_export_returns_shifted_predictions(tmp_path, tokenizer):
+    model = tiny_model(tokenizer, logit_shift=True)
+    out = export(tmp_path, tokenizer, model, "diffusion")
+    config = json.loads(open(f"{out}/config.json").read())
+    assert config["logit_shift"] is True and "AutoModelForCausalLM" not in config["auto_map"]
+    ids = torch.randint(0, 6401, (2, 40))
+    labels = ids.clone()
+    with torch.no_grad():
+        outputs = model(ids, attention="bidirectional")
+        predictions = read_shifted(outputs)
+        for auto_class in (transformers.AutoModelForMaskedLM, transformers.AutoModel):
+            hf = auto_class.from_pretrained(out, trust_remote_code=True).eval()
+            result = hf(ids, labels=labels)
+            torch.testing.assert_close(result.logits, predictions, atol=1e-5, rtol=0)
+            # position 0 has no prediction: its label is left out of the loss
+            expected = torch.nn.functional.cross_entropy(outputs[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            torch.testing.assert_close(result.loss, expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(predictions, outputs, atol=1e-3)  # the shift is not a no-op on these weights
+    # the causal class would run a bidirectionally trained model causally: it refuses a shifted config
+    causal_class = sys.modules[type(hf).__module__].NanoLladaForCausalLM
+    with pytest.raises(ValueError, match="logit-shifted diffusion model"):
+        causal_class(hf.config)
+
+    reloaded, reloaded_config = load_model(out, kind="diffusion")
+    assert reloaded_config == model.config and reloaded_config.logit_shift is True
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, attention="bidirectional"), outputs, atol=0, rtol=0)
+
+
+def test_export_written_before_the_shift_field_reads_unshifted(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    out = export(tmp_path, tokenizer, model, "diffusion")
+    path = tmp_path / "diffusion_hf" / "config.json"
+    config = json.loads(path.read_text())
+    del config["logit_shift"]
+    path.write_text(json.dumps(config))
+    _, reloaded_config = load_model(out, kind="diffusion")
+    assert reloaded_config == model.config and reloaded_config.logit_shift is False
+    ids = torch.randint(0, 6401, (1, 16))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert hf.config.logit_shift is False
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids, attention="bidirectional"), atol=1e-5, rtol=0)
+
+
+def test_shifted_ar_checkpoint_is_refused(tmp_path, tokenizer):
+    model = tiny_model(tokenizer, logit_shift=True)
+    with pytest.raises(NanoLladaError, match="only diffusion models are shifted"):
+        export(tmp_path, tokenizer, model, "ar")

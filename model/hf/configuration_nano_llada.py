@@ -31,6 +31,9 @@ class NanoLladaConfig(PretrainedConfig):
         rope_original_max_positions=2048,
         rope_beta_fast=32.0,
         rope_beta_slow=1.0,
+        # Diffusion models converted from an AR model may keep its next-token head: the prediction for position j
+        # is the output at position j - 1. Absent from exports written before it existed: those are unshifted.
+        logit_shift=False,
         mask_token_id=6400,
         tokenizer_identity=None,  # {"vocab_size", "sha256"} of the tokenizer the weights were trained with
         use_cache=True,
@@ -41,6 +44,9 @@ class NanoLladaConfig(PretrainedConfig):
     ):
         if kind not in ("ar", "diffusion"):
             raise ValueError(f"kind must be 'ar' or 'diffusion', got {kind!r}")
+        if logit_shift and kind != "diffusion":
+            # An AR head already predicts the next token; a shift flag on an AR model could only be a mistake.
+            raise ValueError("logit_shift is a property of diffusion models; an AR config must leave it False")
         self.kind = kind
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -57,6 +63,7 @@ class NanoLladaConfig(PretrainedConfig):
         self.rope_original_max_positions = rope_original_max_positions
         self.rope_beta_fast = rope_beta_fast
         self.rope_beta_slow = rope_beta_slow
+        self.logit_shift = bool(logit_shift)
         self.mask_token_id = mask_token_id
         self.tokenizer_identity = tokenizer_identity
         self.use_cache = use_cache

@@ -3,6 +3,8 @@
 An export holds config.json (with auto_map), model.safetensors, the tokenizer with <|mask|>, and the
 modelling code, so `AutoModelForCausalLM` (AR) or `AutoModelForMaskedLM` / `AutoModel` (diffusion)
 load it with trust_remote_code=True. `read_hf_export` turns it back into a Checkpoint for load_model.
+config.json carries ModelConfig.logit_shift; an export written before the field existed reads as unshifted.
+A shifted model is a diffusion model, exported for AutoModelForMaskedLM only (see modeling_nano_llada.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
     )
 
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
+    _check_shift_kind(checkpoint.kind, checkpoint.config, checkpoint_path)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer_matches(checkpoint.tokenizer, tokenizer, checkpoint_path, tokenizer_dir)
     if checkpoint.config.vocab_size != len(tokenizer):
@@ -103,6 +106,15 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
     return json.loads((out / "config.json").read_text())
 
 
+def _check_shift_kind(kind: str, config: ModelConfig, path) -> None:
+    """A logit-shifted model is a diffusion model: an AR one so flagged would be served with wrong predictions."""
+    if config.logit_shift and kind != "diffusion":
+        raise NanoLladaError(
+            f"{path}: {kind} model with logit_shift set; only diffusion models are shifted, so the file is "
+            "inconsistent: re-save it as a diffusion checkpoint or with logit_shift off"
+        )
+
+
 def read_hf_export(path, num_attention_heads: int | None = None):
     """A Checkpoint from an export directory (kind, ModelConfig and tokenizer identity from config.json)."""
     from safetensors.torch import load_file
@@ -124,13 +136,14 @@ def read_hf_export(path, num_attention_heads: int | None = None):
             f"{path}: not a nano-llada export (model_type {data.get('model_type')!r}, kind {data.get('kind')!r})"
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in data.items() if k in fields})
+    config = ModelConfig(**{k: v for k, v in data.items() if k in fields})  # no logit_shift key: unshifted
     config.pad_vocab_multiple = int(data.get("training_pad_vocab_multiple", 1))  # back to the training layout
     if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
         raise NanoLladaError(
             f"{path}: stores {config.num_attention_heads} attention heads, "
             f"but {num_attention_heads} were requested; drop the flag"
         )
+    _check_shift_kind(data["kind"], config, path)
     state = load_file(str(path / WEIGHTS))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if name in state:  # re-append the zero padding rows the export left out

@@ -7,6 +7,14 @@ logits are the same to float rounding. tests/test_export_hf.py holds the two imp
   NanoLladaForCausalLM   AR checkpoints: causal attention, KV cache through HF's Cache API, works with generate().
   NanoLladaForMaskedLM   diffusion checkpoints: bidirectional attention; predict the <|mask|> positions.
   NanoLladaModel         the backbone (hidden states), causal for AR and bidirectional for diffusion configs.
+
+Logit shift (config.logit_shift): a diffusion model converted from an AR model may keep the AR head, so the
+prediction for position j is the head's output at position j - 1. NanoLladaForMaskedLM applies it, so its
+logits[:, j] is always the prediction for token j, shifted or not; column 0 of a shifted model repeats its own
+output, a placeholder (nothing precedes position 0, which is always context), and its label is ignored.
+NanoLladaModel returns hidden states position by position, unshifted. A shifted model is a diffusion model: the
+config refuses logit_shift on kind "ar", and NanoLladaForCausalLM refuses a shifted config, since it would run
+a bidirectionally trained model causally and pass it off as an AR model.
 """
 
 import math
@@ -243,6 +251,13 @@ class _NanoLladaWithHead(NanoLladaPreTrainedModel):
 
 
 class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
+    def __init__(self, config):
+        if getattr(config, "logit_shift", False):
+            raise ValueError(
+                "this config is a logit-shifted diffusion model; load it with AutoModelForMaskedLM, not as a causal LM"
+            )
+        super().__init__(config)
+
     def forward(
         self,
         input_ids=None,
@@ -270,14 +285,19 @@ class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
 
 
 class NanoLladaForMaskedLM(_NanoLladaWithHead):
-    """Diffusion model: bidirectional logits over every position;
-    sample by unmasking <|mask|> (config.mask_token_id)."""
+    """Diffusion model: bidirectional logits over every position, logits[:, j] predicting token j (with the logit
+    shift applied when config.logit_shift is set); sample by unmasking <|mask|> (config.mask_token_id)."""
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
     ):
         out = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds, use_cache=False, causal=False)
         logits = self.lm_head(out.last_hidden_state)
+        if getattr(self.config, "logit_shift", False):
+            # Token j is predicted at position j - 1; column 0 keeps its own output as a placeholder.
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            if labels is not None:  # nothing predicts position 0
+                labels = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, 1:]], dim=1)
         loss = None
         if labels is not None:  # plain masked-token cross-entropy (-100 ignored), not LLaDA's 1/t-weighted ELBO
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
