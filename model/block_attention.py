@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from model.errors import NanoLladaError
+from model.logit_shift import is_shifted, read_shifted
 from model.tokenizer import PAD_ID
 
 
@@ -61,12 +62,22 @@ def bd3lm_document_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 def bdlm_forward(
     model, noisy: torch.Tensor, clean: torch.Tensor, block_size: int, doc_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits of the noisy half of the BD3LM input [x_t ; x_0] (positions 0..L-1 for both halves): each block is
-    denoised from itself plus the clean earlier blocks, every block in one forward pass."""
+    """Predictions for the L positions of the BD3LM input [x_t ; x_0] (positions 0..L-1 for both halves): each
+    block is denoised from itself plus the clean earlier blocks, every block in one forward pass.
+
+    Unshifted: the noisy half's outputs. Shifted (model/logit_shift.py): position j is read at j - 1 as the denoiser
+    of j's block sees it: in the noisy half inside a block, in the clean half for a block's first position (its left
+    neighbour ends the previous, clean block). With blocks of 1 every prediction comes from the clean half under a
+    causal mask: exactly the AR model the weights came from.
+    """
     B, L = clean.shape
     positions = torch.arange(L, device=clean.device).repeat(2)
     if doc_ids is None:
         attention = bd3lm_attention_mask(L, block_size, clean.device)
     else:
         attention = bd3lm_document_mask(document_ids_with_pad(clean, doc_ids), block_size)
-    return model(torch.cat([noisy, clean], dim=1), attention=attention, positions=positions)[:, :L]
+    logits = model(torch.cat([noisy, clean], dim=1), attention=attention, positions=positions)
+    if not is_shifted(model):
+        return logits[:, :L]
+    starts_block = (torch.arange(L, device=clean.device) % block_size == 0)[None, :, None]
+    return torch.where(starts_block, read_shifted(logits[:, L:]), read_shifted(logits[:, :L]))

@@ -12,6 +12,9 @@ uniform logits it averages ln|V| for any row or answer length, schedule and bloc
 - block_size None: the noisy row is denoised with bidirectional attention. block_size K: block diffusion (BD3LM,
   LLaDA 2.0 Eq. 1 and 5) on [x_t ; x_0], each block denoised from itself plus the clean earlier blocks.
 - SFT is the same loss with a clean prompt: pass `maskable` = the answer and its EOS padding.
+- A logit-shifted model (converted from AR, model/logit_shift.py) predicts position j at j - 1, so its row's
+  first token is never masked or scored. position_masking > 0 gives each position of a block its own schedule
+  (model.masking.position_rates, warped_time): later positions masked more often, weighted to stay unbiased.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad
 from model.errors import NanoLladaError
+from model.logit_shift import is_shifted, predictable, read_shifted
 from model.masking import (
     IGNORE_INDEX,
     check_schedule,
@@ -31,8 +35,10 @@ from model.masking import (
     elbo_weight,
     eos_padding,
     mask_probability,
+    position_rates,
     pretraining_maskable,
     sample_time,
+    warped_time,
 )
 from model.tokenizer import EOS_ID
 
@@ -52,6 +58,7 @@ class DiffusionObjective:
     complementary: bool = False  # each row twice: a mask at t and its complement at 1 - t (LLaDA 2.0)
     cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
     repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
+    position_masking: float = 0.0  # strength of position-dependent masking (0: off; model.masking.position_rates)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -64,6 +71,13 @@ class DiffusionObjective:
             raise NanoLladaError(f"padding_weight must lie in [0, 1], got {self.padding_weight}")
         check_schedule(self.schedule)
         check_time_range(self.t_min, self.t_max)
+        if self.position_masking < 0:
+            raise NanoLladaError(f"position_masking must be >= 0, got {self.position_masking}")
+        if self.position_masking and self.complementary:
+            raise NanoLladaError(
+                "position_masking and complementary masking do not combine: the complement of a position-dependent "
+                "mask is not a mask of the same process at another time"
+            )
 
 
 def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -91,13 +105,18 @@ def pad_to_block_multiple(
 def draw_masks(
     objective: DiffusionObjective, maskable: torch.Tensor, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, masked) of each noisy row: one per row, or, with complementary masking, the batch twice over
-    (m at t, then its complement at 1 - t)."""
+    """(masked, ELBO weight) of each noisy row, [N, L] and [N, L] or [N, 1]: one row per input row, or, with
+    complementary masking, the batch twice over (m at t, then its complement at 1 - t)."""
     t = sample_time(maskable.shape[0], rng, maskable.device, objective.t_min, objective.t_max)
-    masked, complement = complementary_masks(maskable, mask_probability(t, objective.schedule), rng)
+    probability, weight = mask_probability(t, objective.schedule)[:, None], elbo_weight(t, objective.schedule)[:, None]
+    if objective.position_masking:
+        rates = position_rates(maskable.shape[1], objective.block_size, objective.position_masking, t.device)
+        tau, slope = warped_time(t[:, None], rates)
+        probability, weight = mask_probability(tau, objective.schedule), elbo_weight(tau, objective.schedule) * slope
+    masked, complement = complementary_masks(maskable, probability, rng)
     if not objective.complementary:
-        return t, masked
-    return torch.cat([t, 1 - t]), torch.cat([masked, complement])
+        return masked, weight
+    return torch.cat([masked, complement]), torch.cat([weight, elbo_weight(1 - t, objective.schedule)[:, None]])
 
 
 def token_weights(objective: DiffusionObjective, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
@@ -122,22 +141,25 @@ def diffusion_loss(
     maskable [B, L]: positions that may be masked and are scored (default: every non-PAD token); the rest is clean
     context. doc_ids [B, L]: restrict attention to each token's own document (packed pretraining rows).
     """
-    maskable = pretraining_maskable(input_ids) if maskable is None else maskable
+    shifted = is_shifted(model)
+    maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
     if objective.block_size is not None:
         input_ids, maskable = pad_to_block_multiple(input_ids, maskable, objective.block_size)
-    t, masked = draw_masks(objective, maskable, rng)
+    masked, elbo = draw_masks(objective, maskable, rng)
     if objective.complementary:
         input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)
         doc_ids = None if doc_ids is None else doc_ids.repeat(2, 1)
     noisy = input_ids.masked_fill(masked, mask_id)
     if objective.block_size is not None:
         logits = bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)
-    elif doc_ids is not None:
-        logits = model(noisy, attention=document_attention_mask(document_ids_with_pad(input_ids, doc_ids)))
     else:
-        logits = model(noisy, attention="bidirectional")
+        if doc_ids is not None:
+            logits = model(noisy, attention=document_attention_mask(document_ids_with_pad(input_ids, doc_ids)))
+        else:
+            logits = model(noisy, attention="bidirectional")
+        logits = read_shifted(logits) if shifted else logits
     weights = token_weights(objective, input_ids, maskable)
-    scored = masked_token_nll(logits, input_ids, masked) * elbo_weight(t, objective.schedule)[:, None] * weights
+    scored = masked_token_nll(logits, input_ids, masked) * elbo * weights
     if objective.normalization == "batch":
         loss = scored.sum() / weights.sum().clamp(min=1e-6)
     else:

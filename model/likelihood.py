@@ -10,6 +10,8 @@ Diffusion bounds come in two estimators of the same NELBO:
 A block-diffusion model (BD3LM, LLaDA 2.0) gets the same estimators per block: log p(x) is the sum over blocks of
 log p(block | earlier blocks), each block's term bounded within the block (its own count l_b of n_b), every block
 in one forward over [x_t ; x_0], so a block sees itself noised and the earlier blocks clean.
+A logit-shifted model (model/logit_shift.py) gets every estimator with its predictions read one position to the
+left; nothing predicts a row's first token, so it is never scored.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward
 from model.diffusion_loss import masked_token_nll
+from model.logit_shift import is_shifted, predictable, read_shifted
 from model.masking import mask_exactly, mask_tokens, pretraining_maskable, sample_time, stratified_counts
 from model.tokenizer import PAD_ID
 
@@ -35,7 +38,7 @@ def diffusion_nelbo_terms(
     non-PAD token) are ever masked, so the others act as context. A term divided by the row's maskable count is an
     unbiased estimate of that row's NELBO per token. block_size: the block NELBO of a block-diffusion model.
     """
-    maskable = pretraining_maskable(input_ids) if maskable is None else maskable
+    maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, is_shifted(model))
     input_ids, maskable = pad_to_blocks(input_ids, maskable, block_size)
     terms = []
     for _ in range(num_samples):
@@ -59,7 +62,7 @@ def diffusion_nelbo(
     model, input_ids, mask_id, num_samples, generator, eps=1e-3, block_size=None
 ) -> tuple[float, float]:
     """(mean, standard error) of the per-token NELBO of input_ids [B, L] over num_samples i.i.d. mask draws."""
-    maskable = pretraining_maskable(input_ids)
+    maskable = predictable(pretraining_maskable(input_ids), is_shifted(model))
     terms = diffusion_nelbo_terms(model, input_ids, mask_id, num_samples, generator, eps, maskable, block_size)
     values = terms.sum(1) / maskable.sum().item()
     stderr = values.std().item() / math.sqrt(num_samples) if num_samples > 1 else float("nan")
@@ -92,6 +95,7 @@ def masked_nll_sums(
         logits = bdlm_forward(model, noisy, clean, block_size)
     else:
         logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
+        logits = read_shifted(logits) if is_shifted(model) else logits
     return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
 
 
@@ -111,6 +115,8 @@ def diffusion_nelbo_rows(
     their spread overstates the Monte-Carlo error of their mean. block_size: the block NELBO of a block-diffusion
     model (rows are right-padded with unscored PAD to a multiple of it; later blocks never reach earlier ones).
     """
+    if is_shifted(model) and scored[:, 0].any():
+        raise ValueError("position 0 cannot be scored by a logit-shifted model (nothing predicts it)")
     input_ids, scored = pad_to_blocks(input_ids, scored, block_size)
     masked, weights = exact_count_draws(scored, num_samples, generator, block_size)
     terms = [masked_nll_sums(model, input_ids, masked[s], weights[s], mask_id, block_size) for s in range(num_samples)]
@@ -165,6 +171,8 @@ def conditional_log_likelihood_batch(
     answer may go on); for a complete SFT answer (ending in <|im_end|>) pass EOS, the block-SFT padding it was
     trained with.
     """
+    if not prompt_ids and is_shifted(model):
+        raise ValueError("a logit-shifted model needs a prompt of at least one token (nothing predicts position 0)")
     device = next(model.parameters()).device
     generator = generator or torch.Generator().manual_seed(0)
     P, longest = len(prompt_ids), max(len(answer) for answer in answers)

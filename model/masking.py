@@ -62,6 +62,27 @@ def elbo_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
     return 1.0 / t if schedule == "linear" else math.pi / torch.tan(math.pi * t / 2)
 
 
+def position_rates(length: int, block_size: int | None, strength: float, device=None) -> torch.Tensor:
+    """Position-dependent masking (Efficient-DLM: later tokens of a block are masked more often, as they stay masked
+    longer when decoding runs roughly left to right): rates k_j = exp(strength * r_j) >= 1, r_j in [0, 1] the
+    relative position of j in its block (in the row without blocks), float [length]. strength 0: every k_j = 1."""
+    width = length if block_size is None else block_size
+    offset = torch.arange(length, device=device) % width
+    return torch.exp(strength * offset.float() / max(width - 1, 1))
+
+
+def warped_time(t: torch.Tensor, rates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau, dtau/dt), both [B, L]: each position's own time tau_j = 1 - (1 - t)^k_j for t [B, 1], rates k [L].
+
+    Position j is masked with probability 1 - alpha(tau_j) and weighted by the ELBO weight at tau_j times
+    dtau_j/dt, which keeps the loss an unbiased ELBO (uniform logits still give ln|V| per token). The warp runs
+    from 0 to 1 with a finite slope at t = 0, so the t_min cut-off loses only O(k t_min) of it. k_j = 1 is the
+    ordinary schedule; k_j > 1 masks position j more often (about k_j times as often at small t).
+    """
+    clean = 1 - t
+    return 1 - clean**rates, rates * clean ** (rates - 1)
+
+
 def check_time_range(t_min: float, t_max: float) -> None:
     if not 0 < t_min <= t_max < 1:
         raise NanoLladaError(f"the time range must satisfy 0 < t_min <= t_max < 1, got [{t_min}, {t_max}]")
@@ -90,12 +111,14 @@ def mask_tokens(
 def complementary_masks(
     maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, m'): m masks each maskable position with probability mask_prob[row], m' = maskable & ~m.
+    """(m, m'): m masks each maskable position with probability mask_prob[row] (or mask_prob[row, position] when
+    it is [B, L]), m' = maskable & ~m.
 
     m and m' are disjoint and together cover the maskable region, so each response token is supervised once per
     pair. m' has mask probability 1 - mask_prob: under the linear and cosine schedules that is time 1 - t.
     """
-    masked = (torch.rand(maskable.shape, device=maskable.device, generator=rng) < mask_prob[:, None]) & maskable
+    prob = mask_prob if mask_prob.dim() == 2 else mask_prob[:, None]
+    masked = (torch.rand(maskable.shape, device=maskable.device, generator=rng) < prob) & maskable
     return masked, maskable & ~masked
 
 
