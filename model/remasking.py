@@ -1,7 +1,8 @@
 """LLaDA's remasking step, shared by every diffusion sampler (model/sampling.py): how many masked positions a
 step commits (the linear schedule, or a confidence threshold), which ones (lowest-confidence remasking or
 random), to what tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free
-guidance; and the tally of forward passes and commits of one generation.
+guidance; and the tally of forward passes and commits of one generation. For a logit-shifted model
+(model/logit_shift.py) the prediction for a column is the output one column to its left: `DecodingRun.predictions`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from model.logit_shift import is_shifted, read_shifted
 
 
 @dataclass
@@ -109,7 +112,27 @@ class DecodingRun:
         self.model, self.sampler, self.mask_id, self.generator = model, sampler, mask_id, generator
         self.batch, self.prompt_width = prompt.shape
         self.guided = sampler.cfg_scale != 0
+        self.shifted = is_shifted(model)
         self.result = SampleResult(prompt[:, :0], 0)
+
+    def first_needed(self, lo: int) -> int:
+        """The first canvas column whose output a step on a block starting at `lo` reads: lo itself, or for a shifted
+        model lo - 1 (its output predicts column lo; at lo = 0 nothing is to its left)."""
+        return max(lo - 1, 0) if self.shifted else lo
+
+    def predictions(self, logits: torch.Tensor, first: int, lo: int, hi: int, before=None) -> torch.Tensor:
+        """Predictions for canvas columns [lo, hi) from `logits` of the columns [first, ...): the outputs at those
+        columns, or for a shifted model the outputs one column to the left. When the window starts at lo, `before`
+        [B, V] is the output at column lo - 1 (None only where column lo is context, never predicted)."""
+        if not self.shifted:
+            return logits[:, lo - first : hi - first]
+        if lo > first:
+            return logits[:, lo - first - 1 : hi - first - 1]
+        return read_shifted(logits[:, : hi - lo], before)
+
+    def last_output(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """What a shifted model's next block needs from a pass that ends just left of it: its last output [B, V]."""
+        return logits[:, -1].clone() if self.shifted else None
 
     def inputs(self, view: torch.Tensor, start: int) -> torch.Tensor:
         """Model input rows for canvas columns [start, ...) of `view` (doubled for CFG)."""

@@ -17,6 +17,11 @@ never change, so their keys/values are cached exactly: the prompt's whole blocks
 step feeds only the current block, and a finished block is appended to the cache by one more forward pass
 (counted in NFE) once all its tokens are final. Cached and uncached decoding therefore give the same tokens.
 
+A logit-shifted model (ModelConfig.logit_shift, model/logit_shift.py) predicts column j from its output at column
+j - 1, computed under the attention column j - 1 has in that path: the window a step feeds starts one column left of
+the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from the
+previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
+
 Which mode a checkpoint needs is read from the checkpoint itself: `sampler_for_checkpoint`. The step inside a
 block (how many positions, which ones, which tokens, guidance) is model/remasking.py.
 """
@@ -31,6 +36,7 @@ import torch
 from model.block_attention import block_causal_mask
 from model.block_curriculum import trained_block_size
 from model.errors import NanoLladaError, SettingError
+from model.logit_shift import is_shifted
 from model.padding import PaddedLayout
 from model.remasking import DecodingRun, SampleResult, block_quotas
 
@@ -144,6 +150,11 @@ def diffusion_generate(
             f"a prompt of {longest} tokens plus {sampler.gen_length} new ones exceeds the model's {limit} positions; "
             f"shorten the prompt or generate fewer tokens"
         )
+    if is_shifted(model) and (P == 0 or (prompt_lengths is not None and bool((prompt_lengths < 1).any()))):
+        raise NanoLladaError(
+            "this model is logit-shifted (it predicts each token from the one before it): every prompt needs at "
+            "least one token, e.g. BOS"
+        )
     if sampler.block_causal and padded:  # blocks start at each prompt's first token: other lengths, other blocks
         raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")
     canvas = torch.cat([prompt, prompt.new_full((B, sampler.gen_length), mask_id)], dim=1)
@@ -195,19 +206,19 @@ def _decode_block(
 
     cache="none": every step is one forward over the whole canvas.
     cache="prefix"/"dual" (Fast-dLLM, section 3.5; approximate for a bidirectional model): the block's first step is a
-    full forward whose keys/values are kept; later steps feed only block + suffix (prefix) or only the block (dual)
-    and attend to the kept K/V, which go stale as the block fills in and are refreshed at the next block.
+    full forward whose keys/values are kept; later steps feed only block + suffix (prefix) or only the block (dual),
+    for a shifted model with the column before the block in front, and attend to the kept K/V, which go stale as the
+    block fills in and are refreshed at the next block.
     `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts;
     `layout` says where the real tokens of left-padded rows are (None: no padding).
     """
-    B, total, block_size, cache = canvas.shape[0], canvas.shape[1], hi - lo, run.sampler.cache
+    B, total, cache = canvas.shape[0], canvas.shape[1], run.sampler.cache
     layout = layout.repeat(2 if run.guided else 1) if layout is not None else None
     every_column = torch.arange(total, device=canvas.device)
 
-    def forward(columns: torch.Tensor, start: int, keys: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """Logits for the canvas columns `columns` (the first is `start`; at their true positions), which see the keys
-        at columns `keys`."""
-        ids = run.inputs(canvas[:, columns], start)
+    def forward(columns: torch.Tensor, keys: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Logits for the canvas columns `columns` (at their true positions), which see the keys at columns `keys`."""
+        ids = run.inputs(canvas, 0)[:, columns]  # CFG hides prompt columns wherever `columns` puts them
         if layout is not None:
             positions = layout.positions[:, columns]
             return run.forward(ids, attention=layout.key_mask(keys), kv_cache=kv_cache, positions=positions)
@@ -217,34 +228,42 @@ def _decode_block(
             return run.forward(ids, attention="bidirectional", kv_cache=kv_cache)
         return run.forward(ids, attention="bidirectional", kv_cache=kv_cache, positions=columns)
 
-    # Dual cache: the refresh forward runs on the canvas reordered to [before block, after block, block] with each
-    # token at its true position, so the cache ends up holding [prefix, suffix] K/V and the block's K/V, appended
-    # last, can be cropped off after every step. Bidirectional attention does not care about key order.
+    # A shifted model reads column lo's prediction at column lo - 1, so the window a step feeds starts at
+    # `start` = lo - 1 (still final: the prompt's last token or the previous block's) and its output is fresh.
+    # Dual cache: the refresh forward runs on the canvas reordered to [before start, after block, start..block] with
+    # each token at its true position, so the cache ends up holding [prefix, suffix] K/V and the window's K/V,
+    # appended last, can be cropped off after every step. Bidirectional attention does not care about key order.
     # (Key order: the cache holds canvas columns in `order`; the prefix cache keeps the natural order.)
+    start = run.first_needed(lo)
     order = every_column
     if cache == "dual":
-        order = torch.cat([every_column[:lo], every_column[hi:], every_column[lo:hi]])
-    keep = {"prefix": lo, "dual": total - block_size}.get(cache)
+        order = torch.cat([every_column[:start], every_column[hi:], every_column[start:hi]])
+    keep = {"prefix": start, "dual": total - (hi - start)}.get(cache)
     kv_cache = None
     for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler.threshold):
+        first = start  # the canvas column the first of `logits` belongs to
         if cache == "none":
-            logits = forward(every_column, 0, every_column)[:, lo:hi]
+            logits, first = forward(every_column, every_column), 0
         elif kv_cache is None:  # refresh: one exact full forward, whose logits serve this step
             kv_cache = run.model.new_kv_cache(B * (2 if run.guided else 1), total)
-            logits = forward(order, 0, order, kv_cache)
-            logits = logits[:, lo:hi] if cache == "prefix" else logits[:, -block_size:]
-        elif cache == "prefix":  # block + suffix at positions lo..total, over the cached prefix
-            logits = forward(every_column[lo:], lo, every_column, kv_cache)[:, :block_size]
-        else:  # only the block, at its true positions, over the cached prefix and suffix
-            logits = forward(every_column[lo:hi], lo, order, kv_cache)
+            logits = forward(order, order, kv_cache)
+            logits, first = (logits, 0) if cache == "prefix" else (logits[:, keep:], start)
+        elif cache == "prefix":  # window + suffix at positions start..total, over the cached prefix
+            logits = forward(every_column[start:], every_column, kv_cache)
+        else:  # only the window, at its true positions, over the cached prefix and suffix
+            logits = forward(every_column[start:hi], order, kv_cache)
         if kv_cache is not None:
             kv_cache.crop(keep)
-        run.commit(logits, canvas, lo, hi, quota, rows)
+        run.commit(run.predictions(logits, first, lo, hi), canvas, lo, hi, quota, rows)
 
 
 def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_block) -> None:
     """Block-by-block decoding under the block-causal mask (see the module docstring). Rows that have ended leave
-    the batch, and their rows of the K/V cache with them."""
+    the batch, and their rows of the K/V cache with them.
+
+    A shifted model predicts a block's first column from the previous block's last, whose output sees only blocks up
+    to its own: with the cache, that is the last output of the pass that put the previous block into the cache
+    (`before`, carried from block to block); without it, the full block-causal forward computes it each step."""
     sampler, P, block_size = run.sampler, run.prompt_width, run.sampler.block_size
     total = canvas.shape[1]
     first_block = P // block_size  # blocks [first_block, num_blocks) hold generated positions
@@ -253,9 +272,11 @@ def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_bloc
     block_of = torch.arange(total, device=canvas.device) // block_size
     copies = 2 if run.guided else 1  # CFG stacks [conditional; unconditional] rows, in the cache too
     cache = run.model.new_kv_cache(run.batch * copies, total) if sampler.use_kv_cache else None
+    before = None  # a shifted model's output at the column left of the block (None: nothing is, or unshifted)
     if cache is not None and first_block > 0:  # the prompt's whole blocks, once
         lo = first_block * block_size
-        run.forward(run.inputs(canvas[:, :lo], 0), attention=block_causal_mask(block_of[:lo]), kv_cache=cache)
+        ids = run.inputs(canvas[:, :lo], 0)
+        before = run.last_output(run.forward(ids, attention=block_causal_mask(block_of[:lo]), kv_cache=cache))
     rows = None  # the rows still decoding (None: all of them)
     for k in range(first_block, num_blocks):
         lo, hi = k * block_size, min((k + 1) * block_size, total)
@@ -264,9 +285,11 @@ def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_bloc
         for quota in block_quotas(view, lo, hi, run.mask_id, block_steps, sampler.threshold):
             if cache is None:  # reference path: the whole prefix under the block-causal mask
                 ids = run.inputs(view[:, :hi], 0)
-                logits = run.forward(ids, attention=block_causal_mask(block_of[:hi]))[:, lo:hi]
+                logits = run.forward(ids, attention=block_causal_mask(block_of[:hi]))
+                logits = run.predictions(logits, 0, lo, hi)
             else:  # the block sees every cached (earlier) position and itself; its K/V are dropped again
                 logits = run.forward(run.inputs(view[:, lo:hi], lo), attention="bidirectional", kv_cache=cache)
+                logits = run.predictions(logits, lo, lo, hi, before)
                 cache.crop(lo)
             run.commit(logits, view, lo, hi, quota, rows)
         if rows is not None:
@@ -281,10 +304,12 @@ def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_bloc
             if not going.all():  # rows that ended leave the batch
                 if cache is not None:
                     cache.keep_rows(going.repeat(copies))
+                    before = before[going.repeat(copies)] if before is not None else None
                 rows = going.nonzero().squeeze(1) if rows is None else rows[going]
                 view = canvas[rows]
         if cache is not None and hi < total:  # the block is final: now its K/V may join the cache
-            run.forward(run.inputs(view[:, lo:hi], lo), attention="bidirectional", kv_cache=cache)
+            ids = run.inputs(view[:, lo:hi], lo)
+            before = run.last_output(run.forward(ids, attention="bidirectional", kv_cache=cache))
 
 
 def strip_after_eos(tokens: list[int], eos_id: int) -> list[int]:

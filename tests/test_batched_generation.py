@@ -56,7 +56,9 @@ MODES = [
 
 
 @pytest.mark.parametrize("options", MODES)
-def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config, options):
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config, options, logit_shift):
+    tiny_config.logit_shift = logit_shift
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, stop_at_eos=False, **options)
     ids, lengths = left_pad(PROMPTS, pad_id=0)
@@ -68,7 +70,9 @@ def test_diffusion_batch_of_padded_prompts_equals_each_prompt_alone(tiny_config,
     assert torch.equal(repadded.tokens, batched.tokens)
 
 
-def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config):
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_diffusion_padded_rows_that_write_eos_leave_the_batch(tiny_config, logit_shift):
+    tiny_config.logit_shift = logit_shift
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4)
     first = diffusion_generate(model, torch.tensor([PROMPTS[2]]), sampler, mask_id).tokens[0]
@@ -102,7 +106,9 @@ class RowCounting(torch.nn.Module):
 
 
 @pytest.mark.parametrize("options", [{}, {"use_kv_cache": False}, {"cfg_scale": 1.0}, {"threshold": 0.3}])
-def test_block_causal_rows_that_write_eos_leave_the_batch(tiny_config, options):
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_block_causal_rows_that_write_eos_leave_the_batch(tiny_config, options, logit_shift):
+    tiny_config.logit_shift = logit_shift
     model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, block_causal=True, **options)
     prompts = torch.tensor([[1, 5, 9, 33, 8, 2], [1, 7, 3, 3, 40, 41], [1, 2, 3, 4, 5, 99]])

@@ -96,7 +96,9 @@ def test_cached_decoding_fills_every_mask_and_never_changes_prompt_or_committed_
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exact(tiny_config, cache):
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exact(tiny_config, cache, logit_shift):
+    tiny_config.logit_shift = logit_shift
     model, mask_id, prompt = setup(tiny_config)
     uncached = diffusion_generate(
         model, prompt, DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, threshold=0.0), mask_id
@@ -121,7 +123,9 @@ def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confiden
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
-def test_batched_threshold_decoding_equals_each_row_alone(tiny_config, cache):
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_batched_threshold_decoding_equals_each_row_alone(tiny_config, cache, logit_shift):
+    tiny_config.logit_shift = logit_shift
     model, mask_id, prompt = setup(tiny_config, batch=3)
     sampler = DiffusionSamplerConfig(
         gen_length=12, steps=12, block_size=4, threshold=0.05, cache=cache, stop_at_eos=False
