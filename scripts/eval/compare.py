@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         result["metrics"] = str(metrics_path(path)) if validation else None
         if validation:
             curves[f"{result['run']} ({kind})"] = validation
-            result["final_val_loss"] = validation[-1][1]
+            result["first_val_loss"], result["final_val_loss"] = validation[0][1], validation[-1][1]
         results.append(result)
         print(
             f"{path}: {kind}, {result['nll_per_token']:.4f} ± {result['stderr']:.4f} nats/token"

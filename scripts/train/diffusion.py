@@ -70,6 +70,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="initialise from an AR checkpoint of this project or an official MiniMind2 .pth",
     )
     p.add_argument(
+        "--logit-shift",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="predict each position from the one before it, keeping the AR head's meaning (default: on with "
+        "--init-from-minimind, off from scratch; a resumed run keeps its own)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="block diffusion at every step (BD3LM: causal across blocks, bidirectional within); the model then "
+        "decodes block-causally with this block size. 0: the whole row, bidirectional. Default: the conversion's "
+        "block size with --init-from-minimind, else 0",
+    )
+    p.add_argument(
+        "--position-masking",
+        type=float,
+        default=0.0,
+        help="mask later positions of a block more often (Efficient-DLM), with this strength (0: off)",
+    )
+    p.add_argument(
         "--mask-schedule",
         choices=["iid_t", "wsd"],
         default="iid_t",
@@ -133,6 +154,14 @@ def check_flags(args) -> None:
     if args.use_block_curriculum and args.mask_schedule != "wsd":
         raise NanoLladaError("--use-block-curriculum is the block-size schedule of --mask-schedule wsd; pass both")
     positive("--inference-block-size", args.inference_block_size)
+    if args.block_size:
+        positive("--block-size", args.block_size)
+        if args.use_block_curriculum:
+            raise NanoLladaError("--block-size fixes the block; --use-block-curriculum varies it: pass one of them")
+        if args.seq_len % args.block_size:
+            raise NanoLladaError(f"--block-size {args.block_size} does not divide --seq-len {args.seq_len}")
+    if args.position_masking < 0:
+        raise NanoLladaError(f"--position-masking must be >= 0, got {args.position_masking}")
     positive("--keep-top-k", args.keep_top_k, allow_zero=True)
     if not 0 < args.iid_mask_eps < 0.5:
         raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {args.iid_mask_eps}")
@@ -171,9 +200,16 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
         checkpoint = check_compatible(
             read_checkpoint(files.full), files.full, "diffusion", tokenizer, args.tokenizer_dir
         )
+        if args.logit_shift is not None and args.logit_shift != checkpoint.config.logit_shift:
+            raise NanoLladaError(
+                f"{files.full} was trained with logit_shift={checkpoint.config.logit_shift}; drop --logit-shift / "
+                "--no-logit-shift to resume it, or start a new --run-name"
+            )
         return build_model(checkpoint, files.full)
     if args.init_from_minimind is None:
-        return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
+        config = model_config_from_args(args, vocab_size=len(tokenizer))
+        config.logit_shift = bool(args.logit_shift)
+        return Transformer(config)
     source = args.init_from_minimind
     checkpoint = check_compatible(
         read_checkpoint(source),
@@ -198,18 +234,52 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
         )
     model = build_model(checkpoint, source)
     init_mask_embedding(model, mask_token_id(tokenizer), torch.Generator().manual_seed(args.seed))
+    model.config.logit_shift = CONVERSION_LOGIT_SHIFT if args.logit_shift is None else args.logit_shift
     print(
         f"initialised from {source} ({checkpoint.source}): all {len(checkpoint.state_dict)} tensors copied "
         f"(embedding {tuple(model.model.embed_tokens.weight.shape)}, "
-        f"head {'tied' if config.tie_word_embeddings else 'untied'}), "
-        f"<|mask|> row = mean embedding + noise, attention now bidirectional"
+        f"head {'tied' if config.tie_word_embeddings else 'untied'}), <|mask|> row = mean embedding + noise; "
+        f"conversion: {describe_conversion(args, model.config.logit_shift)}"
     )
     return model
+
+
+# What --init-from-minimind does unless told otherwise: chosen by the conversion table of technical_report.md.
+CONVERSION_LOGIT_SHIFT = True
+CONVERSION_BLOCK_SIZE = None  # None: bidirectional
+
+
+def run_block_size(args) -> int | None:
+    """The fixed block size of the run (None: the whole row): --block-size, else the conversion's when initialising
+    from an AR model and no curriculum is asked for."""
+    if args.block_size is not None:
+        return args.block_size or None
+    if args.init_from_minimind is None or args.use_block_curriculum or CONVERSION_BLOCK_SIZE is None:
+        return None
+    if args.seq_len % CONVERSION_BLOCK_SIZE:
+        raise NanoLladaError(
+            f"the AR-to-diffusion conversion trains blocks of {CONVERSION_BLOCK_SIZE}, which do not divide --seq-len "
+            f"{args.seq_len}: choose a multiple of {CONVERSION_BLOCK_SIZE}, or pass --block-size (0: bidirectional)"
+        )
+    return CONVERSION_BLOCK_SIZE
+
+
+def describe_conversion(args, logit_shift: bool) -> str:
+    shift = "logit shift (position i predicted at i - 1, the AR head kept)" if logit_shift else "no logit shift"
+    if args.block_size:
+        attention = f"block-wise attention, blocks of {args.block_size} (causal across, bidirectional within)"
+    elif args.use_block_curriculum:
+        attention = "the block-size curriculum's attention"
+    else:
+        attention = "bidirectional attention"
+    positional = f", position-dependent masking {args.position_masking:g}" if args.position_masking else ""
+    return f"{shift}, {attention}{positional}"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_flags(args)
+    args.block_size = run_block_size(args)
     run = start_run(args, "diffusion", packed_data)
     tokenizer, device, batches, val_batches, cfg = run.tokenizer, run.device, run.batches, run.val_batches, run.cfg
     curriculum = block_curriculum(args, cfg.max_steps)  # checked before any model is built
@@ -228,7 +298,10 @@ def main(argv=None) -> dict:
             "init_from": args.init_from_minimind,
             "time_weight_schedule": args.time_weight_schedule if args.time_weighted_loss else "linear",
             "doc_attention_mask": args.use_doc_attention_mask,
-            "validation": "LLaDA Eq. 3 (MDLM, 1/t)",
+            "logit_shift": model.config.logit_shift,
+            "block_size": args.block_size,
+            "position_masking": args.position_masking,
+            "validation": "LLaDA Eq. 3 (1/t)" + (f", blocks of {args.block_size}" if args.block_size else ""),
             "block_curriculum": None
             if curriculum is None
             else {
@@ -240,6 +313,8 @@ def main(argv=None) -> dict:
             },
         }
     }
+    if args.block_size:  # decodes block-causally with it (model.block_curriculum.trained_block_size)
+        extra["block_diffusion"] = {"block_size": args.block_size}
 
     loss = PretrainingLoss(args, curriculum, mask_id)
     train_loss, validation_loss = loss.train, loss.validation
@@ -276,23 +351,36 @@ def main(argv=None) -> dict:
 
 
 class PretrainingLoss:
-    """The training and validation objectives of a run: one diffusion_loss, with the block size of the curriculum's
-    step. Validation always scores LLaDA Eq. 3 (whole row, linear 1/t weight; with the document mask when training
-    uses it), so the curve is comparable across curriculum phases and across runs."""
+    """The training and validation objectives of a run: one diffusion_loss, with the block size of the step (the
+    curriculum's, or a fixed --block-size). Validation always scores LLaDA Eq. 3 (linear 1/t weight, ordinary
+    masking; with the document mask when training uses it) over the whole row, or over blocks of a fixed
+    --block-size, so the curve is comparable across curriculum phases and across runs of the same structure."""
 
     def __init__(self, args, curriculum: BlockCurriculum | None, mask_id: int):
         self.args, self.curriculum, self.mask_id = args, curriculum, mask_id
         eps = args.iid_mask_eps
         schedule = args.time_weight_schedule if args.time_weighted_loss else "linear"
-        self.objective = DiffusionObjective(schedule, eps, 1 - eps, repeat_penalty_weight=args.repeat_penalty_weight)
-        self.validation_objective = DiffusionObjective("linear", eps, 1 - eps)
+        self.objective = DiffusionObjective(
+            schedule,
+            eps,
+            1 - eps,
+            repeat_penalty_weight=args.repeat_penalty_weight,
+            position_masking=args.position_masking,
+        )
+        self.validation_objective = DiffusionObjective("linear", eps, 1 - eps, block_size=args.block_size)
 
     def documents(self, rows):
         return document_ids(rows) if self.args.use_doc_attention_mask else None
 
+    def block_at(self, step: int) -> tuple[str | None, int | None]:
+        """(curriculum phase or None, block size or None for the whole row) at this step."""
+        if self.curriculum is None:
+            return None, self.args.block_size
+        phase, block_size = self.curriculum.at(step)
+        return phase, None if phase == STABLE else block_size  # the whole row: the cheaper L-token forward
+
     def train(self, model, rows, rng, step):
-        phase, block_size = self.curriculum.at(step) if self.curriculum else (STABLE, 0)
-        block_size = None if phase == STABLE else block_size  # the whole row: the cheaper L-token forward
+        phase, block_size = self.block_at(step)
         # The crop decision comes from its own CPU stream, seeded like the masks: no GPU sync for a shape.
         crop_rng = torch.Generator().manual_seed(rng.initial_seed() ^ 0x5EED)
         length = random_crop_length(rows.shape[1], self.args.variable_length_prob, crop_rng, block_size or 1)
@@ -305,9 +393,15 @@ class PretrainingLoss:
         return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
 
     def describe(self) -> str:
-        if self.curriculum is None and self.objective.schedule == "linear" and not self.args.use_doc_attention_mask:
+        a = self.args
+        plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
+        if plain and self.objective.schedule == "linear":
             return "LLaDA Eq. 3"
-        blocks = "WSD block curriculum " + describe_curriculum(self.curriculum) if self.curriculum else "MDLM"
+        if self.curriculum:
+            blocks = "WSD block curriculum " + describe_curriculum(self.curriculum)
+        else:
+            blocks = f"BDLM, blocks of {a.block_size}" if a.block_size else "MDLM"
+        blocks += f", position-dependent masking {a.position_masking:g}" if a.position_masking else ""
         documents = ", document mask" if self.args.use_doc_attention_mask else ""
         return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}"
 

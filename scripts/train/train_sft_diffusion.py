@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 
+from model.block_curriculum import trained_block_size
+from model.checkpoint import read_checkpoint
 from model.diffusion_loss import NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
+from scripts.common.run_files import RunFiles
 from scripts.common.sft import run_sft, sft_parser, start_sft
 
 
@@ -40,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/diffusion_loss.py)")
     llada2.add_argument(
-        "--block-size", type=int, default=None, help="block-diffusion SFT with this block size (BD3LM mask)"
+        "--block-size",
+        type=int,
+        default=None,
+        help="block-diffusion SFT with this block size (BD3LM mask); default: the block size the --load-from model "
+        "was trained with (none for a bidirectional model); 0: bidirectional SFT whatever the model was",
     )
     llada2.add_argument("--mask-ratio-min", type=float, default=None, help="mask-ratio bandwidth: t ~ U(min, max)")
     llada2.add_argument("--mask-ratio-max", type=float, default=None)
@@ -60,22 +68,22 @@ def main(argv=None) -> dict:
     t_max = 1 - args.iid_mask_eps if args.mask_ratio_max is None else args.mask_ratio_max
     if not 0 < t_min < t_max < 1:
         raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
-    if args.block_size is not None and args.block_size <= 0:
-        raise NanoLladaError(f"--block-size must be > 0, got {args.block_size}")
+    if args.block_size is not None and args.block_size < 0:
+        raise NanoLladaError(f"--block-size must be >= 0 (0: bidirectional), got {args.block_size}")
     if not 0 <= args.eos_padding_weight <= 1:
         raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
+    run = start_sft(args, "diffusion")
+    block_size = sft_block_size(args, RunFiles(run.cfg).full if args.resume else args.load_from)
     objective = DiffusionObjective(
         args.time_weight_schedule,
         t_min,
         t_max,
-        args.block_size,
+        block_size,
         args.loss_normalization,
         args.eos_padding_weight,
         args.complementary_masking,
         args.cap_weight,
     )
-
-    run = start_sft(args, "diffusion")
     mask_id = mask_token_id(run.tokenizer)
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
@@ -83,9 +91,25 @@ def main(argv=None) -> dict:
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
     meta = {"sft_objective": asdict(objective)}
-    if args.block_size:
-        meta["block_diffusion"] = {"block_size": args.block_size}
+    if block_size:
+        meta["block_diffusion"] = {"block_size": block_size}
     return run_sft(args, run, loss, extra_meta=meta)
+
+
+def sft_block_size(args, source) -> int | None:
+    """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint `source` has (a
+    block-diffusion model stays one; a resumed run keeps its own), else none (a bidirectional or fresh model)."""
+    if args.block_size is not None:
+        return args.block_size or None
+    if source is None or not Path(source).exists():
+        return None  # a fresh model; a missing file is reported where it is loaded
+    inherited = trained_block_size(read_checkpoint(source).extra)
+    if inherited and not args.resume:
+        print(
+            f"note: {source} was trained with block diffusion (blocks of {inherited}): block SFT with it "
+            "(--block-size 0 for bidirectional SFT)"
+        )
+    return inherited
 
 
 if __name__ == "__main__":
