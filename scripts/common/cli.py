@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -13,9 +16,21 @@ from model.config import ModelConfig
 from model.errors import NanoLladaError
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that says what the run left behind: run_main prints its text instead of a bare "interrupted"."""
+
+
+def interrupted_before_training(resume: bool) -> Interrupted:
+    """The Ctrl-C of a trainer before its first step (tokenizing, loading): no checkpoint of this start exists."""
+    if resume:
+        return Interrupted("interrupted before training resumed: the run's checkpoint is unchanged; rerun to continue")
+    return Interrupted("interrupted before the first step: nothing was saved, so there is nothing to --resume")
+
+
 def run_main(main_fn) -> None:
-    """Run an entry point; a NanoLladaError becomes one line on stderr and exit status 2 (no traceback).
-    Under torchrun only rank 0 prints: the other ranks' stdout is discarded (their errors still reach stderr)."""
+    """Run an entry point; a NanoLladaError or a file-system error becomes one line on stderr and exit status 2
+    (no traceback); Ctrl-C exits 130 with one line. Under torchrun only rank 0 prints: the other ranks' stdout is
+    discarded (their errors still reach stderr)."""
     try:
         with contextlib.ExitStack() as stack:
             if int(os.environ.get("RANK", "0")) > 0:
@@ -24,8 +39,12 @@ def run_main(main_fn) -> None:
     except NanoLladaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+    except OSError as err:  # a full disk, a read-only or missing directory: the user's to fix, not a bug
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(err if isinstance(err, Interrupted) else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -43,27 +62,72 @@ SHAPE_FIELDS = (
 )
 
 
+class _ModelFlag(argparse.Action):
+    """Stores a shape flag and notes that the user gave it: a resumed run refuses a given flag that differs from
+    its checkpoint (the defaults say nothing, so they are never compared)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.model_flags_given = (*namespace.model_flags_given, self.dest)
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Shape flags of the seed commands (defaults = MiniMind2-Small). A checkpoint's stored config wins over them."""
+    """Shape flags of the seed commands (defaults = MiniMind2-Small). A checkpoint's stored config wins over them;
+    on --resume a given flag must agree with it (refuse_changed_model_flags)."""
     group = parser.add_argument_group("model shape (ignored when a checkpoint supplies the config)")
+    parser.set_defaults(model_flags_given=())
     for name in SHAPE_FIELDS:
         default = ModelConfig.__dataclass_fields__[name].default
         group.add_argument(
-            f"--{name.replace('_', '-')}", type=int if default is None else type(default), default=default
+            f"--{name.replace('_', '-')}",
+            type=int if default is None else type(default),
+            default=default,
+            action=_ModelFlag,
         )
     group.add_argument(
         "--untie-word-embeddings",
-        action="store_true",
+        action=_ModelFlag,
+        nargs=0,
+        const=True,
+        default=False,
         help="separate output head (default: tied to the embedding, as MiniMind2)",
     )
     group.add_argument(
         "--inference-rope-scaling",
-        action="store_true",
+        action=_ModelFlag,
+        nargs=0,
+        const=True,
+        default=False,
         help="YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
     )
 
 
+def refuse_changed_model_flags(args, config: ModelConfig, path) -> None:
+    """A resumed run trains its checkpoint's model, so a shape flag given with another value would be ignored
+    without a word: refuse it, naming the flag, the checkpoint's value and the fix."""
+    stored = {name: (name, getattr(config, name)) for name in SHAPE_FIELDS}
+    stored["untie_word_embeddings"] = ("tie_word_embeddings", config.tie_word_embeddings)
+    stored["inference_rope_scaling"] = ("inference_rope_scaling", config.inference_rope_scaling)
+    changed = []
+    for name in dict.fromkeys(getattr(args, "model_flags_given", ())):
+        field, value = stored[name]
+        given = getattr(args, name)
+        if given != (not value if name == "untie_word_embeddings" else value):
+            flag = f"--{name.replace('_', '-')}" + ("" if isinstance(given, bool) else f" {given}")
+            changed.append(f"{flag} (checkpoint: {field}={value})")
+    if changed:
+        which = "that flag" if len(changed) == 1 else "those flags"
+        raise NanoLladaError(
+            f"--resume: {path} keeps its model shape, so {'; '.join(changed)} cannot apply; "
+            f"drop {which} to resume it, or start a new --run-name"
+        )
+
+
 def model_config_from_args(args, vocab_size: int) -> ModelConfig:
+    positive("--rope-theta", args.rope_theta)
+    positive("--rms-norm-eps", args.rms_norm_eps)
+    if not 0 <= args.dropout < 1:
+        raise NanoLladaError(f"--dropout must lie in [0, 1), got {args.dropout}")
     return ModelConfig(
         **{name: getattr(args, name) for name in SHAPE_FIELDS},
         vocab_size=vocab_size,
@@ -73,10 +137,9 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
 
 
 def pick_device(name: str | None = None) -> torch.device:
+    """--device NAME, refused in one line unless this machine has it; without a name: CUDA, MPS or the CPU."""
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise NanoLladaError(f"--device {name} requested but CUDA is not available; use --device cpu")
-        return torch.device(name)
+        return _named_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -84,6 +147,41 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _named_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise NanoLladaError(f"--device {name}: not a device nano-llada runs on; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NanoLladaError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise NanoLladaError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise NanoLladaError(f"--device {name} requested but MPS (Apple silicon) is not available; use --device cpu")
+    return device
+
+
+def writable_dir(path, flag: str) -> Path:
+    """Create `path` if needed and prove it takes a file, so a run fails at its start, in one line, rather than
+    at its first checkpoint."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NanoLladaError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise NanoLladaError(f"{flag} {path}: cannot write there ({err.strerror}); choose another {flag}") from None
+    return path
+
+
 def positive(name: str, value, allow_zero: bool = False) -> None:
+    """Refuse a negative (or zero) value, and NaN and infinity, which no count or rate means."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NanoLladaError(f"{name} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise NanoLladaError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from model.errors import NanoLladaError
 from scripts.common import distributed
+from scripts.common.cli import Interrupted, interrupted_before_training
 from scripts.common.device import autocast
 from scripts.common.optimization import TrainConfig, lr_at, make_optimizer
 from scripts.common.plots import plot_loss
@@ -113,7 +114,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, task: Task, options: RunOpti
     """Train until cfg.max_steps (or early stop); returns a summary dict. Files go to cfg.out_dir."""
     cfg.validate()
     env = distributed.init()
-    run = _start(model, cfg, task, options, distributed.local_device(device, env), env)
+    try:
+        run = _start(model, cfg, task, options, distributed.local_device(device, env), env)
+    except KeyboardInterrupt:
+        raise interrupted_before_training(options.resume) from None
     # On an exception the process group is left alone: other ranks may still be inside a collective.
     stopped_early = _loop(run)
     _finish(run)
@@ -187,8 +191,12 @@ def _loop(run: Run) -> bool:
         # Ranks may be interrupted at different points, so no collective here: rank 0 logs its own shard's losses.
         _log_losses(run, reduce=not run.env.enabled)
         _save(run, plot=False)
-        run.say(f"interrupted: saved step {state.step} to {run.files.full}")
-        raise
+        if not run.env.is_main:
+            raise
+        raise Interrupted(
+            f"interrupted: saved step {state.step} to {run.files.full}; rerun the same command with --resume "
+            "to continue from it"
+        ) from None
     finally:
         batches.close()
         run.bar.close()

@@ -16,7 +16,14 @@ import torch
 from model.checkpoint import Checkpoint, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
-from scripts.common.cli import add_model_flags, pick_device, positive
+from scripts.common.cli import (
+    add_model_flags,
+    interrupted_before_training,
+    pick_device,
+    positive,
+    refuse_changed_model_flags,
+    writable_dir,
+)
 from scripts.common.distributed import main_process_first
 from scripts.common.evaluation import check_compatible
 from scripts.common.optimization import TrainConfig
@@ -145,16 +152,24 @@ def start_run(args, kind: str, load_data: Callable) -> RunStart:
     """Checked flags, tokenizer, device, seeded torch RNG, data and TrainConfig: the steps before any model.
     load_data(args, tokenizer) -> (training batches, validation batches, optimizer steps)."""
     check_training_flags(args)
+    writable_dir(args.save_dir, "--save-dir")
     tokenizer = load_tokenizer(args.tokenizer_dir)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    with main_process_first():  # under torchrun, rank 0 writes the tokenized cache the others read
-        batches, val_batches, steps = load_data(args, tokenizer)
+    try:
+        with main_process_first():  # under torchrun, rank 0 writes the tokenized cache the others read
+            batches, val_batches, steps = load_data(args, tokenizer)
+    except KeyboardInterrupt:
+        raise interrupted_before_training(args.resume) from None
     return RunStart(tokenizer, device, batches, val_batches, train_config(args, kind, steps, device))
 
 
 def starting_checkpoint(args, tokenizer, path, kind: str, hint: str | None = None) -> Checkpoint | None:
-    """The checkpoint at `path` (None: none, start fresh), refused unless it is `kind` with this tokenizer."""
+    """The checkpoint at `path` (None: none, start fresh), refused unless it is `kind` with this tokenizer (and,
+    on --resume, unless every shape flag given agrees with it)."""
     if path is None:
         return None
-    return check_compatible(read_checkpoint(path), path, kind, tokenizer, args.tokenizer_dir, hint=hint)
+    checkpoint = check_compatible(read_checkpoint(path), path, kind, tokenizer, args.tokenizer_dir, hint=hint)
+    if args.resume:
+        refuse_changed_model_flags(args, checkpoint.config, path)
+    return checkpoint

@@ -37,7 +37,7 @@ from scripts.common.pretraining import add_pretraining_flags, describe, packed_d
 from scripts.common.run_files import RunFiles
 from scripts.common.topk import TopKCheckpoints
 from scripts.common.trainer import RunOptions, Task, train
-from scripts.common.trainer_cli import check_training_flags, start_run
+from scripts.common.trainer_cli import check_training_flags, start_run, starting_checkpoint
 
 
 def int_list(text: str) -> list[int]:
@@ -197,9 +197,7 @@ CURRICULUM_FLAGS = {
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
     """Resume the run, or copy an AR model (every tensor, RoPE setting kept), or start fresh from the flags."""
     if args.resume:
-        checkpoint = check_compatible(
-            read_checkpoint(files.full), files.full, "diffusion", tokenizer, args.tokenizer_dir
-        )
+        checkpoint = starting_checkpoint(args, tokenizer, files.full, "diffusion")  # refuses changed shape flags
         if args.logit_shift is not None and args.logit_shift != checkpoint.config.logit_shift:
             raise NanoLladaError(
                 f"{files.full} was trained with logit_shift={checkpoint.config.logit_shift}; drop --logit-shift / "
