@@ -25,7 +25,7 @@ def test_jsonl_and_txt_documents(tmp_path):
 
 def test_malformed_line_names_file_and_line_and_can_be_skipped(tmp_path):
     path = write(tmp_path / "bad.jsonl", [json.dumps({"text": "ok"}), "{not json", json.dumps({"text": "ok2"})])
-    with pytest.raises(NanoLladaError, match=r"bad\.jsonl:2: malformed JSON.*--skip-bad-lines"):
+    with pytest.raises(NanoLladaError, match=r"bad\.jsonl:2: malformed JSON.*fix the line"):
         list(iter_texts(path))
     bad = BadLineCounter()
     assert list(iter_texts(path, skip_bad_lines=True, bad=bad)) == ["ok", "ok2"]

@@ -38,6 +38,11 @@ class TrainConfig:
     seed: int = 42
 
     def validate(self) -> None:
+        for name in ("learning_rate", "lr_stable_ratio", "min_lr_ratio", "weight_decay", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise NanoLladaError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if not math.isfinite(self.early_stop_min_delta) or self.weight_decay < 0:
+            raise NanoLladaError("--early-stop-min-delta must be finite and --weight-decay >= 0")
         if self.lr_schedule not in ("cosine", "wsd", "constant"):
             raise NanoLladaError(f"--lr-schedule must be cosine, wsd or constant, got '{self.lr_schedule}'")
         if self.max_steps <= 0:

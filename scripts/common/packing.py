@@ -46,28 +46,34 @@ def tokenize_to_cache(
     stem = data_path.with_name(f"{data_path.name}.tok-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
     tokens_path, ends_path = Path(f"{stem}.bin"), Path(f"{stem}.ends.npy")
     if not (tokens_path.exists() and ends_path.exists()):
-        bad = BadLineCounter()
-        ends, total = [], 0
-        tmp = Path(f"{tokens_path}.tmp")
-        with open(tmp, "wb") as out:
-            texts = iter_texts(data_path, field, skip_bad_lines, bad)
-            for batch in tqdm(
-                chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False
-            ):
-                for ids in encode_batch(tokenizer, batch):
-                    doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
-                    out.write(doc.tobytes())
-                    total += len(doc)
-                    ends.append(total)
-        if bad.summary(data_path):
-            print(bad.summary(data_path))
-        if not ends:
-            tmp.unlink()
-            raise NanoLladaError(f"{data_path}: no documents found (every line empty or skipped)")
-        np.save(f"{ends_path}.tmp.npy", np.asarray(ends, dtype=np.int64))
-        os.replace(f"{ends_path}.tmp.npy", ends_path)
-        os.replace(tmp, tokens_path)
+        temp_files = (Path(f"{tokens_path}.tmp"), Path(f"{ends_path}.tmp.npy"))
+        try:
+            _write_token_cache(data_path, tokenizer, field, skip_bad_lines, temp_files)
+            os.replace(temp_files[1], ends_path)
+            os.replace(temp_files[0], tokens_path)
+        finally:  # a data error, Ctrl-C or a full disk leaves nothing beside the user's data
+            for temp in temp_files:
+                temp.unlink(missing_ok=True)
     return np.memmap(tokens_path, dtype=np.uint16, mode="r"), np.load(ends_path)
+
+
+def _write_token_cache(data_path: Path, tokenizer, field: str, skip_bad_lines: bool, temp_files) -> None:
+    """Tokenize every document into temp_files (the token stream, the document ends)."""
+    bad = BadLineCounter()
+    ends, total = [], 0
+    with open(temp_files[0], "wb") as out:
+        texts = iter_texts(data_path, field, skip_bad_lines, bad)
+        for batch in tqdm(chunks(texts, 2048), desc=f"tokenizing {data_path.name}", unit=" x2048 docs", leave=False):
+            for ids in encode_batch(tokenizer, batch):
+                doc = np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.uint16)
+                out.write(doc.tobytes())
+                total += len(doc)
+                ends.append(total)
+    if bad.summary(data_path):
+        print(bad.summary(data_path))
+    if not ends:
+        raise NanoLladaError(f"{data_path}: no documents found (every line empty or skipped)")
+    np.save(temp_files[1], np.asarray(ends, dtype=np.int64))
 
 
 def document_ids(input_ids: torch.Tensor, eos_id: int = EOS_ID) -> torch.Tensor:
@@ -138,8 +144,24 @@ def split_train_val(
     cut_doc = np.searchsorted(doc_ends, len(tokens) - want, side="right")
     cut = int(doc_ends[cut_doc - 1]) if cut_doc > 0 else 0
     if cut < seq_len or len(tokens) - cut < seq_len:
-        raise NanoLladaError(
-            f"{len(tokens)} tokens are too few to hold out a validation row of {seq_len} tokens; "
-            "add data or lower --max-seq-len"
-        )
+        raise NanoLladaError(_split_problem(len(tokens), len(doc_ends), want, cut, seq_len))
     return tokens[:cut], tokens[cut:]
+
+
+def _split_problem(num_tokens: int, num_docs: int, want: int, cut: int, seq_len: int) -> str:
+    """Why no split exists: too few tokens, or documents so long that the held-out ones leave no training row."""
+    if num_tokens < 2 * seq_len:
+        return (
+            f"{num_tokens} tokens are too few to hold out a validation row of {seq_len} tokens and keep one "
+            "for training; add data or lower --max-seq-len"
+        )
+    if num_docs == 1:
+        return (
+            f"the data is a single document of {num_tokens} tokens; validation holds out whole documents, so "
+            "split the text into several (one per line, or one jsonl row each)"
+        )
+    return (
+        f"{num_docs} documents of {num_tokens} tokens in all: validation holds out whole documents from the end "
+        f"(at least {want} tokens), which leaves {cut} tokens, less than one training row of {seq_len}; "
+        "split the long documents into several (one per line or jsonl row)"
+    )

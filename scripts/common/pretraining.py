@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from scripts.common.packing import PackedBatches, PackedRows, split_train_val, tokenize_to_cache
+from scripts.common.readers import BadLine
 from scripts.common.trainer_cli import add_training_flags, optimizer_steps
 
 # Pretraining defaults shared by both routes; each entry point adds its own (run name, batch size, LR ...).
@@ -27,7 +28,10 @@ def add_pretraining_flags(p: argparse.ArgumentParser, **defaults) -> None:
 
 def packed_data(args, tokenizer) -> tuple[PackedBatches, list, int]:
     """(training batches, fixed validation batches, number of optimizer steps) for a packed corpus."""
-    tokens, doc_ends = tokenize_to_cache(args.data, tokenizer, args.jsonl_field, args.skip_bad_lines)
+    try:
+        tokens, doc_ends = tokenize_to_cache(args.data, tokenizer, args.jsonl_field, args.skip_bad_lines)
+    except BadLine as err:  # only raised without --skip-bad-lines: say that the flag exists
+        raise BadLine(f"{err}; --skip-bad-lines skips (and counts) such lines") from None
     train_tokens, val_tokens = split_train_val(tokens, doc_ends, args.val_fraction, args.seq_len)
     batches = PackedBatches(PackedRows(train_tokens, args.seq_len), args.batch_size, args.seed)
     val_rows = PackedRows(val_tokens, args.seq_len)

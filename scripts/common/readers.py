@@ -38,17 +38,18 @@ def check_data_file(path: str | os.PathLike) -> Path:
     return p
 
 
+class BadLine(NanoLladaError):
+    """One line of a data file is unusable. The message names the line and its fix; an entry point with a
+    --skip-bad-lines flag adds that the flag skips such lines (the others have no such flag to suggest)."""
+
+
 def _parse_json_line(path: Path, lineno: int, raw: bytes) -> dict:
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise NanoLladaError(
-            f"{path}:{lineno}: malformed JSON ({err.__class__.__name__}: {err}); fix the line or pass --skip-bad-lines"
-        ) from None
+        raise BadLine(f"{path}:{lineno}: malformed JSON ({err.__class__.__name__}: {err}); fix the line") from None
     if not isinstance(obj, dict):
-        raise NanoLladaError(
-            f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line or pass --skip-bad-lines"
-        )
+        raise BadLine(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line")
     return obj
 
 
@@ -90,13 +91,13 @@ def iter_jsonl(
 def text_of(path: Path, lineno: int, obj: dict, field: str) -> str:
     """The text field of a pretraining row, or a clear error naming the line and the fields it does have."""
     if field not in obj:
-        raise NanoLladaError(
+        raise BadLine(
             f"{path}:{lineno}: no field '{field}' (this line has: {', '.join(sorted(obj)) or 'nothing'}); "
             "pass --jsonl-field NAME"
         )
     value = obj[field]
     if not isinstance(value, str):
-        raise NanoLladaError(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, expected a string")
+        raise BadLine(f"{path}:{lineno}: field '{field}' is {type(value).__name__}, expected a string")
     return value
 
 
@@ -168,27 +169,30 @@ def conversation_of(path: Path, lineno: int, obj: dict) -> list[dict]:
     """Validate one SFT row `{"conversations": [{"role", "content"}, ...]}` and return its turns."""
     turns = obj.get("conversations", obj.get("messages"))
     if turns is None:
-        raise NanoLladaError(
+        raise BadLine(
             f"{path}:{lineno}: no field 'conversations' (this line has: {', '.join(sorted(obj)) or 'nothing'})"
         )
     if not isinstance(turns, list) or not turns:
-        raise NanoLladaError(f"{path}:{lineno}: 'conversations' must be a non-empty list of {{role, content}}")
+        raise BadLine(f"{path}:{lineno}: 'conversations' must be a non-empty list of {{role, content}}")
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise NanoLladaError(f"{path}:{lineno}: turn {k} needs 'role' and 'content'")
+            raise BadLine(f"{path}:{lineno}: turn {k} needs 'role' and 'content'")
         if turn["role"] not in SFT_ROLES:
-            raise NanoLladaError(
+            raise BadLine(
                 f"{path}:{lineno}: turn {k} has unknown role '{turn['role']}' (expected one of {', '.join(SFT_ROLES)})"
             )
-        if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise NanoLladaError(f"{path}:{lineno}: turn {k} ({turn['role']}) has empty content")
+        if not isinstance(turn["content"], str):
+            raise BadLine(
+                f"{path}:{lineno}: turn {k} ({turn['role']}) has content of type {type(turn['content']).__name__}, "
+                "expected a string"
+            )
+        if not turn["content"].strip():
+            raise BadLine(f"{path}:{lineno}: turn {k} ({turn['role']}) has empty content")
     if not any(turn["role"] == "assistant" for turn in turns):
-        raise NanoLladaError(f"{path}:{lineno}: no assistant turn, nothing to learn from")
+        raise BadLine(f"{path}:{lineno}: no assistant turn, nothing to learn from")
     first = next(turn["role"] for turn in turns if turn["role"] != "system")
     if first != "user":
-        raise NanoLladaError(
-            f"{path}:{lineno}: the conversation opens with an assistant turn; it has no prompt to answer"
-        )
+        raise BadLine(f"{path}:{lineno}: the conversation opens with an assistant turn; it has no prompt to answer")
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 

@@ -67,7 +67,16 @@ class CheckpointWriter:
         self._write(self.files.best, step=step, val_loss=val_loss, **self.meta)
 
     def _write(self, path: Path, **extra) -> None:
-        save_checkpoint(path, self.kind, self.model.config, self.model, self.tokenizer_identity, **extra)
+        # torch.save reports an unwritable file or a full disk as a RuntimeError; the write is atomic, so the
+        # checkpoint already at `path` (if any) is whole.
+        try:
+            save_checkpoint(path, self.kind, self.model.config, self.model, self.tokenizer_identity, **extra)
+        except (OSError, RuntimeError) as err:
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            raise NanoLladaError(
+                f"cannot write {path} ({reason}); earlier checkpoints are intact: make --save-dir writable or "
+                f"free space, then rerun (with --resume if {self.files.full} was saved before)"
+            ) from None
 
 
 def resume(path: Path, model, optimizer, kind: str, device: torch.device, verbose: bool = True) -> TrainState:

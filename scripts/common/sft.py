@@ -181,22 +181,38 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
             assistant.append(np.asarray(mask, dtype=np.uint8))
             lengths.append(lengths[-1] + len(ids))
         if len(lengths) == 1:
-            raise NanoLladaError(f"{path}: no usable conversation ({bad.count} invalid rows; first: {bad.first})")
+            raise NanoLladaError(_no_usable_conversation(path, bad, no_target, max_len))
         print(
             f"{path}: {len(lengths) - 1} conversations, {truncated} truncated to {max_len} tokens, "
             f"{no_target} skipped (no answer left after truncation), {bad.count} invalid rows skipped"
             + (f" (first: {bad.first})" if bad.count else "")
         )
         tmp = Path(f"{cache}.tmp.npz")
-        np.savez(
-            tmp,
-            tokens=np.concatenate(tokens),
-            assistant=np.concatenate(assistant),
-            offsets=np.asarray(lengths, dtype=np.int64),
-        )
-        os.replace(tmp, cache)
+        try:
+            np.savez(
+                tmp,
+                tokens=np.concatenate(tokens),
+                assistant=np.concatenate(assistant),
+                offsets=np.asarray(lengths, dtype=np.int64),
+            )
+            os.replace(tmp, cache)
+        finally:  # Ctrl-C or a full disk leaves nothing beside the user's data
+            tmp.unlink(missing_ok=True)
     data = np.load(cache)
     return SFTExamples(data["tokens"], data["assistant"], data["offsets"])
+
+
+def _no_usable_conversation(path, bad: BadLineCounter, no_target: int, max_len: int) -> str:
+    """Why a file gave no training conversation: invalid rows, answers cut off by --max-seq-len, or no rows."""
+    reasons = []
+    if no_target:
+        reasons.append(
+            f"{no_target} conversation(s) have no answer token within --max-seq-len {max_len} (the prompt alone "
+            "fills it): raise --max-seq-len or shorten the prompts"
+        )
+    if bad.count:
+        reasons.append(f"{bad.count} invalid row(s), first: {bad.first}")
+    return f"{path}: no usable conversation: {'; '.join(reasons) or 'the file has no rows'}"
 
 
 def collate(examples: SFTExamples, indices, route: str) -> dict:
