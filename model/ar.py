@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from model.errors import NanoLladaError
 from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
+from model.sampling import check_setting
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +58,18 @@ class ARSamplerConfig:
             logits[:, list(self.banned_ids)] = float("-inf")
         return sample_next(logits, self.temperature, self.top_k, self.top_p, generator)
 
+    def validate(self) -> None:
+        """Refuse settings that cannot be sampled with (a model.errors.SettingError naming the field)."""
+        check_setting("temperature", self.temperature, 0)
+        check_setting("top_k", self.top_k, 0)
+        check_setting("top_p", self.top_p, 0, high=1, above_low=True)
+
+    def check_arguments(self, max_new_tokens: int | None = None) -> None:
+        """The check of settings a user gave (eval flags and server request fields share it)."""
+        self.validate()
+        if max_new_tokens is not None:
+            check_setting("max_new_tokens", max_new_tokens, 1)
+
 
 GREEDY = ARSamplerConfig()
 
@@ -75,6 +88,7 @@ def generate(
 
     Stops after eos_id (which is yielded) or max_new_tokens, or at the model's position limit.
     """
+    sampler.validate()
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
@@ -100,13 +114,16 @@ def generate_batch(
     eos_id: int | None = None,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """New ids for each prompt (any lengths), decoded together with one KV cache; each list ends at its EOS.
 
     Prompts are left-padded (model/padding.py): padding is masked out and positions start at each prompt's first
     token, so greedy decoding gives every row what `generate` gives it alone. A row that wrote EOS or reached the
-    model's position limit stops; the batch stops when every row has.
+    model's position limit stops; the batch stops when every row has. `on_step(tokens)` is called with each step's
+    new ids [B] (-1 in rows that have stopped), for streaming.
     """
+    sampler.validate()
     device = next(model.parameters()).device
     ids, lengths = left_pad(prompts, pad_id, device)
     B, P = ids.shape
@@ -131,6 +148,8 @@ def generate_batch(
     for step in range(steps):
         token = sampler.draw(logits, generator)
         written[:, step] = token.masked_fill(~running, -1)
+        if on_step is not None:
+            on_step(written[:, step])
         running &= (step + 1 < budget) & (token != eos_id if eos_id is not None else True)
         if not running.any():
             break

@@ -28,6 +28,7 @@ block (how many positions, which ones, which tokens, guidance) is model/remaskin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -62,6 +63,11 @@ class DiffusionSamplerConfig:
         blocks start at the prompt's first token, so their count depends on it)."""
         if self.gen_length <= 0:
             raise SettingError(f"nothing to generate: {{gen_length}} {self.gen_length}")
+        check_setting("steps", self.steps, 1)
+        check_setting("temperature", self.temperature, 0)
+        check_setting("cfg_scale", self.cfg_scale, 0)
+        if self.threshold is not None:  # > 1 commits one token per step and <= 0 a block per step: both meaningful
+            check_setting("threshold", self.threshold, -math.inf)
         if self.block_causal:
             if not self.block_size or self.block_size <= 0:
                 raise SettingError(
@@ -90,9 +96,30 @@ class DiffusionSamplerConfig:
         if self.remasking not in ("low_confidence", "random"):
             raise SettingError(f"{{remasking}} must be low_confidence or random, got '{self.remasking}'")
 
+    def check_arguments(self, prompt_len: int | None = None) -> None:
+        """The check of settings a user gave (eval flags and server request fields share it): validate(), and a
+        threshold in (0, 1], since the degenerate thresholds the library runs are never what a user means."""
+        self.validate(prompt_len)
+        if self.threshold is not None:
+            check_setting("threshold", self.threshold, 0, high=1, above_low=True)
+
     def decode_blocks(self, prompt_len: int) -> int:
         """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""
         return -(-(prompt_len + self.gen_length) // self.block_size) - prompt_len // self.block_size
+
+
+def check_setting(name: str, value, low: float, high: float = math.inf, above_low: bool = False) -> None:
+    """Refuse a sampler setting that is NaN, infinite or outside [low, high] ((low, high] with above_low), naming
+    it as a `{name}` placeholder (model.errors.SettingError) for the entry point to reword."""
+    finite = isinstance(value, int) or math.isfinite(value)  # (a huge int does not fit a float)
+    if finite and (value > low if above_low else value >= low) and value <= high:
+        return
+    if high < math.inf:
+        wanted = f"in {'(' if above_low else '['}{low:g}, {high:g}]"
+    else:
+        wanted = f"{'>' if above_low else '>='} {low:g}" if low > -math.inf else ""
+    wanted = f"a finite number {wanted}".rstrip() if not finite else wanted
+    raise SettingError(f"{{{name}}} must be {wanted}, got {value}")
 
 
 def sampler_for_checkpoint(

@@ -4,7 +4,9 @@ uv run python -m scripts.serve --checkpoint weights/sft_state_dict.pt --tokenize
 
   POST /v1/chat/completions   messages through the tokenizer's chat template; "stream": true sends SSE chunks
                               (AR: token by token; diffusion: each finished block). Extra request fields:
-                              top_k, and for diffusion steps, block_length, threshold.
+                              top_k, and for diffusion steps, block_length, threshold. Requests waiting
+                              together are decoded as one batch (up to --max-batch); a client that
+                              disconnects stops its generation. max_tokens beyond the context is a 400.
   GET  /v1/models             the one model served (its id is --model-name, default the checkpoint's file name)
 
 from openai import OpenAI
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model.ar import ARSamplerConfig
 from model.errors import NanoLladaError
 from scripts.common.chat_http import make_server
 from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.decoding import flag_names
 from scripts.common.evaluation import add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.serving import ChatEngine, Defaults
 
@@ -44,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     diffusion.add_argument("--threshold", type=float, default=None, help="commit every token at least this confident")
     seq_help = "canvas limit, prompt + generation (default: max_position_embeddings)"
     diffusion.add_argument("--seq-len", type=int, default=None, help=seq_help)
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together in one batch")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     return p.parse_args(argv)
 
@@ -63,20 +68,24 @@ def load_engine(args) -> ChatEngine:
         seq_len=args.seq_len,
     )
     name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
-    engine = ChatEngine(model, tokenizer, checkpoint, name, defaults)
-    if engine.kind == "diffusion":  # what a request with the default settings decodes with
-        sampler = engine.sampler_for(args.max_tokens, block_size=defaults.block_size)
-        if sampler.block_causal:
-            print(
-                f"block-trained diffusion checkpoint: decoding block-causally with block size {sampler.block_size} "
-                "(block_length does not apply)"
-            )
+    engine = ChatEngine(model, tokenizer, checkpoint, name, defaults, args.max_batch)
+    temperature = 0.0 if args.temperature is None else args.temperature
+    with flag_names({"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens"}):  # as requests are checked
+        ARSamplerConfig(temperature, args.top_k, args.top_p).check_arguments(args.max_tokens)
+        if engine.kind == "diffusion":  # what a request with the default settings decodes with
+            sampler = engine.sampler_for(args.max_tokens, args.steps, defaults.block_size, temperature, args.threshold)
+            sampler.check_arguments()
+    if engine.kind == "diffusion" and sampler.block_causal:
+        print(
+            f"block-trained diffusion checkpoint: decoding block-causally with block size {sampler.block_size} "
+            "(block_length does not apply)"
+        )
     return engine
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    positive("--max-tokens", args.max_tokens)
+    positive("--max-batch", args.max_batch)
     positive("--block-length", args.block_size, allow_zero=True)
     engine = load_engine(args)
     try:
@@ -95,6 +104,7 @@ def main(argv=None) -> None:
         server.serve_forever()
     finally:
         server.server_close()
+        engine.close()
 
 
 if __name__ == "__main__":

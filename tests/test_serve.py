@@ -3,7 +3,9 @@ the official openai client (stream and non-stream) and with raw HTTP for the err
 
 import http.client
 import json
+import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -52,22 +54,24 @@ def start_server(tmp_path_factory, tokenizer, kind):
     thread.start()
     host, port = server.server_address[:2]
     assert host == "127.0.0.1"
-    return server, thread, port, model
+    return server, thread, port, engine
 
 
 @pytest.fixture(scope="module", params=["ar", "diffusion"])
 def live(request, tmp_path_factory, tokenizer):
-    server, thread, port, model = start_server(tmp_path_factory, tokenizer, request.param)
+    server, thread, port, engine = start_server(tmp_path_factory, tokenizer, request.param)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield request.param, client, port, model
+    yield request.param, client, port, engine
     server.shutdown()
     server.server_close()
+    engine.close()
     thread.join(timeout=10)
     assert not thread.is_alive()
 
 
 def test_models_and_chat(live, tokenizer):
-    kind, client, _, model = live
+    kind, client, _, engine = live
+    model = engine.model
     assert [m.id for m in client.models.list().data] == [f"tiny-{kind}"]
     extra = {"block_length": 4, "steps": 12} if kind == "diffusion" else {}
     reply = client.chat.completions.create(
@@ -133,6 +137,10 @@ def raw(port, method, path, body=None):
         ({"messages": MESSAGES, "stream": "yes"}, "stream"),
         ({"messages": MESSAGES, "n": 2}, "n"),
         ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "temperature": float("nan")}, "temperature"),  # json.dumps writes NaN
+        ({"messages": MESSAGES, "temperature": -1}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 1.5}, "top_p"),
+        ({"messages": MESSAGES, "max_tokens": 10**400}, "max_tokens"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
@@ -162,3 +170,81 @@ def test_other_errors(live):
         "stop",
         "length",
     )
+
+
+def settle(engine, timeout=10.0):
+    """Wait until the generation worker has nothing queued and no batch in progress."""
+    deadline = time.monotonic() + timeout
+    while engine.worker.pending or engine.worker.lock.locked():
+        assert time.monotonic() < deadline, "the generation worker is still busy"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_generation_within_one_step(live, stream):
+    kind, _, port, engine = live
+    forwards = []
+
+    def slow(_module, _args, _output):  # every forward pass takes 10 ms more: a generation worth cutting short
+        forwards.append(time.monotonic())
+        time.sleep(0.01)
+
+    body = {"messages": MESSAGES, "max_tokens": 64, "temperature": 0, "stream": stream}
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    hook = engine.model.register_forward_hook(slow)
+    try:
+        assert raw(port, "POST", "/v1/chat/completions", {**body, "stream": False})[0] == 200
+        full = len(forwards)
+        assert full >= 48  # the whole answer takes this many forward passes
+        forwards.clear()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(head.encode() + data)
+            while len(forwards) < 4:  # the generation is under way; then the client gives up
+                time.sleep(0.001)
+        left_at = len(forwards)
+        settle(engine)
+        # the forward pass in flight when the client left may finish; none starts after it
+        assert len(forwards) - left_at <= 2, (left_at, len(forwards), full)
+    finally:
+        hook.remove()
+    status, payload = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    assert status == 200 and payload["usage"]["completion_tokens"] <= 2
+
+
+def test_requests_waiting_together_are_decoded_as_one_batch_with_their_own_answers(live):
+    kind, _, port, engine = live
+    questions = ["你好", "今天天气怎么样？", "介绍一下北京的历史。", "1+1等于几？"]
+    bodies = [
+        {
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 12 if kind == "diffusion" else 6 + 3 * i,  # diffusion batches equal settings only
+        }
+        for i, question in enumerate(questions)
+    ]
+    alone = [raw(port, "POST", "/v1/chat/completions", body)[1] for body in bodies]
+    together = [None] * len(bodies)
+
+    def ask(i):
+        together[i] = raw(port, "POST", "/v1/chat/completions", bodies[i])[1]
+
+    before = len(engine.worker.batch_sizes)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    with engine.worker.lock:  # the worker waits until every request has arrived
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(engine.worker.pending) < len(bodies):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert engine.worker.batch_sizes[before:] == [len(bodies)]
+    for one, batched in zip(alone, together):
+        assert batched["choices"][0]["message"] == one["choices"][0]["message"]
+        assert batched["choices"][0]["finish_reason"] == one["choices"][0]["finish_reason"]
+        assert batched["usage"] == one["usage"]
+    assert len({one["choices"][0]["message"]["content"] for one in alone}) > 1  # the answers differ

@@ -1,9 +1,16 @@
 """The HTTP side of the OpenAI-compatible chat server (scripts.serve): routes, JSON replies and SSE streams
-around a ChatEngine (scripts/common/serving.py)."""
+around a ChatEngine (scripts/common/serving.py).
+
+A request's generation stops when its client disconnects: the engine asks `client_gone` before every decoding step
+(the connection is readable with nothing to read once the client has closed it), and a stream write that fails
+cancels it too. A client that half-closes its sending side after the request is therefore taken as gone.
+"""
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +42,15 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _send_error(self, err: RequestError) -> None:
         self._send_json(err.status, err.body())
+
+    def client_gone(self) -> bool:
+        """Has the client closed the connection? (HTTP/1.0: it sends nothing after its request, so a readable
+        connection with no data left means it has.)"""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or already closed
+            return True
 
     def do_GET(self):
         path = self.path.split("?")[0].rstrip("/")
@@ -97,9 +113,12 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _reply(self, request: ChatRequest, reply_id: str, created: int) -> None:
         pieces: list[str] = []
         try:
-            finish, count = self.engine.complete(request, pieces.append)
+            result = self.engine.complete(request, pieces.append, self.client_gone)
         except Exception as err:  # a bug, not the client's fault: answer 500 and keep serving
             return self._send_error(RequestError(f"generation failed: {err.__class__.__name__}: {err}", status=500))
+        if result is None:  # the client has left: nobody to answer
+            return
+        finish, count = result
         self._send_json(
             200,
             {
@@ -140,14 +159,17 @@ class ChatHandler(BaseHTTPRequestHandler):
 
         try:
             event({"role": "assistant", "content": ""})
-            finish, count = self.engine.complete(request, lambda text: event({"content": text}))
+            result = self.engine.complete(request, lambda text: event({"content": text}), self.client_gone)
+            if result is None:  # the client has left
+                return
+            finish, count = result
             event({}, finish)
             if request.include_usage:  # OpenAI: a last chunk with empty choices carries the usage
                 event({}, usage=self._usage(request, count), choices=False)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; the lock is released and the next request is served
+            pass  # the client went away; its generation was cancelled (Job.wait) and the worker moves on
         except Exception as err:  # headers are sent: report the failure as an error event, then end the stream
             failure = RequestError(f"generation failed: {err.__class__.__name__}: {err}", status=500).body()
             try:

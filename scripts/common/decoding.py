@@ -9,9 +9,15 @@ import contextlib
 from model.errors import NanoLladaError, SettingError
 from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 
-# The command-line name of each sampler parameter, for the library's messages (model.errors.SettingError).
+# The command-line name of each sampler parameter, for the library's messages (model.errors.SettingError): the
+# diffusion sampler's and the AR sampler's (model.ar.ARSamplerConfig).
 SAMPLER_FLAGS = {
     "gen_length": "--max-new-tokens",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "cfg_scale": "--gen-cfg-scale",
     "steps": "--gen-steps",
     "block_size": "--block-length",
     "remasking": "--remasking",
@@ -47,6 +53,15 @@ def add_sampler_flags(p: argparse.ArgumentParser, block_default: str) -> None:
     )
 
 
+def check_sample_length(max_new_tokens: int, estimating: bool, estimate_flags: str) -> None:
+    """--max-new-tokens 0 means no sample, only the estimates that `estimate_flags` ask for: refuse it when none is
+    asked for (nothing would be done), and refuse negative lengths."""
+    if max_new_tokens < 0 or (max_new_tokens == 0 and not estimating):
+        raise NanoLladaError(
+            f"--max-new-tokens must be >= 1, got {max_new_tokens} (0 skips the sample when {estimate_flags} is given)"
+        )
+
+
 def generation_length(prompt_len: int, seq_len: int, max_new_tokens: int) -> int:
     """--max-new-tokens, lowered where needed so that prompt + generation fit --seq-len (the canvas limit)."""
     room = seq_len - prompt_len
@@ -68,12 +83,13 @@ def sampler_from_args(
     prompt_len: int | None = None,
     **options,
 ) -> DiffusionSamplerConfig:
-    """The settings `checkpoint` decodes with under the sampler flags, validated (for a prompt of `prompt_len`
-    tokens when given); `options` are more sampler fields. `decoding` and `trained_block_override` replace the
+    """The settings `checkpoint` decodes with under the sampler flags, checked as a user's arguments (the server
+    checks its requests the same way), for a prompt of `prompt_len` tokens when given; `options` are more sampler
+    fields. `decoding` and `trained_block_override` replace the
     checkpoint's own mode and block size (eval_diffusion's --decoding and --block-length)."""
     asked = DiffusionSamplerConfig(
         gen_length=gen_length,
-        steps=args.gen_steps or gen_length,
+        steps=gen_length if args.gen_steps is None else args.gen_steps,  # 0 is refused, not the default
         block_size=block_size,
         temperature=args.temperature,
         remasking=args.remasking,
@@ -84,14 +100,15 @@ def sampler_from_args(
     )
     with flag_names():
         sampler = sampler_for_checkpoint(checkpoint, asked, decoding, trained_block_override)
-        sampler.validate(prompt_len)
+        sampler.check_arguments(prompt_len)
     return sampler
 
 
 @contextlib.contextmanager
-def flag_names():
-    """Reword the sampler's complaints about its parameters as complaints about the command-line flags."""
+def flag_names(renamed: dict[str, str] | None = None):
+    """Reword the sampler's complaints about its parameters as complaints about the command-line flags (`renamed`:
+    an entry point's own names for some of them)."""
     try:
         yield
     except SettingError as err:
-        raise NanoLladaError(err.worded(SAMPLER_FLAGS)) from None
+        raise NanoLladaError(err.worded({**SAMPLER_FLAGS, **(renamed or {})})) from None

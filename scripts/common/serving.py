@@ -1,25 +1,29 @@
 """The engine of the OpenAI-compatible chat server (scripts.serve): request validation and generation.
 The HTTP side is scripts/common/chat_http.py.
 
-One model, one lock: requests are parsed and validated concurrently, generation runs one at a time.
+Requests are parsed and validated concurrently; generation runs in one worker thread that decodes the requests
+waiting together as one batch (scripts/common/batching.py) and stops a request whose client has gone.
 Every mistake in a request is a RequestError, answered as a 4xx with OpenAI's error body
-({"error": {"message", "type", "param", "code"}}); the server keeps serving. AR models stream token by token,
-diffusion models stream each finished block.
+({"error": {"message", "type", "param", "code"}}); the server keeps serving. The sampler settings are checked by
+the samplers' own check_arguments, as the eval scripts check their flags, so both refuse the same values.
+max_tokens is capped by the context: a prompt plus max_tokens beyond the model's positions (or --seq-len) is a
+400 (context_length_exceeded) naming the most that fits; without max_tokens the default is lowered to fit.
+AR models stream token by token, diffusion models stream each finished block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import torch
-
-from model.ar import ARSamplerConfig, generate
+from model.ar import ARSamplerConfig
 from model.errors import SettingError
-from model.sampling import DiffusionSamplerConfig, diffusion_generate, sampler_for_checkpoint
-from model.tokenizer import EOS_ID, StreamingDecoder, chat_text, encode, mask_token_id
+from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
+from model.tokenizer import chat_text, encode, mask_token_id
+from scripts.common.batching import BatchWorker, Job
 
 ROLES = {
     "system": "system",
@@ -28,7 +32,13 @@ ROLES = {
     "assistant": "assistant",
 }  # developer: OpenAI's new name for system
 # The request field of each sampler parameter, for the library's messages (model.errors.SettingError).
-REQUEST_FIELDS = {"gen_length": "max_tokens", "steps": "steps", "block_size": "block_length", "threshold": "threshold"}
+REQUEST_FIELDS = {
+    "gen_length": "max_tokens",
+    "max_new_tokens": "max_tokens",
+    "steps": "steps",
+    "block_size": "block_length",
+    "threshold": "threshold",
+}
 
 
 class RequestError(Exception):
@@ -70,7 +80,7 @@ class ChatRequest:
     sampler: DiffusionSamplerConfig | None  # diffusion only (bidirectional: max_tokens rounded up to whole blocks)
 
 
-def _field(body: dict, name: str, types, default=None, minimum=None, maximum=None):
+def _field(body: dict, name: str, types, default=None, minimum=None):
     value = body.get(name, default)
     if value is None:
         return default
@@ -78,9 +88,13 @@ def _field(body: dict, name: str, types, default=None, minimum=None, maximum=Non
         raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean", name)
     if not isinstance(value, types):
         raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}", name)
-    if minimum is not None and value < minimum or maximum is not None and value > maximum:
-        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise RequestError(f"'{name}' must be {bounds}, got {value}", name)
+    if minimum is not None and value < minimum:
+        raise RequestError(f"'{name}' must be >= {minimum}, got {value}", name)
+    if isinstance(types, tuple) and float in types:  # a number field: as a float (JSON integers may be huge)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RequestError(f"'{name}' {value} is too large", name) from None
     return value
 
 
@@ -118,16 +132,26 @@ def _message_text(message, index: int) -> tuple[str, str]:
     return ROLES[role], content
 
 
-class ChatEngine:
-    """A loaded model with its tokenizer: validates requests and generates (one at a time) for them."""
+@contextlib.contextmanager
+def request_fields(names: dict[str, str]):
+    """Reword the samplers' complaints about their parameters as complaints about the request's fields."""
+    try:
+        yield
+    except SettingError as err:
+        raise RequestError(err.worded(names), names.get(err.param, err.param)) from None
 
-    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults: Defaults | None = None):
+
+class ChatEngine:
+    """A loaded model with its tokenizer: validates requests and generates for them, batching the ones that wait
+    together (up to `max_batch`)."""
+
+    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults: Defaults | None = None, max_batch=16):
         self.model, self.tokenizer, self.checkpoint, self.model_id = model, tokenizer, checkpoint, model_id
         self.kind = checkpoint.kind
         self.defaults = defaults or Defaults()
         self.mask_id = mask_token_id(tokenizer)
         self.created = int(time.time())
-        self.lock = threading.Lock()
+        self.worker = BatchWorker(model, self.mask_id, max_batch)
         self.limit = model.config.max_position_embeddings
         if self.kind == "diffusion" and self.defaults.seq_len:
             self.limit = min(self.limit, self.defaults.seq_len)
@@ -148,12 +172,17 @@ class ChatEngine:
         include_usage = _field(options, "include_usage", bool, False)
         d = self.defaults
         default_temperature = d.temperature if d.temperature is not None else (0.8 if self.kind == "ar" else 0.0)
-        temperature = float(_field(body, "temperature", (int, float), default_temperature, minimum=0, maximum=2))
-        top_p = float(_field(body, "top_p", (int, float), d.top_p, minimum=0, maximum=1))
-        if top_p <= 0:
-            raise RequestError("'top_p' must be above 0 (1 = off)", "top_p")
-        top_k = _field(body, "top_k", int, d.top_k, minimum=0)
+        temperature = _field(body, "temperature", (int, float), float(default_temperature))
+        top_p = _field(body, "top_p", (int, float), float(d.top_p))
+        top_k = _field(body, "top_k", int, d.top_k)
         seed = _field(body, "seed", int)
+        if seed is not None and not -(2**63) <= seed < 2**64:  # what a torch.Generator takes
+            raise RequestError(f"'seed' must fit in 64 bits, got {seed}", "seed")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _field(body, name, int, None)
+        fields = {**REQUEST_FIELDS, "gen_length": name, "max_new_tokens": name}
+        with request_fields(fields):  # the check the eval scripts give their flags
+            ARSamplerConfig(temperature, top_k, top_p).check_arguments(max_tokens)
 
         prompt = encode(self.tokenizer, chat_text(self.tokenizer, turns, add_generation_prompt=True))
         room = self.limit - len(prompt)
@@ -164,8 +193,6 @@ class ChatEngine:
                 "messages",
                 code="context_length_exceeded",
             )
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _field(body, name, int, None, minimum=1)
         if max_tokens is None:
             max_tokens = min(d.max_tokens, room)
         elif max_tokens > room:
@@ -175,20 +202,20 @@ class ChatEngine:
                 name,
                 code="context_length_exceeded",
             )
-        sampler = self._sampler(body, max_tokens, room, temperature, len(prompt)) if self.kind == "diffusion" else None
+        sampler = None
+        if self.kind == "diffusion":
+            with request_fields(fields):
+                sampler = self._sampler(body, max_tokens, room, temperature, len(prompt))
         return ChatRequest(prompt, max_tokens, temperature, top_k, top_p, stream, include_usage, seed, sampler)
 
     def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int):
         """A diffusion request's sampler from its fields (steps, block_length, threshold) and the defaults."""
         d = self.defaults
-        steps = _field(body, "steps", int, d.steps, minimum=1)
+        steps = _field(body, "steps", int, d.steps)
         block_size = _field(body, "block_length", int, d.block_size, minimum=1)
-        threshold = _field(body, "threshold", (int, float), d.threshold, minimum=0, maximum=1)
-        try:
-            sampler = self.sampler_for(max_tokens, steps, block_size, temperature, threshold)
-            sampler.validate(prompt_len)
-        except SettingError as err:  # the library names its parameters; the client knows the request's fields
-            raise RequestError(err.worded(REQUEST_FIELDS), REQUEST_FIELDS.get(err.param, err.param)) from None
+        threshold = _field(body, "threshold", (int, float), d.threshold)  # a float, or None
+        sampler = self.sampler_for(max_tokens, steps, block_size, temperature, threshold)
+        sampler.check_arguments(prompt_len)
         if sampler.gen_length > room:
             raise RequestError(
                 f"max_tokens {max_tokens} rounded up to whole blocks of {sampler.block_size} is "
@@ -208,11 +235,12 @@ class ChatEngine:
     ) -> DiffusionSamplerConfig:
         """The diffusion settings of a request for `max_tokens` new tokens. A block-trained
         checkpoint decodes block-causally with its own block size, from the prompt's first token, so any length
-        works; otherwise the generation is rounded up to whole blocks (the tail past max_tokens is dropped)."""
+        works; otherwise the generation is rounded up to whole blocks (the tail past max_tokens is dropped).
+        `steps` None means one step per token (0 is kept, for check_arguments to refuse)."""
         block_size = min(block_size or max_tokens, max_tokens)
         asked = DiffusionSamplerConfig(
             gen_length=max_tokens,
-            steps=steps or max_tokens,
+            steps=max_tokens if steps is None else steps,
             block_size=block_size,
             temperature=temperature,
             threshold=None if threshold is None else float(threshold),
@@ -221,50 +249,17 @@ class ChatEngine:
         if sampler.block_causal:
             return sampler
         gen_length = math.ceil(max_tokens / block_size) * block_size
-        return replace(sampler, gen_length=gen_length, steps=steps or gen_length)
+        return replace(sampler, gen_length=gen_length, steps=gen_length if steps is None else steps)
 
     # ---- generation ----------------------------------------------------------------------------------------
-    def complete(self, request: ChatRequest, emit) -> tuple[str, int]:
+    def submit(self, request: ChatRequest, gone: Callable[[], bool] | None = None) -> Job:
+        """Queue a request; `gone()` says whether its client has left (then its generation stops)."""
+        return self.worker.submit(Job(request, self.tokenizer, gone))
+
+    def complete(self, request: ChatRequest, emit, gone: Callable[[], bool] | None = None) -> tuple[str, int] | None:
         """Generate for one request, calling emit(text) with each printable delta; returns (finish_reason,
-        completion tokens)."""
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(request.seed) if request.seed is not None else None
-        decoder = StreamingDecoder(self.tokenizer)
-        state = {"count": 0, "finish": "length"}
+        completion tokens), or None when the client left (see submit)."""
+        return self.submit(request, gone).wait(emit)
 
-        def push(tokens: list[int]) -> None:
-            """Emit tokens up to EOS and max_tokens; later calls are ignored once finished."""
-            if state["finish"] == "stop" or state["count"] >= request.max_tokens:
-                return
-            tokens = tokens[: request.max_tokens - state["count"]]
-            if EOS_ID in tokens:
-                tokens = tokens[: tokens.index(EOS_ID) + 1]
-                state["finish"] = "stop"
-            state["count"] += len(tokens)
-            text = decoder.push([t for t in tokens if t != EOS_ID])
-            if text:
-                emit(text)
-
-        with self.lock, torch.no_grad():
-            if request.sampler is None:
-                for token in generate(
-                    self.model,
-                    request.prompt_ids,
-                    request.max_tokens,
-                    ARSamplerConfig(request.temperature, request.top_k, request.top_p, banned_ids=(self.mask_id,)),
-                    eos_id=EOS_ID,
-                    generator=generator,
-                ):
-                    push([token])
-            else:
-                prompt = torch.tensor([request.prompt_ids], device=device)
-                diffusion_generate(
-                    self.model,
-                    prompt,
-                    request.sampler,
-                    self.mask_id,
-                    EOS_ID,
-                    generator,
-                    on_block=lambda _k, block: push(block[0].tolist()),
-                )
-        return state["finish"], state["count"]
+    def close(self) -> None:
+        self.worker.close()

@@ -20,7 +20,7 @@ from model.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.sampling import DECODINGS, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.decoding import add_sampler_flags, generation_length, sampler_from_args
+from scripts.common.decoding import add_sampler_flags, check_sample_length, generation_length, sampler_from_args
 from scripts.common.device import autocast, synchronize
 from scripts.common.evaluation import held_out_batches, load_checkpoint_for_eval
 
@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    sample_help = "0: no sample, only the --eval-data / --cond-ll-response estimates"
+    p.add_argument("--max-new-tokens", type=int, default=128, help=sample_help)
     add_sampler_flags(p, block_default="one block")
     decoding_help = "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise"
     p.add_argument("--decoding", choices=DECODINGS, default="auto", help=decoding_help)
@@ -105,7 +106,8 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    positive("--max-new-tokens", args.max_new_tokens, allow_zero=True)
+    estimating = bool(args.eval_data) or args.cond_ll_response is not None
+    check_sample_length(args.max_new_tokens, estimating, "--eval-data or --cond-ll-response")
     positive("--seq-len", args.seq_len)
     device = pick_device(args.device)
     model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "diffusion", device)

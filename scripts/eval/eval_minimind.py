@@ -10,12 +10,14 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from model.ar import ARSamplerConfig, generate, next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import pick_device, run_main
+from scripts.common.decoding import check_sample_length, flag_names
 from scripts.common.device import autocast
 from scripts.common.evaluation import add_checkpoint_flags, held_out_batches, load_for_eval
 
@@ -27,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="0: no sample, only the --eval-data loss")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=20, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -61,7 +63,10 @@ def held_out_loss(model, batches: list, device, dtype: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    positive("--max-new-tokens", args.max_new_tokens, allow_zero=True)
+    check_sample_length(args.max_new_tokens, bool(args.eval_data), "--eval-data")
+    sampler = ARSamplerConfig(args.temperature, args.top_k, args.top_p)
+    with flag_names():  # the same check as the server's request fields
+        sampler.check_arguments(args.max_new_tokens or None)
     device = pick_device(args.device)
     model, tokenizer = load_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
     result: dict = {}
@@ -77,7 +82,7 @@ def main(argv=None) -> dict:
                 model,
                 ids,
                 args.max_new_tokens,
-                ARSamplerConfig(args.temperature, args.top_k, args.top_p, banned_ids=(mask_token_id(tokenizer),)),
+                replace(sampler, banned_ids=(mask_token_id(tokenizer),)),
                 EOS_ID,
                 use_cache=not args.no_cache,
                 generator=generator,
