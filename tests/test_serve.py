@@ -248,3 +248,11 @@ def test_requests_waiting_together_are_decoded_as_one_batch_with_their_own_answe
         assert batched["choices"][0]["finish_reason"] == one["choices"][0]["finish_reason"]
         assert batched["usage"] == one["usage"]
     assert len({one["choices"][0]["message"]["content"] for one in alone}) > 1  # the answers differ
+
+
+def test_the_load_script_measures_a_live_server(live):
+    from scripts.bench_server import load
+
+    _, _, port, engine = live
+    result = load(port, clients=2, requests=4, max_tokens=3)
+    assert result["n"] == 4 and result["rps"] > 0 and 0 < result["p50"] <= result["p95"]
