@@ -99,9 +99,9 @@ class DiffusionSamplerConfig:
     def check_arguments(self, prompt_len: int | None = None) -> None:
         """The check of settings a user gave (eval flags and server request fields share it): validate(), and a
         threshold in (0, 1], since the degenerate thresholds the library runs are never what a user means."""
-        self.validate(prompt_len)
         if self.threshold is not None:
             check_setting("threshold", self.threshold, 0, high=1, above_low=True)
+        self.validate(prompt_len)
 
     def decode_blocks(self, prompt_len: int) -> int:
         """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""
