@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -82,6 +83,7 @@ def ask(port: int, body: bytes) -> float:
 def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     """`requests` requests from `clients` concurrent clients; requests/s and latency percentiles."""
     latencies: list[float] = []
+    failures: list[str] = []
     counter = iter(range(requests))
     lock = threading.Lock()
 
@@ -93,7 +95,12 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
                 return
             message = {"role": "user", "content": f"第{i}个问题：今天天气怎么样？"}
             body = {"messages": [message], "max_tokens": max_tokens, "temperature": 0}
-            seconds = ask(port, json.dumps(body).encode())
+            try:
+                seconds = ask(port, json.dumps(body).encode())
+            except (OSError, RuntimeError) as err:  # refused, reset or not 200: counted, not timed
+                with lock:
+                    failures.append(f"{err.__class__.__name__}: {err}")
+                continue
             with lock:
                 latencies.append(seconds)
 
@@ -104,9 +111,15 @@ def load(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    ordered = sorted(latencies)
+    ordered = sorted(latencies) or [math.nan]
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"rps": len(latencies) / wall, "p50": statistics.median(ordered), "p95": p95, "n": len(latencies)}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": statistics.median(ordered),
+        "p95": p95,
+        "n": len(latencies),
+        "failed": len(failures),
+    }
 
 
 def main(argv=None) -> None:
@@ -115,8 +128,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.tokenizer_dir)
     trees = dict(tree.split("=", 1) for tree in args.tree)
     print(f"{args.requests} requests per level, max_tokens {args.max_tokens}, greedy, non-streaming")
-    print("| server | model | clients | requests/s | p50 latency (s) | p95 latency (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| server | model | clients | requests/s | p50 latency (s) | p95 latency (s) | failed |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as directory:
         for kind in args.kinds:
             checkpoint = tiny_checkpoint(kind, tokenizer, Path(directory))
@@ -129,7 +142,8 @@ def main(argv=None) -> None:
                             print(f"| {name} | {kind} | {clients} | (skipped: past --deadline) | | |")
                             continue
                         r = load(port, clients, args.requests, args.max_tokens)
-                        row = f"| {name} | {kind} | {clients} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} |"
+                        row = f"| {name} | {kind} | {clients} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} "
+                        row += f"| {r['failed']} |"
                         print(row, flush=True)
                 finally:
                     server.terminate()

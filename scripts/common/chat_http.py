@@ -183,6 +183,7 @@ def make_server(
 ) -> ThreadingHTTPServer:
     """A threaded HTTP server (not yet serving) bound to host:port; port 0 picks a free one (server.server_address)."""
     handler = type("BoundChatHandler", (ChatHandler,), {"engine": engine, "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
+    server_class = type("ChatServer", (ThreadingHTTPServer,), {"request_queue_size": 128})  # the default 5 drops
+    server = server_class((host, port), handler)  # connections when many clients connect at once
     server.daemon_threads = True
     return server
