@@ -72,3 +72,20 @@ def test_conflicting_or_changed_conversion_flags_are_refused(setup):
         convert(setup, "plain", "--no-logit-shift", "--block-size", "0")
     with pytest.raises(NanoLladaError, match="logit_shift=False"):
         convert(setup, "plain", "--logit-shift", "--block-size", "0", "--resume")
+
+
+def test_the_seed_diffusion_command_converts_with_the_default():
+    """The README's step 3 (the project's seed command), parsed as written: logit shift and blocks of 32."""
+    argv = (
+        "--train --use-tokenizer --tokenizer-dir . --data ./dataset/pretrain_hq.jsonl --jsonl-field text --seq-len 256 "
+        "--hidden-size 512 --num-hidden-layers 8 --num-attention-heads 8 --inference-rope-scaling --learning-rate 4e-4 "
+        "--lr-schedule wsd --warmup-steps 2000 --lr-stable-ratio 0.4 --min-lr-ratio 0.025 --mask-schedule iid_t "
+        "--variable-length-prob 0.01 --iid-mask-eps 1e-3 --weight-decay 0.1 --repeat-penalty-weight 0 "
+        "--init-from-minimind weights/minimind_pretrain_state_dict.pt --run-name diffusion_from_ar_eq3 "
+        "--early-stop-patience 5 --early-stop-min-delta 0.001 --max-iters 40000 --batch-size 128"
+    ).split()
+    args = diffusion.parse_args(argv)
+    diffusion.check_flags(args)
+    assert args.logit_shift is None and diffusion.CONVERSION_LOGIT_SHIFT  # None: the conversion's default
+    args.block_size = diffusion.run_block_size(args)
+    assert args.block_size == 32 and "blocks of 32" in diffusion.describe_conversion(args, True)
