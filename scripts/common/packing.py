@@ -46,7 +46,8 @@ def tokenize_to_cache(
     stem = data_path.with_name(f"{data_path.name}.tok-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
     tokens_path, ends_path = Path(f"{stem}.bin"), Path(f"{stem}.ends.npy")
     if not (tokens_path.exists() and ends_path.exists()):
-        temp_files = (Path(f"{tokens_path}.tmp"), Path(f"{ends_path}.tmp.npy"))
+        # Names of its own per process: runs started together on the same data each write theirs, the last wins.
+        temp_files = (Path(f"{tokens_path}.{os.getpid()}.tmp"), Path(f"{ends_path}.{os.getpid()}.tmp.npy"))
         try:
             _write_token_cache(data_path, tokenizer, field, skip_bad_lines, temp_files)
             os.replace(temp_files[1], ends_path)

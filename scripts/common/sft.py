@@ -187,7 +187,7 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
             f"{no_target} skipped (no answer left after truncation), {bad.count} invalid rows skipped"
             + (f" (first: {bad.first})" if bad.count else "")
         )
-        tmp = Path(f"{cache}.tmp.npz")
+        tmp = Path(f"{cache}.{os.getpid()}.tmp.npz")  # its own name per process: runs started together may race
         try:
             np.savez(
                 tmp,
