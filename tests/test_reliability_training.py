@@ -241,3 +241,36 @@ def test_messages_name_the_real_cause(data, tmp_path, capsys):
     bad_text.write_text(json.dumps({"text": "好"}) + "\n{oops\n", encoding="utf-8")
     err = error_line(train_pretrain.main, [*TRAIN, *cli(data=bad_text, save_dir=tmp_path)], capsys)
     assert "bad_text.jsonl:2: malformed JSON" in err and "--skip-bad-lines skips (and counts) such lines" in err
+
+
+# --- kill -9: the metrics written so far survive it, and --resume continues them
+
+
+def test_metrics_survive_kill_9_and_resume_continues_them(data, tmp_path):
+    """A real SIGKILL of a training process after its first checkpoint: the metrics lines up to the kill are on
+    disk, and the resumed run appends to them, so the history (and the loss plot) covers the whole run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = [*cli(data=data["pretrain"], save_dir=tmp_path, run_name="run"), *TRAIN]
+    flags = [*flags[: flags.index("--max-iters")], *cli(max_iters=400, save_interval=2, eval_interval=200)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.train.train_pretrain", *flags], env=env)
+    metrics, checkpoint = tmp_path / "run_metrics.jsonl", tmp_path / "run.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        checkpoint.exists() and read_checkpoint(checkpoint).extra.get("step", 0) >= 4
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = read_checkpoint(checkpoint).extra["step"]
+    before = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert saved >= 4 and before and max(before) >= saved - 1  # flushed as written, not at the end of the run
+    resumed = [*flags[: flags.index("--max-iters")], *cli(max_iters=saved + 3, save_interval=2), "--resume"]
+    train_pretrain.main(resumed)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert [s for s in steps if s <= saved][:3] == sorted(before)[:3] and max(steps) == saved + 3
+    assert (tmp_path / "run_loss.png").exists()
