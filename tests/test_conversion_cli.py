@@ -75,7 +75,7 @@ def test_conflicting_or_changed_conversion_flags_are_refused(setup):
 
 
 def test_the_seed_diffusion_command_converts_with_the_default():
-    """The README's step 3 (the project's seed command), parsed as written: logit shift and blocks of 32."""
+    """The README's step 3 (the project's seed command), parsed as written: logit shift, bidirectional."""
     argv = (
         "--train --use-tokenizer --tokenizer-dir . --data ./dataset/pretrain_hq.jsonl --jsonl-field text --seq-len 256 "
         "--hidden-size 512 --num-hidden-layers 8 --num-attention-heads 8 --inference-rope-scaling --learning-rate 4e-4 "
@@ -88,4 +88,5 @@ def test_the_seed_diffusion_command_converts_with_the_default():
     diffusion.check_flags(args)
     assert args.logit_shift is None and diffusion.CONVERSION_LOGIT_SHIFT  # None: the conversion's default
     args.block_size = diffusion.run_block_size(args)
-    assert args.block_size == 32 and "blocks of 32" in diffusion.describe_conversion(args, True)
+    assert args.block_size is None and "logit shift" in diffusion.describe_conversion(args, True)
+    assert "bidirectional attention" in diffusion.describe_conversion(args, True)
