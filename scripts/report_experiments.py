@@ -6,7 +6,8 @@ On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 head
 1. AR pretraining; 2. diffusion initialised from it with each AR-to-diffusion conversion (no logit shift, shift,
    shift + block-wise attention, + position-dependent masking) and 3. diffusion from scratch, at equal steps;
 4. AR perplexity vs diffusion NELBO on the same held-out rows (paired), and all validation curves on one figure;
-5. SFT of AR, of today's conversion and of the conversion with the smallest gap to AR (the SFT defaults);
+5. SFT of AR, of the old conversion, of the default one and of the one with the smallest gap to AR (the SFT
+   defaults);
    sentiment accuracy on held-out reviews, by decoding and by label likelihood;
 --part all also runs
 6. SFT of the default conversion with each SFT normalisation (LLaDA's, EOS padding down-weighted, one token mean
@@ -43,6 +44,7 @@ CONVERSIONS = {
         "--logit-shift", "--use-block-curriculum", mask_schedule="wsd", inference_block_size=32
     ),
 }
+DEFAULT_CONVERSION = "a2d_shift"  # what --init-from-minimind does without conversion flags (tested)
 
 # Diffusion SFT variants: run name -> flags of scripts.train.train_sft_diffusion (explicit, whatever the defaults).
 SFT_VARIANTS = {
@@ -161,9 +163,9 @@ class Experiment:
         return best
 
     def finetune_conversions(self) -> None:
-        """AR SFT, and the default diffusion SFT of today's conversion and of the best one; their test accuracy."""
+        """AR SFT, and the default diffusion SFT of the old, the default and the best conversion; test accuracy."""
         self.best_conversion = self.pick_conversion()
-        starts = dict.fromkeys(["diffusion_from_ar", self.best_conversion])
+        starts = dict.fromkeys(["diffusion_from_ar", DEFAULT_CONVERSION, self.best_conversion])
         stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind",
                    cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt"))]  # fmt: skip
         for start in starts:
@@ -182,8 +184,8 @@ class Experiment:
         return str(self.out / f"{run}_state_dict.pt")
 
     def finetune(self) -> None:
-        """Each SFT normalisation from the best conversion; block SFT with the one that decodes best."""
-        start = self.out / f"{self.best_conversion}_state_dict.pt"
+        """Each SFT normalisation from the default conversion; block SFT with the one that decodes best."""
+        start = self.out / f"{DEFAULT_CONVERSION}_state_dict.pt"
         for name, flags in SFT_VARIANTS.items():
             self.run(
                 name,

@@ -90,3 +90,13 @@ def test_the_seed_diffusion_command_converts_with_the_default():
     args.block_size = diffusion.run_block_size(args)
     assert args.block_size is None and "logit shift" in diffusion.describe_conversion(args, True)
     assert "bidirectional attention" in diffusion.describe_conversion(args, True)
+
+
+def test_the_report_names_the_default_conversion_by_its_flags():
+    """report_experiments' DEFAULT_CONVERSION runs with explicit flags; they must be what no flags give."""
+    from scripts import report_experiments
+
+    flags = report_experiments.CONVERSIONS[report_experiments.DEFAULT_CONVERSION]
+    args = diffusion.parse_args(["--train", "--init-from-minimind", "ar.pt", *flags])
+    assert args.logit_shift is diffusion.CONVERSION_LOGIT_SHIFT
+    assert (args.block_size or None) == diffusion.CONVERSION_BLOCK_SIZE and args.position_masking == 0
