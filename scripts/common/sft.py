@@ -295,11 +295,11 @@ def scored_tokens(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None) -> dict:
+def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None, start=None) -> dict:
     """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
-    batches alike), a summary line."""
+    batches alike), a summary line. `start`: the (path, checkpoint) of sft_starting_checkpoint, if already read."""
     route = run.cfg.kind
-    model = initial_sft_model(args, run.tokenizer, route, RunFiles(run.cfg).full)
+    model = initial_sft_model(args, run.tokenizer, *(start or sft_starting_checkpoint(args, run)))
     print(
         f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
@@ -312,10 +312,17 @@ def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None) -> dic
     return train(model, run.cfg, task, RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta), run.device)
 
 
-def initial_sft_model(args, tokenizer, kind: str, run_file: Path) -> Transformer:
-    """The run's own checkpoint (--resume), the pretrained --load-from (all weights, vocabulary included), or fresh."""
-    source = run_file if args.resume else args.load_from
-    checkpoint = starting_checkpoint(args, tokenizer, source, kind, hint=f"this SFT trains {KIND_NAMES[kind]} model")
+def sft_starting_checkpoint(args, run: RunStart) -> tuple:
+    """(path, checkpoint) an SFT run starts from, read and checked once: the run's own (--resume), the pretrained
+    --load-from, or (None, None) for a fresh model."""
+    kind = run.cfg.kind
+    source = RunFiles(run.cfg).full if args.resume else args.load_from
+    hint = f"this SFT trains {KIND_NAMES[kind]} model"
+    return source, starting_checkpoint(args, run.tokenizer, source, kind, hint=hint)
+
+
+def initial_sft_model(args, tokenizer, source, checkpoint) -> Transformer:
+    """The model of the starting checkpoint (all weights, vocabulary included), or a fresh one without it."""
     if checkpoint is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
         return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from pathlib import Path
 
 from model.block_curriculum import trained_block_size
-from model.checkpoint import read_checkpoint
 from model.diffusion_loss import NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
-from scripts.common.run_files import RunFiles
-from scripts.common.sft import run_sft, sft_parser, start_sft
+from scripts.common.sft import run_sft, sft_parser, sft_starting_checkpoint, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +70,8 @@ def main(argv=None) -> dict:
     if not 0 <= args.eos_padding_weight <= 1:
         raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
     run = start_sft(args, "diffusion")
-    block_size = sft_block_size(args, RunFiles(run.cfg).full if args.resume else args.load_from)
+    start = sft_starting_checkpoint(args, run)
+    block_size = sft_block_size(args, *start)
     objective = DiffusionObjective(
         args.time_weight_schedule,
         t_min,
@@ -93,17 +91,15 @@ def main(argv=None) -> dict:
     meta = {"sft_objective": asdict(objective)}
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
-    return run_sft(args, run, loss, extra_meta=meta)
+    return run_sft(args, run, loss, extra_meta=meta, start=start)
 
 
-def sft_block_size(args, source) -> int | None:
-    """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint `source` has (a
+def sft_block_size(args, source, checkpoint) -> int | None:
+    """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint has (a
     block-diffusion model stays one; a resumed run keeps its own), else none (a bidirectional or fresh model)."""
     if args.block_size is not None:
         return args.block_size or None
-    if source is None or not Path(source).exists():
-        return None  # a fresh model; a missing file is reported where it is loaded
-    inherited = trained_block_size(read_checkpoint(source).extra)
+    inherited = trained_block_size(checkpoint.extra) if checkpoint is not None else None
     if inherited and not args.resume:
         print(
             f"note: {source} was trained with block diffusion (blocks of {inherited}): block SFT with it "
