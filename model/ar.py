@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.errors import NanoLladaError
+from model.errors import NanoLladaError, check_setting
 from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
-from model.sampling import check_setting
 
 
 def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 
@@ -33,3 +34,17 @@ class SettingError(NanoLladaError):
     def worded(self, names: dict[str, str]) -> str:
         """The message with each parameter called by its name in `names` (its own name when absent)."""
         return self.template.format_map({param: names.get(param, param) for param in self.params})
+
+
+def check_setting(name: str, value, low: float, high: float = math.inf, above_low: bool = False) -> None:
+    """Refuse a sampler setting that is NaN, infinite or outside [low, high] ((low, high] with above_low), naming
+    it as a `{name}` placeholder (a SettingError) for the entry point to reword."""
+    finite = isinstance(value, int) or math.isfinite(value)  # (a huge int does not fit a float)
+    if finite and (value > low if above_low else value >= low) and value <= high:
+        return
+    if high < math.inf:
+        wanted = f"in {'(' if above_low else '['}{low:g}, {high:g}]"
+    else:
+        wanted = f"{'>' if above_low else '>='} {low:g}" if low > -math.inf else ""
+    wanted = f"a finite number {wanted}".rstrip() if not finite else wanted
+    raise SettingError(f"{{{name}}} must be {wanted}, got {value}")

@@ -36,7 +36,7 @@ import torch
 
 from model.block_attention import block_causal_mask
 from model.block_curriculum import trained_block_size
-from model.errors import NanoLladaError, SettingError
+from model.errors import NanoLladaError, SettingError, check_setting
 from model.logit_shift import is_shifted
 from model.padding import PaddedLayout
 from model.remasking import DecodingRun, SampleResult, block_quotas
@@ -106,20 +106,6 @@ class DiffusionSamplerConfig:
     def decode_blocks(self, prompt_len: int) -> int:
         """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""
         return -(-(prompt_len + self.gen_length) // self.block_size) - prompt_len // self.block_size
-
-
-def check_setting(name: str, value, low: float, high: float = math.inf, above_low: bool = False) -> None:
-    """Refuse a sampler setting that is NaN, infinite or outside [low, high] ((low, high] with above_low), naming
-    it as a `{name}` placeholder (model.errors.SettingError) for the entry point to reword."""
-    finite = isinstance(value, int) or math.isfinite(value)  # (a huge int does not fit a float)
-    if finite and (value > low if above_low else value >= low) and value <= high:
-        return
-    if high < math.inf:
-        wanted = f"in {'(' if above_low else '['}{low:g}, {high:g}]"
-    else:
-        wanted = f"{'>' if above_low else '>='} {low:g}" if low > -math.inf else ""
-    wanted = f"a finite number {wanted}".rstrip() if not finite else wanted
-    raise SettingError(f"{{{name}}} must be {wanted}, got {value}")
 
 
 def sampler_for_checkpoint(

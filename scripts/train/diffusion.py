@@ -160,8 +160,7 @@ def check_flags(args) -> None:
             raise NanoLladaError("--block-size fixes the block; --use-block-curriculum varies it: pass one of them")
         if args.seq_len % args.block_size:
             raise NanoLladaError(f"--block-size {args.block_size} does not divide --seq-len {args.seq_len}")
-    if args.position_masking < 0:
-        raise NanoLladaError(f"--position-masking must be >= 0, got {args.position_masking}")
+    positive("--position-masking", args.position_masking, allow_zero=True)
     positive("--keep-top-k", args.keep_top_k, allow_zero=True)
     if not 0 < args.iid_mask_eps < 0.5:
         raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {args.iid_mask_eps}")
