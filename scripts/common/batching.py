@@ -149,8 +149,11 @@ class BatchWorker:
             return
         self.batch_sizes.append(len(jobs))
 
+        worker = threading.get_ident()
+
         def stop_when_unwanted(_module, _args) -> None:
-            if not any(job.wanted() for job in jobs):
+            # Only this batch's own forward passes: the hook sits on the shared model, which other threads may run.
+            if threading.get_ident() == worker and not any(job.wanted() for job in jobs):
                 raise Cancelled
 
         hook = self.model.register_forward_pre_hook(stop_when_unwanted)
