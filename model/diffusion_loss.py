@@ -34,15 +34,18 @@ from model.masking import (
     complementary_masks,
     elbo_weight,
     eos_padding,
+    mask_exactly,
     mask_probability,
     position_rates,
     pretraining_maskable,
     sample_time,
+    stratified_counts,
     warped_time,
 )
 from model.tokenizer import EOS_ID
 
 NORMALIZATIONS = ("batch", "row")
+MASK_DRAWS = ("time", "count")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,23 @@ class DiffusionObjective:
     cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
     repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
     position_masking: float = 0.0  # strength of position-dependent masking (0: off; model.masking.position_rates)
+    mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
+
+    def check_mask_draw(self) -> None:
+        """The count draw is the linear schedule's estimator with the weight averaged over t given the mask: one
+        time for the whole row, over (0, 1), so it refuses what changes either."""
+        if self.mask_draw not in MASK_DRAWS:
+            raise NanoLladaError(f"mask_draw must be one of {', '.join(MASK_DRAWS)}, got '{self.mask_draw}'")
+        if self.mask_draw == "count" and (
+            self.schedule != "linear"
+            or self.complementary
+            or self.position_masking
+            or (self.t_min, self.t_max) != (1e-3, 1 - 1e-3)
+        ):
+            raise NanoLladaError(
+                "the count mask draw is LLaDA's linear-schedule estimator over the whole (0, 1) time range: it does "
+                "not combine with a cosine schedule, a mask-ratio band, complementary or position-dependent masking"
+            )
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -78,6 +98,7 @@ class DiffusionObjective:
                 "position_masking and complementary masking do not combine: the complement of a position-dependent "
                 "mask is not a mask of the same process at another time"
             )
+        self.check_mask_draw()
 
 
 def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -107,6 +128,8 @@ def draw_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked, ELBO weight) of each noisy row, [N, L] and [N, L] or [N, 1]: one row per input row, or, with
     complementary masking, the batch twice over (m at t, then its complement at 1 - t)."""
+    if objective.mask_draw == "count":
+        return count_masks(maskable, rng)
     t = sample_time(maskable.shape[0], rng, maskable.device, objective.t_min, objective.t_max)
     probability, weight = mask_probability(t, objective.schedule)[:, None], elbo_weight(t, objective.schedule)[:, None]
     if objective.position_masking:
@@ -117,6 +140,20 @@ def draw_masks(
     if not objective.complementary:
         return masked, weight
     return torch.cat([masked, complement]), torch.cat([weight, elbo_weight(1 - t, objective.schedule)[:, None]])
+
+
+def count_masks(maskable: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked, weight [N, 1]): exactly l ~ U{1..n} of a row's n maskable positions, uniformly, weighted n / l.
+
+    Bernoulli(t) masks with t ~ U(0, 1) mask a count uniform on 0..n, uniformly placed, and given the count l the
+    1/t weight averages (n + 1) / l: this draw is the linear-schedule loss with the weight replaced by that average
+    (LLaDA's Algorithm 3 estimator). Same expectation, less variance: the weight is at most n instead of 1 / t_min.
+    A row with nothing maskable gets weight 0.
+    """
+    n = maskable.sum(1)
+    counts = stratified_counts(n, 1, rng)[0]
+    weight = n.float() / counts.clamp(min=1).float()
+    return mask_exactly(maskable, counts, rng), weight[:, None]
 
 
 def token_weights(objective: DiffusionObjective, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:

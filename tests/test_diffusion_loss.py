@@ -68,6 +68,58 @@ def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, answer
         assert losses.mean().item() == pytest.approx(math.log(vocab), abs=tolerance), name
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("answer_len,row_len", LENGTHS)
+def test_count_draw_is_exactly_ln_v_per_draw_under_uniform_logits(block_size, answer_len, row_len):
+    """l of n answer tokens masked, each weighted n / l: with uniform logits every single draw is ln|V| (the time
+    draw is only right on average), and with EOS padding weighted down it is right on average."""
+    vocab = 8
+    ids, maskable = sft_rows(max(1, 1024 // row_len), answer_len, row_len, vocab)
+    gen = rng(2)
+    exact = DiffusionObjective(block_size=block_size, normalization="row", mask_draw="count")
+    for _ in range(20):
+        loss = diffusion_loss(UniformModel(vocab), ids, gen, vocab - 1, exact, maskable)
+        assert loss.item() == pytest.approx(math.log(vocab), rel=1e-5)
+    padded = DiffusionObjective(block_size=block_size, normalization="row", padding_weight=0.1, mask_draw="count")
+    losses = torch.tensor(
+        [diffusion_loss(UniformModel(vocab), ids, gen, vocab - 1, padded, maskable).item() for _ in range(200)]
+    )
+    tolerance = max(0.02 * math.log(vocab), 4 * losses.std().item() / math.sqrt(len(losses)))
+    assert losses.mean().item() == pytest.approx(math.log(vocab), abs=tolerance)
+
+
+def test_count_draw_has_the_time_draws_expectation_with_less_variance(tiny_config):
+    """On a real (random) model the two draws estimate the same loss; the count draw's weight is bounded by n."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    ids, maskable = sft_rows(8, 6, 16, tiny_config.vocab_size)
+    gen = rng(3)
+    with torch.no_grad():
+        draws = {
+            draw: torch.tensor(
+                [
+                    diffusion_loss(
+                        model, ids, gen, MASK, DiffusionObjective(normalization="row", mask_draw=draw), maskable
+                    )
+                    for _ in range(600)
+                ]
+            )
+            for draw in ("time", "count")
+        }
+    time, count = draws["time"], draws["count"]
+    standard_error = math.sqrt(time.var() / len(time) + count.var() / len(count))
+    assert abs(time.mean() - count.mean()) < 4 * standard_error
+    assert count.std() < 0.7 * time.std()
+
+
+def test_count_draw_refuses_what_it_does_not_estimate():
+    for settings in ({"schedule": "cosine"}, {"complementary": True}, {"t_min": 0.3, "t_max": 0.8}):
+        with pytest.raises(NanoLladaError, match="count mask draw"):
+            DiffusionObjective(mask_draw="count", **settings)
+    with pytest.raises(NanoLladaError, match="mask_draw"):
+        DiffusionObjective(mask_draw="exact")
+
+
 def test_a_row_with_no_mask_contributes_nothing():
     ids, maskable = sft_rows(4, 1, 16)
     objective = DiffusionObjective(t_min=1e-3, t_max=1e-3, normalization="row")  # almost never masked

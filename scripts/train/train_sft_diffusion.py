@@ -16,7 +16,7 @@ import argparse
 from dataclasses import asdict
 
 from model.block_curriculum import trained_block_size
-from model.diffusion_loss import NORMALIZATIONS, DiffusionObjective, diffusion_loss
+from model.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
@@ -38,6 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.1,
         help="weight of the EOS padding after each answer in the loss and its length (1: LLaDA's normalisation; "
         "0.1 gives the tokens of a short answer a real share of its loss, see technical_report.md 7.3)",
+    )
+    p.add_argument(
+        "--mask-draw",
+        choices=MASK_DRAWS,
+        default="time",
+        help="time: t ~ U(eps, 1 - eps), each answer token masked with probability t, weight 1/t; count: exactly "
+        "l ~ U{1..n} of the n answer tokens masked, weight n/l (LLaDA Algorithm 3: same expected loss, less variance)",
     )
     llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/diffusion_loss.py)")
     llada2.add_argument(
@@ -81,6 +88,7 @@ def main(argv=None) -> dict:
         args.eos_padding_weight,
         args.complementary_masking,
         args.cap_weight,
+        mask_draw=args.mask_draw,
     )
     mask_id = mask_token_id(run.tokenizer)
 
