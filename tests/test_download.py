@@ -41,8 +41,9 @@ def test_default_files_come_from_the_minimind_dataset(fake_modelscope, tmp_path)
     assert [(kind, repo, name) for kind, repo, name, _ in fake_modelscope.requests] == [
         ("dataset", "gongjy/minimind_dataset", "pretrain_hq.jsonl"),
         ("dataset", "gongjy/minimind_dataset", "sft_mini_512.jsonl"),
+        ("dataset", "gongjy/minimind_dataset", "dpo.jsonl"),
     ]
-    assert paths == [tmp_path / "pretrain_hq.jsonl", tmp_path / "sft_mini_512.jsonl"]
+    assert paths == [tmp_path / name for name in ("pretrain_hq.jsonl", "sft_mini_512.jsonl", "dpo.jsonl")]
 
 
 def test_existing_files_are_skipped_unless_forced(fake_modelscope, tmp_path, capsys):

