@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from model.errors import NanoLladaError
-from scripts.common.packing import PackedBatches, PackedRows, document_ids, split_train_val
+from scripts.common.packing import (
+    EpochOrder,
+    LengthGroupedOrder,
+    PackedBatches,
+    PackedRows,
+    document_ids,
+    split_train_val,
+)
 from scripts.common.readers import BadLineCounter, iter_conversations, iter_texts
 
 
@@ -87,6 +94,22 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     order = [5, 0, 40, 5]
     assert all(torch.equal(a.batch(k), b.batch(k)) for k in order)
     assert not torch.equal(a.batch(0), a.batch(a.batches_per_epoch))  # reshuffled next epoch
+
+
+def test_length_grouped_batches_cover_the_epoch_once_with_less_padding():
+    """Every item once per epoch (the same items as the plain order's full batches), batches of similar length
+    (padding to each batch's longest shrinks), and a pure function of (seed, k)."""
+    lengths = np.random.default_rng(0).integers(10, 200, size=1000)
+    grouped, plain = LengthGroupedOrder(lengths, 16, seed=3), EpochOrder(1000, 16, seed=3)
+    for epoch in range(2):
+        batches = [grouped.indices(epoch * 62 + k) for k in range(62)]
+        items = np.concatenate(batches)
+        assert len(set(items.tolist())) == 62 * 16
+        assert sorted(items) == sorted(np.concatenate([plain.indices(epoch * 62 + k) for k in range(62)]))
+    padded = lambda order: sum(lengths[order.indices(k)].max() * 16 for k in range(62))  # noqa: E731
+    assert padded(grouped) < 0.75 * padded(plain)
+    again = LengthGroupedOrder(lengths, 16, seed=3)
+    assert all((again.indices(k) == grouped.indices(k)).all() for k in (70, 5, 61))
 
 
 def test_document_ids_split_on_eos():

@@ -115,9 +115,36 @@ class EpochOrder:
 
     def indices(self, k: int) -> np.ndarray:
         epoch, index = divmod(k, self.batches_per_epoch)
+        return self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The items of one epoch in the order its batches take them."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items))
-        return self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        return self._order[1]
+
+
+class LengthGroupedOrder(EpochOrder):
+    """EpochOrder with batches of similar lengths: each run of `group` batches of the shuffled epoch is sorted by
+    length and cut into batches, and the epoch's batches are shuffled again. A batch is padded to its longest item,
+    so this spends far less compute on padding when lengths vary (SFT conversations); still a pure function of
+    (seed, k)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group: int = 16):
+        super().__init__(len(lengths), batch_size, seed)
+        self.lengths, self.group = np.asarray(lengths), group
+        self._grouped: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._grouped is None or self._grouped[0] != epoch:
+            shuffled = super().epoch_order(epoch)[: self.batches_per_epoch * self.batch_size]
+            span = self.group * self.batch_size
+            runs = [shuffled[i : i + span] for i in range(0, len(shuffled), span)]
+            by_length = np.concatenate([run[np.argsort(self.lengths[run], kind="stable")] for run in runs])
+            batches = by_length.reshape(self.batches_per_epoch, self.batch_size)
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.batches_per_epoch)
+            self._grouped = (epoch, batches[order].reshape(-1))
+        return self._grouped[1]
 
 
 class PackedBatches:

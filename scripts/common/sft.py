@@ -30,7 +30,7 @@ from model.masking import IGNORE_INDEX
 from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args
-from scripts.common.packing import EpochOrder, chunks
+from scripts.common.packing import EpochOrder, LengthGroupedOrder, chunks
 from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
 from scripts.common.run_files import RunFiles
 from scripts.common.trainer import RunOptions, Task, train
@@ -239,11 +239,14 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
 
 
 class SFTBatches:
-    def __init__(self, examples: SFTExamples, batch_size: int, seed: int, route: str):
+    def __init__(self, examples: SFTExamples, batch_size: int, seed: int, route: str, group_by_length: bool = False):
         if len(examples) < batch_size:
             raise NanoLladaError(f"only {len(examples)} training conversations, fewer than --batch-size {batch_size}")
         self.examples, self.route = examples, route
-        self.order = EpochOrder(len(examples), batch_size, seed)
+        if group_by_length:
+            self.order = LengthGroupedOrder(np.diff(examples.offsets), batch_size, seed)
+        else:
+            self.order = EpochOrder(len(examples), batch_size, seed)
 
     def batch(self, k: int) -> dict:
         return collate(self.examples, self.order.indices(k), self.route)
@@ -256,6 +259,11 @@ def sft_parser(description: str, run_name: str, epochs: int) -> argparse.Argumen
     p.add_argument("--eval-data", default=None, help="held-out SFT jsonl (default: hold out --val-fraction of --data)")
     p.add_argument(
         "--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)"
+    )
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch conversations of similar length together (shuffled within runs of 16 batches): far less padding",
     )
     add_training_flags(p, run_name=run_name, epochs=epochs, **SFT_DEFAULTS)
     return p
@@ -277,7 +285,7 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
             examples.subset(range(len(examples) - n_val, len(examples))),
             examples.subset(range(len(examples) - n_val)),
         )
-    batches = SFTBatches(examples, args.batch_size, args.seed, route)
+    batches = SFTBatches(examples, args.batch_size, args.seed, route, args.group_by_length)
     n_val = min(len(val), args.eval_batches * args.batch_size)
     val_batches = [
         collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)
