@@ -1,6 +1,6 @@
 """The CPU experiments of technical_report.md, reproducible on a 2-core machine.
 
-uv run python -m scripts.report_experiments [--part all|conversion] [--jobs 2] [--steps 500] [--sft-steps 200]
+uv run python -m scripts.report_experiments [--part all|conversion|dpo] [--jobs 2] [--steps 500] [--sft-steps 200]
 
 On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 heads, 2 KV heads):
 1. AR pretraining; 2. diffusion initialised from it with each AR-to-diffusion conversion (no logit shift, shift,
@@ -12,7 +12,10 @@ On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 head
 --part all also runs
 6. SFT of the default conversion with each SFT normalisation (LLaDA's, EOS padding down-weighted, one token mean
    over the batch) and as LLaDA 2.0 block SFT (block 32);
-7. diffusion decoding quality against speed (steps, threshold) on the same questions.
+7. diffusion decoding quality against speed (steps, threshold) on the same questions;
+8. DPO of the AR SFT model and of the default conversion's SFT model on the sample's preference pairs, held-out
+   accuracy before and after, and the spread of diffusion DPO's preference score under each VRPO lever.
+--part dpo runs 8 alone, on the SFT checkpoints an earlier run left in --out-dir (results_dpo.json).
 --jobs N runs independent stages N at a time, one thread each (the numbers then match other --jobs N runs, not
 necessarily --jobs 1 ones, bit for bit). Every number in the report comes from the commands this prints;
 results.json keeps them all.
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from model.errors import NanoLladaError
 from scripts.common.cli import run_main
 from scripts.common.pipeline import SMALL_MODEL, cli, step
 
@@ -52,6 +56,11 @@ SFT_VARIANTS = {
     "diffusion_sft_padding01": cli(loss_normalization="row", eos_padding_weight=0.1),
     "diffusion_sft_token_mean": cli(loss_normalization="batch", eos_padding_weight=1.0),
 }
+# DPO (report 7.5): run name -> (entry point, the SFT run it starts from and is judged against), with its flags.
+DPO_RUNS = {
+    "ar_dpo": ("scripts.train.train_dpo_minimind", "ar_sft", []),
+    "diffusion_dpo": ("scripts.train.train_dpo_diffusion", f"sft_{DEFAULT_CONVERSION}", cli(elbo_samples=4)),
+}
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
 
 
@@ -63,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--part", choices=["all", "conversion"], default="all")
+    p.add_argument("--dpo-steps", type=int, default=100)
+    p.add_argument("--part", choices=["all", "conversion", "dpo"], default="all")
     p.add_argument("--jobs", type=int, default=1, help="independent stages run this many at a time, one thread each")
     return p.parse_args(argv)
 
@@ -240,27 +250,61 @@ class Experiment:
         ]
         self.run_many(stages)
 
+    def dpo(self) -> None:
+        """DPO of each SFT model of DPO_RUNS (checkpoints in --out-dir); held-out accuracy of both, by decoding and by
+        likelihood; the spread of the diffusion preference score with and without each VRPO lever."""
+        a = self.args
+        # fmt: off
+        flags = cli(data=self.data / "sample_dpo_train.jsonl", eval_data=self.data / "sample_dpo_val.jsonl",
+                    tokenizer_dir=".", save_dir=self.out, max_seq_len=256, batch_size=8, max_steps=a.dpo_steps,
+                    learning_rate="1e-4", warmup_steps=10, eval_interval=25, eval_batches=4, device=a.device)
+        # fmt: on
+        stages, checks = [], []
+        for run, (module, start, extra) in DPO_RUNS.items():
+            for old in self.out.glob(f"{run}[._]*"):  # a rerun of --part dpo trains afresh
+                old.unlink()
+            source = self.sft_weights(start)
+            if not Path(source).exists():
+                raise NanoLladaError(f"{source} not found: DPO starts from the SFT models of --part conversion")
+            stages.append((run, f"8a. DPO of {start}", module, cli(*flags, *extra, run_name=run, load_from=source)))
+            route = "minimind_checkpoint" if run == "ar_dpo" else "diffusion_checkpoint"
+            for name in (start, run):
+                checkpoint = cli(**{route: self.sft_weights(name)})
+                checks.append(self.accuracy_stage(f"dpo_accuracy_{name}", checkpoint, "--score-labels"))
+        self.run_many(stages)
+        self.run_many(checks)
+        start = DPO_RUNS["diffusion_dpo"][1]
+        # fmt: off
+        argv = cli(policy=self.sft_weights("diffusion_dpo"), reference=self.sft_weights(start), tokenizer_dir=".",
+                   data=self.data / "sample_dpo_val.jsonl", pairs=8, elbo_samples=8, redraws=64, max_seq_len=256,
+                   device=a.device)
+        # fmt: on
+        self.run("dpo_variance", "8b. Spread of the diffusion preference score", "scripts.eval.dpo_variance", argv)
+
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     experiment = Experiment(args)
-    if experiment.out.exists():
+    if experiment.out.exists() and args.part != "dpo":  # --part dpo continues an earlier run's directory
         shutil.rmtree(experiment.out)
-    experiment.out.mkdir(parents=True)
+    experiment.out.mkdir(parents=True, exist_ok=True)
     experiment.run("sample", "0. Offline sample", "scripts.data.sample", cli(out_dir=experiment.data))
-    experiment.pretrain()
-    experiment.compare()
-    experiment.finetune_conversions()
+    if args.part != "dpo":
+        experiment.pretrain()
+        experiment.compare()
+        experiment.finetune_conversions()
     if args.part == "all":
         experiment.finetune()
         experiment.evaluate()
+    if args.part in ("all", "dpo"):
+        experiment.dpo()
     summary = {
         "timings_s": experiment.timings,
         "best_conversion": experiment.best_conversion,
         "best_sft": experiment.best_sft,
         "results": experiment.results,
     }
-    path = experiment.out / "results.json"
+    path = experiment.out / ("results_dpo.json" if args.part == "dpo" else "results.json")
     path.write_text(json.dumps(summary, indent=1, default=str, ensure_ascii=False), encoding="utf-8")
     print(f"\nwrote {path}; timings (s): {experiment.timings}")
     return summary
