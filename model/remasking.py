@@ -114,6 +114,7 @@ class DecodingRun:
         self.guided = sampler.cfg_scale != 0
         self.shifted = is_shifted(model)
         self.result = SampleResult(prompt[:, :0], 0)
+        self.finish_id: int | None = None  # EOS, when a row may finish inside a block (finish_at_eos)
 
     def first_needed(self, lo: int) -> int:
         """The first canvas column whose output a step on a block starting at `lo` reads: lo itself, or for a shifted

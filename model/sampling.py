@@ -57,6 +57,12 @@ class DiffusionSamplerConfig:
     block_causal: bool = False  # block-diffusion models: block-causal attention, blocks aligned to position 0
     use_kv_cache: bool = True  # block-causal mode: cache the finished blocks (exact); False recomputes the prefix
     cache: str = "none"  # bidirectional models: none | prefix | dual (Fast-dLLM's approximate caches, per block)
+    # Bidirectional models: how many blocks past the current one the model sees (None: the whole canvas). Later
+    # blocks are all masks, so a window of them tells the model nearly as much for fewer columns per forward pass.
+    lookahead_blocks: int | None = None
+    # With stop_at_eos and an eos_id: a row is finished inside a block as soon as its first EOS has no mask before
+    # it (the rest is EOS padding), instead of committing the padding step by step. The text before EOS is the same.
+    finish_at_eos: bool = False
 
     def validate(self, prompt_len: int | None = None) -> None:
         """Refuse impossible settings; with the prompt length, also too few steps for block-causal decoding (whose
@@ -93,6 +99,8 @@ class DiffusionSamplerConfig:
                 "{cache} prefix/dual is for bidirectional models; block-causal decoding already caches "
                 "finished blocks exactly (use_kv_cache)"
             )
+        if self.lookahead_blocks is not None:
+            check_setting("lookahead_blocks", self.lookahead_blocks, 0)
         if self.remasking not in ("low_confidence", "random"):
             raise SettingError(f"{{remasking}} must be low_confidence or random, got '{self.remasking}'")
 
@@ -172,6 +180,7 @@ def diffusion_generate(
         raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")
     canvas = torch.cat([prompt, prompt.new_full((B, sampler.gen_length), mask_id)], dim=1)
     run = DecodingRun(model, sampler, mask_id, generator, prompt)
+    run.finish_id = eos_id if sampler.finish_at_eos and sampler.stop_at_eos else None
     if sampler.block_causal:
         _block_causal_decode(run, canvas, eos_id, on_block)
     else:
@@ -191,21 +200,23 @@ def _end_rows(canvas: torch.Tensor, prompt_width: int, hi: int, eos_id: int) -> 
 def _bidirectional_decode(
     run: DecodingRun, canvas: torch.Tensor, eos_id, on_block, layout: PaddedLayout | None
 ) -> None:
-    """Semi-autoregressive blocks over the whole canvas; the rows that have ended leave the batch."""
+    """Semi-autoregressive blocks over the whole canvas (or its first `lookahead_blocks` blocks past the current one);
+    the rows that have ended leave the batch."""
     sampler, P = run.sampler, run.prompt_width
     block_size = sampler.block_size or sampler.gen_length
     num_blocks = sampler.gen_length // block_size
     for k in range(num_blocks):
         lo, hi = P + k * block_size, P + (k + 1) * block_size
+        end = canvas.shape[1] if sampler.lookahead_blocks is None else hi + sampler.lookahead_blocks * block_size
         block_steps = sampler.steps // num_blocks + (k < sampler.steps % num_blocks)
         writing = (canvas[:, lo:hi] == run.mask_id).any(1)  # rows that have not ended
-        if writing.all():
-            _decode_block(run, canvas, lo, hi, block_steps, None, layout)
+        if writing.all():  # a column slice is a view: the block's commits land in the canvas
+            _decode_block(run, canvas[:, :end], lo, hi, block_steps, None, layout)
         elif writing.any():
             rows = writing.nonzero().squeeze(1)
-            view = canvas[rows]
+            view = canvas[rows, :end]
             _decode_block(run, view, lo, hi, block_steps, rows, layout.select(rows) if layout is not None else None)
-            canvas[rows] = view
+            canvas[rows, :end] = view
         if on_block is not None:
             on_block(k, canvas[:, lo:hi])
         if sampler.stop_at_eos and eos_id is not None and _end_rows(canvas, P, hi, eos_id).all():
@@ -268,6 +279,18 @@ def _decode_block(
         if kv_cache is not None:
             kv_cache.crop(keep)
         run.commit(run.predictions(logits, first, lo, hi), canvas, lo, hi, quota, rows)
+        if run.finish_id is not None:
+            _pad_finished_rows(canvas[:, run.prompt_width : hi], run.finish_id, run.mask_id)
+
+
+def _pad_finished_rows(generated: torch.Tensor, eos_id: int, mask_id: int) -> None:
+    """In place: rows of `generated` [B, n] whose first EOS has no mask before it get EOS in their remaining masks.
+    Committed tokens never change, so everything before that EOS is already final text."""
+    is_eos = generated == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])
+    before = torch.arange(generated.shape[1], device=generated.device)[None, :] < first_eos[:, None]
+    finished = is_eos.any(1) & ~((generated == mask_id) & before).any(1)
+    generated[finished[:, None] & (generated == mask_id)] = eos_id
 
 
 def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_block) -> None:

@@ -1,5 +1,5 @@
 """What a benchmark run records besides its timings: the device's bf16 peak (for MFU), the code version, and the
-markdown table printed and saved beside the JSON (scripts/bench.py)."""
+markdown card printed and saved beside the JSON, and its plot of quality against speed (scripts/bench.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import subprocess
 from pathlib import Path
 
 import torch
-
-from model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,59 +46,132 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _training_lines(report: dict) -> list[str]:
-    settings, t = report["settings"], report["training"]
+    settings, t = report["training_settings"], report["training"]
     if not t:
-        return [""]
+        return []
     dtype = settings["dtype"] if report["device_type"] == "cuda" else "float32"
     lines = [
-        f"## Training (seq {settings['seq_len']}, batch {settings['train_batch']}, {dtype}, "
-        f"compile {report['compiled']})",
+        f"## Training ({report['training_model_parameters'] / 1e6:.1f}M parameters, seq {settings['seq_len']}, "
+        f"batch {settings['train_batch']}, {dtype}, compile {report['compiled']})",
         "",
         "| route | tokens/s | step ms | TFLOP/s | MFU | peak memory GiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for route in ("ar", "diffusion"):
         r = t[route]
-        memory = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         lines.append(
             f"| {route} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_seconds']:.1f} | {r['achieved_tflops']:.2f} | "
-            f"{_percent(r['mfu'])} | {memory} |"
+            f"{_percent(r['mfu'])} | {_num(r['peak_memory_gib'], '.2f')} |"
         )
     return lines + ["", f"diffusion / AR tokens/s: {t['diffusion_vs_ar']:.3f}", ""]
 
 
-def _decoding_lines(report: dict) -> list[str]:
-    settings = report["settings"]
-    lines = [
-        f"## Decoding (prompt {settings['prompt_len']}, block {settings['block_size']}, "
-        f"threshold {settings['threshold']}, greedy)",
-        "",
-        "| new tokens | batch | mode | tokens/s | NFE | tokens/forward | vs baseline | vs AR | agreement |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["decoding"]:
-        lines.append(
-            f"| {r['gen_length']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:,.1f} | {r['nfe']} | "
-            f"{r['tokens_per_forward']:.2f} | {r['speedup_vs_baseline']:.2f}x | {r['speed_vs_ar']:.2f}x | "
-            f"{_percent(r['agreement_with_baseline'])} |"
+def _goal_lines(goal: dict | None) -> list[str]:
+    if not goal:
+        return []
+    within = f"within {100 * goal['tolerance']:.0f} % of the LLaDA baseline's generative perplexity"
+    if goal["best_mode"] is None:
+        best = f"no diffusion mode stayed {within}"
+    else:
+        best = (
+            f"the fastest mode {within} is `{goal['best_mode']}` at **{goal['best_speed_vs_ar']:.2f}x AR** "
+            f"(perplexity {goal['best_perplexity_vs_baseline']:.3f}x the baseline's)"
         )
-    return lines
+    return [
+        f"## Goal: diffusion >= AR in content tokens/s, batch 1, {goal['gen_length']}-token continuations",
+        "",
+        f"**{'Met' if goal['met'] else 'Not met'}**: {best}. Fastest diffusion mode at any quality: "
+        f"`{goal['fastest_mode']}` at {goal['fastest_speed_vs_ar']:.2f}x AR (perplexity "
+        f"{_num(goal['fastest_perplexity_vs_baseline'], '.3f')}x the baseline's).",
+        "",
+    ]
+
+
+CARD_HEADER = [
+    "| batch | mode | vs AR | content tokens/s | content length | first token ms | forwards | tokens/forward | "
+    "gen. perplexity | vs baseline | unigram entropy | accuracy |",
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def _card_lines(card: dict) -> list[str]:
+    lines, seen = [], None
+    for r in card["rows"]:
+        if (r["workload"], r["gen_length"]) != seen:
+            seen = (r["workload"], r["gen_length"])
+            lines += ["", f"### {r['workload']}, up to {r['gen_length']} new tokens, {r['prompts']} prompts", ""]
+            lines += CARD_HEADER
+        lines.append(
+            f"| {r['batch']} | {r['mode']} | {_num(r['speed_vs_ar'], '.2f')}x | {r['content_tokens_per_s']:,.1f} | "
+            f"{r['mean_content_length']:.1f} | {1e3 * r['first_token_seconds']:.1f} | {r['forward_passes']:.1f} | "
+            f"{r['tokens_per_forward']:.2f} | {_num(r['generative_perplexity'], '.1f')} | "
+            f"{_num(r['perplexity_vs_baseline'], '.3f')} | {_num(r['unigram_entropy'], '.2f')} | "
+            f"{_percent(r['accuracy'])} |"
+        )
+    return lines + [""]
 
 
 def markdown(report: dict) -> str:
-    """The report as markdown: a header line, the training table, the decoding table, the notes."""
-    lines = [f"# nano-llada benchmark: {report['device']} ({report['date']})", ""]
+    """The report as markdown: what ran where, the goal (ratio first), one table per workload, training, notes."""
+    lines = [f"# nano-llada speed card: {report['device']} ({report['date']})", ""]
     if report["smoke_test"]:
-        lines += ["**Smoke test: tiny config, not a measurement of the default model.**", ""]
-    git = report["git"]
-    decoding_parameters = ModelConfig.from_dict(report["decoding_model_config"]).num_parameters()
+        lines += ["**Smoke run: random tiny models. It checks that the code runs; never quote it as a speed.**", ""]
+    git, card = report["git"], report["card"]
     lines += [
         f"torch {report['torch']}, commit {str(git['commit'])[:10]}{' (dirty)' if git['dirty'] else ''}, "
-        f"model preset `{report['settings']['preset']}` ({report['model_parameters'] / 1e6:.1f}M parameters), "
-        f"decoding with diffusion weights: {report['diffusion_weights']} ({decoding_parameters / 1e6:.1f}M parameters)",
+        f"{report['threads']} torch threads. Times are wall clock of one run; on a shared CPU read the ratios "
+        "(vs AR: measured in the same run, AR timed before and after the other modes) and the forward counts.",
         "",
     ]
-    lines += _training_lines(report) + _decoding_lines(report)
-    lines += [""] + [f"- {note}" for note in report["notes"]]
+    if card:
+        for key, names in card["models"].items():
+            lines.append(f"- {key} pair: AR `{names['ar']}`, diffusion `{names['diffusion']}`")
+        goal = [] if report["smoke_test"] else _goal_lines(card["goal"])  # a smoke run has no verdict to quote
+        lines += [""] + goal + ["## The card"] + _card_lines(card)
+    lines += _training_lines(report)
+    lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def plot_card(report: dict, png: Path) -> Path | None:
+    """Quality against content tokens/s, one panel per workload (perplexity for continuations, accuracy for the
+    classification answers), batch sizes as markers; None without matplotlib (a bare GPU machine) or a card."""
+    card = report["card"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not card:
+        return None
+    panels = sorted({(r["workload"], r["gen_length"]) for r in card["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (workload, length) in zip(axes[0], panels):
+        quality = "accuracy" if workload == "classification" else "generative_perplexity"
+        for batch, marker in zip(sorted({r["batch"] for r in card["rows"]}), "os^D"):
+            rows = [
+                r for r in card["rows"] if (r["workload"], r["gen_length"], r["batch"]) == (workload, length, batch)
+            ]
+            rows = [r for r in rows if r[quality] is not None]
+            ax.scatter([r["content_tokens_per_s"] for r in rows], [r[quality] for r in rows], marker=marker,
+                       label=f"batch {batch}")  # fmt: skip
+            for r in rows:
+                ax.annotate(r["mode"].replace("threshold_", "t"), (r["content_tokens_per_s"], r[quality]), fontsize=6)
+        ax.set(xscale="log", xlabel="content tokens/s", ylabel=quality.replace("_", " "), title=f"{workload} {length}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['device']}, {report['date']}" + (" (smoke run)" if report["smoke_test"] else ""))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

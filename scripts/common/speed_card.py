@@ -1,0 +1,299 @@
+"""The speed card of scripts/bench.py: diffusion decoding against AR decoding of a model of the same size, both
+trained, on held-out prompts, in tokens/s of content with the quality of that content beside it.
+
+A pair is an AR model and the diffusion model converted from it (same shape); an SFT pair answers the classification
+workload. Workloads: continuation of held-out pretraining texts (BOS + the first `prompt_tokens` tokens of each) at
+several answer lengths, and the review-sentiment questions of the SFT task (short answers), each at batch 1 (prompts
+one at a time) and at larger batches (left-padded together, as the evals batch them). Every mode decodes greedily and
+stops at EOS (AR after it, diffusion rows leave the batch once a finished block holds it), so a mode that writes EOS
+early is fast and says little: the content length and the quality columns show it.
+
+Timing: one wall clock around each batch's decode (CUDA synchronised), nothing else inside it. The AR rows of a group
+are timed twice, before and after the diffusion modes, and averaged; `ar_drift` (the second rate over the first) shows
+how much the machine's speed moved meanwhile. On a shared CPU quote the ratios and forward counts, not the times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from model.ar import ARSamplerConfig, generate, generate_batch
+from model.errors import NanoLladaError
+from model.padding import left_pad
+from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
+from scripts.common.device import autocast, synchronize
+from scripts.common.packing import chunks
+from scripts.common.sentiment import parse_sentiment
+from scripts.common.speed_quality import content_ids, generative_perplexity, mean_unigram_entropy
+
+AR_MODE, BASELINE_MODE = "ar_kv_cache", "llada_baseline"
+
+
+@dataclass
+class CardSettings:
+    continuation_lengths: tuple[int, ...] = (32, 128, 256)
+    classification_length: int = 8  # a label is two tokens; 8 leave room, as eval_sft_accuracy does
+    batches: tuple[int, ...] = (1, 16)
+    prompts: int = 16  # per workload; batch 1 decodes them one at a time
+    prompt_tokens: int = 16
+    block_size: int = 32  # semi-autoregressive blocks where they tile the answer, else one block
+    thresholds: tuple[float, ...] = (0.9, 0.7, 0.5)
+    lookahead_blocks: int = 1  # the smaller-canvas lever: masked blocks seen past the current one
+    goal_length: int = 128  # the goal: diffusion >= AR in content tokens/s at batch 1 for answers this long,
+    goal_tolerance: float = 0.10  # at a generative perplexity within this fraction of the LLaDA baseline's
+    dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
+
+
+TINY_CARD = CardSettings(
+    continuation_lengths=(16,), classification_length=8, batches=(1, 2), prompts=2, prompt_tokens=8, block_size=8,
+    thresholds=(0.9,), goal_length=16,
+)  # fmt: skip
+
+
+@dataclass
+class Pair:
+    """An AR model and the diffusion model of the same shape it is compared with; `trained_block`: the block size a
+    block-trained diffusion checkpoint decodes block-causally with (None: bidirectional)."""
+
+    ar: torch.nn.Module
+    diffusion: torch.nn.Module
+    names: dict
+    trained_block: int | None = None
+
+
+@dataclass
+class Workload:
+    name: str  # continuation | classification
+    gen_length: int
+    prompts: list[list[int]]
+    labels: list[str] | None = None  # classification: the gold label of each prompt
+
+
+@dataclass
+class Run:
+    outputs: list[list[int]] = field(default_factory=list)  # content ids per prompt
+    seconds: float = 0.0  # wall time of every batch
+    first_seconds: float = 0.0  # summed over batches: first token (AR) or first final block (diffusion)
+    forward_passes: int = 0  # over every batch; one forward runs a whole batch
+    batches: int = 0
+
+    def add(self, outputs: list[list[int]], seconds: float, first: float, forwards: int) -> None:
+        self.outputs += outputs
+        self.seconds, self.first_seconds = self.seconds + seconds, self.first_seconds + first
+        self.forward_passes, self.batches = self.forward_passes + forwards, self.batches + 1
+
+
+def continuation_prompts(path: str | Path, tokenizer, count: int, prompt_tokens: int) -> list[list[int]]:
+    """BOS + the first `prompt_tokens` tokens of the first `count` held-out texts at least twice that long."""
+    if not Path(path).exists():
+        raise NanoLladaError(f"{path} not found: build the offline sample with `python -m scripts.data.sample`")
+    prompts = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        ids = encode(tokenizer, json.loads(line)["text"]) if line.strip() else []
+        if len(ids) >= 2 * prompt_tokens:
+            prompts.append([BOS_ID, *ids[:prompt_tokens]])
+        if len(prompts) == count:
+            return prompts
+    raise NanoLladaError(f"{path}: fewer than {count} texts of {2 * prompt_tokens}+ tokens; pass fewer --prompts")
+
+
+def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) -> dict:
+    """Mode name -> diffusion sampler (None: AR with its KV cache).
+
+    `llada_baseline`: one token per step. `threshold_T`: Fast-dLLM's parallel decoding at each threshold, and at the
+    first one with its prefix and dual caches. `fast_T`: every lever together at each threshold: the dual cache, a
+    canvas cut `lookahead_blocks` past the current block, and rows that finish inside a block at their EOS. A
+    block-trained model decodes block-causally (exact cache): baseline and thresholds, with and without the finish.
+    """
+    block = s.block_size if gen_length % s.block_size == 0 else gen_length
+    base = DiffusionSamplerConfig(gen_length=gen_length, steps=gen_length, block_size=block)
+    if trained_block:
+        base = replace(base, block_causal=True, block_size=trained_block)
+    modes = {AR_MODE: None, BASELINE_MODE: base}
+    for t in s.thresholds:
+        modes[f"threshold_{t:g}"] = replace(base, threshold=t)
+    if not trained_block:
+        for cache in ("prefix", "dual"):
+            modes[f"threshold_{s.thresholds[0]:g}_{cache}_cache"] = replace(
+                base, threshold=s.thresholds[0], cache=cache
+            )
+    for t in s.thresholds:
+        fast = replace(base, threshold=t, finish_at_eos=True)
+        if not trained_block:
+            fast = replace(fast, cache="dual", lookahead_blocks=s.lookahead_blocks)
+        modes[f"fast_{t:g}"] = fast
+    return modes
+
+
+class _ForwardCounter:
+    """Counts a model's forward passes and when the first one ended (an AR model's time to first token)."""
+
+    def __init__(self, model, device, start: float):
+        self.calls, self.first, self.device, self.start = 0, None, device, start
+        self.hook = model.register_forward_hook(self._seen)
+
+    def _seen(self, *_) -> None:
+        self.calls += 1
+        if self.first is None:
+            synchronize(self.device)
+            self.first = time.perf_counter() - self.start
+
+
+def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device, dtype: str, mask_id: int) -> Run:
+    greedy, run = ARSamplerConfig(banned_ids=(mask_id,)), Run()
+    for chunk in chunks(prompts, batch):
+        synchronize(device)
+        start = time.perf_counter()
+        counter = _ForwardCounter(model, device, start)
+        try:
+            with autocast(device, dtype):
+                if len(chunk) == 1:
+                    rows = [list(generate(model, chunk[0], gen_length, greedy, EOS_ID))]
+                else:
+                    rows = generate_batch(model, chunk, gen_length, greedy, EOS_ID, pad_id=PAD_ID)
+            synchronize(device)
+        finally:
+            counter.hook.remove()
+        seconds = time.perf_counter() - start
+        run.add([content_ids(r, EOS_ID) for r in rows], seconds, counter.first or seconds, counter.calls)
+    return run
+
+
+def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, device, dtype: str, mask_id) -> Run:
+    run = Run()
+    for chunk in chunks(prompts, batch):
+        ids, lengths = left_pad(chunk, PAD_ID, device)
+        marks = []
+
+        def first_block(k, tokens) -> None:
+            if not marks:
+                synchronize(device)
+                marks.append(time.perf_counter())
+
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            out = diffusion_generate(model, ids, sampler, mask_id, EOS_ID, on_block=first_block, prompt_lengths=lengths)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        rows = out.tokens.tolist()
+        run.add([content_ids(r, EOS_ID) for r in rows], seconds, marks[0] - start if marks else seconds, out.nfe)
+    return run
+
+
+def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, tokenizer) -> dict:
+    """One line of the card: speed figures of `run`, and quality figures of the text it decoded."""
+    rows, content = len(run.outputs), sum(map(len, run.outputs))
+    row = {
+        "workload": workload.name,
+        "gen_length": workload.gen_length,
+        "batch": batch,
+        "mode": mode,
+        "prompts": rows,
+        "content_tokens": content,
+        "mean_content_length": content / rows,
+        "seconds": run.seconds,
+        "content_tokens_per_s": content / run.seconds,
+        "first_token_seconds": run.first_seconds / run.batches,  # diffusion: its first final block
+        "forward_passes": run.forward_passes / run.batches,  # per batch
+        "tokens_per_forward": content / rows / (run.forward_passes / run.batches),  # per row
+        "generative_perplexity": generative_perplexity(ar_model, workload.prompts, run.outputs),
+        "unigram_entropy": mean_unigram_entropy(run.outputs),
+        "accuracy": None,
+        "unparseable": None,
+    }
+    if workload.labels is not None:
+        said = [parse_sentiment(decode(tokenizer, ids)) for ids in run.outputs]
+        row["accuracy"] = sum(s == gold for s, gold in zip(said, workload.labels)) / rows
+        row["unparseable"] = sum(s is None for s in said)
+    return row
+
+
+def _mean_of(first: Run, second: Run) -> tuple[Run, float]:
+    """The AR run timed before and after the other modes: averaged times, and the drift of the rate between them."""
+    both = replace(first, seconds=(first.seconds + second.seconds) / 2)
+    both.first_seconds = (first.first_seconds + second.first_seconds) / 2
+    return both, first.seconds / second.seconds
+
+
+def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, tokenizer, mask_id: int, log) -> list:
+    """Every mode at every batch size on one workload, with the ratios to AR and to the LLaDA baseline."""
+    rows = []
+    for batch in s.batches:
+        modes = decoding_modes(workload.gen_length, s, pair.trained_block)
+        if pair.trained_block and batch > 1 and len(set(map(len, workload.prompts))) > 1:
+            log(f"  {workload.name} batch {batch}: block-causal decoding batches equal prompt lengths only; skipped")
+            continue
+        ar_args = (workload.prompts, workload.gen_length, batch, device, s.dtype, mask_id)
+        before = ar_run(pair.ar, *ar_args)
+        runs = {}
+        for name, sampler in modes.items():
+            if sampler is not None:
+                runs[name] = diffusion_run(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
+        runs[AR_MODE], drift = _mean_of(before, ar_run(pair.ar, *ar_args))
+        group = [card_row(workload, batch, name, runs[name], pair.ar, tokenizer) for name in modes]
+        ar_rate = group[0]["content_tokens_per_s"]
+        baseline_ppl = group[1]["generative_perplexity"]
+        for row in group:
+            row["speed_vs_ar"] = row["content_tokens_per_s"] / ar_rate if ar_rate else None
+            ppl = row["generative_perplexity"]
+            row["perplexity_vs_baseline"] = ppl / baseline_ppl if ppl and baseline_ppl else None
+            row["ar_drift"] = drift
+            log(
+                f"  {workload.name} {workload.gen_length} batch {batch} {row['mode']}: "
+                f"{row['content_tokens_per_s']:,.1f} content tokens/s ({row['speed_vs_ar']:.2f}x AR), "
+                f"{row['forward_passes']:.1f} forwards, perplexity {row['generative_perplexity']}"
+            )
+        rows += group
+    return rows
+
+
+def warm_up(pair: Pair, device, mask_id: int) -> None:
+    """One short untimed decode per model, so first-call allocations are not charged to the first mode timed."""
+    prompt = [[BOS_ID, 3, 4, 5]]
+    ar_run(pair.ar, prompt, 4, 1, device, "float32", mask_id)
+    diffusion_run(pair.diffusion, prompt, DiffusionSamplerConfig(gen_length=4, steps=4), 1, device, "float32", mask_id)
+
+
+def goal_verdict(rows: list[dict], s: CardSettings) -> dict | None:
+    """The issue's goal on the continuation workload at batch 1 and `goal_length`: the fastest diffusion mode whose
+    generative perplexity is within `goal_tolerance` of the LLaDA baseline's, and whether it reaches AR's rate."""
+    group = [
+        r for r in rows if r["workload"] == "continuation" and r["batch"] == 1 and r["gen_length"] == s.goal_length
+    ]
+    diffusion = [r for r in group if r["mode"] != AR_MODE]
+    if not diffusion:
+        return None
+    within = [
+        r for r in diffusion if r["perplexity_vs_baseline"] and abs(r["perplexity_vs_baseline"] - 1) <= s.goal_tolerance
+    ]
+    best = max(within, key=lambda r: r["content_tokens_per_s"], default=None)
+    fastest = max(diffusion, key=lambda r: r["content_tokens_per_s"])
+    return {
+        "gen_length": s.goal_length,
+        "tolerance": s.goal_tolerance,
+        "met": bool(best and best["speed_vs_ar"] >= 1),
+        "best_mode": best and best["mode"],
+        "best_speed_vs_ar": best and best["speed_vs_ar"],
+        "best_perplexity_vs_baseline": best and best["perplexity_vs_baseline"],
+        "fastest_mode": fastest["mode"],
+        "fastest_speed_vs_ar": fastest["speed_vs_ar"],
+        "fastest_perplexity_vs_baseline": fastest["perplexity_vs_baseline"],
+    }
+
+
+def measure_card(pairs: dict[str, tuple[Pair, list[Workload]]], s: CardSettings, device, tokenizer, mask_id, log):
+    """{"rows": every card row, "goal": goal_verdict}: each pair ("base", "sft") decodes its workloads."""
+    rows = []
+    for pair, workloads in pairs.values():
+        warm_up(pair, device, mask_id)
+        for workload in workloads:
+            log(f"{workload.name}, {workload.gen_length} new tokens, {len(workload.prompts)} prompts ...")
+            rows += measure_workload(pair, workload, s, device, tokenizer, mask_id, log)
+    return {"rows": rows, "goal": goal_verdict(rows, s)}

@@ -1,0 +1,62 @@
+"""What the speed card (scripts/common/speed_card.py) says about the text a decoder wrote, next to how fast it wrote it.
+
+Every figure here is computed on the decoded output ids, never on a reference answer:
+- content: the ids before the first EOS (a diffusion canvas after its EOS is padding, and so is anything after an AR
+  model's EOS), the only tokens a speed figure may count;
+- generative perplexity: exp of the mean negative log-likelihood per content token under the AR model of the pair,
+  each output scored after its own prompt (the AR model's own NLL of the sequence, no other estimate);
+- unigram entropy: the entropy of each output's token histogram (nats), averaged over outputs: repetition loops
+  ("的的的...") drive it towards 0 while keeping perplexity low, so the two are read together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from model.likelihood import ar_nll_rows
+
+
+def content_ids(ids: list[int], eos_id: int) -> list[int]:
+    """The generated ids before the first EOS: what a reader gets, and all that content tokens/s counts."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else list(ids)
+
+
+@torch.no_grad()
+def generative_nll(ar_model, prompts: list[list[int]], outputs: list[list[int]]) -> tuple[float, int]:
+    """(total NLL in nats, tokens scored) of every output after its prompt under `ar_model`: exact next-token
+    log-likelihoods, one forward pass per (prompt, output) pair. Empty outputs add nothing."""
+    device = next(ar_model.parameters()).device
+    total, count = 0.0, 0
+    for prompt, output in zip(prompts, outputs):
+        if not output:
+            continue
+        ids = torch.tensor([prompt + output], device=device)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        scored[0, len(prompt) :] = True
+        total += float(ar_nll_rows(ar_model, ids, scored)[0])
+        count += len(output)
+    return total, count
+
+
+def generative_perplexity(ar_model, prompts: list[list[int]], outputs: list[list[int]]) -> float | None:
+    """exp(NLL per token) of the outputs under the AR model, pooled over tokens; None when nothing was written."""
+    total, count = generative_nll(ar_model, prompts, outputs)
+    return math.exp(total / count) if count else None
+
+
+def unigram_entropy(ids: list[int]) -> float:
+    """Entropy in nats of the token histogram of one output (0 for an output of one repeated token, or empty)."""
+    if not ids:
+        return 0.0
+    counts = torch.tensor(list(Counter(ids).values()), dtype=torch.float64)
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def mean_unigram_entropy(outputs: list[list[int]]) -> float | None:
+    """unigram_entropy averaged over the non-empty outputs; None when every output is empty."""
+    written = [ids for ids in outputs if ids]
+    return sum(map(unigram_entropy, written)) / len(written) if written else None
