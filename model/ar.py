@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from model.cross_entropy import fp32_cross_entropy
 from model.errors import NanoLladaError, check_setting
 from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
@@ -17,7 +17,7 @@ def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None 
     """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored)."""
     logits = model(input_ids, attention="causal")
     targets = (input_ids if labels is None else labels)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return fp32_cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), IGNORE_INDEX, reduction="mean")
 
 
 def sample_next(

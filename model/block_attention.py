@@ -7,11 +7,15 @@ Blocks start at position 0 of the row (a prompt included), in training and at in
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from model.errors import NanoLladaError
-from model.logit_shift import is_shifted, read_shifted
+from model.logit_shift import is_shifted
 from model.tokenizer import PAD_ID
+from model.transformer import BlockMask, block_mask_from_dense, flex_attention_kernel, tracing
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
@@ -24,9 +28,18 @@ def bd3lm_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Te
 
     noisy -> noisy: same block; noisy -> clean: strictly earlier block; clean -> clean: same or earlier block;
     clean -> noisy: never. Every query sees at least itself.
+
+    One shared tensor per (L, block size, device), never to be edited in place: the transformer builds the
+    FlexAttention block mask of each once (model.transformer.block_mask_from_dense).
     """
     if seq_len % block_size:
         raise NanoLladaError(f"block size {block_size} does not divide the sequence length {seq_len}")
+    if tracing():  # a traced graph builds it on the device; no Python cache inside it
+        return _bd3lm_mask(seq_len, block_size, device)
+    return _shared_bd3lm_mask(seq_len, block_size, device)
+
+
+def _bd3lm_mask(seq_len: int, block_size: int, device) -> torch.Tensor:
     b = block_ids(seq_len, block_size, device).repeat(2)
     clean = torch.arange(2 * seq_len, device=device) >= seq_len
     q_b, k_b = b[:, None], b[None, :]
@@ -35,6 +48,9 @@ def bd3lm_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Te
     noisy_clean = ~q_clean & k_clean & (k_b < q_b)
     clean_clean = q_clean & k_clean & (k_b <= q_b)
     return noisy_noisy | noisy_clean | clean_clean
+
+
+_shared_bd3lm_mask = functools.lru_cache(maxsize=32)(_bd3lm_mask)
 
 
 def block_causal_mask(block_of: torch.Tensor) -> torch.Tensor:
@@ -76,8 +92,59 @@ def bdlm_forward(
         attention = bd3lm_attention_mask(L, block_size, clean.device)
     else:
         attention = bd3lm_document_mask(document_ids_with_pad(clean, doc_ids), block_size)
-    logits = model(torch.cat([noisy, clean], dim=1), attention=attention, positions=positions)
-    if not is_shifted(model):
-        return logits[:, :L]
-    starts_block = (torch.arange(L, device=clean.device) % block_size == 0)[None, :, None]
-    return torch.where(starts_block, read_shifted(logits[:, L:]), read_shifted(logits[:, :L]))
+    # Only the outputs read below reach the final norm and head (the rest of the 2L would be computed and dropped).
+    return model(
+        torch.cat([noisy, clean], dim=1),
+        attention=attention,
+        positions=positions,
+        logits_at=read_at(L, block_size, is_shifted(model), clean.device),
+    )
+
+
+def read_at(seq_len: int, block_size: int, shifted: bool, device=None) -> torch.Tensor | slice:
+    """Where bdlm_forward reads the prediction of each position 0..L-1 in the 2L outputs: the noisy half in place,
+    or, shifted, position j - 1: noisy inside a block, clean (index L + j - 1) at a block's first position. Position
+    0 (never predicted) reads clean position 0 as its placeholder, as model.logit_shift.read_shifted does."""
+    if not shifted:
+        return slice(0, seq_len)
+    j = torch.arange(seq_len, device=device)
+    return (j - 1).clamp(min=0) + seq_len * (j % block_size == 0)
+
+
+def flex_probe(model, device: torch.device) -> None:
+    """One eager forward and backward of FlexAttention with the model's head shape on a tiny bf16 block-diffusion
+    mask: raises what the first training step would, before anything is compiled around it."""
+    config, L = model.config, 128  # one FlexAttention tile per half
+    shape = (1, config.num_attention_heads, 2 * L, config.head_dim)
+    kv_shape = (1, config.num_key_value_heads, 2 * L, config.head_dim)
+    q, k, v = (
+        torch.randn(s, device=device, dtype=torch.bfloat16, requires_grad=True) for s in (shape, kv_shape, kv_shape)
+    )
+    block_mask = block_mask_from_dense(bd3lm_attention_mask(L, 32, device), 2 * L, 2 * L)
+    out = flex_attention_kernel(
+        q, k, v, block_mask, enable_gqa=config.num_key_value_heads != config.num_attention_heads
+    )
+    out.float().square().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here, not in the first step
+
+
+def choose_flex(model, device: torch.device, probe: Callable = flex_probe, say: Callable[[str], None] = print) -> bool:
+    """Whether explicit training masks (document, block diffusion) run FlexAttention: decided once, before compiling,
+    by `probe` (model, device), and said in one line; a failed probe leaves them on SDPA for the run. Models that
+    train on SDPA anyway (the CPU, unless flex_on_cpu) are left alone. Out-of-memory is an answer, not a failure."""
+    if BlockMask is None or not getattr(model, "flex_attention", False):
+        return False
+    if device.type != "cuda" and not model.flex_on_cpu:
+        return False
+    try:
+        probe(model, device)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # the probe's own tensors only: nothing of the run is lost
+        model.flex_attention = False
+        first_line = (str(err).splitlines() or [""])[0][:120]
+        say(f"attention: SDPA for explicit masks (FlexAttention failed its probe: {type(err).__name__}: {first_line})")
+        return False
+    say("attention: FlexAttention for explicit masks (its forward and backward probe passed)")
+    return True

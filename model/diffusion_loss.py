@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad
+from model.cross_entropy import fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
 from model.masking import (
@@ -108,7 +109,7 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     data-dependent shape, which syncs the GPU with the host and breaks torch.compile graphs.
     """
     ignored = targets.masked_fill(~masked, IGNORE_INDEX)
-    nll = F.cross_entropy(logits.float().flatten(0, -2), ignored.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = fp32_cross_entropy(logits.flatten(0, -2), ignored.flatten(), IGNORE_INDEX)  # chunked on CUDA
     return nll.view(targets.shape)
 
 

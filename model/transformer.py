@@ -13,12 +13,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from model.config import ModelConfig
 from model.errors import NanoLladaError
 
 try:  # FlexAttention: dense masks (document, block diffusion) run block-sparse on CUDA instead of as an SDPA bias
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    # Its fused kernel exists only compiled. Wrapped once here (compilation itself waits for the first call), so an
+    # eager caller never rebinds a global from inside a traced model. Shapes become dynamic after a recompile.
+    _compiled_flex = torch.compile(flex_attention)
 except ImportError:  # older torch: SDPA with the boolean mask everywhere
     BlockMask = None
 
@@ -77,26 +82,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-_compiled_flex = None
+def flex_attention_kernel(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention: inside a compiled model the plain function, which the model's graph traces into its kernel;
+    called eagerly on CUDA, the version compiled at import; eager on the CPU (forward only: tests and the probe)."""
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
-def _flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
-    """FlexAttention, compiled on CUDA (its fast path); eager elsewhere (only tests use it there)."""
-    global _compiled_flex
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)  # shapes become dynamic after a recompile: no cache blow-up
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+def tracing() -> bool:
+    """Whether tensors here are being traced (torch.compile, fake tensors) rather than computed: a Python-side
+    cache must neither keep nor hand out such tensors."""
+    return torch.compiler.is_compiling() or detect_fake_mode() is not None
+
+
+# Block masks of shared (document-free) masks, by the dense mask they were built from: model.block_attention hands
+# out one dense tensor per (length, block size), so each is built once instead of every step. An entry holds its
+# mask, so no other tensor can take its id while it is cached; the version counter catches in-place edits.
+_SHARED_BLOCK_MASKS: dict[int, tuple[torch.Tensor, int, object]] = {}
+_SHARED_BLOCK_MASKS_KEPT = 16
 
 
 def block_mask_from_dense(mask: torch.Tensor, T: int, S: int):
     """A FlexAttention BlockMask equal to a boolean mask broadcastable to [B, 1, T, S] (True = may attend)."""
     dense = mask.reshape(-1, T, S) if mask.dim() == 4 else mask.reshape(1, T, S)
-    if dense.shape[0] == 1:
-        single = dense[0]
+    if dense.shape[0] > 1:  # per-row (document) masks change with every batch: nothing to reuse
+        return create_block_mask(lambda b, h, q, k: dense[b, q, k], dense.shape[0], None, T, S, device=mask.device)
+    single = dense[0]
+    if tracing():  # traced into the graph, which runs it on the device each step
         return create_block_mask(lambda b, h, q, k: single[q, k], None, None, T, S, device=mask.device)
-    return create_block_mask(lambda b, h, q, k: dense[b, q, k], dense.shape[0], None, T, S, device=mask.device)
+    cached = _SHARED_BLOCK_MASKS.get(id(mask))
+    if cached is not None and cached[0] is mask and cached[1] == mask._version:
+        return cached[2]
+    block_mask = create_block_mask(lambda b, h, q, k: single[q, k], None, None, T, S, device=mask.device)
+    if len(_SHARED_BLOCK_MASKS) >= _SHARED_BLOCK_MASKS_KEPT:
+        _SHARED_BLOCK_MASKS.pop(next(iter(_SHARED_BLOCK_MASKS)))
+    _SHARED_BLOCK_MASKS[id(mask)] = (mask, mask._version, block_mask)
+    return block_mask
 
 
 class KVCache:
@@ -152,8 +174,14 @@ class SelfAttention(nn.Module):
             k, v = kv_cache.append(layer, k, v)
         # enable_gqa: query head h reads key/value head h // (heads / kv_heads), MiniMind2's grouping.
         if BlockMask is not None and isinstance(mask, BlockMask):
-            y = _flex_attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            y = flex_attention_kernel(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        grouped = self.num_kv_heads != self.num_heads
+        if grouped and mask is not None:
+            # No fused SDPA kernel takes a mask with fewer key/value heads (flash takes no mask, memory-efficient no
+            # grouping), so the math kernel would run with fp32 scores. Expanded heads let memory-efficient apply.
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -161,7 +189,7 @@ class SelfAttention(nn.Module):
             attn_mask=mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            enable_gqa=grouped and mask is None,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -210,7 +238,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Explicit masks (document / block diffusion) use FlexAttention when training on CUDA; SDPA otherwise
-        # (_use_flex).
+        # (_use_flex). flex_attention is cleared before training where FlexAttention fails its probe.
         self.flex_attention, self.flex_on_cpu = True, False
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -235,11 +263,13 @@ class Transformer(nn.Module):
         attention: Attention = "causal",
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for input_ids [B, T].
 
         With a kv_cache the T tokens continue the cached positions and are appended to the cache.
         `positions` overrides the position of each token (e.g. the clean half of a block-diffusion input).
+        `logits_at` (indices or a slice along T) computes the final norm and head only there: [B, len, V].
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -256,20 +286,14 @@ class Transformer(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask, is_causal = self._attention_mask(attention, T, past, input_ids.device)
         embedded = self.model.dropout(self.model.embed_tokens(input_ids))
-        x = None
+        # The kernel was chosen before training (model.block_attention.choose_flex): a failure here is a real error.
         if mask is not None and self._use_flex(mask):
-            try:
-                x = self._layers(embedded, cos, sin, block_mask_from_dense(mask, T, past + T), False, kv_cache)
-            except Exception as err:  # never lose a run to the faster kernel: fall back to the SDPA mask
-                print(
-                    f"note: FlexAttention failed ({err.__class__.__name__}: {str(err).splitlines()[0][:120]}); "
-                    "using SDPA masks"
-                )
-                self.flex_attention = False
-        if x is None:
-            x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
+            mask = block_mask_from_dense(mask, T, past + T)
+        x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
+        if logits_at is not None:
+            x = x[:, logits_at]
         logits = self.lm_head(self.model.norm(x))
         return (
             logits[..., : self.config.vocab_size] if self.config.padded_vocab_size != self.config.vocab_size else logits

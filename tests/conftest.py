@@ -75,6 +75,7 @@ class UniformModel(torch.nn.Module):
         self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(()))
         self.inputs: list[torch.Tensor] = []  # every input it was called on
 
-    def forward(self, ids, attention="bidirectional", **_):
+    def forward(self, ids, attention="bidirectional", logits_at=None, **_):
         self.inputs.append(ids.clone())
-        return torch.zeros(*ids.shape, self.vocab) + self.anchor
+        logits = torch.zeros(*ids.shape, self.vocab) + self.anchor
+        return logits if logits_at is None else logits[:, logits_at]

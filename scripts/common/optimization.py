@@ -35,7 +35,16 @@ class TrainConfig:
     early_stop_min_delta: float = 0.0
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs fp32
     compile: bool = False
+    # torch.compile backend. CUDA compiles with any; the CPU only with a backend other than inductor (tests compile
+    # there with eager / aot_eager), since inductor's CPU code does not pay for the models trained on a CPU.
+    compile_backend: str = "inductor"
     seed: int = 42
+
+    def compile_backend_on(self, device: torch.device) -> str | None:
+        """The backend the training model is compiled with on `device`, or None: eager."""
+        if not self.compile or (device.type != "cuda" and self.compile_backend == "inductor"):
+            return None
+        return self.compile_backend
 
     def validate(self) -> None:
         for name in ("learning_rate", "lr_stable_ratio", "min_lr_ratio", "weight_decay", "grad_clip"):

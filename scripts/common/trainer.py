@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from model.block_attention import choose_flex
 from model.errors import NanoLladaError
 from scripts.common import distributed
 from scripts.common.cli import Interrupted, interrupted_before_training
-from scripts.common.device import autocast
+from scripts.common.device import autocast, compiled, eager_on_compile_failure
 from scripts.common.optimization import TrainConfig, lr_at, make_optimizer
 from scripts.common.plots import plot_loss
 from scripts.common.prefetch import Prefetcher, to_device, tokens_in
@@ -78,13 +79,27 @@ class Models:
     train: torch.nn.Module  # compiled (with --compile on CUDA) and wrapped in DDP under torchrun
     eval: torch.nn.Module  # compiled only: without DDP, ranks may score different numbers of batches
     ddp: torch.nn.parallel.DistributedDataParallel | None
+    compiled: bool = False
+    proven: set = field(default_factory=set)  # uses ("train", "eval") whose first compiled call went through
 
     @classmethod
-    def wrap(cls, model: torch.nn.Module, compile_model: bool, device: torch.device, env: distributed.Dist) -> Models:
-        eval_model = torch.compile(model) if compile_model else model
+    def wrap(cls, model: torch.nn.Module, backend: str | None, device: torch.device, env: distributed.Dist) -> Models:
+        eval_model = compiled(model, backend) if backend else model
         ddp = distributed.wrap(model, device) if env.enabled else None
-        train_model = eval_model if ddp is None else (torch.compile(ddp) if compile_model else ddp)
-        return cls(model, train_model, eval_model, ddp)
+        train_model = eval_model if ddp is None else (compiled(ddp, backend) if backend else ddp)
+        return cls(model, train_model, eval_model, ddp, compiled=backend is not None)
+
+    def first_call(self, use: str, fn: Callable, say: Callable[[str], None]):
+        """fn() (it calls self.train or self.eval); the first call of each use falls back to eager if compiling
+        fails."""
+        if not self.compiled or use in self.proven:
+            return fn()
+        result = eager_on_compile_failure(fn, self.drop_compile, say)
+        self.proven.add(use)
+        return result
+
+    def drop_compile(self) -> None:
+        self.train, self.eval, self.compiled = self.plain if self.ddp is None else self.ddp, self.plain, False
 
 
 @dataclass
@@ -145,8 +160,10 @@ def _start(model, cfg: TrainConfig, task: Task, options: RunOptions, device, env
     if env.is_main:
         files.metrics.parent.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(files.metrics, state.step)
+    if cfg.kind == "diffusion":  # AR training attends causally, without explicit masks: no kernel to choose
+        choose_flex(model, device, say=print if env.is_main else lambda _: None)  # before anything is compiled
     # DDP is built after the checks above (its construction is a collective), so no rank trains while another raised.
-    models = Models.wrap(model, cfg.compile and device.type == "cuda", device, env)
+    models = Models.wrap(model, cfg.compile_backend_on(device), device, env)
     meta = {"train_config": asdict(cfg), **options.meta}
     writer = CheckpointWriter(files, cfg.kind, model, options.tokenizer_identity, meta, device)
     bar = tqdm(
@@ -221,15 +238,24 @@ def _forward_backward(run: Run, batches: Prefetcher) -> tuple[torch.Tensor, dict
         # DDP all-reduces gradients in backward; only the last micro-step of an accumulation needs that.
         sync = run.models.ddp is None or micro == cfg.accumulation_steps - 1
         with contextlib.nullcontext() if sync else run.models.ddp.no_sync():
-            with autocast(run.device, cfg.dtype):
-                rng = _train_rng(run, k)
-                loss, info = _split(run.task.loss_fn(run.models.train, to_device(batch, run.device), rng, step))
-                loss = loss / cfg.accumulation_steps
-                if weight != 1.0:
-                    loss = loss * weight
-            loss.backward()
+            loss, info = run.models.first_call("train", lambda: _micro_step(run, batch, k, weight), run.say)
         step_loss += loss.detach()
     return step_loss, info
+
+
+def _micro_step(run: Run, batch, k: int, weight: float) -> tuple[torch.Tensor, dict]:
+    """Loss and backward of micro-batch k (on this rank's share); run again from scratch after a compile failure."""
+    cfg = run.cfg
+    if k % cfg.accumulation_steps == 0:  # a retried first micro-step starts without gradients, like the first try
+        run.optimizer.zero_grad(set_to_none=True)
+    with autocast(run.device, cfg.dtype):
+        rng = _train_rng(run, k)
+        loss, info = _split(run.task.loss_fn(run.models.train, to_device(batch, run.device), rng, run.state.step))
+        loss = loss / cfg.accumulation_steps
+        if weight != 1.0:
+            loss = loss * weight
+    loss.backward()
+    return loss, info
 
 
 def _optimizer_step(run: Run) -> None:
@@ -262,6 +288,11 @@ def _log_losses(run: Run, reduce: bool = True) -> None:
 def _evaluate(run: Run) -> float:
     """Mean validation loss over the fixed batches; with N ranks, rank r scores batches r, r+N, ... with the
     same seeds as one process would, and the per-batch losses are summed over ranks: the same number."""
+    return distributed.all_reduce_(run.models.first_call("eval", lambda: _val_losses(run), run.say)).mean().item()
+
+
+def _val_losses(run: Run) -> torch.Tensor:
+    """This rank's validation losses (zeros at the other ranks' batches)."""
     val_batches, device, env = run.task.val_batches, run.device, run.env
     run.models.eval.eval()
     losses = torch.zeros(len(val_batches), device=device)
@@ -270,7 +301,7 @@ def _evaluate(run: Run) -> float:
             rng = _rng(device, run.cfg.seed, -1, i)
             losses[i] = run.task.val_loss_fn(run.models.eval, to_device(val_batches[i], device), rng).float()
     run.models.eval.train()
-    return distributed.all_reduce_(losses).mean().item()
+    return losses
 
 
 def _record_eval(run: Run, val: float) -> bool:
