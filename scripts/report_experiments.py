@@ -59,8 +59,11 @@ SFT_VARIANTS = {
 # DPO (report 7.5): run name -> (entry point, the SFT run it starts from and is judged against), with its flags.
 DPO_RUNS = {
     "ar_dpo": ("scripts.train.train_dpo_minimind", "ar_sft", []),
-    "diffusion_dpo": ("scripts.train.train_dpo_diffusion", f"sft_{DEFAULT_CONVERSION}", cli(elbo_samples=4)),
+    "diffusion_dpo": ("scripts.train.train_dpo_diffusion", f"sft_{DEFAULT_CONVERSION}", cli(elbo_samples=2)),
 }
+DPO_TRAINING = dict(
+    max_seq_len=256, batch_size=8, learning_rate="5e-4", warmup_steps=10, eval_interval=25, eval_batches=4
+)
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
 
 
@@ -73,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dpo-steps", type=int, default=100)
+    p.add_argument(
+        "--dpo-starts",
+        nargs=2,
+        metavar=("AR", "DIFFUSION"),
+        default=None,
+        help="SFT checkpoints DPO starts from (default: those of --part conversion in --out-dir)",
+    )
     p.add_argument("--part", choices=["all", "conversion", "dpo"], default="all")
     p.add_argument("--jobs", type=int, default=1, help="independent stages run this many at a time, one thread each")
     return p.parse_args(argv)
@@ -250,34 +260,37 @@ class Experiment:
         ]
         self.run_many(stages)
 
+    def dpo_start(self, run: str) -> str:
+        """The SFT checkpoint DPO run `run` starts from: --dpo-starts, or its SFT run's in --out-dir."""
+        if self.args.dpo_starts:
+            return self.args.dpo_starts[list(DPO_RUNS).index(run)]
+        return self.sft_weights(DPO_RUNS[run][1])
+
     def dpo(self) -> None:
         """DPO of each SFT model of DPO_RUNS (checkpoints in --out-dir); held-out accuracy of both, by decoding and by
         likelihood; the spread of the diffusion preference score with and without each VRPO lever."""
         a = self.args
         # fmt: off
         flags = cli(data=self.data / "sample_dpo_train.jsonl", eval_data=self.data / "sample_dpo_val.jsonl",
-                    tokenizer_dir=".", save_dir=self.out, max_seq_len=256, batch_size=8, max_steps=a.dpo_steps,
-                    learning_rate="1e-4", warmup_steps=10, eval_interval=25, eval_batches=4, device=a.device)
+                    tokenizer_dir=".", save_dir=self.out, max_steps=a.dpo_steps, device=a.device, **DPO_TRAINING)
         # fmt: on
         stages, checks = [], []
         for run, (module, start, extra) in DPO_RUNS.items():
             for old in self.out.glob(f"{run}[._]*"):  # a rerun of --part dpo trains afresh
                 old.unlink()
-            source = self.sft_weights(start)
+            source = self.dpo_start(run)
             if not Path(source).exists():
                 raise NanoLladaError(f"{source} not found: DPO starts from the SFT models of --part conversion")
             stages.append((run, f"8a. DPO of {start}", module, cli(*flags, *extra, run_name=run, load_from=source)))
             route = "minimind_checkpoint" if run == "ar_dpo" else "diffusion_checkpoint"
-            for name in (start, run):
-                checkpoint = cli(**{route: self.sft_weights(name)})
-                checks.append(self.accuracy_stage(f"dpo_accuracy_{name}", checkpoint, "--score-labels"))
+            for name, weights in ((start, source), (run, self.sft_weights(run))):
+                checks.append(self.accuracy_stage(f"dpo_accuracy_{name}", cli(**{route: weights}), "--score-labels"))
         self.run_many(stages)
         self.run_many(checks)
-        start = DPO_RUNS["diffusion_dpo"][1]
         # fmt: off
-        argv = cli(policy=self.sft_weights("diffusion_dpo"), reference=self.sft_weights(start), tokenizer_dir=".",
-                   data=self.data / "sample_dpo_val.jsonl", pairs=8, elbo_samples=8, redraws=64, max_seq_len=256,
-                   device=a.device)
+        argv = cli(policy=self.sft_weights("diffusion_dpo"), reference=self.dpo_start("diffusion_dpo"),
+                   tokenizer_dir=".", data=self.data / "sample_dpo_val.jsonl", pairs=8, elbo_samples=4, redraws=64,
+                   max_seq_len=256, device=a.device)
         # fmt: on
         self.run("dpo_variance", "8b. Spread of the diffusion preference score", "scripts.eval.dpo_variance", argv)
 

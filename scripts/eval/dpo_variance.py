@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="the trained diffusion checkpoint")
     p.add_argument("--reference", required=True, help="its starting checkpoint (the DPO reference)")
-    p.add_argument("--data", required=True, help="preference jsonl; the fixed batch is its first --pairs pairs")
+    p.add_argument("--data", required=True, help="preference jsonl; the fixed batch is its --pairs shortest pairs")
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--elbo-samples", type=int, default=8, help="n of (a)")
@@ -59,7 +59,9 @@ def main(argv=None) -> dict:
     policy, tokenizer, checkpoint = load_checkpoint_for_eval(args.policy, args.tokenizer_dir, "diffusion", device)
     reference = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, "diffusion", device)[0]
     examples = load_pairs(args.data, tokenizer, args.max_seq_len)
-    batch = to_device(collate_pairs(examples, range(min(args.pairs, len(examples)))), device)
+    # the fixed batch: the pairs with the shortest conversations (ties in file order), cheap to redraw often
+    shortest = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in examples.sides[i]))
+    batch = to_device(collate_pairs(examples, sorted(shortest[: args.pairs])), device)
     scorer = diffusion_scorer(mask_token_id(tokenizer), trained_block_size(checkpoint.extra))
     spread = {
         name: preference_score_spread(DPOObjective(reference, scorer, sampling=sampling), policy, batch, args.redraws)
