@@ -19,6 +19,7 @@ from model.logit_shift import read_shifted
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
 from scripts.common.optimization import TrainConfig
 from scripts.common.trainer import RunOptions, Task, train
+from scripts.memory_estimate import seed_model, step_memory
 from scripts.train.diffusion import PretrainingLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -227,3 +228,11 @@ def test_cpu_cross_entropy_is_the_plain_fp32_one_bit_for_bit():
     logits, targets = torch.randn(2, 9, 101), torch.randint(0, 101, (2, 9))
     plain = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     assert torch.equal(fp32_cross_entropy(logits.flatten(0, 1), targets.flatten(), -100), plain)
+
+
+def test_the_memory_estimate_counts_the_seed_models_parameters_and_what_chunking_saves():
+    config = seed_model()
+    chunked, plain = (step_memory(config, 96, 256, False, chunked) for chunked in (True, False))
+    assert chunked.weights_and_adamw == 16 * 25_862_656 and chunked.activations == plain.activations
+    assert plain.logits_and_loss - chunked.logits_and_loss > 96 * 256 * config.vocab_size * 4  # > one fp32 [N, V]
+    assert step_memory(config, 96, 256, True, True).activations > 1.9 * chunked.activations  # 2L tokens per row
