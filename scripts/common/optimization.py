@@ -35,8 +35,8 @@ class TrainConfig:
     early_stop_min_delta: float = 0.0
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs fp32
     compile: bool = False
-    # torch.compile backend. CUDA compiles with any; the CPU only with a backend other than inductor (tests compile
-    # there with eager / aot_eager), since inductor's CPU code does not pay for the models trained on a CPU.
+    # torch.compile backend. --compile compiles on CUDA, as it always did; the CPU compiles only with a backend other
+    # than inductor (the tests use eager / aot_eager there, to check the compiled training loop quickly).
     compile_backend: str = "inductor"
     seed: int = 42
 
