@@ -281,7 +281,9 @@ class Experiment:
             source = self.dpo_start(run)
             if not Path(source).exists():
                 raise NanoLladaError(f"{source} not found: DPO starts from the SFT models of --part conversion")
-            stages.append((run, f"8a. DPO of {start}", module, cli(*flags, *extra, run_name=run, load_from=source)))
+            stages.append(
+                (run, f"8a. DPO of {Path(source).stem}", module, cli(*flags, *extra, run_name=run, load_from=source))
+            )
             route = "minimind_checkpoint" if run == "ar_dpo" else "diffusion_checkpoint"
             for name, weights in ((start, source), (run, self.sft_weights(run))):
                 checks.append(self.accuracy_stage(f"dpo_accuracy_{name}", cli(**{route: weights}), "--score-labels"))

@@ -215,3 +215,14 @@ def test_bad_row_through_the_entry_point_is_one_line_and_exit_2(tokenizer, tmp_p
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and f"{path}:1: " in proc.stderr
+
+
+def test_report_experiments_dpo_runs_parse_with_their_entry_points():
+    import importlib
+
+    from scripts import report_experiments
+
+    for module, _, extra in report_experiments.DPO_RUNS.values():
+        flags = cli(data="pairs.jsonl", load_from="sft.pt", **report_experiments.DPO_TRAINING)
+        args = importlib.import_module(module).parse_args([*flags, *extra])
+        assert args.beta == 0.1 and args.batch_size == report_experiments.DPO_TRAINING["batch_size"]
