@@ -67,6 +67,14 @@ def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
     return (ranks < quota[:, None]) & torch.isfinite(scores)
 
 
+def _factor_count(scores: torch.Tensor, factor: float) -> torch.Tensor:
+    """Per row, the largest n with (n + 1)(1 - c_n) < factor, c_n the n-th highest confidence (Fast-dLLM's factor
+    rule): the bar falls as more positions are confident together, so the count adapts to the block."""
+    ranked = scores.sort(dim=-1, descending=True).values  # closed positions (-inf) last, never counted
+    n = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device)
+    return ((n + 1) * (1 - ranked) < factor).sum(-1)
+
+
 def _choose_commits(
     logits: torch.Tensor, open_here: torch.Tensor, sampler, quota, mask_id: int, generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +88,8 @@ def _choose_commits(
     scores = confidence.masked_fill(~open_here, float("-inf"))
     if quota is None:  # threshold decoding: everything confident enough, and at least the best one
         commit = open_here & (confidence >= sampler.threshold)
+        if getattr(sampler, "commit_factor", None) is not None:
+            commit |= _commit_top(scores, _factor_count(scores, sampler.commit_factor))
         commit |= _commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
     else:
         commit = _commit_top(scores, quota)

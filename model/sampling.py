@@ -63,6 +63,8 @@ class DiffusionSamplerConfig:
     # With stop_at_eos and an eos_id: a row is finished inside a block as soon as its first EOS has no mask before
     # it (the rest is EOS padding), instead of committing the padding step by step. The text before EOS is the same.
     finish_at_eos: bool = False
+    # Threshold decoding: also commit the n most confident positions while (n + 1)(1 - c_n) < commit_factor.
+    commit_factor: float | None = None
 
     def validate(self, prompt_len: int | None = None) -> None:
         """Refuse impossible settings; with the prompt length, also too few steps for block-causal decoding (whose
@@ -99,6 +101,10 @@ class DiffusionSamplerConfig:
                 "{cache} prefix/dual is for bidirectional models; block-causal decoding already caches "
                 "finished blocks exactly (use_kv_cache)"
             )
+        if self.commit_factor is not None:
+            check_setting("commit_factor", self.commit_factor, 0, above_low=True)
+            if self.threshold is None:
+                raise SettingError("{commit_factor} is a rule of threshold decoding: give {threshold} too")
         if self.lookahead_blocks is not None:
             check_setting("lookahead_blocks", self.lookahead_blocks, 0)
         if self.remasking not in ("low_confidence", "random"):

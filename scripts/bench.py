@@ -60,9 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--continuation-data", default="dataset/sample_pretrain_val.jsonl")
     p.add_argument("--classification-data", default="dataset/sample_sft_test.jsonl")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per workload (default 16)")
+    p.add_argument("--prompts", type=int, default=None, help="continuation prompts (default 16)")
+    p.add_argument("--questions", type=int, default=None, help="classification questions (default 16)")
     p.add_argument("--lengths", default=None, help="continuation lengths, comma-separated (default 32,128,256)")
     p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,16)")
+    p.add_argument("--batched-lengths", default=None, help="continuation lengths run batched too (default: all)")
     p.add_argument("--thresholds", default=None, help="parallel decoding thresholds (default 0.9,0.7,0.5)")
     p.add_argument("--threshold", type=float, default=None, help="one threshold (same as --thresholds T)")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
@@ -81,6 +83,8 @@ def card_settings(args) -> CardSettings:
     return replace(
         s,
         prompts=args.prompts or s.prompts,
+        questions=args.questions or s.questions,
+        batched_lengths=_numbers(args.batched_lengths, int) or s.batched_lengths,
         continuation_lengths=lengths or s.continuation_lengths,
         goal_length=s.goal_length if not lengths or s.goal_length in lengths else lengths[0],
         batches=_numbers(args.batches, int) or s.batches,
@@ -135,7 +139,7 @@ def card_inputs(args, s: CardSettings, tokenizer, device, notes: list[str]) -> d
             [BOS_ID, *torch.randint(3, 6400, (s.prompt_tokens,), generator=g).tolist()] for _ in range(s.prompts)
         ]
         out["base"] = (pair, [Workload("continuation", n, prompts) for n in s.continuation_lengths])
-        out["sft"] = (pair, [Workload("classification", s.classification_length, prompts, ["正面"] * s.prompts)])
+        out["sft"] = (pair, [Workload("classification", s.classification_length, prompts, ["正面"] * len(prompts))])
         notes.append("Smoke run: random tiny models and random prompts; the figures check the code, not a speed.")
         return out
     if pair_paths:
@@ -143,7 +147,7 @@ def card_inputs(args, s: CardSettings, tokenizer, device, notes: list[str]) -> d
         workloads = [Workload("continuation", n, prompts) for n in s.continuation_lengths]
         out["base"] = (load_pair(pair_paths, "--checkpoint", device), workloads)
     if sft_paths:
-        items = questions(args.classification_data, tokenizer, s.prompts)
+        items = questions(args.classification_data, tokenizer, s.questions)
         workload = Workload("classification", s.classification_length, [q for q, _ in items], [a for _, a in items])
         out["sft"] = (load_pair(sft_paths, "--sft-checkpoint", device), [workload])
     if not out:
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = machine_record(device, args.tiny)
     report |= {
         "threads": torch.get_num_threads(),
+        "clock": "cpu_time" if device.type == "cpu" else "wall",  # speed_card.clock_for
         "card_settings": asdict(s),
         "card": card,
         "training_settings": asdict(train),

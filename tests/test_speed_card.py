@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.remasking import _factor_count
 from model.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
 from model.tokenizer import EOS_ID, encode, load_tokenizer
 from model.transformer import Transformer
@@ -143,7 +144,8 @@ def test_modes_compare_every_lever_and_block_trained_models_decode_block_causall
     modes = decoding_modes(128, s, None)
     assert modes["ar_kv_cache"] is None and modes["llada_baseline"].steps == 128
     assert modes["fast_0.5"].cache == "dual" and modes["fast_0.5"].finish_at_eos and modes["fast_0.5"].lookahead_blocks
-    assert {"threshold_0.9_prefix_cache", "threshold_0.9_dual_cache", "threshold_0.5"} <= set(modes)
+    assert {"threshold_0.9", "threshold_0.9_prefix_cache", "threshold_0.9_dual_cache", "fast_0.9"} <= set(modes)
+    assert modes["fast_factor_1"].commit_factor == 1 and modes["fast_2_per_step"].steps == 64
     blocky = decoding_modes(128, s, 32)
     assert all(m.block_causal and m.block_size == 32 and m.cache == "none" for m in blocky.values() if m)
     assert decoding_modes(8, s, None)["llada_baseline"].block_size == 8  # one block when 32 does not tile it
@@ -152,3 +154,18 @@ def test_modes_compare_every_lever_and_block_trained_models_decode_block_causall
 def test_a_pair_holds_models_of_the_same_shape(tiny_config):
     pair = Pair(Transformer(tiny_config), Transformer(tiny_config), {})
     assert pair.trained_block is None
+
+
+def test_the_factor_rule_commits_more_when_more_positions_are_confident():
+    scores = torch.tensor([[0.9, 0.8, 0.3, float("-inf")], [0.6, 0.5, 0.4, 0.3]])
+    assert _factor_count(scores, 1.0).tolist() == [2, 1]  # 2 x 0.1, 3 x 0.2 < 1 < 4 x 0.7; 2 x 0.4 < 1 < 3 x 0.5
+    assert _factor_count(scores, 3.0).tolist() == [3, 3]  # a higher factor commits more
+
+
+def test_the_new_levers_refuse_settings_that_mean_nothing():
+    from model.errors import SettingError
+
+    with pytest.raises(SettingError, match="commit_factor.*threshold"):
+        DiffusionSamplerConfig(gen_length=8, steps=8, commit_factor=1.0).validate()
+    with pytest.raises(SettingError, match="lookahead_blocks"):
+        DiffusionSamplerConfig(gen_length=8, steps=8, lookahead_blocks=-1).validate()

@@ -96,6 +96,11 @@ def _goal_lines(goal: dict | None) -> list[str]:
     ]
 
 
+CLOCKS = {
+    "cpu_time": "the process's CPU time (the CPU is shared: the wall clock would count other jobs' work too)",
+    "wall": "the wall clock (synchronised)",
+}
+
 CARD_HEADER = [
     "| batch | mode | vs AR | content tokens/s | content length | first token ms | forwards | tokens/forward | "
     "gen. perplexity | vs baseline | unigram entropy | accuracy |",
@@ -128,8 +133,8 @@ def markdown(report: dict) -> str:
     git, card = report["git"], report["card"]
     lines += [
         f"torch {report['torch']}, commit {str(git['commit'])[:10]}{' (dirty)' if git['dirty'] else ''}, "
-        f"{report['threads']} torch threads. Times are wall clock of one run; on a shared CPU read the ratios "
-        "(vs AR: measured in the same run, AR timed before and after the other modes) and the forward counts.",
+        f"{report['threads']} torch threads, timed by {CLOCKS[report['clock']]}. Read the ratios (vs AR: measured "
+        "in the same run, AR timed before and after the other modes) and the forward counts, not the absolute times.",
         "",
     ]
     if card:
@@ -155,7 +160,7 @@ def plot_card(report: dict, png: Path) -> Path | None:
         return None
     if not card:
         return None
-    panels = sorted({(r["workload"], r["gen_length"]) for r in card["rows"]})
+    panels = list(dict.fromkeys((r["workload"], r["gen_length"]) for r in card["rows"]))  # in the card's order
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (workload, length) in zip(axes[0], panels):
         quality = "accuracy" if workload == "classification" else "generative_perplexity"

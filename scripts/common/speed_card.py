@@ -8,9 +8,11 @@ one at a time) and at larger batches (left-padded together, as the evals batch t
 stops at EOS (AR after it, diffusion rows leave the batch once a finished block holds it), so a mode that writes EOS
 early is fast and says little: the content length and the quality columns show it.
 
-Timing: one wall clock around each batch's decode (CUDA synchronised), nothing else inside it. The AR rows of a group
-are timed twice, before and after the diffusion modes, and averaged; `ar_drift` (the second rate over the first) shows
-how much the machine's speed moved meanwhile. On a shared CPU quote the ratios and forward counts, not the times.
+Timing: one clock around each batch's decode, nothing else inside it. On CUDA the wall clock (synchronised); on a CPU
+the process's CPU time: on a CPU shared with other jobs the wall clock also counts their work, CPU time counts only
+this run's (with one torch thread it is the wall time the run would take alone). The wall time is recorded too. The AR
+rows of a group are timed twice, before and after the diffusion modes, and averaged; `ar_drift` (first time over
+second) shows how much the machine's speed moved meanwhile. Quote the ratios and forward counts, not the times.
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ class CardSettings:
     continuation_lengths: tuple[int, ...] = (32, 128, 256)
     classification_length: int = 8  # a label is two tokens; 8 leave room, as eval_sft_accuracy does
     batches: tuple[int, ...] = (1, 16)
-    prompts: int = 16  # per workload; batch 1 decodes them one at a time
+    prompts: int = 16  # continuation prompts; batch 1 decodes them one at a time
+    questions: int = 16  # classification questions
+    batched_lengths: tuple[int, ...] | None = None  # continuation lengths that also run batched (None: all)
     prompt_tokens: int = 16
     block_size: int = 32  # semi-autoregressive blocks where they tile the answer, else one block
-    thresholds: tuple[float, ...] = (0.9, 0.7, 0.5)
+    thresholds: tuple[float, ...] = (0.9, 0.5)
+    factors: tuple[float, ...] = (1.0,)  # Fast-dLLM's factor rule: the commit bar adapts to the block's confidences
+    tokens_per_step: tuple[int, ...] = (2, 4)  # LLaDA's fixed schedule with fewer steps than tokens
     lookahead_blocks: int = 1  # the smaller-canvas lever: masked blocks seen past the current one
     goal_length: int = 128  # the goal: diffusion >= AR in content tokens/s at batch 1 for answers this long,
     goal_tolerance: float = 0.10  # at a generative perplexity within this fraction of the LLaDA baseline's
@@ -78,13 +84,15 @@ class Workload:
 @dataclass
 class Run:
     outputs: list[list[int]] = field(default_factory=list)  # content ids per prompt
-    seconds: float = 0.0  # wall time of every batch
+    seconds: float = 0.0  # every batch, by the card's clock (clock_for)
+    wall_seconds: float = 0.0
     first_seconds: float = 0.0  # summed over batches: first token (AR) or first final block (diffusion)
     forward_passes: int = 0  # over every batch; one forward runs a whole batch
     batches: int = 0
 
-    def add(self, outputs: list[list[int]], seconds: float, first: float, forwards: int) -> None:
+    def add(self, outputs: list[list[int]], seconds: float, first: float, forwards: int, wall: float = 0.0) -> None:
         self.outputs += outputs
+        self.wall_seconds += wall
         self.seconds, self.first_seconds = self.seconds + seconds, self.first_seconds + first
         self.forward_passes, self.batches = self.forward_passes + forwards, self.batches + 1
 
@@ -106,50 +114,59 @@ def continuation_prompts(path: str | Path, tokenizer, count: int, prompt_tokens:
 def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) -> dict:
     """Mode name -> diffusion sampler (None: AR with its KV cache).
 
-    `llada_baseline`: one token per step. `threshold_T`: Fast-dLLM's parallel decoding at each threshold, and at the
-    first one with its prefix and dual caches. `fast_T`: every lever together at each threshold: the dual cache, a
-    canvas cut `lookahead_blocks` past the current block, and rows that finish inside a block at their EOS. A
-    block-trained model decodes block-causally (exact cache): baseline and thresholds, with and without the finish.
+    `llada_baseline`: one token per step. `threshold_T` (no cache, prefix and dual caches): Fast-dLLM's parallel
+    decoding at the first threshold. `fast_*`: the levers together (the dual cache, a canvas cut `lookahead_blocks`
+    past the current block, rows that finish inside a block at their EOS) with each commit rule: a threshold T, the
+    adaptive factor rule F, or K tokens per step. A block-trained model decodes block-causally (exact cache) with the
+    finish only.
     """
     block = s.block_size if gen_length % s.block_size == 0 else gen_length
     base = DiffusionSamplerConfig(gen_length=gen_length, steps=gen_length, block_size=block)
     if trained_block:
         base = replace(base, block_causal=True, block_size=trained_block)
     modes = {AR_MODE: None, BASELINE_MODE: base}
-    for t in s.thresholds:
-        modes[f"threshold_{t:g}"] = replace(base, threshold=t)
+    first = replace(base, threshold=s.thresholds[0])
+    modes[f"threshold_{s.thresholds[0]:g}"] = first
     if not trained_block:
         for cache in ("prefix", "dual"):
-            modes[f"threshold_{s.thresholds[0]:g}_{cache}_cache"] = replace(
-                base, threshold=s.thresholds[0], cache=cache
-            )
+            modes[f"threshold_{s.thresholds[0]:g}_{cache}_cache"] = replace(first, cache=cache)
+    fast = replace(base, finish_at_eos=True)
+    if not trained_block:
+        fast = replace(fast, cache="dual", lookahead_blocks=s.lookahead_blocks)
     for t in s.thresholds:
-        fast = replace(base, threshold=t, finish_at_eos=True)
-        if not trained_block:
-            fast = replace(fast, cache="dual", lookahead_blocks=s.lookahead_blocks)
-        modes[f"fast_{t:g}"] = fast
+        modes[f"fast_{t:g}"] = replace(fast, threshold=t)
+    for f in s.factors:  # threshold 1: only the factor rule commits (and the most confident position)
+        modes[f"fast_factor_{f:g}"] = replace(fast, threshold=1.0, commit_factor=f)
+    for k in s.tokens_per_step:
+        if gen_length % k == 0 and gen_length // k >= gen_length // base.block_size:
+            modes[f"fast_{k}_per_step"] = replace(fast, steps=gen_length // k)
     return modes
+
+
+def clock_for(device):
+    """CPU time on a CPU (other jobs' work is not counted), the wall clock on an accelerator (which runs async)."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
 
 
 class _ForwardCounter:
     """Counts a model's forward passes and when the first one ended (an AR model's time to first token)."""
 
     def __init__(self, model, device, start: float):
-        self.calls, self.first, self.device, self.start = 0, None, device, start
+        self.calls, self.first, self.device, self.start, self.now = 0, None, device, start, clock_for(device)
         self.hook = model.register_forward_hook(self._seen)
 
     def _seen(self, *_) -> None:
         self.calls += 1
         if self.first is None:
             synchronize(self.device)
-            self.first = time.perf_counter() - self.start
+            self.first = self.now() - self.start
 
 
 def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device, dtype: str, mask_id: int) -> Run:
-    greedy, run = ARSamplerConfig(banned_ids=(mask_id,)), Run()
+    greedy, run, now = ARSamplerConfig(banned_ids=(mask_id,)), Run(), clock_for(device)
     for chunk in chunks(prompts, batch):
         synchronize(device)
-        start = time.perf_counter()
+        wall, start = time.perf_counter(), now()
         counter = _ForwardCounter(model, device, start)
         try:
             with autocast(device, dtype):
@@ -160,13 +177,13 @@ def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device,
             synchronize(device)
         finally:
             counter.hook.remove()
-        seconds = time.perf_counter() - start
-        run.add([content_ids(r, EOS_ID) for r in rows], seconds, counter.first or seconds, counter.calls)
+        seconds, wall = now() - start, time.perf_counter() - wall
+        run.add([content_ids(r, EOS_ID) for r in rows], seconds, counter.first or seconds, counter.calls, wall)
     return run
 
 
 def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, device, dtype: str, mask_id) -> Run:
-    run = Run()
+    run, now = Run(), clock_for(device)
     for chunk in chunks(prompts, batch):
         ids, lengths = left_pad(chunk, PAD_ID, device)
         marks = []
@@ -174,16 +191,16 @@ def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, d
         def first_block(k, tokens) -> None:
             if not marks:
                 synchronize(device)
-                marks.append(time.perf_counter())
+                marks.append(now())
 
         synchronize(device)
-        start = time.perf_counter()
+        wall, start = time.perf_counter(), now()
         with autocast(device, dtype):
             out = diffusion_generate(model, ids, sampler, mask_id, EOS_ID, on_block=first_block, prompt_lengths=lengths)
         synchronize(device)
-        seconds = time.perf_counter() - start
-        rows = out.tokens.tolist()
-        run.add([content_ids(r, EOS_ID) for r in rows], seconds, marks[0] - start if marks else seconds, out.nfe)
+        seconds, wall = now() - start, time.perf_counter() - wall
+        first = marks[0] - start if marks else seconds
+        run.add([content_ids(r, EOS_ID) for r in out.tokens.tolist()], seconds, first, out.nfe, wall)
     return run
 
 
@@ -199,6 +216,7 @@ def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, toke
         "content_tokens": content,
         "mean_content_length": content / rows,
         "seconds": run.seconds,
+        "wall_seconds": run.wall_seconds,
         "content_tokens_per_s": content / run.seconds,
         "first_token_seconds": run.first_seconds / run.batches,  # diffusion: its first final block
         "forward_passes": run.forward_passes / run.batches,  # per batch
@@ -218,6 +236,7 @@ def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, toke
 def _mean_of(first: Run, second: Run) -> tuple[Run, float]:
     """The AR run timed before and after the other modes: averaged times, and the drift of the rate between them."""
     both = replace(first, seconds=(first.seconds + second.seconds) / 2)
+    both.wall_seconds = (first.wall_seconds + second.wall_seconds) / 2
     both.first_seconds = (first.first_seconds + second.first_seconds) / 2
     return both, first.seconds / second.seconds
 
@@ -227,6 +246,9 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
     rows = []
     for batch in s.batches:
         modes = decoding_modes(workload.gen_length, s, pair.trained_block)
+        batched = s.batched_lengths is None or workload.gen_length in s.batched_lengths
+        if batch > 1 and workload.name == "continuation" and not batched:
+            continue
         if pair.trained_block and batch > 1 and len(set(map(len, workload.prompts))) > 1:
             log(f"  {workload.name} batch {batch}: block-causal decoding batches equal prompt lengths only; skipped")
             continue
