@@ -247,8 +247,8 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
     for batch in s.batches:
         modes = decoding_modes(workload.gen_length, s, pair.trained_block)
         batched = s.batched_lengths is None or workload.gen_length in s.batched_lengths
-        if batch > 1 and workload.name == "continuation" and not batched:
-            continue
+        if (batch > 1 and workload.name == "continuation" and not batched) or batch > len(workload.prompts):
+            continue  # a batch wider than the prompts would be mislabelled
         if pair.trained_block and batch > 1 and len(set(map(len, workload.prompts))) > 1:
             log(f"  {workload.name} batch {batch}: block-causal decoding batches equal prompt lengths only; skipped")
             continue
