@@ -36,7 +36,6 @@ from scripts.common.bench_report import ROOT, git_commit, markdown, plot_card
 from scripts.common.bench_training import TINY, BenchSettings, bench_training, training_flops_per_token
 from scripts.common.cli import run_main
 from scripts.common.speed_card import TINY_CARD, CardSettings, Pair, Workload, continuation_prompts, measure_card
-from scripts.eval.eval_sft_accuracy import questions
 
 __all__ = ["main", "training_flops_per_token"]
 
@@ -128,8 +127,9 @@ def checkpoint_lists(args) -> tuple[list[str], list[str]]:
     return pair, sft
 
 
-def card_inputs(args, s: CardSettings, tokenizer, device, notes: list[str]) -> dict:
-    """{"base": (pair, continuation workloads), "sft": (SFT pair, classification workload)}, as given."""
+def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, object, int | None]:
+    """({"base": (pair, continuation workloads), "sft": (SFT pair, classification workload)}, tokenizer, mask id).
+    The tokenizer (and its packages) is loaded only for trained pairs: --tiny and a training-only run need none."""
     pair_paths, sft_paths = checkpoint_lists(args)
     out = {}
     if args.tiny and not pair_paths:
@@ -139,9 +139,15 @@ def card_inputs(args, s: CardSettings, tokenizer, device, notes: list[str]) -> d
             [BOS_ID, *torch.randint(3, 6400, (s.prompt_tokens,), generator=g).tolist()] for _ in range(s.prompts)
         ]
         out["base"] = (pair, [Workload("continuation", n, prompts) for n in s.continuation_lengths])
-        out["sft"] = (pair, [Workload("classification", s.classification_length, prompts, ["正面"] * len(prompts))])
+        out["sft"] = (pair, [Workload("classification", s.classification_length, prompts)])  # no labels to score
         notes.append("Smoke run: random tiny models and random prompts; the figures check the code, not a speed.")
-        return out
+        return out, None, pair.diffusion.config.vocab_size - 1  # <|mask|> is the last id
+    if not (pair_paths or sft_paths):
+        notes.append("No trained pair given (--checkpoint x2 or --models DIR): no speed card, training only.")
+        return out, None, None
+    from scripts.eval.eval_sft_accuracy import questions  # (tqdm and the tokenizer's packages: only here)
+
+    tokenizer = load_tokenizer(args.tokenizer_dir)
     if pair_paths:
         prompts = continuation_prompts(args.continuation_data, tokenizer, s.prompts, s.prompt_tokens)
         workloads = [Workload("continuation", n, prompts) for n in s.continuation_lengths]
@@ -150,21 +156,18 @@ def card_inputs(args, s: CardSettings, tokenizer, device, notes: list[str]) -> d
         items = questions(args.classification_data, tokenizer, s.questions)
         workload = Workload("classification", s.classification_length, [q for q, _ in items], [a for _, a in items])
         out["sft"] = (load_pair(sft_paths, "--sft-checkpoint", device), [workload])
-    if not out:
-        notes.append("No trained pair given (--checkpoint x2 or --models DIR): no speed card, training only.")
-    return out
+    return out, tokenizer, mask_token_id(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     s = card_settings(args)
-    tokenizer = load_tokenizer(args.tokenizer_dir)
     notes: list[str] = []
-    inputs = card_inputs(args, s, tokenizer, device, notes)
+    inputs, tokenizer, mask_id = card_inputs(args, s, device, notes)
     card = None
     if inputs:
-        card = measure_card(inputs, s, device, tokenizer, mask_token_id(tokenizer), print)
+        card = measure_card(inputs, s, device, tokenizer, mask_id, print)
         card["models"] = {key: pair.names for key, (pair, _) in inputs.items()}
     train = TINY if args.tiny or device.type == "cpu" else BenchSettings()
     train = replace(train, compile=train.compile and not args.no_compile)

@@ -160,10 +160,18 @@ def plot_card(report: dict, png: Path) -> Path | None:
         return None
     if not card:
         return None
-    panels = list(dict.fromkeys((r["workload"], r["gen_length"]) for r in card["rows"]))  # in the card's order
+
+    def quality_of(workload: str) -> str:
+        return "accuracy" if workload == "classification" else "generative_perplexity"
+
+    # One panel per workload with a quality to plot, in the card's order (a smoke run's answers have no labels).
+    scored = [r for r in card["rows"] if r[quality_of(r["workload"])] is not None]
+    panels = list(dict.fromkeys((r["workload"], r["gen_length"]) for r in scored))
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (workload, length) in zip(axes[0], panels):
-        quality = "accuracy" if workload == "classification" else "generative_perplexity"
+        quality = quality_of(workload)
         for batch, marker in zip(sorted({r["batch"] for r in card["rows"]}), "os^D"):
             rows = [
                 r for r in card["rows"] if (r["workload"], r["gen_length"], r["batch"]) == (workload, length, batch)
