@@ -8,6 +8,7 @@ strictly instead of through a key map. Nothing here knows about AR or diffusion 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,10 +21,6 @@ from model.errors import NanoLladaError
 
 try:  # FlexAttention: dense masks (document, block diffusion) run block-sparse on CUDA instead of as an SDPA bias
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-
-    # Its fused kernel exists only compiled. Wrapped once here (compilation itself waits for the first call), so an
-    # eager caller never rebinds a global from inside a traced model. Shapes become dynamic after a recompile.
-    _compiled_flex = torch.compile(flex_attention)
 except ImportError:  # older torch: SDPA with the boolean mask everywhere
     BlockMask = None
 
@@ -82,12 +79,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention's fused kernel exists only compiled: wrapped once, for eager callers only (wrapping at import
+    would import the compiler, ~10 s, into every process). Shapes become dynamic after a recompile."""
+    return torch.compile(flex_attention)
+
+
 def flex_attention_kernel(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
-    """FlexAttention: inside a compiled model the plain function, which the model's graph traces into its kernel;
-    called eagerly on CUDA, the version compiled at import; eager on the CPU (forward only: tests and the probe)."""
+    """FlexAttention: inside a compiled model the plain function, which the model's graph traces into its kernel
+    (no wrapper is created or looked up inside a trace); called eagerly on CUDA, the compiled wrapper; eager on the
+    CPU (forward only: tests and the probe)."""
     if torch.compiler.is_compiling() or not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def tracing() -> bool:
