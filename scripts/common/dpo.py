@@ -25,19 +25,12 @@ from model.tokenizer import PAD_ID, tokenizer_identity
 from scripts.common.packing import EpochOrder
 from scripts.common.readers import BadLine, conversation_of, iter_jsonl
 from scripts.common.run_files import RunFiles
-from scripts.common.sft import encode_conversations
+from scripts.common.sft import SFT_DEFAULTS, encode_conversations
 from scripts.common.trainer import RunOptions, Task, train
 from scripts.common.trainer_cli import add_training_flags, optimizer_steps, start_run, starting_checkpoint
 
-DPO_DEFAULTS = dict(
-    batch_size=8,
-    seq_len=512,
-    val_fraction=0.02,
-    learning_rate=5e-7,
-    warmup_steps=10,
-    lr_stable_ratio=0.8,
-    eval_batches=10,
-)
+# The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup.
+DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_steps": 10, "eval_batches": 10}
 SIDES = ("chosen", "rejected")
 
 
