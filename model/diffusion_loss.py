@@ -65,6 +65,12 @@ class DiffusionObjective:
     position_masking: float = 0.0  # strength of position-dependent masking (0: off; model.masking.position_rates)
     mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
 
+    @classmethod
+    def full_time_range(cls) -> tuple[float, float]:
+        """The default (t_min, t_max): LLaDA's U(0, 1] with every ELBO weight finite."""
+        fields = cls.__dataclass_fields__
+        return fields["t_min"].default, fields["t_max"].default
+
     def check_mask_draw(self) -> None:
         """The count draw is the linear schedule's estimator with the weight averaged over t given the mask: one
         time for the whole row, over (0, 1), so it refuses what changes either."""
@@ -74,7 +80,7 @@ class DiffusionObjective:
             self.schedule != "linear"
             or self.complementary
             or self.position_masking
-            or (self.t_min, self.t_max) != (1e-3, 1 - 1e-3)
+            or (self.t_min, self.t_max) != self.full_time_range()
         ):
             raise NanoLladaError(
                 "the count mask draw is LLaDA's linear-schedule estimator over the whole (0, 1) time range: it does "
