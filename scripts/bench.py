@@ -147,15 +147,17 @@ def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, 
         return out, None, None
     from scripts.eval.eval_sft_accuracy import questions  # (tqdm and the tokenizer's packages: only here)
 
+    # The pairs are checked before any data is read, so a wrong pair is named even without the sample data.
+    pairs = {"base": pair_paths and load_pair(pair_paths, "--checkpoint", device)}
+    pairs["sft"] = sft_paths and load_pair(sft_paths, "--sft-checkpoint", device)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     if pair_paths:
         prompts = continuation_prompts(args.continuation_data, tokenizer, s.prompts, s.prompt_tokens)
-        workloads = [Workload("continuation", n, prompts) for n in s.continuation_lengths]
-        out["base"] = (load_pair(pair_paths, "--checkpoint", device), workloads)
+        out["base"] = (pairs["base"], [Workload("continuation", n, prompts) for n in s.continuation_lengths])
     if sft_paths:
         items = questions(args.classification_data, tokenizer, s.questions)
         workload = Workload("classification", s.classification_length, [q for q, _ in items], [a for _, a in items])
-        out["sft"] = (load_pair(sft_paths, "--sft-checkpoint", device), [workload])
+        out["sft"] = (pairs["sft"], [workload])
     return out, tokenizer, mask_token_id(tokenizer)
 
 
