@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "card": card,
         "training_settings": asdict(train),
         "training_model_parameters": preset(train.preset).num_parameters(),
-        "compiled": train.compile and device.type == "cuda",
+        "compiled": bool(training) and all(training[kind]["compiled"] for kind in ("ar", "diffusion")),
         "flops_per_token_training": training_flops_per_token(preset(train.preset), train.seq_len),
         "training": training,
         "notes": notes,
