@@ -95,7 +95,7 @@ def load_pair(paths: list[str], what: str, device) -> Pair:
     """An AR and a diffusion checkpoint of the same shape, in either order, as models in eval mode."""
     if len(paths) != 2:
         raise NanoLladaError(f"{what}: give two checkpoints, an AR model and a diffusion model of its size")
-    checkpoints = {read_checkpoint(path).kind: (path, read_checkpoint(path)) for path in paths}
+    checkpoints = {checkpoint.kind: (path, checkpoint) for path, checkpoint in zip(paths, map(read_checkpoint, paths))}
     if set(checkpoints) != {"ar", "diffusion"}:
         raise NanoLladaError(f"{what}: {' and '.join(paths)} are not one AR and one diffusion checkpoint")
     (ar_path, ar), (diffusion_path, diffusion) = checkpoints["ar"], checkpoints["diffusion"]
@@ -148,16 +148,16 @@ def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, 
     from scripts.eval.eval_sft_accuracy import questions  # (tqdm and the tokenizer's packages: only here)
 
     # The pairs are checked before any data is read, so a wrong pair is named even without the sample data.
-    pairs = {"base": pair_paths and load_pair(pair_paths, "--checkpoint", device)}
-    pairs["sft"] = sft_paths and load_pair(sft_paths, "--sft-checkpoint", device)
+    base = load_pair(pair_paths, "--checkpoint", device) if pair_paths else None
+    sft = load_pair(sft_paths, "--sft-checkpoint", device) if sft_paths else None
     tokenizer = load_tokenizer(args.tokenizer_dir)
-    if pair_paths:
+    if base is not None:
         prompts = continuation_prompts(args.continuation_data, tokenizer, s.prompts, s.prompt_tokens)
-        out["base"] = (pairs["base"], [Workload("continuation", n, prompts) for n in s.continuation_lengths])
-    if sft_paths:
+        out["base"] = (base, [Workload("continuation", n, prompts) for n in s.continuation_lengths])
+    if sft is not None:
         items = questions(args.classification_data, tokenizer, s.questions)
         workload = Workload("classification", s.classification_length, [q for q, _ in items], [a for _, a in items])
-        out["sft"] = (pairs["sft"], [workload])
+        out["sft"] = (sft, [workload])
     return out, tokenizer, mask_token_id(tokenizer)
 
 
