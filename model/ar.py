@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.cross_entropy import fp32_cross_entropy
 from model.errors import NanoLladaError, check_setting
@@ -13,11 +14,22 @@ from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
 
 
-def next_token_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored)."""
-    logits = model(input_ids, attention="causal")
-    targets = (input_ids if labels is None else labels)[:, 1:]
-    return fp32_cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), IGNORE_INDEX, reduction="mean")
+def next_token_loss(
+    model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, scored_at: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored).
+
+    scored_at [B, K]: the positions t to score, every scored one among them (the SFT batcher lists each row's
+    answer positions, padded with T - 1, the last position, which predicts nothing). The final norm and the head
+    then run only there: on SFT batches most positions are prompt, and at this size the head is half the model.
+    """
+    targets = F.pad((input_ids if labels is None else labels)[:, 1:], (0, 1), value=IGNORE_INDEX)
+    if scored_at is None:
+        logits = model(input_ids, attention="causal")
+    else:
+        logits = model(input_ids, attention="causal", logits_at=scored_at)
+        targets = targets.gather(1, scored_at)
+    return fp32_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX, reduction="mean")
 
 
 def sample_next(

@@ -274,7 +274,8 @@ class Transformer(nn.Module):
 
         With a kv_cache the T tokens continue the cached positions and are appended to the cache.
         `positions` overrides the position of each token (e.g. the clean half of a block-diffusion input).
-        `logits_at` (indices or a slice along T) computes the final norm and head only there: [B, len, V].
+        `logits_at` (indices or a slice along T, or per-row indices [B, K]) computes the final norm and head only
+        there: [B, len, V].
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -297,7 +298,9 @@ class Transformer(nn.Module):
         x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
         if kv_cache is not None:
             kv_cache.length = past + T
-        if logits_at is not None:
+        if isinstance(logits_at, torch.Tensor) and logits_at.dim() == 2:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        elif logits_at is not None:
             x = x[:, logits_at]
         logits = self.lm_head(self.model.norm(x))
         return (

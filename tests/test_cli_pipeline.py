@@ -228,6 +228,37 @@ def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_di
     assert encode_conversations(tok, conversations) == [encode_conversation(tok, turns) for turns in conversations]
 
 
+def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
+    """The SFT batch lists each row's answer positions; the head run only there gives the loss and gradients of the
+    head run everywhere (rows of different lengths, one with two answers)."""
+    from model.ar import next_token_loss
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    tok = load_tokenizer(".")
+    rows = [[{"role": "user", "content": "问" * k}, {"role": "assistant", "content": "答" * (1 + k % 3)}] for k in (1, 5, 9)]
+    rows.append(rows[0] + [{"role": "user", "content": "再问"}, {"role": "assistant", "content": "再答一次"}])
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"conversations": r}, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    batch = collate(load_sft_examples(path, tok, 64), range(len(rows)), "ar")
+    scored = batch["labels"][:, 1:] != -100
+    assert batch["scored_at"].shape[1] == int(scored.sum(1).max())
+    for row, positions in enumerate(batch["scored_at"]):
+        listed = positions[positions < batch["input_ids"].shape[1] - 1]
+        assert listed.tolist() == scored[row].nonzero().flatten().tolist()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tok), **TINY_MODEL))
+    losses, grads = [], []
+    for scored_at in (None, batch["scored_at"]):
+        model.zero_grad()
+        loss = next_token_loss(model, batch["input_ids"], batch["labels"], scored_at)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_diffusion_sft_never_masks_the_prompt(tmp_path):
     from model.masking import mask_tokens
 

@@ -234,8 +234,21 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
         if route == "diffusion":
             target[row, len(ids) :] = True
     if route == "ar":
-        return {"input_ids": input_ids, "labels": input_ids.masked_fill(~target, IGNORE_INDEX)}
+        labels = input_ids.masked_fill(~target, IGNORE_INDEX)
+        return {"input_ids": input_ids, "labels": labels, "scored_at": scored_positions(target)}
     return {"input_ids": input_ids, "maskable": target}
+
+
+def scored_positions(target: torch.Tensor) -> torch.Tensor:
+    """[B, K]: the positions t whose next token t + 1 is a target, per row, padded with the last position (which
+    predicts nothing); found here on the host, so the loss needs no data-dependent shape."""
+    predicts_target = torch.zeros_like(target)
+    predicts_target[:, :-1] = target[:, 1:]
+    count = int(predicts_target.sum(1).max())
+    last = target.shape[1] - 1
+    # a stable sort puts each row's scoring positions first, in order; the rest become the padding position
+    order = torch.sort((~predicts_target).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+    return torch.where(predicts_target.gather(1, order), order, last)
 
 
 class SFTBatches:

@@ -20,7 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sft_loss(model, batch, rng, step=None):
     """Next-token cross-entropy on the assistant tokens (labels); the same for training and validation."""
-    return next_token_loss(model, batch["input_ids"], batch["labels"])
+    return next_token_loss(model, batch["input_ids"], batch["labels"], batch.get("scored_at"))
 
 
 def main(argv=None) -> dict:
