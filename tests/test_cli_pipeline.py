@@ -236,7 +236,9 @@ def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
     from model.transformer import Transformer
 
     tok = load_tokenizer(".")
-    rows = [[{"role": "user", "content": "问" * k}, {"role": "assistant", "content": "答" * (1 + k % 3)}] for k in (1, 5, 9)]
+    rows = [
+        [{"role": "user", "content": "问" * k}, {"role": "assistant", "content": "答" * (1 + k % 3)}] for k in (1, 5, 9)
+    ]
     rows.append(rows[0] + [{"role": "user", "content": "再问"}, {"role": "assistant", "content": "再答一次"}])
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"conversations": r}, ensure_ascii=False) + "\n" for r in rows), "utf-8")
