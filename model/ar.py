@@ -19,9 +19,9 @@ def next_token_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored).
 
-    scored_at [B, K]: the positions t to score, every scored one among them (the SFT batcher lists each row's
-    answer positions, padded with T - 1, the last position, which predicts nothing). The final norm and the head
-    then run only there: on SFT batches most positions are prompt, and at this size the head is half the model.
+    scored_at [B, K]: positions t that include every scored one (the SFT batcher lists each row's answer positions,
+    padded with unscored ones). The final norm and the head then run only there: on SFT batches most positions are
+    prompt, and at this size the head is half the model's cost.
     """
     targets = F.pad((input_ids if labels is None else labels)[:, 1:], (0, 1), value=IGNORE_INDEX)
     if scored_at is None:

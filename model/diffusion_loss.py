@@ -179,11 +179,15 @@ def diffusion_loss(
     objective: DiffusionObjective = DiffusionObjective(),
     maskable: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
+    scored_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar loss of one batch input_ids [B, L] (see the module docstring).
 
     maskable [B, L]: positions that may be masked and are scored (default: every non-PAD token); the rest is clean
     context. doc_ids [B, L]: restrict attention to each token's own document (packed pretraining rows).
+    scored_at [B, K]: positions that include every maskable one (the SFT batcher lists each row's answer and its
+    padding, then unmaskable positions); the head then runs only there (not with blocks or the repeat penalty,
+    which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
     """
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
@@ -193,21 +197,28 @@ def diffusion_loss(
     if objective.complementary:
         input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)
         doc_ids = None if doc_ids is None else doc_ids.repeat(2, 1)
+        scored_at = None if scored_at is None else scored_at.repeat(2, 1)
     noisy = input_ids.masked_fill(masked, mask_id)
+    weights = token_weights(objective, input_ids, maskable)
+    total_weight = weights.sum(1) if objective.normalization == "row" else weights.sum()
     if objective.block_size is not None:
         logits = bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)
     else:
-        if doc_ids is not None:
-            logits = model(noisy, attention=document_attention_mask(document_ids_with_pad(input_ids, doc_ids)))
+        attention = (
+            "bidirectional" if doc_ids is None else document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
+        )
+        if scored_at is not None and not objective.repeat_penalty_weight:
+            logits = model(noisy, attention=attention, logits_at=(scored_at - 1).clamp(min=0) if shifted else scored_at)
+            input_ids, masked, weights = (x.gather(1, scored_at) for x in (input_ids, masked, weights))
+            elbo = elbo if elbo.shape[1] == 1 else elbo.gather(1, scored_at)
         else:
-            logits = model(noisy, attention="bidirectional")
-        logits = read_shifted(logits) if shifted else logits
-    weights = token_weights(objective, input_ids, maskable)
+            logits = model(noisy, attention=attention)
+            logits = read_shifted(logits) if shifted else logits
     scored = masked_token_nll(logits, input_ids, masked) * elbo * weights
     if objective.normalization == "batch":
-        loss = scored.sum() / weights.sum().clamp(min=1e-6)
+        loss = scored.sum() / total_weight.clamp(min=1e-6)
     else:
-        loss = (scored.sum(1) / weights.sum(1).clamp(min=1e-6)).mean()
+        loss = (scored.sum(1) / total_weight.clamp(min=1e-6)).mean()
     if objective.cap_weight:
         loss = loss + objective.cap_weight * cap_loss(logits, input_ids, masked)
     if objective.repeat_penalty_weight:

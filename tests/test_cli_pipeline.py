@@ -243,11 +243,12 @@ def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps({"conversations": r}, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     batch = collate(load_sft_examples(path, tok, 64), range(len(rows)), "ar")
-    scored = batch["labels"][:, 1:] != -100
+    scored = torch.nn.functional.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False)  # t predicts t + 1
     assert batch["scored_at"].shape[1] == int(scored.sum(1).max())
     for row, positions in enumerate(batch["scored_at"]):
-        listed = positions[positions < batch["input_ids"].shape[1] - 1]
-        assert listed.tolist() == scored[row].nonzero().flatten().tolist()
+        n = int(scored[row].sum())  # its answer positions first, in order, then positions that score nothing
+        assert positions[:n].tolist() == scored[row].nonzero().flatten().tolist()
+        assert not scored[row, positions[n:]].any()
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=len(tok), **TINY_MODEL))
     losses, grads = [], []

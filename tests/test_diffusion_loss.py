@@ -245,3 +245,45 @@ def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_ho
     exact.backward()
     assert exact.item() == 0 and torch.isfinite(one_hot.grad).all()
     assert cap_loss(torch.zeros(1, 4, 10), targets, torch.zeros_like(masked)).item() == 0  # nothing masked
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        DiffusionObjective(padding_weight=0.1),
+        DiffusionObjective(normalization="batch", mask_draw="count"),
+        DiffusionObjective(complementary=True, cap_weight=0.5),
+    ],
+    ids=["row_padding", "batch_count", "complementary_cap"],
+)
+def test_sft_loss_with_the_head_at_listed_positions_equals_the_full_loss(shifted, objective):
+    """The head run only at the listed answer positions (scripts.common.sft.flagged_first) gives the loss and
+    gradients of the head run everywhere, for rows whose prompts and answers differ in length."""
+    from model.config import ModelConfig
+    from scripts.common.sft import flagged_first
+
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            logit_shift=shifted,
+        )
+    )
+    ids = torch.randint(3, 60, (3, 12))
+    maskable = torch.zeros(3, 12, dtype=torch.bool)
+    for row, prompt in enumerate((3, 7, 10)):
+        maskable[row, prompt:] = True
+        ids[row, prompt + 2 :] = EOS_ID  # an answer of two tokens, then its EOS padding
+    results = []
+    for scored_at in (None, flagged_first(maskable)):
+        model.zero_grad()
+        loss = diffusion_loss(model, ids, rng(3), 63, objective, maskable, scored_at=scored_at)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)

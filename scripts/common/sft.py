@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, build_model
@@ -234,21 +235,18 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
         if route == "diffusion":
             target[row, len(ids) :] = True
     if route == "ar":
+        predicts_target = F.pad(target[:, 1:], (0, 1), value=False)  # position t is scored when t + 1 is a target
         labels = input_ids.masked_fill(~target, IGNORE_INDEX)
-        return {"input_ids": input_ids, "labels": labels, "scored_at": scored_positions(target)}
-    return {"input_ids": input_ids, "maskable": target}
+        return {"input_ids": input_ids, "labels": labels, "scored_at": flagged_first(predicts_target)}
+    return {"input_ids": input_ids, "maskable": target, "scored_at": flagged_first(target)}
 
 
-def scored_positions(target: torch.Tensor) -> torch.Tensor:
-    """[B, K]: the positions t whose next token t + 1 is a target, per row, padded with the last position (which
-    predicts nothing); found here on the host, so the loss needs no data-dependent shape."""
-    predicts_target = torch.zeros_like(target)
-    predicts_target[:, :-1] = target[:, 1:]
-    count = int(predicts_target.sum(1).max())
-    last = target.shape[1] - 1
-    # a stable sort puts each row's scoring positions first, in order; the rest become the padding position
-    order = torch.sort((~predicts_target).to(torch.uint8), dim=1, stable=True).indices[:, :count]
-    return torch.where(predicts_target.gather(1, order), order, last)
+def flagged_first(flags: torch.Tensor) -> torch.Tensor:
+    """[B, K]: each row's flagged positions in order, then its unflagged ones, K = the most flags in a row. The
+    losses run the head only at these positions (an unflagged one scores nothing); found here, on the host, so the
+    loss needs no data-dependent shape."""
+    count = int(flags.sum(1).max())
+    return torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :count]
 
 
 class SFTBatches:

@@ -93,7 +93,9 @@ def main(argv=None) -> dict:
     mask_id = mask_token_id(run.tokenizer)
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
-        return diffusion_loss(model, batch["input_ids"], rng, mask_id, objective, batch["maskable"])
+        return diffusion_loss(
+            model, batch["input_ids"], rng, mask_id, objective, batch["maskable"], scored_at=batch.get("scored_at")
+        )
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
     meta = {"sft_objective": asdict(objective)}
