@@ -14,6 +14,8 @@ from scripts.data.sample import build_sample, main, own_answer_pairs
 FILES = (
     "sample_pretrain.jsonl",
     "sample_pretrain_val.jsonl",
+    "sample_reviews.jsonl",
+    "sample_reviews_val.jsonl",
     "sample_sft_train.jsonl",
     "sample_sft_val.jsonl",
     "sample_sft_test.jsonl",
@@ -25,6 +27,9 @@ FILES = (
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     return build_sample(tmp_path_factory.mktemp("sample"), seed=0)
+
+
+SPLITS = ("train", "val", "test")
 
 
 def review_of(conversation):
@@ -56,6 +61,13 @@ def test_pretraining_splits_are_disjoint(sample):
         for c in iter_conversations(sample[name])
     }
     assert not train & held_out_reviews, "SFT eval reviews leaked into pretraining"
+
+
+def test_review_pretraining_texts_are_the_train_and_val_reviews_only(sample):
+    """The quickstart pretrains on these: never a test review, and no label."""
+    reviews = {s: {review_of(c) for c in iter_conversations(sample[f"sample_sft_{s}.jsonl"])} for s in SPLITS}
+    assert set(iter_texts(sample["sample_reviews.jsonl"])) == reviews["train"]
+    assert set(iter_texts(sample["sample_reviews_val.jsonl"])) == reviews["val"]
 
 
 def test_sft_rows_are_valid_balanced_and_disjoint(sample):

