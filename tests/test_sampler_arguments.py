@@ -119,3 +119,11 @@ def test_server_defaults_are_checked_at_start(checkpoints):
         serve.load_engine(serve.parse_args([*flags, "--gen-steps", "0"]))
     with pytest.raises(NanoLladaError, match="^--max-tokens must be >= 1, got 0"):
         serve.load_engine(serve.parse_args([*flags, "--max-tokens", "0"]))
+
+
+def test_sft_accuracy_refuses_zero_diffusion_steps_before_reading_anything(tmp_path):
+    from scripts.eval import eval_sft_accuracy
+
+    argv = ["--diffusion-checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "none.jsonl")]
+    with pytest.raises(NanoLladaError, match="^--gen-steps must be >= 1, got 0$"):
+        eval_sft_accuracy.main([*argv, "--tokenizer-dir", ".", "--gen-steps", "0"])

@@ -111,7 +111,9 @@ def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[l
     sampler = None
     if kind == "diffusion":
         asked = DiffusionSamplerConfig(
-            gen_length=args.max_new_tokens, steps=args.gen_steps or args.max_new_tokens, threshold=args.threshold
+            gen_length=args.max_new_tokens,
+            steps=args.max_new_tokens if args.gen_steps is None else args.gen_steps,
+            threshold=args.threshold,
         )
         with flag_names():
             sampler = sampler_for_checkpoint(checkpoint, asked)
@@ -182,6 +184,8 @@ def main(argv=None) -> dict:
         args.batch_size = 16 if device.type == "cuda" else 1
     positive("--batch-size", args.batch_size)
     positive("--mc-samples", args.mc_samples)
+    if args.gen_steps is not None and args.gen_steps < 1:  # the samplers' own wording, before any model is read
+        raise NanoLladaError(f"--gen-steps must be >= 1, got {args.gen_steps}")
     results, predictions = {}, []
     for name, path, kind in (
         ("AR", args.minimind_checkpoint, "ar"),
