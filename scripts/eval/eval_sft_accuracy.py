@@ -104,19 +104,20 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
     return chosen
 
 
+def asked_diffusion_sampler(args) -> DiffusionSamplerConfig:
+    """The diffusion decoding the flags ask for: one token per step unless --gen-steps says otherwise."""
+    steps = args.max_new_tokens if args.gen_steps is None else args.gen_steps
+    return DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=steps, threshold=args.threshold)
+
+
 def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[list, DiffusionSamplerConfig | None]:
     """Every question's decoded answer, `--batch-size` at a time, and the diffusion settings used (None for AR)."""
     model, tokenizer, checkpoint = loaded
     prompts = [prompt for prompt, _ in items]
     sampler = None
     if kind == "diffusion":
-        asked = DiffusionSamplerConfig(
-            gen_length=args.max_new_tokens,
-            steps=args.max_new_tokens if args.gen_steps is None else args.gen_steps,
-            threshold=args.threshold,
-        )
         with flag_names():
-            sampler = sampler_for_checkpoint(checkpoint, asked)
+            sampler = sampler_for_checkpoint(checkpoint, asked_diffusion_sampler(args))
         if sampler.block_causal:
             print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
     answers = []
@@ -184,8 +185,9 @@ def main(argv=None) -> dict:
         args.batch_size = 16 if device.type == "cuda" else 1
     positive("--batch-size", args.batch_size)
     positive("--mc-samples", args.mc_samples)
-    if args.gen_steps is not None and args.gen_steps < 1:  # the samplers' own wording, before any model is read
-        raise NanoLladaError(f"--gen-steps must be >= 1, got {args.gen_steps}")
+    if args.diffusion_checkpoint:
+        with flag_names():  # a bad decoding flag is named before any model is read or any question answered
+            asked_diffusion_sampler(args).validate()
     results, predictions = {}, []
     for name, path, kind in (
         ("AR", args.minimind_checkpoint, "ar"),
