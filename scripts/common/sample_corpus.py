@@ -100,13 +100,6 @@ def pretrain_documents(seed: int = 0) -> tuple[list[str], list[str]]:
     return train, val
 
 
-def review_documents(seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, val): the texts of the train and val reviews, unlabelled (never a test review). A short in-domain
-    pretraining corpus: the quickstart's minutes of CPU learn the reviews' vocabulary its SFT question needs."""
-    splits = split_reviews(seed)
-    return [review for review, _ in splits["train"]], [review for review, _ in splits["val"]]
-
-
 def iter_embedded_texts(seed: int = 0) -> Iterator[str]:
     """The pretraining documents of the sample (the default tokenizer-training corpus)."""
     yield from pretrain_documents(seed)[0]

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from scripts.common.readers import iter_jsonl
-from scripts.common.sample_corpus import pretrain_documents, review_documents, split_reviews
+from scripts.common.sample_corpus import pretrain_documents, split_reviews
 from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
 
 
@@ -80,20 +80,22 @@ def own_answer_pairs(predictions: str | os.PathLike, seed: int = 0) -> list[dict
     return rows
 
 
+# The reviews' texts alone, unlabelled: the quickstart's short in-domain pretraining corpus.
+REVIEW_TEXTS = {"train": "sample_reviews.jsonl", "val": "sample_reviews_val.jsonl"}
+
+
 def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_docs, val_docs = pretrain_documents(seed)
-    train_reviews, val_reviews = review_documents(seed)
     contents = {
         "sample_pretrain.jsonl": ({"text": t} for t in train_docs),
         "sample_pretrain_val.jsonl": ({"text": t} for t in val_docs),
-        "sample_reviews.jsonl": ({"text": t} for t in train_reviews),
-        "sample_reviews_val.jsonl": ({"text": t} for t in val_reviews),
     }
     for split, pairs in split_reviews(seed).items():
         contents[f"sample_sft_{split}.jsonl"] = (sft_row(review, label) for review, label in pairs)
-        if split != "test":  # the test reviews measure accuracy after DPO: never a preference pair
+        if split != "test":  # the test reviews measure accuracy: never pretraining text or a preference pair
+            contents[REVIEW_TEXTS[split]] = ({"text": review} for review, _ in pairs)
             contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
     written = {}
     for name, rows in contents.items():
