@@ -43,7 +43,7 @@ from model.masking import (
     stratified_counts,
     warped_time,
 )
-from model.tokenizer import EOS_ID
+from model.tokenizer import EOS_ID, PAD_ID
 
 NORMALIZATIONS = ("batch", "row")
 MASK_DRAWS = ("time", "count")
@@ -120,14 +120,18 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
 
 
 def pad_to_block_multiple(
-    input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows with maskable EOS to a multiple of block_size, as LLaDA's SFT EOS padding (how it learns to
-    stop). Pretraining rows already have a length the block sizes divide."""
+    input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int, real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad rows to a multiple of block_size: with maskable EOS, as LLaDA's SFT EOS padding (how it learns to
+    stop), or, for rows that end before the batch does (`real`: SFT with a fixed padding), with PAD outside every
+    row. Pretraining rows already have a length the block sizes divide."""
     extra = -input_ids.shape[1] % block_size
     if extra == 0:
-        return input_ids, maskable
-    return F.pad(input_ids, (0, extra), value=EOS_ID), F.pad(maskable, (0, extra), value=True)
+        return input_ids, maskable, real
+    if real is None:
+        return F.pad(input_ids, (0, extra), value=EOS_ID), F.pad(maskable, (0, extra), value=True), None
+    padded = (F.pad(x, (0, extra), value=fill) for x, fill in ((input_ids, PAD_ID), (maskable, False), (real, False)))
+    return tuple(padded)
 
 
 def draw_masks(
@@ -180,11 +184,14 @@ def diffusion_loss(
     maskable: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     scored_at: torch.Tensor | None = None,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar loss of one batch input_ids [B, L] (see the module docstring).
 
     maskable [B, L]: positions that may be masked and are scored (default: every non-PAD token); the rest is clean
     context. doc_ids [B, L]: restrict attention to each token's own document (packed pretraining rows).
+    real [B, L]: the columns that belong to their row (SFT rows with a fixed EOS padding end before the batch does);
+    the others are never attended to. None: every column.
     scored_at [B, K]: positions that include every maskable one (the SFT batcher lists each row's answer and its
     padding, then unmaskable positions); the head then runs only there (not with blocks or the repeat penalty,
     which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
@@ -192,21 +199,20 @@ def diffusion_loss(
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
     if objective.block_size is not None:
-        input_ids, maskable = pad_to_block_multiple(input_ids, maskable, objective.block_size)
+        input_ids, maskable, real = pad_to_block_multiple(input_ids, maskable, objective.block_size, real)
     masked, elbo = draw_masks(objective, maskable, rng)
     if objective.complementary:
         input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)
-        doc_ids = None if doc_ids is None else doc_ids.repeat(2, 1)
-        scored_at = None if scored_at is None else scored_at.repeat(2, 1)
+        doc_ids, scored_at, real = (None if x is None else x.repeat(2, 1) for x in (doc_ids, scored_at, real))
     noisy = input_ids.masked_fill(masked, mask_id)
     weights = token_weights(objective, input_ids, maskable)
     total_weight = weights.sum(1) if objective.normalization == "row" else weights.sum()
     if objective.block_size is not None:
+        if doc_ids is None and real is not None:
+            doc_ids = real.long() - 1  # the row is one document; the columns after it, PAD, are their own
         logits = bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)
     else:
-        attention = (
-            "bidirectional" if doc_ids is None else document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
-        )
+        attention = bidirectional_attention(input_ids, doc_ids, real)
         if scored_at is not None and not objective.repeat_penalty_weight:
             logits = model(noisy, attention=attention, logits_at=(scored_at - 1).clamp(min=0) if shifted else scored_at)
             input_ids, masked, weights = (x.gather(1, scored_at) for x in (input_ids, masked, weights))
@@ -224,6 +230,14 @@ def diffusion_loss(
     if objective.repeat_penalty_weight:
         loss = loss + objective.repeat_penalty_weight * repeat_unlikelihood(logits, input_ids, masked)
     return loss
+
+
+def bidirectional_attention(input_ids: torch.Tensor, doc_ids: torch.Tensor | None, real: torch.Tensor | None):
+    """Each token's own document (a dense [B, 1, L, L] mask), or every column of its row (a key mask [B, 1, 1, L]:
+    one row for all queries, which keeps SDPA's fused kernels), or everything."""
+    if doc_ids is not None:
+        return document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
+    return "bidirectional" if real is None else real[:, None, None, :]
 
 
 def cap_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,10 @@ def pretraining_maskable(input_ids: torch.Tensor) -> torch.Tensor:
 
 def eos_padding(input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
     """The EOS padding of SFT rows: maskable EOS tokens after the answer's own closing EOS (the first of the
-    trailing run of EOS). Only rows padded to a common length have any."""
-    trailing = (input_ids == EOS_ID).flip(1).long().cumprod(1).flip(1).bool() & maskable
+    trailing run of EOS; PAD columns after the run, where the padding is capped, are not part of the row). Only rows
+    padded to a common length, or given a fixed padding, have any."""
+    tail = (input_ids == EOS_ID) | (input_ids == PAD_ID)
+    trailing = tail.flip(1).long().cumprod(1).flip(1).bool() & maskable
     return trailing & torch.nn.functional.pad(trailing[:, :-1], (1, 0), value=False)
 
 

@@ -131,13 +131,14 @@ def test_block_sft_switches_run_through_the_cli_and_every_sft_path_decodes_block
     block_sft = cli(
         "--complementary-masking", run_name="blk", block_size=8, mask_ratio_min=0.3, mask_ratio_max=0.8, cap_weight=0.1
     )
-    normalization = cli(loss_normalization="batch", eos_padding_weight=0.5)
+    normalization = cli(loss_normalization="batch", eos_padding_weight=0.5, eos_padding_length=2)
     summary = train_sft_diffusion.main([*sft_flags(tmp_path), *block_sft, *normalization])
     assert summary["step"] == 3
     checkpoint = tmp_path / "blk_state_dict.pt"
     extra = read_checkpoint(checkpoint).extra
     assert extra["block_diffusion"]["block_size"] == 8
     assert extra["sft_objective"]["normalization"] == "batch" and extra["sft_objective"]["padding_weight"] == 0.5
+    assert extra["sft_eos_padding_length"] == 2
     # every SFT decoding path decodes a block-trained checkpoint block-causally with its block size
     answers = eval_sft_one_prompt.main(
         cli(
@@ -166,6 +167,8 @@ def test_an_inverted_mask_ratio_band_is_explained(tmp_path):
         train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", mask_ratio_min=0.9, mask_ratio_max=0.2)])
     with pytest.raises(NanoLladaError, match="--eos-padding-weight must lie in"):
         train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", eos_padding_weight=2)])
+    with pytest.raises(NanoLladaError, match="--eos-padding-length must be >= 0"):
+        train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", eos_padding_length=-1)])
 
 
 def test_random_length_crops_whole_batches_to_a_block_multiple(corpus, tmp_path, monkeypatch):

@@ -169,6 +169,11 @@ def test_eos_padding_is_the_trailing_eos_after_the_closing_one():
     maskable = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]]).bool()
     expected = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1]]).bool()
     assert torch.equal(eos_padding(ids, maskable), expected)
+    # Capped padding: PAD columns after the run are not part of the row, and are never padding themselves.
+    capped = torch.tensor([[1, 5, 6, 2, 2, 0, 0], [1, 5, 6, 7, 2, 2, 2]])
+    maskable = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]).bool()
+    expected = torch.tensor([[0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1]]).bool()
+    assert torch.equal(eos_padding(capped, maskable), expected)
 
 
 def test_time_weights_are_elbo_weights():
@@ -287,3 +292,53 @@ def test_sft_loss_with_the_head_at_listed_positions_equals_the_full_loss(shifted
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_rows_with_a_fixed_eos_padding_are_scored_as_if_alone(monkeypatch, shifted, block_size):
+    """SFT rows with a fixed EOS padding end before the batch does: the columns after them are never attended to
+    (whatever they hold), so each row's loss is the loss of the row alone, cut where it ends (every answer token
+    masked, to compare)."""
+    from model.config import ModelConfig
+    from scripts.common.sft import SFTExamples, collate, flagged_first
+
+    monkeypatch.setattr(
+        "model.diffusion_loss.draw_masks", lambda objective, maskable, rng: (maskable, torch.ones(len(maskable), 1))
+    )
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = Transformer(config)
+    model.config.logit_shift = shifted
+    rows = [torch.randint(3, 60, (n,)) for n in (6, 11, 9)]
+    for ids in rows:
+        ids[-1] = EOS_ID  # the answer (last three tokens) closes with EOS
+    answer = [torch.arange(len(ids)) >= len(ids) - 3 for ids in rows]
+    examples = SFTExamples(
+        torch.cat(rows).numpy().astype("uint16"),
+        torch.cat(answer).numpy().astype("uint8"),
+        torch.tensor([0, *torch.cumsum(torch.tensor([len(r) for r in rows]), 0)]).numpy(),
+    )
+    objective = DiffusionObjective(block_size=block_size, normalization="row", padding_weight=0.1)
+    batch = collate(examples, range(3), "diffusion", eos_padding=2)
+    assert batch["input_ids"].shape == (3, 13) and batch["real"].sum(1).tolist() == [8, 13, 11]
+    together = diffusion_loss(model, batch["input_ids"], rng(), 63, objective, batch["maskable"],
+                              scored_at=batch["scored_at"], real=batch["real"])  # fmt: skip
+    alone = []
+    for row in range(3):
+        width = int(batch["real"][row].sum())
+        ids, maskable = batch["input_ids"][row : row + 1, :width], batch["maskable"][row : row + 1, :width]
+        scored_at = flagged_first(maskable) if block_size is None else None
+        whole = torch.ones_like(maskable)
+        alone.append(diffusion_loss(model, ids, rng(), 63, objective, maskable, scored_at=scored_at, real=whole))
+    assert together.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5)
+    # The padding weight finds the padding by the PAD after it: compare the attention alone, with weight 1.
+    plain = DiffusionObjective(block_size=block_size, normalization="row")
+    ids, maskable, scored_at, real = (batch[k] for k in ("input_ids", "maskable", "scored_at", "real"))
+    with_pad, with_junk = (
+        diffusion_loss(model, x, rng(), 63, plain, maskable, scored_at=scored_at, real=real)
+        for x in (ids, ids.masked_fill(~real, 7))
+    )
+    assert with_junk.item() == pytest.approx(with_pad.item(), rel=1e-5)

@@ -216,16 +216,19 @@ def _no_usable_conversation(path, bad: BadLineCounter, no_target: int, max_len: 
     return f"{path}: no usable conversation: {'; '.join(reasons) or 'the file has no rows'}"
 
 
-def collate(examples: SFTExamples, indices, route: str) -> dict:
+def collate(examples: SFTExamples, indices, route: str, eos_padding: int | None = None) -> dict:
     """Right-padded batch of whole conversations.
 
     ar: PAD padding, labels = ids on assistant tokens and IGNORE_INDEX elsewhere (padding is never a target:
     it would teach the model to emit PAD after its answer).
     diffusion: EOS padding that belongs to the answer (LLaDA SFT: it teaches where to stop); `maskable` marks
-    the assistant tokens plus that padding; the prompt (user/system turns) is never masked.
+    the assistant tokens plus that padding; the prompt (user/system turns) is never masked. The padding runs to the
+    batch's longest row (LLaDA), or is exactly `eos_padding` tokens per row: the columns after it are PAD, outside
+    the row (`real` is False there), and never attended to.
     """
     parts = [examples.example(int(i)) for i in indices]
-    width = max(len(ids) for ids, _ in parts)
+    capped = route == "diffusion" and eos_padding is not None
+    width = max(len(ids) for ids, _ in parts) + (eos_padding if capped else 0)
     pad = PAD_ID if route == "ar" else EOS_ID
     input_ids = torch.full((len(parts), width), pad, dtype=torch.long)
     target = torch.zeros((len(parts), width), dtype=torch.bool)
@@ -233,12 +236,17 @@ def collate(examples: SFTExamples, indices, route: str) -> dict:
         input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
         target[row, : len(ids)] = torch.from_numpy(mask.astype(bool))
         if route == "diffusion":
-            target[row, len(ids) :] = True
+            end = len(ids) + eos_padding if capped else width
+            target[row, len(ids) : end] = True
+            input_ids[row, end:] = PAD_ID
     if route == "ar":
         predicts_target = F.pad(target[:, 1:], (0, 1), value=False)  # position t is scored when t + 1 is a target
         labels = input_ids.masked_fill(~target, IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, "scored_at": flagged_first(predicts_target)}
-    return {"input_ids": input_ids, "maskable": target, "scored_at": flagged_first(target)}
+    batch = {"input_ids": input_ids, "maskable": target, "scored_at": flagged_first(target)}
+    if capped:
+        batch["real"] = input_ids != PAD_ID
+    return batch
 
 
 def flagged_first(flags: torch.Tensor) -> torch.Tensor:
@@ -250,17 +258,25 @@ def flagged_first(flags: torch.Tensor) -> torch.Tensor:
 
 
 class SFTBatches:
-    def __init__(self, examples: SFTExamples, batch_size: int, seed: int, route: str, group_by_length: bool = False):
+    def __init__(
+        self,
+        examples: SFTExamples,
+        batch_size: int,
+        seed: int,
+        route: str,
+        group_by_length: bool = False,
+        eos_padding: int | None = None,
+    ):
         if len(examples) < batch_size:
             raise NanoLladaError(f"only {len(examples)} training conversations, fewer than --batch-size {batch_size}")
-        self.examples, self.route = examples, route
+        self.examples, self.route, self.eos_padding = examples, route, eos_padding
         if group_by_length:
             self.order = LengthGroupedOrder(np.diff(examples.offsets), batch_size, seed)
         else:
             self.order = EpochOrder(len(examples), batch_size, seed)
 
     def batch(self, k: int) -> dict:
-        return collate(self.examples, self.order.indices(k), self.route)
+        return collate(self.examples, self.order.indices(k), self.route, self.eos_padding)
 
 
 def sft_parser(description: str, run_name: str, epochs: int) -> argparse.ArgumentParser:
@@ -280,8 +296,8 @@ def sft_parser(description: str, run_name: str, epochs: int) -> argparse.Argumen
     return p
 
 
-def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
-    """(training batches, fixed validation batches, optimizer steps)."""
+def sft_data(args, tokenizer, route: str, eos_padding: int | None = None) -> tuple[SFTBatches, list, int]:
+    """(training batches, fixed validation batches, optimizer steps); `eos_padding` as in collate."""
     examples = load_sft_examples(args.data, tokenizer, args.seq_len)
     if args.eval_data:
         val = load_sft_examples(args.eval_data, tokenizer, args.seq_len)
@@ -296,17 +312,18 @@ def sft_data(args, tokenizer, route: str) -> tuple[SFTBatches, list, int]:
             examples.subset(range(len(examples) - n_val, len(examples))),
             examples.subset(range(len(examples) - n_val)),
         )
-    batches = SFTBatches(examples, args.batch_size, args.seed, route, args.group_by_length)
+    batches = SFTBatches(examples, args.batch_size, args.seed, route, args.group_by_length, eos_padding)
     n_val = min(len(val), args.eval_batches * args.batch_size)
     val_batches = [
-        collate(val, range(i, min(i + args.batch_size, n_val)), route) for i in range(0, n_val, args.batch_size)
+        collate(val, range(i, min(i + args.batch_size, n_val)), route, eos_padding)
+        for i in range(0, n_val, args.batch_size)
     ]
     return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
 
 
-def start_sft(args, route: str) -> RunStart:
+def start_sft(args, route: str, eos_padding: int | None = None) -> RunStart:
     """Checked flags, tokenizer, device and the tokenized conversations of an SFT run (`route`: ar | diffusion)."""
-    return start_run(args, route, functools.partial(sft_data, route=route))
+    return start_run(args, route, functools.partial(sft_data, route=route, eos_padding=eos_padding))
 
 
 def scored_tokens(batch: dict) -> int:

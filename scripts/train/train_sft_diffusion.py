@@ -40,6 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "0.1 gives the tokens of a short answer a real share of its loss, see technical_report.md 7.3)",
     )
     p.add_argument(
+        "--eos-padding-length",
+        type=int,
+        default=None,
+        help="EOS padding after each answer: exactly this many tokens, the columns after them out of attention, so "
+        "the model learns the canvas it decodes (answer + padding ~ --max-new-tokens); default: to the batch's "
+        "longest row (LLaDA), see technical_report.md 7.7",
+    )
+    p.add_argument(
         "--mask-draw",
         choices=MASK_DRAWS,
         default="time",
@@ -76,7 +84,9 @@ def main(argv=None) -> dict:
         raise NanoLladaError(f"--block-size must be >= 0 (0: bidirectional), got {args.block_size}")
     if not 0 <= args.eos_padding_weight <= 1:
         raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
-    run = start_sft(args, "diffusion")
+    if args.eos_padding_length is not None and args.eos_padding_length < 0:
+        raise NanoLladaError(f"--eos-padding-length must be >= 0, got {args.eos_padding_length}")
+    run = start_sft(args, "diffusion", eos_padding=args.eos_padding_length)
     start = sft_starting_checkpoint(args, run)
     block_size = sft_block_size(args, *start)
     objective = DiffusionObjective(
@@ -94,11 +104,18 @@ def main(argv=None) -> dict:
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
         return diffusion_loss(
-            model, batch["input_ids"], rng, mask_id, objective, batch["maskable"], scored_at=batch.get("scored_at")
+            model,
+            batch["input_ids"],
+            rng,
+            mask_id,
+            objective,
+            batch["maskable"],
+            scored_at=batch.get("scored_at"),
+            real=batch.get("real"),
         )
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
-    meta = {"sft_objective": asdict(objective)}
+    meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": args.eos_padding_length}
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
     return run_sft(args, run, loss, extra_meta=meta, start=start)
