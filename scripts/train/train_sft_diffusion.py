@@ -1,6 +1,7 @@
 """Diffusion SFT (LLaDA): the prompt is never masked; answer tokens and their EOS padding are masked with
 t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length, its EOS padding weighted
---eos-padding-weight (model/diffusion_loss.py).
+--eos-padding-weight (model/diffusion_loss.py). The padding runs to the batch's longest row, or is
+--eos-padding-length tokens per answer.
 
 Multi-turn rows: every assistant turn is a target at once (user/system turns are the clean prompt), so the
 model learns p(all answers | all user turns); the last turn of a chat at inference is the single-turn case.
