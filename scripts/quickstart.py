@@ -106,8 +106,18 @@ def finetune(args, out: Path, data: Path) -> None:
     step(
         "4b. Diffusion SFT",
         "scripts.train.train_sft_diffusion",
-        # five EOS after the three answer tokens: the 8-token canvas the evaluation decodes (technical_report.md 7.7)
-        cli(*common, run_name="quick_diffusion_sft", load_from=out / "quick_diffusion_best.pt", eos_padding_length=5),
+        # The answer is one decision, taken from an all-masked 8-token canvas (three answer tokens and five EOS)
+        # when decoding starts: train on that canvas, every answer position masked (LLaDA 2.0's mask-ratio band at
+        # t near 1), the padding masked but not scored. With t ~ U(0, 1) it stays near 0.6 (technical_report.md 7.7).
+        cli(
+            *common,
+            run_name="quick_diffusion_sft",
+            load_from=out / "quick_diffusion_best.pt",
+            eos_padding_length=5,
+            mask_ratio_min=0.998,
+            mask_ratio_max=0.999,
+            eos_padding_weight=0,
+        ),
     )
 
 
