@@ -232,21 +232,21 @@ def collate(examples: SFTExamples, indices, route: str, eos_padding: int | None 
     pad = PAD_ID if route == "ar" else EOS_ID
     input_ids = torch.full((len(parts), width), pad, dtype=torch.long)
     target = torch.zeros((len(parts), width), dtype=torch.bool)
-    real = torch.ones((len(parts), width), dtype=torch.bool)
     for row, (ids, mask) in enumerate(parts):
         input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
         target[row, : len(ids)] = torch.from_numpy(mask.astype(bool))
         if route == "diffusion":
             end = len(ids) + eos_padding if capped else width
             target[row, len(ids) : end] = True
-            input_ids[row, end:], real[row, end:] = PAD_ID, False
+            input_ids[row, end:] = PAD_ID
     if route == "ar":
         predicts_target = F.pad(target[:, 1:], (0, 1), value=False)  # position t is scored when t + 1 is a target
         labels = input_ids.masked_fill(~target, IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, "scored_at": flagged_first(predicts_target)}
     batch = {"input_ids": input_ids, "maskable": target, "scored_at": flagged_first(target)}
-    if capped:
-        batch["real"] = real
+    if capped:  # each row's own columns: its conversation and its padding
+        ends = torch.tensor([len(ids) + eos_padding for ids, _ in parts])
+        batch["real"] = torch.arange(width)[None, :] < ends[:, None]
     return batch
 
 
