@@ -50,6 +50,33 @@ def lively_model(config: ModelConfig):
     return model
 
 
+def decodes_something(tokens) -> bool:
+    """Whether decoded ids vary (more than three distinct ones): an equality between two decoders says nothing when
+    both write one token again and again, which is what a 0.02-init model does."""
+    ids = tokens.flatten().tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    return len(set(ids)) > 3
+
+
+class CommitLog:
+    """Records the predictions every diffusion commit is made from; `take()` hands over those since the last take.
+    Two decoders that agree on these agree at every step, not only on the final tokens."""
+
+    def __init__(self, monkeypatch):
+        from model import remasking
+
+        self.logits, commit = [], remasking.DecodingRun.commit
+
+        def logged(run, logits, *args):
+            self.logits.append(logits.clone())
+            return commit(run, logits, *args)
+
+        monkeypatch.setattr(remasking.DecodingRun, "commit", logged)
+
+    def take(self) -> list[torch.Tensor]:
+        taken, self.logits = self.logits, []
+        return taken
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig(**TINY_MODEL, vocab_size=101, max_position_embeddings=256)

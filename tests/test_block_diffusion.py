@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import UniformModel
+from conftest import CommitLog, UniformModel, decodes_something, lively_model
 
 from model.block_attention import (
     bd3lm_attention_mask,
@@ -199,10 +199,12 @@ class Counting(nn.Module):
         (5, {"cfg_scale": 1.5}),
     ],
 )
-def test_cached_and_uncached_block_decoding_give_identical_tokens(tiny_config, prompt_len, options):
-    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+def test_cached_and_uncached_block_decoding_give_identical_tokens(monkeypatch, tiny_config, prompt_len, options):
+    """The cache is exact: on a model whose text varies, every commit is made from the same predictions."""
+    torch.manual_seed(0)
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (2, prompt_len), generator=rng())
-    results = {}
+    results, logs, log = {}, {}, CommitLog(monkeypatch)
     for cached in (True, False):
         cfg = DiffusionSamplerConfig(
             gen_length=10,
@@ -214,14 +216,18 @@ def test_cached_and_uncached_block_decoding_give_identical_tokens(tiny_config, p
             **options,
         )
         results[cached] = diffusion_generate(Counting(model), prompt, cfg, mask_id, generator=rng(9))
-    assert torch.equal(results[True].tokens, results[False].tokens)
+        logs[cached] = log.take()
+    assert torch.equal(results[True].tokens, results[False].tokens) and decodes_something(results[True].tokens)
     assert not (results[True].tokens == mask_id).any()
+    assert len(logs[True]) == len(logs[False])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logs[True], logs[False]))
     if "threshold" not in options:
         assert torch.equal(torch.stack(results[True].commits), torch.stack(results[False].commits))
 
 
 def test_block_decoding_feeds_only_the_current_block_and_never_changes_earlier_blocks(tiny_config):
-    model, mask_id = Counting(Transformer(tiny_config).eval()), tiny_config.vocab_size - 1
+    torch.manual_seed(0)
+    model, mask_id = Counting(lively_model(tiny_config)), tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (1, 6), generator=rng())  # blocks of 4: [0,4) prompt, [4,8) prompt tail + 2 new
     streamed = []
     cfg = DiffusionSamplerConfig(gen_length=10, steps=10, block_size=4, stop_at_eos=False, block_causal=True)

@@ -1,11 +1,12 @@
 """Invariants of the LLaDA objective, the diffusion sampler and the likelihood estimators."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import UniformModel
+from conftest import CommitLog, UniformModel, decodes_something, lively_model
 
 from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
@@ -70,7 +71,8 @@ def test_sampler_keeps_prompt_fills_every_mask_and_follows_the_schedule(tiny_con
 
 
 def test_temperature_zero_is_deterministic_and_random_sampling_is_seeded(tiny_config):
-    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    torch.manual_seed(0)
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     prompt = torch.tensor([[1, 7, 9]])
     greedy = DiffusionSamplerConfig(gen_length=8, steps=8)
     assert torch.equal(
@@ -94,19 +96,17 @@ def test_cfg_scale_zero_equals_no_guidance_and_guidance_changes_logits(tiny_conf
     assert not torch.allclose(_guided_logits(model, canvas, 3, mask_id, 2.0), plain, atol=1e-3)
 
 
-def test_threshold_above_one_equals_one_token_per_step_low_confidence(tiny_config):
-    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+def test_threshold_above_one_equals_one_token_per_step_low_confidence(monkeypatch, tiny_config):
+    """No confidence reaches the threshold, so each step commits its single most confident position: step by step
+    what low-confidence remasking with one token per step does, on a model whose text varies."""
+    torch.manual_seed(0)
+    model, mask_id, log = lively_model(tiny_config), tiny_config.vocab_size - 1, CommitLog(monkeypatch)
     prompt = torch.tensor([[1, 7, 9, 4]])
-    baseline = diffusion_generate(
-        model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, stop_at_eos=False), mask_id
-    )
-    fast = diffusion_generate(
-        model,
-        prompt,
-        DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, threshold=1.5, stop_at_eos=False),
-        mask_id,
-    )
-    assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8
+    base = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, stop_at_eos=False)
+    baseline, baseline_log = diffusion_generate(model, prompt, base, mask_id), log.take()
+    fast = diffusion_generate(model, prompt, replace(base, threshold=1.5), mask_id)
+    assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8 and decodes_something(fast.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(baseline_log, log.take(), strict=True))
     one_shot = diffusion_generate(
         model, prompt, DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, threshold=0.0), mask_id
     )

@@ -195,18 +195,47 @@ def test_block_size_equal_to_the_row_is_the_bidirectional_loss(tiny_config):
         bidirectional = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule))
         block = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule, block_size=16))
         assert block.item() == pytest.approx(bidirectional.item(), rel=1e-5)
-    smaller = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(block_size=4))
-    assert smaller.item() != pytest.approx(bidirectional.item(), rel=1e-3)
+        smaller = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule, block_size=4))
+        assert smaller.item() != pytest.approx(bidirectional.item(), rel=1e-3)  # blocks change what a token sees
 
 
-def test_sft_loss_trains_the_answer_only(tiny_config):
-    model, mask_id = Transformer(tiny_config), tiny_config.vocab_size - 1
-    ids = torch.randint(1, mask_id, (2, 14), generator=rng())
+class Tokenwise(nn.Module):
+    """A model whose output at a position reads that position's token alone (an embedding and a head): a loss over
+    it changes only when a scored position's token or mask changes."""
+
+    def __init__(self, vocab: int = V):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, 16), nn.Linear(16, vocab)
+
+    def forward(self, ids, attention="bidirectional", logits_at=None, **_):
+        logits = self.head(self.embed(ids))
+        if isinstance(logits_at, torch.Tensor) and logits_at.dim() == 2:
+            return logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits if logits_at is None else logits[:, logits_at]
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [DiffusionObjective(), DiffusionObjective("cosine", 0.3, 0.8, 4, "row", complementary=True, cap_weight=2.0)],
+    ids=["llada", "blocks-complementary-cap"],
+)
+def test_sft_loss_trains_the_answer_only(tiny_config, objective):
+    """The prompt is clean context: never masked, never scored. Over a model that reads each position alone, the
+    loss does not move when the prompt's tokens change, and only the mask token's input row gets a gradient."""
+    model = Tokenwise()
+    ids = torch.randint(1, 50, (2, 14), generator=rng())
+    ids[:, 5:] += 50  # prompt tokens in [1, 50), answer tokens in [51, 100): their embedding rows are disjoint
     maskable = torch.arange(14)[None, :].repeat(2, 1) >= 5
-    objective = DiffusionObjective("cosine", 0.3, 0.8, 4, "row", complementary=True, cap_weight=2.0)
-    loss = diffusion_loss(model, ids, rng(1), mask_id, objective, maskable)
+    loss = diffusion_loss(model, ids, rng(1), MASK, objective, maskable)
     loss.backward()
-    assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    grad = model.embed.weight.grad.abs().sum(1)
+    assert torch.isfinite(loss) and grad[MASK] > 0 and grad[:MASK].sum() == 0
+    other_prompt = ids.clone()
+    other_prompt[:, :5] = torch.randint(1, 50, (2, 5), generator=rng(3))
+    assert diffusion_loss(model, other_prompt, rng(1), MASK, objective, maskable).item() == loss.item()
+    transformer = Transformer(tiny_config)  # and the real model trains through the answer
+    diffusion_loss(transformer, ids, rng(1), tiny_config.vocab_size - 1, objective, maskable).backward()
+    assert transformer.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
 def test_unmasked_positions_get_zero_gradient(tiny_config):

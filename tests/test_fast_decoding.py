@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import CommitLog, decodes_something, lively_model
 
 from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
-from model.transformer import Transformer
 
 
 def rng(seed=0):
@@ -40,7 +40,8 @@ class Recorder(nn.Module):
 
 
 def setup(tiny_config, batch=2, prompt_len=5):
-    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    torch.manual_seed(0)
+    model, mask_id = lively_model(tiny_config), tiny_config.vocab_size - 1
     return model, mask_id, torch.randint(1, mask_id, (batch, prompt_len), generator=rng())
 
 
@@ -112,14 +113,17 @@ def test_threshold_zero_decodes_each_block_in_its_refresh_step_so_caches_are_exa
     assert torch.equal(uncached.tokens, cached.tokens) and cached.nfe == uncached.nfe == 3
 
 
-def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence(tiny_config):
+def test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence(monkeypatch, tiny_config):
     """A threshold no confidence reaches commits one token per step (the most confident), as low-confidence
     remasking does, and batches do not change that (Fast-dLLM's issue #7: batches broke the original code)."""
-    model, mask_id, prompt = setup(tiny_config, batch=3)
+    torch.manual_seed(0)
+    model, mask_id, log = lively_model(tiny_config), tiny_config.vocab_size - 1, CommitLog(monkeypatch)
+    prompt = torch.randint(1, mask_id, (3, 5), generator=rng())
     base = DiffusionSamplerConfig(gen_length=8, steps=8, block_size=4, stop_at_eos=False)
-    baseline = diffusion_generate(model, prompt, base, mask_id)
+    baseline, baseline_log = diffusion_generate(model, prompt, base, mask_id), log.take()
     fast = diffusion_generate(model, prompt, DiffusionSamplerConfig(**{**vars(base), "threshold": 1.5}), mask_id)
-    assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8
+    assert torch.equal(baseline.tokens, fast.tokens) and fast.nfe == 8 and decodes_something(fast.tokens)
+    assert all(torch.equal(a, b) for a, b in zip(baseline_log, log.take(), strict=True))
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
@@ -164,7 +168,7 @@ def test_cached_agreement_with_the_uncached_sampler_is_reported(tiny_config, cap
     """Prefix/dual caches are approximations for bidirectional models (the K/V outside the block go stale as it
     fills in): report agreement, do not assert it."""
     model, mask_id, prompt = setup(tiny_config, batch=4, prompt_len=8)
-    base = DiffusionSamplerConfig(gen_length=32, steps=32, block_size=8, threshold=0.02, stop_at_eos=False)
+    base = DiffusionSamplerConfig(gen_length=32, steps=32, block_size=8, threshold=0.9, stop_at_eos=False)
     reference = diffusion_generate(model, prompt, base, mask_id)
     for cache in ("prefix", "dual"):
         out = diffusion_generate(model, prompt, DiffusionSamplerConfig(**{**vars(base), "cache": cache}), mask_id)

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY_MODEL, lively_model
+from conftest import TINY_MODEL, CommitLog, lively_model
 
-from model import remasking
 from model.ar import ARSamplerConfig, generate
 from model.config import ModelConfig
 from model.errors import NanoLladaError
@@ -100,23 +99,6 @@ def test_prefix_and_dual_caches_are_exact_for_a_model_that_ignores_later_columns
     cached = diffusion_generate(model, ids, replace(base, cache=cache), MASK, prompt_lengths=lengths)
     assert torch.equal(cached.tokens, uncached.tokens) and cached.nfe == uncached.nfe
     assert len(set(uncached.tokens.flatten().tolist())) > 3
-
-
-class CommitLog:
-    """Records the predictions every commit is made from; `take()` hands over those since the last take."""
-
-    def __init__(self, monkeypatch):
-        self.logits, commit = [], remasking.DecodingRun.commit
-
-        def logged(run, logits, *args):
-            self.logits.append(logits.clone())
-            return commit(run, logits, *args)
-
-        monkeypatch.setattr(remasking.DecodingRun, "commit", logged)
-
-    def take(self) -> list[torch.Tensor]:
-        taken, self.logits = self.logits, []
-        return taken
 
 
 @pytest.mark.parametrize("prompt_len", [3, 4, 6, 8])

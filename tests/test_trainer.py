@@ -9,6 +9,7 @@ from conftest import TINY_TRAINING
 
 from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
+from model.diffusion_loss import diffusion_loss
 from model.errors import NanoLladaError
 from model.transformer import Transformer
 from scripts.common.optimization import TrainConfig, lr_at
@@ -47,9 +48,15 @@ def run_train(model, cfg, val, batch_fn=data, loss=loss_fn, resume=False, tokeni
     return train(model, cfg, Task(batch_fn, val, loss, loss_fn), RunOptions(tokenizer, resume), DEVICE)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
+def diffusion_loss_fn(model, batch, rng, step=None):
+    return diffusion_loss(model, batch, rng, mask_id=100)
+
+
+@pytest.mark.parametrize("loss", [loss_fn, diffusion_loss_fn], ids=["ar", "diffusion"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config, loss):
+    """The diffusion loss draws its masks from the step's generator: a resumed run must draw the same ones."""
     model, cfg, val = make_run(tmp_path / "a", tiny_config, data)
-    run_train(model, cfg, val)
+    run_train(model, cfg, val, loss=loss)
     uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
 
     def interrupt_at_step_5(k):
@@ -59,10 +66,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_config):
 
     model, cfg, val = make_run(tmp_path / "b", tiny_config, data)
     with pytest.raises(KeyboardInterrupt):
-        run_train(model, cfg, val, batch_fn=interrupt_at_step_5)
+        run_train(model, cfg, val, batch_fn=interrupt_at_step_5, loss=loss)
     assert read_checkpoint(tmp_path / "b" / "run.pt").extra["step"] == 5
     model, cfg, val = make_run(tmp_path / "b", tiny_config, data)  # a fresh process: new model, same flags
-    summary = run_train(model, cfg, val, resume=True)
+    summary = run_train(model, cfg, val, loss=loss, resume=True)
     assert summary["step"] == 8
     assert all(torch.equal(uninterrupted[k], v) for k, v in model.state_dict().items())
     steps = [

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import decodes_something, lively_model
 
 from model.ar import ARSamplerConfig, generate
 from model.config import ModelConfig
@@ -49,11 +50,16 @@ def test_kv_cache_chunks_equal_one_full_forward(tiny_config):
 
 
 def test_kv_cached_greedy_decoding_equals_uncached(tiny_config):
-    model = Transformer(tiny_config).eval()
+    """On a model whose greedy text varies, and with the cache really used: after the prompt, one token per forward."""
+    torch.manual_seed(0)
+    model = lively_model(tiny_config)
+    fed = []
+    model.register_forward_hook(lambda module, args, output: fed.append(args[0].shape[1]))
     prompt = [1, 5, 9, 3]
     cached = list(generate(model, prompt, 20, use_cache=True))
+    assert fed == [len(prompt)] + [1] * 19
     uncached = list(generate(model, prompt, 20, use_cache=False))
-    assert len(cached) == 20
+    assert len(cached) == 20 and decodes_something(cached)
     assert cached == uncached
 
 

@@ -1,0 +1,149 @@
+"""Break the code on purpose, one change at a time, and check that the test named for the broken invariant fails.
+
+    uv run python tests/deliberate_breaks.py            # every break
+    uv run python tests/deliberate_breaks.py -k cache   # the breaks whose name contains "cache"
+
+Each break is a textual edit of one source file in a scratch copy of the tracked tree (the working tree is never
+touched) and the one test that must catch it, run alone: a break that only some neighbouring test catches is a
+test that does not pin its invariant. The unbroken copy must pass the same tests first. technical_report.md
+section 6 lists the table this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Break:
+    name: str
+    path: str  # the file edited, relative to the repository root
+    old: str  # text that must occur exactly once in it
+    new: str
+    test: str  # the pytest node id that must fail
+
+
+BREAKS = [
+    Break(
+        "AR generation ignores the KV cache",
+        "model/ar.py",
+        "cache = model.new_kv_cache(1, len(prompt_ids) + max_new_tokens) if use_cache else None",
+        "cache = None",
+        "tests/test_transformer.py::test_kv_cached_greedy_decoding_equals_uncached",
+    ),
+    Break(
+        "cached positions restart at 0",
+        "model/transformer.py",
+        "cos, sin = self.rope_cos[past : past + T], self.rope_sin[past : past + T]",
+        "cos, sin = self.rope_cos[:T], self.rope_sin[:T]",
+        "tests/test_transformer.py::test_kv_cached_greedy_decoding_equals_uncached",
+    ),
+    Break(
+        "block-causal cache cropped one column short",
+        "model/sampling.py",
+        "                cache.crop(lo)\n",
+        "                cache.crop(lo - 1)\n",
+        "tests/test_block_diffusion.py::test_cached_and_uncached_block_decoding_give_identical_tokens",
+    ),
+    Break(
+        "threshold fallback commits the least confident position",
+        "model/remasking.py",
+        "commit |= _commit_top(scores, open_here.any(1).long())",
+        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "tests/test_diffusion.py::test_threshold_above_one_equals_one_token_per_step_low_confidence",
+    ),
+    Break(
+        "threshold fallback commits the least confident position (batched)",
+        "model/remasking.py",
+        "commit |= _commit_top(scores, open_here.any(1).long())",
+        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "tests/test_fast_decoding.py::test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence",
+    ),
+    Break(
+        "training masks drawn from a process-local counter",
+        "scripts/common/trainer.py",
+        "        return _rng(run.device, run.cfg.seed, k)\n",
+        "        _train_rng.calls = getattr(_train_rng, 'calls', 0) + 1\n"
+        "        return _rng(run.device, run.cfg.seed, _train_rng.calls)\n",
+        "tests/test_trainer.py::test_interrupted_and_resumed_equals_uninterrupted",
+    ),
+    Break(
+        "the SFT loss masks and scores the prompt",
+        "model/diffusion_loss.py",
+        "pretraining_maskable(input_ids) if maskable is None else maskable",
+        "pretraining_maskable(input_ids)",
+        "tests/test_diffusion_loss.py::test_sft_loss_trains_the_answer_only",
+    ),
+    Break(
+        "the block loss ignores the block size (one block over the row)",
+        "model/diffusion_loss.py",
+        "bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)",
+        "bdlm_forward(model, noisy, input_ids, noisy.shape[1], doc_ids)",
+        "tests/test_diffusion_loss.py::test_block_size_equal_to_the_row_is_the_bidirectional_loss",
+    ),
+]
+
+
+def run_test(tree: Path, test: str) -> bool:
+    """Whether `test` passes in `tree` (one process, one thread: the machine is shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test]
+    return subprocess.run(command, cwd=tree, env=env, capture_output=True).returncode == 0
+
+
+def copy_tree(into: Path) -> Path:
+    """The tracked files of the repository (plus the shared fixtures' relative location) copied under `into`."""
+    listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tree = into / ROOT.name
+    for name in files:
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    if (ROOT.parent / "shared").exists():
+        (into / "shared").symlink_to(ROOT.parent / "shared")
+    return tree
+
+
+def check(tree: Path, brk: Break) -> str:
+    """'caught', or why not: the edit must apply and the unbroken test must pass, then fail once broken."""
+    source = tree / brk.path
+    original = source.read_text(encoding="utf-8")
+    if original.count(brk.old) != 1:
+        return f"edit does not apply ({original.count(brk.old)} matches)"
+    if not run_test(tree, brk.test):
+        return "fails unbroken"
+    try:
+        source.write_text(original.replace(brk.old, brk.new), encoding="utf-8")
+        return "MISSED" if run_test(tree, brk.test) else "caught"
+    finally:
+        source.write_text(original, encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="only the breaks whose name contains this text")
+    chosen = [b for b in BREAKS if parser.parse_args().k in b.name]
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="breaks-") as scratch:
+        tree = copy_tree(Path(scratch))
+        print("| break | test that catches it | outcome |\n|---|---|---|")
+        for brk in chosen:
+            outcomes.append(check(tree, brk))
+            print(f"| {brk.name} (`{brk.path}`) | `{brk.test.split('::')[1]}` | {outcomes[-1]} |", flush=True)
+    caught = outcomes.count("caught")
+    print(f"{caught} of {len(chosen)} breaks caught by the test named for their invariant")
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
