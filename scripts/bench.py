@@ -35,7 +35,15 @@ from model.transformer import Transformer
 from scripts.common.bench_report import ROOT, git_commit, markdown, plot_card
 from scripts.common.bench_training import TINY, BenchSettings, bench_training, training_flops_per_token
 from scripts.common.cli import run_main
-from scripts.common.speed_card import TINY_CARD, CardSettings, Pair, Workload, continuation_prompts, measure_card
+from scripts.common.speed_card import (
+    TINY_CARD,
+    CardSettings,
+    Pair,
+    Workload,
+    continuation_prompts,
+    measure_card,
+    shape_difference,
+)
 
 __all__ = ["main", "training_flops_per_token"]
 
@@ -99,9 +107,11 @@ def load_pair(paths: list[str], what: str, device) -> Pair:
     if set(checkpoints) != {"ar", "diffusion"}:
         raise NanoLladaError(f"{what}: {' and '.join(paths)} are not one AR and one diffusion checkpoint")
     (ar_path, ar), (diffusion_path, diffusion) = checkpoints["ar"], checkpoints["diffusion"]
-    if ar.config.num_parameters() != diffusion.config.num_parameters():
+    differ = shape_difference(ar.config, diffusion.config)
+    if differ:
         raise NanoLladaError(
-            f"{what}: {ar_path} and {diffusion_path} differ in size; the card compares models of the same shape"
+            f"{what}: {ar_path} and {diffusion_path} differ in {', '.join(differ)}; the card compares models of the "
+            "same shape"
         )
     models = [build_model(c, path).to(device).eval() for path, c in (checkpoints["ar"], checkpoints["diffusion"])]
     names = {"ar": str(ar_path), "diffusion": str(diffusion_path), "parameters": ar.config.num_parameters()}

@@ -78,8 +78,10 @@ def test_nelbo_terms_match_diffusion_nelbo_and_never_mask_the_context():
     assert all((x[:, 0] == ids[:, 0]).all() for x in spy.inputs)  # the context token is never masked
     masked_counts = torch.stack([(x == MASK).sum(1) for x in spy.inputs]).double()
     assert ((uniform_terms == 0) == (masked_counts == 0)).all() and (masked_counts > 0).any()
-    # Uniform logits: each term is (masked count) * ln V / t, an unbiased estimate of 23 ln V.
-    assert uniform_terms.mean().item() == pytest.approx(23 * math.log(V), rel=0.15)
+    # Uniform logits: each term is (masked count) * ln V / t, an unbiased estimate of 23 ln V (within 4 errors).
+    assert (uniform_terms >= masked_counts * math.log(V) - 1e-6).all()  # the weight 1/t is at least 1
+    error = uniform_terms.std() / math.sqrt(uniform_terms.numel())
+    assert abs(uniform_terms.mean().item() - 23 * math.log(V)) < 4 * error
 
 
 def test_exact_count_nelbo_rows_are_exact_for_uniform_logits_and_seeded():

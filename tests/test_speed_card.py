@@ -2,12 +2,14 @@
 read from the decoded outputs; and the two decoding levers it adds (a shorter canvas, rows finishing at their EOS)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.errors import NanoLladaError
 from model.remasking import _factor_count
 from model.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
 from model.tokenizer import EOS_ID, encode, load_tokenizer
@@ -152,8 +154,11 @@ def test_modes_compare_every_lever_and_block_trained_models_decode_block_causall
 
 
 def test_a_pair_holds_models_of_the_same_shape(tiny_config):
-    pair = Pair(Transformer(tiny_config), Transformer(tiny_config), {})
-    assert pair.trained_block is None
+    pair = Pair(Transformer(tiny_config), Transformer(replace(tiny_config, logit_shift=True)), {})
+    assert pair.trained_block is None  # a logit shift is no change of shape
+    for field, value in [("num_attention_heads", 2), ("num_key_value_heads", 1), ("intermediate_size", 256)]:
+        with pytest.raises(NanoLladaError, match=f"differ in {field}"):
+            Pair(Transformer(tiny_config), Transformer(replace(tiny_config, **{field: value})), {})
 
 
 def test_the_factor_rule_commits_more_when_more_positions_are_confident():

@@ -72,6 +72,32 @@ class Pair:
     names: dict
     trained_block: int | None = None
 
+    def __post_init__(self) -> None:
+        differ = shape_difference(self.ar.config, self.diffusion.config)
+        if differ:
+            raise NanoLladaError(f"the card compares models of the same shape; these differ in {', '.join(differ)}")
+
+
+# The fields that make two models the same shape (the logit shift, positions and dropout may differ).
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def shape_difference(a, b) -> list[str]:
+    """The shape fields in which two ModelConfigs differ, as 'field a vs b'."""
+    return [
+        f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+        for name in SHAPE_FIELDS
+        if getattr(a, name) != getattr(b, name)
+    ]
+
 
 @dataclass
 class Workload:
