@@ -1,8 +1,10 @@
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,6 +77,37 @@ class CommitLog:
     def take(self) -> list[torch.Tensor]:
         taken, self.logits = self.logits, []
         return taken
+
+
+def reference_minimind2_forward(state: dict, config: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """An independent, deliberately plain MiniMind2 forward: explicit repeat of KV heads and a softmax with a -inf
+    mask."""
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps))
+
+    B, T = ids.shape
+    d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.outer(torch.arange(T).float(), inv)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    rot = lambda x: x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin  # noqa: E731
+    x = state["model.embed_tokens.weight"][ids]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, state[p + "input_layernorm.weight"])
+        q = (h @ state[p + "self_attn.q_proj.weight"].T).view(B, T, nh, d).transpose(1, 2)
+        k = (h @ state[p + "self_attn.k_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
+        v = (h @ state[p + "self_attn.v_proj.weight"].T).view(B, T, nkv, d).transpose(1, 2)
+        q, k = rot(q), rot(k)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d) + torch.full((T, T), float("-inf")).triu(1)
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + attn @ state[p + "self_attn.o_proj.weight"].T
+        h = rms(x, state[p + "post_attention_layernorm.weight"])
+        mlp = F.silu(h @ state[p + "mlp.gate_proj.weight"].T) * (h @ state[p + "mlp.up_proj.weight"].T)
+        x = x + mlp @ state[p + "mlp.down_proj.weight"].T
+    return rms(x, state["model.norm.weight"]) @ state["model.embed_tokens.weight"].T
 
 
 @pytest.fixture

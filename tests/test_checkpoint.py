@@ -4,10 +4,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import lively_model
+from conftest import lively_model, reference_minimind2_forward
 
 from model import NanoLladaError, Transformer, load_model, read_checkpoint, save_checkpoint
 from model.checkpoint import atomic_save
+from model.config import ModelConfig
 from model.logit_shift import is_shifted
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 
@@ -20,6 +21,28 @@ def test_minimind2_fixture_parity(minimind2_fixtures):
     assert config.num_attention_heads == 8 and config.num_key_value_heads == 2 and config.vocab_size == 6401
     assert logits.shape == (*expected["input_ids"].shape, 6401)
     assert (logits[..., :6400] - expected["logits"]).abs().max() < 1e-4
+
+
+def test_a_minimind2_format_file_loads_with_minimind2_logits(tmp_path):
+    """The parity check that runs without the shared fixture: a random state dict in MiniMind2's key layout and
+    shapes (vocabulary 6400, no mask row, head tied), loaded by load_model, gives the logits of a plain MiniMind2
+    forward over the same tensors."""
+    reference = ModelConfig(
+        hidden_size=128, num_hidden_layers=2, num_key_value_heads=2, vocab_size=6400, intermediate_size=384
+    )
+    generator = torch.Generator().manual_seed(0)
+    state = {k: v for k, v in Transformer(reference).state_dict().items() if k != "lm_head.weight"}
+    for name, tensor in state.items():
+        noise = torch.randn(tensor.shape, generator=generator)
+        state[name] = 1 + 0.3 * noise if "norm" in name else 0.1 * noise  # norms must matter
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:6400]
+    torch.save(state, tmp_path / "random_minimind2.pth")
+    model, config = load_model(tmp_path / "random_minimind2.pth")
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (8, 2, 6401)
+    ids = torch.randint(0, 6400, (2, 24), generator=generator)
+    with torch.no_grad():
+        logits = model(ids)[..., :6400]
+    assert (logits - reference_minimind2_forward(state, reference, ids)).abs().max() < 1e-4
 
 
 def test_minimind2_fp16_file_loads_and_head_count_can_be_passed(minimind2_fixtures, tmp_path):

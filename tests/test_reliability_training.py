@@ -8,6 +8,7 @@ that is not a string).
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,11 +161,13 @@ def test_unwritable_save_dir_and_export_dir_are_one_line(data, tmp_path, capsys,
     assert "--save-dir" in error_line(train_pretrain.main, argv, capsys) and "is a file" in error_line(
         train_pretrain.main, argv, capsys
     )
-    if os.geteuid() != 0:  # root writes through permissions, so only a non-root run can test a read-only dir
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        argv = [*TRAIN, *cli(data=data["pretrain"], save_dir=locked / "runs", run_name="r")]
-        assert "cannot write there" in error_line(train_pretrain.main, argv, capsys)
+    # A folder nobody can create: a read-only one, or for root (who writes through permissions, as CI runs) one
+    # inside /proc, where no process may make a folder.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    unwritable = locked if os.geteuid() != 0 else Path("/proc/nano_llada_test")
+    argv = [*TRAIN, *cli(data=data["pretrain"], save_dir=unwritable / "runs", run_name="r")]
+    assert "cannot write there" in error_line(train_pretrain.main, argv, capsys)
     err = error_line(export_hf.main, cli(checkpoint=tmp_path / "none.pt", out=blocker / "hf"), capsys)
     assert err.startswith("error: --out")
 
