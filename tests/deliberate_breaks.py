@@ -104,6 +104,27 @@ BREAKS = [
         "scored = masked_token_nll(logits, input_ids, masked) * weights * total_weight / (masked * weights).sum()",
         "tests/test_diffusion_loss.py::test_every_diffusion_estimator_has_the_nelbo_as_expectation_for_a_non_uniform_model",
     ),
+    Break(
+        "eval_lm's AR figure 4 % high",
+        "scripts/common/lm_scores.py",
+        "sums.append(ar_nll_rows(model, batch, scored).cpu())",
+        "sums.append(1.04 * ar_nll_rows(model, batch, scored).cpu())",
+        "tests/test_eval_lm.py::test_eval_lm_scores_both_routes_on_the_same_rows",
+    ),
+    Break(
+        "the speed card's pair compares the hidden size alone",
+        "scripts/common/speed_card.py",
+        "        for name in SHAPE_FIELDS\n",
+        "        for name in SHAPE_FIELDS[:1]\n",
+        "tests/test_speed_card.py::test_a_pair_holds_models_of_the_same_shape",
+    ),
+    Break(
+        "training FLOPs count the key/value projections at full width",
+        "scripts/common/bench_training.py",
+        "2 * h * h + 2 * h * kv + 3 * h * i",
+        "2 * h * h + 2 * h * h + 3 * h * i",
+        "tests/test_bench.py::test_training_flops_follow_six_n_plus_attention",
+    ),
 ]
 
 
@@ -114,8 +135,9 @@ def run_test(tree: Path, test: str) -> bool:
     return subprocess.run(command, cwd=tree, env=env, capture_output=True).returncode == 0
 
 
-def copy_tree(into: Path) -> Path:
-    """The tracked files of the repository (plus the shared fixtures' relative location) copied under `into`."""
+def copy_tree(into: Path, tests_from: str | None) -> Path:
+    """The tracked files of the repository (plus the shared fixtures' relative location) copied under `into`;
+    with `tests_from`, tests/ as it was at that git revision (to show what the older tests missed)."""
     listing = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
     files = subprocess.run(listing, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     tree = into / ROOT.name
@@ -123,6 +145,10 @@ def copy_tree(into: Path) -> Path:
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tree / name)
+    if tests_from:
+        shutil.rmtree(tree / "tests")
+        archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     if (ROOT.parent / "shared").exists():
         (into / "shared").symlink_to(ROOT.parent / "shared")
     return tree
@@ -135,7 +161,7 @@ def check(tree: Path, brk: Break) -> str:
     if original.count(brk.old) != 1:
         return f"edit does not apply ({original.count(brk.old)} matches)"
     if not run_test(tree, brk.test):
-        return "fails unbroken"
+        return "fails unbroken (or no such test)"
     try:
         source.write_text(original.replace(brk.old, brk.new), encoding="utf-8")
         return "MISSED" if run_test(tree, brk.test) else "caught"
@@ -146,10 +172,12 @@ def check(tree: Path, brk: Break) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", default="", help="only the breaks whose name contains this text")
-    chosen = [b for b in BREAKS if parser.parse_args().k in b.name]
+    parser.add_argument("--tests-from", metavar="REV", help="run the tests as they were at this git revision")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKS if args.k in b.name]
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="breaks-") as scratch:
-        tree = copy_tree(Path(scratch))
+        tree = copy_tree(Path(scratch), args.tests_from)
         print("| break | test that catches it | outcome |\n|---|---|---|")
         for brk in chosen:
             outcomes.append(check(tree, brk))

@@ -15,6 +15,7 @@ from model.errors import NanoLladaError
 from model.likelihood import ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows, diffusion_nelbo_terms
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
+from scripts.common.evaluation import held_out_batches, load_any_kind
 from scripts.common.lm_scores import ratio_mean_and_stderr, scored_positions
 from scripts.eval import eval_lm
 
@@ -155,8 +156,13 @@ def test_eval_lm_scores_both_routes_on_the_same_rows(tmp_path, capsys):
     assert first["rows"] == second["rows"] == 8 and first["tokens"] == second["tokens"] == 8 * 31
     assert first["row_tokens"] == second["row_tokens"]
     assert first["stderr"] > 0 and first["mc_stderr"] == 0 and second["stderr"] > 0 and second["mc_stderr"] > 0
-    # An untrained model is near uniform: both numbers sit near ln|V|.
-    assert first["nll_per_token"] == pytest.approx(math.log(len(repo_tokenizer())), rel=0.05)
+    # AR: exactly the mean next-token loss over the same rows (every row scores its seq_len - 1 predictions).
+    model, tokenizer, _, _ = load_any_kind(ar, ".", torch.device("cpu"))
+    batches = held_out_batches(data, tokenizer, "text", 32, 4, 2)
+    with torch.no_grad():
+        exact = sum(next_token_loss(model, batch).item() for batch in batches) / len(batches)
+    assert first["nll_per_token"] == pytest.approx(exact, rel=1e-5)
+    # Diffusion: an untrained model is near uniform, and the NELBO bounds the NLL from above.
     assert second["nll_per_token"] == pytest.approx(math.log(len(repo_tokenizer())), rel=0.05)
     assert again["delta"] == 0 and again["delta_stderr"] == 0
     table = capsys.readouterr().out
