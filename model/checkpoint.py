@@ -79,13 +79,20 @@ def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
         return read_hf_export(path, num_attention_heads)
     if not path.is_file():
         raise NanoLladaError(f"{path}: checkpoint not found; train one first (see README) or check the path")
+    if path.stat().st_size == 0:
+        raise NanoLladaError(f"{path}: empty file (0 bytes), not a checkpoint; a run that was killed mid-save? retrain")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        reason = (str(err).splitlines() or ["no details"])[0]
         raise NanoLladaError(
-            f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+            f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {reason})"
         ) from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        missing = [key for key in ("kind", "config", "model") if key not in payload]
+        if missing or payload["kind"] not in KINDS:
+            what = f"has no {', '.join(missing)}" if missing else f"has an unknown kind '{payload['kind']}'"
+            raise NanoLladaError(f"{path}: a damaged nano-llada checkpoint ({what}); save or train it again")
         config = ModelConfig.from_dict(payload["config"])
         if num_attention_heads is not None and num_attention_heads != config.num_attention_heads:
             raise NanoLladaError(

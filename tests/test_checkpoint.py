@@ -120,6 +120,10 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
         (None, "checkpoint not found"),
         (b"not a checkpoint", "not a readable PyTorch checkpoint"),
         ({"something": torch.zeros(1)}, "neither a nano-llada checkpoint nor a MiniMind2"),
+        (b"", "empty file"),
+        (b"\x80", "not a readable PyTorch checkpoint"),  # an error whose message is empty
+        ({"format": "nano-llada", "kind": "ar", "model": {}}, "damaged nano-llada checkpoint .has no config"),
+        ({"format": "nano-llada", "kind": "vision", "config": {}, "model": {}}, "unknown kind 'vision'"),
     ],
 )
 def test_bad_checkpoint_files_give_one_clear_error(tmp_path, content, match):
