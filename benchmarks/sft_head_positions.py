@@ -20,7 +20,7 @@ from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.tokenizer import load_tokenizer, mask_token_id
 from model.transformer import Transformer
 from scripts.common.pipeline import SMALL_MODEL
-from scripts.common.sft import SFTBatches, load_sft_examples
+from scripts.common.training.sft import SFTBatches, load_sft_examples
 
 WARMUP_BATCHES = 4
 

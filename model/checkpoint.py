@@ -17,12 +17,15 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import NanoLladaError
+from model.tokenizer import check_tokenizer_matches
 from model.transformer import Transformer
 
 FORMAT = "nano-llada"
 FORMAT_VERSION = 1
 KINDS = ("ar", "diffusion")
 KIND_NAMES = {"ar": "an AR", "diffusion": "a diffusion"}  # for messages
+# The entry point that evaluates each kind, named when a checkpoint of the other kind is given.
+SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
 
 
 @dataclass
@@ -167,3 +170,20 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
         )
     model = build_model(checkpoint, path).to(device).eval()
     return model, checkpoint.config
+
+
+def check_compatible(
+    checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
+) -> Checkpoint:
+    """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
+    tokenizer, or another vocabulary."""
+    if kind is not None and checkpoint.kind != kind:
+        hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
+        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
+    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
+    if checkpoint.config.vocab_size != len(tokenizer):
+        raise NanoLladaError(
+            f"{path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
+            f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)"
+        )
+    return checkpoint

@@ -142,7 +142,7 @@ def pair_log_likelihoods(
 
 @dataclass
 class DPOObjective:
-    """The DPO loss of a pair batch for the one training loop (scripts/common/trainer.py's loss_fn signature)."""
+    """The DPO loss of a pair batch for the one training loop (the loss_fn of scripts/common/training/trainer.py)."""
 
     reference: torch.nn.Module  # frozen: the starting checkpoint
     scorer: Scorer

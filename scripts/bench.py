@@ -6,10 +6,10 @@ content tokens/s with quality beside it) and training throughput of both routes.
     python -m scripts.bench --models weights/report   # the report's models, by their names in that folder
     python -m scripts.bench --tiny                    # CI smoke run: random tiny models, labelled, never a figure
 
-The card (scripts/common/speed_card.py): continuation of held-out texts at 32, 128 and 256 new tokens (the pair) and
+The card (scripts/common/bench/card.py): continuation of held-out texts at 32, 128 and 256 new tokens (the pair) and
 the review-sentiment answers (the SFT pair), at batch 1 and 16, for AR with its KV cache and every diffusion mode;
 content tokens/s (tokens before EOS), time to first token / block, forward passes, tokens per forward, generative
-perplexity under the pair's AR model, unigram entropy, accuracy. Training (scripts/common/bench_training.py) runs on
+perplexity under the pair's AR model, unigram entropy, accuracy. Training (scripts/common/bench/training.py) runs on
 CUDA (MiniMind2-Small shape) and in --tiny; `--skip-training` leaves it out. Writes JSON, a markdown card (printed)
 and a plot of quality against speed to benchmarks/results/. Benchmarks print numbers; they assert nothing.
 """
@@ -32,10 +32,7 @@ from model.config import preset
 from model.errors import NanoLladaError
 from model.tokenizer import BOS_ID, load_tokenizer, mask_token_id
 from model.transformer import Transformer
-from scripts.common.bench_report import ROOT, git_commit, markdown, plot_card
-from scripts.common.bench_training import TINY, BenchSettings, bench_training, training_flops_per_token
-from scripts.common.cli import run_main
-from scripts.common.speed_card import (
+from scripts.common.bench.card import (
     TINY_CARD,
     CardSettings,
     Pair,
@@ -44,6 +41,9 @@ from scripts.common.speed_card import (
     measure_card,
     shape_difference,
 )
+from scripts.common.bench.report import ROOT, git_commit, markdown, plot_card
+from scripts.common.bench.training import TINY, BenchSettings, bench_training, training_flops_per_token
+from scripts.common.cli import run_main
 
 __all__ = ["main", "training_flops_per_token"]
 

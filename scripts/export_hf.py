@@ -16,7 +16,7 @@ import argparse
 
 from model.hf.convert import export_hf
 from scripts.common.cli import run_main, writable_dir
-from scripts.common.evaluation import add_checkpoint_flags
+from scripts.common.evaluation.loading import add_checkpoint_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:

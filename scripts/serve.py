@@ -21,11 +21,11 @@ from pathlib import Path
 
 from model.ar import ARSamplerConfig
 from model.errors import NanoLladaError
-from scripts.common.chat_http import make_server
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.decoding import flag_names
-from scripts.common.evaluation import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.serving import ChatEngine, Defaults
+from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
+from scripts.common.evaluation.sampler_flags import flag_names
+from scripts.common.serving.engine import ChatEngine, Defaults
+from scripts.common.serving.http import make_server
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -70,7 +70,7 @@ BREAKS = [
     ),
     Break(
         "training masks drawn from a process-local counter",
-        "scripts/common/trainer.py",
+        "scripts/common/training/trainer.py",
         "        return _rng(run.device, run.cfg.seed, k)\n",
         "        _train_rng.calls = getattr(_train_rng, 'calls', 0) + 1\n"
         "        return _rng(run.device, run.cfg.seed, _train_rng.calls)\n",
@@ -106,21 +106,21 @@ BREAKS = [
     ),
     Break(
         "eval_lm's AR figure 4 % high",
-        "scripts/common/lm_scores.py",
+        "scripts/common/evaluation/lm_scores.py",
         "sums.append(ar_nll_rows(model, batch, scored).cpu())",
         "sums.append(1.04 * ar_nll_rows(model, batch, scored).cpu())",
         "tests/test_eval_lm.py::test_eval_lm_scores_both_routes_on_the_same_rows",
     ),
     Break(
         "the speed card's pair compares the hidden size alone",
-        "scripts/common/speed_card.py",
+        "scripts/common/bench/card.py",
         "        for name in SHAPE_FIELDS\n",
         "        for name in SHAPE_FIELDS[:1]\n",
         "tests/test_speed_card.py::test_a_pair_holds_models_of_the_same_shape",
     ),
     Break(
         "training FLOPs count the key/value projections at full width",
-        "scripts/common/bench_training.py",
+        "scripts/common/bench/training.py",
         "2 * h * h + 2 * h * kv + 3 * h * i",
         "2 * h * h + 2 * h * h + 3 * h * i",
         "tests/test_bench.py::test_training_flops_follow_six_n_plus_attention",

@@ -143,7 +143,7 @@ def test_batched_answers_come_back_in_prompt_order_and_equal_one_at_a_time(block
     (blocks start at each prompt's first token) and still returns the answers in the prompts' order."""
     from model.config import preset
     from model.tokenizer import load_tokenizer
-    from scripts.common.generation import ar_answers, diffusion_answers
+    from scripts.common.evaluation.generation import ar_answers, diffusion_answers
 
     tokenizer, model = load_tokenizer("."), lively_model(preset("tiny"))
     prompts = [[1, 300, 301], [1, 400], [1, 500, 501, 502, 503], [1, 600], [1, 700, 701]]

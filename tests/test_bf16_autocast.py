@@ -12,7 +12,7 @@ from model.likelihood import conditional_log_likelihood_batch
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
-from scripts.common.packing import document_ids
+from scripts.common.data.packing import document_ids
 
 MASK_TOKEN_ID = preset("tiny").vocab_size - 1  # <|mask|> is the last id (model.tokenizer.mask_token_id)
 

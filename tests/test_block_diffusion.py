@@ -20,7 +20,7 @@ from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.transformer import Transformer
-from scripts.common.packing import document_ids
+from scripts.common.data.packing import document_ids
 
 V, MASK, EOS = 101, 100, 2
 

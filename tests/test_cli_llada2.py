@@ -123,7 +123,7 @@ def sft_flags(save_dir):
 
 
 def test_block_sft_switches_run_through_the_cli_and_every_sft_path_decodes_block_causally(tmp_path, capsys):
-    from scripts.common.serving import RequestError
+    from scripts.common.serving.engine import RequestError
     from scripts.eval import eval_sft_one_prompt
     from scripts.serve import load_engine, parse_args
     from scripts.train import train_sft_diffusion

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.errors import NanoLladaError
-from scripts.common.packing import (
+from scripts.common.data.packing import (
     EpochOrder,
     LengthGroupedOrder,
     PackedBatches,
@@ -15,7 +15,7 @@ from scripts.common.packing import (
     document_ids,
     split_train_val,
 )
-from scripts.common.readers import BadLineCounter, iter_conversations, iter_texts
+from scripts.common.data.readers import BadLineCounter, iter_conversations, iter_texts
 
 
 def write(path, lines):

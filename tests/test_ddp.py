@@ -33,9 +33,9 @@ from model.checkpoint import read_checkpoint  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.errors import NanoLladaError  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from scripts.common.distributed import shard  # noqa: E402
-from scripts.common.optimization import TrainConfig  # noqa: E402
-from scripts.common.trainer import RunOptions, Task, train  # noqa: E402
+from scripts.common.training.distributed import shard  # noqa: E402
+from scripts.common.training.optimization import TrainConfig  # noqa: E402
+from scripts.common.training.trainer import RunOptions, Task, train  # noqa: E402
 
 CONFIG = preset("tiny", vocab_size=101, max_position_embeddings=256)
 ROWS = 5  # an odd global batch: the two ranks get 3 and 2 rows, so the per-rank loss weights matter

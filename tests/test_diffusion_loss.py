@@ -292,10 +292,10 @@ def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_ho
     ids=["row_padding", "batch_count", "complementary_cap"],
 )
 def test_sft_loss_with_the_head_at_listed_positions_equals_the_full_loss(shifted, objective):
-    """The head run only at the listed answer positions (scripts.common.sft.flagged_first) gives the loss and
+    """The head run only at the listed answer positions (scripts.common.training.sft.flagged_first) gives the loss and
     gradients of the head run everywhere, for rows whose prompts and answers differ in length."""
     from model.config import ModelConfig
-    from scripts.common.sft import flagged_first
+    from scripts.common.training.sft import flagged_first
 
     torch.manual_seed(0)
     model = Transformer(
@@ -330,7 +330,7 @@ def test_rows_with_a_fixed_eos_padding_are_scored_as_if_alone(monkeypatch, shift
     (whatever they hold), so each row's loss is the loss of the row alone, cut where it ends (every answer token
     masked, to compare)."""
     from model.config import ModelConfig
-    from scripts.common.sft import SFTExamples, collate, flagged_first
+    from scripts.common.training.sft import SFTExamples, collate, flagged_first
 
     monkeypatch.setattr(
         "model.diffusion_loss.draw_masks", lambda objective, maskable, rng: (maskable, torch.ones(len(maskable), 1))
@@ -421,7 +421,7 @@ def test_every_diffusion_estimator_has_the_nelbo_as_expectation_for_a_non_unifor
     mean normalised by its own weights, lands elsewhere here (0.78 nats/token expected; uniform logits give 1.79).
     nelbo-time is the evaluation's i.i.d. estimator, nelbo-count eval_lm's exact-count one (token 0 is context)."""
     from model.likelihood import diffusion_nelbo, diffusion_nelbo_rows
-    from scripts.common.lm_scores import scored_positions
+    from scripts.common.evaluation.lm_scores import scored_positions
 
     vocab, n, rows = 6, 8, 256
     clean = torch.randint(1, vocab - 1, (rows, n), generator=rng(0))

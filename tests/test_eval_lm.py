@@ -15,8 +15,8 @@ from model.errors import NanoLladaError
 from model.likelihood import ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows, diffusion_nelbo_terms
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.evaluation import held_out_batches, load_any_kind
-from scripts.common.lm_scores import ratio_mean_and_stderr, scored_positions
+from scripts.common.evaluation.lm_scores import ratio_mean_and_stderr, scored_positions
+from scripts.common.evaluation.loading import held_out_batches, load_any_kind
 from scripts.eval import eval_lm
 
 V, MASK = 101, 100

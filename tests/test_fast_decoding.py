@@ -190,8 +190,8 @@ def test_cache_option_errors_are_explained():
 
 def test_sampler_errors_name_the_library_parameters_and_entry_points_reword_them():
     from model.errors import SettingError
-    from scripts.common.decoding import flag_names
-    from scripts.common.serving import REQUEST_FIELDS
+    from scripts.common.evaluation.sampler_flags import flag_names
+    from scripts.common.serving.engine import REQUEST_FIELDS
 
     few_steps = DiffusionSamplerConfig(gen_length=10, steps=3, block_size=2)
     with pytest.raises(SettingError) as caught:

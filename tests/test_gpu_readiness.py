@@ -17,8 +17,8 @@ from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy
 from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.logit_shift import read_shifted
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
-from scripts.common.optimization import TrainConfig
-from scripts.common.trainer import RunOptions, Task, train
+from scripts.common.training.optimization import TrainConfig
+from scripts.common.training.trainer import RunOptions, Task, train
 from scripts.memory_estimate import seed_model, step_memory
 from scripts.train.diffusion import PretrainingLoss
 

@@ -8,7 +8,7 @@ import torch
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from model.transformer import Transformer
-from scripts.common.topk import TopKCheckpoints, topk_index_path
+from scripts.common.training.topk import TopKCheckpoints, topk_index_path
 from scripts.train.merge_checkpoints import main
 
 

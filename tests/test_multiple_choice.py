@@ -19,7 +19,7 @@ from model.likelihood import (
 from model.tokenizer import encode
 from model.transformer import Transformer
 from scripts.common.cli import run_main
-from scripts.common.multiple_choice import read_questions
+from scripts.common.evaluation.multiple_choice import read_questions
 from scripts.eval import eval_multiple_choice
 
 PROMPT, ANSWERS = [1, 5, 6, 7], [[9], [3, 4, 5], [10, 11], [12, 13, 14, 15, 16]]

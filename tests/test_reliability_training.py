@@ -18,11 +18,12 @@ from tqdm import tqdm
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
-from scripts.common import packing, trainer
-from scripts.common import sft as sft_data
 from scripts.common.cli import pick_device, run_main
+from scripts.common.data import packing
+from scripts.common.data.readers import iter_conversations
 from scripts.common.pipeline import cli
-from scripts.common.readers import iter_conversations
+from scripts.common.training import sft as sft_data
+from scripts.common.training import trainer
 from scripts.train import diffusion, train_pretrain, train_sft_minimind
 
 TRAIN = [*cli(**TINY_MODEL, device="cpu", tokenizer_dir="."), *cli(seq_len=32, batch_size=4, eval_batches=1)]

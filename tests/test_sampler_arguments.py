@@ -13,7 +13,7 @@ from model.config import preset
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from scripts import serve
-from scripts.common.serving import RequestError
+from scripts.common.serving.engine import RequestError
 from scripts.eval import eval_diffusion, eval_minimind
 
 MESSAGES = [{"role": "user", "content": "你好"}]

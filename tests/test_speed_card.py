@@ -14,8 +14,8 @@ from model.remasking import _factor_count
 from model.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
 from model.tokenizer import EOS_ID, encode, load_tokenizer
 from model.transformer import Transformer
-from scripts.common.speed_card import CardSettings, Pair, Run, Workload, ar_run, card_row, decoding_modes
-from scripts.common.speed_quality import content_ids, generative_perplexity, unigram_entropy
+from scripts.common.bench.card import CardSettings, Pair, Run, Workload, ar_run, card_row, decoding_modes
+from scripts.common.bench.quality import content_ids, generative_perplexity, unigram_entropy
 
 MASK = 100  # the tiny config's last id
 

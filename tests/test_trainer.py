@@ -12,8 +12,8 @@ from model.checkpoint import read_checkpoint
 from model.diffusion_loss import diffusion_loss
 from model.errors import NanoLladaError
 from model.transformer import Transformer
-from scripts.common.optimization import TrainConfig, lr_at
-from scripts.common.trainer import RunOptions, Task, train
+from scripts.common.training.optimization import TrainConfig, lr_at
+from scripts.common.training.trainer import RunOptions, Task, train
 
 DEVICE = torch.device("cpu")
 TOKENIZER = {"vocab_size": 101, "sha256": "t"}
@@ -139,7 +139,7 @@ def test_a_resumed_run_keeps_the_metrics_before_its_checkpoint(tmp_path, tiny_co
 
 
 def test_prefetcher_returns_batch_k_builds_ahead_and_raises_where_asked():
-    from scripts.common.prefetch import Prefetcher, pin
+    from scripts.common.training.prefetch import Prefetcher, pin
 
     built = []
 

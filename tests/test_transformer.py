@@ -144,7 +144,7 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     extra rows stay exactly zero through training and no logit exists for them."""
     from model.ar import generate, next_token_loss
     from model.diffusion_loss import diffusion_loss
-    from scripts.common.optimization import TrainConfig, make_optimizer
+    from scripts.common.training.optimization import TrainConfig, make_optimizer
 
     model = Transformer(tiny_config)
     V, padded = tiny_config.vocab_size, tiny_config.padded_vocab_size

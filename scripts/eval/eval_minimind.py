@@ -17,9 +17,9 @@ import torch
 from model.ar import ARSamplerConfig, generate, next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, run_main
-from scripts.common.decoding import check_sample_length, flag_names
 from scripts.common.device import autocast
-from scripts.common.evaluation import add_checkpoint_flags, held_out_batches, load_for_eval
+from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_for_eval
+from scripts.common.evaluation.sampler_flags import check_sample_length, flag_names
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -33,8 +33,8 @@ import json
 from pathlib import Path
 
 from scripts.common.cli import pick_device, run_main
-from scripts.common.evaluation import add_checkpoint_flags, load_any_kind
-from scripts.common.multiple_choice import (
+from scripts.common.evaluation.loading import add_checkpoint_flags, load_any_kind
+from scripts.common.evaluation.multiple_choice import (
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,

@@ -23,12 +23,12 @@ from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood
 from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.decoding import flag_names
-from scripts.common.evaluation import load_checkpoint_for_eval
-from scripts.common.generation import ar_answers, diffusion_answers
-from scripts.common.packing import chunks
-from scripts.common.readers import BadLineCounter, iter_conversations
-from scripts.common.sentiment import SENTIMENT_LABELS, parse_sentiment
+from scripts.common.data.packing import chunks
+from scripts.common.data.readers import BadLineCounter, iter_conversations
+from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
+from scripts.common.evaluation.generation import ar_answers, diffusion_answers
+from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.sampler_flags import flag_names
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,10 +16,10 @@ from model.errors import NanoLladaError
 from model.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
-from scripts.common.decoding import add_sampler_flags, flag_names, generation_length, sampler_from_args
-from scripts.common.evaluation import load_checkpoint_for_eval
-from scripts.common.generation import ar_answers, default_block_size, diffusion_answers
-from scripts.common.packing import chunks
+from scripts.common.data.packing import chunks
+from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
+from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.sampler_flags import add_sampler_flags, flag_names, generation_length, sampler_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(path: str) -> list[str]:
-    from scripts.common.readers import check_data_file, iter_jsonl
+    from scripts.common.data.readers import check_data_file, iter_jsonl
 
     p = check_data_file(path)
     if p.suffix == ".txt":

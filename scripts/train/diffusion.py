@@ -23,7 +23,7 @@ from dataclasses import asdict, replace
 import torch
 
 from model.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up
-from model.checkpoint import build_model, read_checkpoint, save_checkpoint
+from model.checkpoint import build_model, check_compatible, read_checkpoint, save_checkpoint
 from model.conversion import init_mask_embedding
 from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
@@ -31,13 +31,12 @@ from model.masking import SCHEDULES, random_crop_length
 from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, positive, run_main
-from scripts.common.evaluation import check_compatible
-from scripts.common.packing import document_ids
-from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
-from scripts.common.run_files import RunFiles
-from scripts.common.topk import TopKCheckpoints
-from scripts.common.trainer import RunOptions, Task, train
-from scripts.common.trainer_cli import check_training_flags, start_run, starting_checkpoint
+from scripts.common.data.packing import document_ids
+from scripts.common.training.flags import check_training_flags, start_run, starting_checkpoint
+from scripts.common.training.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.training.run_files import RunFiles
+from scripts.common.training.topk import TopKCheckpoints
+from scripts.common.training.trainer import RunOptions, Task, train
 
 
 def int_list(text: str) -> list[int]:

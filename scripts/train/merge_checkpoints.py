@@ -18,7 +18,7 @@ from model.block_curriculum import trained_block_size
 from model.checkpoint import build_model, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from scripts.common.cli import positive, run_main
-from scripts.common.topk import topk_index_path
+from scripts.common.training.topk import topk_index_path
 
 
 def candidates(args) -> list[dict]:

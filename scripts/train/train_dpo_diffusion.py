@@ -16,7 +16,7 @@ from model.errors import NanoLladaError
 from model.preference import DPOObjective, ElboSampling, diffusion_scorer
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
-from scripts.common.dpo import dpo_parser, run_dpo
+from scripts.common.training.dpo import dpo_parser, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:

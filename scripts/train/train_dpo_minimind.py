@@ -10,7 +10,7 @@ import argparse
 
 from model.preference import DPOObjective, ar_scorer
 from scripts.common.cli import run_main
-from scripts.common.dpo import dpo_parser, run_dpo
+from scripts.common.training.dpo import dpo_parser, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:

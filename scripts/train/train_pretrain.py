@@ -13,10 +13,10 @@ from model.checkpoint import build_model
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, run_main
-from scripts.common.pretraining import add_pretraining_flags, describe, packed_data
-from scripts.common.run_files import RunFiles
-from scripts.common.trainer import RunOptions, Task, train
-from scripts.common.trainer_cli import start_run, starting_checkpoint
+from scripts.common.training.flags import start_run, starting_checkpoint
+from scripts.common.training.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.training.run_files import RunFiles
+from scripts.common.training.trainer import RunOptions, Task, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

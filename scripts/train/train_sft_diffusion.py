@@ -21,7 +21,7 @@ from model.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective,
 from model.errors import NanoLladaError
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
-from scripts.common.sft import run_sft, sft_parser, sft_starting_checkpoint, start_sft
+from scripts.common.training.sft import run_sft, sft_parser, sft_starting_checkpoint, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:

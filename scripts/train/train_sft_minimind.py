@@ -11,7 +11,7 @@ import argparse
 
 from model.ar import next_token_loss
 from scripts.common.cli import run_main
-from scripts.common.sft import run_sft, sft_parser, start_sft
+from scripts.common.training.sft import run_sft, sft_parser, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:

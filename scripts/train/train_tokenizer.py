@@ -3,7 +3,7 @@
     uv run python -m scripts.train.train_tokenizer [--data FILE.jsonl|.txt] [--jsonl-field text]
         [--vocab-size 6400] [--max-docs N] [--out-dir .]
 
-Without --data it trains on the offline sample corpus (scripts/common/sample_corpus.py), so it works with no
+Without --data it trains on the offline sample corpus (scripts/common/data/sample_corpus.py), so it works with no
 download.
 `<|mask|>` is deliberately absent: model/tokenizer.py appends it at load time (id 6400).
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from model.errors import NanoLladaError
-from scripts.common.readers import check_data_file, iter_texts
+from scripts.common.data.readers import check_data_file, iter_texts
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 (pad/unk, bos, eos)
 CHAT_TEMPLATE = (
@@ -99,7 +99,7 @@ def main(argv=None):
             f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}"
         )
     if args.data is None:
-        from scripts.common.sample_corpus import iter_embedded_texts
+        from scripts.common.data.sample_corpus import iter_embedded_texts
 
         texts, source = iter_embedded_texts(), "the offline sample corpus"
     else:  # checked here: an error raised inside the Rust trainer's iteration would lose its message

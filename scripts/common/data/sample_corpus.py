@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from model.errors import NanoLladaError
-from scripts.common.sentiment import SENTIMENT_LABELS
+from scripts.common.data.sentiment import SENTIMENT_LABELS
 
 MIN_PARAGRAPH_CHARS = 8  # drops datelines and bylines such as "（一九九七年十二月三十一日）"
 MAX_REVIEW_CHARS = 300  # question + review must fit a 512-token SFT context

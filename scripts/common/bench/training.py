@@ -16,9 +16,9 @@ from model.ar import next_token_loss
 from model.config import BASE_VOCAB_SIZE, ModelConfig
 from model.diffusion_loss import diffusion_loss
 from model.transformer import Transformer
-from scripts.common.bench_report import peak_bf16_flops
+from scripts.common.bench.report import peak_bf16_flops
 from scripts.common.device import autocast, compiled, eager_on_compile_failure, synchronize
-from scripts.common.optimization import TrainConfig, make_optimizer
+from scripts.common.training.optimization import TrainConfig, make_optimizer
 
 
 @dataclass

@@ -3,8 +3,8 @@ reference model and the validation statistics. The objective itself is model/pre
 
 Data: MiniMind's dpo.jsonl, one pair a line, {"chosen": [{"role", "content"}, ...], "rejected": [...]}: two
 conversations that agree on every turn before their last turn, an assistant answer. Only that answer is scored,
-rendered as SFT renders it (scripts/common/sft.py). A bad row stops the run with its file:line: a preference set
-with broken pairs is not one to optimise silently.
+rendered as SFT renders it (scripts/common/training/sft.py). A bad row stops the run with its file:line: a preference
+set with broken pairs is not one to optimise silently.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from model.checkpoint import KIND_NAMES, Checkpoint, build_model
 from model.errors import NanoLladaError
 from model.preference import DPOObjective
 from model.tokenizer import PAD_ID, tokenizer_identity
-from scripts.common.packing import EpochOrder
-from scripts.common.readers import BadLine, conversation_of, iter_jsonl
-from scripts.common.run_files import RunFiles
-from scripts.common.sft import SFT_DEFAULTS, encode_conversations
-from scripts.common.trainer import RunOptions, Task, train
-from scripts.common.trainer_cli import add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.data.packing import EpochOrder
+from scripts.common.data.readers import BadLine, conversation_of, iter_jsonl
+from scripts.common.training.flags import add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.training.run_files import RunFiles
+from scripts.common.training.sft import SFT_DEFAULTS, encode_conversations
+from scripts.common.training.trainer import RunOptions, Task, train
 
 # The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup.
 DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_steps": 10, "eval_batches": 10}

@@ -16,7 +16,7 @@ from model.masking import pretraining_maskable
 from model.tokenizer import mask_token_id
 from scripts.common.cli import positive
 from scripts.common.device import autocast
-from scripts.common.evaluation import add_checkpoint_flags, held_out_batches, load_any_kind
+from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_any_kind
 
 
 def add_lm_flags(p: argparse.ArgumentParser) -> None:

@@ -29,10 +29,10 @@ from model.errors import NanoLladaError
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
+from scripts.common.bench.quality import content_ids, generative_perplexity, mean_unigram_entropy
+from scripts.common.data.packing import chunks
+from scripts.common.data.sentiment import parse_sentiment
 from scripts.common.device import autocast, synchronize
-from scripts.common.packing import chunks
-from scripts.common.sentiment import parse_sentiment
-from scripts.common.speed_quality import content_ids, generative_perplexity, mean_unigram_entropy
 
 AR_MODE, BASELINE_MODE = "ar_kv_cache", "llada_baseline"
 

@@ -4,8 +4,8 @@ A trainer supplies the model and a Task: a batch function (micro-step -> batch),
 loss and a validation loss. This loop owns everything else: AdamW, LR schedule, bf16 autocast, accumulation,
 clipping, validation, early stopping, atomic checkpoints, resume, metrics jsonl, loss plot and the progress bar.
 
-Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (see scripts/common/distributed.py for
-the global-batch rule): every rank takes its slice of the same global micro-batch k, gradients are averaged
+Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (scripts/common/training/distributed.py
+has the global-batch rule): every rank takes its slice of the same global micro-batch k, gradients are averaged
 (synchronised only on the last accumulation micro-step), validation batches are split over ranks and the loss
 all-reduced, so every rank takes the same decisions; only rank 0 writes files or prints.
 """
@@ -23,13 +23,20 @@ from tqdm import tqdm
 
 from model.block_attention import choose_flex
 from model.errors import NanoLladaError
-from scripts.common import distributed
 from scripts.common.cli import Interrupted, interrupted_before_training
 from scripts.common.device import autocast, compiled, eager_on_compile_failure
-from scripts.common.optimization import TrainConfig, lr_at, make_optimizer
-from scripts.common.plots import plot_loss
-from scripts.common.prefetch import Prefetcher, to_device, tokens_in
-from scripts.common.run_files import CheckpointWriter, MetricsLog, RunFiles, TrainState, keep_metrics_until, resume
+from scripts.common.training import distributed
+from scripts.common.training.optimization import TrainConfig, lr_at, make_optimizer
+from scripts.common.training.plots import plot_loss
+from scripts.common.training.prefetch import Prefetcher, to_device, tokens_in
+from scripts.common.training.run_files import (
+    CheckpointWriter,
+    MetricsLog,
+    RunFiles,
+    TrainState,
+    keep_metrics_until,
+    resume,
+)
 
 # A batch is a tensor of token rows or a dict of tensors with "input_ids"; rows are dim 0.
 # loss_fn(model, batch, rng, step) -> scalar loss, or (loss, info) where info is a dict of plain Python values

@@ -1,8 +1,8 @@
 """The engine of the OpenAI-compatible chat server (scripts.serve): request validation and generation.
-The HTTP side is scripts/common/chat_http.py.
+The HTTP side is scripts/common/serving/http.py.
 
 Requests are parsed and validated concurrently; generation runs in one worker thread that decodes the requests
-waiting together as one batch (scripts/common/batching.py) and stops a request whose client has gone.
+waiting together as one batch (scripts/common/serving/batching.py) and stops a request whose client has gone.
 Every mistake in a request is a RequestError, answered as a 4xx with OpenAI's error body
 ({"error": {"message", "type", "param", "code"}}); the server keeps serving. The sampler settings are checked by
 the samplers' own check_arguments, as the eval scripts check their flags, so both refuse the same values.
@@ -23,7 +23,7 @@ from model.ar import ARSamplerConfig
 from model.errors import SettingError
 from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import chat_text, encode, mask_token_id
-from scripts.common.batching import BatchWorker, Job
+from scripts.common.serving.batching import BatchWorker, Job
 
 ROLES = {
     "system": "system",

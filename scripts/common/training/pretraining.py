@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from scripts.common.packing import PackedBatches, PackedRows, split_train_val, tokenize_to_cache
-from scripts.common.readers import BadLine
-from scripts.common.trainer_cli import add_training_flags, optimizer_steps
+from scripts.common.data.packing import PackedBatches, PackedRows, split_train_val, tokenize_to_cache
+from scripts.common.data.readers import BadLine
+from scripts.common.training.flags import add_training_flags, optimizer_steps
 
 # Pretraining defaults shared by both routes; each entry point adds its own (run name, batch size, LR ...).
 PRETRAINING_DEFAULTS = dict(

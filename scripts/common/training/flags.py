@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from model.checkpoint import Checkpoint, read_checkpoint
+from model.checkpoint import Checkpoint, check_compatible, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
 from scripts.common.cli import (
@@ -24,9 +24,8 @@ from scripts.common.cli import (
     refuse_changed_model_flags,
     writable_dir,
 )
-from scripts.common.distributed import main_process_first
-from scripts.common.evaluation import check_compatible
-from scripts.common.optimization import TrainConfig
+from scripts.common.training.distributed import main_process_first
+from scripts.common.training.optimization import TrainConfig
 
 CONFIG_FIELDS = {f.name: f.default for f in fields(TrainConfig)}
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from model.block_curriculum import trained_block_size
-from model.checkpoint import KIND_NAMES, Checkpoint, build_model, read_checkpoint
-from model.errors import NanoLladaError
-from model.tokenizer import check_tokenizer_matches, load_tokenizer
-from scripts.common.packing import PackedRows, tokenize_to_cache
-
-SCRIPT_FOR_KIND = {"ar": "scripts.eval.eval_minimind", "diffusion": "scripts.eval.eval_diffusion"}
+from model.checkpoint import build_model, check_compatible, read_checkpoint
+from model.tokenizer import load_tokenizer
+from scripts.common.data.packing import PackedRows, tokenize_to_cache
 
 
 def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None:
@@ -17,23 +14,6 @@ def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None
     p.add_argument("--checkpoint", required=True, action="append" if several else "store", help=checkpoint_help)
     p.add_argument("--tokenizer-dir", default=".", help="the tokenizer the checkpoint was trained with")
     p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
-
-
-def check_compatible(
-    checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
-) -> Checkpoint:
-    """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
-    tokenizer, or another vocabulary."""
-    if kind is not None and checkpoint.kind != kind:
-        hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
-        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
-    check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
-    if checkpoint.config.vocab_size != len(tokenizer):
-        raise NanoLladaError(
-            f"{path}: vocabulary {checkpoint.config.vocab_size} does not match the tokenizer in "
-            f"{tokenizer_dir} ({len(tokenizer)} with <|mask|>)"
-        )
-    return checkpoint
 
 
 def load_checkpoint_for_eval(

@@ -19,8 +19,8 @@ from model.ar import ARSamplerConfig, generate, generate_batch
 from model.padding import left_pad
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
+from scripts.common.data.packing import chunks
 from scripts.common.device import autocast, synchronize
-from scripts.common.packing import chunks
 
 
 @dataclass

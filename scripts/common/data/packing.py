@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from model.errors import NanoLladaError
 from model.tokenizer import BOS_ID, EOS_ID, encode_batch, tokenizer_identity
-from scripts.common.readers import BadLineCounter, check_data_file, iter_texts
+from scripts.common.data.readers import BadLineCounter, check_data_file, iter_texts
 
 CACHE_VERSION = 1
 

@@ -1,5 +1,5 @@
 """The HTTP side of the OpenAI-compatible chat server (scripts.serve): routes, JSON replies and SSE streams
-around a ChatEngine (scripts/common/serving.py).
+around a ChatEngine (scripts/common/serving/engine.py).
 
 A request's generation stops when its client disconnects: the engine asks `client_gone` before every decoding step
 (the connection is readable with nothing to read once the client has closed it), and a stream write that fails
@@ -16,7 +16,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from model.errors import NanoLladaError
-from scripts.common.serving import ChatEngine, ChatRequest, RequestError
+from scripts.common.serving.engine import ChatEngine, ChatRequest, RequestError
 
 MAX_BODY_BYTES = 4 << 20
 

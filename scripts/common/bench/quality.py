@@ -1,4 +1,4 @@
-"""What the speed card (scripts/common/speed_card.py) says about the text a decoder wrote, next to how fast it wrote it.
+"""What the speed card (scripts/common/bench/card.py) says about the text a decoder wrote, next to how fast it wrote it.
 
 Every figure here is computed on the decoded output ids, never on a reference answer:
 - content: the ids before the first EOS (a diffusion canvas after its EOS is padding, and so is anything after an AR

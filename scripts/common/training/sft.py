@@ -31,11 +31,11 @@ from model.masking import IGNORE_INDEX
 from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args
-from scripts.common.packing import EpochOrder, LengthGroupedOrder, chunks
-from scripts.common.readers import BadLineCounter, check_data_file, iter_conversations
-from scripts.common.run_files import RunFiles
-from scripts.common.trainer import RunOptions, Task, train
-from scripts.common.trainer_cli import RunStart, add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.data.packing import EpochOrder, LengthGroupedOrder, chunks
+from scripts.common.data.readers import BadLineCounter, check_data_file, iter_conversations
+from scripts.common.training.flags import RunStart, add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.training.run_files import RunFiles
+from scripts.common.training.trainer import RunOptions, Task, train
 
 CACHE_VERSION = 1
 # SFT defaults shared by both routes; each entry point adds its run name and epochs.

@@ -1,0 +1,73 @@
+"""The import rule the layout promises, read from the source: the library (model/) never imports scripts/; the shared
+code in scripts/common/ is layered by concern, each layer importing only layers below it:
+
+    model  <-  scripts.common (cli, device, pipeline)  <-  data  <-  training | evaluation  <-  serving | bench
+
+and nothing shared imports an entry point. So a data module never reaches the trainer, and the training flags
+never reach evaluation."""
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+# Each package of scripts/common and the packages it may import (besides itself, model and the base modules).
+LAYERS = {
+    "data": set(),
+    "training": {"data"},
+    "evaluation": {"data"},
+    "serving": {"data", "evaluation"},
+    "bench": {"data", "training", "evaluation"},
+}
+BASE = {"cli", "device", "pipeline"}  # scripts/common/*.py: used by every layer, importing none of them
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names a file imports (`from a.b import c` gives a.b and a.b.c)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def shared_part(module: str) -> str | None:
+    """The layer of a scripts.common module ('base' or a package name), None for anything else."""
+    parts = module.split(".")
+    if parts[:2] != ["scripts", "common"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in LAYERS else "base"
+
+
+def sources(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources("model"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_never_imports_scripts(path):
+    assert not [m for m in imported_modules(path) if m.split(".")[0] == "scripts"]
+
+
+@pytest.mark.parametrize("path", sources("scripts/common"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shared_code_imports_only_the_layers_below_it(path):
+    relative = path.relative_to(ROOT / "scripts" / "common")
+    own = relative.parts[0] if len(relative.parts) > 1 else "base"
+    allowed = {own, "base"} | LAYERS.get(own, set()) if own != "base" else {"base"}
+    wrong = []
+    for module in imported_modules(path):
+        part = shared_part(module)
+        if part is not None and part not in allowed:
+            wrong.append(module)
+        elif module.startswith("scripts.") and part is None and module != "scripts.common":
+            wrong.append(module)  # an entry point
+    assert not wrong, f"{relative} ({own}) imports {sorted(wrong)}"
+
+
+def test_no_folder_holds_more_than_fifteen_modules():
+    for folder in [ROOT / "scripts" / "common", *(ROOT / "scripts" / "common").iterdir()]:
+        if folder.is_dir() and folder.name != "__pycache__":
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
