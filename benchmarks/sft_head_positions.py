@@ -19,8 +19,8 @@ from model.config import ModelConfig
 from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.tokenizer import load_tokenizer, mask_token_id
 from model.transformer import Transformer
+from scripts.common.data.sft import SFTBatches, load_sft_examples
 from scripts.common.pipeline import SMALL_MODEL
-from scripts.common.training.sft import SFTBatches, load_sft_examples
 
 WARMUP_BATCHES = 4
 

@@ -12,8 +12,8 @@ from conftest import TINY_MODEL, sample_subset
 
 from model.checkpoint import read_checkpoint
 from model.tokenizer import chat_text, encode, load_tokenizer
+from scripts.common.data.sft import collate, encode_conversation, load_sft_examples
 from scripts.common.pipeline import cli
-from scripts.common.training.sft import collate, encode_conversation, load_sft_examples
 from scripts.eval import eval_diffusion, eval_minimind, eval_sft_accuracy, eval_sft_one_prompt
 from scripts.train import diffusion, train_pretrain, train_sft_diffusion, train_sft_minimind
 
@@ -204,7 +204,7 @@ def test_sft_labels_cover_exactly_the_assistant_spans():
 def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_dir, request):
     """encode_conversations (one batched tokenizer call, spans from character offsets) gives exactly what
     encode_conversation (each prefix rendered and tokenized) gives, for both tokenizers."""
-    from scripts.common.training.sft import encode_conversations
+    from scripts.common.data.sft import encode_conversations
 
     tok = load_tokenizer("." if tokenizer_dir == "." else request.getfixturevalue("minimind2_fixtures"))
     conversations = [
@@ -356,7 +356,7 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
 
 
 def test_span_edges_inside_a_token_send_the_conversation_to_the_reference():
-    from scripts.common.training.sft import _mask_from_offsets
+    from scripts.common.data.sft import _mask_from_offsets
 
     ids, offsets = [10, 11, 2, 12], [(0, 2), (2, 4), (4, 5), (5, 6)]
     assert _mask_from_offsets(ids, offsets, [(2, 6)]) == ([10, 11, 2], [0, 1, 1])  # cut after the span's <|im_end|>

@@ -292,10 +292,10 @@ def test_cap_loss_is_nonnegative_zero_without_correct_predictions_and_for_one_ho
     ids=["row_padding", "batch_count", "complementary_cap"],
 )
 def test_sft_loss_with_the_head_at_listed_positions_equals_the_full_loss(shifted, objective):
-    """The head run only at the listed answer positions (scripts.common.training.sft.flagged_first) gives the loss and
+    """The head run only at the listed answer positions (scripts.common.data.sft.flagged_first) gives the loss and
     gradients of the head run everywhere, for rows whose prompts and answers differ in length."""
     from model.config import ModelConfig
-    from scripts.common.training.sft import flagged_first
+    from scripts.common.data.sft import flagged_first
 
     torch.manual_seed(0)
     model = Transformer(
@@ -330,7 +330,7 @@ def test_rows_with_a_fixed_eos_padding_are_scored_as_if_alone(monkeypatch, shift
     (whatever they hold), so each row's loss is the loss of the row alone, cut where it ends (every answer token
     masked, to compare)."""
     from model.config import ModelConfig
-    from scripts.common.training.sft import SFTExamples, collate, flagged_first
+    from scripts.common.data.sft import SFTExamples, collate, flagged_first
 
     monkeypatch.setattr(
         "model.diffusion_loss.draw_masks", lambda objective, maskable, rng: (maskable, torch.ones(len(maskable), 1))

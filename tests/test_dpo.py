@@ -29,8 +29,8 @@ from model.preference import (
 )
 from model.tokenizer import load_tokenizer, mask_token_id, tokenizer_identity
 from model.transformer import Transformer
+from scripts.common.data.pairs import collate_pairs, load_pairs
 from scripts.common.pipeline import cli
-from scripts.common.training.dpo import collate_pairs, load_pairs
 from scripts.train import train_dpo_diffusion, train_dpo_minimind
 
 LABELS = ("好", "坏")

@@ -20,9 +20,9 @@ from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
 from scripts.common.cli import pick_device, run_main
 from scripts.common.data import packing
+from scripts.common.data import sft as sft_data
 from scripts.common.data.readers import iter_conversations
 from scripts.common.pipeline import cli
-from scripts.common.training import sft as sft_data
 from scripts.common.training import trainer
 from scripts.train import diffusion, train_pretrain, train_sft_minimind
 

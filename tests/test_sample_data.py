@@ -5,10 +5,10 @@ import re
 
 import pytest
 
+from scripts.common.data.pairs import read_pair
 from scripts.common.data.readers import iter_conversations, iter_jsonl, iter_texts
 from scripts.common.data.sample_corpus import untag_line
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
-from scripts.common.training.dpo import read_pair
 from scripts.data.sample import build_sample, main, own_answer_pairs
 
 FILES = (

@@ -19,8 +19,8 @@ from model.block_curriculum import trained_block_size
 from model.preference import DPOObjective, ElboSampling, diffusion_scorer, preference_score_spread
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.data.pairs import collate_pairs, load_pairs
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
-from scripts.common.training.dpo import collate_pairs, load_pairs
 from scripts.common.training.prefetch import to_device
 
 
