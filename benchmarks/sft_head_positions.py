@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from model.ar import next_token_loss
 from model.config import ModelConfig
-from model.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.ar_loss import next_token_loss
+from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.tokenizer import load_tokenizer, mask_token_id
 from model.transformer import Transformer
 from scripts.common.data.sft import SFTBatches, load_sft_examples

@@ -81,10 +81,10 @@ def bdlm_forward(
     """Predictions for the L positions of the BD3LM input [x_t ; x_0] (positions 0..L-1 for both halves): each
     block is denoised from itself plus the clean earlier blocks, every block in one forward pass.
 
-    Unshifted: the noisy half's outputs. Shifted (model/logit_shift.py): position j is read at j - 1 as the denoiser
-    of j's block sees it: in the noisy half inside a block, in the clean half for a block's first position (its left
-    neighbour ends the previous, clean block). With blocks of 1 every prediction comes from the clean half under a
-    causal mask: exactly the AR model the weights came from.
+    Unshifted: the noisy half's outputs. Shifted (model/logit_shift.py): position j is read at j - 1 as the
+    denoiser of j's block sees it: in the noisy half inside a block, in the clean half for a block's first position
+    (its left neighbour ends the previous, clean block). With blocks of 1 every prediction comes from the clean half
+    under a causal mask: exactly the AR model the weights came from.
     """
     B, L = clean.shape
     positions = torch.arange(L, device=clean.device).repeat(2)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from model.block_curriculum import trained_block_size
 from model.checkpoint import build_model, read_checkpoint
 from model.config import preset
 from model.errors import NanoLladaError
+from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import BOS_ID, load_tokenizer, mask_token_id
 from model.transformer import Transformer
 from scripts.common.bench.card import (

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.ar import ARSamplerConfig
 from model.errors import NanoLladaError
+from model.inference.ar import ARSamplerConfig
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import flag_names

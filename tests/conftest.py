@@ -64,7 +64,7 @@ class CommitLog:
     Two decoders that agree on these agree at every step, not only on the final tokens."""
 
     def __init__(self, monkeypatch):
-        from model import remasking
+        from model.inference import remasking
 
         self.logits, commit = [], remasking.DecodingRun.commit
 

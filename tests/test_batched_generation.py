@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import lively_model
 
-from model.ar import ARSamplerConfig, generate, generate_batch
 from model.errors import NanoLladaError
-from model.padding import left_pad
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.ar import ARSamplerConfig, generate, generate_batch
+from model.inference.padding import left_pad
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 99], [44]]
 

@@ -5,12 +5,13 @@ fp32, KV caches allocated in the autocast dtype)."""
 import pytest
 import torch
 
-from model.ar import generate, generate_batch, next_token_loss
 from model.config import preset
-from model.diffusion_loss import DiffusionObjective, diffusion_loss
-from model.likelihood import conditional_log_likelihood_batch
-from model.padding import left_pad
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.ar import generate, generate_batch
+from model.inference.likelihood import conditional_log_likelihood_batch
+from model.inference.padding import left_pad
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.objectives.ar_loss import next_token_loss
+from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.transformer import Transformer
 from scripts.common.data.packing import document_ids
 

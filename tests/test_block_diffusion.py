@@ -15,10 +15,16 @@ from model.block_attention import (
     document_attention_mask,
     document_ids_with_pad,
 )
-from model.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up, trained_block_size
 from model.errors import NanoLladaError
-from model.likelihood import conditional_log_likelihood
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.likelihood import conditional_log_likelihood
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.objectives.block_curriculum import (
+    STABLE,
+    BlockCurriculum,
+    default_sizes_down,
+    default_sizes_up,
+    trained_block_size,
+)
 from model.transformer import Transformer
 from scripts.common.data.packing import document_ids
 
@@ -299,7 +305,7 @@ def test_the_tail_of_the_last_block_is_context_never_scored(tiny_config):
 
 
 def test_block_nelbo_rows_are_exact_for_uniform_logits_and_one_block_is_the_bidirectional_estimator(tiny_config):
-    from model.likelihood import diffusion_nelbo_rows, diffusion_nelbo_terms
+    from model.inference.likelihood import diffusion_nelbo_rows, diffusion_nelbo_terms
 
     ids = torch.randint(1, MASK, (3, 12), generator=rng())
     scored = torch.ones_like(ids, dtype=torch.bool)

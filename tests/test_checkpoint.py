@@ -9,8 +9,8 @@ from conftest import lively_model, reference_minimind2_forward
 from model import NanoLladaError, Transformer, load_model, read_checkpoint, save_checkpoint
 from model.checkpoint import atomic_save
 from model.config import ModelConfig
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.logit_shift import is_shifted
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
 
 
 def test_minimind2_fixture_parity(minimind2_fixtures):

@@ -231,8 +231,8 @@ def test_batched_sft_tokenization_equals_the_turn_by_turn_reference(tokenizer_di
 def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
     """The SFT batch lists each row's answer positions; the head run only there gives the loss and gradients of the
     head run everywhere (rows of different lengths, one with two answers)."""
-    from model.ar import next_token_loss
     from model.config import ModelConfig
+    from model.objectives.ar_loss import next_token_loss
     from model.transformer import Transformer
 
     tok = load_tokenizer(".")
@@ -263,7 +263,7 @@ def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
 
 
 def test_diffusion_sft_never_masks_the_prompt(tmp_path):
-    from model.masking import mask_tokens
+    from model.objectives.masking import mask_tokens
 
     tok = load_tokenizer(".")
     rows = [

@@ -4,9 +4,9 @@
 import pytest
 from conftest import TINY_MODEL, sample_subset
 
-from model.block_curriculum import trained_block_size
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
+from model.objectives.block_curriculum import trained_block_size
 from scripts.common.pipeline import cli
 from scripts.train import diffusion, train_pretrain, train_sft_diffusion
 

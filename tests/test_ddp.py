@@ -28,10 +28,10 @@ if str(ROOT) not in sys.path:
 
 from conftest import TINY_TRAINING  # noqa: E402
 
-from model.ar import next_token_loss  # noqa: E402
 from model.checkpoint import read_checkpoint  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.errors import NanoLladaError  # noqa: E402
+from model.objectives.ar_loss import next_token_loss  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from scripts.common.training.distributed import shard  # noqa: E402
 from scripts.common.training.optimization import TrainConfig  # noqa: E402

@@ -9,9 +9,9 @@ import torch.nn as nn
 from conftest import CommitLog, UniformModel, decodes_something, lively_model
 
 from model.errors import NanoLladaError
-from model.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.remasking import step_quotas
-from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
+from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
+from model.inference.remasking import step_quotas
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.transformer import Transformer
 
 V, MASK = 101, 100
@@ -85,7 +85,7 @@ def test_temperature_zero_is_deterministic_and_random_sampling_is_seeded(tiny_co
 
 
 def test_cfg_scale_zero_equals_no_guidance_and_guidance_changes_logits(tiny_config):
-    from model.remasking import _guided_logits
+    from model.inference.remasking import _guided_logits
 
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     canvas = torch.tensor([[1, 7, 9, mask_id, mask_id]])

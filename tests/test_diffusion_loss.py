@@ -1,4 +1,5 @@
-"""Invariants of the masking rules and of the one diffusion loss (model/masking.py, model/diffusion_loss.py)."""
+"""Invariants of the masking rules and of the one diffusion loss (model/objectives/masking.py,
+model/objectives/diffusion_loss.py)."""
 
 import math
 
@@ -7,9 +8,9 @@ import torch
 import torch.nn as nn
 from conftest import UniformModel
 
-from model.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
 from model.errors import NanoLladaError
-from model.masking import (
+from model.objectives.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
+from model.objectives.masking import (
     complementary_masks,
     elbo_weight,
     eos_padding,
@@ -333,7 +334,8 @@ def test_rows_with_a_fixed_eos_padding_are_scored_as_if_alone(monkeypatch, shift
     from scripts.common.data.sft import SFTExamples, collate, flagged_first
 
     monkeypatch.setattr(
-        "model.diffusion_loss.draw_masks", lambda objective, maskable, rng: (maskable, torch.ones(len(maskable), 1))
+        "model.objectives.diffusion_loss.draw_masks",
+        lambda objective, maskable, rng: (maskable, torch.ones(len(maskable), 1)),
     )
     torch.manual_seed(0)
     config = ModelConfig(
@@ -420,7 +422,7 @@ def test_every_diffusion_estimator_has_the_nelbo_as_expectation_for_a_non_unifor
     """The 1/t weight (or the count draw's n/l) is what makes the estimate the NELBO; a loss that drops it, or a
     mean normalised by its own weights, lands elsewhere here (0.78 nats/token expected; uniform logits give 1.79).
     nelbo-time is the evaluation's i.i.d. estimator, nelbo-count eval_lm's exact-count one (token 0 is context)."""
-    from model.likelihood import diffusion_nelbo, diffusion_nelbo_rows
+    from model.inference.likelihood import diffusion_nelbo, diffusion_nelbo_rows
     from scripts.common.evaluation.lm_scores import scored_positions
 
     vocab, n, rows = 6, 8, 256

@@ -14,8 +14,8 @@ from conftest import TINY_MODEL, UniformModel
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch
-from model.preference import (
+from model.inference.likelihood import ar_log_likelihood_batch
+from model.objectives.preference import (
     DPOObjective,
     ElboSampling,
     ar_answer_log_likelihood,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import ROOT, UniformModel
 
-from model.ar import next_token_loss
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig, preset
 from model.errors import NanoLladaError
-from model.likelihood import ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows, diffusion_nelbo_terms
+from model.inference.likelihood import ar_nll_rows, diffusion_nelbo, diffusion_nelbo_rows, diffusion_nelbo_terms
+from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.evaluation.lm_scores import ratio_mean_and_stderr, scored_positions

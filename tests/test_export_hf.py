@@ -1,5 +1,6 @@
-"""HF export: transformers loads it with trust_remote_code, logits equal ours, AR generate() equals model.ar.generate,
-and load_model reads the directory back. A logit-shifted diffusion model exports its shifted predictions."""
+"""HF export: transformers loads it with trust_remote_code, logits equal ours, AR generate() equals
+model.inference.ar.generate, and load_model reads the directory back. A logit-shifted diffusion model exports its
+shifted predictions."""
 
 import json
 import sys
@@ -8,10 +9,10 @@ import pytest
 import torch
 from conftest import lively_model
 
-from model.ar import generate
 from model.checkpoint import load_model, save_checkpoint
 from model.config import preset
 from model.errors import NanoLladaError
+from model.inference.ar import generate
 from model.logit_shift import read_shifted
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer

@@ -6,7 +6,7 @@ import torch.nn as nn
 from conftest import CommitLog, decodes_something, lively_model
 
 from model.errors import NanoLladaError
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 
 
 def rng(seed=0):
@@ -210,7 +210,7 @@ def test_sampler_errors_name_the_library_parameters_and_entry_points_reword_them
 def test_a_checkpoint_decodes_as_it_was_trained_unless_told_otherwise():
     from types import SimpleNamespace
 
-    from model.sampling import sampler_for_checkpoint
+    from model.inference.sampling import sampler_for_checkpoint
 
     asked = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, cache="dual")
     plain, blocks = SimpleNamespace(extra={}), SimpleNamespace(extra={"block_diffusion": {"block_size": 8}})

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from conftest import TINY_TRAINING
 
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
-from model.block_curriculum import BlockCurriculum
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy
-from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.logit_shift import read_shifted
+from model.objectives.block_curriculum import BlockCurriculum
+from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
 from scripts.common.training.optimization import TrainConfig
 from scripts.common.training.trainer import RunOptions, Task, train

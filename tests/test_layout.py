@@ -71,3 +71,30 @@ def test_no_folder_holds_more_than_fifteen_modules():
         if folder.is_dir() and folder.name != "__pycache__":
             modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
             assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
+
+
+# The library's layers: the architecture and formats at the top of model/, then what training minimises, then
+# decoding and scoring. The Hugging Face export (model/hf/) is one of the formats, beside the checkpoint.
+MODEL_LAYERS = {"top": {"top", "hf"}, "hf": {"top", "hf"}, "objectives": {"top", "objectives"}}
+MODEL_LAYERS["inference"] = {"top", "objectives", "inference"}
+
+
+def model_part(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "model" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in MODEL_LAYERS else "top"
+
+
+@pytest.mark.parametrize("path", sources("model"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_layers_import_downwards(path):
+    relative = path.relative_to(ROOT / "model")
+    own = relative.parts[0] if len(relative.parts) > 1 else "top"
+    wrong = [m for m in imported_modules(path) if model_part(m) not in (None, *MODEL_LAYERS[own])]
+    assert not wrong, f"model/{relative} ({own}) imports {sorted(wrong)}"
+
+
+def test_no_library_folder_holds_more_than_fifteen_modules():
+    for folder in [ROOT / "model", *(p for p in (ROOT / "model").iterdir() if p.is_dir())]:
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"

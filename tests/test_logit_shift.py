@@ -1,5 +1,6 @@
 """The logit shift of AR-converted diffusion models in every loss and likelihood estimator, and position-dependent
-masking (model/logit_shift.py, model/block_attention.py, model/diffusion_loss.py, model/likelihood.py)."""
+masking (model/logit_shift.py, model/block_attention.py, model/objectives/diffusion_loss.py,
+model/inference/likelihood.py)."""
 
 import copy
 import math
@@ -11,16 +12,16 @@ from conftest import UniformModel
 
 from model.block_attention import bdlm_forward
 from model.config import preset
-from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
-from model.likelihood import (
+from model.inference.likelihood import (
     ar_nll_rows,
     conditional_log_likelihood_batch,
     diffusion_nelbo_rows,
     diffusion_nelbo_terms,
 )
 from model.logit_shift import is_shifted, read_shifted
-from model.masking import position_rates, warped_time
+from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.masking import position_rates, warped_time
 from model.transformer import Transformer
 
 V = 97

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from conftest import TINY_MODEL, CommitLog, lively_model
 
-from model.ar import ARSamplerConfig, generate
 from model.config import ModelConfig
 from model.errors import NanoLladaError
-from model.padding import left_pad
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.ar import ARSamplerConfig, generate
+from model.inference.padding import left_pad
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 
 V, MASK = 101, 100
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 99], [44]]

@@ -10,7 +10,7 @@ from conftest import ROOT, UniformModel
 from test_eval_lm import repo_tokenizer, save_tiny, tiny_eval_config
 
 from model.errors import NanoLladaError
-from model.likelihood import (
+from model.inference.likelihood import (
     ar_log_likelihood,
     ar_log_likelihood_batch,
     conditional_log_likelihood,

@@ -1,6 +1,6 @@
-"""The flat reference sampler (model/reference_sampler.py) and the fast one (model/sampling.py) decode the same
-tokens wherever both apply: every block size, greedy or sampled, low-confidence or random remasking, with and
-without guidance and the logit shift, on models whose text varies."""
+"""The flat reference sampler (model/inference/reference_sampler.py) and the fast one (model/inference/sampling.py)
+decode the same tokens wherever both apply: every block size, greedy or sampled, low-confidence or random remasking,
+with and without guidance and the logit shift, on models whose text varies."""
 
 from dataclasses import replace
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import decodes_something, lively_model
 
-from model.reference_sampler import reference_generate
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.reference_sampler import reference_generate
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 
 
 @pytest.mark.parametrize("logit_shift", [False, True])

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import lively_model
 
-from model.ar import ARSamplerConfig, generate
 from model.checkpoint import save_checkpoint
 from model.config import preset
+from model.inference.ar import ARSamplerConfig, generate
 from model.tokenizer import EOS_ID, chat_text, decode, encode, load_tokenizer, tokenizer_identity
 from scripts import serve
 
@@ -84,7 +84,7 @@ def test_models_and_chat(live, tokenizer):
     assert reply.usage.prompt_tokens == len(prompt)
     assert 1 <= reply.usage.completion_tokens <= 12
     assert reply.usage.total_tokens == len(prompt) + reply.usage.completion_tokens
-    if kind == "ar":  # greedy: exactly what model.ar.generate produces
+    if kind == "ar":  # greedy: exactly what model.inference.ar.generate produces
         ours = list(generate(model, prompt, 12, ARSamplerConfig(banned_ids=(6400,)), eos_id=EOS_ID))
         assert choice.message.content == decode(tokenizer, [t for t in ours if t != EOS_ID])
         assert reply.usage.completion_tokens == len(ours)

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.errors import NanoLladaError
-from model.remasking import _factor_count
-from model.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
+from model.inference.remasking import _factor_count
+from model.inference.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
 from model.tokenizer import EOS_ID, encode, load_tokenizer
 from model.transformer import Transformer
 from scripts.common.bench.card import CardSettings, Pair, Run, Workload, ar_run, card_row, decoding_modes

@@ -16,10 +16,10 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from model.ar import next_token_loss
 from model.block_attention import bdlm_forward
 from model.config import preset
-from model.diffusion_loss import (
+from model.objectives.ar_loss import next_token_loss
+from model.objectives.diffusion_loss import (
     DiffusionObjective,
     cap_loss,
     diffusion_loss,

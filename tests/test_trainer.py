@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import TINY_TRAINING
 
-from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
-from model.diffusion_loss import diffusion_loss
 from model.errors import NanoLladaError
+from model.objectives.ar_loss import next_token_loss
+from model.objectives.diffusion_loss import diffusion_loss
 from model.transformer import Transformer
 from scripts.common.training.optimization import TrainConfig, lr_at
 from scripts.common.training.trainer import RunOptions, Task, train

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import decodes_something, lively_model, reference_minimind2_forward
 
-from model.ar import ARSamplerConfig, generate
 from model.config import ModelConfig
+from model.inference.ar import ARSamplerConfig, generate
 from model.transformer import Transformer, rope_frequencies
 
 
@@ -142,8 +142,9 @@ def test_flex_attention_path_equals_sdpa_for_document_and_block_masks(tiny_confi
 def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config):
     """The embedding and head have padded_vocab_size rows (a multiple of 64, for the matmul kernels); the
     extra rows stay exactly zero through training and no logit exists for them."""
-    from model.ar import generate, next_token_loss
-    from model.diffusion_loss import diffusion_loss
+    from model.inference.ar import generate
+    from model.objectives.ar_loss import next_token_loss
+    from model.objectives.diffusion_loss import diffusion_loss
     from scripts.common.training.optimization import TrainConfig, make_optimizer
 
     model = Transformer(tiny_config)

@@ -279,7 +279,7 @@ class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None:  # next-token loss, -100 ignored (model/ar.py's next_token_loss)
+        if labels is not None:  # next-token loss, -100 ignored (model/inference/ar.py's next_token_loss)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 

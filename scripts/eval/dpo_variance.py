@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from model.block_curriculum import trained_block_size
-from model.preference import DPOObjective, ElboSampling, diffusion_scorer, preference_score_spread
+from model.objectives.block_curriculum import trained_block_size
+from model.objectives.preference import DPOObjective, ElboSampling, diffusion_scorer, preference_score_spread
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.data.pairs import collate_pairs, load_pairs

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from model.block_curriculum import trained_block_size
-from model.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.sampling import DECODINGS, diffusion_generate, strip_after_eos
+from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
+from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_eos
+from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.device import autocast, synchronize

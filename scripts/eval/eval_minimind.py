@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from model.ar import ARSamplerConfig, generate, next_token_loss
+from model.inference.ar import ARSamplerConfig, generate
+from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import autocast

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
-from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
+from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
+from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.data.packing import chunks

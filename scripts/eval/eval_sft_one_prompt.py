@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from model.errors import NanoLladaError
-from model.sampling import DiffusionSamplerConfig
+from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.data.packing import chunks

@@ -4,7 +4,8 @@ uv run python -m scripts.train.diffusion --train --use-tokenizer --tokenizer-dir
     --data ./dataset/pretrain_hq.jsonl --seq-len 256 --mask-schedule iid_t \
     --init-from-minimind weights/minimind_pretrain_state_dict.pt --run-name diffusion_from_ar_eq3 --max-iters 40000
 
-LLaDA 2.0 switches (settings of model/diffusion_loss.py, the curriculum in model/block_curriculum.py):
+LLaDA 2.0 switches (settings of model/objectives/diffusion_loss.py, the curriculum in
+model/objectives/block_curriculum.py):
   --mask-schedule wsd --use-block-curriculum  block-size warmup-stable-decay: BDLM on [x_t ; x_0] with block sizes
       rising through --wsd-block-sizes-up, MDLM on the whole row, BDLM with sizes falling to the inference block
       size. --mask-schedule wsd alone keeps the block at the full row in every phase: plain LLaDA Eq. 3 (= iid_t).
@@ -22,12 +23,12 @@ from dataclasses import asdict, replace
 
 import torch
 
-from model.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up
 from model.checkpoint import build_model, check_compatible, read_checkpoint, save_checkpoint
-from model.conversion import init_mask_embedding
-from model.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
-from model.masking import SCHEDULES, random_crop_length
+from model.objectives.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up
+from model.objectives.conversion import init_mask_embedding
+from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.masking import SCHEDULES, random_crop_length
 from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, positive, run_main
@@ -309,7 +310,7 @@ def main(argv=None) -> dict:
             },
         }
     }
-    if args.block_size:  # decodes block-causally with it (model.block_curriculum.trained_block_size)
+    if args.block_size:  # decodes block-causally with it (model.objectives.block_curriculum.trained_block_size)
         extra["block_diffusion"] = {"block_size": args.block_size}
 
     loss = PretrainingLoss(args, curriculum, mask_id)

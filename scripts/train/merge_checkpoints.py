@@ -14,9 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from model.block_curriculum import trained_block_size
 from model.checkpoint import build_model, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
+from model.objectives.block_curriculum import trained_block_size
 from scripts.common.cli import positive, run_main
 from scripts.common.training.topk import topk_index_path
 

@@ -1,6 +1,7 @@
 """Diffusion DPO with LLaDA 1.5's variance reduction (VRPO): each log-likelihood of DPO is the ELBO of the answer
 given the clean prompt, as LLaDA's SFT objective scores it (the block ELBO for a block-trained checkpoint), estimated
-with --elbo-samples timesteps of one mask each, the reference scoring the policy's own masks (model/preference.py).
+with --elbo-samples timesteps of one mask each, the reference scoring the policy's own masks
+(model/objectives/preference.py).
 
 uv run python -m scripts.train.train_dpo_diffusion --data dataset/dpo.jsonl --tokenizer-dir . \
     --load-from weights/diffusion_sft_state_dict.pt --run-name diffusion_dpo --max-seq-len 512 --batch-size 8
@@ -11,9 +12,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from model.block_curriculum import trained_block_size
 from model.errors import NanoLladaError
-from model.preference import DPOObjective, ElboSampling, diffusion_scorer
+from model.objectives.block_curriculum import trained_block_size
+from model.objectives.preference import DPOObjective, ElboSampling, diffusion_scorer
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
 from scripts.common.training.dpo import dpo_parser, run_dpo

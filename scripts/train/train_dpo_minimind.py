@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.preference import DPOObjective, ar_scorer
+from model.objectives.preference import DPOObjective, ar_scorer
 from scripts.common.cli import run_main
 from scripts.common.training.dpo import dpo_parser, run_dpo
 

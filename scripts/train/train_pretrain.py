@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from model.ar import next_token_loss
 from model.checkpoint import build_model
+from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, run_main

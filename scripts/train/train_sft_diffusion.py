@@ -1,6 +1,6 @@
 """Diffusion SFT (LLaDA): the prompt is never masked; answer tokens and their EOS padding are masked with
 t ~ U(eps, 1-eps) and the loss is normalised by each sample's answer length, its EOS padding weighted
---eos-padding-weight (model/diffusion_loss.py). The padding runs to the batch's longest row, or is
+--eos-padding-weight (model/objectives/diffusion_loss.py). The padding runs to the batch's longest row, or is
 --eos-padding-length tokens per answer.
 
 Multi-turn rows: every assistant turn is a target at once (user/system turns are the clean prompt), so the
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from model.block_curriculum import trained_block_size
-from model.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.errors import NanoLladaError
+from model.objectives.block_curriculum import trained_block_size
+from model.objectives.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.tokenizer import mask_token_id
 from scripts.common.cli import run_main
 from scripts.common.training.sft import run_sft, sft_parser, sft_starting_checkpoint, start_sft
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="time: t ~ U(eps, 1 - eps), each answer token masked with probability t, weight 1/t; count: exactly "
         "l ~ U{1..n} of the n answer tokens masked, weight n/l (LLaDA Algorithm 3: same expected loss, less variance)",
     )
-    llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/diffusion_loss.py)")
+    llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/objectives/diffusion_loss.py)")
     llada2.add_argument(
         "--block-size",
         type=int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.ar import next_token_loss
+from model.objectives.ar_loss import next_token_loss
 from scripts.common.cli import run_main
 from scripts.common.training.sft import run_sft, sft_parser, start_sft
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from model.ar import ARSamplerConfig, generate, generate_batch
 from model.errors import NanoLladaError
-from model.padding import left_pad
-from model.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.ar import ARSamplerConfig, generate, generate_batch
+from model.inference.padding import left_pad
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
 from scripts.common.bench.quality import content_ids, generative_perplexity, mean_unigram_entropy
 from scripts.common.data.packing import chunks

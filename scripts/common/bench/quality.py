@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from model.likelihood import ar_nll_rows
+from model.inference.likelihood import ar_nll_rows
 
 
 def content_ids(ids: list[int], eos_id: int) -> list[int]:

@@ -1,6 +1,6 @@
-"""Training throughput of both routes for scripts/bench.py: the real losses (model/ar.py next_token_loss,
-model/diffusion_loss.py diffusion_loss), the real optimizer (scripts/common/optimization.make_optimizer), bf16
-autocast and torch.compile on CUDA; a few warmup steps, then timed steps on one random batch already on the device
+"""Training throughput of both routes for scripts/bench.py: the real losses (model/inference/ar.py next_token_loss,
+model/objectives/diffusion_loss.py diffusion_loss), the real optimizer (scripts/common/optimization.make_optimizer),
+bf16 autocast and torch.compile on CUDA; a few warmup steps, then timed steps on one random batch already on the device
 (the model step, not the data loader). Reports tokens/s, model FLOPs utilisation against the device's dense bf16
 peak, and peak memory.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.ar import next_token_loss
 from model.config import BASE_VOCAB_SIZE, ModelConfig
-from model.diffusion_loss import diffusion_loss
+from model.objectives.ar_loss import next_token_loss
+from model.objectives.diffusion_loss import diffusion_loss
 from model.transformer import Transformer
 from scripts.common.bench.report import peak_bf16_flops
 from scripts.common.device import autocast, compiled, eager_on_compile_failure, synchronize

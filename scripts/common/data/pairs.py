@@ -88,7 +88,8 @@ def load_pairs(path, tokenizer, max_len: int) -> PairExamples:
 
 
 def collate_pairs(examples: PairExamples, indices) -> dict:
-    """The pair batch of model/preference.py: input_ids, answer [B, 2, T] (PAD on the right), length [B, 2]."""
+    """The pair batch of model/objectives/preference.py: input_ids, answer [B, 2, T] (PAD on the right),
+    length [B, 2]."""
     chosen_rejected = [examples.sides[int(i)] for i in indices]
     width = max(len(ids) for pair in chosen_rejected for ids, _ in pair)
     input_ids = torch.full((len(chosen_rejected), 2, width), PAD_ID, dtype=torch.long)

@@ -3,8 +3,8 @@ eval_sft_accuracy).
 
 Counts are counts of generated token ids, never of re-tokenised text (decoding and encoding again does not give
 the same ids back). AR decodes with its KV cache; diffusion reports forward passes (NFE) and the time of its first
-denoising round. Many prompts decode in batches (left-padded, model/padding.py); the times of an answer are then
-those of its batch.
+denoising round. Many prompts decode in batches (left-padded, model/inference/padding.py); the times of an answer are
+then those of its batch.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.ar import ARSamplerConfig, generate, generate_batch
-from model.padding import left_pad
-from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
+from model.inference.ar import ARSamplerConfig, generate, generate_batch
+from model.inference.padding import left_pad
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
 from scripts.common.data.packing import chunks
 from scripts.common.device import autocast, synchronize

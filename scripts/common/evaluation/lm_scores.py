@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import torch
 
 from model.errors import NanoLladaError
-from model.likelihood import ar_nll_rows, diffusion_nelbo_rows
-from model.masking import pretraining_maskable
+from model.inference.likelihood import ar_nll_rows, diffusion_nelbo_rows
+from model.objectives.masking import pretraining_maskable
 from model.tokenizer import mask_token_id
 from scripts.common.cli import positive
 from scripts.common.device import autocast

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from model.block_curriculum import trained_block_size
 from model.checkpoint import build_model, check_compatible, read_checkpoint
+from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import load_tokenizer
 from scripts.common.data.packing import PackedRows, tokenize_to_cache
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from model.errors import NanoLladaError
-from model.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
+from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.tokenizer import encode, mask_token_id, prompt_ids
 from scripts.common.cli import positive
 from scripts.common.device import autocast

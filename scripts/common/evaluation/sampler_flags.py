@@ -1,5 +1,5 @@
 """The diffusion decoding flags of the eval entry points, written once, and how their values become the settings
-a checkpoint decodes with (model.sampling.sampler_for_checkpoint decides the mode from the checkpoint)."""
+a checkpoint decodes with (model.inference.sampling.sampler_for_checkpoint decides the mode from the checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import argparse
 import contextlib
 
 from model.errors import NanoLladaError, SettingError
-from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
+from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 
 # The command-line name of each sampler parameter, for the library's messages (model.errors.SettingError): the
-# diffusion sampler's and the AR sampler's (model.ar.ARSamplerConfig).
+# diffusion sampler's and the AR sampler's (model.inference.ar.ARSamplerConfig).
 SAMPLER_FLAGS = {
     "gen_length": "--max-new-tokens",
     "max_new_tokens": "--max-new-tokens",

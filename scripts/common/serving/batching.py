@@ -3,8 +3,8 @@ everything waiting that can share a batch, so requests that arrive together are 
 
 Requests share a batch when decoding them together gives each the answer it gets alone: the same AR sampling
 settings (any greedy requests), or the same diffusion settings (block-causal ones also the same prompt length, since
-their blocks start at the prompt's first token). Prompts are left-padded (model/padding.py), so a greedy answer in a
-batch equals its answer alone. A request that samples with its own seed decodes alone, to stay reproducible.
+their blocks start at the prompt's first token). Prompts are left-padded (model/inference/padding.py), so a greedy
+answer in a batch equals its answer alone. A request that samples with its own seed decodes alone, to stay reproducible.
 
 Cancellation: before every forward pass each request of the batch is asked whether it still wants tokens (its
 client is still connected and its answer is not complete). When none does, the batch stops there, so a client that
@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from model.ar import ARSamplerConfig, generate_batch
-from model.padding import left_pad
-from model.sampling import diffusion_generate
+from model.inference.ar import ARSamplerConfig, generate_batch
+from model.inference.padding import left_pad
+from model.inference.sampling import diffusion_generate
 from model.tokenizer import EOS_ID, PAD_ID, StreamingDecoder
 
 

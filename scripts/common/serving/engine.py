@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from model.ar import ARSamplerConfig
 from model.errors import SettingError
-from model.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
+from model.inference.ar import ARSamplerConfig
+from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import chat_text, encode, mask_token_id
 from scripts.common.serving.batching import BatchWorker, Job
 

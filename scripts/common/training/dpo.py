@@ -1,5 +1,6 @@
 """DPO for both routes on the one training loop: the flags, the frozen reference model, the validation statistics
-and the run. The pairs and their batches are scripts/common/data/pairs.py; the objective is model/preference.py."""
+and the run. The pairs and their batches are scripts/common/data/pairs.py; the objective is
+model/objectives/preference.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model
 from model.errors import NanoLladaError
-from model.preference import DPOObjective
+from model.objectives.preference import DPOObjective
 from model.tokenizer import tokenizer_identity
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
 from scripts.common.training.flags import add_training_flags, optimizer_steps, start_run, starting_checkpoint

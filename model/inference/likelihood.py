@@ -10,8 +10,8 @@ Diffusion bounds come in two estimators of the same NELBO:
 A block-diffusion model (BD3LM, LLaDA 2.0) gets the same estimators per block: log p(x) is the sum over blocks of
 log p(block | earlier blocks), each block's term bounded within the block (its own count l_b of n_b), every block
 in one forward over [x_t ; x_0], so a block sees itself noised and the earlier blocks clean.
-A logit-shifted model (model/logit_shift.py) gets every estimator with its predictions read one position to the
-left; nothing predicts a row's first token, so it is never scored.
+A logit-shifted model (model/logit_shift.py) gets every estimator with its predictions read one position to
+the left; nothing predicts a row's first token, so it is never scored.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.block_attention import bdlm_forward
-from model.diffusion_loss import masked_token_nll
-from model.logit_shift import is_shifted, predictable, read_shifted
-from model.masking import mask_exactly, mask_tokens, pretraining_maskable, sample_time, stratified_counts
+from model.logit_shift import is_shifted, predictable
+from model.objectives.elbo import masked_nll_sums, pad_to_blocks
+from model.objectives.masking import mask_exactly, mask_tokens, pretraining_maskable, sample_time, stratified_counts
 from model.tokenizer import PAD_ID
 
 
@@ -47,14 +46,6 @@ def diffusion_nelbo_terms(
         weights = (1 / t.double())[:, None].expand(masked.shape)
         terms.append(masked_nll_sums(model, input_ids, masked, weights, mask_id, block_size))
     return torch.stack(terms)
-
-
-def pad_to_blocks(input_ids: torch.Tensor, scored: torch.Tensor, block_size: int | None):
-    """Right-pad rows with unscored PAD to a multiple of block_size: later blocks never reach earlier ones."""
-    pad = 0 if block_size is None else -input_ids.shape[1] % block_size
-    if pad == 0:
-        return input_ids, scored
-    return F.pad(input_ids, (0, pad), value=PAD_ID), F.pad(scored, (0, pad), value=False)
 
 
 @torch.no_grad()
@@ -83,20 +74,6 @@ def exact_count_draws(
     masked = mask_exactly(groups.repeat(num_samples, 1), counts.flatten(), generator)
     weights = (n.double() / counts.clamp(min=1)).repeat_interleave(K, dim=1)
     return masked.view(num_samples, R, T), weights.view(num_samples, R, T)
-
-
-def masked_nll_sums(
-    model, clean: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor, mask_id: int, block_size=None, keys=None
-) -> torch.Tensor:
-    """Per-row sums of weights * NLL over the masked positions, float64 [N]; keys [N, T] (optional): the positions
-    a row may attend to (right padding of rows of unequal length)."""
-    noisy = clean.masked_fill(masked, mask_id)
-    if block_size is not None:
-        logits = bdlm_forward(model, noisy, clean, block_size)
-    else:
-        logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
-        logits = read_shifted(logits) if is_shifted(model) else logits
-    return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
 
 
 @torch.no_grad()

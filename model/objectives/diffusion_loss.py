@@ -14,7 +14,7 @@ uniform logits it averages ln|V| for any row or answer length, schedule and bloc
 - SFT is the same loss with a clean prompt: pass `maskable` = the answer and its EOS padding.
 - A logit-shifted model (converted from AR, model/logit_shift.py) predicts position j at j - 1, so its row's
   first token is never masked or scored. position_masking > 0 gives each position of a block its own schedule
-  (model.masking.position_rates, warped_time): later positions masked more often, weighted to stay unbiased.
+  (model.objectives.masking.position_rates, warped_time): later positions masked more often, weighted to stay unbiased.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from model.block_attention import bdlm_forward, document_attention_mask, documen
 from model.cross_entropy import fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
-from model.masking import (
+from model.objectives.masking import (
     IGNORE_INDEX,
     check_schedule,
     check_time_range,
@@ -62,7 +62,9 @@ class DiffusionObjective:
     complementary: bool = False  # each row twice: a mask at t and its complement at 1 - t (LLaDA 2.0)
     cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
     repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
-    position_masking: float = 0.0  # strength of position-dependent masking (0: off; model.masking.position_rates)
+    position_masking: float = (
+        0.0  # strength of position-dependent masking (0: off; model.objectives.masking.position_rates)
+    )
     mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
 
     @classmethod

@@ -1,5 +1,6 @@
 """Diffusion sampling: LLaDA low-confidence remasking with semi-autoregressive blocks, unsupervised CFG,
-confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling lives in model/ar.py.
+confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling lives in
+model/inference/ar.py.
 
 The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each
 step runs the model on the whole canvas and commits some masked positions of that block. Committed
@@ -7,7 +8,7 @@ tokens never change (absorbing), the prompt never changes, and <|mask|> can neve
 With cache="prefix" or "dual" only the first step of a block sees the whole canvas; later steps reuse its
 keys/values for the positions outside the block (approximate: those K/V would change as the block fills in).
 Rows are independent: a batch decodes together, and a row that has written EOS leaves the batch. Prompts of
-different lengths are left-padded (`prompt_lengths`, model/padding.py): padding is never attended to and
+different lengths are left-padded (`prompt_lengths`, model/inference/padding.py): padding is never attended to and
 positions start at each prompt's first token, so every row decodes as it would alone.
 
 Block-causal mode (`block_causal=True`, for models trained with block diffusion, model/block_attention.py):
@@ -17,13 +18,13 @@ never change, so their keys/values are cached exactly: the prompt's whole blocks
 step feeds only the current block, and a finished block is appended to the cache by one more forward pass
 (counted in NFE) once all its tokens are final. Cached and uncached decoding therefore give the same tokens.
 
-A logit-shifted model (ModelConfig.logit_shift, model/logit_shift.py) predicts column j from its output at column
-j - 1, computed under the attention column j - 1 has in that path: the window a step feeds starts one column left of
-the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from the
-previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
+A logit-shifted model (ModelConfig.logit_shift, model/logit_shift.py) predicts column j from its output at
+column j - 1, computed under the attention column j - 1 has in that path: the window a step feeds starts one column
+left of the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from
+the previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
 
 Which mode a checkpoint needs is read from the checkpoint itself: `sampler_for_checkpoint`. The step inside a
-block (how many positions, which ones, which tokens, guidance) is model/remasking.py.
+block (how many positions, which ones, which tokens, guidance) is model/inference/remasking.py.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from model.block_attention import block_causal_mask
-from model.block_curriculum import trained_block_size
 from model.errors import NanoLladaError, SettingError, check_setting
+from model.inference.padding import PaddedLayout
+from model.inference.remasking import DecodingRun, SampleResult, block_quotas
 from model.logit_shift import is_shifted
-from model.padding import PaddedLayout
-from model.remasking import DecodingRun, SampleResult, block_quotas
+from model.objectives.block_curriculum import trained_block_size
 
 DECODINGS = ("auto", "bidirectional", "block-causal")
 
@@ -158,7 +159,7 @@ def diffusion_generate(
 ) -> SampleResult:
     """Generate sampler.gen_length tokens after `prompt` [B, P].
 
-    `prompt_lengths` [B]: the prompts are left-padded (model.padding.left_pad) and row b's prompt is its last
+    `prompt_lengths` [B]: the prompts are left-padded (model.inference.padding.left_pad) and row b's prompt is its last
     prompt_lengths[b] columns; None means every row is a full-width prompt.
 
     `on_block(k, tokens)` is called after block k is final with that block's generated ids [B, n] (for streaming).

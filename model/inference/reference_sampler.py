@@ -6,8 +6,8 @@ block is predicted, but only the quota of the linear schedule is committed: the 
 (low-confidence remasking) or random ones. Committed tokens never change. With cfg_scale w, each step also runs the
 canvas with the prompt masked and mixes the two as u + (w + 1)(c - u) (unsupervised classifier-free guidance).
 
-This is the reference: `model.sampling.diffusion_generate` adds what makes decoding fast or stop early (exact and
-approximate K/V caches, confidence thresholds, rows leaving the batch at EOS, left padding, block-causal models) and
+This is the reference: `model.inference.sampling.diffusion_generate` adds what makes decoding fast or stop early (exact
+and approximate K/V caches, confidence thresholds, rows leaving the batch at EOS, left padding, block-causal models) and
 is tested to give these very tokens wherever both apply (tests/test_reference_sampler.py).
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from model.inference.remasking import step_quotas
 from model.logit_shift import is_shifted, read_shifted
-from model.remasking import step_quotas
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
-"""LLaDA's remasking step, shared by every diffusion sampler (model/sampling.py): how many masked positions a
+"""LLaDA's remasking step, shared by every diffusion sampler (model/inference/sampling.py): how many masked positions a
 step commits (the linear schedule, or a confidence threshold), which ones (lowest-confidence remasking or
 random), to what tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free
 guidance; and the tally of forward passes and commits of one generation. For a logit-shifted model
-(model/logit_shift.py) the prediction for a column is the output one column to its left: `DecodingRun.predictions`.
+(model/logit_shift.py) the prediction for a column is the output one column to its left:
+`DecodingRun.predictions`.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.likelihood import masked_nll_sums, pad_to_blocks
-from model.masking import sample_time
+from model.objectives.elbo import masked_nll_sums, pad_to_blocks
+from model.objectives.masking import sample_time
 from model.tokenizer import EOS_ID
 
 ROUTES = ("ar", "diffusion")

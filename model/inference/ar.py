@@ -1,4 +1,4 @@
-"""The autoregressive route: next-token loss and KV-cached sampling."""
+"""AR decoding: KV-cached sampling, one prompt or a left-padded batch. The AR loss is model/objectives/ar_loss.py."""
 
 from __future__ import annotations
 
@@ -6,30 +6,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from model.cross_entropy import fp32_cross_entropy
 from model.errors import NanoLladaError, check_setting
-from model.masking import IGNORE_INDEX
-from model.padding import PaddedLayout, left_pad
-
-
-def next_token_loss(
-    model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, scored_at: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens <= t (labels == IGNORE_INDEX are not scored).
-
-    scored_at [B, K]: positions t that include every scored one (the SFT batcher lists each row's answer positions,
-    padded with unscored ones). The final norm and the head then run only there: on SFT batches most positions are
-    prompt, and at this size the head is half the model's cost.
-    """
-    targets = F.pad((input_ids if labels is None else labels)[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if scored_at is None:
-        logits = model(input_ids, attention="causal")
-    else:
-        logits = model(input_ids, attention="causal", logits_at=scored_at)
-        targets = targets.gather(1, scored_at)
-    return fp32_cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX, reduction="mean")
+from model.inference.padding import PaddedLayout, left_pad
 
 
 def sample_next(
@@ -129,8 +108,8 @@ def generate_batch(
 ) -> list[list[int]]:
     """New ids for each prompt (any lengths), decoded together with one KV cache; each list ends at its EOS.
 
-    Prompts are left-padded (model/padding.py): padding is masked out and positions start at each prompt's first
-    token, so greedy decoding gives every row what `generate` gives it alone. A row that wrote EOS or reached the
+    Prompts are left-padded (model/inference/padding.py): padding is masked out and positions start at each prompt's
+    first token, so greedy decoding gives every row what `generate` gives it alone. A row that wrote EOS or reached the
     model's position limit stops; the batch stops when every row has. `on_step(tokens)` is called with each step's
     new ids [B] (-1 in rows that have stopped), for streaming.
     """
