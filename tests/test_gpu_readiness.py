@@ -54,7 +54,7 @@ def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, **cfg_opt
 def pretraining_loss(block_size=None, curriculum=None) -> PretrainingLoss:
     flags = dict(iid_mask_eps=1e-3, time_weighted_loss=False, time_weight_schedule="linear", position_masking=0.0)
     flags.update(repeat_penalty_weight=0.0, block_size=block_size, use_doc_attention_mask=False)
-    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=0.0), curriculum, MASK_ID)
+    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=0.0, seed=42), curriculum, MASK_ID)
 
 
 # ----------------------------------------------------------------------------- FlexAttention, chosen once

@@ -335,7 +335,8 @@ def main(argv=None) -> dict:
             )
 
     print(describe(f"diffusion ({loss.describe()})", model, batches, val_batches, cfg.max_steps, device))
-    task = Task(batches.batch, val_batches, train_loss, validation_loss)
+    masks = bool(curriculum or args.block_size or args.use_doc_attention_mask)  # else no FlexAttention probe
+    task = Task(batches.batch, val_batches, train_loss, validation_loss, explicit_masks=masks)
     options = RunOptions(tokenizer_identity(tokenizer), args.resume, extra, on_eval=keep_if_top_k)
     summary = train(model, cfg, task, options, device)
     if keeper is not None:
@@ -378,13 +379,17 @@ class PretrainingLoss:
 
     def train(self, model, rows, rng, step):
         phase, block_size = self.block_at(step)
-        # The crop decision comes from its own CPU stream, seeded like the masks: no GPU sync for a shape.
-        crop_rng = torch.Generator().manual_seed(rng.initial_seed() ^ 0x5EED)
-        length = random_crop_length(rows.shape[1], self.args.variable_length_prob, crop_rng, block_size or 1)
-        rows = rows[:, :length]
+        rows = rows[:, : self.crop_length(rows.shape[1], step, block_size)]
         objective = replace(self.objective, block_size=block_size)
         loss = diffusion_loss(model, rows, rng, self.mask_id, objective, doc_ids=self.documents(rows))
         return (loss, {"phase": phase, "block": block_size or rows.shape[1]}) if self.curriculum else loss
+
+    def crop_length(self, seq_len: int, step: int, block_size: int | None) -> int:
+        """The step's row length, a function of (seed, step) alone: every rank and every micro-step of a step crops
+        alike (ranks compile the same shapes at the same steps), and a resumed run crops as the first did. Integer
+        seeds only: Python's str hashes differ between processes."""
+        crop_rng = torch.Generator().manual_seed(hash((self.args.seed, step, 0x5EED)) & 0x7FFF_FFFF_FFFF)
+        return random_crop_length(seq_len, self.args.variable_length_prob, crop_rng, block_size or 1)
 
     def validation(self, model, rows, rng):
         return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
