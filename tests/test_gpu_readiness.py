@@ -9,17 +9,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TRAINING
+from conftest import ROOT, TINY_TRAINING
 
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
 from model.block_curriculum import BlockCurriculum
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy
 from model.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.errors import NanoLladaError
 from model.logit_shift import read_shifted
+from model.masking import crop_lengths
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
+from scripts.common import device as device_habits
+from scripts.common.cli import pick_device
 from scripts.common.optimization import TrainConfig
 from scripts.common.trainer import RunOptions, Task, train
 from scripts.memory_estimate import seed_model, step_memory
+from scripts.train import train_pretrain
 from scripts.train.diffusion import PretrainingLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -51,10 +56,10 @@ def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, **cfg_opt
     return model, summary, [m["loss"] for m in metrics if "loss" in m]
 
 
-def pretraining_loss(block_size=None, curriculum=None) -> PretrainingLoss:
+def pretraining_loss(block_size=None, curriculum=None, crop=0.0) -> PretrainingLoss:
     flags = dict(iid_mask_eps=1e-3, time_weighted_loss=False, time_weight_schedule="linear", position_masking=0.0)
     flags.update(repeat_penalty_weight=0.0, block_size=block_size, use_doc_attention_mask=False)
-    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=0.0, seed=42), curriculum, MASK_ID)
+    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=crop, seed=42), curriculum, MASK_ID)
 
 
 # ----------------------------------------------------------------------------- FlexAttention, chosen once
@@ -124,6 +129,52 @@ def test_compiled_training_compiles_once_per_distinct_shape_across_the_block_cur
     assert counters["stats"]["unique_graphs"] == 3  # evaluation, BDLM training, MDLM training: no more
     _, _, eager = diffusion_run(tmp_path / "e", tiny_config, loss, 10)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_two_ranks_crop_the_same_steps_to_the_same_few_lengths(tiny_config, block_size):
+    # Ranks draw their masks from generators seeded with their rank (trainer._train_rng); the crop must not follow.
+    model, lengths = Transformer(tiny_config), {0: [], 1: []}
+    loss = pretraining_loss(block_size, crop=0.5)
+    for rank in (0, 1):
+        hook = model.register_forward_pre_hook(lambda m, args, rank=rank: lengths[rank].append(args[0].shape[1]))
+        for step in range(40):
+            with torch.no_grad():
+                loss.train(model, rows(step), torch.Generator().manual_seed(1000 * rank + step), step)
+        hook.remove()
+    assert lengths[0] == lengths[1]
+    full = 32 if block_size else 16  # block diffusion feeds [x_t ; x_0]
+    crops = {n for n in lengths[0] if n < full}
+    assert 1 <= len(crops) <= len(crop_lengths(16, block_size or 1)) - 1 == 3  # a few lengths, not up to 16
+    assert all(n % (2 * block_size if block_size else 1) == 0 for n in crops)
+
+
+def test_a_run_that_crops_compiles_a_graph_per_crop_bucket_at_most(tmp_path, tiny_config):
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _, summary, losses = diffusion_run(
+        tmp_path, tiny_config, pretraining_loss(crop=0.5), 12, compile=True, compile_backend="eager"
+    )
+    # evaluation, the full row and at most 3 crop lengths: within Dynamo's 8, every step stays compiled
+    assert summary["step"] == 12 and 2 <= counters["stats"]["unique_graphs"] <= 5 and all(map(math.isfinite, losses))
+
+
+# ----------------------------------------------------------------------------- no silent CPU
+
+
+def test_an_nvidia_gpu_that_cuda_cannot_use_stops_training_in_one_line_unless_cpu_is_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_habits, "nvidia_device_present", lambda: True)
+    monkeypatch.setattr(device_habits, "nvidia_driver_version", lambda: "535.104.05")
+    argv = ["--data", str(tmp_path / "none.jsonl"), "--tokenizer-dir", str(ROOT), "--save-dir", str(tmp_path)]
+    with pytest.raises(NanoLladaError) as refused:
+        train_pretrain.main(argv)
+    message = str(refused.value)
+    assert "\n" not in message and "driver is 535.104.05" in message and f"CUDA {torch.version.cuda}" in message
+    assert "--device cpu" in message and "update the driver" in message
+    assert pick_device("cpu") == torch.device("cpu")  # asked for: no refusal
+    monkeypatch.setattr(device_habits, "nvidia_device_present", lambda: False)
+    assert pick_device() == torch.device("cpu")  # no GPU at all: the CPU, as before
 
 
 # ----------------------------------------------------------------------------- attention kernels

@@ -31,6 +31,7 @@ from scripts.gpu_check.report import Context, Report, StageTimeout, time_limit
 CUDA_LIMITS = {"env": 15, "kernels": 75, "training": 300, "decoding": 45, "bench": 120}
 CPU_LIMITS = {"env": 15, "kernels": 60, "training": 120, "decoding": 60, "bench": 60}
 STAGES = tuple(CUDA_LIMITS)
+ALARM_GRACE_S = 5.0  # past a stage's limit before the alarm cuts it (its own checks stop at the limit)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def run_stage(ctx: Context, name: str, fn, limit: float) -> None:
     print(f"== {name} (limit {limit:.0f} s)", flush=True)
     status = "done"
     try:
-        with time_limit(limit + 5):  # the stage's own checks stop at the deadline; the alarm is the backstop
+        with time_limit(limit + ALARM_GRACE_S):  # the stage's own checks stop at the deadline; this is the backstop
             fn(ctx)
     except StageTimeout:
         status = "cut"
