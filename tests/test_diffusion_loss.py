@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from conftest import UniformModel
 
+from model.cross_entropy import logits_or_nll
 from model.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
 from model.errors import NanoLladaError
 from model.masking import (
@@ -213,10 +214,10 @@ def test_unmasked_positions_get_zero_gradient(tiny_config):
     model, captured = Transformer(tiny_config), {}
 
     class Capture(nn.Module):
-        def forward(self, ids, attention="bidirectional"):
+        def forward(self, ids, attention="bidirectional", targets=None):
             captured["ids"], captured["logits"] = ids, model(ids, attention=attention)
             captured["logits"].retain_grad()
-            return captured["logits"]
+            return logits_or_nll(captured["logits"], targets)
 
     ids = torch.randint(1, tiny_config.vocab_size - 1, (4, 32), generator=rng())
     diffusion_loss(Capture(), ids, rng(1), tiny_config.vocab_size - 1).backward()

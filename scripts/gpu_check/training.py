@@ -191,7 +191,8 @@ def judge_route(ctx: Context, route: Route, r: dict) -> None:
 
 def judge_cuda_speed(ctx: Context, route: Route, r: dict) -> None:
     config, s = ctx.shared["config"], ctx.shared
-    estimate = step_memory(config, s["batch_size"], s["seq_len"], route.block_diffusion, chunked=True).total / 2**30
+    loss = "compiled" if route.compiled else "chunked"
+    estimate = step_memory(config, s["batch_size"], s["seq_len"], route.block_diffusion, loss).total / 2**30
     ok = r["peak_gib"] <= 1.1 * estimate
     ctx.verdict(f"{route.name}.memory", ok, f"peak {r['peak_gib']:.2f} GiB, estimate {estimate:.2f} GiB")
     if route.seed_route:
