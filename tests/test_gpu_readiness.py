@@ -45,14 +45,14 @@ def rows(k: int, length: int = 16) -> torch.Tensor:
     return torch.randint(1, MASK_ID, (4, length), generator=torch.Generator().manual_seed(k))
 
 
-def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, **cfg_options):
+def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, explicit_masks=True, **cfg_options):
     """A diffusion run of the shared trainer on the CPU; returns (summary, per-step losses)."""
     torch.manual_seed(0)
     model = Transformer(config)
     model.flex_on_cpu = cfg_options.pop("flex_on_cpu", False)
     options = {**TINY_TRAINING, "eval_interval": 5, **cfg_options}
     cfg = TrainConfig("run", "diffusion", max_steps=steps, out_dir=str(tmp_path), **options)
-    task = Task(rows, [rows(-1), rows(-2)], loss.train, loss.validation)
+    task = Task(rows, [rows(-1), rows(-2)], loss.train, loss.validation, explicit_masks=explicit_masks)
     summary = train(model, cfg, task, RunOptions({"vocab_size": 101, "sha256": "t"}), CPU)
     metrics = [json.loads(line) for line in (tmp_path / "run_metrics.jsonl").read_text().splitlines()]
     return model, summary, [m["loss"] for m in metrics if "loss" in m]
@@ -74,6 +74,13 @@ def test_failed_flex_probe_falls_back_to_sdpa_in_one_line_and_training_goes_on(t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("attention:")]
     assert len(lines) == 1 and lines[0].startswith("attention: SDPA for explicit masks (FlexAttention failed")
     assert not model.flex_attention and summary["step"] == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_run_without_explicit_masks_is_not_probed(tmp_path, tiny_config, capsys):
+    # flex_on_cpu makes the probe run (and fail) on the CPU, as it would compile on a GPU: MDLM passes no mask.
+    model, summary, _ = diffusion_run(tmp_path, tiny_config, pretraining_loss(), 2, False, flex_on_cpu=True)
+    assert summary["step"] == 2 and model.flex_attention
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("attention:")]
 
 
 def test_flex_errors_in_the_forward_are_not_swallowed(tiny_config):
@@ -331,3 +338,15 @@ def test_the_ar_loss_inside_the_forward_equals_the_mean_cross_entropy_of_the_log
     # the same per-token terms, summed in another order: equal to the last bit or two; the gradients exactly
     torch.testing.assert_close(loss, reference, rtol=3e-7, atol=0)
     assert torch.equal(grad, reference_grad)
+
+
+def test_tf32_is_turned_on_for_cuda_runs_only():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        device_habits.enable_tf32(CPU)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        device_habits.enable_tf32(torch.device("cuda"))  # only flags: no CUDA device is touched
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
