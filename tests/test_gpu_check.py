@@ -20,7 +20,7 @@ def test_the_cpu_mode_runs_every_stage_and_reports_each_result_as_a_line_and_in_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / "check"
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.gpu_check", "--out", str(out)],
+        [sys.executable, "-m", "scripts.gpu_check", "--out", str(out), "--work", str(tmp_path / "work")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -41,7 +41,8 @@ def test_the_cpu_mode_runs_every_stage_and_reports_each_result_as_a_line_and_in_
     assert {"bench.training.ar", "bench.training.diffusion"} <= passed
     routes = report["stages"]["training"]["routes"]
     assert routes["ar"]["last_loss"] < routes["ar"]["first_loss"] and routes["mdlm"]["tokens_per_s"] > 0
-    assert (out / "weights" / "ar_state_dict.pt").exists() and (out / "bench" / "bench.json").exists()
+    assert (tmp_path / "work" / "weights" / "ar_state_dict.pt").exists() and (out / "bench" / "bench.json").exists()
+    assert not (out / "weights").exists()  # checkpoints stay out of the folder a device run sends back
 
 
 def test_a_stage_past_its_limit_is_cut_reported_and_saved(tmp_path, monkeypatch):
@@ -63,7 +64,8 @@ def test_a_stage_past_its_limit_is_cut_reported_and_saved(tmp_path, monkeypatch)
 def test_an_nvidia_gpu_that_cuda_cannot_use_stops_the_check_at_once(tmp_path, monkeypatch, capsys):
     reason = "an NVIDIA GPU is present but CUDA is unusable: (the driver) ..."
     monkeypatch.setattr("scripts.gpu_check.kernels.unusable_gpu_reason", lambda: reason)
-    assert gpu_check.main(["--out", str(tmp_path), "--stages", "kernels,training"]) == 1
+    argv = ["--out", str(tmp_path), "--work", str(tmp_path / "work"), "--stages", "kernels,training"]
+    assert gpu_check.main(argv) == 1
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(c["status"], c["stage"], c["name"], c["detail"]) for c in saved["checks"]] == [
         ("FAIL", "env", "cuda", reason)

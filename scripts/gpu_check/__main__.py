@@ -1,6 +1,6 @@
 """The prepared GPU check: one command for whoever has ten minutes of a GPU.
 
-    python -m scripts.gpu_check --out DIR [--budget-s 560] [--stages env,kernels,training,decoding,bench]
+    python -m scripts.gpu_check --out DIR [--work DIR] [--budget-s 540] [--stages env,kernels,training,...]
 
 Stages, most valuable first, each under its own time limit (a cut stage says SKIP and the next one starts):
   env       driver, torch, CUDA; an NVIDIA device that CUDA cannot use stops the check at once, with the reason
@@ -19,13 +19,17 @@ tokenizers/transformers, tqdm and matplotlib: no uv, no network, no prepared dat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from scripts.gpu_check.report import Context, Report, StageTimeout, time_limit
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from --tokenizer-dir; never wait on a network
 
 # Seconds per stage on CUDA (within --budget-s, which caps the total) and in the CPU mode.
 CUDA_LIMITS = {"env": 15, "kernels": 75, "training": 300, "decoding": 45, "bench": 120}
@@ -36,9 +40,10 @@ ALARM_GRACE_S = 5.0  # past a stage's limit before the alarm cuts it (its own ch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for gpu_check.json, logs and the runs' files")
+    p.add_argument("--out", required=True, help="folder for gpu_check.json, the logs and the bench's table")
+    p.add_argument("--work", default=None, help="folder for the corpus and checkpoints (default: a new temporary one)")
     p.add_argument("--device", default=None, help="cuda (default when usable) or cpu (the CPU mode)")
-    p.add_argument("--budget-s", type=float, default=560, help="total seconds; each stage gets at most what is left")
+    p.add_argument("--budget-s", type=float, default=540, help="total seconds; each stage gets at most what is left")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     p.add_argument("--data", default=None, help="a .jsonl/.txt corpus (default: one synthesised in DIR)")
     p.add_argument("--tokenizer-dir", default=".")
@@ -93,7 +98,10 @@ def main(argv=None) -> int:
     wanted = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(wanted)
     report = Report(out / "gpu_check.json", {"command": sys.argv, "mode": device.type, "args": vars(args)})
-    ctx = Context(out, device, args, report)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    report.record["work"] = str(work)
+    ctx = Context(out, device, args, report, work)
     limits = CUDA_LIMITS if ctx.cuda else CPU_LIMITS
     end = time.monotonic() + args.budget_s
     functions = stage_functions()

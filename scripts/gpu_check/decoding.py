@@ -23,7 +23,7 @@ from scripts.gpu_check.report import Context
 def trained_or_random(ctx: Context, run_name: str, shifted: bool = False) -> tuple[Transformer, str]:
     """The training stage's weights of `run_name`, or a random model of the check's shape with large weights (a
     0.02-init model's greedy text repeats one token, which would make any agreement meaningless)."""
-    path = ctx.out / "weights" / f"{run_name}_state_dict.pt"
+    path = ctx.work / "weights" / f"{run_name}_state_dict.pt"
     if path.exists():
         return build_model(read_checkpoint(path), path).to(ctx.device).eval(), str(path)
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def trained_or_random(ctx: Context, run_name: str, shifted: bool = False) -> tup
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.3)
-    return model, "random weights (no trained model in DIR)"
+    return model, "random weights (no trained model in --work)"
 
 
 def timed(ctx: Context, fn):

@@ -65,6 +65,7 @@ class Context:
     device: torch.device
     args: object
     report: Report
+    work: Path | None = None  # the runs' corpus and checkpoints (large: kept out of `out`)
     stage: str = ""
     deadline: float = 0.0
     shared: dict = field(default_factory=dict)  # results later stages use (e.g. the trained checkpoints)

@@ -1,5 +1,6 @@
 """The training and bench stages of the GPU check: each route through its real entry point, in this process (so
-Dynamo's graph counters and CUDA's peak memory are readable), on a corpus written beforehand in DIR."""
+Dynamo's graph counters and CUDA's peak memory are readable), on a corpus it writes (or --data); checkpoints and
+the corpus go to --work, logs to --out."""
 
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ class Route:
 def routes(ctx: Context) -> list[Route]:
     seq, block = ctx.shared["seq_len"], 32 if ctx.cuda else 8
     crops = len(crop_lengths(seq, 1)) - 1  # bucketed crop lengths below the full row (model.masking)
-    return [
+    no_crop = ["--variable-length-prob", "0"]
+    blocks = ["--block-size", str(block), "--use-doc-attention-mask", *no_crop]
+    return [  # most valuable first: a cut stage still has the seed routes
         Route("ar", "ar", seed_route=True),
-        Route("mdlm", "diffusion", ["--variable-length-prob", "0"], seed_route=True),
-        Route("bdlm32_doc_flex", "diffusion", ["--block-size", str(block), "--use-doc-attention-mask"], True, True, 3),
+        Route("mdlm", "diffusion", no_crop, seed_route=True),
+        Route("mdlm_eager", "diffusion", [*no_crop, "--no-compile"], compiled=False),
+        Route("bdlm32_doc_flex", "diffusion", blocks, block_diffusion=True, max_graphs=3),
         Route("mdlm_crop", "diffusion", ["--variable-length-prob", "0.3"], max_graphs=2 + crops),
-        Route("mdlm_eager", "diffusion", ["--variable-length-prob", "0", "--no-compile"], compiled=False),
     ]
 
 
@@ -69,7 +72,7 @@ def synthetic_corpus(path: Path, tokenizer, tokens: int, seed: int = 0) -> Path:
 
 def route_argv(ctx: Context, route: Route, steps: int) -> list[str]:
     a, s = ctx.args, ctx.shared
-    argv = ["--data", str(s["data"]), "--tokenizer-dir", a.tokenizer_dir, "--save-dir", str(ctx.out / "weights")]
+    argv = ["--data", str(s["data"]), "--tokenizer-dir", a.tokenizer_dir, "--save-dir", str(ctx.work / "weights")]
     argv += ["--run-name", route.name, "--max-seq-len", str(s["seq_len"]), "--batch-size", str(s["batch_size"])]
     argv += ["--max-iters", str(steps), "--log-interval", str(max(1, steps // 6)), "--eval-interval", str(steps)]
     argv += ["--eval-batches", "1", "--save-interval", "1000000", "--warmup-steps", "2", "--learning-rate", "1e-3"]
@@ -77,7 +80,7 @@ def route_argv(ctx: Context, route: Route, steps: int) -> list[str]:
     if not ctx.cuda:
         argv += [f"--{k.replace('_', '-')}={v}" for k, v in TINY_SHAPE.items()]
     if route.entry == "diffusion":
-        ar_weights = ctx.out / "weights" / "ar_state_dict.pt"  # the seed pipeline: diffusion starts from the AR model
+        ar_weights = ctx.work / "weights" / "ar_state_dict.pt"  # the seed pipeline: diffusion starts from the AR model
         argv = ["--train", *argv, *(["--init-from-minimind", str(ar_weights)] if ar_weights.exists() else [])]
     return argv + route.flags
 
@@ -145,7 +148,7 @@ def training_stage(ctx: Context) -> None:
     if a.data:
         ctx.shared["data"] = Path(a.data)
     else:
-        ctx.shared["data"] = synthetic_corpus(ctx.out / "corpus.txt", tokenizer, 300_000 if ctx.cuda else 6_000)
+        ctx.shared["data"] = synthetic_corpus(ctx.work / "corpus.txt", tokenizer, 300_000 if ctx.cuda else 6_000)
     steps = a.steps or (30 if ctx.cuda else 12)
     results = {}
     for route in routes(ctx):
