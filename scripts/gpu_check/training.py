@@ -86,10 +86,12 @@ def route_argv(ctx: Context, route: Route, steps: int) -> list[str]:
 
 
 def run_route(ctx: Context, route: Route, steps: int) -> dict:
-    """One run through the entry point; its console output goes to DIR/<route>.log."""
+    """One run through the entry point; its console output goes to <out>/<route>.log."""
     from scripts.train import diffusion, train_pretrain
 
     main = train_pretrain.main if route.entry == "ar" else diffusion.main
+    for suffix in (".pt", "_best.pt", "_state_dict.pt", "_metrics.jsonl", "_loss.png"):  # a rerun starts afresh
+        (ctx.work / "weights" / f"{route.name}{suffix}").unlink(missing_ok=True)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
