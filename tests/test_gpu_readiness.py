@@ -23,11 +23,11 @@ from model.masking import crop_lengths
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
 from scripts.common import device as device_habits
 from scripts.common.cli import pick_device
+from scripts.common.diffusion_pretraining import PretrainingLoss
 from scripts.common.optimization import TrainConfig
 from scripts.common.trainer import RunOptions, Task, train
 from scripts.memory_estimate import seed_model, step_memory
 from scripts.train import train_pretrain
-from scripts.train.diffusion import PretrainingLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 CPU = torch.device("cpu")

@@ -38,11 +38,10 @@ def env_stage(ctx: Context) -> None:
         enable_tf32(ctx.device)
         props = torch.cuda.get_device_properties(ctx.device)
         peak = peak_bf16_flops(ctx.device)
-        info |= {"gpu": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "bf16_peak_tflops": peak}
+        info |= {"gpu": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
         info["bf16_peak_tflops"] = None if peak is None else peak / 1e12
-        ctx.verdict(
-            "cuda", True, f"{props.name}, driver {info['driver']}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-        )
+        gpu = f"{props.name}, driver {info['driver']}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        ctx.check("PASS", "cuda", gpu)
         ctx.verdict("mfu_peak", peak is not None, f"bf16 peak for MFU: {info['bf16_peak_tflops']} TFLOPS")
     else:
         ctx.check("SKIP", "cuda", f"CPU mode: torch {torch.__version__}, no usable CUDA device")
