@@ -71,3 +71,44 @@ def test_an_nvidia_gpu_that_cuda_cannot_use_stops_the_check_at_once(tmp_path, mo
         ("FAIL", "env", "cuda", reason)
     ]
     assert f"FAIL env.cuda: {reason}" in capsys.readouterr().out.splitlines()
+
+
+class _CudaContext(Context):
+    """The check's context as on a GPU, so the CUDA-only judgements run on the CPU."""
+
+    @property
+    def cuda(self):
+        return True
+
+
+def _judged(tmp_path, route_name: str, **changes) -> dict:
+    from argparse import Namespace
+
+    import torch
+
+    from model.config import ModelConfig
+    from scripts.gpu_check import training
+
+    ctx = _CudaContext(tmp_path, torch.device("cpu"), Namespace(min_tokens_per_s=1e6), Report(tmp_path / "r.json"))
+    ctx.stage, ctx.work = "training", tmp_path
+    ctx.shared.update(seq_len=256, batch_size=128, config=ModelConfig(vocab_size=6401))
+    healthy = dict(steps=30, unique_graphs=2, graph_breaks=0, peak_gib=6.0, attention_line=None, wall_s=80.0)
+    healthy |= dict(compile_fallback=False, first_loss=8.7, last_loss=6.0, ms_per_step=21.8, mfu=0.26)
+    healthy |= dict(tokens_per_s=1.5e6, min_tokens_per_s=1.4e6, max_tokens_per_s=1.6e6, first_window_tokens_per_s=2e5)
+    route = next(r for r in training.routes(ctx) if r.name == route_name)
+    training.judge_route(ctx, route, healthy | changes)
+    return {c["name"].split(".", 1)[1]: c["status"] for c in ctx.report.record["checks"]}
+
+
+def test_the_cuda_judgements_pass_a_healthy_run_and_fail_each_symptom(tmp_path):
+    assert set(_judged(tmp_path / "a", "ar").values()) == {"PASS"}
+    assert set(_judged(tmp_path / "b", "mdlm").values()) == {"PASS"}
+    flex = "attention: FlexAttention for explicit masks (its forward and backward probe passed)"
+    assert set(_judged(tmp_path / "c", "bdlm32_doc_flex", unique_graphs=3, attention_line=flex).values()) == {"PASS"}
+    sick = _judged(tmp_path / "d", "mdlm", compile_fallback=True, last_loss=9.0, tokens_per_s=4e5, peak_gib=40.0)
+    assert sick == {"ran": "PASS", "loss_falls": "FAIL", "compiled": "FAIL", "no_probe": "PASS", "memory": "FAIL"} | {
+        "speed": "FAIL"
+    }
+    sdpa = "attention: SDPA for explicit masks (FlexAttention failed its probe: ...)"
+    assert _judged(tmp_path / "e", "bdlm32_doc_flex", attention_line=sdpa)["attention"] == "FAIL"
+    assert _judged(tmp_path / "f", "mdlm_crop", unique_graphs=6)["compiled"] == "FAIL"  # more than the 4 lengths
