@@ -106,9 +106,8 @@ def test_the_cuda_judgements_pass_a_healthy_run_and_fail_each_symptom(tmp_path):
     flex = "attention: FlexAttention for explicit masks (its forward and backward probe passed)"
     assert set(_judged(tmp_path / "c", "bdlm32_doc_flex", unique_graphs=3, attention_line=flex).values()) == {"PASS"}
     sick = _judged(tmp_path / "d", "mdlm", compile_fallback=True, last_loss=9.0, tokens_per_s=4e5, peak_gib=40.0)
-    assert sick == {"ran": "PASS", "loss_falls": "FAIL", "compiled": "FAIL", "no_probe": "PASS", "memory": "FAIL"} | {
-        "speed": "FAIL"
-    }
+    failed = {"loss_falls", "compiled", "memory", "speed"}
+    assert {name for name, status in sick.items() if status == "FAIL"} == failed and sick["ran"] == "PASS"
     sdpa = "attention: SDPA for explicit masks (FlexAttention failed its probe: ...)"
     assert _judged(tmp_path / "e", "bdlm32_doc_flex", attention_line=sdpa)["attention"] == "FAIL"
     assert _judged(tmp_path / "f", "mdlm_crop", unique_graphs=6)["compiled"] == "FAIL"  # more than the 4 lengths
