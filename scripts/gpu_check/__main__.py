@@ -32,7 +32,7 @@ from scripts.gpu_check.report import Context, Report, StageTimeout, time_limit
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from --tokenizer-dir; never wait on a network
 
 # Seconds per stage on CUDA (within --budget-s, which caps the total) and in the CPU mode.
-CUDA_LIMITS = {"env": 15, "kernels": 75, "training": 300, "decoding": 45, "bench": 120}
+CUDA_LIMITS = {"env": 15, "kernels": 90, "training": 290, "decoding": 45, "bench": 120}
 CPU_LIMITS = {"env": 15, "kernels": 60, "training": 120, "decoding": 60, "bench": 60}
 STAGES = tuple(CUDA_LIMITS)
 ALARM_GRACE_S = 5.0  # past a stage's limit before the alarm cuts it (its own checks stop at the limit)
