@@ -234,10 +234,11 @@ def diffusion_loss(
     else:
         attention = bidirectional_attention(input_ids, doc_ids, real)
         forward, row_shift = partial(model, noisy, attention=attention), shifted
-        if scored_at is not None and not objective.repeat_penalty_weight:
-            forward.keywords["logits_at"] = (scored_at - 1).clamp(min=0) if shifted else scored_at
+        if scored_at is not None and not objective.repeat_penalty_weight:  # the head only where scored
+            logits_at = (scored_at - 1).clamp(min=0) if shifted else scored_at  # shifted: j is read at j - 1
+            forward, row_shift = partial(model, noisy, attention=attention, logits_at=logits_at), False
             input_ids, masked, weights = (x.gather(1, scored_at) for x in (input_ids, masked, weights))
-            elbo, row_shift = elbo if elbo.shape[1] == 1 else elbo.gather(1, scored_at), False
+            elbo = elbo if elbo.shape[1] == 1 else elbo.gather(1, scored_at)
     need_logits = bool(objective.cap_weight or objective.repeat_penalty_weight)
     nll, logits = scored_nll(forward, input_ids, masked, row_shift, need_logits)
     scored = nll * elbo * weights
