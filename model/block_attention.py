@@ -76,7 +76,12 @@ def bd3lm_document_mask(doc_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def bdlm_forward(
-    model, noisy: torch.Tensor, clean: torch.Tensor, block_size: int, doc_ids: torch.Tensor | None = None
+    model,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    block_size: int,
+    doc_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Predictions for the L positions of the BD3LM input [x_t ; x_0] (positions 0..L-1 for both halves): each
     block is denoised from itself plus the clean earlier blocks, every block in one forward pass.
@@ -84,7 +89,8 @@ def bdlm_forward(
     Unshifted: the noisy half's outputs. Shifted (model/logit_shift.py): position j is read at j - 1 as the
     denoiser of j's block sees it: in the noisy half inside a block, in the clean half for a block's first position
     (its left neighbour ends the previous, clean block). With blocks of 1 every prediction comes from the clean half
-    under a causal mask: exactly the AR model the weights came from.
+    under a causal mask: exactly the AR model the weights came from. With `targets` [B, L]: their NLL instead of the
+    logits (Transformer.forward).
     """
     B, L = clean.shape
     positions = torch.arange(L, device=clean.device).repeat(2)
@@ -98,6 +104,7 @@ def bdlm_forward(
         attention=attention,
         positions=positions,
         logits_at=read_at(L, block_size, is_shifted(model), clean.device),
+        targets=targets,
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
 from model.config import ModelConfig
+from model.cross_entropy import logits_or_nll
 from model.errors import NanoLladaError
 
 try:  # FlexAttention: dense masks (document, block diffusion) run block-sparse on CUDA instead of as an SDPA bias
@@ -269,6 +270,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         logits_at: torch.Tensor | slice | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for input_ids [B, T].
 
@@ -276,6 +278,8 @@ class Transformer(nn.Module):
         `positions` overrides the position of each token (e.g. the clean half of a block-diffusion input).
         `logits_at` (indices or a slice along T, or per-row indices [B, K]) computes the final norm and head only
         there: [B, len, V].
+        `targets` [B, len] (IGNORE_INDEX where unscored): the fp32 cross-entropy of each output instead of the
+        logits, so a compiled model holds the loss in its graph (model/cross_entropy.py).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -302,10 +306,8 @@ class Transformer(nn.Module):
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         elif logits_at is not None:
             x = x[:, logits_at]
-        logits = self.lm_head(self.model.norm(x))
-        return (
-            logits[..., : self.config.vocab_size] if self.config.padded_vocab_size != self.config.vocab_size else logits
-        )
+        logits = self.lm_head(self.model.norm(x))[..., : self.config.vocab_size]  # padding ids are never predicted
+        return logits_or_nll(logits, targets)
 
     def _layers(self, x, cos, sin, mask, is_causal, kv_cache) -> torch.Tensor:
         for i, layer in enumerate(self.model.layers):

@@ -29,7 +29,7 @@ class StepMemory:
 
     weights_and_adamw: float  # fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter
     activations: float  # per-layer tensors saved for the backward, final norm included
-    logits_and_loss: float  # head output, the shifted copy the loss keeps, and the loss's backward buffers
+    logits_and_loss: float  # head output and what the loss keeps and makes for its backward
 
     @property
     def total(self) -> float:
@@ -46,8 +46,16 @@ def saved_bytes_per_token_and_layer(config: ModelConfig) -> int:
     return norms + linear_inputs + attention + h * BF16 + mlp  # + the attention output the o projection reads
 
 
-def step_memory(config: ModelConfig, batch: int, seq_len: int, block_diffusion: bool, chunked: bool) -> StepMemory:
-    """The step's peak; block_diffusion runs 2L tokens through the layers and L through the head."""
+LOSSES = {
+    "compiled": "cross-entropy inside the compiled forward (CUDA, compiled)",
+    "chunked": "chunked fp32 cross-entropy (CUDA, --no-compile)",
+    "plain": "eager F.cross_entropy on .float(), as before either",
+}
+
+
+def step_memory(config: ModelConfig, batch: int, seq_len: int, block_diffusion: bool, loss: str) -> StepMemory:
+    """The step's peak; block_diffusion runs 2L tokens through the layers and L through the head. `loss`: a key of
+    LOSSES."""
     with torch.device("meta"):  # the real parameter count, without allocating anything
         params = Transformer(config).num_parameters()
     tokens = batch * seq_len * (2 if block_diffusion else 1)
@@ -55,12 +63,14 @@ def step_memory(config: ModelConfig, batch: int, seq_len: int, block_diffusion: 
     head_rows = batch * seq_len  # only the outputs the loss reads reach the final norm and the head
     activations += head_rows * (2 * config.hidden_size * FP32 + config.hidden_size * BF16)
     head_out, kept = head_rows * config.padded_vocab_size * BF16, head_rows * config.vocab_size * BF16
-    if chunked:  # keeps the bf16 logits; backward: their bf16 gradient, the padded head gradient, one fp32 chunk
-        loss = kept + kept + head_out + min(CHUNK_ROWS, head_rows) * config.vocab_size * FP32
+    if loss == "compiled":  # the graph keeps the head's bf16 output and a log-sum-exp per row; backward: its gradient
+        held = head_out + head_out + head_rows * FP32
+    elif loss == "chunked":  # keeps the bf16 logits; backward: their bf16 gradient, the padded one, one fp32 chunk
+        held = kept + kept + head_out + min(CHUNK_ROWS, head_rows) * config.vocab_size * FP32
     else:  # F.cross_entropy(logits.float()): fp32 log-softmax kept; backward: two fp32 gradients, bf16 casts
         fp32 = head_rows * config.vocab_size * FP32
-        loss = fp32 + 2 * fp32 + kept + head_out
-    return StepMemory(16 * params, activations, loss)
+        held = fp32 + 2 * fp32 + kept + head_out
+    return StepMemory(16 * params, activations, held)
 
 
 def seed_model() -> ModelConfig:
@@ -75,11 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-diffusion", action="store_true", help="BDLM on [x_t ; x_0] (2L tokens per row)")
     args = p.parse_args(argv)
     config = seed_model()
-    for label, chunked in (
-        ("chunked fp32 cross-entropy (now)", True),
-        ("with the loss as before, F.cross_entropy on .float()", False),
-    ):
-        m = step_memory(config, args.batch_size, args.seq_len, args.block_diffusion, chunked)
+    for loss, label in LOSSES.items():
+        m = step_memory(config, args.batch_size, args.seq_len, args.block_diffusion, loss)
         print(
             f"{label}: weights+grads+AdamW {m.weights_and_adamw / GB:.2f} GB, activations {m.activations / GB:.2f} GB, "
             f"logits+loss {m.logits_and_loss / GB:.2f} GB, total {m.total / GB:.2f} GB "

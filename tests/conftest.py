@@ -135,7 +135,9 @@ class UniformModel(torch.nn.Module):
         self.vocab, self.anchor = vocab, torch.nn.Parameter(torch.zeros(()))
         self.inputs: list[torch.Tensor] = []  # every input it was called on
 
-    def forward(self, ids, attention="bidirectional", logits_at=None, **_):
+    def forward(self, ids, attention="bidirectional", logits_at=None, targets=None, **_):
+        from model.cross_entropy import logits_or_nll
+
         self.inputs.append(ids.clone())
         logits = torch.zeros(*ids.shape, self.vocab) + self.anchor
-        return logits if logits_at is None else logits[:, logits_at]
+        return logits_or_nll(logits if logits_at is None else logits[:, logits_at], targets)

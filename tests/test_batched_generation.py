@@ -10,6 +10,7 @@ from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig, generate, generate_batch
 from model.inference.padding import left_pad
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.transformer import Transformer
 
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 99], [44]]
 
@@ -170,3 +171,43 @@ def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(tiny_config
     assert diffusion_generate(
         model, ids[1:, 6:], DiffusionSamplerConfig(gen_length=4, steps=4), mask_id
     ).tokens.shape == (1, 4)
+
+
+class _Job:
+    """What BatchWorker.decode needs of a queued request."""
+
+    def __init__(self, request):
+        self.request, self.tokens, self.error = request, [], None
+
+    def wanted(self):
+        return True
+
+    def push(self, tokens):
+        self.tokens += tokens
+
+    def end(self, error=None):
+        self.error = error or self.error
+
+
+def test_the_server_decodes_under_the_devices_bf16_autocast(tiny_config, monkeypatch):
+    # On CUDA autocast(device, "bfloat16") is bf16 (SDPA's fused kernels instead of fp32 math); on the CPU it is a
+    # no-op, so the test swaps in CPU autocast and checks every forward of a decode runs inside it.
+    from types import SimpleNamespace
+
+    from scripts.common.serving import batching
+
+    asked, inside = [], []
+
+    def cpu_autocast(device, dtype):
+        asked.append((device.type, dtype))
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(batching, "autocast", cpu_autocast)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    model.register_forward_pre_hook(lambda module, args: inside.append(torch.is_autocast_enabled("cpu")))
+    request = SimpleNamespace(prompt_ids=[1, 5, 7], sampler=None, max_tokens=4, temperature=0.0, top_k=0, top_p=1.0)
+    job = _Job(SimpleNamespace(**vars(request), seed=None))
+    batching.BatchWorker(model, mask_id=tiny_config.vocab_size - 1).decode([job])
+    assert job.error is None and len(job.tokens) == 4
+    assert asked == [("cpu", "bfloat16")] and inside and all(inside)

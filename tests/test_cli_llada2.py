@@ -8,6 +8,7 @@ from conftest import TINY_MODEL, sample_subset
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from scripts.common.pipeline import cli
+from scripts.common.training import diffusion_pretraining
 from scripts.eval import eval_diffusion
 from scripts.train import diffusion, merge_checkpoints
 
@@ -175,7 +176,7 @@ def test_random_length_crops_whole_batches_to_a_block_multiple(corpus, tmp_path,
     """--variable-length-prob 1: every training batch is cropped (no PAD is ever attended to); under the block
     curriculum the crop is a multiple of the step's block size, so block diffusion always sees whole blocks."""
     widths = []
-    original = diffusion.diffusion_loss
+    original = diffusion_pretraining.diffusion_loss
 
     def spy(model, rows, rng, mask_id, objective, maskable=None, doc_ids=None):
         if model.training:
@@ -183,7 +184,7 @@ def test_random_length_crops_whole_batches_to_a_block_multiple(corpus, tmp_path,
             assert not (rows == 0).any()
         return original(model, rows, rng, mask_id, objective, maskable, doc_ids)
 
-    monkeypatch.setattr(diffusion, "diffusion_loss", spy)
+    monkeypatch.setattr(diffusion_pretraining, "diffusion_loss", spy)
     flags = ["--mask-schedule", "wsd", "--use-block-curriculum", "--wsd-block-sizes-up", "4,16"]
     run(corpus, tmp_path, "cropped", "--max-iters", "6", "--variable-length-prob", "1", *flags)
     assert len(widths) == 6 and any(width < 16 for width, _ in widths)

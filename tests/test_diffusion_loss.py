@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import UniformModel
 
+from model.cross_entropy import logits_or_nll
 from model.errors import NanoLladaError
 from model.objectives.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
 from model.objectives.masking import (
@@ -208,11 +209,13 @@ class Tokenwise(nn.Module):
         super().__init__()
         self.embed, self.head = nn.Embedding(vocab, 16), nn.Linear(16, vocab)
 
-    def forward(self, ids, attention="bidirectional", logits_at=None, **_):
+    def forward(self, ids, attention="bidirectional", logits_at=None, targets=None, **_):
         logits = self.head(self.embed(ids))
         if isinstance(logits_at, torch.Tensor) and logits_at.dim() == 2:
-            return logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
-        return logits if logits_at is None else logits[:, logits_at]
+            logits = logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+        elif logits_at is not None:
+            logits = logits[:, logits_at]
+        return logits_or_nll(logits, targets)
 
 
 @pytest.mark.parametrize(
@@ -243,10 +246,10 @@ def test_unmasked_positions_get_zero_gradient(tiny_config):
     model, captured = Transformer(tiny_config), {}
 
     class Capture(nn.Module):
-        def forward(self, ids, attention="bidirectional"):
+        def forward(self, ids, attention="bidirectional", targets=None):
             captured["ids"], captured["logits"] = ids, model(ids, attention=attention)
             captured["logits"].retain_grad()
-            return captured["logits"]
+            return logits_or_nll(captured["logits"], targets)
 
     ids = torch.randint(1, tiny_config.vocab_size - 1, (4, 32), generator=rng())
     diffusion_loss(Capture(), ids, rng(1), tiny_config.vocab_size - 1).backward()
@@ -385,11 +388,11 @@ class ContextOracle(nn.Module):
         super().__init__()
         self.clean, self.vocab, self.anchor = clean, vocab, nn.Parameter(torch.zeros(()))
 
-    def forward(self, ids, attention="bidirectional", **_):
+    def forward(self, ids, attention="bidirectional", targets=None, **_):
         n = self.clean.shape[1]
         confidence = 4.0 * (n - (ids == self.vocab - 1).sum(1, keepdim=True)) / n  # [B, 1]
         logits = torch.zeros(*ids.shape, self.vocab) + self.anchor
-        return logits.scatter(-1, self.clean[..., None], confidence.expand_as(ids)[..., None])
+        return logits_or_nll(logits.scatter(-1, self.clean[..., None], confidence.expand_as(ids)[..., None]), targets)
 
     def nll(self, k: int) -> float:
         """-log p(true token) at a masked position when k of the row's n tokens are masked."""

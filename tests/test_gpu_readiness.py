@@ -1,6 +1,7 @@
-"""What the first GPU run depends on, checked on the CPU: the FlexAttention and torch.compile fallbacks, SDPA's
-grouped heads under a mask, block diffusion's head over the needed outputs only, the cached block mask, static
-compiled shapes across the block curriculum, and the chunked cross-entropy."""
+"""What the first GPU run depends on, checked on the CPU: the FlexAttention and torch.compile fallbacks (and no
+probe without explicit masks), SDPA's grouped heads under a mask, block diffusion's head over the needed outputs
+only, the cached block mask, static compiled shapes across the block curriculum, crops that agree across ranks in
+a few lengths, no silent CPU run beside an unusable GPU, TF32, and the chunked cross-entropy."""
 
 import json
 import math
@@ -9,18 +10,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TRAINING
+from conftest import ROOT, TINY_TRAINING
 
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
-from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy
+from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy, logits_or_nll
+from model.errors import NanoLladaError
 from model.logit_shift import read_shifted
 from model.objectives.block_curriculum import BlockCurriculum
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.masking import crop_lengths
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
+from scripts.common import device as device_habits
+from scripts.common.cli import pick_device
+from scripts.common.training.diffusion_pretraining import PretrainingLoss
 from scripts.common.training.optimization import TrainConfig
 from scripts.common.training.trainer import RunOptions, Task, train
 from scripts.memory_estimate import seed_model, step_memory
-from scripts.train.diffusion import PretrainingLoss
+from scripts.train import train_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 CPU = torch.device("cpu")
@@ -38,23 +44,23 @@ def rows(k: int, length: int = 16) -> torch.Tensor:
     return torch.randint(1, MASK_ID, (4, length), generator=torch.Generator().manual_seed(k))
 
 
-def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, **cfg_options):
+def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, explicit_masks=True, **cfg_options):
     """A diffusion run of the shared trainer on the CPU; returns (summary, per-step losses)."""
     torch.manual_seed(0)
     model = Transformer(config)
     model.flex_on_cpu = cfg_options.pop("flex_on_cpu", False)
     options = {**TINY_TRAINING, "eval_interval": 5, **cfg_options}
     cfg = TrainConfig("run", "diffusion", max_steps=steps, out_dir=str(tmp_path), **options)
-    task = Task(rows, [rows(-1), rows(-2)], loss.train, loss.validation)
+    task = Task(rows, [rows(-1), rows(-2)], loss.train, loss.validation, explicit_masks=explicit_masks)
     summary = train(model, cfg, task, RunOptions({"vocab_size": 101, "sha256": "t"}), CPU)
     metrics = [json.loads(line) for line in (tmp_path / "run_metrics.jsonl").read_text().splitlines()]
     return model, summary, [m["loss"] for m in metrics if "loss" in m]
 
 
-def pretraining_loss(block_size=None, curriculum=None) -> PretrainingLoss:
+def pretraining_loss(block_size=None, curriculum=None, crop=0.0) -> PretrainingLoss:
     flags = dict(iid_mask_eps=1e-3, time_weighted_loss=False, time_weight_schedule="linear", position_masking=0.0)
     flags.update(repeat_penalty_weight=0.0, block_size=block_size, use_doc_attention_mask=False)
-    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=0.0), curriculum, MASK_ID)
+    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=crop, seed=42), curriculum, MASK_ID)
 
 
 # ----------------------------------------------------------------------------- FlexAttention, chosen once
@@ -67,6 +73,13 @@ def test_failed_flex_probe_falls_back_to_sdpa_in_one_line_and_training_goes_on(t
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("attention:")]
     assert len(lines) == 1 and lines[0].startswith("attention: SDPA for explicit masks (FlexAttention failed")
     assert not model.flex_attention and summary["step"] == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_run_without_explicit_masks_is_not_probed(tmp_path, tiny_config, capsys):
+    # flex_on_cpu makes the probe run (and fail) on the CPU, as it would compile on a GPU: MDLM passes no mask.
+    model, summary, _ = diffusion_run(tmp_path, tiny_config, pretraining_loss(), 2, False, flex_on_cpu=True)
+    assert summary["step"] == 2 and model.flex_attention
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("attention:")]
 
 
 def test_flex_errors_in_the_forward_are_not_swallowed(tiny_config):
@@ -126,6 +139,52 @@ def test_compiled_training_compiles_once_per_distinct_shape_across_the_block_cur
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_two_ranks_crop_the_same_steps_to_the_same_few_lengths(tiny_config, block_size):
+    # Ranks draw their masks from generators seeded with their rank (trainer._train_rng); the crop must not follow.
+    model, lengths = Transformer(tiny_config), {0: [], 1: []}
+    loss = pretraining_loss(block_size, crop=0.5)
+    for rank in (0, 1):
+        hook = model.register_forward_pre_hook(lambda m, args, rank=rank: lengths[rank].append(args[0].shape[1]))
+        for step in range(40):
+            with torch.no_grad():
+                loss.train(model, rows(step), torch.Generator().manual_seed(1000 * rank + step), step)
+        hook.remove()
+    assert lengths[0] == lengths[1]
+    full = 32 if block_size else 16  # block diffusion feeds [x_t ; x_0]
+    crops = {n for n in lengths[0] if n < full}
+    assert 1 <= len(crops) <= len(crop_lengths(16, block_size or 1)) - 1 == 3  # a few lengths, not up to 16
+    assert all(n % (2 * block_size if block_size else 1) == 0 for n in crops)
+
+
+def test_a_run_that_crops_compiles_a_graph_per_crop_bucket_at_most(tmp_path, tiny_config):
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _, summary, losses = diffusion_run(
+        tmp_path, tiny_config, pretraining_loss(crop=0.5), 12, compile=True, compile_backend="eager"
+    )
+    # evaluation, the full row and at most 3 crop lengths: within Dynamo's 8, every step stays compiled
+    assert summary["step"] == 12 and 2 <= counters["stats"]["unique_graphs"] <= 5 and all(map(math.isfinite, losses))
+
+
+# ----------------------------------------------------------------------------- no silent CPU
+
+
+def test_an_nvidia_gpu_that_cuda_cannot_use_stops_training_in_one_line_unless_cpu_is_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_habits, "nvidia_device_present", lambda: True)
+    monkeypatch.setattr(device_habits, "nvidia_driver_version", lambda: "535.104.05")
+    argv = ["--data", str(tmp_path / "none.jsonl"), "--tokenizer-dir", str(ROOT), "--save-dir", str(tmp_path)]
+    with pytest.raises(NanoLladaError) as refused:
+        train_pretrain.main(argv)
+    message = str(refused.value)
+    assert "\n" not in message and "driver is 535.104.05" in message and f"CUDA {torch.version.cuda}" in message
+    assert "--device cpu" in message and "update the driver" in message
+    assert pick_device("cpu") == torch.device("cpu")  # asked for: no refusal
+    monkeypatch.setattr(device_habits, "nvidia_device_present", lambda: False)
+    assert pick_device() == torch.device("cpu")  # no GPU at all: the CPU, as before
+
+
 # ----------------------------------------------------------------------------- attention kernels
 
 
@@ -176,8 +235,8 @@ class FullHead(torch.nn.Module):
         super().__init__()
         self.inner, self.config = inner, inner.config
 
-    def forward(self, ids, attention, positions, logits_at):
-        return self.inner(ids, attention=attention, positions=positions)[:, logits_at]
+    def forward(self, ids, attention, positions, logits_at, targets=None):
+        return logits_or_nll(self.inner(ids, attention=attention, positions=positions)[:, logits_at], targets)
 
 
 @pytest.mark.parametrize("shifted,block_size", [(False, 4), (True, 4), (True, 1), (True, 16)])
@@ -232,7 +291,20 @@ def test_cpu_cross_entropy_is_the_plain_fp32_one_bit_for_bit():
 
 def test_the_memory_estimate_counts_the_seed_models_parameters_and_what_chunking_saves():
     config = seed_model()
-    chunked, plain = (step_memory(config, 96, 256, False, chunked) for chunked in (True, False))
+    compiled, chunked, plain = (step_memory(config, 96, 256, False, loss) for loss in ("compiled", "chunked", "plain"))
     assert chunked.weights_and_adamw == 16 * 25_862_656 and chunked.activations == plain.activations
     assert plain.logits_and_loss - chunked.logits_and_loss > 96 * 256 * config.vocab_size * 4  # > one fp32 [N, V]
-    assert step_memory(config, 96, 256, True, True).activations > 1.9 * chunked.activations  # 2L tokens per row
+    assert compiled.logits_and_loss < chunked.logits_and_loss and compiled.activations == chunked.activations
+    assert step_memory(config, 96, 256, True, "chunked").activations > 1.9 * chunked.activations  # 2L tokens per row
+
+
+def test_tf32_is_turned_on_for_cuda_runs_only():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        device_habits.enable_tf32(CPU)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        device_habits.enable_tf32(torch.device("cuda"))  # only flags: no CUDA device is touched
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -20,16 +20,16 @@ uniform logits it averages ln|V| for any row or answer length, schedule and bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad
-from model.cross_entropy import fp32_cross_entropy
+from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.masking import (
-    IGNORE_INDEX,
     check_schedule,
     check_time_range,
     complementary_masks,
@@ -119,6 +119,25 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     ignored = targets.masked_fill(~masked, IGNORE_INDEX)
     nll = fp32_cross_entropy(logits.flatten(0, -2), ignored.flatten(), IGNORE_INDEX)  # chunked on CUDA
     return nll.view(targets.shape)
+
+
+def scored_nll(forward, targets: torch.Tensor, masked: torch.Tensor, shifted: bool, need_logits: bool):
+    """(fp32 NLL [B, L] of the masked positions, 0 elsewhere; the logits when a loss term needs them, else None).
+
+    forward(targets=...) is the model call: with targets it returns their NLL computed inside the model's forward,
+    where a compiled model fuses it with the head. `shifted`: output j predicts position j + 1 (a logit-shifted
+    model over whole rows), so the targets move one left and the NLL back one right, [B, L] copies where shifting
+    the logits would copy [B, L, V]. Position 0, never masked in a shifted model, scores 0 as before.
+    """
+    if need_logits:
+        logits = forward(targets=None)
+        logits = read_shifted(logits) if shifted else logits
+        return masked_token_nll(logits, targets, masked), logits
+    ignored = targets.masked_fill(~masked, IGNORE_INDEX)
+    if not shifted:
+        return forward(targets=ignored), None
+    nll = forward(targets=F.pad(ignored[:, 1:], (0, 1), value=IGNORE_INDEX))
+    return F.pad(nll[:, :-1], (1, 0)), None
 
 
 def pad_to_block_multiple(
@@ -212,17 +231,18 @@ def diffusion_loss(
     if objective.block_size is not None:
         if doc_ids is None and real is not None:
             doc_ids = real.long() - 1  # the row is one document; the columns after it, PAD, are their own
-        logits = bdlm_forward(model, noisy, input_ids, objective.block_size, doc_ids)
+        forward, row_shift = partial(bdlm_forward, model, noisy, input_ids, objective.block_size, doc_ids), False
     else:
         attention = bidirectional_attention(input_ids, doc_ids, real)
-        if scored_at is not None and not objective.repeat_penalty_weight:
-            logits = model(noisy, attention=attention, logits_at=(scored_at - 1).clamp(min=0) if shifted else scored_at)
+        forward, row_shift = partial(model, noisy, attention=attention), shifted
+        if scored_at is not None and not objective.repeat_penalty_weight:  # the head only where scored
+            logits_at = (scored_at - 1).clamp(min=0) if shifted else scored_at  # shifted: j is read at j - 1
+            forward, row_shift = partial(model, noisy, attention=attention, logits_at=logits_at), False
             input_ids, masked, weights = (x.gather(1, scored_at) for x in (input_ids, masked, weights))
             elbo = elbo if elbo.shape[1] == 1 else elbo.gather(1, scored_at)
-        else:
-            logits = model(noisy, attention=attention)
-            logits = read_shifted(logits) if shifted else logits
-    scored = masked_token_nll(logits, input_ids, masked) * elbo * weights
+    need_logits = bool(objective.cap_weight or objective.repeat_penalty_weight)
+    nll, logits = scored_nll(forward, input_ids, masked, row_shift, need_logits)
+    scored = nll * elbo * weights
     if objective.normalization == "batch":
         loss = scored.sum() / total_weight.clamp(min=1e-6)
     else:

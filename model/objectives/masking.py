@@ -20,7 +20,6 @@ import torch
 from model.errors import NanoLladaError
 from model.tokenizer import EOS_ID, PAD_ID
 
-IGNORE_INDEX = -100  # cross-entropy target of positions that are not scored (PyTorch's default ignore_index)
 SCHEDULES = ("linear", "cosine")
 
 
@@ -144,12 +143,25 @@ def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generato
     return (ranks < counts[:, None]) & scored
 
 
+# How many lengths a crop may take (the full row included): each is one compiled graph, and Dynamo compiles at most
+# 8 per function before running new shapes eagerly.
+CROP_BUCKETS = 4
+
+
+def crop_lengths(seq_len: int, multiple_of: int = 1, buckets: int = CROP_BUCKETS) -> list[int]:
+    """The lengths a crop rounds up to: `buckets` evenly spaced multiples of `multiple_of`, the last seq_len."""
+    step = -(-seq_len // buckets)
+    step = -(-step // multiple_of) * multiple_of
+    return sorted({min(seq_len, k * step) for k in range(1, buckets + 1)})
+
+
 def random_crop_length(seq_len: int, prob: float, generator: torch.Generator, multiple_of: int = 1) -> int:
-    """With probability `prob`, a random length in 1..seq_len (rounded up to a multiple of `multiple_of`) to crop
-    the whole batch to, else seq_len. LLaDA trains 1% of its data at a random length this way, so the model also
-    sees sequences that end early; cropping instead of padding leaves no PAD for real tokens to attend to.
-    Drawn on the CPU from its own generator: the shape decision never waits for the GPU."""
+    """With probability `prob`, a random length in 1..seq_len rounded up to one of crop_lengths (a few fixed lengths,
+    so a compiled model compiles a few graphs), to crop the whole batch to; else seq_len. LLaDA trains 1% of its
+    data at a random length this way, so the model also sees sequences that end early; cropping instead of padding
+    leaves no PAD for real tokens to attend to. Drawn on the CPU from its own generator: the shape decision never
+    waits for the GPU."""
     if prob <= 0 or float(torch.rand((), generator=generator)) >= prob:
         return seq_len
     length = int(torch.randint(1, seq_len + 1, (), generator=generator))
-    return min(seq_len, -(-length // multiple_of) * multiple_of)
+    return next(n for n in crop_lengths(seq_len, multiple_of) if n >= length)

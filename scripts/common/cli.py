@@ -14,6 +14,7 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import NanoLladaError
+from scripts.common import device as device_habits
 
 
 class Interrupted(KeyboardInterrupt):
@@ -137,9 +138,14 @@ def model_config_from_args(args, vocab_size: int) -> ModelConfig:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """--device NAME, refused in one line unless this machine has it; without a name: CUDA, MPS or the CPU."""
+    """--device NAME, refused in one line unless this machine has it; without a name: CUDA, MPS or the CPU, but never
+    the CPU on a machine whose NVIDIA GPU torch cannot use (a run there would be silently slow): that is refused,
+    naming the driver / toolkit mismatch and the fix."""
     if name:
         return _named_device(name)
+    reason = device_habits.unusable_gpu_reason()
+    if reason:
+        raise NanoLladaError(reason)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

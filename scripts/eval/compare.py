@@ -23,7 +23,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from scripts.common.cli import pick_device, run_main
-from scripts.common.evaluation.lm_scores import add_lm_flags, add_paired_deltas, check_lm_args, lm_results, lm_table
+from scripts.common.evaluation.lm_scores import (
+    add_lm_flags,
+    add_paired_deltas,
+    check_lm_args,
+    lm_results,
+    lm_table,
+)
 from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
     add_choice_flags,

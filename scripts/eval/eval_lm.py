@@ -33,7 +33,13 @@ import json
 from pathlib import Path
 
 from scripts.common.cli import pick_device, run_main
-from scripts.common.evaluation.lm_scores import add_lm_flags, add_paired_deltas, check_lm_args, lm_results, lm_table
+from scripts.common.evaluation.lm_scores import (
+    add_lm_flags,
+    add_paired_deltas,
+    check_lm_args,
+    lm_results,
+    lm_table,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

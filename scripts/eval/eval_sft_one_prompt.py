@@ -19,7 +19,12 @@ from scripts.common.cli import pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import add_sampler_flags, flag_names, generation_length, sampler_from_args
+from scripts.common.evaluation.sampler_flags import (
+    add_sampler_flags,
+    flag_names,
+    generation_length,
+    sampler_from_args,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,20 +19,19 @@ when training uses it), so the curve is comparable across curriculum phases and 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
 from model.checkpoint import build_model, check_compatible, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
-from model.objectives.block_curriculum import STABLE, BlockCurriculum, default_sizes_down, default_sizes_up
+from model.objectives.block_curriculum import BlockCurriculum, default_sizes_down, default_sizes_up
 from model.objectives.conversion import init_mask_embedding
-from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
-from model.objectives.masking import SCHEDULES, random_crop_length
+from model.objectives.masking import SCHEDULES
 from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args, positive, run_main
-from scripts.common.data.packing import document_ids
+from scripts.common.training.diffusion_pretraining import PretrainingLoss
 from scripts.common.training.flags import check_training_flags, start_run, starting_checkpoint
 from scripts.common.training.pretraining import add_pretraining_flags, describe, packed_data
 from scripts.common.training.run_files import RunFiles
@@ -335,7 +334,8 @@ def main(argv=None) -> dict:
             )
 
     print(describe(f"diffusion ({loss.describe()})", model, batches, val_batches, cfg.max_steps, device))
-    task = Task(batches.batch, val_batches, train_loss, validation_loss)
+    masks = bool(curriculum or args.block_size or args.use_doc_attention_mask)  # else no FlexAttention probe
+    task = Task(batches.batch, val_batches, train_loss, validation_loss, explicit_masks=masks)
     options = RunOptions(tokenizer_identity(tokenizer), args.resume, extra, on_eval=keep_if_top_k)
     summary = train(model, cfg, task, options, device)
     if keeper is not None:
@@ -345,71 +345,6 @@ def main(argv=None) -> dict:
             f"--save-dir {args.save_dir} --k {args.keep_top_k}`"
         )
     return summary
-
-
-class PretrainingLoss:
-    """The training and validation objectives of a run: one diffusion_loss, with the block size of the step (the
-    curriculum's, or a fixed --block-size). Validation always scores LLaDA Eq. 3 (linear 1/t weight, ordinary
-    masking; with the document mask when training uses it) over the whole row, or over blocks of a fixed
-    --block-size, so the curve is comparable across curriculum phases and across runs of the same structure."""
-
-    def __init__(self, args, curriculum: BlockCurriculum | None, mask_id: int):
-        self.args, self.curriculum, self.mask_id = args, curriculum, mask_id
-        eps = args.iid_mask_eps
-        schedule = args.time_weight_schedule if args.time_weighted_loss else "linear"
-        self.objective = DiffusionObjective(
-            schedule,
-            eps,
-            1 - eps,
-            repeat_penalty_weight=args.repeat_penalty_weight,
-            position_masking=args.position_masking,
-        )
-        self.validation_objective = DiffusionObjective("linear", eps, 1 - eps, block_size=args.block_size)
-
-    def documents(self, rows):
-        return document_ids(rows) if self.args.use_doc_attention_mask else None
-
-    def block_at(self, step: int) -> tuple[str | None, int | None]:
-        """(curriculum phase or None, block size or None for the whole row) at this step."""
-        if self.curriculum is None:
-            return None, self.args.block_size
-        phase, block_size = self.curriculum.at(step)
-        return phase, None if phase == STABLE else block_size  # the whole row: the cheaper L-token forward
-
-    def train(self, model, rows, rng, step):
-        phase, block_size = self.block_at(step)
-        # The crop decision comes from its own CPU stream, seeded like the masks: no GPU sync for a shape.
-        crop_rng = torch.Generator().manual_seed(rng.initial_seed() ^ 0x5EED)
-        length = random_crop_length(rows.shape[1], self.args.variable_length_prob, crop_rng, block_size or 1)
-        rows = rows[:, :length]
-        objective = replace(self.objective, block_size=block_size)
-        loss = diffusion_loss(model, rows, rng, self.mask_id, objective, doc_ids=self.documents(rows))
-        return (loss, {"phase": phase, "block": block_size or rows.shape[1]}) if self.curriculum else loss
-
-    def validation(self, model, rows, rng):
-        return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
-
-    def describe(self) -> str:
-        a = self.args
-        plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
-        if plain and self.objective.schedule == "linear":
-            return "LLaDA Eq. 3"
-        if self.curriculum:
-            blocks = "WSD block curriculum " + describe_curriculum(self.curriculum)
-        else:
-            blocks = f"BDLM, blocks of {a.block_size}" if a.block_size else "MDLM"
-        blocks += f", position-dependent masking {a.position_masking:g}" if a.position_masking else ""
-        documents = ", document mask" if self.args.use_doc_attention_mask else ""
-        return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}"
-
-
-def describe_curriculum(curriculum: BlockCurriculum) -> str:
-    stable_start, decay_start = curriculum.boundaries()
-    return (
-        f"(warmup steps 0-{stable_start - 1} blocks {list(curriculum.sizes_up)}, "
-        f"stable to {decay_start - 1} block {curriculum.seq_len}, "
-        f"decay blocks {list(curriculum.sizes_down)})"
-    )
 
 
 if __name__ == "__main__":

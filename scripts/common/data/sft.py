@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.cross_entropy import IGNORE_INDEX
 from model.errors import NanoLladaError
-from model.objectives.masking import IGNORE_INDEX
 from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
 from scripts.common.data.packing import EpochOrder, LengthGroupedOrder, chunks
 from scripts.common.data.readers import BadLineCounter, check_data_file, iter_conversations

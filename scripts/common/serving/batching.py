@@ -23,6 +23,7 @@ from model.inference.ar import ARSamplerConfig, generate_batch
 from model.inference.padding import left_pad
 from model.inference.sampling import diffusion_generate
 from model.tokenizer import EOS_ID, PAD_ID, StreamingDecoder
+from scripts.common.device import autocast
 
 
 class Cancelled(Exception):
@@ -157,11 +158,13 @@ class BatchWorker:
                 raise Cancelled
 
         hook = self.model.register_forward_pre_hook(stop_when_unwanted)
-        try:
-            if jobs[0].request.sampler is None:
-                self._decode_ar(jobs)
-            else:
-                self._decode_diffusion(jobs)
+        device = next(self.model.parameters()).device
+        try:  # bf16 on CUDA (fp32 attention with grouped heads would run SDPA's math kernel); autocast is per thread
+            with autocast(device, "bfloat16"):
+                if jobs[0].request.sampler is None:
+                    self._decode_ar(jobs)
+                else:
+                    self._decode_diffusion(jobs)
         except Cancelled:
             pass
         except Exception as err:  # a bug, not the clients' fault: each gets the error, the worker keeps serving

@@ -8,8 +8,8 @@ import argparse
 import functools
 
 from model.checkpoint import KIND_NAMES, build_model
+from model.cross_entropy import IGNORE_INDEX
 from model.errors import NanoLladaError
-from model.objectives.masking import IGNORE_INDEX
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args

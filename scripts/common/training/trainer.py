@@ -24,7 +24,7 @@ from tqdm import tqdm
 from model.block_attention import choose_flex
 from model.errors import NanoLladaError
 from scripts.common.cli import Interrupted, interrupted_before_training
-from scripts.common.device import autocast, compiled, eager_on_compile_failure
+from scripts.common.device import autocast, compiled, eager_on_compile_failure, enable_tf32
 from scripts.common.training import distributed
 from scripts.common.training.optimization import TrainConfig, lr_at, make_optimizer
 from scripts.common.training.plots import plot_loss
@@ -56,6 +56,7 @@ class Task:
     val_loss_fn: ValLossFn
     # What loss_fn is a mean over in a batch; multi-process runs weight each rank's share of the global batch by it.
     loss_count: Callable[[object], int] = tokens_in
+    explicit_masks: bool = True  # document / block masks: FlexAttention's, probed (tens of seconds) before compiling
 
 
 @dataclass
@@ -167,20 +168,15 @@ def _start(model, cfg: TrainConfig, task: Task, options: RunOptions, device, env
     if env.is_main:
         files.metrics.parent.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(files.metrics, state.step)
-    if cfg.kind == "diffusion":  # AR training attends causally, without explicit masks: no kernel to choose
+    enable_tf32(device)
+    if cfg.kind == "diffusion" and task.explicit_masks:  # AR attends causally, without explicit masks
         choose_flex(model, device, say=print if env.is_main else lambda _: None)  # before anything is compiled
     # DDP is built after the checks above (its construction is a collective), so no rank trains while another raised.
     models = Models.wrap(model, cfg.compile_backend_on(device), device, env)
     meta = {"train_config": asdict(cfg), **options.meta}
     writer = CheckpointWriter(files, cfg.kind, model, options.tokenizer_identity, meta, device)
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=state.step,
-        desc=cfg.run_name,
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=not env.is_main,
-    )
+    bar_style = dict(desc=cfg.run_name, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not env.is_main, **bar_style)
     metrics = MetricsLog(files.metrics if env.is_main else None)
     return Run(cfg, task, options, device, env, models, optimizer, state, files, writer, metrics, bar)
 
@@ -347,9 +343,8 @@ def _finish(run: Run) -> None:
     if not run.env.is_main:
         return
     files, state = run.files, run.state
-    written = ", ".join(
-        str(f) for f in (files.full, files.weights, files.best, files.metrics, files.plot) if f.exists()
-    )
+    kept = (files.full, files.weights, files.best, files.metrics, files.plot)
+    written = ", ".join(str(f) for f in kept if f.exists())
     print(f"done: step {state.step}, best val loss {state.best_val:.4f} @ {state.best_step}; wrote {written}")
 
 

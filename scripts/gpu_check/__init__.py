@@ -1,0 +1,1 @@
+"""The prepared GPU check: `python -m scripts.gpu_check --out DIR` (see __main__.py)."""
