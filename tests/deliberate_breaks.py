@@ -132,6 +132,13 @@ BREAKS = [
         "return uncond + cfg_scale * (cond - uncond)",
         "tests/test_reference_sampler.py::test_the_fast_sampler_decodes_the_reference_tokens",
     ),
+    Break(
+        "SIGTERM left to its default (the process dies unsaved)",
+        "scripts/common/cli.py",
+        "previous = signal.signal(signal.SIGTERM, _raise_terminated)",
+        "previous = signal.getsignal(signal.SIGTERM)",
+        "tests/test_reliability_training.py::test_sigterm_saves_a_resumable_checkpoint_and_says_so",
+    ),
 ]
 
 

@@ -278,3 +278,29 @@ def test_metrics_survive_kill_9_and_resume_continues_them(data, tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert [s for s in steps if s <= saved][:3] == sorted(before)[:3] and max(steps) == saved + 3
     assert (tmp_path / "run_loss.png").exists()
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_says_so(data, tmp_path):
+    """A scheduler's SIGTERM is handled as Ctrl-C is: the last finished step is saved (no periodic save has run
+    here), the run says so in one line and exits 143, and --resume continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flags = [*cli(data=data["pretrain"], save_dir=tmp_path, run_name="run"), *TRAIN]
+    flags = [*flags[: flags.index("--max-iters")], *cli(max_iters=400, save_interval=1000, eval_interval=1000)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "scripts.train.train_pretrain", *flags]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run_metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.2)
+    assert not (tmp_path / "run.pt").exists()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    saved = read_checkpoint(tmp_path / "run.pt").extra["step"]
+    assert proc.returncode == 143 and saved >= 1
+    assert f"terminated (SIGTERM): saved step {saved} to" in stderr.strip().splitlines()[-1]
+    resumed = [*flags[: flags.index("--max-iters")], *cli(max_iters=saved + 2), "--resume"]
+    assert train_pretrain.main(resumed)["step"] == saved + 2

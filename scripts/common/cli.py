@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,10 +29,20 @@ def interrupted_before_training(resume: bool) -> Interrupted:
     return Interrupted("interrupted before the first step: nothing was saved, so there is nothing to --resume")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where Ctrl-C would be, so a training run saves its last step."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_main(main_fn) -> None:
     """Run an entry point; a NanoLladaError or a file-system error becomes one line on stderr and exit status 2
-    (no traceback); Ctrl-C exits 130 with one line. Under torchrun only rank 0 prints: the other ranks' stdout is
+    (no traceback); Ctrl-C exits 130 with one line, and SIGTERM is handled as Ctrl-C is (a training run saves its
+    last finished step and says so) and exits 143. Under torchrun only rank 0 prints: the other ranks' stdout is
     discarded (their errors still reach stderr)."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with contextlib.ExitStack() as stack:
             if int(os.environ.get("RANK", "0")) > 0:
@@ -45,8 +56,12 @@ def run_main(main_fn) -> None:
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        print(err if isinstance(err, Interrupted) else "interrupted", file=sys.stderr)
-        sys.exit(130)
+        terminated = isinstance(err, Terminated) or isinstance(err.__context__, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(str(err).replace("interrupted", what, 1) if isinstance(err, Interrupted) else what, file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ModelConfig fields with a flag of the same name (the seed commands' shape flags); defaults are ModelConfig's.
