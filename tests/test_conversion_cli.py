@@ -36,7 +36,7 @@ def test_the_default_conversion_is_written_into_the_checkpoint(setup):
     checkpoint = convert(setup, "default")
     ar = read_checkpoint(setup[1] / "ar_state_dict.pt")
     assert checkpoint.config.logit_shift is diffusion.CONVERSION_LOGIT_SHIFT and not ar.config.logit_shift
-    assert trained_block_size(checkpoint.extra) == diffusion.CONVERSION_BLOCK_SIZE
+    assert trained_block_size(checkpoint.extra) is None  # the conversion's default attention is bidirectional
     assert checkpoint.extra["diffusion"]["logit_shift"] is checkpoint.config.logit_shift
 
 
@@ -87,8 +87,7 @@ def test_the_seed_diffusion_command_converts_with_the_default():
     args = diffusion.parse_args(argv)
     diffusion.check_flags(args)
     assert args.logit_shift is None and diffusion.CONVERSION_LOGIT_SHIFT  # None: the conversion's default
-    args.block_size = diffusion.run_block_size(args)
-    assert args.block_size is None and "logit shift" in diffusion.describe_conversion(args, True)
+    assert not args.block_size and "logit shift" in diffusion.describe_conversion(args, True)
     assert "bidirectional attention" in diffusion.describe_conversion(args, True)
 
 
@@ -99,4 +98,4 @@ def test_the_report_names_the_default_conversion_by_its_flags():
     flags = report_experiments.CONVERSIONS[report_experiments.DEFAULT_CONVERSION]
     args = diffusion.parse_args(["--train", "--init-from-minimind", "ar.pt", *flags])
     assert args.logit_shift is diffusion.CONVERSION_LOGIT_SHIFT
-    assert (args.block_size or None) == diffusion.CONVERSION_BLOCK_SIZE and args.position_masking == 0
+    assert not args.block_size and args.position_masking == 0  # bidirectional, as with no flags

@@ -62,6 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_pretraining_flags(
         p, run_name="diffusion", batch_size=64, learning_rate=4e-4, lr_schedule="wsd", warmup_steps=1000
     )
+    _add_conversion_flags(p)
+    _add_objective_flags(p)
+    _add_curriculum_flags(p)
+    return p.parse_args(argv)
+
+
+def _add_conversion_flags(p: argparse.ArgumentParser) -> None:
+    """What the model starts from and how it reads its outputs (AR-to-diffusion conversion)."""
     p.add_argument(
         "--init-from-minimind",
         default=None,
@@ -80,8 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="block diffusion at every step (BD3LM: causal across blocks, bidirectional within); the model then "
-        "decodes block-causally with this block size. 0: the whole row, bidirectional. Default: the conversion's "
-        "block size with --init-from-minimind, else 0",
+        "decodes block-causally with this block size. 0 (the default): the whole row",
     )
     p.add_argument(
         "--position-masking",
@@ -89,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="mask later positions of a block more often (Efficient-DLM), with this strength (0: off)",
     )
+
+
+def _add_objective_flags(p: argparse.ArgumentParser) -> None:
+    """The training objective: LLaDA Eq. 3 and its variants."""
     p.add_argument(
         "--mask-schedule",
         choices=["iid_t", "wsd"],
@@ -103,6 +114,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="probability a training batch is cropped to a random length (LLaDA: 1%%)",
     )
     p.add_argument("--repeat-penalty-weight", type=float, default=0.0, help="weight of the repeat unlikelihood term")
+    p.add_argument(
+        "--time-weighted-loss",
+        action="store_true",
+        help="ELBO weight -alpha'(t)/(1-alpha(t)) of --time-weight-schedule",
+    )
+    p.add_argument(
+        "--time-weight-schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="alpha(t): cosine = cos^2(pi t/2); linear = 1 - t (weight 1/t, the default loss)",
+    )
+    p.add_argument(
+        "--use-doc-attention-mask", action="store_true", help="packed rows attend only within their own document"
+    )
+
+
+def _add_curriculum_flags(p: argparse.ArgumentParser) -> None:
+    """LLaDA 2.0's block-size curriculum and the top-k checkpoints kept for merging."""
     p.add_argument(
         "--use-block-curriculum",
         action="store_true",
@@ -122,26 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--wsd-phase-ratios", type=float_list, default=[0.3, 0.5, 0.2], help="warmup,stable,decay shares of the steps"
     )
     p.add_argument(
-        "--time-weighted-loss",
-        action="store_true",
-        help="ELBO weight -alpha'(t)/(1-alpha(t)) of --time-weight-schedule",
-    )
-    p.add_argument(
-        "--time-weight-schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="alpha(t): cosine = cos^2(pi t/2); linear = 1 - t (weight 1/t, the default loss)",
-    )
-    p.add_argument(
-        "--use-doc-attention-mask", action="store_true", help="packed rows attend only within their own document"
-    )
-    p.add_argument(
         "--keep-top-k",
         type=int,
         default=0,
         help="keep the K best evaluations' weights (for scripts.train.merge_checkpoints)",
     )
-    return p.parse_args(argv)
 
 
 def check_flags(args) -> None:
@@ -167,6 +181,15 @@ def check_flags(args) -> None:
         raise NanoLladaError(f"--variable-length-prob must lie in [0, 1], got {args.variable_length_prob}")
 
 
+# The flags of BlockCurriculum's fields, for its messages.
+CURRICULUM_FLAGS = {
+    "sizes_up": "--wsd-block-sizes-up",
+    "sizes_down": "--wsd-block-sizes-down",
+    "phase_ratios": "--wsd-phase-ratios",
+    "seq_len": "--seq-len",
+}
+
+
 def block_curriculum(args, steps: int) -> BlockCurriculum | None:
     if not args.use_block_curriculum:
         return None
@@ -182,14 +205,6 @@ def _as_flags(message: str) -> str:
     for field, flag in CURRICULUM_FLAGS.items():
         message = message.replace(field, flag)
     return message
-
-
-CURRICULUM_FLAGS = {
-    "sizes_up": "--wsd-block-sizes-up",
-    "sizes_down": "--wsd-block-sizes-down",
-    "phase_ratios": "--wsd-phase-ratios",
-    "seq_len": "--seq-len",
-}
 
 
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
@@ -240,24 +255,9 @@ def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
     return model
 
 
-# What --init-from-minimind does unless told otherwise: chosen by the conversion table of technical_report.md.
+# What --init-from-minimind does unless told otherwise: chosen by the conversion table of technical_report.md
+# (bidirectional attention with the logit shift; --block-size 32 trades twice the compute per step for likelihood).
 CONVERSION_LOGIT_SHIFT = True
-CONVERSION_BLOCK_SIZE = None  # bidirectional; --block-size 32 trades twice the compute per step for likelihood
-
-
-def run_block_size(args) -> int | None:
-    """The fixed block size of the run (None: the whole row): --block-size, else the conversion's when initialising
-    from an AR model and no curriculum is asked for."""
-    if args.block_size is not None:
-        return args.block_size or None
-    if args.init_from_minimind is None or args.use_block_curriculum or CONVERSION_BLOCK_SIZE is None:
-        return None
-    if args.seq_len % CONVERSION_BLOCK_SIZE:
-        raise NanoLladaError(
-            f"the AR-to-diffusion conversion trains blocks of {CONVERSION_BLOCK_SIZE}, which do not divide --seq-len "
-            f"{args.seq_len}: choose a multiple of {CONVERSION_BLOCK_SIZE}, or pass --block-size (0: bidirectional)"
-        )
-    return CONVERSION_BLOCK_SIZE
 
 
 def describe_conversion(args, logit_shift: bool) -> str:
@@ -275,7 +275,7 @@ def describe_conversion(args, logit_shift: bool) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_flags(args)
-    args.block_size = run_block_size(args)
+    args.block_size = args.block_size or None  # 0 and None: the whole row, bidirectional
     run = start_run(args, "diffusion", packed_data)
     tokenizer, device, batches, val_batches, cfg = run.tokenizer, run.device, run.batches, run.val_batches, run.cfg
     curriculum = block_curriculum(args, cfg.max_steps)  # checked before any model is built
