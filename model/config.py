@@ -114,6 +114,27 @@ PRESETS = {
 }
 
 
+# The fields that make two models the same architecture (the logit shift, positions and dropout may differ).
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def shape_difference(a, b) -> list[str]:
+    """The architecture fields in which two ModelConfigs differ, as 'field a vs b'."""
+    return [
+        f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(a, name) != getattr(b, name)
+    ]
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise NanoLladaError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import build_model, read_checkpoint
-from model.config import preset
+from model.config import preset, shape_difference
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import BOS_ID, load_tokenizer, mask_token_id
@@ -39,7 +39,6 @@ from scripts.common.bench.card import (
     Workload,
     continuation_prompts,
     measure_card,
-    shape_difference,
 )
 from scripts.common.bench.report import ROOT, git_commit, markdown, plot_card
 from scripts.common.bench.training import TINY, BenchSettings, bench_training, training_flops_per_token

@@ -110,6 +110,22 @@ def reference_minimind2_forward(state: dict, config: ModelConfig, ids: torch.Ten
     return rms(x, state["model.norm.weight"]) @ state["model.embed_tokens.weight"].T
 
 
+TINY_MASK_ID = 100  # the last id of the tiny vocabulary (101)
+
+
+def token_rows(k: int, length: int = 16) -> torch.Tensor:
+    """Four rows of random non-PAD, non-mask ids of the tiny vocabulary, seeded by k."""
+    return torch.randint(1, TINY_MASK_ID, (4, length), generator=torch.Generator().manual_seed(k))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a test that compiles (graph counts start at zero)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def tiny_config() -> ModelConfig:
     return ModelConfig(**TINY_MODEL, vocab_size=101, max_position_embeddings=256)

@@ -7,24 +7,18 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MASK_ID as MASK_ID
+from conftest import token_rows as rows
 
 from model.block_attention import bdlm_forward
 from model.objectives.ar_loss import next_token_loss
 from model.objectives.diffusion_loss import diffusion_loss, scored_nll
 from model.transformer import Transformer
 
-MASK_ID = 100  # the last id of the tiny vocabulary (101)
-
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def rows(k: int, length: int = 16) -> torch.Tensor:
-    return torch.randint(1, MASK_ID, (4, length), generator=torch.Generator().manual_seed(k))
+def _fresh_dynamo(fresh_dynamo):
+    """Every test here compiles: each starts and ends with Dynamo's caches empty."""
 
 
 @pytest.mark.parametrize("shifted,block_size", [(False, None), (True, None), (False, 4), (True, 4)])

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY_TRAINING
+from conftest import TINY_MASK_ID as MASK_ID
+from conftest import token_rows as rows
 
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy, logits_or_nll
@@ -30,18 +32,11 @@ from scripts.train import train_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 CPU = torch.device("cpu")
-MASK_ID = 100  # the last id of the tiny vocabulary (101)
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def rows(k: int, length: int = 16) -> torch.Tensor:
-    return torch.randint(1, MASK_ID, (4, length), generator=torch.Generator().manual_seed(k))
+def _fresh_dynamo(fresh_dynamo):
+    """Every test here compiles: each starts and ends with Dynamo's caches empty."""
 
 
 def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, explicit_masks=True, **cfg_options):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import shape_difference
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig, generate, generate_batch
 from model.inference.padding import left_pad
@@ -76,27 +77,6 @@ class Pair:
         differ = shape_difference(self.ar.config, self.diffusion.config)
         if differ:
             raise NanoLladaError(f"the card compares models of the same shape; these differ in {', '.join(differ)}")
-
-
-# The fields that make two models the same shape (the logit shift, positions and dropout may differ).
-SHAPE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "vocab_size",
-    "tie_word_embeddings",
-)
-
-
-def shape_difference(a, b) -> list[str]:
-    """The shape fields in which two ModelConfigs differ, as 'field a vs b'."""
-    return [
-        f"{name} {getattr(a, name)} vs {getattr(b, name)}"
-        for name in SHAPE_FIELDS
-        if getattr(a, name) != getattr(b, name)
-    ]
 
 
 @dataclass
