@@ -19,6 +19,7 @@ tokenizers/transformers, tqdm and matplotlib: no uv, no network, no prepared dat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -41,7 +42,11 @@ ALARM_GRACE_S = 5.0  # past a stage's limit before the alarm cuts it (its own ch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json, the logs and the bench's table")
-    p.add_argument("--work", default=None, help="folder for the corpus and checkpoints (default: a new temporary one)")
+    p.add_argument(
+        "--work",
+        default=None,
+        help="folder for the corpus and checkpoints (default: a temporary one, removed at the end)",
+    )
     p.add_argument("--device", default=None, help="cuda (default when usable) or cpu (the CPU mode)")
     p.add_argument("--budget-s", type=float, default=540, help="total seconds; each stage gets at most what is left")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
@@ -98,10 +103,22 @@ def main(argv=None) -> int:
     wanted = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(wanted)
     report = Report(out / "gpu_check.json", {"command": sys.argv, "mode": device.type, "args": vars(args)})
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
-    report.record["work"] = str(work)
-    ctx = Context(out, device, args, report, work)
+    with contextlib.ExitStack() as cleanup:  # a temporary --work folder goes when the check ends, however it ends
+        work = (
+            Path(args.work)
+            if args.work
+            else Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_")))
+        )
+        work.mkdir(parents=True, exist_ok=True)
+        report.record["work"] = str(work)
+        run_stages(Context(out, device, args, report, work), args)
+    counts = report.counts()
+    print(f"== summary: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP; {report.path}")
+    return 1 if counts["FAIL"] else 0
+
+
+def run_stages(ctx: Context, args) -> None:
+    """Every asked stage in order (the environment first), each within its limit and what is left of --budget-s."""
     limits = CUDA_LIMITS if ctx.cuda else CPU_LIMITS
     end = time.monotonic() + args.budget_s
     functions = stage_functions()
@@ -114,9 +131,6 @@ def main(argv=None) -> int:
         run_stage(ctx, name, functions[name], min(limits[name], left))
         if ctx.shared.get("stop"):  # the environment cannot run the rest (an unusable GPU)
             break
-    counts = report.counts()
-    print(f"== summary: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP; {report.path}")
-    return 1 if counts["FAIL"] else 0
 
 
 if __name__ == "__main__":
