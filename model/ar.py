@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.cross_entropy import fp32_cross_entropy
-from model.errors import NanoLladaError, check_setting
+from model.errors import MAX_TEMPERATURE, NanoLladaError, check_setting
 from model.masking import IGNORE_INDEX
 from model.padding import PaddedLayout, left_pad
 
@@ -71,7 +71,7 @@ class ARSamplerConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot be sampled with (a model.errors.SettingError naming the field)."""
-        check_setting("temperature", self.temperature, 0)
+        check_setting("temperature", self.temperature, 0, high=MAX_TEMPERATURE)
         check_setting("top_k", self.top_k, 0)
         check_setting("top_p", self.top_p, 0, high=1, above_low=True)
 
