@@ -114,8 +114,8 @@ class DiffusionSamplerConfig:
         """A user's settings (the eval flags' and the server requests' one check): validate() and the bounds below."""
         if self.threshold is not None:  # the degenerate thresholds the library runs are never what a user means
             check_setting("threshold", self.threshold, 0, high=1, above_low=True)
-        check_setting("steps", self.steps, 1, high=max(self.gen_length, 1))  # a step commits a token: no more steps
-        self.validate(prompt_len)
+        self.validate(prompt_len)  # first: its own messages (steps >= 1) stand for the library's bounds
+        check_setting("steps", self.steps, 1, high=self.gen_length)  # a step commits a token: no more steps
 
     def decode_blocks(self, prompt_len: int) -> int:
         """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""
