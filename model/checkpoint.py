@@ -72,6 +72,16 @@ def save_checkpoint(path, kind: str, config: ModelConfig, model, tokenizer_ident
     atomic_save(payload, path)
 
 
+def _load_failure(err: Exception) -> str:
+    """torch.load's reason in a few words. Its weights-only refusal advises weights_only=False, which runs code from
+    the file: never the fix here (this format holds only tensors and plain data), so keep only the detail."""
+    text = str(err)
+    if text.startswith("Weights only load failed"):
+        detail = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        return f"damaged, or not a tensor file: {detail[0] if detail else 'unpickling failed'}; save or train it again"
+    return f"{err.__class__.__name__}: {(text.splitlines() or ['no details'])[0]}"
+
+
 def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) -> Checkpoint:
     """Read this project's checkpoints (full or weights-only), a Hugging Face export directory, or an official
     MiniMind2 state dict."""
@@ -87,10 +97,7 @@ def read_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = (str(err).splitlines() or ["no details"])[0]
-        raise NanoLladaError(
-            f"{path}: not a readable PyTorch checkpoint ({err.__class__.__name__}: {reason})"
-        ) from None
+        raise NanoLladaError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(err)})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         missing = [key for key in ("kind", "config", "model") if key not in payload]
         if missing or payload["kind"] not in KINDS:

@@ -36,6 +36,11 @@ class SettingError(NanoLladaError):
         return self.template.format_map({param: names.get(param, param) for param in self.params})
 
 
+# The highest temperature a sampler takes (AR and diffusion alike): past it the scaled logits of any trained model
+# differ by under 1 %, so the draw is uniform already, and a larger one (1e300) overflows float32 on the way.
+MAX_TEMPERATURE = 1e4
+
+
 def check_setting(name: str, value, low: float, high: float = math.inf, above_low: bool = False) -> None:
     """Refuse a sampler setting that is NaN, infinite or outside [low, high] ((low, high] with above_low), naming
     it as a `{name}` placeholder (a SettingError) for the entry point to reword."""

@@ -42,7 +42,7 @@ from scripts.common.bench.card import (
 )
 from scripts.common.bench.report import ROOT, git_commit, markdown, plot_card
 from scripts.common.bench.training import TINY, BenchSettings, bench_training, training_flops_per_token
-from scripts.common.cli import run_main
+from scripts.common.cli import pick_device, run_main
 
 __all__ = ["main", "training_flops_per_token"]
 
@@ -172,7 +172,7 @@ def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # an unknown or absent device is one line, as in every entry point
     s = card_settings(args)
     notes: list[str] = []
     inputs, tokenizer, mask_id = card_inputs(args, s, device, notes)

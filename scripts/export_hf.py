@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from model.hf.convert import export_hf
-from scripts.common.cli import run_main, writable_dir
+from scripts.common.cli import output_dir, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags
 
 
@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    writable_dir(args.out, "--out")  # before reading the checkpoint: a read-only --out is one line, not a traceback
+    # Before reading the checkpoint, creating nothing: a bad --out is one line, and a failed export leaves no folder.
+    output_dir(args.out, "--out")
     config = export_hf(args.checkpoint, args.out, args.tokenizer_dir, args.num_attention_heads)
     auto = next(name for name in config["auto_map"] if name.startswith("AutoModelFor"))
     shifted = " logit-shifted" if config.get("logit_shift") else ""

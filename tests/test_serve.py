@@ -4,6 +4,7 @@ the official openai client (stream and non-stream) and with raw HTTP for the err
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -141,6 +142,7 @@ def raw(port, method, path, body=None):
         ({"messages": MESSAGES, "temperature": -1}, "temperature"),
         ({"messages": MESSAGES, "top_p": 1.5}, "top_p"),
         ({"messages": MESSAGES, "max_tokens": 10**400}, "max_tokens"),
+        ({"messages": MESSAGES, "temperature": 1e300}, "temperature"),  # past float32: a 500 before
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
@@ -170,6 +172,24 @@ def test_other_errors(live):
         "stop",
         "length",
     )
+
+
+def test_diffusion_steps_are_bounded_and_a_client_that_leaves_early_is_silent(live, capsys):
+    kind, _, port, _ = live
+    if kind == "diffusion":  # 1e9 steps stalled the worker at 16.8 GB while other clients waited
+        body = {"messages": MESSAGES, "max_tokens": 8, "steps": 10**9}
+        status, payload = raw(port, "POST", "/v1/chat/completions", body)
+        assert status == 400 and payload["error"]["param"] == "steps" and "[1, 8]" in payload["error"]["message"]
+    capsys.readouterr()
+    for reset in (False, True):  # a close, then a reset, before the announced body has come
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b'POST /v1/chat/completions HTTP/1.0\r\nContent-Length: 100\r\n\r\n{"mes')
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    time.sleep(0.3)  # the server reads the cut-short requests on its own threads
+    status, _ = raw(port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
+    assert status == 200 and capsys.readouterr().err == ""  # two tracebacks per connection before
 
 
 def settle(engine, timeout=10.0):

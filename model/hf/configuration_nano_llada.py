@@ -34,6 +34,9 @@ class NanoLladaConfig(PretrainedConfig):
         # Diffusion models converted from an AR model may keep its next-token head: the prediction for position j
         # is the output at position j - 1. Absent from exports written before it existed: those are unshifted.
         logit_shift=False,
+        # Block-diffusion models: the block size they were trained with, so they decode block-causally with it.
+        # None: a bidirectional model (and every export written before the field existed).
+        block_size=None,
         mask_token_id=6400,
         tokenizer_identity=None,  # {"vocab_size", "sha256"} of the tokenizer the weights were trained with
         use_cache=True,
@@ -64,6 +67,7 @@ class NanoLladaConfig(PretrainedConfig):
         self.rope_beta_fast = rope_beta_fast
         self.rope_beta_slow = rope_beta_slow
         self.logit_shift = bool(logit_shift)
+        self.block_size = block_size
         self.mask_token_id = mask_token_id
         self.tokenizer_identity = tokenizer_identity
         self.use_cache = use_cache

@@ -48,6 +48,7 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
 
     from model.checkpoint import read_checkpoint
     from model.hf.configuration_nano_llada import NanoLladaConfig
+    from model.objectives.block_curriculum import trained_block_size
     from model.tokenizer import (
         BOS_ID,
         EOS_ID,
@@ -85,6 +86,7 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
         kind=kind,
         **{**checkpoint.config.to_dict(), "pad_vocab_multiple": 1},
         mask_token_id=mask_token_id(tokenizer),
+        block_size=trained_block_size(checkpoint.extra),  # how it decodes: without it, bidirectionally
         training_pad_vocab_multiple=checkpoint.config.pad_vocab_multiple,
         tokenizer_identity=checkpoint.tokenizer or tokenizer_identity(tokenizer),
         bos_token_id=BOS_ID,
@@ -151,4 +153,5 @@ def read_hf_export(path, num_attention_heads: int | None = None):
             state[name] = torch.cat([rows, rows.new_zeros(config.padded_vocab_size - rows.shape[0], rows.shape[1])])
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return Checkpoint(data["kind"], config, state, data.get("tokenizer_identity"), "hf-export", {})
+    extra = {"block_diffusion": {"block_size": data["block_size"]}} if data.get("block_size") else {}
+    return Checkpoint(data["kind"], config, state, data.get("tokenizer_identity"), "hf-export", extra)

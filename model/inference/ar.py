@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.errors import NanoLladaError, check_setting
+from model.errors import MAX_TEMPERATURE, NanoLladaError, check_setting
 from model.inference.padding import PaddedLayout, left_pad
 
 
@@ -50,7 +50,7 @@ class ARSamplerConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot be sampled with (a model.errors.SettingError naming the field)."""
-        check_setting("temperature", self.temperature, 0)
+        check_setting("temperature", self.temperature, 0, high=MAX_TEMPERATURE)
         check_setting("top_k", self.top_k, 0)
         check_setting("top_p", self.top_p, 0, high=1, above_low=True)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from model.block_attention import block_causal_mask
-from model.errors import NanoLladaError, SettingError, check_setting
+from model.errors import MAX_TEMPERATURE, NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout
 from model.inference.remasking import DecodingRun, SampleResult, block_quotas
 from model.logit_shift import is_shifted
@@ -73,7 +73,7 @@ class DiffusionSamplerConfig:
         if self.gen_length <= 0:
             raise SettingError(f"nothing to generate: {{gen_length}} {self.gen_length}")
         check_setting("steps", self.steps, 1)
-        check_setting("temperature", self.temperature, 0)
+        check_setting("temperature", self.temperature, 0, high=MAX_TEMPERATURE)
         check_setting("cfg_scale", self.cfg_scale, 0)
         if self.threshold is not None:  # > 1 commits one token per step and <= 0 a block per step: both meaningful
             check_setting("threshold", self.threshold, -math.inf)
@@ -112,11 +112,11 @@ class DiffusionSamplerConfig:
             raise SettingError(f"{{remasking}} must be low_confidence or random, got '{self.remasking}'")
 
     def check_arguments(self, prompt_len: int | None = None) -> None:
-        """The check of settings a user gave (eval flags and server request fields share it): validate(), and a
-        threshold in (0, 1], since the degenerate thresholds the library runs are never what a user means."""
-        if self.threshold is not None:
+        """A user's settings (the eval flags' and the server requests' one check): validate() and the bounds below."""
+        if self.threshold is not None:  # the degenerate thresholds the library runs are never what a user means
             check_setting("threshold", self.threshold, 0, high=1, above_low=True)
-        self.validate(prompt_len)
+        self.validate(prompt_len)  # first: its own messages (steps >= 1) stand for the library's bounds
+        check_setting("steps", self.steps, 1, high=self.gen_length)  # a step commits a token: no more steps
 
     def decode_blocks(self, prompt_len: int) -> int:
         """Block-causal mode: how many blocks hold generated positions (the first may share the prompt's tail)."""

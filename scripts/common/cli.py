@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.errors import NanoLladaError
+from model.errors import NanoLladaError, SettingError, check_setting
 from scripts.common import device as device_habits
 
 
@@ -197,6 +197,58 @@ def writable_dir(path, flag: str) -> Path:
             pass
     except OSError as err:
         raise NanoLladaError(f"{flag} {path}: cannot write there ({err.strerror}); choose another {flag}") from None
+    return path
+
+
+class Bounded(argparse.Action):
+    """A numeric flag whose range is written where the flag is defined and checked while the command line is parsed,
+    before any file is read: add_argument("--mc-samples", type=int, action=Bounded, low=1). The message names the
+    flag as the user typed it (an alias included); defaults are not checked (they are in range by construction)."""
+
+    def __init__(self, *args, low: float = -math.inf, high: float = math.inf, above_low: bool = False, **kwargs):
+        self.low, self.high, self.above_low = low, high, above_low
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        in_range(option_string or self.dest, values, self.low, self.high, self.above_low)
+        setattr(namespace, self.dest, values)
+
+
+def in_range(flag: str, value, low: float, high: float = math.inf, above_low: bool = False) -> None:
+    """Refuse NaN, infinity and values outside [low, high] ((low, high] with above_low), naming `flag`."""
+    try:
+        check_setting("flag", value, low, high, above_low)
+    except SettingError as err:
+        raise NanoLladaError(err.worded({"flag": flag})) from None
+
+
+def output_file(path, flag: str) -> Path:
+    """Check at the start, creating nothing, that the file `path` can be written at the end: a run must not lose its
+    work to a missing folder, and a failed run must leave nothing behind."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise NanoLladaError(f"{flag} {path}: is a directory; give a file name")
+    if not folder.is_dir():
+        raise NanoLladaError(f"{flag} {path}: the folder {folder} does not exist; create it or choose another {flag}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise NanoLladaError(f"{flag} {path}: cannot write in {folder}; choose another {flag}")
+    return path
+
+
+def output_dir(path, flag: str) -> Path:
+    """The output_file check for a folder written at the end (created then, with its parents): the nearest existing
+    folder above it must be writable, and nothing on the way may be a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NanoLladaError(f"{flag} {path}: is a file, not a directory; choose another {flag}")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NanoLladaError(f"{flag} {path}: {existing} is a file, not a directory; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NanoLladaError(f"{flag} {path}: cannot write in {existing}; choose another {flag}")
     return path
 
 

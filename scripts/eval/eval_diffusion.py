@@ -19,7 +19,7 @@ from model.inference.likelihood import conditional_log_likelihood, diffusion_nel
 from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_eos
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import Bounded, pick_device, positive, run_main
 from scripts.common.device import autocast, synchronize
 from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
@@ -51,14 +51,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--show-special", action="store_true", help="print the raw output including EOS padding")
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: per-token NELBO (upper bound on the NLL)")
     p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-max-batches", type=int, default=10)
-    p.add_argument("--mc-samples", type=int, default=8, help="Monte-Carlo mask draws per batch for --eval-data")
+    p.add_argument("--eval-batch-size", type=int, action=Bounded, low=1, default=16)
+    p.add_argument("--eval-max-batches", type=int, action=Bounded, low=1, default=10)
+    p.add_argument(
+        "--mc-samples",
+        type=int,
+        action=Bounded,
+        low=1,
+        default=8,
+        help="Monte-Carlo mask draws per batch for --eval-data",
+    )
     p.add_argument(
         "--cond-ll-prompt", default=None, help="prompt for the conditional log-likelihood (default: --prompt)"
     )
     p.add_argument("--cond-ll-response", default=None, help="report the Monte-Carlo log p(response | prompt)")
-    p.add_argument("--cond-ll-nmc", type=int, default=128, help="Monte-Carlo samples for --cond-ll-response")
+    p.add_argument(
+        "--cond-ll-nmc", type=int, action=Bounded, low=1, default=128, help="Monte-Carlo samples for --cond-ll-response"
+    )
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)

@@ -17,7 +17,7 @@ import torch
 from model.inference.ar import ARSamplerConfig, generate
 from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
-from scripts.common.cli import pick_device, run_main
+from scripts.common.cli import Bounded, pick_device, run_main
 from scripts.common.device import autocast
 from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_for_eval
 from scripts.common.evaluation.sampler_flags import check_sample_length, flag_names
@@ -41,10 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: report mean loss and perplexity")
     p.add_argument("--jsonl-field", default="text")
     p.add_argument(
-        "--max-seq-len", "--seq-len", dest="seq_len", type=int, default=256, help="row length for --eval-data"
+        "--max-seq-len",
+        "--seq-len",
+        dest="seq_len",
+        type=int,
+        action=Bounded,
+        low=2,
+        default=256,
+        help="row length for --eval-data",
     )
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-max-batches", type=int, default=50)
+    p.add_argument("--eval-batch-size", type=int, action=Bounded, low=1, default=16)
+    p.add_argument("--eval-max-batches", type=int, action=Bounded, low=1, default=50)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)

@@ -22,7 +22,7 @@ from model.errors import NanoLladaError
 from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.data.readers import BadLineCounter, iter_conversations
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
     p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="only the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
     p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
     p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
@@ -185,9 +185,11 @@ def main(argv=None) -> dict:
         args.batch_size = 16 if device.type == "cuda" else 1
     positive("--batch-size", args.batch_size)
     positive("--mc-samples", args.mc_samples)
+    if args.out:  # checked before any question is answered: the predictions are written only at the end
+        output_file(args.out, "--out")
     if args.diffusion_checkpoint:
         with flag_names():  # a bad decoding flag is named before any model is read or any question answered
-            asked_diffusion_sampler(args).validate()
+            asked_diffusion_sampler(args).check_arguments()  # the eval scripts' and server's check
     results, predictions = {}, []
     for name, path, kind in (
         ("AR", args.minimind_checkpoint, "ar"),

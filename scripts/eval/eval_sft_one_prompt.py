@@ -15,7 +15,7 @@ from pathlib import Path
 from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import output_file, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
@@ -67,14 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_prompts(path: str) -> list[str]:
     from scripts.common.data.readers import check_data_file, iter_jsonl
 
-    p = check_data_file(path)
+    how = 'write one prompt a line (.txt) or {"prompt": ...} a line (.jsonl)'
+    p = check_data_file(path, fix=how)
     if p.suffix == ".txt":
-        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = []
-    for lineno, obj in iter_jsonl(p):
-        if not isinstance(obj.get("prompt"), str):
-            raise NanoLladaError(f"{p}:{lineno}: needs a string field 'prompt'")
-        prompts.append(obj["prompt"])
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = []
+        for lineno, obj in iter_jsonl(p):
+            if not isinstance(obj.get("prompt"), str):
+                raise NanoLladaError(f"{p}:{lineno}: needs a string field 'prompt'")
+            prompts.append(obj["prompt"])
+    if not prompts:
+        raise NanoLladaError(f"--prompt-file {p}: no prompts in it; {how}")
     return prompts
 
 
@@ -157,9 +161,11 @@ def main(argv=None) -> list[dict]:
         raise NanoLladaError("give exactly one of --prompt and --prompt-file")
     positive("--max-new-tokens", args.max_new_tokens)
     positive("--batch-size", args.batch_size)
+    if args.prompt_file:  # checked before any model decodes: the answers are written only at the end
+        output_file(args.out or f"{args.prompt_file}.answers.jsonl", "--out")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     device = pick_device(args.device)
     models = load_models(args, device)
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     quiet = len(prompts) > 1
     rows, noted = [], False
     for chunk in chunks(prompts, args.batch_size):

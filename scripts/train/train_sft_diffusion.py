@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="EOS padding after each answer: exactly this many tokens, the columns after them out of attention, so "
         "the model learns the canvas it decodes (answer + padding ~ --max-new-tokens); default: to the batch's "
-        "longest row (LLaDA), see technical_report.md 7.7",
+        "longest row (LLaDA), see technical_report.md 7.7; at most --max-seq-len",
     )
     p.add_argument(
         "--mask-draw",
@@ -85,10 +85,11 @@ def main(argv=None) -> dict:
         raise NanoLladaError(f"--block-size must be >= 0 (0: bidirectional), got {args.block_size}")
     if not 0 <= args.eos_padding_weight <= 1:
         raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
-    if args.eos_padding_length is not None and args.eos_padding_length < 0:
-        raise NanoLladaError(f"--eos-padding-length must be >= 0, got {args.eos_padding_length}")
+    check_eos_padding(args)
     run = start_sft(args, "diffusion", eos_padding=args.eos_padding_length)
     start = sft_starting_checkpoint(args, run)
+    config = start[1].config if start[1] is not None else args  # a fresh model takes the shape flags
+    check_eos_padding(args, config.max_position_embeddings)
     block_size = sft_block_size(args, *start)
     objective = DiffusionObjective(
         args.time_weight_schedule,
@@ -120,6 +121,25 @@ def main(argv=None) -> dict:
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
     return run_sft(args, run, loss, extra_meta=meta, start=start)
+
+
+def check_eos_padding(args, positions: int | None = None) -> None:
+    """--eos-padding-length pads each answer, so a row is up to --max-seq-len plus it: at most --max-seq-len (the
+    padding stands for a generation no longer than a row), and with a model, row and padding within its positions.
+    Checked before the data is read and again with the model's `positions`, not at the first batch's allocation."""
+    padding = args.eos_padding_length
+    if padding is None:
+        return
+    if not 0 <= padding <= args.seq_len:
+        raise NanoLladaError(
+            f"--eos-padding-length must be >= 0 and <= --max-seq-len {args.seq_len} (it stands for a generation, "
+            f"which a row bounds), got {padding}"
+        )
+    if positions is not None and args.seq_len + padding > positions:
+        raise NanoLladaError(
+            f"--max-seq-len {args.seq_len} plus --eos-padding-length {padding} exceeds the model's {positions} "
+            "positions; lower one of them"
+        )
 
 
 def sft_block_size(args, source, checkpoint) -> int | None:

@@ -94,6 +94,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from scripts.common.cli import output_dir
+
+    output_dir(args.out_dir, "--out-dir")  # before training: a file in the way is named now, not after the work
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise NanoLladaError(
             f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}"

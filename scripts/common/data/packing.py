@@ -173,6 +173,15 @@ def split_train_val(
     cut = int(doc_ends[cut_doc - 1]) if cut_doc > 0 else 0
     if cut < seq_len or len(tokens) - cut < seq_len:
         raise NanoLladaError(_split_problem(len(tokens), len(doc_ends), want, cut, seq_len))
+    held = len(tokens) - cut
+    if held > len(tokens) // 2:  # --val-fraction is < 0.5: a long last document, never trained on, took the rest
+        raise NanoLladaError(
+            f"validation holds out whole documents from the end, and the last ones are {held} of the {len(tokens)} "
+            f"tokens ({held / len(tokens):.0%}, asked {val_fraction:.1%}); put a shorter document last, or split the "
+            "long ones into several (one per line or jsonl row)"
+        )
+    if held > 2 * want:
+        print(f"note: validation holds out {held} tokens ({held / len(tokens):.1%}): the last documents are long")
     return tokens[:cut], tokens[cut:]
 
 

@@ -41,6 +41,11 @@ def read_pair(path, lineno: int, obj: dict) -> tuple[list[dict], list[dict]]:
             f"{path}:{lineno}: 'chosen' and 'rejected' have different prompts (every turn before the last answer "
             "must be the same); fix the line"
         )
+    if sides[0][-1]["content"] == sides[1][-1]["content"]:  # its DPO loss is ln 2 whatever the model: no signal
+        raise BadLine(
+            f"{path}:{lineno}: 'chosen' and 'rejected' give the same answer, so the pair prefers nothing; "
+            "fix or drop the line"
+        )
     return sides[0], sides[1]
 
 

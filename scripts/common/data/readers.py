@@ -6,6 +6,7 @@ Every problem is reported as `file:line: what is wrong; how to fix it`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -21,15 +22,15 @@ HOW_TO_GET_DATA = (
 )
 
 
-def check_data_file(path: str | os.PathLike) -> Path:
-    """Fail with one actionable line if `path` is missing, a directory or empty."""
+def check_data_file(path: str | os.PathLike, fix: str = HOW_TO_GET_DATA) -> Path:
+    """Fail with one actionable line if `path` is missing, a directory or empty (`fix`: how to get such a file)."""
     p = Path(path)
     if not p.exists():
-        raise NanoLladaError(f"{p}: data file not found; {HOW_TO_GET_DATA}")
+        raise NanoLladaError(f"{p}: data file not found; {fix}")
     if p.is_dir():
         raise NanoLladaError(f"{p}: is a directory, expected a .jsonl or .txt file")
     if p.stat().st_size == 0:
-        raise NanoLladaError(f"{p}: data file is empty; {HOW_TO_GET_DATA}")
+        raise NanoLladaError(f"{p}: data file is empty; {fix}")
     if p.suffix not in (".jsonl", ".json", ".txt"):
         raise NanoLladaError(
             f"{p}: unsupported data format '{p.suffix}'; "
@@ -107,11 +108,7 @@ def iter_texts(
     """Yield the documents of a pretraining file: jsonl `{field: text}` rows or .txt lines (blank lines skipped)."""
     path = check_data_file(path)
     if path.suffix == ".txt":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
+        yield from _iter_text_lines(path, skip_bad_lines, bad)
         return
     for lineno, obj in iter_jsonl(path, skip_bad_lines, bad):
         try:
@@ -124,6 +121,24 @@ def iter_texts(
             continue
         if text.strip():
             yield text
+
+
+def _iter_text_lines(path: Path, skip_bad_lines: bool, bad: BadLineCounter | None) -> Iterator[str]:
+    """The non-blank lines of a .txt file. A UTF-8 BOM (some editors write one) is not text to train on, and a line
+    that is not UTF-8 is refused (or skipped and counted) as in a jsonl file, never silently replaced."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.removeprefix(codecs.BOM_UTF8 if lineno == 1 else b"").decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                error = BadLine(f"{path}:{lineno}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8")
+                if not skip_bad_lines:
+                    raise error from None
+                if bad is not None:
+                    bad.add(str(error))
+                continue
+            if line.strip():
+                yield line
 
 
 class LineIndex:

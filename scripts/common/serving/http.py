@@ -21,6 +21,10 @@ from scripts.common.serving.engine import ChatEngine, ChatRequest, RequestError
 MAX_BODY_BYTES = 4 << 20
 
 
+class ClientLeft(Exception):
+    """The client closed its connection before its request's body was read."""
+
+
 class ChatHandler(BaseHTTPRequestHandler):
     """HTTP/1.0: one response per connection, so a stream simply ends when the connection closes."""
 
@@ -73,6 +77,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             )
         try:
             request = self.engine.parse(self._read_json())
+        except ClientLeft:  # nobody to answer: writing would only raise (and print) a broken pipe
+            self.close_connection = True
+            return None
         except RequestError as err:
             return self._send_error(err)
         except NanoLladaError as err:  # e.g. a tokenizer without a chat template
@@ -96,7 +103,12 @@ class ChatHandler(BaseHTTPRequestHandler):
             raise RequestError("empty request body; send a JSON object")
         if length > MAX_BODY_BYTES:
             raise RequestError(f"request body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit", status=413)
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except ConnectionError:
+            raise ClientLeft from None
+        if len(raw) < length:  # the connection closed before the whole body came
+            raise ClientLeft
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

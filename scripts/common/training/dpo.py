@@ -16,6 +16,7 @@ from model.checkpoint import KIND_NAMES, Checkpoint, build_model
 from model.errors import NanoLladaError
 from model.objectives.preference import DPOObjective
 from model.tokenizer import tokenizer_identity
+from scripts.common.cli import Bounded
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
 from scripts.common.training.flags import add_training_flags, optimizer_steps, start_run, starting_checkpoint
 from scripts.common.training.run_files import RunFiles
@@ -33,7 +34,16 @@ def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--load-from", required=True, help="the SFT checkpoint: the starting policy and the frozen reference"
     )
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature: reward = beta * (log pi - log pi_ref)")
+    # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
+    p.add_argument(
+        "--beta",
+        type=float,
+        action=Bounded,
+        low=0,
+        above_low=True,
+        default=0.1,
+        help="DPO temperature: reward = beta * (log pi - log pi_ref)",
+    )
     add_training_flags(p, run_name=run_name, epochs=1, **DPO_DEFAULTS)
     return p
 
@@ -98,11 +108,10 @@ MakeObjective = Callable[[torch.nn.Module, Checkpoint, object], DPOObjective]
 
 def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callable[[Checkpoint], dict]) -> dict:
     """The run both DPO entry points share; the summary of the loop plus the last validation statistics."""
-    if not args.beta > 0:
-        raise NanoLladaError(f"--beta must be positive, got {args.beta}")
     run = start_run(args, route, dpo_data)
     hint = f"this DPO trains {KIND_NAMES[route]} model"
-    checkpoint = starting_checkpoint(args, run.tokenizer, args.load_from, route, hint=hint)
+    own = RunFiles(run.cfg).full  # what --resume continues; --load-from only gives the shape and the reference
+    checkpoint = starting_checkpoint(args, run.tokenizer, args.load_from, route, hint=hint, run_path=own)
     policy = build_model(checkpoint, args.load_from)  # on --resume the loop loads the run's own weights over it
     reference = build_model(checkpoint, args.load_from).to(run.device).eval().requires_grad_(False)
     objective = make_objective(reference, checkpoint, run.tokenizer)

@@ -17,6 +17,7 @@ from model.checkpoint import Checkpoint, check_compatible, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
 from scripts.common.cli import (
+    Bounded,
     add_model_flags,
     interrupted_before_training,
     pick_device,
@@ -55,6 +56,8 @@ def add_training_flags(
         "--seq-len",
         dest="seq_len",
         type=int,
+        action=Bounded,
+        low=2,  # one token has no next token to predict: the loss would be a mean over nothing (NaN)
         default=seq_len,
         help="tokens per training row (pretraining packs rows of this length; SFT truncates longer conversations)",
     )
@@ -64,7 +67,7 @@ def add_training_flags(
     p.add_argument(
         "--max-iters", "--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps (default: epochs)"
     )
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=int, action=Bounded, low=1, default=batch_size)
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -77,8 +80,9 @@ def add_training_flags(
 
 def _add_config_flags(p: argparse.ArgumentParser, default: dict) -> None:
     """The flags that are TrainConfig fields of the same name."""
-    for name in ("accumulation_steps", "warmup_steps", "eval_interval", "eval_batches", "save_interval"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default[name])
+    lowest = {"accumulation_steps": 1, "warmup_steps": 0, "eval_interval": 1, "eval_batches": 1, "save_interval": 1}
+    for name, low in lowest.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, action=Bounded, low=low, default=default[name])
     p.add_argument("--learning-rate", "--lr", type=float, default=default["learning_rate"])
     p.add_argument("--lr-schedule", choices=["cosine", "wsd", "constant"], default=default["lr_schedule"])
     p.add_argument(
@@ -89,10 +93,12 @@ def _add_config_flags(p: argparse.ArgumentParser, default: dict) -> None:
     )
     for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default[name])
-    p.add_argument("--log-interval", type=int, default=default["log_interval"])
+    p.add_argument("--log-interval", type=int, action=Bounded, low=1, default=default["log_interval"])
     p.add_argument(
         "--early-stop-patience",
         type=int,
+        action=Bounded,
+        low=0,
         default=default["early_stop_patience"],
         help="evals without improvement before stopping (0 = off)",
     )
@@ -113,9 +119,8 @@ def _add_config_flags(p: argparse.ArgumentParser, default: dict) -> None:
 
 
 def check_training_flags(args) -> None:
-    positive("--max-seq-len", args.seq_len)
-    for name in ("batch_size", "epochs", "accumulation_steps"):
-        positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    """The checks that are not one flag's range (those are checked as the flags are parsed: Bounded)."""
+    positive("--epochs", args.epochs)
     if args.max_steps is not None:
         positive("--max-iters", args.max_steps)
     if not 0 < args.val_fraction < 0.5:
@@ -163,12 +168,46 @@ def start_run(args, kind: str, load_data: Callable) -> RunStart:
     return RunStart(tokenizer, device, batches, val_batches, train_config(args, kind, steps, device))
 
 
-def starting_checkpoint(args, tokenizer, path, kind: str, hint: str | None = None) -> Checkpoint | None:
+def starting_checkpoint(args, tokenizer, path, kind: str, hint: str | None = None, run_path=None) -> Checkpoint | None:
     """The checkpoint at `path` (None: none, start fresh), refused unless it is `kind` with this tokenizer (and,
-    on --resume, unless every shape flag given agrees with it)."""
+    on --resume, unless every shape flag and structural setting given agrees with it). `run_path`: the run's own
+    checkpoint when `path` is another (DPO starts from --load-from), named by the resume errors."""
     if path is None:
         return None
+    if args.resume and run_path is None:  # the run's own file is of another kind: the name is taken, not mistyped
+        hint = "--resume continues the run of that name, which another trainer wrote; choose another --run-name"
     checkpoint = check_compatible(read_checkpoint(path), path, kind, tokenizer, args.tokenizer_dir, hint=hint)
     if args.resume:
-        refuse_changed_model_flags(args, checkpoint.config, path)
+        refuse_changed_model_flags(args, checkpoint.config, run_path or path)
+        refuse_changed_settings(run_path or path, structural_settings(args, checkpoint.extra))
     return checkpoint
+
+
+def structural_settings(args, extra: dict) -> dict[str, tuple]:
+    """flag -> (the value this command trains with, the run's stored one) for the settings besides the model shape
+    that decide what a run trains: diffusion pretraining's --block-size, diffusion SFT's --block-size (when given;
+    without it the run inherits its own) and --eos-padding-length. None means off (bidirectional, no fixed padding)."""
+    settings = {}
+    if "sft_objective" in extra:
+        if getattr(args, "block_size", None) is not None:
+            settings["--block-size"] = (args.block_size or None, extra["sft_objective"].get("block_size"))
+        if hasattr(args, "eos_padding_length") and "sft_eos_padding_length" in extra:
+            settings["--eos-padding-length"] = (args.eos_padding_length, extra["sft_eos_padding_length"])
+    elif "block_size" in extra.get("diffusion", {}) and hasattr(args, "block_size"):
+        settings["--block-size"] = (args.block_size or None, extra["diffusion"]["block_size"] or None)
+    return settings
+
+
+def refuse_changed_settings(path, settings: dict[str, tuple]) -> None:
+    """The resume rule for structural settings: a resumed run trains on as it started, so a value other than its
+    checkpoint's is refused (applied, it would silently turn the rest of the run into another objective)."""
+    changed = [
+        f"{flag} {'(not given)' if asked is None else asked} (checkpoint: {'none' if stored is None else stored})"
+        for flag, (asked, stored) in settings.items()
+        if asked != stored
+    ]
+    if changed:
+        raise NanoLladaError(
+            f"--resume: {path} was trained with other settings, so {'; '.join(changed)} cannot apply; "
+            "pass the checkpoint's values to resume it, or start a new --run-name"
+        )

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
+from model.errors import NanoLladaError
+
 matplotlib.use("Agg")  # files only; no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -16,7 +18,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(lines):  # cut short by a killed run (kill -9 mid-write): the records before it stand
+                break
+            raise NanoLladaError(f"{path}:{lineno}: not a JSON metrics record; fix or delete the line") from None
+    return records
 
 
 def ema(values: list[float], alpha: float) -> list[float]:
