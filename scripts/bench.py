@@ -42,7 +42,7 @@ from scripts.common.bench.card import (
 )
 from scripts.common.bench.report import ROOT, git_commit, markdown, plot_card
 from scripts.common.bench.training import TINY, BenchSettings, bench_training, training_flops_per_token
-from scripts.common.cli import pick_device, run_main
+from scripts.common.cli import Bounded, pick_device, run_main
 
 __all__ = ["main", "training_flops_per_token"]
 
@@ -66,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--continuation-data", default="dataset/sample_pretrain_val.jsonl")
     p.add_argument("--classification-data", default="dataset/sample_sft_test.jsonl")
-    p.add_argument("--prompts", type=int, default=None, help="continuation prompts (default 16)")
-    p.add_argument("--questions", type=int, default=None, help="classification questions (default 16)")
+    p.add_argument("--prompts", type=int, action=Bounded, low=1, default=None, help="continuation prompts (default 16)")
+    p.add_argument(
+        "--questions", type=int, action=Bounded, low=1, default=None, help="classification questions (default 16)"
+    )
     p.add_argument("--lengths", default=None, help="continuation lengths, comma-separated (default 32,128,256)")
     p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 1,16)")
     p.add_argument("--batched-lengths", default=None, help="continuation lengths run batched too (default: all)")

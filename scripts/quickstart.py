@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from scripts.common.cli import run_main
+from scripts.common.cli import Bounded, run_main
 from scripts.common.pipeline import SMALL_MODEL, cli, step
 
 PROMPT = "下面这条商品评论的情感是正面还是负面？请只回答“正面”或“负面”。\n评论：质量很好，物流也快，非常满意！"
@@ -29,10 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="weights/quickstart", help="where its checkpoints go (cleared first)")
     p.add_argument("--data-dir", default="dataset")
-    p.add_argument("--pretrain-steps", type=int, default=300, help="AR pretraining steps")
-    p.add_argument("--diffusion-steps", type=int, default=30, help="diffusion pretraining steps, from the AR model")
-    p.add_argument("--sft-steps", type=int, default=150)
-    p.add_argument("--accuracy-questions", type=int, default=100)
+    p.add_argument("--pretrain-steps", type=int, action=Bounded, low=1, default=300, help="AR pretraining steps")
+    p.add_argument(
+        "--diffusion-steps",
+        type=int,
+        action=Bounded,
+        low=1,
+        default=30,
+        help="diffusion pretraining steps, from the AR model",
+    )
+    p.add_argument("--sft-steps", type=int, action=Bounded, low=1, default=150)
+    p.add_argument("--accuracy-questions", type=int, action=Bounded, low=1, default=100)
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from model.errors import NanoLladaError
-from scripts.common.cli import run_main
+from scripts.common.cli import Bounded, run_main
 from scripts.common.pipeline import SMALL_MODEL, cli, step
 
 # AR-to-diffusion conversions: run name -> flags of scripts.train.diffusion --init-from-minimind (explicit,
@@ -71,11 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="weights/report")
     p.add_argument("--data-dir", default="dataset")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--sft-steps", type=int, default=200)
-    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--steps", type=int, action=Bounded, low=1, default=500)
+    p.add_argument("--sft-steps", type=int, action=Bounded, low=1, default=200)
+    p.add_argument("--questions", type=int, action=Bounded, low=1, default=200)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dpo-steps", type=int, default=100)
+    p.add_argument("--dpo-steps", type=int, action=Bounded, low=1, default=100)
     p.add_argument(
         "--dpo-starts",
         nargs=2,
@@ -84,7 +84,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SFT checkpoints DPO starts from (default: those of --part conversion in --out-dir)",
     )
     p.add_argument("--part", choices=["all", "conversion", "dpo"], default="all")
-    p.add_argument("--jobs", type=int, default=1, help="independent stages run this many at a time, one thread each")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        action=Bounded,
+        low=1,
+        default=1,
+        help="independent stages run this many at a time, one thread each",
+    )
     return p.parse_args(argv)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import Bounded, pick_device, positive, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import flag_names
 from scripts.common.serving.engine import ChatEngine, Defaults
@@ -32,15 +32,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(p, "AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8998, help="0 picks a free port")
+    p.add_argument("--port", type=int, action=Bounded, low=0, high=65535, default=8998, help="0 picks a free port")
     p.add_argument(
         "--model-name", default=None, help="model id reported by /v1/models (default: the checkpoint's file name)"
     )
     p.add_argument("--device", default=None)
-    p.add_argument("--max-tokens", type=int, default=256, help="completion length when a request gives no max_tokens")
-    p.add_argument("--temperature", type=float, default=None, help="default: 0.8 for AR, 0 (greedy) for diffusion")
-    p.add_argument("--top-k", type=int, default=20, help="AR default top-k (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="AR default nucleus mass")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        action=Bounded,
+        low=1,
+        default=256,
+        help="completion length when a request gives no max_tokens",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        action=Bounded,
+        low=0,
+        default=None,
+        help="default: 0.8 for AR, 0 (greedy) for diffusion",
+    )
+    p.add_argument("--top-k", type=int, action=Bounded, low=0, default=20, help="AR default top-k (0 = off)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        action=Bounded,
+        low=0,
+        high=1,
+        above_low=True,
+        default=1.0,
+        help="AR default nucleus mass",
+    )
     diffusion = p.add_argument_group("diffusion defaults (a request's steps, block_length, threshold override them)")
     steps_help = "forward passes over all blocks (default: one per token)"
     diffusion.add_argument("--gen-steps", "--steps", dest="steps", type=int, default=None, help=steps_help)
@@ -48,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     diffusion.add_argument("--threshold", type=float, default=None, help="commit every token at least this confident")
     seq_help = "canvas limit, prompt + generation (default: max_position_embeddings)"
     diffusion.add_argument("--seq-len", type=int, default=None, help=seq_help)
-    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together in one batch")
+    p.add_argument(
+        "--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together in one batch"
+    )
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     return p.parse_args(argv)
 

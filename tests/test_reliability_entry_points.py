@@ -231,3 +231,29 @@ def test_messages_say_what_is_true(corpora, tmp_path, capsys):
     train_pretrain.main(ar)
     err = error_line(diffusion.main, ["--train", *ar, "--resume"], capsys)
     assert "choose another --run-name" in err and "eval_minimind" not in err
+
+
+@pytest.mark.parametrize(
+    "module,argv",
+    [
+        ("scripts.serve", ["--checkpoint", "none.pt", "--max-batch", "0"]),
+        ("scripts.serve", ["--checkpoint", "none.pt", "--top-p", "0"]),
+        ("scripts.serve", ["--checkpoint", "none.pt", "--port", "70000"]),
+        ("scripts.train.merge_checkpoints", ["--run-name", "r", "--k", "0"]),
+        ("scripts.train.train_tokenizer", ["--vocab-size", "2"]),
+        ("scripts.quickstart", ["--sft-steps", "0"]),
+        ("scripts.eval.dpo_variance", ["--checkpoint", "none.pt", "--data", "none.jsonl", "--redraws", "1"]),
+        ("scripts.eval.eval_sft_one_prompt", ["--prompt", "x", "--ar-top-k", "-1"]),
+        ("scripts.eval.eval_minimind", ["--checkpoint", "none.pt", "--top-p", "1.5"]),
+        ("scripts.eval.eval_multiple_choice", ["--checkpoint", "none.pt", "--data", "none.jsonl", "--limit", "0"]),
+        ("scripts.bench", ["--tiny", "--prompts", "0"]),
+    ],
+)
+def test_every_entry_point_bounds_its_counts_at_parse_time(module, argv, capsys):
+    """The ranges reach the entry points beside the ones the campaign named: one line naming the flag, before any
+    file (none of those named here exists) is read."""
+    import importlib
+
+    flag = argv[-2]
+    err = error_line(importlib.import_module(module).main, argv, capsys)
+    assert err.startswith(f"error: {flag} must be"), err

@@ -18,7 +18,7 @@ import argparse
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.preference import DPOObjective, ElboSampling, diffusion_scorer, preference_score_spread
 from model.tokenizer import mask_token_id
-from scripts.common.cli import pick_device, positive, run_main
+from scripts.common.cli import Bounded, pick_device, positive, run_main
 from scripts.common.data.pairs import collate_pairs, load_pairs
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
 from scripts.common.training.prefetch import to_device
@@ -42,10 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", required=True, help="its starting checkpoint (the DPO reference)")
     p.add_argument("--data", required=True, help="preference jsonl; the fixed batch is its --pairs shortest pairs")
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--pairs", type=int, default=16)
-    p.add_argument("--elbo-samples", type=int, default=8, help="n of (a)")
-    p.add_argument("--redraws", type=int, default=64)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--pairs", type=int, action=Bounded, low=1, default=16)
+    p.add_argument("--elbo-samples", type=int, action=Bounded, low=1, default=8, help="n of (a)")
+    p.add_argument("--redraws", type=int, action=Bounded, low=2, default=64)
+    p.add_argument("--max-seq-len", type=int, action=Bounded, low=2, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     return p.parse_args(argv)

@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="0: no sample, only the --eval-data loss")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=20, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, action=Bounded, low=0, default=20, help="0 = off")
+    p.add_argument("--top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0)
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix for every token (for comparison)"
     )

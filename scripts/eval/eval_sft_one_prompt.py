@@ -15,7 +15,7 @@ from pathlib import Path
 from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
-from scripts.common.cli import output_file, pick_device, positive, run_main
+from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
@@ -52,11 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-chat-wrap", action="store_true", help="feed the prompt as raw text instead of the chat template"
     )
-    p.add_argument("--seq-len", type=int, default=512, help="diffusion canvas limit: prompt + generation")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--ar-temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--ar-top-k", type=int, default=0)
-    p.add_argument("--ar-top-p", type=float, default=1.0)
+    p.add_argument(
+        "--seq-len", type=int, action=Bounded, low=2, default=512, help="diffusion canvas limit: prompt + generation"
+    )
+    p.add_argument("--max-new-tokens", type=int, action=Bounded, low=1, default=128)
+    p.add_argument("--ar-temperature", type=float, action=Bounded, low=0, default=0.0, help="0 = greedy")
+    p.add_argument("--ar-top-k", type=int, action=Bounded, low=0, default=0)
+    p.add_argument("--ar-top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0)
     add_sampler_flags(p, block_default="32 if it divides the length")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)

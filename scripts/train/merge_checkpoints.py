@@ -17,7 +17,7 @@ from pathlib import Path
 from model.checkpoint import build_model, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
-from scripts.common.cli import positive, run_main
+from scripts.common.cli import Bounded, positive, run_main
 from scripts.common.training.topk import topk_index_path
 
 
@@ -64,7 +64,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-name", required=True)
     p.add_argument("--save-dir", default="weights")
-    p.add_argument("--k", type=int, default=3, help="how many of the best checkpoints to average")
+    p.add_argument(
+        "--k", type=int, action=Bounded, low=1, default=3, help="how many of the best checkpoints to average"
+    )
     p.add_argument(
         "--checkpoints", nargs="+", default=None, help="rank these instead of the run's --keep-top-k snapshots"
     )

@@ -16,14 +16,16 @@ from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.preference import DPOObjective, ElboSampling, diffusion_scorer
 from model.tokenizer import mask_token_id
-from scripts.common.cli import run_main
+from scripts.common.cli import Bounded, run_main
 from scripts.common.training.dpo import dpo_parser, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = dpo_parser(__doc__, run_name="diffusion_dpo")
     vrpo = p.add_argument_group("variance reduction (LLaDA 1.5 VRPO)")
-    vrpo.add_argument("--elbo-samples", type=int, default=8, help="(a) mask draws per log-likelihood estimate")
+    vrpo.add_argument(
+        "--elbo-samples", type=int, action=Bounded, low=1, default=8, help="(a) mask draws per log-likelihood estimate"
+    )
     vrpo.add_argument(
         "--distinct-times",
         action=argparse.BooleanOptionalAction,

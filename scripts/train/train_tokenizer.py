@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from model.errors import NanoLladaError
+from scripts.common.cli import Bounded
 from scripts.common.data.readers import check_data_file, iter_texts
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 (pad/unk, bos, eos)
@@ -86,8 +87,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--data", default=None, help="a .jsonl or .txt corpus (default: the offline sample corpus)")
     parser.add_argument("--jsonl-field", default="text")
-    parser.add_argument("--vocab-size", type=int, default=6400, help="including the 3 special tokens (MiniMind2: 6400)")
-    parser.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        action=Bounded,
+        low=4,
+        default=6400,
+        help="including the 3 special tokens (MiniMind2: 6400)",
+    )
+    parser.add_argument(
+        "--max-docs", type=int, action=Bounded, low=1, default=None, help="train on the first N documents only"
+    )
     parser.add_argument("--out-dir", default=".")
     return parser.parse_args(argv)
 

@@ -15,7 +15,7 @@ import torch
 from model.errors import NanoLladaError
 from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.tokenizer import encode, mask_token_id, prompt_ids
-from scripts.common.cli import positive
+from scripts.common.cli import Bounded, positive
 from scripts.common.device import autocast
 
 LETTERS = "ABCDEFGHIJ"
@@ -228,7 +228,7 @@ def add_choice_flags(
     p.add_argument(
         "--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)"
     )
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each file")
+    p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="first N questions of each file")
     if with_seed:
         p.add_argument(
             "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every question)"
