@@ -81,7 +81,7 @@ BREAKS = [
         "model/objectives/diffusion_loss.py",
         "pretraining_maskable(input_ids) if maskable is None else maskable",
         "pretraining_maskable(input_ids)",
-        "tests/test_diffusion_loss.py::test_sft_loss_trains_the_answer_only",
+        "tests/test_objective_expectations.py::test_sft_loss_trains_the_answer_only",
     ),
     Break(
         "the block loss ignores the block size (one block over the row)",
@@ -102,7 +102,7 @@ BREAKS = [
         "model/objectives/diffusion_loss.py",
         "scored = masked_token_nll(logits, input_ids, masked) * elbo * weights",
         "scored = masked_token_nll(logits, input_ids, masked) * weights * total_weight / (masked * weights).sum()",
-        "tests/test_diffusion_loss.py::test_every_diffusion_estimator_has_the_nelbo_as_expectation_for_a_non_uniform_model",
+        "tests/test_objective_expectations.py::test_every_diffusion_estimator_has_the_nelbo_as_expectation_for_a_non_uniform_model",
     ),
     Break(
         "eval_lm's AR figure 4 % high",

@@ -353,12 +353,3 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
             assert not torch.equal(ours[name][6400], tensor[6400])  # mean + noise, not the bare mean
         else:
             assert torch.equal(ours[name], tensor), name
-
-
-def test_span_edges_inside_a_token_send_the_conversation_to_the_reference():
-    from scripts.common.data.sft import _mask_from_offsets
-
-    ids, offsets = [10, 11, 2, 12], [(0, 2), (2, 4), (4, 5), (5, 6)]
-    assert _mask_from_offsets(ids, offsets, [(2, 6)]) == ([10, 11, 2], [0, 1, 1])  # cut after the span's <|im_end|>
-    assert _mask_from_offsets(ids, offsets, [(1, 6)]) is None  # starts inside token 0
-    assert _mask_from_offsets(ids, [(0, 2), (1, 3), (3, 5), (5, 6)], [(2, 6)]) is None  # a token straddles char 2

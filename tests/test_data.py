@@ -124,3 +124,12 @@ def test_validation_split_is_on_a_document_boundary():
     assert len(train) + len(val) == 100 and len(train) in (60, 90) and len(val) >= 10
     with pytest.raises(NanoLladaError, match="too few"):
         split_train_val(tokens, ends, 0.5, seq_len=80)
+
+
+def test_span_edges_inside_a_token_send_the_conversation_to_the_reference():
+    from scripts.common.data.sft import _mask_from_offsets
+
+    ids, offsets = [10, 11, 2, 12], [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert _mask_from_offsets(ids, offsets, [(2, 6)]) == ([10, 11, 2], [0, 1, 1])  # cut after the span's <|im_end|>
+    assert _mask_from_offsets(ids, offsets, [(1, 6)]) is None  # starts inside token 0
+    assert _mask_from_offsets(ids, [(0, 2), (1, 3), (3, 5), (5, 6)], [(2, 6)]) is None  # a token straddles char 2

@@ -99,3 +99,19 @@ def test_no_library_folder_holds_more_than_fifteen_modules():
     for folder in [ROOT / "model", *(p for p in (ROOT / "model").iterdir() if p.is_dir())]:
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
         assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
+
+
+def test_files_fit_in_one_sitting_and_functions_on_a_screen():
+    """At most 360 lines a file and 80 a function (the standalone model/hf/ copy aside)."""
+    too_long = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in (".venv", "weights", "dataset") or relative.parts[:2] == ("model", "hf"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 360:
+            too_long.append(f"{relative}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{relative}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
