@@ -21,11 +21,11 @@ from tqdm import tqdm
 from model.errors import NanoLladaError
 from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
-from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
+from model.tokenizer import EOS_ID, encode, mask_token_id
 from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
-from scripts.common.data.readers import BadLineCounter, iter_conversations
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
+from scripts.common.evaluation.answers import sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import flag_names
@@ -54,28 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
-
-
-def questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], str]]:
-    """(prompt ids up to the last assistant turn, gold answer) per conversation."""
-    bad, out = BadLineCounter(), []
-    for turns in iter_conversations(path, bad=bad):
-        if turns[-1]["role"] != "assistant":
-            bad.add("last turn is not the assistant's answer")
-            continue
-        out.append(
-            (
-                encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)),
-                turns[-1]["content"].strip(),
-            )
-        )
-        if limit and len(out) == limit:
-            break
-    if bad.summary(Path(path)):
-        print(bad.summary(Path(path)))
-    if not out:
-        raise NanoLladaError(f"{path}: no usable questions")
-    return out
 
 
 @torch.no_grad()
@@ -198,7 +176,7 @@ def main(argv=None) -> dict:
         if not path:
             continue
         loaded = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
-        items = questions(args.data, loaded[1], args.limit)
+        items = sft_questions(args.data, loaded[1], args.limit)
         answers, sampler = decode_answers(name, kind, loaded, items, args, device)
         result = results[name] = score_answers(name, items, answers, predictions)
         print(

@@ -1,0 +1,69 @@
+"""SFT answers scored against the gold ones of a held-out file: the questions (prompt ids up to the answer), and the
+gold answer's likelihood per token after its prompt, AR exact and diffusion the exact-count bound (LLaDA Algorithm 3;
+per block for a block-trained model). For long answers, where accuracy means nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.errors import NanoLladaError
+from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
+from model.tokenizer import EOS_ID, chat_text, encode, mask_token_id
+from scripts.common.data.readers import BadLineCounter, iter_conversations
+
+
+def sft_questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[int], str]]:
+    """(prompt ids up to the last assistant turn, gold answer) per conversation."""
+    bad, out = BadLineCounter(), []
+    for turns in iter_conversations(path, bad=bad):
+        if turns[-1]["role"] != "assistant":
+            bad.add("last turn is not the assistant's answer")
+            continue
+        out.append(
+            (
+                encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)),
+                turns[-1]["content"].strip(),
+            )
+        )
+        if limit and len(out) == limit:
+            break
+    if bad.summary(Path(path)):
+        print(bad.summary(Path(path)))
+    if not out:
+        raise NanoLladaError(f"{path}: no usable questions")
+    return out
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, kind: str, items, mc_samples: int, block_size: int | None = None) -> dict:
+    """The gold answers' NLL (answer + <|im_end|>, as SFT trains it) per token, pooled over the items, and the
+    per-answer values. Diffusion: an upper bound, the same mask draws for every answer (seed 0)."""
+    totals, tokens = [], []
+    for prompt, gold in tqdm(items, desc=f"{kind} answer likelihood", leave=False):
+        answer = [*encode(tokenizer, gold), EOS_ID]
+        if kind == "ar":
+            log_likelihood = ar_log_likelihood_batch(model, prompt, [answer])[0]
+        else:
+            generator = torch.Generator().manual_seed(0)
+            log_likelihood = conditional_log_likelihood_batch(
+                model,
+                prompt,
+                [answer],
+                mask_token_id(tokenizer),
+                mc_samples,
+                generator,
+                block_size=block_size,
+                tail_id=EOS_ID,
+            )[0][0]
+        totals.append(-log_likelihood)
+        tokens.append(len(answer))
+    return {
+        "nll_per_token": sum(totals) / sum(tokens),
+        "answers": len(items),
+        "tokens": sum(tokens),
+        "answer_nll": totals,
+    }
