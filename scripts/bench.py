@@ -156,7 +156,7 @@ def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, 
     if not (pair_paths or sft_paths):
         notes.append("No trained pair given (--checkpoint x2 or --models DIR): no speed card, training only.")
         return out, None, None
-    from scripts.eval.eval_sft_accuracy import questions  # (tqdm and the tokenizer's packages: only here)
+    from scripts.common.evaluation.answers import sft_questions  # (tqdm and the tokenizer's packages: only here)
 
     # The pairs are checked before any data is read, so a wrong pair is named even without the sample data.
     base = load_pair(pair_paths, "--checkpoint", device) if pair_paths else None
@@ -166,7 +166,7 @@ def card_inputs(args, s: CardSettings, device, notes: list[str]) -> tuple[dict, 
         prompts = continuation_prompts(args.continuation_data, tokenizer, s.prompts, s.prompt_tokens)
         out["base"] = (base, [Workload("continuation", n, prompts) for n in s.continuation_lengths])
     if sft is not None:
-        items = questions(args.classification_data, tokenizer, s.questions)
+        items = sft_questions(args.classification_data, tokenizer, s.questions)
         workload = Workload("classification", s.classification_length, [q for q, _ in items], [a for _, a in items])
         out["sft"] = (sft, [workload])
     return out, tokenizer, mask_token_id(tokenizer)

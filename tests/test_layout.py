@@ -115,3 +115,20 @@ def test_files_fit_in_one_sitting_and_functions_on_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 too_long.append(f"{relative}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, too_long
+
+
+def entry_points() -> list[Path]:
+    top = [p for p in (ROOT / "scripts").glob("*.py") if p.name != "__init__.py"]
+    return sorted(top + [p for d in ("train", "eval", "data") for p in (ROOT / "scripts" / d).glob("*.py")])
+
+
+def module_name(path: Path) -> str:
+    return path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+
+
+@pytest.mark.parametrize("path", entry_points(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_entry_point_imports_another(path):
+    """What two entry points share lives in scripts/common/ (scripts/gpu_check/ alone drives entry points: it
+    checks them)."""
+    others = {module_name(p) for p in entry_points()} - {module_name(path)}
+    assert not sorted(imported_modules(path) & others)
