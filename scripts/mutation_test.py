@@ -38,11 +38,18 @@ import tokenize
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 EXCLUDED = ("model/hf/", "model/errors.py")  # hf/: a standalone copy for export; errors.py: messages only
-RELEVANT = {"scripts/common/trainer.py": ["tests/test_trainer.py", "tests/test_reliability_training.py"]}
+# Tests that exercise a module without importing it (through the modules or scripts that do).
+RELEVANT = {
+    "model/conversion.py": ["tests/test_conversion_cli.py"],
+    "model/cross_entropy.py": ["tests/test_diffusion_loss.py", "tests/test_eval_lm.py"],
+    "model/remasking.py": ["tests/test_fast_decoding.py", "tests/test_logit_shift_sampling.py"],
+    "scripts/common/trainer.py": ["tests/test_trainer.py", "tests/test_reliability_training.py"],
+}
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "weights", "*.pyc")
 
 BINARY = {"Add": "Sub", "Sub": "Add", "Mult": "Div", "Div": "Mult", "FloorDiv": "Div", "Mod": "FloorDiv", "Pow": "Mult"}
@@ -105,14 +112,10 @@ class _Sites(ast.NodeVisitor):
                 if isinstance(child, ast.AST):
                     self.visit(child)
 
-    def visit_Raise(self, node):  # error paths and messages: not behaviour worth a mutant each
+    def skip(self, node):  # error paths and messages (raise, assert, f-strings): not worth a mutant each
         pass
 
-    def visit_Assert(self, node):
-        pass
-
-    def visit_JoinedStr(self, node):
-        pass
+    visit_Raise = visit_Assert = visit_JoinedStr = skip
 
     def visit_BinOp(self, node):
         if type(node.op).__name__ in BINARY:
@@ -173,10 +176,7 @@ def sites_of(path: Path, root: Path) -> list[Mutant]:
     finder = _Sites(source)
     finder.visit(tree)
     rel = path.relative_to(root).as_posix()
-    mutants = []
-    for start, end, new, op in sorted(set(finder.sites)):
-        mutants.append(Mutant(f"{rel}:{start[0]}:{start[1]}:{op}", rel, start[0], start, end, new))
-    return mutants
+    return [Mutant(f"{rel}:{a[0]}:{a[1]}:{op}", rel, a[0], a, b, new) for a, b, new, op in sorted(set(finder.sites))]
 
 
 def mutate(source: str, mutant: Mutant) -> str:
@@ -215,16 +215,35 @@ def relevant_tests(rel: str, root: Path) -> list[str]:
     return sorted(found)
 
 
-def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+def run_tests(copy: Path, tests: list[str], timeout: float, *extra: str) -> tuple[str, float]:
     """'passed', 'failed' or 'timeout', and the seconds pytest ran."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(copy)}
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra, *tests]
     began = time.monotonic()
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - began
     return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - began
+
+
+def baseline(copy: Path, file: str, tests: list[str], limit: float) -> tuple[list[str], float]:
+    """Runs the unmutated tests (they must pass); returns them fastest file first (a mutant's first failure then
+    comes soon under -x) and the mutant timeout: 3x the unmutated seconds, at least 60."""
+    if not tests:
+        raise SystemExit(f"{file}: no test file imports it; name its tests in RELEVANT or with --tests")
+    xml = copy / "baseline.xml"
+    outcome, seconds = run_tests(copy, tests, limit, f"--junitxml={xml}")
+    if outcome != "passed":
+        raise SystemExit(f"{file}: its tests {tests} do not pass unmutated ({outcome})")
+    spent = dict.fromkeys(tests, 0.0)
+    for case in ElementTree.parse(xml).getroot().iter("testcase"):
+        name = "/".join(case.get("classname", "").split(".")[:2]) + ".py"  # tests.test_x[.Class] -> tests/test_x.py
+        if name in spent:
+            spent[name] += float(case.get("time", 0))
+    xml.unlink()
+    print(f"{file}: {len(tests)} test files, {seconds:.1f} s unmutated", flush=True)
+    return sorted(tests, key=spent.__getitem__), max(60.0, 3 * seconds)
 
 
 def load_equivalent(path: Path) -> dict[str, str]:
@@ -237,8 +256,7 @@ def load_equivalent(path: Path) -> dict[str, str]:
 
 def choose(mutants: list[Mutant], args: argparse.Namespace) -> list[Mutant]:
     if args.ids:
-        wanted = set(args.ids)
-        return [m for m in mutants if m.id in wanted]
+        return [m for m in mutants if m.id in set(args.ids)]
     if args.sample and args.sample < len(mutants):
         picked = random.Random(args.seed).sample(sorted(mutants, key=lambda m: m.id), args.sample)
         return sorted(picked, key=lambda m: (m.file, m.start, m.id))
@@ -255,12 +273,8 @@ def run_all(root: Path, mutants: list[Mutant], args: argparse.Namespace, equival
             shutil.copytree(root, copies[-1], ignore=COPY_IGNORE)
         tests = {m.file: args.tests or relevant_tests(m.file, root) for m in mutants}
         timeouts = {}
-        for file in sorted(tests):  # the unmutated code must pass its tests; their time sizes the timeout
-            outcome, seconds = run_tests(copies[0], tests[file], timeout=args.max_timeout)
-            if outcome != "passed":
-                raise SystemExit(f"{file}: its tests {tests[file]} do not pass unmutated ({outcome})")
-            timeouts[file] = max(60.0, 3 * seconds)
-            print(f"{file}: {len(tests[file])} test files, {seconds:.1f} s unmutated", flush=True)
+        for file in sorted(tests):
+            tests[file], timeouts[file] = baseline(copies[0], file, tests[file], args.max_timeout)
         free, lock, done = list(copies), threading.Lock(), [0]
 
         def one(mutant: Mutant) -> None:
@@ -274,9 +288,8 @@ def run_all(root: Path, mutants: list[Mutant], args: argparse.Namespace, equival
                 target.write_text(original, encoding="utf-8")
                 with lock:
                     free.append(copy)
-            survived = outcome == "passed"
             mutant.status = {"failed": "killed", "timeout": "timeout"}.get(outcome, "survived")
-            if survived and mutant.id in equivalent:
+            if mutant.status == "survived" and mutant.id in equivalent:
                 mutant.status = "equivalent"
             with lock:
                 done[0] += 1
