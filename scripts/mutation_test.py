@@ -309,10 +309,8 @@ def summary(mutants: list[Mutant], equivalent: dict[str, str]) -> dict:
 
 
 def report(mutants: list[Mutant], equivalent: dict[str, str], totals: dict) -> None:
-    print(
-        f"\n{totals['mutants']} mutants: {totals['killed']} killed, {totals['timeout']} timed out (counted as killed),"
-        f" {totals['survived']} survived, {totals['equivalent']} equivalent"
-    )
+    counts = ", ".join(f"{totals[s]} {s}" for s in ("killed", "timeout", "survived", "equivalent"))
+    print(f"\n{totals['mutants']} mutants: {counts} (a timeout counts as killed)")
     print(f"kill rate over non-equivalent mutants: {100 * totals['kill_rate']:.1f} %")
     for mutant in mutants:
         if mutant.status in ("survived", "equivalent"):
