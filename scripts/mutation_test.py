@@ -11,12 +11,12 @@ Each target file is parsed with `ast`; every mutation site gets a stable id FILE
 Never mutated: strings (docstrings, messages), f-strings, `raise` and `assert` statements, type annotations.
 
 The tree is copied once into a temporary folder (one copy per job); each mutant overwrites one file there, runs
-`pytest -x -q -p no:cacheprovider` on the tests relevant to that module, and restores the file. A test file is
-relevant to model/foo.py when it imports model.foo, or imports from `model` a name model/foo.py defines; RELEVANT
-adds to that, --tests replaces it. A mutant is killed when pytest fails, timed out (killed too) when it runs past
-the timeout (3x the unmutated run of the same tests, at least 60 s), and survives when the tests pass. Survivors
-listed in scripts/mutation_equivalent.txt (id, then a one-line reason why no behaviour changed) count as
-equivalent and are left out of the kill rate. Children run with OMP_NUM_THREADS=1 and write no (stale) bytecode.
+`pytest -x -q -p no:cacheprovider` on the tests relevant to that module (fastest file first) and restores the file.
+Relevant to model/foo.py: the test files that import model.foo or import from `model` a name it defines, plus
+RELEVANT, less SLOW (unless --all-tests); --tests replaces them. A mutant is killed when pytest fails, timed out
+(counted as killed) past 60 s + 3x its tests' unmutated time, and survives when they pass. Survivors listed in
+scripts/mutation_equivalent.txt (id, then why no behaviour changed) are equivalent, left out of the kill rate.
+Children run with OMP_NUM_THREADS=1 and write no (stale) bytecode.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,8 @@ RELEVANT = {
     "model/remasking.py": ["tests/test_fast_decoding.py", "tests/test_logit_shift_sampling.py"],
     "scripts/common/trainer.py": ["tests/test_trainer.py", "tests/test_reliability_training.py"],
 }
+# Whole-pipeline and multi-process tests: half the suite's time, left out of the derived sets unless --all-tests.
+SLOW = ("tests/test_cli_pipeline.py", "tests/test_ddp.py", "tests/test_sync_free.py")
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "weights", "*.pyc")
 
 BINARY = {"Add": "Sub", "Sub": "Add", "Mult": "Div", "Div": "Mult", "FloorDiv": "Div", "Mod": "FloorDiv", "Pow": "Mult"}
@@ -226,23 +229,24 @@ def run_tests(copy: Path, tests: list[str], timeout: float, *extra: str) -> tupl
     return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - began
 
 
-def baseline(copy: Path, file: str, tests: list[str], limit: float) -> tuple[list[str], float]:
-    """Runs the unmutated tests (they must pass); returns them fastest file first (a mutant's first failure then
-    comes soon under -x) and the mutant timeout: 3x the unmutated seconds, at least 60."""
-    if not tests:
-        raise SystemExit(f"{file}: no test file imports it; name its tests in RELEVANT or with --tests")
-    xml = copy / "baseline.xml"
-    outcome, seconds = run_tests(copy, tests, limit, f"--junitxml={xml}")
+def baseline(copy: Path, tests: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Runs every module's tests once, unmutated (they must pass), timing each test file. Returns each module's tests
+    fastest file first (a mutant's first failure then comes soon under -x) and its mutant timeout."""
+    for file, names in tests.items():
+        if not names:
+            raise SystemExit(f"{file}: no test file imports it; name its tests in RELEVANT or with --tests")
+    union, xml = sorted(set().union(*tests.values())), copy / "baseline.xml"
+    outcome, seconds = run_tests(copy, union, 1800.0, f"--junitxml={xml}")
     if outcome != "passed":
-        raise SystemExit(f"{file}: its tests {tests} do not pass unmutated ({outcome})")
-    spent = dict.fromkeys(tests, 0.0)
+        raise SystemExit(f"the unmutated tests do not pass ({outcome}): {union}")
+    spent = dict.fromkeys(union, 0.0)
     for case in ElementTree.parse(xml).getroot().iter("testcase"):
         name = "/".join(case.get("classname", "").split(".")[:2]) + ".py"  # tests.test_x[.Class] -> tests/test_x.py
-        if name in spent:
-            spent[name] += float(case.get("time", 0))
+        spent[name] = spent.get(name, 0.0) + float(case.get("time", 0))
     xml.unlink()
-    print(f"{file}: {len(tests)} test files, {seconds:.1f} s unmutated", flush=True)
-    return sorted(tests, key=spent.__getitem__), max(60.0, 3 * seconds)
+    print(f"unmutated: {len(union)} test files pass in {seconds:.1f} s", flush=True)
+    order = {file: sorted(names, key=spent.__getitem__) for file, names in tests.items()}
+    return order, {file: 60.0 + 3 * sum(spent[n] for n in names) for file, names in tests.items()}
 
 
 def load_equivalent(path: Path) -> dict[str, str]:
@@ -270,10 +274,9 @@ def run_all(root: Path, mutants: list[Mutant], args: argparse.Namespace, equival
         for job in range(args.jobs):
             copies.append(scratch / f"copy{job}")
             shutil.copytree(root, copies[-1], ignore=COPY_IGNORE)
-        tests = {m.file: args.tests or relevant_tests(m.file, root) for m in mutants}
-        timeouts = {}
-        for file in sorted(tests):
-            tests[file], timeouts[file] = baseline(copies[0], file, tests[file], limit=900.0)
+        derived = {m.file: relevant_tests(m.file, root) for m in mutants}
+        kept = {file: [t for t in names if args.all_tests or t not in SLOW] for file, names in derived.items()}
+        tests, timeouts = baseline(copies[0], {file: args.tests or names for file, names in kept.items()})
         free, lock, done = list(copies), threading.Lock(), [0]
 
         def one(mutant: Mutant) -> None:
@@ -325,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--files", nargs="+", default=["model"], help="files or folders, relative to --root")
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository to mutate (default: this one)")
     parser.add_argument("--tests", nargs="+", help="run these test files for every mutant instead of the derived ones")
+    parser.add_argument("--all-tests", action="store_true", help="keep the SLOW test files in the derived sets")
     parser.add_argument("--sample", type=int, default=0, help="run a random sample of this many sites (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ids", nargs="+", help="run only these mutant ids")
@@ -333,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--list", action="store_true", help="print the chosen mutants' ids and stop")
     parser.add_argument("--out", type=Path, help="write every mutant's outcome and the totals here (JSON)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` still removes the scratch copies
     root = args.root.resolve()
     files = target_files(root, args.files)
     mutants = [m for path in files for m in sites_of(path, root)]
