@@ -161,22 +161,11 @@ class _Sites(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def _skip_docstrings(tree: ast.AST) -> None:
-    """Docstrings are strings and never mutated; this only drops them so nothing visits their nodes."""
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-                node.body = body[1:]
-
-
 def sites_of(path: Path, root: Path) -> list[Mutant]:
     """Every mutant of one file, in source order."""
     source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    _skip_docstrings(tree)
     finder = _Sites(source)
-    finder.visit(tree)
+    finder.visit(ast.parse(source))  # docstrings are strings: never mutated
     rel = path.relative_to(root).as_posix()
     return [Mutant(f"{rel}:{a[0]}:{a[1]}:{op}", rel, a[0], a, b, new) for a, b, new, op in sorted(set(finder.sites))]
 
