@@ -234,8 +234,8 @@ def baseline(copy: Path, tests: dict[str, list[str]]) -> tuple[dict[str, list[st
         spent[name] = spent.get(name, 0.0) + float(case.get("time", 0))
     xml.unlink()
     print(f"unmutated: {len(union)} test files pass in {seconds:.1f} s", flush=True)
-    order = {file: sorted(names, key=spent.__getitem__) for file, names in tests.items()}
-    return order, {file: 60.0 + 3 * sum(spent[n] for n in names) for file, names in tests.items()}
+    order = {file: sorted(names, key=lambda n: spent.get(n, 0.0)) for file, names in tests.items()}
+    return order, {file: 60.0 + 3 * sum(spent.get(n, 0.0) for n in names) for file, names in tests.items()}
 
 
 def load_equivalent(path: Path) -> dict[str, str]:

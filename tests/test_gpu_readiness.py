@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TRAINING
 
+from model import block_attention
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
 from model.block_curriculum import BlockCurriculum
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy
@@ -236,3 +237,23 @@ def test_the_memory_estimate_counts_the_seed_models_parameters_and_what_chunking
     assert chunked.weights_and_adamw == 16 * 25_862_656 and chunked.activations == plain.activations
     assert plain.logits_and_loss - chunked.logits_and_loss > 96 * 256 * config.vocab_size * 4  # > one fp32 [N, V]
     assert step_memory(config, 96, 256, True, True).activations > 1.9 * chunked.activations  # 2L tokens per row
+
+
+def test_the_flex_probe_runs_one_full_tile_per_half_in_the_models_head_shape(tiny_config, monkeypatch):
+    seen = []
+
+    def kernel(q, k, v, block_mask, enable_gqa):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), enable_gqa))
+        return q * 2.0
+
+    monkeypatch.setattr(block_attention, "flex_attention_kernel", kernel)
+    block_attention.flex_probe(Transformer(tiny_config), CPU)
+    heads, kv_heads, head_dim = 4, 2, 16  # the tiny config: 64 wide, 4 query heads sharing 2 key/value heads
+    assert seen == [((1, heads, 256, head_dim), (1, kv_heads, 256, head_dim), (1, kv_heads, 256, head_dim), True)]
+
+
+def test_a_model_without_flex_attention_is_never_probed():
+    said, probed = [], []
+    model = SimpleNamespace(flex_on_cpu=True)  # no flex_attention attribute: a model this code does not know
+    assert not choose_flex(model, torch.device("cuda"), probe=lambda m, d: probed.append(m), say=said.append)
+    assert said == [] and probed == []

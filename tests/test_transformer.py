@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.ar import ARSamplerConfig, generate
+from model.ar import ARSamplerConfig, generate, sample_next
 from model.config import ModelConfig
 from model.transformer import Transformer, rope_frequencies
 
@@ -193,3 +193,11 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     )
     hot = ARSamplerConfig(temperature=5.0)
     assert max(generate(model, [1, 2, 3], 20, hot, generator=torch.Generator().manual_seed(0))) < V
+
+
+def test_sampling_with_top_k_zero_draws_from_the_whole_vocabulary():
+    # top_k = 0 turns top-k filtering off: every token keeps its softmax probability.
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    draws = sample_next(logits, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.03)
