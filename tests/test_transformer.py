@@ -201,3 +201,12 @@ def test_sampling_with_top_k_zero_draws_from_the_whole_vocabulary():
     draws = sample_next(logits, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.03)
+
+
+def test_yarn_divides_the_longest_wavelength_by_the_default_factor_of_16():
+    # As ratios: the longest pair's frequency is ~1e-6, under allclose's absolute tolerance, so a difference of
+    # the frequencies themselves cannot tell a factor of 16 from 17.
+    plain = rope_frequencies(ModelConfig())
+    yarn = rope_frequencies(ModelConfig(inference_rope_scaling=True))
+    assert (plain[-1] / yarn[-1]).item() == pytest.approx(16.0, rel=1e-6)
+    assert (plain[0] / yarn[0]).item() == pytest.approx(1.0, rel=1e-6)  # beta = 1 at the shortest: not interpolated
