@@ -1,5 +1,6 @@
 """The shared training loop: LR schedules, resume equals an uninterrupted run, files written, metrics kept."""
 
+import io
 import json
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from model.ar import next_token_loss
 from model.checkpoint import read_checkpoint
 from model.errors import NanoLladaError
 from model.transformer import Transformer
+from scripts.common import trainer
 from scripts.common.optimization import TrainConfig, lr_at
 from scripts.common.trainer import RunOptions, Task, train
 
@@ -153,3 +155,25 @@ def test_prefetcher_returns_batch_k_builds_ahead_and_raises_where_asked():
         prefetcher.close()
     assert max(built) == 5 and sorted(built) == [2, 3, 4, 5]  # nothing at or past `stop` was built
     assert pin({"a": (3, ["x"])}) == {"a": (3, ["x"])}  # containers are rebuilt, non-tensors kept (pinning needs CUDA)
+
+
+def test_the_progress_bar_and_the_logged_losses_follow_every_optimizer_step(tmp_path, tiny_config, monkeypatch):
+    bars, micro_losses = [], []
+
+    class Recorded(trainer.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+
+    def recorded_loss(model, batch, rng, step=None):
+        loss = next_token_loss(model, batch)
+        micro_losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(trainer, "tqdm", Recorded)
+    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=3)
+    run_train(model, cfg, val, loss=recorded_loss)
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 3
+    logged = [r["loss"] for r in records(tmp_path / "run_metrics.jsonl") if "loss" in r]
+    per_step = torch.tensor(micro_losses).view(3, cfg.accumulation_steps).mean(1)  # the mean over micro-batches
+    assert torch.allclose(torch.tensor(logged), per_step, atol=1e-5)
