@@ -257,3 +257,23 @@ def test_a_model_without_flex_attention_is_never_probed():
     model = SimpleNamespace(flex_on_cpu=True)  # no flex_attention attribute: a model this code does not know
     assert not choose_flex(model, torch.device("cuda"), probe=lambda m, d: probed.append(m), say=said.append)
     assert said == [] and probed == []
+
+
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: it sends fp32_cross_entropy down its chunked (CUDA) path on the CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_the_cuda_path_of_fp32_cross_entropy_reduces_as_f_cross_entropy(reduction):
+    logits = torch.randn(12, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (12,))
+    targets[[2, 5]] = -100
+    got = fp32_cross_entropy(logits.as_subclass(_ClaimsCuda), targets, -100, reduction=reduction)
+    want = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+    assert torch.allclose(got, want, atol=1e-6)
+    (got_grad,), (want_grad,) = torch.autograd.grad(got.sum(), logits), torch.autograd.grad(want.sum(), logits)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6)
