@@ -1,6 +1,7 @@
 """Invariants of the LLaDA objective, the diffusion sampler and the likelihood estimators."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,3 +147,11 @@ def test_conditional_likelihood_is_exact_for_one_token_and_minus_a_ln_v_for_unif
     assert uniform == pytest.approx(-3 * math.log(tiny_config.vocab_size), rel=1e-6)
     a = conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))
     assert a == conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))
+
+
+def test_one_nelbo_draw_has_no_standard_error_and_raises_no_warning():
+    ids = torch.randint(1, MASK, (2, 32), generator=rng())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on the std of a single value; that is never computed
+        nelbo, stderr = diffusion_nelbo(UniformModel(), ids, MASK, num_samples=1, generator=rng())
+    assert math.isfinite(nelbo) and math.isnan(stderr)
