@@ -177,3 +177,26 @@ def test_the_progress_bar_and_the_logged_losses_follow_every_optimizer_step(tmp_
     logged = [r["loss"] for r in records(tmp_path / "run_metrics.jsonl") if "loss" in r]
     per_step = torch.tensor(micro_losses).view(3, cfg.accumulation_steps).mean(1)  # the mean over micro-batches
     assert torch.allclose(torch.tensor(logged), per_step, atol=1e-5)
+
+
+def test_two_accumulated_micro_batches_make_the_clipped_step_of_their_concatenation(tmp_path, tiny_config, monkeypatch):
+    # Equal token counts: the mean of two micro-batch means is the mean over both, so after every step the weights
+    # equal those of a run without accumulation on the concatenated batches. Each step clips at grad_clip (1.0).
+    clipped_at, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm):
+        clipped_at.append(max_norm)
+        return clip(parameters, max_norm)
+
+    def concatenated(k):
+        return torch.cat([data(2 * k), data(2 * k + 1)])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    accumulated, cfg, val = make_run(tmp_path / "a", tiny_config, data, max_steps=2)
+    assert cfg.accumulation_steps == 2 and cfg.grad_clip == 1.0
+    run_train(accumulated, cfg, val)
+    assert clipped_at == [1.0, 1.0]
+    whole, cfg, val = make_run(tmp_path / "b", tiny_config, concatenated, max_steps=2)
+    run_train(whole, replace(cfg, accumulation_steps=1), val, batch_fn=concatenated)
+    for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
