@@ -168,14 +168,15 @@ def test_the_progress_bar_and_the_logged_losses_follow_every_optimizer_step(tmp_
     def recorded_loss(model, batch, rng, step=None):
         loss = next_token_loss(model, batch)
         micro_losses.append(loss.item())
-        return loss
+        return loss, {"at": step}
 
     monkeypatch.setattr(trainer, "tqdm", Recorded)
-    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=3)
+    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=4)
     run_train(model, cfg, val, loss=recorded_loss)
-    assert len(bars) == 1 and bars[0].n == bars[0].total == 3
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 4
+    assert "at=3" in bars[0].postfix  # the last step's info, at the end of a two-step log window
     logged = [r["loss"] for r in records(tmp_path / "run_metrics.jsonl") if "loss" in r]
-    per_step = torch.tensor(micro_losses).view(3, cfg.accumulation_steps).mean(1)  # the mean over micro-batches
+    per_step = torch.tensor(micro_losses).view(4, cfg.accumulation_steps).mean(1)  # the mean over micro-batches
     assert torch.allclose(torch.tensor(logged), per_step, atol=1e-5)
 
 
