@@ -10,7 +10,7 @@ from conftest import UniformModel
 
 from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.remasking import step_quotas
+from model.remasking import _guided_logits, _sampled_tokens, step_quotas
 from model.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.transformer import Transformer
 
@@ -155,3 +155,17 @@ def test_one_nelbo_draw_has_no_standard_error_and_raises_no_warning():
         warnings.simplefilter("error")  # torch warns on the std of a single value; that is never computed
         nelbo, stderr = diffusion_nelbo(UniformModel(), ids, MASK, num_samples=1, generator=rng())
     assert math.isfinite(nelbo) and math.isnan(stderr)
+
+
+def test_gumbel_max_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    draws = _sampled_tokens(logits, temperature=1.0, generator=rng())
+    frequencies = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert torch.allclose(frequencies, logits[0].double().softmax(-1), atol=0.03)
+
+
+def test_guidance_hides_the_whole_prompt_from_the_unconditional_rows():
+    model, canvas = UniformModel(), torch.randint(0, MASK, (2, 12), generator=rng())
+    _guided_logits(model, canvas, prompt_len=5, mask_id=MASK, cfg_scale=1.5)
+    (rows,) = model.inputs  # one batched call: [conditional; unconditional]
+    assert torch.equal(rows[:2], canvas) and torch.equal(rows[2:, 5:], canvas[:, 5:]) and (rows[2:, :5] == MASK).all()
