@@ -169,3 +169,12 @@ def test_guidance_hides_the_whole_prompt_from_the_unconditional_rows():
     _guided_logits(model, canvas, prompt_len=5, mask_id=MASK, cfg_scale=1.5)
     (rows,) = model.inputs  # one batched call: [conditional; unconditional]
     assert torch.equal(rows[:2], canvas) and torch.equal(rows[2:, 5:], canvas[:, 5:]) and (rows[2:, :5] == MASK).all()
+
+
+def test_uneven_step_quotas_are_followed_step_by_step(tiny_config):
+    # 12 masks over 5 steps: 3, 3, 2, 2, 2 (larger quotas first); committing the first quota again would take 4 steps.
+    mask_id = tiny_config.vocab_size - 1
+    prompt = torch.randint(1, mask_id, (2, 5), generator=rng())
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=5, stop_at_eos=False)
+    out = diffusion_generate(Transformer(tiny_config).eval(), prompt, sampler, mask_id)
+    assert out.nfe == 5 and [c.tolist() for c in out.commits] == [[3, 3], [3, 3], [2, 2], [2, 2], [2, 2]]
