@@ -201,3 +201,13 @@ def test_two_accumulated_micro_batches_make_the_clipped_step_of_their_concatenat
     run_train(whole, replace(cfg, accumulation_steps=1), val, batch_fn=concatenated)
     for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_early_stopping_ends_the_run_at_the_first_eval_without_improvement(tmp_path, tiny_config):
+    def flat_val_loss(model, batch, rng):
+        return torch.tensor(1.0)  # the same at every evaluation
+
+    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=12)
+    cfg = replace(cfg, early_stop_patience=1)  # evaluations every 3 steps; the step-0 one is not a best
+    summary = train(model, cfg, Task(data, val, loss_fn, flat_val_loss), RunOptions(TOKENIZER), DEVICE)
+    assert summary["stopped_early"] and summary["step"] == 6 and summary["best_step"] == 3
