@@ -6,8 +6,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import UniformModel
+from conftest import TINY_MODEL, UniformModel
 
+from model.config import ModelConfig
 from model.errors import NanoLladaError
 from model.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.remasking import _guided_logits, _sampled_tokens, step_quotas
@@ -178,3 +179,12 @@ def test_uneven_step_quotas_are_followed_step_by_step(tiny_config):
     sampler = DiffusionSamplerConfig(gen_length=12, steps=5, stop_at_eos=False)
     out = diffusion_generate(Transformer(tiny_config).eval(), prompt, sampler, mask_id)
     assert out.nfe == 5 and [c.tolist() for c in out.commits] == [[3, 3], [3, 3], [2, 2], [2, 2], [2, 2]]
+
+
+def test_a_generation_may_fill_the_models_positions_exactly_but_not_one_more():
+    config = ModelConfig(**TINY_MODEL, vocab_size=V, max_position_embeddings=17)
+    model, prompt = Transformer(config).eval(), torch.randint(1, MASK, (1, 5), generator=rng())
+    out = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=12, steps=4, stop_at_eos=False), MASK)
+    assert out.tokens.shape == (1, 12)  # 5 + 12 = 17 positions: the model's limit, allowed
+    with pytest.raises(NanoLladaError, match="exceeds the model's 17 positions"):
+        diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=13, steps=13, stop_at_eos=False), MASK)
