@@ -1,7 +1,7 @@
 """Mutation testing: break the code one small change at a time and check that some test fails.
 
-    uv run python -m scripts.mutation_test --files model --sample 300 --seed 0 --out mutants.json
-    uv run python -m scripts.mutation_test --files scripts/common/trainer.py --sample 40 --seed 0
+    uv run python -m scripts.mutation_test --files model --sample 120 --seed 0 --out mutants.json
+    uv run python -m scripts.mutation_test --files scripts/common/trainer.py --sample 25 --seed 0
     uv run python -m scripts.mutation_test --ids 'model/remasking.py:75:35:Lt>LtE'   # re-run named mutants
 
 Each target file is parsed with `ast`; every mutation site gets a stable id FILE:LINE:COL:OPERATOR. The operators:
