@@ -318,3 +318,10 @@ def test_block_nelbo_rows_are_exact_for_uniform_logits_and_one_block_is_the_bidi
     assert torch.allclose(one_block, diffusion_nelbo_rows(model, ids, scored, mask_id, 4, rng(2)), atol=1e-4)
     one_block = diffusion_nelbo_terms(model, ids, mask_id, 3, rng(3), block_size=12)
     assert torch.allclose(one_block, diffusion_nelbo_terms(model, ids, mask_id, 3, rng(3)), atol=1e-4)
+
+
+def test_block_causal_decoding_counts_the_blocks_that_hold_generated_positions():
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, block_causal=True)
+    # positions P .. P + 11 in blocks of 4 from position 0: P = 5 touches blocks 1-4, P = 4 blocks 1-3
+    assert [sampler.decode_blocks(P) for P in (0, 4, 5, 7, 8)] == [3, 3, 4, 4, 3]
+    assert all(type(sampler.decode_blocks(P)) is int for P in range(9))

@@ -134,3 +134,26 @@ def test_bad_checkpoint_files_give_one_clear_error(tmp_path, content, match):
         torch.save(content, path)
     with pytest.raises(NanoLladaError, match=match):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("lm_head", ["tied", "missing", "untied"])
+def test_a_minimind2_state_dict_gains_the_mask_row_and_keeps_its_logits(tmp_path, lm_head):
+    # Fixture-free: a MiniMind2-shaped state dict (no config, 100 rows, no <|mask|> row, no padding) from a tiny model.
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    source = lively_model(ModelConfig(**shape, vocab_size=100, pad_vocab_multiple=1, tie_word_embeddings=False))
+    state = dict(source.state_dict())
+    if lm_head == "tied":
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        source.lm_head.weight.data.copy_(state["lm_head.weight"])
+    elif lm_head == "missing":
+        del state["lm_head.weight"]
+        source.lm_head.weight.data.copy_(state["model.embed_tokens.weight"])
+    torch.save(state, tmp_path / "minimind2.pth")
+    model, config = load_model(tmp_path / "minimind2.pth", num_attention_heads=4)
+    assert config.vocab_size == 101 and config.padded_vocab_size == 128
+    assert config.tie_word_embeddings == (lm_head != "untied")
+    embed = model.model.embed_tokens.weight
+    assert torch.allclose(embed[100], embed[:100].mean(0)) and not embed[101:].any()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids, "causal")[..., :100], source(ids, "causal"), atol=1e-5)

@@ -1,16 +1,18 @@
 """Invariants of the LLaDA objective, the diffusion sampler and the likelihood estimators."""
 
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import CommitLog, UniformModel, decodes_something, lively_model
+from conftest import TINY_MODEL, CommitLog, UniformModel, decodes_something, lively_model
 
+from model.config import ModelConfig
 from model.errors import NanoLladaError
 from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.inference.remasking import step_quotas
+from model.inference.remasking import _guided_logits, _sampled_tokens, step_quotas
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.transformer import Transformer
 
@@ -146,3 +148,43 @@ def test_conditional_likelihood_is_exact_for_one_token_and_minus_a_ln_v_for_unif
     assert uniform == pytest.approx(-3 * math.log(tiny_config.vocab_size), rel=1e-6)
     a = conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))
     assert a == conditional_log_likelihood(model, prompt, [3, 4, 5], mask_id, 16, generator=rng(1))
+
+
+def test_one_nelbo_draw_has_no_standard_error_and_raises_no_warning():
+    ids = torch.randint(1, MASK, (2, 32), generator=rng())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on the std of a single value; that is never computed
+        nelbo, stderr = diffusion_nelbo(UniformModel(), ids, MASK, num_samples=1, generator=rng())
+    assert math.isfinite(nelbo) and math.isnan(stderr)
+
+
+def test_gumbel_max_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    draws = _sampled_tokens(logits, temperature=1.0, generator=rng())
+    frequencies = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert torch.allclose(frequencies, logits[0].double().softmax(-1), atol=0.03)
+
+
+def test_guidance_hides_the_whole_prompt_from_the_unconditional_rows():
+    model, canvas = UniformModel(), torch.randint(0, MASK, (2, 12), generator=rng())
+    _guided_logits(model, canvas, prompt_len=5, mask_id=MASK, cfg_scale=1.5)
+    (rows,) = model.inputs  # one batched call: [conditional; unconditional]
+    assert torch.equal(rows[:2], canvas) and torch.equal(rows[2:, 5:], canvas[:, 5:]) and (rows[2:, :5] == MASK).all()
+
+
+def test_uneven_step_quotas_are_followed_step_by_step(tiny_config):
+    # 12 masks over 5 steps: 3, 3, 2, 2, 2 (larger quotas first); committing the first quota again would take 4 steps.
+    mask_id = tiny_config.vocab_size - 1
+    prompt = torch.randint(1, mask_id, (2, 5), generator=rng())
+    sampler = DiffusionSamplerConfig(gen_length=12, steps=5, stop_at_eos=False)
+    out = diffusion_generate(Transformer(tiny_config).eval(), prompt, sampler, mask_id)
+    assert out.nfe == 5 and [c.tolist() for c in out.commits] == [[3, 3], [3, 3], [2, 2], [2, 2], [2, 2]]
+
+
+def test_a_generation_may_fill_the_models_positions_exactly_but_not_one_more():
+    config = ModelConfig(**TINY_MODEL, vocab_size=V, max_position_embeddings=17)
+    model, prompt = Transformer(config).eval(), torch.randint(1, MASK, (1, 5), generator=rng())
+    out = diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=12, steps=4, stop_at_eos=False), MASK)
+    assert out.tokens.shape == (1, 12)  # 5 + 12 = 17 positions: the model's limit, allowed
+    with pytest.raises(NanoLladaError, match="exceeds the model's 17 positions"):
+        diffusion_generate(model, prompt, DiffusionSamplerConfig(gen_length=13, steps=13, stop_at_eos=False), MASK)

@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_TRAINING
 from conftest import TINY_MASK_ID as MASK_ID
 from conftest import token_rows as rows
 
+from model import block_attention
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy, logits_or_nll
 from model.errors import NanoLladaError
@@ -303,3 +304,43 @@ def test_tf32_is_turned_on_for_cuda_runs_only():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_flex_probe_runs_one_full_tile_per_half_in_the_models_head_shape(tiny_config, monkeypatch):
+    seen = []
+
+    def kernel(q, k, v, block_mask, enable_gqa):
+        seen.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), enable_gqa))
+        return q * 2.0
+
+    monkeypatch.setattr(block_attention, "flex_attention_kernel", kernel)
+    block_attention.flex_probe(Transformer(tiny_config), CPU)
+    heads, kv_heads, head_dim = 4, 2, 16  # the tiny config: 64 wide, 4 query heads sharing 2 key/value heads
+    assert seen == [((1, heads, 256, head_dim), (1, kv_heads, 256, head_dim), (1, kv_heads, 256, head_dim), True)]
+
+
+def test_a_model_without_flex_attention_is_never_probed():
+    said, probed = [], []
+    model = SimpleNamespace(flex_on_cpu=True)  # no flex_attention attribute: a model this code does not know
+    assert not choose_flex(model, torch.device("cuda"), probe=lambda m, d: probed.append(m), say=said.append)
+    assert said == [] and probed == []
+
+
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: it sends fp32_cross_entropy down its chunked (CUDA) path on the CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_the_cuda_path_of_fp32_cross_entropy_reduces_as_f_cross_entropy(reduction):
+    logits = torch.randn(12, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (12,))
+    targets[[2, 5]] = -100
+    got = fp32_cross_entropy(logits.as_subclass(_ClaimsCuda), targets, -100, reduction=reduction)
+    want = F.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+    assert torch.allclose(got, want, atol=1e-6)
+    (got_grad,), (want_grad,) = torch.autograd.grad(got.sum(), logits), torch.autograd.grad(want.sum(), logits)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6)

@@ -1,5 +1,7 @@
 """The repo's tokenizer and MiniMind2's: special ids, <|mask|> at 6400, chat template, safe decoding."""
 
+from pathlib import Path
+
 import pytest
 
 from model.errors import NanoLladaError
@@ -62,3 +64,12 @@ def test_round_trip_and_no_broken_bytes_when_streaming(tokenizer):
 def test_missing_tokenizer_dir_is_explained(tmp_path):
     with pytest.raises(NanoLladaError, match="no tokenizer.json here"):
         load_tokenizer(tmp_path)
+
+
+def test_decode_drops_special_tokens_by_default():
+    # Fixture-free: the repo's tokenizer only.
+    tokenizer = load_tokenizer(Path(__file__).resolve().parents[1])
+    text = encode(tokenizer, "hello 你好")
+    ids = [BOS_ID, *text, EOS_ID, PAD_ID]
+    assert decode(tokenizer, ids) == decode(tokenizer, text) and "<|im_start|>" not in decode(tokenizer, ids)
+    assert decode(tokenizer, ids, skip_special_tokens=False).startswith("<|im_start|>")

@@ -1,5 +1,6 @@
 """The shared training loop: LR schedules, resume equals an uninterrupted run, files written, metrics kept."""
 
+import io
 import json
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from model.errors import NanoLladaError
 from model.objectives.ar_loss import next_token_loss
 from model.objectives.diffusion_loss import diffusion_loss
 from model.transformer import Transformer
+from scripts.common.training import trainer
 from scripts.common.training.optimization import TrainConfig, lr_at
 from scripts.common.training.trainer import RunOptions, Task, train
 
@@ -160,3 +162,59 @@ def test_prefetcher_returns_batch_k_builds_ahead_and_raises_where_asked():
         prefetcher.close()
     assert max(built) == 5 and sorted(built) == [2, 3, 4, 5]  # nothing at or past `stop` was built
     assert pin({"a": (3, ["x"])}) == {"a": (3, ["x"])}  # containers are rebuilt, non-tensors kept (pinning needs CUDA)
+
+
+def test_the_progress_bar_and_the_logged_losses_follow_every_optimizer_step(tmp_path, tiny_config, monkeypatch):
+    bars, micro_losses = [], []
+
+    class Recorded(trainer.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+            bars.append(self)
+
+    def recorded_loss(model, batch, rng, step=None):
+        loss = next_token_loss(model, batch)
+        micro_losses.append(loss.item())
+        return loss, {"at": step}
+
+    monkeypatch.setattr(trainer, "tqdm", Recorded)
+    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=4)
+    run_train(model, cfg, val, loss=recorded_loss)
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 4
+    assert "at=3" in bars[0].postfix  # the last step's info, at the end of a two-step log window
+    logged = [r["loss"] for r in records(tmp_path / "run_metrics.jsonl") if "loss" in r]
+    per_step = torch.tensor(micro_losses).view(4, cfg.accumulation_steps).mean(1)  # the mean over micro-batches
+    assert torch.allclose(torch.tensor(logged), per_step, atol=1e-5)
+
+
+def test_two_accumulated_micro_batches_make_the_clipped_step_of_their_concatenation(tmp_path, tiny_config, monkeypatch):
+    # Equal token counts: the mean of two micro-batch means is the mean over both, so after every step the weights
+    # equal those of a run without accumulation on the concatenated batches. Each step clips at grad_clip (1.0).
+    clipped_at, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm):
+        clipped_at.append(max_norm)
+        return clip(parameters, max_norm)
+
+    def concatenated(k):
+        return torch.cat([data(2 * k), data(2 * k + 1)])
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    accumulated, cfg, val = make_run(tmp_path / "a", tiny_config, data, max_steps=2)
+    assert cfg.accumulation_steps == 2 and cfg.grad_clip == 1.0
+    run_train(accumulated, cfg, val)
+    assert clipped_at == [1.0, 1.0]
+    whole, cfg, val = make_run(tmp_path / "b", tiny_config, concatenated, max_steps=2)
+    run_train(whole, replace(cfg, accumulation_steps=1), val, batch_fn=concatenated)
+    for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_early_stopping_ends_the_run_at_the_first_eval_without_improvement(tmp_path, tiny_config):
+    def flat_val_loss(model, batch, rng):
+        return torch.tensor(1.0)  # the same at every evaluation
+
+    model, cfg, val = make_run(tmp_path, tiny_config, data, max_steps=12)
+    cfg = replace(cfg, early_stop_patience=1)  # evaluations every 3 steps; the step-0 one is not a best
+    summary = train(model, cfg, Task(data, val, loss_fn, flat_val_loss), RunOptions(TOKENIZER), DEVICE)
+    assert summary["stopped_early"] and summary["step"] == 6 and summary["best_step"] == 3

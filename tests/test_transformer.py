@@ -5,7 +5,7 @@ import torch
 from conftest import decodes_something, lively_model, reference_minimind2_forward
 
 from model.config import ModelConfig
-from model.inference.ar import ARSamplerConfig, generate
+from model.inference.ar import ARSamplerConfig, generate, sample_next
 from model.transformer import Transformer, rope_frequencies
 
 
@@ -166,3 +166,20 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
     )
     hot = ARSamplerConfig(temperature=5.0)
     assert max(generate(model, [1, 2, 3], 20, hot, generator=torch.Generator().manual_seed(0))) < V
+
+
+def test_sampling_with_top_k_zero_draws_from_the_whole_vocabulary():
+    # top_k = 0 turns top-k filtering off: every token keeps its softmax probability.
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    draws = sample_next(logits, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.03)
+
+
+def test_yarn_divides_the_longest_wavelength_by_the_default_factor_of_16():
+    # As ratios: the longest pair's frequency is ~1e-6, under allclose's absolute tolerance, so a difference of
+    # the frequencies themselves cannot tell a factor of 16 from 17.
+    plain = rope_frequencies(ModelConfig())
+    yarn = rope_frequencies(ModelConfig(inference_rope_scaling=True))
+    assert (plain[-1] / yarn[-1]).item() == pytest.approx(16.0, rel=1e-6)
+    assert (plain[0] / yarn[0]).item() == pytest.approx(1.0, rel=1e-6)  # beta = 1 at the shortest: not interpolated
