@@ -8,7 +8,7 @@ from conftest import lively_model, reference_minimind2_forward
 
 from model import NanoLladaError, Transformer, load_model, read_checkpoint, save_checkpoint
 from model.checkpoint import atomic_save
-from model.config import ModelConfig
+from model.config import ModelConfig, preset
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.logit_shift import is_shifted
 
@@ -157,3 +157,32 @@ def test_a_minimind2_state_dict_gains_the_mask_row_and_keeps_its_logits(tmp_path
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids, "causal")[..., :100], source(ids, "causal"), atol=1e-5)
+
+
+def test_the_default_shape_is_minimind2_smalls_published_config():
+    """The defaults are MiniMind2-Small's, so its weights and tokenizer drop in (its config.json: hidden 512, 8
+    layers, 8 heads, 2 KV heads, vocabulary 6400, intermediate 1408, RoPE theta 1e6, RMSNorm eps 1e-5, 32768
+    positions, tied embeddings); nano-llada adds one row, <|mask|>."""
+    config = preset("minimind2_small")
+    published = dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    )
+    assert {name: getattr(config, name) for name in published} == published and config.vocab_size == 6400 + 1
+    assert config == ModelConfig()
+
+
+def test_the_small_preset_is_the_quickstarts_model():
+    """The quickstart and the CPU experiments train the "small" preset (as shape flags): 1.61M parameters with the
+    repository's vocabulary, the figure its logs print."""
+    from scripts.common.pipeline import SMALL_MODEL
+
+    assert SMALL_MODEL == dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    assert preset("small", vocab_size=6401).num_parameters() == 1_614_976

@@ -19,7 +19,7 @@ from model.inference.likelihood import (
     diffusion_nelbo_rows,
     diffusion_nelbo_terms,
 )
-from model.logit_shift import is_shifted, read_shifted
+from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.objectives.masking import position_rates, warped_time
 from model.transformer import Transformer
@@ -152,3 +152,10 @@ def test_position_rates_mask_later_tokens_more():
 def test_position_masking_refuses_complementary_masks():
     with pytest.raises(NanoLladaError, match="complementary"):
         DiffusionObjective(position_masking=1.0, complementary=True)
+
+
+def test_a_shifted_row_of_one_token_has_nothing_to_predict():
+    """Position 0 is never predicted by a shifted model, even when it is the whole row."""
+    one = torch.ones(2, 1, dtype=torch.bool)
+    assert not predictable(one, shifted=True).any() and predictable(one, shifted=False).all()
+    assert predictable(torch.ones(2, 0, dtype=torch.bool), shifted=True).shape == (2, 0)

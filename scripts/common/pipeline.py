@@ -6,8 +6,13 @@ import importlib
 import shlex
 import time
 
-# The quickstart's and the CPU experiments' model: 1.6M parameters.
-SMALL_MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+from model.config import preset
+
+# The quickstart's and the CPU experiments' model (the "small" preset, 1.6M parameters), as shape flags.
+SMALL_MODEL = {
+    name: getattr(preset("small"), name)
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+}
 
 
 def cli(*switches: str, **options) -> list[str]:
