@@ -23,7 +23,7 @@ from model.objectives.preference import (
     diffusion_answer_elbo,
     diffusion_scorer,
     dpo_loss,
-    draw_masks,
+    draw_answer_masks,
     pair_log_likelihoods,
     preference_score_spread,
 )
@@ -144,7 +144,7 @@ def test_the_diffusion_elbo_is_unbiased_under_uniform_logits():
         answer[row, start:end] = True
     for distinct_times in (True, False):
         sampling = ElboSampling(samples=4000, distinct_times=distinct_times)
-        draws = draw_masks(answer, sampling, torch.Generator().manual_seed(0))
+        draws = draw_answer_masks(answer, sampling, torch.Generator().manual_seed(0))
         assert not (draws.masked & ~answer).any()
         estimate = diffusion_answer_elbo(UniformModel(101), input_ids, length, draws, 100)
         # Under uniform logits a draw scores (masked count) x weight x ln|V|: the estimate is their mean, and that

@@ -76,7 +76,7 @@ class MaskDraws:
     weights: torch.Tensor
 
 
-def draw_masks(answer: torch.Tensor, sampling: ElboSampling, generator: torch.Generator) -> MaskDraws:
+def draw_answer_masks(answer: torch.Tensor, sampling: ElboSampling, generator: torch.Generator) -> MaskDraws:
     """`sampling.samples` masks of the answer positions of rows [R, T], each token masked with its draw's t."""
     S, (R, T) = sampling.samples, answer.shape
     times = sample_time(
@@ -131,10 +131,10 @@ def pair_log_likelihoods(
     sampling None: an exact scorer (AR), no mask draws."""
     B = batch["input_ids"].shape[0]
     rows = {key: value.flatten(0, 1) for key, value in batch.items()}
-    draws = None if sampling is None else draw_masks(rows["answer"], sampling, generator)
+    draws = None if sampling is None else draw_answer_masks(rows["answer"], sampling, generator)
     policy_ll = scorer(policy, rows, draws)
     if sampling is not None and not sampling.antithetic:
-        draws = draw_masks(rows["answer"], sampling, generator)  # fresh noise: the log-ratio keeps all of it
+        draws = draw_answer_masks(rows["answer"], sampling, generator)  # fresh noise: the log-ratio keeps all of it
     with torch.no_grad():
         reference_ll = scorer(reference, rows, draws)
     return policy_ll.view(B, 2), reference_ll.view(B, 2)
