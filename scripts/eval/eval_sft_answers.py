@@ -63,10 +63,11 @@ def main(argv=None) -> list[dict]:
         output_file(args.json_out, "--json-out")
     device = pick_device(args.device)
     judge = load_checkpoint_for_eval(args.judge, args.tokenizer_dir, "ar", device)[0] if args.judge else None
-    results = []
+    results, items = [], None
     for path in args.checkpoint:
         model, tokenizer, checkpoint = load_checkpoint_for_eval(path, args.tokenizer_dir, None, device)
-        items = sft_questions(args.data, tokenizer, args.limit)
+        if items is None:  # one --tokenizer-dir for all: every checkpoint answers these very questions
+            items = sft_questions(args.data, tokenizer, args.limit)
         block_size = trained_block_size(checkpoint.extra) if checkpoint.kind == "diffusion" else None
         result = {"checkpoint": str(path), "kind": checkpoint.kind}
         result |= answer_nll(model, tokenizer, checkpoint.kind, items, args.mc_samples, block_size)
