@@ -101,7 +101,7 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
         if split != "test":  # the test reviews measure accuracy: never pretraining text or a preference pair
             contents[REVIEW_TEXTS[split]] = ({"text": review} for review, _ in pairs)
             contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
-    for split, pairs in split_continuations(seed).items():
+    for split, pairs in split_continuations(train_docs, val_docs, seed).items():
         contents[f"sample_continuation_{split}.jsonl"] = (continuation_row(prompt, answer) for prompt, answer in pairs)
     written = {}
     for name, rows in contents.items():

