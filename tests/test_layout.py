@@ -12,15 +12,27 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-# Each package of scripts/common and the packages it may import (besides itself, model and the base modules).
+# Each layer of a layered package, and the layers it may import. A module directly in the package is in its base
+# layer; a subpackage is a layer of its own.
 LAYERS = {
-    "data": set(),
-    "training": {"data"},
-    "evaluation": {"data"},
-    "serving": {"data", "evaluation"},
-    "bench": {"data", "training", "evaluation"},
+    "scripts.common": {
+        "base": {"base"},  # cli, device, pipeline: used by every layer
+        "data": {"base", "data"},
+        "training": {"base", "data", "training"},
+        "evaluation": {"base", "data", "evaluation"},
+        "serving": {"base", "data", "evaluation", "serving"},
+        "bench": {"base", "data", "training", "evaluation", "bench"},
+    },
+    # The library: the architecture and formats at the top of model/, then what training minimises, then decoding
+    # and scoring. The Hugging Face export (model/hf/) is one of the formats, beside the checkpoint, and also says
+    # how a checkpoint decodes (its trained block size, from the curriculum).
+    "model": {
+        "base": {"base", "hf"},
+        "hf": {"base", "hf", "objectives"},
+        "objectives": {"base", "objectives"},
+        "inference": {"base", "objectives", "inference"},
+    },
 }
-BASE = {"cli", "device", "pipeline"}  # scripts/common/*.py: used by every layer, importing none of them
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -34,69 +46,47 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def shared_part(module: str) -> str | None:
-    """The layer of a scripts.common module ('base' or a package name), None for anything else."""
-    parts = module.split(".")
-    if parts[:2] != ["scripts", "common"] or len(parts) < 3:
+def layer(module: str, package: str) -> str | None:
+    """The layer of `package` a module belongs to, None for a module outside it."""
+    if not module.startswith(package + "."):
         return None
-    return parts[2] if parts[2] in LAYERS else "base"
+    first = module.removeprefix(package + ".").split(".")[0]
+    return first if first in LAYERS[package] else "base"
 
 
-def sources(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).rglob("*.py"))
+def package_folder(package: str) -> Path:
+    return ROOT.joinpath(*package.split("."))
 
 
-@pytest.mark.parametrize("path", sources("model"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_the_library_never_imports_scripts(path):
+def source_id(value) -> str:
+    return str(value.relative_to(ROOT)) if isinstance(value, Path) else value
+
+
+def sources(package: str) -> list[tuple[str, Path]]:
+    return [(package, path) for path in sorted(package_folder(package).rglob("*.py"))]
+
+
+@pytest.mark.parametrize("package,path", sources("scripts.common") + sources("model"), ids=source_id)
+def test_each_layer_imports_only_the_layers_below_it(package, path):
+    own = layer(module_name(path), package)
+    wrong = [m for m in imported_modules(path) if layer(m, package) not in (None, *LAYERS[package][own])]
+    assert not wrong, f"{path.relative_to(ROOT)} ({own}) imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("package,path", sources("model"), ids=source_id)
+def test_the_library_never_imports_scripts(package, path):
     assert not [m for m in imported_modules(path) if m.split(".")[0] == "scripts"]
 
 
-@pytest.mark.parametrize("path", sources("scripts/common"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_shared_code_imports_only_the_layers_below_it(path):
-    relative = path.relative_to(ROOT / "scripts" / "common")
-    own = relative.parts[0] if len(relative.parts) > 1 else "base"
-    allowed = {own, "base"} | LAYERS.get(own, set()) if own != "base" else {"base"}
-    wrong = []
-    for module in imported_modules(path):
-        part = shared_part(module)
-        if part is not None and part not in allowed:
-            wrong.append(module)
-        elif module.startswith("scripts.") and part is None and module != "scripts.common":
-            wrong.append(module)  # an entry point
-    assert not wrong, f"{relative} ({own}) imports {sorted(wrong)}"
+@pytest.mark.parametrize("package,path", sources("scripts.common"), ids=source_id)
+def test_shared_code_imports_no_entry_point(package, path):
+    entry_points = [m for m in imported_modules(path) if m.startswith("scripts.") and layer(m, package) is None]
+    assert not [m for m in entry_points if m != package]  # `from scripts.common import device` names the package
 
 
-def test_no_folder_holds_more_than_fifteen_modules():
-    for folder in [ROOT / "scripts" / "common", *(ROOT / "scripts" / "common").iterdir()]:
-        if folder.is_dir() and folder.name != "__pycache__":
-            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
-            assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
-
-
-# The library's layers: the architecture and formats at the top of model/, then what training minimises, then
-# decoding and scoring. The Hugging Face export (model/hf/) is one of the formats, beside the checkpoint.
-MODEL_LAYERS = {"top": {"top", "hf"}, "objectives": {"top", "objectives"}}
-MODEL_LAYERS["hf"] = {"top", "hf", "objectives"}  # an export also says how it decodes: the trained block size
-MODEL_LAYERS["inference"] = {"top", "objectives", "inference"}
-
-
-def model_part(module: str) -> str | None:
-    parts = module.split(".")
-    if parts[0] != "model" or len(parts) < 2:
-        return None
-    return parts[1] if parts[1] in MODEL_LAYERS else "top"
-
-
-@pytest.mark.parametrize("path", sources("model"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_the_library_layers_import_downwards(path):
-    relative = path.relative_to(ROOT / "model")
-    own = relative.parts[0] if len(relative.parts) > 1 else "top"
-    wrong = [m for m in imported_modules(path) if model_part(m) not in (None, *MODEL_LAYERS[own])]
-    assert not wrong, f"model/{relative} ({own}) imports {sorted(wrong)}"
-
-
-def test_no_library_folder_holds_more_than_fifteen_modules():
-    for folder in [ROOT / "model", *(p for p in (ROOT / "model").iterdir() if p.is_dir())]:
+@pytest.mark.parametrize("package", LAYERS)
+def test_no_folder_holds_more_than_fifteen_modules(package):
+    for folder in [package_folder(package), *(p for p in package_folder(package).iterdir() if p.is_dir())]:
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
         assert len(modules) <= 15, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
 
