@@ -19,13 +19,12 @@ import torch
 from tqdm import tqdm
 
 from model.errors import NanoLladaError
-from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
-from model.tokenizer import EOS_ID, encode, mask_token_id
+from model.tokenizer import EOS_ID, encode
 from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
-from scripts.common.evaluation.answers import sft_questions
+from scripts.common.evaluation.answers import answer_log_likelihoods, sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import flag_names
@@ -63,21 +62,7 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
     answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
     chosen = []
     for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
-        if kind == "ar":
-            scores = ar_log_likelihood_batch(model, prompt, answers)
-        else:  # the same seed for every question: the mask draws do not differ between questions. The answers are
-            # complete (they end in <|im_end|>): for a block-trained model the rest of their block is EOS padding.
-            estimates = conditional_log_likelihood_batch(
-                model,
-                prompt,
-                answers,
-                mask_token_id(tokenizer),
-                mc_samples,
-                torch.Generator().manual_seed(0),
-                block_size=block_size,
-                tail_id=EOS_ID,
-            )
-            scores = [mean for mean, _ in estimates]
+        scores = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, mc_samples, block_size)
         chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
     return chosen
 

@@ -39,27 +39,29 @@ def sft_questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[in
 
 
 @torch.no_grad()
+def answer_log_likelihoods(
+    model, tokenizer, kind: str, prompt: list[int], answers: list[list[int]], mc_samples: int, block_size=None
+) -> list[float]:
+    """log p(answer | prompt) of complete answers (ids ending in <|im_end|>): AR exact; diffusion the exact-count
+    estimate, per block for a block-trained model (the rest of an answer's last block is EOS padding). The mask draws
+    are seeded the same for every prompt, so they do not differ between questions."""
+    if kind == "ar":
+        return ar_log_likelihood_batch(model, prompt, answers)
+    generator = torch.Generator().manual_seed(0)
+    estimates = conditional_log_likelihood_batch(
+        model, prompt, answers, mask_token_id(tokenizer), mc_samples, generator, block_size=block_size, tail_id=EOS_ID
+    )
+    return [mean for mean, _ in estimates]
+
+
+@torch.no_grad()
 def answer_nll(model, tokenizer, kind: str, items, mc_samples: int, block_size: int | None = None) -> dict:
     """The gold answers' NLL (answer + <|im_end|>, as SFT trains it) per token, pooled over the items, and the
-    per-answer values. Diffusion: an upper bound, the same mask draws for every answer (seed 0)."""
+    per-answer values. Diffusion: an upper bound."""
     totals, tokens = [], []
     for prompt, gold in tqdm(items, desc=f"{kind} answer likelihood", leave=False):
         answer = [*encode(tokenizer, gold), EOS_ID]
-        if kind == "ar":
-            log_likelihood = ar_log_likelihood_batch(model, prompt, [answer])[0]
-        else:
-            generator = torch.Generator().manual_seed(0)
-            log_likelihood = conditional_log_likelihood_batch(
-                model,
-                prompt,
-                [answer],
-                mask_token_id(tokenizer),
-                mc_samples,
-                generator,
-                block_size=block_size,
-                tail_id=EOS_ID,
-            )[0][0]
-        totals.append(-log_likelihood)
+        totals.append(-answer_log_likelihoods(model, tokenizer, kind, prompt, [answer], mc_samples, block_size)[0])
         tokens.append(len(answer))
     return {
         "nll_per_token": sum(totals) / sum(tokens),
