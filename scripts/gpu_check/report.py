@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from scripts.common.device import synchronize
+
 STATUSES = ("PASS", "FAIL", "SKIP")
 
 
@@ -128,12 +130,10 @@ def timed_ms(fn: Callable, device: torch.device, repeats: int = 10, warmup: int 
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
