@@ -71,9 +71,9 @@ BREAKS = [
     Break(
         "training masks drawn from a process-local counter",
         "scripts/common/training/trainer.py",
-        "        return _rng(run.device, run.cfg.seed, k)\n",
+        "        return seeded_generator(run.device, run.cfg.seed, k)\n",
         "        _train_rng.calls = getattr(_train_rng, 'calls', 0) + 1\n"
-        "        return _rng(run.device, run.cfg.seed, _train_rng.calls)\n",
+        "        return seeded_generator(run.device, run.cfg.seed, _train_rng.calls)\n",
         "tests/test_trainer.py::test_interrupted_and_resumed_equals_uninterrupted",
     ),
     Break(

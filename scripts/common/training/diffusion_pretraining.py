@@ -11,6 +11,7 @@ from model.objectives.block_curriculum import STABLE, BlockCurriculum
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.objectives.masking import random_crop_length
 from scripts.common.data.packing import document_ids
+from scripts.common.training.trainer import seeded_generator
 
 
 class PretrainingLoss:
@@ -51,9 +52,8 @@ class PretrainingLoss:
 
     def crop_length(self, seq_len: int, step: int, block_size: int | None) -> int:
         """The step's row length, a function of (seed, step) alone: every rank and every micro-step of a step crops
-        alike (ranks compile the same shapes at the same steps), and a resumed run crops as the first did. Integer
-        seeds only: Python's str hashes differ between processes."""
-        crop_rng = torch.Generator().manual_seed(hash((self.args.seed, step, 0x5EED)) & 0x7FFF_FFFF_FFFF)
+        alike (ranks compile the same shapes at the same steps), and a resumed run crops as the first did."""
+        crop_rng = seeded_generator(torch.device("cpu"), self.args.seed, step, 0x5EED)
         return random_crop_length(seq_len, self.args.variable_length_prob, crop_rng, block_size or 1)
 
     def validation(self, model, rows, rng):

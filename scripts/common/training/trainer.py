@@ -271,7 +271,7 @@ def _val_losses(run: Run) -> torch.Tensor:
     losses = torch.zeros(len(val_batches), device=device)
     with torch.no_grad(), autocast(device, run.cfg.dtype):
         for i in range(env.rank, len(val_batches), env.world_size):  # fixed seeds: every eval sees the same masks
-            rng = _rng(device, run.cfg.seed, -1, i)
+            rng = seeded_generator(device, run.cfg.seed, -1, i)
             losses[i] = run.task.val_loss_fn(run.models.eval, to_device(val_batches[i], device), rng).float()
     run.models.eval.train()
     return losses
@@ -322,7 +322,9 @@ def _split(out) -> tuple[torch.Tensor, dict]:
     return out if isinstance(out, tuple) else (out, {})
 
 
-def _rng(device: torch.device, *seed_parts: int) -> torch.Generator:
+def seeded_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
+    """A generator seeded by integers alone (Python's str hashes differ between processes, int tuples do not), so a
+    resumed run, and every rank, draws the same numbers for the same parts."""
     gen = torch.Generator(device=device)
     gen.manual_seed(hash(seed_parts) & 0x7FFF_FFFF_FFFF)
     return gen
@@ -332,5 +334,5 @@ def _train_rng(run: Run, k: int) -> torch.Generator:
     """The generator of micro-step k: masks are reproducible and a resumed run draws the same ones. Ranks draw
     independent masks for their rows (one shared seed would repeat the same draws on every shard)."""
     if not run.env.enabled:
-        return _rng(run.device, run.cfg.seed, k)
-    return _rng(run.device, run.cfg.seed, k, run.env.rank)
+        return seeded_generator(run.device, run.cfg.seed, k)
+    return seeded_generator(run.device, run.cfg.seed, k, run.env.rank)
