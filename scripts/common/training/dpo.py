@@ -13,12 +13,18 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model
-from model.errors import NanoLladaError
 from model.objectives.preference import DPOObjective
 from model.tokenizer import tokenizer_identity
 from scripts.common.cli import Bounded
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
-from scripts.common.training.flags import add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.training.flags import (
+    add_training_flags,
+    fixed_batches,
+    optimizer_steps,
+    start_run,
+    starting_checkpoint,
+    train_and_val,
+)
 from scripts.common.training.run_files import RunFiles
 from scripts.common.training.sft import SFT_DEFAULTS
 from scripts.common.training.trainer import RunOptions, Task, train
@@ -50,22 +56,9 @@ def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
 
 def dpo_data(args, tokenizer) -> tuple[PairBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps)."""
-    examples = load_pairs(args.data, tokenizer, args.seq_len)
-    if args.eval_data:
-        val = load_pairs(args.eval_data, tokenizer, args.seq_len)
-    else:  # the last pairs of the file, a stable split
-        n_val = max(1, int(len(examples) * args.val_fraction))
-        if len(examples) - n_val < args.batch_size:
-            raise NanoLladaError(f"{args.data}: {len(examples)} pairs are too few to hold out {n_val} and fill a batch")
-        val, examples = (
-            examples.subset(range(len(examples) - n_val, len(examples))),
-            examples.subset(range(len(examples) - n_val)),
-        )
+    examples, val = train_and_val(args, lambda path: load_pairs(path, tokenizer, args.seq_len), "pairs")
     batches = PairBatches(examples, args.batch_size, args.seed)
-    n_val = min(len(val), args.eval_batches * args.batch_size)
-    val_batches = [
-        collate_pairs(val, range(i, min(i + args.batch_size, n_val))) for i in range(0, n_val, args.batch_size)
-    ]
+    val_batches = fixed_batches(val, args, collate_pairs)
     return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
 
 

@@ -211,3 +211,23 @@ def refuse_changed_settings(path, settings: dict[str, tuple]) -> None:
             f"--resume: {path} was trained with other settings, so {'; '.join(changed)} cannot apply; "
             "pass the checkpoint's values to resume it, or start a new --run-name"
         )
+
+
+def train_and_val(args, load: Callable, what: str):
+    """(training examples, validation examples) of an SFT or DPO run: --eval-data's, or the last --val-fraction of
+    --data (the file order is the user's, so the split is stable). `load(path)` reads a file; `what` names its rows."""
+    examples = load(args.data)
+    if args.eval_data:
+        return examples, load(args.eval_data)
+    n_val = max(1, int(len(examples) * args.val_fraction))
+    if len(examples) - n_val < args.batch_size:
+        raise NanoLladaError(
+            f"{args.data}: {len(examples)} {what} are too few to hold out {n_val} and fill a batch of {args.batch_size}"
+        )
+    return examples.subset(range(len(examples) - n_val)), examples.subset(range(len(examples) - n_val, len(examples)))
+
+
+def fixed_batches(examples, args, collate: Callable) -> list:
+    """The first --eval-batches batches of `examples`, the same at every evaluation."""
+    n = min(len(examples), args.eval_batches * args.batch_size)
+    return [collate(examples, range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]

@@ -9,12 +9,19 @@ import functools
 
 from model.checkpoint import KIND_NAMES, build_model
 from model.cross_entropy import IGNORE_INDEX
-from model.errors import NanoLladaError
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import model_config_from_args
 from scripts.common.data.sft import SFTBatches, collate, load_sft_examples
-from scripts.common.training.flags import RunStart, add_training_flags, optimizer_steps, start_run, starting_checkpoint
+from scripts.common.training.flags import (
+    RunStart,
+    add_training_flags,
+    fixed_batches,
+    optimizer_steps,
+    start_run,
+    starting_checkpoint,
+    train_and_val,
+)
 from scripts.common.training.run_files import RunFiles
 from scripts.common.training.trainer import RunOptions, Task, train
 
@@ -49,26 +56,9 @@ def sft_parser(description: str, run_name: str, epochs: int) -> argparse.Argumen
 
 def sft_data(args, tokenizer, route: str, eos_padding: int | None = None) -> tuple[SFTBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps); `eos_padding` as in collate."""
-    examples = load_sft_examples(args.data, tokenizer, args.seq_len)
-    if args.eval_data:
-        val = load_sft_examples(args.eval_data, tokenizer, args.seq_len)
-    else:  # hold out the last conversations (the file order is the user's; the split is stable)
-        n_val = max(1, int(len(examples) * args.val_fraction))
-        if len(examples) - n_val < args.batch_size:
-            raise NanoLladaError(
-                f"{args.data}: {len(examples)} conversations are too few to hold out {n_val} "
-                f"and fill a batch of {args.batch_size}"
-            )
-        val, examples = (
-            examples.subset(range(len(examples) - n_val, len(examples))),
-            examples.subset(range(len(examples) - n_val)),
-        )
+    examples, val = train_and_val(args, lambda path: load_sft_examples(path, tokenizer, args.seq_len), "conversations")
     batches = SFTBatches(examples, args.batch_size, args.seed, route, args.group_by_length, eos_padding)
-    n_val = min(len(val), args.eval_batches * args.batch_size)
-    val_batches = [
-        collate(val, range(i, min(i + args.batch_size, n_val)), route, eos_padding)
-        for i in range(0, n_val, args.batch_size)
-    ]
+    val_batches = fixed_batches(val, args, lambda rows, indices: collate(rows, indices, route, eos_padding))
     return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
 
 
