@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from scripts.common.cli import Bounded, run_main
-from scripts.common.pipeline import SMALL_MODEL, cli, step
+from scripts.common.pipeline import cli, quickstart_pretraining, step
 
 PROMPT = "下面这条商品评论的情感是正面还是负面？请只回答“正面”或“负面”。\n评论：质量很好，物流也快，非常满意！"
 
@@ -45,34 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def pretrain(args, out: Path, data: Path) -> tuple[dict, dict]:
-    """AR pretraining, then diffusion pretraining initialised from it."""
-    # fmt: off
-    common = cli(data=data / "sample_reviews.jsonl", jsonl_field="text", tokenizer_dir=".", save_dir=out,
-                 device=args.device, **SMALL_MODEL, seq_len=128, batch_size=16, warmup_steps=15,
-                 eval_interval=50, eval_batches=4, log_interval=10)
-    # fmt: on
-    ar = step(
-        "1. AR pretraining",
-        "scripts.train.train_pretrain",
-        [*common, *cli(run_name="quick_ar", max_iters=args.pretrain_steps, learning_rate="2e-3")],
-    )
-    # The conversion keeps the AR weights: at the pretraining's 2e-3 its 30 steps end above where they started
-    # (technical_report.md 7.7); a small learning rate adapts them to bidirectional attention instead.
-    diffusion = step(
-        "2. Diffusion pretraining, initialised from the AR model",
-        "scripts.train.diffusion",
-        cli(
-            "--train",
-            "--use-tokenizer",
-            *common,
-            run_name="quick_diffusion",
-            max_iters=args.diffusion_steps,
-            learning_rate="1e-4",
-            mask_schedule="iid_t",
-            init_from_minimind=out / "quick_ar_state_dict.pt",
-        ),
-    )
-    return ar, diffusion
+    """AR pretraining, then diffusion pretraining initialised from it (pipeline.quickstart_pretraining)."""
+    return quickstart_pretraining(out, data, args.device, args.pretrain_steps, args.diffusion_steps)
 
 
 def samples(args, out: Path, data: Path) -> None:

@@ -1,6 +1,7 @@
 """The CPU experiments of technical_report.md, reproducible on a 2-core machine.
 
-uv run python -m scripts.report_experiments [--part all|conversion|dpo] [--jobs 2] [--steps 500] [--sft-steps 200]
+uv run python -m scripts.report_experiments [--part all|conversion|dpo|sft] [--jobs 2] [--steps 500] [--sft-steps 200]
+(--part sft: the diffusion SFT objectives over seeds, scripts/common/sft_protocol.py)
 
 On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 heads, 2 KV heads):
 1. AR pretraining; 2. diffusion initialised from it with each AR-to-diffusion conversion (no logit shift, shift,
@@ -36,6 +37,7 @@ import torch
 from model.errors import NanoLladaError
 from scripts.common.cli import Bounded, run_main
 from scripts.common.pipeline import SMALL_MODEL, cli, step
+from scripts.common.sft_protocol import sft_protocol
 
 # AR-to-diffusion conversions: run name -> flags of scripts.train.diffusion --init-from-minimind (explicit,
 # whatever the defaults). diffusion_from_ar is the conversion before logit shift existed.
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="weights/report")
     p.add_argument("--data-dir", default="dataset")
     p.add_argument("--steps", type=int, action=Bounded, low=1, default=500)
-    p.add_argument("--sft-steps", type=int, action=Bounded, low=1, default=200)
+    p.add_argument("--sft-steps", type=int, action=Bounded, low=1, default=None, help="200; --part sft: 150")
     p.add_argument("--questions", type=int, action=Bounded, low=1, default=200)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dpo-steps", type=int, action=Bounded, low=1, default=100)
@@ -83,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="SFT checkpoints DPO starts from (default: those of --part conversion in --out-dir)",
     )
-    p.add_argument("--part", choices=["all", "conversion", "dpo"], default="all")
+    p.add_argument("--part", choices=["all", "conversion", "dpo", "sft"], default="all")
+    p.add_argument("--seeds", type=int, action=Bounded, low=1, default=5, help="--part sft: SFT seeds per objective")
+    p.add_argument("--objectives", default=None, help="--part sft: comma-separated (default: all of sft_protocol's)")
     p.add_argument(
         "--jobs",
         type=int,
@@ -178,7 +182,7 @@ class Experiment:
         a = self.args
         # fmt: off
         return cli(data=self.data / "sample_sft_train.jsonl", eval_data=self.data / "sample_sft_val.jsonl",
-                   tokenizer_dir=".", save_dir=self.out, max_seq_len=256, batch_size=16, max_steps=a.sft_steps,
+                   tokenizer_dir=".", save_dir=self.out, max_seq_len=256, batch_size=16, max_steps=a.sft_steps or 200,
                    learning_rate="1e-3", warmup_steps=20, eval_interval=50, eval_batches=8, device=a.device)
         # fmt: on
 
@@ -306,6 +310,8 @@ class Experiment:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.part == "sft":  # the diffusion SFT objectives, 5 seeds each (scripts/common/sft_protocol.py)
+        return sft_protocol(args)
     experiment = Experiment(args)
     if experiment.out.exists() and args.part != "dpo":  # --part dpo continues an earlier run's directory
         shutil.rmtree(experiment.out)

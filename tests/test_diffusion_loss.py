@@ -59,6 +59,8 @@ def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, answer
         "sft_padding_weight": (DiffusionObjective(schedule, normalization="row", padding_weight=0.1), maskable),
         "sft_token_mean": (DiffusionObjective(schedule, normalization="batch"), maskable),
         "sft_block": (DiffusionObjective(schedule, block_size=4, normalization="row", complementary=True), maskable),
+        "sft_late_density": (DiffusionObjective(schedule, normalization="row", late_time_share=0.5), maskable),
+        "sft_all_masked": (DiffusionObjective(schedule, normalization="row", all_masked_share=0.5), maskable),
     }
     gen = rng(1)
     for name, (objective, scored) in settings.items():

@@ -29,12 +29,14 @@ from model.block_attention import bdlm_forward, document_attention_mask, documen
 from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
+from model.objectives.gradient_share import label_gradient_share
 from model.objectives.masking import (
     check_schedule,
     check_time_range,
     complementary_masks,
     elbo_weight,
     eos_padding,
+    late_heavy_time,
     mask_exactly,
     mask_probability,
     position_rates,
@@ -66,6 +68,14 @@ class DiffusionObjective:
         0.0  # strength of position-dependent masking (0: off; model.objectives.masking.position_rates)
     )
     mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
+    # The time density (model.objectives.masking.late_heavy_time): this share of rows draws t ~ U(late_time_from,
+    # t_max) instead, every row importance-weighted: the same NELBO, t near 1 more often. 0: t ~ U(t_min, t_max).
+    late_time_share: float = 0.0
+    late_time_from: float = 0.9
+    # This share of rows is trained at t = 1 (every maskable position masked, weight 1), the canvas decoding starts
+    # from: a mixture of the NELBO and that step's loss, not an ELBO unless 0 (both are minimised by the data's
+    # conditionals, so the mixture has the NELBO's minimiser).
+    all_masked_share: float = 0.0
 
     @classmethod
     def full_time_range(cls) -> tuple[float, float]:
@@ -108,6 +118,24 @@ class DiffusionObjective:
                 "mask is not a mask of the same process at another time"
             )
         self.check_mask_draw()
+        self.check_time_density()
+
+    def check_time_density(self) -> None:
+        if not 0 <= self.late_time_share < 1:
+            raise NanoLladaError(f"late_time_share must lie in [0, 1), got {self.late_time_share}")
+        if self.late_time_share and not self.t_min < self.late_time_from < self.t_max:
+            raise NanoLladaError(
+                f"late_time_from must lie inside the time range ({self.t_min}, {self.t_max}), got {self.late_time_from}"
+            )
+        if not 0 <= self.all_masked_share <= 1:
+            raise NanoLladaError(f"all_masked_share must lie in [0, 1], got {self.all_masked_share}")
+        if (self.late_time_share or self.all_masked_share) and (self.complementary or self.position_masking):
+            raise NanoLladaError(
+                "a late-heavy time density or all-masked rows do not combine with complementary or position-dependent "
+                "masking (the pair or the warp fixes how each row's time is drawn)"
+            )
+        if self.late_time_share and self.mask_draw == "count":
+            raise NanoLladaError("a late-heavy time density needs the time draw (mask_draw 'time'), not the count draw")
 
 
 def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -161,17 +189,29 @@ def draw_masks(
     """(masked, ELBO weight) of each noisy row, [N, L] and [N, L] or [N, 1]: one row per input row, or, with
     complementary masking, the batch twice over (m at t, then its complement at 1 - t)."""
     if objective.mask_draw == "count":
-        return count_masks(maskable, rng)
-    t = sample_time(maskable.shape[0], rng, maskable.device, objective.t_min, objective.t_max)
-    probability, weight = mask_probability(t, objective.schedule)[:, None], elbo_weight(t, objective.schedule)[:, None]
+        return with_all_masked(objective, maskable, *count_masks(maskable, rng), rng)
+    rows, device, o = maskable.shape[0], maskable.device, objective
+    if o.late_time_share:
+        t, importance = late_heavy_time(rows, rng, device, o.t_min, o.t_max, o.late_time_share, o.late_time_from)
+    else:
+        t, importance = sample_time(rows, rng, device, o.t_min, o.t_max), 1.0
+    probability, weight = mask_probability(t, o.schedule)[:, None], (elbo_weight(t, o.schedule) * importance)[:, None]
     if objective.position_masking:
         rates = position_rates(maskable.shape[1], objective.block_size, objective.position_masking, t.device)
         tau, slope = warped_time(t[:, None], rates)
         probability, weight = mask_probability(tau, objective.schedule), elbo_weight(tau, objective.schedule) * slope
     masked, complement = complementary_masks(maskable, probability, rng)
     if not objective.complementary:
-        return masked, weight
+        return with_all_masked(objective, maskable, masked, weight, rng)
     return torch.cat([masked, complement]), torch.cat([weight, elbo_weight(1 - t, objective.schedule)[:, None]])
+
+
+def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """The all_masked_share of rows replaced by the all-masked canvas, weight 1 (its tokens' plain mean)."""
+    if not objective.all_masked_share:
+        return masked, weight
+    start = torch.rand(maskable.shape[0], 1, device=maskable.device, generator=rng) < objective.all_masked_share
+    return torch.where(start, maskable, masked), torch.where(start, 1.0, weight)
 
 
 def count_masks(maskable: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +246,7 @@ def diffusion_loss(
     doc_ids: torch.Tensor | None = None,
     scored_at: torch.Tensor | None = None,
     real: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """The scalar loss of one batch input_ids [B, L] (see the module docstring).
 
@@ -216,6 +257,7 @@ def diffusion_loss(
     scored_at [B, K]: positions that include every maskable one (the SFT batcher lists each row's answer and its
     padding, then unmaskable positions); the head then runs only there (not with blocks or the repeat penalty,
     which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
+    stats: a dict that receives "label_share", the first answer token's share of the gradient (gradient_share.py).
     """
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
@@ -247,6 +289,9 @@ def diffusion_loss(
         loss = scored.sum() / total_weight.clamp(min=1e-6)
     else:
         loss = (scored.sum(1) / total_weight.clamp(min=1e-6)).mean()
+    if stats is not None:  # each position's factor in the loss; the row normalisation's mean over rows is common
+        factor = elbo * weights * masked / (total_weight if total_weight.dim() == 0 else total_weight[:, None])
+        stats["label_share"] = label_gradient_share(nll, factor.clamp(min=0), weights > 0)
     if objective.cap_weight:
         loss = loss + objective.cap_weight * cap_loss(logits, input_ids, masked)
     if objective.repeat_penalty_weight:

@@ -98,6 +98,20 @@ def sample_time(
     return t_min + (t_max - t_min) * torch.rand(batch_size, device=device, generator=rng)
 
 
+def late_heavy_time(
+    batch_size: int, rng: torch.Generator, device, t_min: float, t_max: float, share: float, start: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, importance weight) per row: t from the mixture (1 - share) U(t_min, t_max) + share U(start, t_max), which
+    draws t near 1 (the all-masked canvas decoding starts from) more often, and u(t) / q(t), the uniform density over
+    the mixture's. Multiplying the ELBO weight by it keeps the estimate unbiased for the same NELBO as t ~ U(t_min,
+    t_max): only the variance changes (the late rows weigh less, the early ones more)."""
+    uniform = sample_time(batch_size, rng, device, t_min, t_max)
+    late = sample_time(batch_size, rng, device, start, t_max)
+    t = torch.where(torch.rand(batch_size, device=device, generator=rng) < share, late, uniform)
+    density = (1 - share) / (t_max - t_min) + share / (t_max - start) * (t >= start).float()
+    return t, 1 / ((t_max - t_min) * density)
+
+
 # ----------------------------------------------------------------------------- masks
 
 

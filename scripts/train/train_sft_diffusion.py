@@ -55,6 +55,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="time: t ~ U(eps, 1 - eps), each answer token masked with probability t, weight 1/t; count: exactly "
         "l ~ U{1..n} of the n answer tokens masked, weight n/l (LLaDA Algorithm 3: same expected loss, less variance)",
     )
+    density = p.add_argument_group("where t is drawn (model/objectives/diffusion_loss.py, DiffusionObjective)")
+    density.add_argument(
+        "--late-time-share",
+        type=float,
+        default=0.0,
+        help="this share of rows draws t ~ U(--late-time-from, 1 - eps), every row importance-weighted: the same "
+        "NELBO, t near 1 (the all-masked canvas decoding starts from) more often",
+    )
+    density.add_argument("--late-time-from", type=float, default=0.9, help="where the late band starts")
+    density.add_argument(
+        "--all-masked-share",
+        type=float,
+        default=0.0,
+        help="this share of rows trained at t = 1, every answer position masked, weight 1 (the first decoding step's "
+        "loss); the rest draws t as above: a mixture with the NELBO's minimiser, not an ELBO unless 0",
+    )
     llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/objectives/diffusion_loss.py)")
     llada2.add_argument(
         "--block-size",
@@ -101,11 +117,15 @@ def main(argv=None) -> dict:
         args.complementary_masking,
         args.cap_weight,
         mask_draw=args.mask_draw,
+        late_time_share=args.late_time_share,
+        late_time_from=args.late_time_from,
+        all_masked_share=args.all_masked_share,
     )
     mask_id = mask_token_id(run.tokenizer)
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
-        return diffusion_loss(
+        stats = {}
+        loss = diffusion_loss(
             model,
             batch["input_ids"],
             rng,
@@ -114,7 +134,9 @@ def main(argv=None) -> dict:
             batch["maskable"],
             scored_at=batch.get("scored_at"),
             real=batch.get("real"),
+            stats=stats,
         )
+        return loss, stats
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
     meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": args.eos_padding_length}

@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sft_loss(model, batch, rng, step=None):
     """Next-token cross-entropy on the assistant tokens (labels); the same for training and validation."""
-    return next_token_loss(model, batch["input_ids"], batch["labels"], batch.get("scored_at"))
+    stats = {}
+    return next_token_loss(model, batch["input_ids"], batch["labels"], batch.get("scored_at"), stats), stats
 
 
 def main(argv=None) -> dict:

@@ -74,7 +74,8 @@ def scored_tokens(batch: dict) -> int:
 
 def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None, start=None) -> dict:
     """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
-    batches alike), a summary line. `start`: the (path, checkpoint) of sft_starting_checkpoint, if already read."""
+    batches alike and returns (loss, info): the label's gradient share, logged per step), a summary line. `start`:
+    the (path, checkpoint) of sft_starting_checkpoint, if already read."""
     route = run.cfg.kind
     model = initial_sft_model(args, run.tokenizer, *(start or sft_starting_checkpoint(args, run)))
     print(
@@ -82,7 +83,7 @@ def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None, start=
         f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
         f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}"
     )
-    task = Task(run.batches.batch, run.val_batches, loss_fn, loss_fn)
+    task = Task(run.batches.batch, run.val_batches, loss_fn, lambda *batch: loss_fn(*batch)[0])
     if route == "ar":
         task.loss_count = scored_tokens
     meta = {"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})}

@@ -41,7 +41,7 @@ from scripts.common.training.run_files import (
 
 # A batch is a tensor of token rows or a dict of tensors with "input_ids"; rows are dim 0.
 # loss_fn(model, batch, rng, step) -> scalar loss, or (loss, info) where info is a dict of plain Python values
-# (e.g. the curriculum phase and block size) logged with the step; `step` is the optimizer step.
+# (e.g. the curriculum phase and block size) or 0-dim tensors, logged with the step; `step` is the optimizer step.
 LossFn = Callable[[torch.nn.Module, object, torch.Generator, int], "torch.Tensor | tuple[torch.Tensor, dict]"]
 # val_loss_fn(model, batch, rng) -> scalar loss, scored on the fixed validation batches.
 ValLossFn = Callable[[torch.nn.Module, object, torch.Generator], torch.Tensor]
@@ -248,6 +248,9 @@ def _log_losses(run: Run, reduce: bool = True) -> None:
     tokens_per_s = window.tokens / max(time.perf_counter() - window.start, 1e-9)
     first = step - len(losses)  # the optimizer step at which the window's first loss was taken
     for offset, (value, info) in enumerate(zip(losses, window.infos)):
+        info = {
+            key: v.item() if isinstance(v, torch.Tensor) else v for key, v in info.items()
+        }  # read here, not per step
         run.metrics.write({"step": first + offset + 1, "loss": value, "lr": lr_at(first + offset, cfg), **info})
     run.metrics.write({"step": step, "tokens_per_s": tokens_per_s})
     if run.env.is_main:
