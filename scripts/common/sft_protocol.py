@@ -10,7 +10,7 @@ objective of OBJECTIVES (AR SFT as the yardstick), two SFT runs from the pretrai
   reviews, decoded (8-token canvas) and by likelihood, with the decoded labels counted (a one-label collapse shows);
 - the news continuation (the same flags on sample_continuation_train.jsonl), scored on its test split: the gold
   answer's NLL per token (AR exact, diffusion the exact-count upper bound) and the generative NLL of the decoded
-  answers under the pretrained AR model (scripts.eval.eval_sft_answers --judge).
+  answers under the pretrained AR model (scripts.eval.eval_sft_answers --judge), on its first --questions rows.
 Each run's figures land in runs/<task>_<objective>_s<seed>.json in --out-dir, and a run whose file is there is not
 run again: the protocol resumes, and grows by seeds or objectives (start from an empty --out-dir to redo it).
 results_sft.json holds every run and, per objective, the mean and standard error over the seeds done.
@@ -96,6 +96,7 @@ def one_run(args, task: str, objective: str, seed: int) -> dict:
         result |= {
             "accuracy": scores["accuracy"],
             "likelihood_accuracy": scores["likelihood_accuracy"],
+            "questions": len(decoded),
             "decoded_labels": {label: decoded.count(label) for label in LABELS},
             "likelihood_choices": scores["likelihood_choices"],
         }
@@ -104,7 +105,7 @@ def one_run(args, task: str, objective: str, seed: int) -> dict:
         # fmt: off
         scores = step(f"answers {name}", "scripts.eval.eval_sft_answers",
                       cli(checkpoint=weights, data=test, tokenizer_dir=".", judge=judge, device=args.device,
-                          max_new_tokens=args.answer_tokens, limit=args.answers))[0]
+                          max_new_tokens=args.answer_tokens, limit=args.questions))[0]
         # fmt: on
         result |= {key: scores[key] for key in ("nll_per_token", "generative_nll_per_token", "mean_answer_tokens")}
     (out / "runs" / f"{name}.json").write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
@@ -145,13 +146,9 @@ def summary(runs: list[dict]) -> dict:
                 if any(r.get(figure) is not None for r in done)
             }
             if task == "reviews":  # the largest share of one label among a run's decoded answers
-                row["most_one_label"] = max(max(r["decoded_labels"].values()) / args_questions(r) for r in done)
+                row["most_one_label"] = max(max(r["decoded_labels"].values()) / r["questions"] for r in done)
             out.setdefault(task, {})[objective] = row
     return out
-
-
-def args_questions(run: dict) -> int:
-    return max(1, run["decoded_labels"][LABELS[0]] + run["decoded_labels"][LABELS[1]])
 
 
 def sft_protocol(report_args) -> dict:
@@ -160,7 +157,7 @@ def sft_protocol(report_args) -> dict:
     args.out_dir, args.data = str(Path(args.out_dir) / "sft"), Path(args.data_dir)
     args.sft_steps = args.sft_steps or 150
     args.objectives = args.objectives.split(",") if args.objectives else list(OBJECTIVES)
-    args.answer_tokens, args.answers = 96, None  # eval_sft_answers' decoded length; every continuation test row
+    args.answer_tokens = 96  # eval_sft_answers' decoded length (the continuation answers are 20-80 tokens)
     out = Path(args.out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     unknown = [o for o in args.objectives if o not in OBJECTIVES]
