@@ -247,15 +247,15 @@ def _log_losses(run: Run, reduce: bool = True) -> None:
     losses = (distributed.all_reduce_(stacked, "mean") if reduce else stacked).tolist()
     tokens_per_s = window.tokens / max(time.perf_counter() - window.start, 1e-9)
     first = step - len(losses)  # the optimizer step at which the window's first loss was taken
-    for offset, (value, info) in enumerate(zip(losses, window.infos)):
-        info = {
-            key: v.item() if isinstance(v, torch.Tensor) else v for key, v in info.items()
-        }  # read here, not per step
+    # 0-dim tensors of the info (the label share) are read here, once per interval, not at every step
+    infos = [{key: v.item() if isinstance(v, torch.Tensor) else v for key, v in i.items()} for i in window.infos]
+    for offset, (value, info) in enumerate(zip(losses, infos)):
         run.metrics.write({"step": first + offset + 1, "loss": value, "lr": lr_at(first + offset, cfg), **info})
     run.metrics.write({"step": step, "tokens_per_s": tokens_per_s})
     if run.env.is_main:
         postfix = {"loss": f"{losses[-1]:.4f}", "lr": f"{lr_at(step - 1, cfg):.2e}", "tok_s": f"{tokens_per_s:,.0f}"}
-        run.bar.set_postfix(**postfix, **window.infos[-1])
+        shown = {key: f"{v:.3f}" if isinstance(v, float) else v for key, v in infos[-1].items()}
+        run.bar.set_postfix(**postfix, **shown)
     run.window = LossWindow()
     if not math.isfinite(losses[-1]):
         raise NanoLladaError(f"loss became {losses[-1]} at step {step}; lower --learning-rate or check the data")
