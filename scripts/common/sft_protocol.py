@@ -32,12 +32,13 @@ from model.errors import NanoLladaError
 from scripts.common.pipeline import cli, quickstart_pretraining, step
 
 # Objective -> the flags of scripts.train.train_sft_diffusion that make it, every objective flag explicit whatever the
-# defaults ("ar": AR SFT, the yardstick). The first diffusion row is the reference: LLaDA's SFT objective.
+# defaults ("ar": AR SFT, the yardstick). The first diffusion row is the reference: LLaDA's SFT objective, t ~ U(0, 1)
+# for every row, with the EOS padding weighted 0.1 (technical_report.md 7.3); llada_pad1 weighs it as an answer token.
 UNIFORM = dict(iid_mask_eps=1e-3, loss_normalization="row", mask_draw="time", late_time_share=0, all_masked_share=0)
 OBJECTIVES = {
     "ar": None,
-    "llada": cli(**UNIFORM, eos_padding_weight=1.0),
-    "uniform_pad01": cli(**UNIFORM, eos_padding_weight=0.1),
+    "llada": cli(**UNIFORM, eos_padding_weight=0.1),
+    "llada_pad1": cli(**UNIFORM, eos_padding_weight=1.0),
     "band": cli(**UNIFORM | dict(eos_padding_weight=0), mask_ratio_min=0.998, mask_ratio_max=0.999),
     "mixture": cli(**UNIFORM | dict(all_masked_share=0.5), eos_padding_weight=0.1),
     "count": cli(**UNIFORM | dict(mask_draw="count"), eos_padding_weight=0.1),
