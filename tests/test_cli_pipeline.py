@@ -355,11 +355,7 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
             assert torch.equal(ours[name], tensor), name
 
 
-@pytest.mark.parametrize("run", ["ar_sft", "diff_sft"])
-def test_sft_logs_the_label_tokens_share_of_the_gradient_every_step(trained, run):
-    """The first answer token's share of the logit gradient (model/objectives/gradient_share.py), a fraction per
-    logged training step: what says why one route learns a one-decision answer faster."""
-    _, out = trained
-    rows = [json.loads(line) for line in (out / f"{run}_metrics.jsonl").read_text().splitlines()]
-    shares = [row["label_share"] for row in rows if "loss" in row]
-    assert shares and all(0 < share < 1 for share in shares)
+def test_sft_logs_the_first_answer_tokens_share_of_the_logit_gradient_every_step(trained):  # gradient_share.py
+    for run in ("ar_sft", "diff_sft"):
+        rows = [json.loads(line) for line in (trained[1] / f"{run}_metrics.jsonl").read_text().splitlines()]
+        assert all(0 < row["label_share"] < 1 for row in rows if "loss" in row) and "label_share" in rows[1], run
