@@ -75,12 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together in one batch"
     )
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument("--as-ar", action="store_true", help="serve a jointly trained diffusion checkpoint as its AR model")
     return p.parse_args(argv)
 
 
 def load_engine(args) -> ChatEngine:
     model, tokenizer, checkpoint = load_checkpoint_for_eval(
-        args.checkpoint, args.tokenizer_dir, None, pick_device(args.device), args.num_attention_heads
+        args.checkpoint,
+        args.tokenizer_dir,
+        "ar" if args.as_ar else None,
+        pick_device(args.device),
+        args.num_attention_heads,
     )
     defaults = Defaults(
         max_tokens=args.max_tokens,

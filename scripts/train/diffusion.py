@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from model.checkpoint import build_model, check_compatible, read_checkpoint, save_checkpoint
+from model.checkpoint import build_model, check_compatible, joint_record, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import BlockCurriculum, default_sizes_down, default_sizes_up
 from model.objectives.conversion import init_mask_embedding
@@ -114,6 +114,12 @@ def _add_objective_flags(p: argparse.ArgumentParser) -> None:
         help="probability a training batch is cropped to a random length (LLaDA: 1%%)",
     )
     p.add_argument("--repeat-penalty-weight", type=float, default=0.0, help="weight of the repeat unlikelihood term")
+    p.add_argument(
+        "--ar-loss-weight",
+        type=float,
+        default=0.0,
+        help="joint training: + this weight x the causal next-token loss of the same weights (a shifted model only)",
+    )
     p.add_argument(
         "--time-weighted-loss",
         action="store_true",
@@ -311,6 +317,7 @@ def main(argv=None) -> dict:
     }
     if args.block_size:  # decodes block-causally with it (model.objectives.block_curriculum.trained_block_size)
         extra["block_diffusion"] = {"block_size": args.block_size}
+    extra.update(joint_record(args.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
 
     loss = PretrainingLoss(args, curriculum, mask_id)
     train_loss, validation_loss = loss.train, loss.validation

@@ -30,6 +30,7 @@ class PretrainingLoss:
             1 - eps,
             repeat_penalty_weight=args.repeat_penalty_weight,
             position_masking=args.position_masking,
+            ar_loss_weight=args.ar_loss_weight,
         )
         self.validation_objective = DiffusionObjective("linear", eps, 1 - eps, block_size=args.block_size)
 
@@ -60,6 +61,10 @@ class PretrainingLoss:
         return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
 
     def describe(self) -> str:
+        joint = f" + {self.args.ar_loss_weight:g} x causal next-token loss" if self.args.ar_loss_weight else ""
+        return self.describe_diffusion() + joint
+
+    def describe_diffusion(self) -> str:
         a = self.args
         plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
         if plain and self.objective.schedule == "linear":
