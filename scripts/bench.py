@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batched-lengths", default=None, help="continuation lengths run batched too (default: all)")
     p.add_argument("--thresholds", default=None, help="parallel decoding thresholds (default 0.9,0.7,0.5)")
     p.add_argument("--threshold", type=float, default=None, help="one threshold (same as --thresholds T)")
+    p.add_argument("--speculative", default=None, help="self-speculative rows: draft lengths, comma-separated")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     p.add_argument("--skip-training", action="store_true")
     return p.parse_args(argv)
@@ -97,6 +98,7 @@ def card_settings(args) -> CardSettings:
         goal_length=s.goal_length if not lengths or s.goal_length in lengths else lengths[0],
         batches=_numbers(args.batches, int) or s.batches,
         thresholds=thresholds or s.thresholds,
+        speculative=_numbers(args.speculative, int) or s.speculative,
     )
 
 

@@ -193,3 +193,38 @@ def test_the_hf_export_of_a_joint_checkpoint_loads_as_a_causal_lm_too(tmp_path):
         torch.testing.assert_close(causal(ids).logits, model(ids, attention="causal"), atol=1e-5, rtol=0)
     back = read_checkpoint(tmp_path / "hf")
     assert back.kind == "diffusion" and back.config.logit_shift and decodes_causally(back)
+
+
+def test_the_two_decoders_of_a_joint_checkpoint_through_their_entry_points(runs):
+    from scripts.eval import eval_diffusion, eval_joint
+
+    sample, out, parent = runs
+    joint = out / "joint_state_dict.pt"
+    if not joint.exists():
+        diffusion.main([*parent, "--run-name", "joint", "--ar-loss-weight", "0.3"])
+    flags = ["--tokenizer-dir", ".", "--device", "cpu"]
+    result = eval_diffusion.main(
+        [
+            *flags,
+            "--checkpoint",
+            str(joint),
+            "--decoding",
+            "speculative",
+            "--block-length",
+            "4",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
+    assert len(result["sample"]["tokens"]) <= 12 and result["sample"]["nfe"] >= 1
+    scores = eval_joint.main(
+        [*flags, "--reference", str(out / "ar_state_dict.pt"), "--checkpoint", str(joint)]
+        + cli(eval_data=sample["pretrain"], seq_len=32, eval_batch_size=4, eval_max_batches=1, mc_samples=2)
+        + cli(prompts=2, prompt_tokens=4, new_tokens=12, draft_length=3)
+    )
+    reference, converted = scores["likelihoods"]
+    assert reference["diffusion"] is None and reference["ar_delta"] == (0.0, 0.0)
+    assert (
+        converted["ar"]["row_tokens"] == reference["ar"]["row_tokens"] and converted["diffusion"]["nll_per_token"] > 0
+    )
+    assert [row["identical"] for row in scores["speculation"]] == [True]

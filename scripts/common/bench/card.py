@@ -29,6 +29,7 @@ from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig, generate, generate_batch
 from model.inference.padding import left_pad
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
 from scripts.common.bench.quality import content_ids, generative_perplexity, mean_unigram_entropy
 from scripts.common.data.packing import chunks
@@ -55,6 +56,7 @@ class CardSettings:
     goal_length: int = 128  # the goal: diffusion >= AR in content tokens/s at batch 1 for answers this long,
     goal_tolerance: float = 0.10  # at a generative perplexity within this fraction of the LLaDA baseline's
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
+    speculative: tuple[int, ...] = ()  # draft lengths k of self-speculative rows (AR greedy output; none by default)
 
 
 TINY_CARD = CardSettings(
@@ -146,6 +148,8 @@ def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) 
     for k in s.tokens_per_step:
         if gen_length % k == 0 and gen_length // k >= gen_length // base.block_size:
             modes[f"fast_{k}_per_step"] = replace(fast, steps=gen_length // k)
+    for k in s.speculative:  # the diffusion model's own AR greedy output, drafted k at a time
+        modes[f"speculative_k{k}"] = SpeculativeConfig(k)
     return modes
 
 
@@ -210,6 +214,21 @@ def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, d
     return run
 
 
+def speculative_run(model, prompts, setting: tuple, batch: int, device, dtype: str, mask_id) -> Run:
+    """Self-speculative decoding (model/inference/speculative.py) of `setting` = (SpeculativeConfig, new tokens)."""
+    config, max_len = setting
+    run, now = Run(), clock_for(device)
+    for chunk in chunks(prompts, batch):
+        synchronize(device)
+        wall, start = time.perf_counter(), now()
+        with autocast(device, dtype):
+            out = speculative_generate(model, chunk, max_len, mask_id, config, EOS_ID, PAD_ID, (mask_id,))
+        synchronize(device)
+        seconds, wall = now() - start, time.perf_counter() - wall
+        run.add([content_ids(r, EOS_ID) for r in out.tokens], seconds, seconds, out.forwards, wall)
+    return run
+
+
 def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, tokenizer) -> dict:
     """One line of the card: speed figures of `run`, and quality figures of the text it decoded."""
     rows, content = len(run.outputs), sum(map(len, run.outputs))
@@ -263,7 +282,10 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
         runs = {}
         for name, sampler in modes.items():
             if sampler is not None:
-                runs[name] = diffusion_run(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
+                if isinstance(sampler, SpeculativeConfig):  # a draft length, not a sampler: the length is the row's
+                    sampler = (sampler, workload.gen_length)
+                decode = speculative_run if isinstance(sampler, tuple) else diffusion_run
+                runs[name] = decode(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
         runs[AR_MODE], drift = _mean_of(before, ar_run(pair.ar, *ar_args))
         group = [card_row(workload, batch, name, runs[name], pair.ar, tokenizer) for name in modes]
         ar_rate = group[0]["content_tokens_per_s"]
