@@ -19,10 +19,13 @@ def model_for(tiny_config, shifted: bool):
 
 
 @pytest.mark.parametrize("shifted", [True, False])
-@pytest.mark.parametrize("k,steps,in_verify", [(1, 1, False), (3, 1, True), (4, 2, False), (8, 1, True), (8, 8, True)])
-def test_every_prompt_gets_the_ar_greedy_output(tiny_config, shifted, k, steps, in_verify):
+@pytest.mark.parametrize(
+    "k,steps,in_verify,context",
+    [(1, 1, False, "cache"), (3, 1, True, "cache"), (4, 2, False, "full"), (8, 1, True, "full"), (8, 8, True, "cache")],
+)
+def test_every_prompt_gets_the_ar_greedy_output(tiny_config, shifted, k, steps, in_verify, context):
     model = model_for(tiny_config, shifted)
-    config = SpeculativeConfig(k, steps, in_verify)
+    config = SpeculativeConfig(k, steps, in_verify, context)
     for prompt in PROMPTS:
         expected = list(generate(model, prompt, 40, eos_id=None))
         result = speculative_generate(model, [prompt], 40, TINY_MASK_ID, config)
@@ -37,8 +40,11 @@ def test_a_batch_of_different_lengths_decodes_as_each_prompt_alone_and_stops_at_
     alone = [list(generate(model, p, 30)) for p in PROMPTS]
     eos = alone[1][6]  # a token row 1 writes: rows stop at its first occurrence, as generate does with it as EOS
     expected = [list(generate(model, p, 30, eos_id=eos)) for p in PROMPTS]
-    result = speculative_generate(model, PROMPTS, 30, TINY_MASK_ID, SpeculativeConfig(4), eos_id=eos)
-    assert result.tokens == expected and len(expected[1]) <= 7 and expected[1][-1] == eos
+    for context in ("cache", "full"):
+        result = speculative_generate(
+            model, PROMPTS, 30, TINY_MASK_ID, SpeculativeConfig(4, draft_context=context), eos
+        )
+        assert result.tokens == expected and len(expected[1]) <= 7 and expected[1][-1] == eos
     assert all(decodes_something(row) for row in alone)
 
 
@@ -50,7 +56,7 @@ def test_drafts_that_are_right_are_accepted_and_counted(tiny_config, monkeypatch
     model = model_for(tiny_config, True)
     truth = list(generate(model, PROMPTS[0], 60))
 
-    def oracle(self, n, k, steps, mask_id):
+    def oracle(self, n, k, steps, mask_id, full=False):
         done = n - self.prompt_width + 1
         return torch.tensor([truth[done : done + k]])
 
@@ -67,3 +73,5 @@ def test_bad_settings_are_named():
         SpeculativeConfig(0).validate()
     with pytest.raises(SettingError, match="draft_steps"):
         SpeculativeConfig(4, 5).validate()
+    with pytest.raises(SettingError, match="draft_context"):
+        SpeculativeConfig(draft_context="causal").validate()

@@ -4,8 +4,9 @@ weights verifies them, and the output is that checkpoint's AR greedy output (mod
 A round, with every committed column before n in the AR KV cache exactly as AR decoding computes it and the newest
 committed token (`pending`) at column n:
 1. draft: [pending, <|mask|> x k] at columns n..n+k over the cache, attending to every cached column and to each
-   other: the diffusion decoder's view of a block, with the causal cache as its clean context. `draft_steps`
-   forwards fill the masks, most confident first; each time the cache is cropped back to n.
+   other: the diffusion decoder's view of a block, with the causal cache as its clean context (or, with
+   draft_context "full", the whole canvas up to the block, bidirectional and uncached, as a bidirectional model is
+   trained). `draft_steps` forwards fill the masks, most confident first; each time the cache is cropped back to n.
 2. verify: [pending, d_1..d_k] causally over the cache. Output i is the AR model's greedy token g_i for column
    n + i + 1, so a row accepts its longest prefix with d_i = g_(i-1). The batch takes the shortest such prefix, a,
    and every row commits d_1..d_a and its own g_a: all of them the argmax of a causal output over exact causal
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.errors import NanoLladaError, check_setting
+from model.errors import NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout, left_pad
 from model.logit_shift import is_shifted
+
+DRAFT_CONTEXTS = ("cache", "full")
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,17 @@ class SpeculativeConfig:
     draft_length: int = 8  # k: tokens drafted per round (the block the diffusion decoder fills)
     draft_steps: int = 1  # diffusion forwards per draft (1: every mask at once)
     draft_in_verify: bool = True  # draft the next block in the verify pass (used when every draft is accepted)
+    # What the drafter sees: "cache", the block over the AR KV cache (a pass costs the block's columns); "full", the
+    # whole canvas bidirectionally and uncached, as a bidirectional diffusion model is trained (a pass costs them all).
+    draft_context: str = "cache"
 
     def validate(self) -> None:
         check_setting("draft_length", self.draft_length, 1)
         check_setting("draft_steps", self.draft_steps, 1, high=self.draft_length)
+        if self.draft_context not in DRAFT_CONTEXTS:
+            raise SettingError(
+                f"{{draft_context}} must be one of {', '.join(DRAFT_CONTEXTS)}, got '{self.draft_context}'"
+            )
 
 
 @dataclass
@@ -90,13 +100,20 @@ class _Decoder:
             logits[..., self.banned] = float("-inf")
         return logits.argmax(-1)
 
-    def draft(self, n: int, k: int, steps: int, mask_id: int) -> torch.Tensor:
-        """Drafts [B, k] for columns n+1..n+k, in `steps` bidirectional passes of the block over the cache."""
+    def draft(self, n: int, k: int, steps: int, mask_id: int, full: bool = False) -> torch.Tensor:
+        """Drafts [B, k] for columns n+1..n+k, in `steps` bidirectional passes of the block over the cache, or
+        (`full`) of the whole canvas up to the block, uncached."""
         window = self.canvas[:, n : n + k + 1].clone()
         window[:, 1:] = mask_id
         for step in range(steps):
-            logits = self.forward(n, window, causal_queries=0)[:, 1 - self.shift : k + 1 - self.shift].float()
-            self.cache.crop(n)
+            if full:
+                ids = torch.cat([self.canvas[:, :n], window], dim=1)
+                attention = self.layout.key_mask(torch.arange(n + k + 1, device=ids.device))
+                logits = self.model(ids, attention=attention, positions=self.layout.positions[:, : n + k + 1])[:, n:]
+            else:
+                logits = self.forward(n, window, causal_queries=0)
+                self.cache.crop(n)
+            logits = logits[:, 1 - self.shift : k + 1 - self.shift].float()
             logits[..., [mask_id, *self.banned]] = float("-inf")
             confidence, guess = logits.softmax(-1).max(-1)
             masked = window[:, 1:] == mask_id
@@ -136,7 +153,7 @@ def speculative_generate(
     drafts = None
     while n - P + 1 < max_new_tokens and not done.all():
         if drafts is None:
-            drafts = run.draft(n, k, config.draft_steps, mask_id)
+            drafts = run.draft(n, k, config.draft_steps, mask_id, full=config.draft_context == "full")
             result.draft_forwards += config.draft_steps
         run.canvas[:, n + 1 : n + k + 1] = drafts
         window = run.canvas[:, n : n + k + 1]

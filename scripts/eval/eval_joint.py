@@ -10,7 +10,8 @@ causal NLL per token (its AR mode; for a diffusion-only conversion, what its wei
 diffusion checkpoint's NELBO, with the same rows and mask draws for all; differences are paired over rows.
 Speculation: --prompts prompts (the first --prompt-tokens tokens of held-out rows), each continued --new-tokens
 tokens at batch 1 without stopping at EOS, by AR greedy decoding with its KV cache and by self-speculation with each
---draft-length, alternating in one process; the speed is the ratio of their summed wall times.
+--draft-length, alternating in one process; the speed is the ratio of their summed times (CPU time on a CPU, so
+other jobs on a shared machine are not counted; wall time on an accelerator).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import time
 import torch
 
 from model.inference.ar import generate
-from model.inference.speculative import SpeculativeConfig, speculative_generate
+from model.inference.speculative import DRAFT_CONTEXTS, SpeculativeConfig, speculative_generate
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
+from scripts.common.device import synchronize
 from scripts.common.evaluation.lm_scores import lm_eval_model, ratio_mean_and_stderr
 from scripts.common.evaluation.loading import held_out_batches, load_any_kind, load_checkpoint_for_eval
 
@@ -42,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--draft-length", type=int, action="append", default=None, help="k (repeatable; default 4 and 8)")
+    p.add_argument(
+        "--draft-context", action="append", choices=DRAFT_CONTEXTS, default=None, help="repeatable (default: both)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)
     return p.parse_args(argv)
@@ -87,15 +92,20 @@ def speculation(args, path, prompts, device) -> list[dict]:
     """Per draft length: accepted drafts per verify, tokens per forward, AR time / speculative time, identity."""
     model, tokenizer, _ = load_checkpoint_for_eval(path, args.tokenizer_dir, "diffusion", device)
     mask_id, rows = mask_token_id(tokenizer), []
-    for k in args.draft_length or [4, 8]:
+    now = time.process_time if device.type == "cpu" else time.perf_counter  # CPU time: other jobs' work not counted
+    settings = [(k, c) for k in args.draft_length or [4, 8] for c in args.draft_context or DRAFT_CONTEXTS]
+    for k, context in settings:
+        config = SpeculativeConfig(k, draft_context=context)
         ar_seconds = spec_seconds = 0.0
         accepted, forwards, tokens, identical = [], 0, 0, True
         for prompt in prompts:
-            start = time.perf_counter()
+            start = now()
             expected = list(generate(model, prompt, args.new_tokens))
-            middle = time.perf_counter()
-            out = speculative_generate(model, [prompt], args.new_tokens, mask_id, SpeculativeConfig(k))
-            ar_seconds, spec_seconds = ar_seconds + middle - start, spec_seconds + time.perf_counter() - middle
+            synchronize(device)
+            middle = now()
+            out = speculative_generate(model, [prompt], args.new_tokens, mask_id, config)
+            synchronize(device)
+            ar_seconds, spec_seconds = ar_seconds + middle - start, spec_seconds + now() - middle
             identical &= out.tokens == [expected]
             accepted += out.accepted
             forwards, tokens = forwards + out.forwards, tokens + len(out.tokens[0])
@@ -103,6 +113,7 @@ def speculation(args, path, prompts, device) -> list[dict]:
             {
                 "checkpoint": path,
                 "draft_length": k,
+                "draft_context": context,
                 "accepted_per_verify": sum(accepted) / len(accepted),
                 "tokens_per_forward": tokens / forwards,
                 "speed_vs_ar": ar_seconds / spec_seconds,
@@ -126,11 +137,13 @@ def main(argv=None) -> dict:
     spec = [row for path in args.checkpoint for row in speculation(args, path, prompts, device)] if prompts else []
     if spec:
         print(f"\nself-speculation: {len(prompts)} prompts x {args.new_tokens} new tokens, batch 1, {device}")
-        print("| checkpoint | k | accepted / verify | tokens / forward | speed vs AR + KV cache | identical |")
-        print("|---|---:|---:|---:|---:|---|")
+        print(
+            "| checkpoint | k | drafter sees | accepted / verify | tokens / forward | speed vs AR + cache | identical |"
+        )
+        print("|---|---:|---|---:|---:|---:|---|")
         for r in spec:
             print(
-                f"| {r['checkpoint']} | {r['draft_length']} | {r['accepted_per_verify']:.2f} | "
+                f"| {r['checkpoint']} | {r['draft_length']} | {r['draft_context']} | {r['accepted_per_verify']:.2f} | "
                 f"{r['tokens_per_forward']:.2f} | {r['speed_vs_ar']:.2f}x | {r['identical']} |"
             )
     return {"likelihoods": rows, "speculation": spec}
