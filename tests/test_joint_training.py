@@ -228,3 +228,22 @@ def test_the_two_decoders_of_a_joint_checkpoint_through_their_entry_points(runs)
         converted["ar"]["row_tokens"] == reference["ar"]["row_tokens"] and converted["diffusion"]["nll_per_token"] > 0
     )
     assert [row["identical"] for row in scores["speculation"]] == [True, True]  # both drafter contexts
+
+
+def test_the_server_serves_a_joint_checkpoint_as_ar_when_asked(tmp_path):
+    from model.config import preset
+    from scripts import serve
+
+    tokenizer = load_tokenizer(".")
+    model = lively_model(preset("tiny", vocab_size=len(tokenizer), max_position_embeddings=128, logit_shift=True))
+    for name, weight in (("joint", 0.3), ("plain", 0.0)):
+        path = tmp_path / f"{name}.pt"
+        save_checkpoint(path, "diffusion", model.config, model, tokenizer_identity(tokenizer), **joint_record(weight))
+    engine = serve.load_engine(serve.parse_args(["--checkpoint", str(tmp_path / "joint.pt"), "--as-ar"]))
+    assert engine.kind == "ar" and not engine.model.config.logit_shift
+    engine.close()
+    engine = serve.load_engine(serve.parse_args(["--checkpoint", str(tmp_path / "joint.pt")]))
+    assert engine.kind == "diffusion"
+    engine.close()
+    with pytest.raises(NanoLladaError, match="not ar"):
+        serve.load_engine(serve.parse_args(["--checkpoint", str(tmp_path / "plain.pt"), "--as-ar"]))
