@@ -172,6 +172,8 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     With `kind`, a checkpoint of the other kind is refused (scripts say which entry point takes it).
     """
     checkpoint = read_checkpoint(path, num_attention_heads)
+    if kind == "ar" and checkpoint.kind == "diffusion" and decodes_causally(checkpoint):
+        checkpoint = as_ar(checkpoint)  # a jointly trained checkpoint is also an AR model
     if kind is not None and checkpoint.kind != kind:
         raise NanoLladaError(
             f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; load it as {checkpoint.kind}"

@@ -12,6 +12,7 @@ from model.checkpoint import (
     check_compatible,
     decodes_causally,
     joint_record,
+    load_model,
     read_checkpoint,
     save_checkpoint,
 )
@@ -108,6 +109,10 @@ def test_a_joint_checkpoint_round_trips_and_loads_as_the_ar_model_it_is(tiny_con
     ar_model = build_model(ar).eval()
     assert torch.equal(ar_model(ids, attention="causal"), model(ids, attention="causal"))
     assert check_compatible(joint, "joint.pt", "diffusion", tokenizer, ".").kind == "diffusion"
+    loaded, loaded_config = load_model(tmp_path / "joint.pt", kind="ar")
+    assert not loaded_config.logit_shift and torch.equal(loaded(ids), model(ids, attention="causal"))
+    with pytest.raises(NanoLladaError, match="expected ar"):
+        load_model(tmp_path / "plain.pt", kind="ar")
     with pytest.raises(NanoLladaError, match="not ar"):
         check_compatible(plain, "plain.pt", "ar", tokenizer, ".")
     unshifted = as_ar(joint)  # an unshifted diffusion model trained jointly would have two heads in one: refused
