@@ -20,17 +20,26 @@ def model_for(tiny_config, shifted: bool):
 
 @pytest.mark.parametrize("shifted", [True, False])
 @pytest.mark.parametrize(
-    "k,steps,in_verify,context",
-    [(1, 1, False, "cache"), (3, 1, True, "cache"), (4, 2, False, "full"), (8, 1, True, "full"), (8, 8, True, "cache")],
+    "k,steps,in_verify,redraft,context",
+    [
+        (1, 1, False, True, "cache"),
+        (3, 1, True, True, "cache"),
+        (4, 2, False, True, "full"),
+        (8, 1, True, True, "full"),
+        (8, 8, True, True, "cache"),
+        (1, 1, True, False, "cache"),
+        (5, 1, True, False, "cache"),
+    ],
 )
-def test_every_prompt_gets_the_ar_greedy_output(tiny_config, shifted, k, steps, in_verify, context):
+def test_every_prompt_gets_the_ar_greedy_output(tiny_config, shifted, k, steps, in_verify, redraft, context):
     model = model_for(tiny_config, shifted)
-    config = SpeculativeConfig(k, steps, in_verify, context)
+    config = SpeculativeConfig(k, steps, in_verify, redraft, context)
     for prompt in PROMPTS:
         expected = list(generate(model, prompt, 40, eos_id=None))
         result = speculative_generate(model, [prompt], 40, TINY_MASK_ID, config)
         assert result.tokens == [expected] and decodes_something(expected)
         assert result.verify_forwards == 1 + len(result.accepted)
+        assert redraft or result.draft_forwards == steps  # without redrafting only the first round drafts
         written = 1 + sum(a + 1 for a in result.accepted)  # the prefill's token, then a + 1 per verify
         assert written >= 40 > written - result.accepted[-1] - 1  # no round after the 40th token
 
@@ -40,10 +49,9 @@ def test_a_batch_of_different_lengths_decodes_as_each_prompt_alone_and_stops_at_
     alone = [list(generate(model, p, 30)) for p in PROMPTS]
     eos = alone[1][6]  # a token row 1 writes: rows stop at its first occurrence, as generate does with it as EOS
     expected = [list(generate(model, p, 30, eos_id=eos)) for p in PROMPTS]
-    for context in ("cache", "full"):
-        result = speculative_generate(
-            model, PROMPTS, 30, TINY_MASK_ID, SpeculativeConfig(4, draft_context=context), eos
-        )
+    configs = [SpeculativeConfig(4, draft_context="full"), SpeculativeConfig(4), SpeculativeConfig(4, redraft=False)]
+    for config in configs:
+        result = speculative_generate(model, PROMPTS, 30, TINY_MASK_ID, config, eos)
         assert result.tokens == expected and len(expected[1]) <= 7 and expected[1][-1] == eos
     assert all(decodes_something(row) for row in alone)
 
@@ -75,3 +83,5 @@ def test_bad_settings_are_named():
         SpeculativeConfig(4, 5).validate()
     with pytest.raises(SettingError, match="draft_context"):
         SpeculativeConfig(draft_context="causal").validate()
+    with pytest.raises(SettingError, match="draft_in_verify"):
+        SpeculativeConfig(draft_in_verify=False, redraft=False).validate()

@@ -13,7 +13,9 @@ committed token (`pending`) at column n:
    keys and values, which is AR greedy decoding. The cache keeps columns n..n+a; the new pending token is g_a.
 With `draft_in_verify` the verify pass also feeds k + 1 masks after the drafts, which see the drafts and each other
 but are seen by none of them, so the verifier's outputs are unchanged. When every draft is accepted, those masks
-stand where the next block goes and their outputs are its drafts: the next round skips step 1.
+stand where the next block goes and their outputs are its drafts: the next round skips step 1. With `redraft` off it
+always skips it: after a rejection the next drafts are the verify pass's guesses past it (its causal outputs, then the
+masks'), conditioned on a rejected token, so weaker, but every round is then one forward.
 
 Forward passes are counted as they run: the prefill (AR's first forward), every draft pass, every verify pass.
 Prompts of different lengths are left-padded (model/inference/padding.py) and decode as they would alone (up to the
@@ -38,6 +40,9 @@ class SpeculativeConfig:
     draft_length: int = 8  # k: tokens drafted per round (the block the diffusion decoder fills)
     draft_steps: int = 1  # diffusion forwards per draft (1: every mask at once)
     draft_in_verify: bool = True  # draft the next block in the verify pass (used when every draft is accepted)
+    # After a round that rejected a draft: a draft pass (True), or (False, with draft_in_verify) the verify pass's own
+    # guesses past the rejection, its causal outputs then its masks' (Jacobi-style: stale, but no draft pass).
+    redraft: bool = True
     # What the drafter sees: "cache", the block over the AR KV cache (a pass costs the block's columns); "full", the
     # whole canvas bidirectionally and uncached, as a bidirectional diffusion model is trained (a pass costs them all).
     draft_context: str = "cache"
@@ -45,6 +50,8 @@ class SpeculativeConfig:
     def validate(self) -> None:
         check_setting("draft_length", self.draft_length, 1)
         check_setting("draft_steps", self.draft_steps, 1, high=self.draft_length)
+        if not (self.redraft or self.draft_in_verify):
+            raise SettingError("{redraft} False takes the next drafts from the verify pass: it needs {draft_in_verify}")
         if self.draft_context not in DRAFT_CONTEXTS:
             raise SettingError(
                 f"{{draft_context}} must be one of {', '.join(DRAFT_CONTEXTS)}, got '{self.draft_context}'"
@@ -99,6 +106,13 @@ class _Decoder:
             logits = logits.clone()
             logits[..., self.banned] = float("-inf")
         return logits.argmax(-1)
+
+    def guesses_ahead(self, logits: torch.Tensor, guesses: torch.Tensor, k: int, mask_id: int) -> torch.Tensor:
+        """[B, 2k + 1] guesses for columns n+1..n+2k+1 from a verify pass with masks at columns n+k+1..: the causal
+        outputs' for n+1..n+k+1, then the masks' (read one column left when shifted)."""
+        masks = logits[:, k + 2 - self.shift : 2 * k + 2 - self.shift].float()
+        masks[..., [mask_id, *self.banned]] = float("-inf")
+        return torch.cat([guesses, masks.argmax(-1)], dim=1)
 
     def draft(self, n: int, k: int, steps: int, mask_id: int, full: bool = False) -> torch.Tensor:
         """Drafts [B, k] for columns n+1..n+k, in `steps` bidirectional passes of the block over the cache, or
@@ -169,10 +183,8 @@ def speculative_generate(
         run.cache.crop(n + a + 1)
         result.accepted.append(a)
         drafts = None
-        if config.draft_in_verify and a == k:  # the masks stood where the next block goes
-            next_logits = logits[:, k + 2 - run.shift : 2 * k + 2 - run.shift].float()
-            next_logits[..., [mask_id, *run.banned]] = float("-inf")
-            drafts = next_logits.argmax(-1)
+        if config.draft_in_verify and (a == k or not config.redraft):
+            drafts = run.guesses_ahead(logits, guesses, k, mask_id)[:, a + 1 : a + k + 1]
         if eos_id is not None:
             done |= (run.canvas[:, n + 1 : n + a + 2] == eos_id).any(1)
         n += a + 1

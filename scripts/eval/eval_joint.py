@@ -10,8 +10,9 @@ causal NLL per token (its AR mode; for a diffusion-only conversion, what its wei
 diffusion checkpoint's NELBO, with the same rows and mask draws for all; differences are paired over rows.
 Speculation: --prompts prompts (the first --prompt-tokens tokens of held-out rows), each continued --new-tokens
 tokens at batch 1 without stopping at EOS, by AR greedy decoding with its KV cache and by self-speculation with each
---draft-length, alternating in one process; the speed is the ratio of their summed times (CPU time on a CPU, so
-other jobs on a shared machine are not counted; wall time on an accelerator).
+--draft-length (drafter: the block over the AR cache, the full canvas, or after the first round the verify
+pass's own guesses, redraft off), alternating in one process; the speed is the ratio of their summed times (CPU
+time on a CPU, so other jobs on a shared machine are not counted; wall time on an accelerator).
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def speculation(args, path, prompts, device) -> list[dict]:
     model, tokenizer, _ = load_checkpoint_for_eval(path, args.tokenizer_dir, "diffusion", device)
     mask_id, rows = mask_token_id(tokenizer), []
     now = time.process_time if device.type == "cpu" else time.perf_counter  # CPU time: other jobs' work not counted
-    settings = [(k, c) for k in args.draft_length or [4, 8] for c in args.draft_context or DRAFT_CONTEXTS]
-    for k, context in settings:
-        config = SpeculativeConfig(k, draft_context=context)
+    contexts = [(c, True) for c in args.draft_context or DRAFT_CONTEXTS] + [("cache", False)]
+    for k, (context, redraft) in [(k, c) for k in args.draft_length or [4, 8] for c in contexts]:
+        config = SpeculativeConfig(k, redraft=redraft, draft_context=context)
         ar_seconds = spec_seconds = 0.0
         accepted, forwards, tokens, identical = [], 0, 0, True
         for prompt in prompts:
@@ -113,7 +114,7 @@ def speculation(args, path, prompts, device) -> list[dict]:
             {
                 "checkpoint": path,
                 "draft_length": k,
-                "draft_context": context,
+                "drafter": context if redraft else "verify pass",
                 "accepted_per_verify": sum(accepted) / len(accepted),
                 "tokens_per_forward": tokens / forwards,
                 "speed_vs_ar": ar_seconds / spec_seconds,
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
         print("|---|---:|---|---:|---:|---:|---|")
         for r in spec:
             print(
-                f"| {r['checkpoint']} | {r['draft_length']} | {r['draft_context']} | {r['accepted_per_verify']:.2f} | "
+                f"| {r['checkpoint']} | {r['draft_length']} | {r['drafter']} | {r['accepted_per_verify']:.2f} | "
                 f"{r['tokens_per_forward']:.2f} | {r['speed_vs_ar']:.2f}x | {r['identical']} |"
             )
     return {"likelihoods": rows, "speculation": spec}
