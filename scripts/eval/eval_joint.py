@@ -75,6 +75,8 @@ def likelihoods(args, batches, device) -> list[dict]:
 
 
 def print_likelihoods(rows: list[dict]) -> None:
+    scored, draws = rows[0]["ar"], max((r["diffusion"] or {}).get("mc_samples", 0) for r in rows)
+    print(f"{scored['rows']} held-out rows, {scored['tokens']:,} scored tokens; NELBO: {draws} mask draws per row")
     print("| checkpoint | AR-mode NLL (s.e.) | Δ vs reference (paired s.e.) | diffusion NELBO (s.e.) | Δ vs first |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
