@@ -15,8 +15,6 @@ rows of a group are timed twice, before and after the diffusion modes, and avera
 second) shows how much the machine's speed moved meanwhile. Quote the ratios and forward counts, not the times.
 """
 
-from __future__ import annotations
-
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -57,10 +55,8 @@ class CardSettings:
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
 
 
-TINY_CARD = CardSettings(
-    continuation_lengths=(16,), classification_length=8, batches=(1, 2), prompts=2, prompt_tokens=8, block_size=8,
-    thresholds=(0.9,), goal_length=16,
-)  # fmt: skip
+TINY_CARD = CardSettings(continuation_lengths=(16,), batches=(1, 2), prompts=2, prompt_tokens=8, block_size=8,
+                         thresholds=(0.9,), goal_length=16)  # fmt: skip
 
 
 @dataclass
@@ -98,8 +94,8 @@ class Run:
 
     def add(self, outputs: list[list[int]], seconds: float, first: float, forwards: int, wall: float = 0.0) -> None:
         self.outputs += outputs
-        self.wall_seconds += wall
-        self.seconds, self.first_seconds = self.seconds + seconds, self.first_seconds + first
+        self.seconds, self.first_seconds, self.wall_seconds = self.seconds + seconds, self.first_seconds + first, \
+            self.wall_seconds + wall  # fmt: skip
         self.forward_passes, self.batches = self.forward_passes + forwards, self.batches + 1
 
 
@@ -154,97 +150,78 @@ def clock_for(device):
     return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
 
 
-class _ForwardCounter:
-    """Counts a model's forward passes and when the first one ended (an AR model's time to first token)."""
-
-    def __init__(self, model, device, start: float):
-        self.calls, self.first, self.device, self.start, self.now = 0, None, device, start, clock_for(device)
-        self.hook = model.register_forward_hook(self._seen)
-
-    def _seen(self, *_) -> None:
-        self.calls += 1
-        if self.first is None:
-            synchronize(self.device)
-            self.first = self.now() - self.start
-
-
-def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device, dtype: str, mask_id: int) -> Run:
-    greedy, run, now = ARSamplerConfig(banned_ids=(mask_id,)), Run(), clock_for(device)
-    for chunk in chunks(prompts, batch):
-        synchronize(device)
-        wall, start = time.perf_counter(), now()
-        counter = _ForwardCounter(model, device, start)
-        try:
-            with autocast(device, dtype):
-                if len(chunk) == 1:
-                    rows = [list(generate(model, chunk[0], gen_length, greedy, EOS_ID))]
-                else:
-                    rows = generate_batch(model, chunk, gen_length, greedy, EOS_ID, pad_id=PAD_ID)
-            synchronize(device)
-        finally:
-            counter.hook.remove()
-        seconds, wall = now() - start, time.perf_counter() - wall
-        run.add([content_ids(r, EOS_ID) for r in rows], seconds, counter.first or seconds, counter.calls, wall)
-    return run
-
-
-def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, device, dtype: str, mask_id) -> Run:
+def timed_run(prompts: list[list[int]], batch: int, device, decode) -> Run:
+    """Each batch of `prompts` decoded by `decode(chunk, mark) -> (rows of ids, forward passes)` under the card's
+    clock; `mark()` notes the first token's (AR) or the first final block's (diffusion) time."""
     run, now = Run(), clock_for(device)
     for chunk in chunks(prompts, batch):
-        ids, lengths = left_pad(chunk, PAD_ID, device)
         marks = []
 
-        def first_block(k, tokens) -> None:
+        def mark(*_) -> None:
             if not marks:
                 synchronize(device)
                 marks.append(now())
 
         synchronize(device)
         wall, start = time.perf_counter(), now()
-        with autocast(device, dtype):
-            out = diffusion_generate(model, ids, sampler, mask_id, EOS_ID, on_block=first_block, prompt_lengths=lengths)
+        rows, forwards = decode(chunk, mark)
         synchronize(device)
         seconds, wall = now() - start, time.perf_counter() - wall
         first = marks[0] - start if marks else seconds
-        run.add([content_ids(r, EOS_ID) for r in out.tokens.tolist()], seconds, first, out.nfe, wall)
+        run.add([content_ids(row, EOS_ID) for row in rows], seconds, first, forwards, wall)
     return run
+
+
+def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device, dtype: str, mask_id: int) -> Run:
+    greedy = ARSamplerConfig(banned_ids=(mask_id,))
+
+    def decode(chunk, mark):
+        calls = []
+
+        def seen(*_) -> None:  # the end of the first forward is the first token's time
+            calls.append(1)
+            mark()
+
+        hook = model.register_forward_hook(seen)
+        try:
+            with autocast(device, dtype):
+                if len(chunk) == 1:
+                    return [list(generate(model, chunk[0], gen_length, greedy, EOS_ID))], len(calls)
+                return generate_batch(model, chunk, gen_length, greedy, EOS_ID, pad_id=PAD_ID), len(calls)
+        finally:
+            hook.remove()
+
+    return timed_run(prompts, batch, device, decode)
+
+
+def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, device, dtype: str, mask_id) -> Run:
+    def decode(chunk, mark):
+        ids, lengths = left_pad(chunk, PAD_ID, device)
+        with autocast(device, dtype):
+            out = diffusion_generate(model, ids, sampler, mask_id, EOS_ID, on_block=mark, prompt_lengths=lengths)
+        return out.tokens.tolist(), out.nfe
+
+    return timed_run(prompts, batch, device, decode)
 
 
 def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, tokenizer) -> dict:
     """One line of the card: speed figures of `run`, and quality figures of the text it decoded."""
-    rows, content = len(run.outputs), sum(map(len, run.outputs))
+    rows, content, forwards = len(run.outputs), sum(map(len, run.outputs)), run.forward_passes / run.batches
     row = {
-        "workload": workload.name,
-        "gen_length": workload.gen_length,
-        "batch": batch,
-        "mode": mode,
-        "prompts": rows,
-        "content_tokens": content,
-        "mean_content_length": content / rows,
-        "seconds": run.seconds,
-        "wall_seconds": run.wall_seconds,
-        "content_tokens_per_s": content / run.seconds,
+        "workload": workload.name, "gen_length": workload.gen_length, "batch": batch, "mode": mode, "prompts": rows,
+        "content_tokens": content, "mean_content_length": content / rows, "seconds": run.seconds,
+        "wall_seconds": run.wall_seconds, "content_tokens_per_s": content / run.seconds,
         "first_token_seconds": run.first_seconds / run.batches,  # diffusion: its first final block
-        "forward_passes": run.forward_passes / run.batches,  # per batch
-        "tokens_per_forward": content / rows / (run.forward_passes / run.batches),  # per row
+        "forward_passes": forwards,  # per batch
+        "tokens_per_forward": content / rows / forwards,  # per row
         "generative_perplexity": generative_perplexity(ar_model, workload.prompts, run.outputs),
-        "unigram_entropy": mean_unigram_entropy(run.outputs),
-        "accuracy": None,
-        "unparseable": None,
-    }
+        "unigram_entropy": mean_unigram_entropy(run.outputs), "accuracy": None, "unparseable": None,
+    }  # fmt: skip
     if workload.labels is not None:
         said = [parse_sentiment(decode(tokenizer, ids)) for ids in run.outputs]
         row["accuracy"] = sum(s == gold for s, gold in zip(said, workload.labels)) / rows
         row["unparseable"] = sum(s is None for s in said)
     return row
-
-
-def _mean_of(first: Run, second: Run) -> tuple[Run, float]:
-    """The AR run timed before and after the other modes: averaged times, and the drift of the rate between them."""
-    both = replace(first, seconds=(first.seconds + second.seconds) / 2)
-    both.wall_seconds = (first.wall_seconds + second.wall_seconds) / 2
-    both.first_seconds = (first.first_seconds + second.first_seconds) / 2
-    return both, first.seconds / second.seconds
 
 
 def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, tokenizer, mask_id: int, log) -> list:
@@ -260,67 +237,56 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
             continue
         ar_args = (workload.prompts, workload.gen_length, batch, device, s.dtype, mask_id)
         before = ar_run(pair.ar, *ar_args)
-        runs = {}
-        for name, sampler in modes.items():
-            if sampler is not None:
-                runs[name] = diffusion_run(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
-        runs[AR_MODE], drift = _mean_of(before, ar_run(pair.ar, *ar_args))
+        runs = {
+            name: diffusion_run(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
+            for name, sampler in modes.items()
+            if sampler is not None
+        }
+        after = ar_run(pair.ar, *ar_args)  # the AR time is the mean of the two, and their ratio the drift
+        runs[AR_MODE] = replace(before, seconds=(before.seconds + after.seconds) / 2,
+                                wall_seconds=(before.wall_seconds + after.wall_seconds) / 2,
+                                first_seconds=(before.first_seconds + after.first_seconds) / 2)  # fmt: skip
         group = [card_row(workload, batch, name, runs[name], pair.ar, tokenizer) for name in modes]
-        ar_rate = group[0]["content_tokens_per_s"]
-        baseline_ppl = group[1]["generative_perplexity"]
+        ar_rate, baseline_ppl = group[0]["content_tokens_per_s"], group[1]["generative_perplexity"]
         for row in group:
-            row["speed_vs_ar"] = row["content_tokens_per_s"] / ar_rate if ar_rate else None
             ppl = row["generative_perplexity"]
+            row["speed_vs_ar"] = row["content_tokens_per_s"] / ar_rate if ar_rate else None
             row["perplexity_vs_baseline"] = ppl / baseline_ppl if ppl and baseline_ppl else None
-            row["ar_drift"] = drift
-            log(
-                f"  {workload.name} {workload.gen_length} batch {batch} {row['mode']}: "
+            row["ar_drift"] = before.seconds / after.seconds
+            log(f"  {workload.name} {workload.gen_length} batch {batch} {row['mode']}: "
                 f"{row['content_tokens_per_s']:,.1f} content tokens/s ({row['speed_vs_ar']:.2f}x AR), "
-                f"{row['forward_passes']:.1f} forwards, perplexity {row['generative_perplexity']}"
-            )
+                f"{row['forward_passes']:.1f} forwards, perplexity {row['generative_perplexity']}")  # fmt: skip
         rows += group
     return rows
-
-
-def warm_up(pair: Pair, device, mask_id: int) -> None:
-    """One short untimed decode per model, so first-call allocations are not charged to the first mode timed."""
-    prompt = [[BOS_ID, 3, 4, 5]]
-    ar_run(pair.ar, prompt, 4, 1, device, "float32", mask_id)
-    diffusion_run(pair.diffusion, prompt, DiffusionSamplerConfig(gen_length=4, steps=4), 1, device, "float32", mask_id)
 
 
 def goal_verdict(rows: list[dict], s: CardSettings) -> dict | None:
     """The issue's goal on the continuation workload at batch 1 and `goal_length`: the fastest diffusion mode whose
     generative perplexity is within `goal_tolerance` of the LLaDA baseline's, and whether it reaches AR's rate."""
-    group = [
-        r for r in rows if r["workload"] == "continuation" and r["batch"] == 1 and r["gen_length"] == s.goal_length
-    ]
-    diffusion = [r for r in group if r["mode"] != AR_MODE]
+    diffusion = [r for r in rows if (r["workload"], r["batch"], r["gen_length"]) == ("continuation", 1, s.goal_length)
+                 and r["mode"] != AR_MODE]  # fmt: skip
     if not diffusion:
         return None
-    within = [
-        r for r in diffusion if r["perplexity_vs_baseline"] and abs(r["perplexity_vs_baseline"] - 1) <= s.goal_tolerance
-    ]
-    best = max(within, key=lambda r: r["content_tokens_per_s"], default=None)
+    ratio = "perplexity_vs_baseline"
+    within = [r for r in diffusion if r[ratio] and abs(r[ratio] - 1) <= s.goal_tolerance]
+    best = max(within, key=lambda r: r["content_tokens_per_s"], default={})
     fastest = max(diffusion, key=lambda r: r["content_tokens_per_s"])
     return {
-        "gen_length": s.goal_length,
-        "tolerance": s.goal_tolerance,
-        "met": bool(best and best["speed_vs_ar"] >= 1),
-        "best_mode": best and best["mode"],
-        "best_speed_vs_ar": best and best["speed_vs_ar"],
-        "best_perplexity_vs_baseline": best and best["perplexity_vs_baseline"],
-        "fastest_mode": fastest["mode"],
-        "fastest_speed_vs_ar": fastest["speed_vs_ar"],
-        "fastest_perplexity_vs_baseline": fastest["perplexity_vs_baseline"],
-    }
+        "gen_length": s.goal_length, "tolerance": s.goal_tolerance, "met": bool(best and best["speed_vs_ar"] >= 1),
+        "best_mode": best.get("mode"), "best_speed_vs_ar": best.get("speed_vs_ar"),
+        "best_perplexity_vs_baseline": best.get(ratio), "fastest_mode": fastest["mode"],
+        "fastest_speed_vs_ar": fastest["speed_vs_ar"], "fastest_perplexity_vs_baseline": fastest[ratio],
+    }  # fmt: skip
 
 
 def measure_card(pairs: dict[str, tuple[Pair, list[Workload]]], s: CardSettings, device, tokenizer, mask_id, log):
     """{"rows": every card row, "goal": goal_verdict}: each pair ("base", "sft") decodes its workloads."""
     rows = []
     for pair, workloads in pairs.values():
-        warm_up(pair, device, mask_id)
+        # one short untimed decode per model first, so first-call allocations are not charged to the first mode
+        ar_run(pair.ar, [[BOS_ID, 3, 4, 5]], 4, 1, device, "float32", mask_id)
+        warm = DiffusionSamplerConfig(gen_length=4, steps=4)
+        diffusion_run(pair.diffusion, [[BOS_ID, 3, 4, 5]], warm, 1, device, "float32", mask_id)
         for workload in workloads:
             log(f"{workload.name}, {workload.gen_length} new tokens, {len(workload.prompts)} prompts ...")
             rows += measure_workload(pair, workload, s, device, tokenizer, mask_id, log)
