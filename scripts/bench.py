@@ -1,17 +1,13 @@
 """Speed benchmark: the speed card (diffusion decoding against AR decoding of the same model size, both trained, in
-content tokens/s with quality beside it) and training throughput of both routes.
+content tokens/s with quality beside it) and training throughput of both routes (CUDA and --tiny).
 
     python -m scripts.bench --checkpoint AR.pt --checkpoint DIFF.pt \
         [--sft-checkpoint AR_SFT.pt --sft-checkpoint DIFF_SFT.pt]
     python -m scripts.bench --models weights/report   # the report's models, by their names in that folder
     python -m scripts.bench --tiny                    # CI smoke run: random tiny models, labelled, never a figure
 
-The card (scripts/common/bench/card.py): continuation of held-out texts at 32, 128 and 256 new tokens (the pair) and
-the review-sentiment answers (the SFT pair), at batch 1 and 16, for AR with its KV cache and every diffusion mode;
-content tokens/s (tokens before EOS), time to first token / block, forward passes, tokens per forward, generative
-perplexity under the pair's AR model, unigram entropy, accuracy. Training (scripts/common/bench/training.py) runs on
-CUDA (MiniMind2-Small shape) and in --tiny; `--skip-training` leaves it out. Writes JSON, a markdown card (printed)
-and a plot of quality against speed to benchmarks/results/. Benchmarks print numbers; they assert nothing.
+Writes JSON, a markdown card (printed) and a plot of quality against speed to benchmarks/results/; benchmarks/README.md
+defines every figure. Benchmarks print numbers; they assert nothing.
 """
 
 from __future__ import annotations

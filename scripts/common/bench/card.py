@@ -1,18 +1,10 @@
-"""The speed card of scripts/bench.py: diffusion decoding against AR decoding of a model of the same size, both
-trained, on held-out prompts, in tokens/s of content with the quality of that content beside it.
+"""The speed card of scripts/bench.py: AR decoding (KV cache) against every diffusion mode of a model of the same
+shape on the same held-out prompts, in tokens/s of content (before EOS) with the quality of that content beside it.
+benchmarks/README.md defines every workload, mode and figure.
 
-A pair is an AR model and the diffusion model converted from it (same shape); an SFT pair answers the classification
-workload. Workloads: continuation of held-out pretraining texts (BOS + the first `prompt_tokens` tokens of each) at
-several answer lengths, and the review-sentiment questions of the SFT task (short answers), each at batch 1 (prompts
-one at a time) and at larger batches (left-padded together, as the evals batch them). Every mode decodes greedily and
-stops at EOS (AR after it, diffusion rows leave the batch once a finished block holds it), so a mode that writes EOS
-early is fast and says little: the content length and the quality columns show it.
-
-Timing: one clock around each batch's decode, nothing else inside it. On CUDA the wall clock (synchronised); on a CPU
-the process's CPU time: on a CPU shared with other jobs the wall clock also counts their work, CPU time counts only
-this run's (with one torch thread it is the wall time the run would take alone). The wall time is recorded too. The AR
-rows of a group are timed twice, before and after the diffusion modes, and averaged; `ar_drift` (first time over
-second) shows how much the machine's speed moved meanwhile. Quote the ratios and forward counts, not the times.
+Timing: one clock around each batch's decode. On CUDA the synchronised wall clock; on a CPU the process's CPU time,
+which counts only this run's work on a shared machine (the wall time is recorded too). AR is timed before and after
+the diffusion modes and averaged; `ar_drift` (first time over second) shows how much the machine's speed moved.
 """
 
 import json
@@ -94,8 +86,8 @@ class Run:
 
     def add(self, outputs: list[list[int]], seconds: float, first: float, forwards: int, wall: float = 0.0) -> None:
         self.outputs += outputs
-        self.seconds, self.first_seconds, self.wall_seconds = self.seconds + seconds, self.first_seconds + first, \
-            self.wall_seconds + wall  # fmt: skip
+        self.seconds, self.first_seconds = self.seconds + seconds, self.first_seconds + first
+        self.wall_seconds += wall
         self.forward_passes, self.batches = self.forward_passes + forwards, self.batches + 1
 
 
@@ -114,14 +106,8 @@ def continuation_prompts(path: str | Path, tokenizer, count: int, prompt_tokens:
 
 
 def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) -> dict:
-    """Mode name -> diffusion sampler (None: AR with its KV cache).
-
-    `llada_baseline`: one token per step. `threshold_T` (no cache, prefix and dual caches): Fast-dLLM's parallel
-    decoding at the first threshold. `fast_*`: the levers together (the dual cache, a canvas cut `lookahead_blocks`
-    past the current block, rows that finish inside a block at their EOS) with each commit rule: a threshold T, the
-    adaptive factor rule F, or K tokens per step. A block-trained model decodes block-causally (exact cache) with the
-    finish only.
-    """
+    """Mode name -> diffusion sampler (None: AR with its KV cache); benchmarks/README.md says what each does. A
+    block-trained model decodes block-causally (exact cache) with the finish at EOS as its only lever."""
     block = s.block_size if gen_length % s.block_size == 0 else gen_length
     base = DiffusionSamplerConfig(gen_length=gen_length, steps=gen_length, block_size=block)
     if trained_block:

@@ -1,12 +1,6 @@
-"""What the speed card (card.py) says about the text a decoder wrote, next to how fast it wrote it. Every figure is
-computed on the decoded output ids, never on a reference answer:
-- content: the ids before the first EOS (a diffusion canvas after its EOS is padding, and so is anything after an AR
-  model's EOS), the only tokens a speed figure may count;
-- generative perplexity: exp of the mean negative log-likelihood per content token under the AR model of the pair,
-  each output scored after its own prompt (the AR model's own NLL of the sequence, no other estimate);
-- unigram entropy: the entropy of each output's token histogram (nats), averaged over outputs: repetition loops
-  ("的的的...") drive it towards 0 while keeping perplexity low, so the two are read together.
-"""
+"""What the speed card says about the text a decoder wrote, computed on the decoded ids, never on a reference: its
+content (the ids before the first EOS, all that a speed figure counts), its generative perplexity under the pair's AR
+model (that model's own NLL) and its unigram entropy (repetition drives it towards 0 while keeping perplexity low)."""
 
 import math
 from collections import Counter

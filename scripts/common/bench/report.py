@@ -14,15 +14,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets; matched in this order
 # against torch.cuda.get_device_name(). An unknown device gets MFU null rather than a guess.
-BF16_PEAK_FLOPS = [
-    ("h100 pcie", 756e12),
-    ("h100 nvl", 835e12),
-    ("h100", 989e12),
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("rtx 4090", 165e12),
-    ("rtx 3090", 71e12),
-]
+BF16_PEAK_FLOPS = [("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+                   ("rtx 4090", 165e12), ("rtx 3090", 71e12)]  # fmt: skip
 CLOCKS = {
     "cpu_time": "the process's CPU time (the CPU is shared: the wall clock would count other jobs' work too)",
     "wall": "the wall clock (synchronised)",

@@ -1,14 +1,9 @@
-"""The generation worker of the chat server (scripts.serve): requests wait in a queue and one thread decodes everything
-waiting that can share a batch, so requests that arrive together are decoded together.
-
-Requests share a batch when decoding them together gives each the answer it gets alone: the same AR sampling settings
-(any greedy requests), or the same diffusion settings (block-causal ones also the same prompt length, since their
-blocks start at the prompt's first token). Prompts are left-padded (model/inference/padding.py), so a greedy answer in
-a batch equals its answer alone. A request that samples with its own seed decodes alone, to stay reproducible.
-
-Cancellation: before every forward pass each request of the batch is asked whether it still wants tokens (its client
-is still connected and its answer is not complete); when none does, the batch stops there, so a client that gives up
-frees the model within one decoding step.
+"""The generation worker of the chat server: requests wait in a queue and one thread decodes everything waiting that
+can share a batch, i.e. every request whose answer in the batch is its answer alone: the same AR sampling settings (any
+greedy ones), or the same diffusion settings (block-causal ones also the same prompt length, as their blocks start at
+the prompt's first token); prompts are left-padded (model/inference/padding.py). A request that samples with its own
+seed decodes alone, to stay reproducible. Before every forward pass each request is asked whether it still wants
+tokens (its client is connected, its answer unfinished): when none does, the batch stops, freeing the model.
 """
 
 import queue

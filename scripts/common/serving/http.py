@@ -24,10 +24,6 @@ class ClientLeft(Exception):
     """The client closed its connection before its request's body was read."""
 
 
-def not_found(method: str, path: str, route: str) -> RequestError:
-    return RequestError(f"no route {method} {path}; use {route}", status=404, code="not_found")
-
-
 def usage(request: ChatRequest, completion_tokens: int) -> dict:
     prompt_tokens = len(request.prompt_ids)
     total = prompt_tokens + completion_tokens
@@ -43,7 +39,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if not self.quiet:
             super().log_message(format, *args)
 
-    def send_json(self, status: int, payload: dict) -> None:
+    def send_json(self, payload: dict, status: int = 200) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -66,32 +62,32 @@ class ChatHandler(BaseHTTPRequestHandler):
         except (OSError, ValueError):  # reset, or already closed
             return True
 
+    def fail(self, err: RequestError) -> None:
+        self.send_json(err.body(), err.status)
+
     def do_GET(self):
         path, engine = self.path.split("?")[0].rstrip("/"), self.engine
         card = {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "nano-llada"}
         routes = {"/v1/models": {"object": "list", "data": [card]}, f"/v1/models/{engine.model_id}": card}
-        routes["/health"] = {"status": "ok"}
-        if path in routes:
-            return self.send_json(200, routes[path])
-        err = not_found("GET", path, "GET /v1/models")
-        self.send_json(err.status, err.body())
+        if path not in routes:
+            return self.fail(RequestError(f"no route GET {path}; try GET /v1/models", None, 404, "not_found"))
+        self.send_json(routes[path])
 
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
         try:
             if path != "/v1/chat/completions":
-                raise not_found("POST", path, "POST /v1/chat/completions")
+                raise RequestError(f"no route POST {path}; use POST /v1/chat/completions", None, 404, "not_found")
             request = self.engine.parse(self.read_json())
         except ClientLeft:  # nobody to answer: writing would only raise (and print) a broken pipe
             self.close_connection = True
             return
         except RequestError as err:
-            return self.send_json(err.status, err.body())
+            return self.fail(err)
         except NanoLladaError as err:  # e.g. a tokenizer without a chat template
-            return self.send_json(400, RequestError(str(err)).body())
+            return self.fail(RequestError(str(err)))
         except Exception as err:  # a bug, not the client's fault: answer 500 and keep serving
-            failure = RequestError(f"could not read the request: {err.__class__.__name__}: {err}", status=500)
-            return self.send_json(500, failure.body())
+            return self.fail(RequestError(f"could not read the request: {err!r}", status=500))
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.engine.model_id}
         try:
             (self.stream if request.stream else self.answer)(request, reply)
@@ -100,7 +96,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         except Exception as err:  # a bug, not the client's fault: a 500, or an error event once a stream has begun
             failure = RequestError(f"generation failed: {err.__class__.__name__}: {err}", status=500).body()
             try:
-                self.send_event(failure) if request.stream else self.send_json(500, failure)
+                self.send_event(failure) if request.stream else self.send_json(failure, 500)
             except OSError:
                 pass
 
@@ -131,7 +127,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             message = {"role": "assistant", "content": "".join(pieces)}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result[0]}
             reply |= {"object": "chat.completion", "choices": [choice], "usage": usage(request, result[1])}
-            self.send_json(200, reply)
+            self.send_json(reply)
 
     def stream(self, request: ChatRequest, reply: dict) -> None:
         """AR streams token by token, diffusion each finished block; with include_usage every chunk carries a usage
