@@ -56,7 +56,13 @@ class BenchOptions:
 
 
 def numbers(kind):
-    return lambda text: tuple(kind(x) for x in text.split(",") if x.strip())
+    """An argparse type for a comma-separated list ("invalid comma-separated int value: 'a'" when it is not one)."""
+
+    def parse(text: str) -> tuple:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
 
 
 def parse_args(argv=None) -> tuple[BenchOptions, CardSettings, BenchSettings]:

@@ -93,3 +93,9 @@ def test_training_flops_follow_six_n_plus_attention():
         matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         attention = 3 * 2 * 2 * config.hidden_size * seq * config.num_hidden_layers
         assert training_flops_per_token(config, seq) == 6 * matmul_weights + attention
+
+
+def test_a_list_flag_that_is_not_a_list_is_one_line_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--device", "cpu", "--lengths", "32,x"])
+    assert "argument --lengths: invalid comma-separated int value: '32,x'" in capsys.readouterr().err
