@@ -21,9 +21,8 @@ from pathlib import Path
 
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
-from scripts.common.cli import Bounded, pick_device, positive, run_main
+from scripts.common.cli import Bounded, flag_names, parse, pick_device, positive, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import flag_names
 from scripts.common.serving.engine import ChatEngine, Defaults
 from scripts.common.serving.http import make_server
 
@@ -75,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together in one batch"
     )
     p.add_argument("--quiet", action="store_true", help="do not log each request")
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def load_engine(args) -> ChatEngine:

@@ -39,7 +39,8 @@ BARE = {
 
 
 def seed_commands() -> list[tuple[str, list[str]]]:
-    """(module, argv) of every `uv run python -m scripts...` command in the seed files 000 and 001 (002, the English copy, runs its commands into its prose; they are 001's)."""
+    """(module, argv) of every `uv run python -m scripts...` command in the seed files 000 and 001 (002 is the
+    English copy of 001, with its commands run into its prose)."""
     commands = []
     for path in sorted(SEEDS.glob("00[01]_*.txt")):
         text = path.read_text().replace("\\\n", " ")
@@ -69,7 +70,9 @@ def flattened(value) -> dict:
 def snapshot(module_name: str, argv: list[str]) -> dict:
     module = importlib.import_module(module_name)
     parsed = module.settings(argv) if hasattr(module, "settings") else module.parse_args(argv)
-    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in flattened(parsed).items()}
+    return {
+        k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in flattened(parsed).items()
+    }
 
 
 def main() -> None:
