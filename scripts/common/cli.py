@@ -64,7 +64,7 @@ def run_main(main_fn) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-# field -> its flag (the first spelling: "--gen-steps" of --gen-steps/--steps) on the command line parsed last. The
+# field -> its flag (the first spelling: "--steps" of --steps/--gen-steps) on the command line parsed last. The
 # library's messages name its fields; flag_names words them as the flags that set them.
 _parsed_flags: dict[str, str] = {}
 # Library fields set by a flag of another name: the sampler's generation length and the block curriculum's sizes.

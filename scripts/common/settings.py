@@ -26,8 +26,7 @@ def flag(
     kind=None,
     metavar: str | None = None,
 ):
-    """A dataclass field that is the flag --<field-name> (and `aliases`, the spellings the seed commands use, which
-    help and messages show first); `low`,
+    """A dataclass field that is the flag --<field-name> (and `aliases`, the spellings the seed commands use); `low`,
     `high`, `above_low`: its range, checked while the command line is parsed; `kind`: its type where the default
     is None (a bool kind makes an on/off pair); lists take a comma-separated value."""
     meta = dict(help=help, aliases=aliases, low=low, high=high, above_low=above_low, choices=choices, kind=kind)
@@ -49,7 +48,7 @@ def add_flags(parser, cls, **defaults) -> None:
     for f in flag_fields(cls):
         meta = f.metadata["flag"]
         default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
-        names = [*meta["aliases"], f"--{f.name.replace('_', '-')}"]  # the older spelling first: messages name it
+        names = [f"--{f.name.replace('_', '-')}", *meta["aliases"]]
         options = dict(dest=f.name, default=default, help=meta["help"], metavar=meta["metavar"])
         kind = meta["kind"] or type(default)
         if kind is bool:
