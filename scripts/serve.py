@@ -22,9 +22,8 @@ from pathlib import Path
 
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
-from scripts.common.cli import Bounded, pick_device, run_main
+from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import flag_names
 from scripts.common.serving.engine import ChatEngine, ChatRequest
 from scripts.common.serving.http import make_server
 
@@ -65,7 +64,7 @@ def parse_args(argv=None) -> ServeOptions:
     block_help = "diffusion block size; 0 = one block"
     d.add_argument("--block-length", type=int, action=Bounded, low=0, default=32, help=block_help)
     d.add_argument("--threshold", type=float, help="diffusion: commit every token at least this confident")
-    args = vars(p.parse_args(argv))
+    args = vars(parse(p, argv))
     sampling = ("max_tokens", "temperature", "top_k", "top_p", "steps", "block_length", "threshold")
     defaults = ChatRequest(**{name: args.pop(name) for name in sampling})
     return ServeOptions(**args, defaults=defaults)
@@ -79,7 +78,8 @@ def load_engine(o: ServeOptions) -> ChatEngine:
     name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)
     d, temperature = o.defaults, o.defaults.temperature or 0.0
-    with flag_names({"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens"}):  # as requests are checked
+    renamed = {"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens", "block_size": "--block-length"}
+    with flag_names(renamed):  # the defaults are checked as a request's fields are
         ARSamplerConfig(temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
         if engine.kind == "diffusion":  # what a request with the default settings decodes with
             sampler = engine.sampler_for(d.max_tokens, d.steps, d.block_length, temperature, d.threshold)

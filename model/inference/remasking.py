@@ -14,6 +14,8 @@ import torch
 
 from model.logit_shift import is_shifted, read_shifted
 
+REMASKINGS = ("low_confidence", "random")  # a step commits its most confident masked positions, or any
+
 
 @dataclass
 class SampleResult:

@@ -38,7 +38,7 @@ import torch
 from model.block_attention import block_causal_mask
 from model.errors import MAX_TEMPERATURE, NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout
-from model.inference.remasking import DecodingRun, SampleResult, block_quotas
+from model.inference.remasking import REMASKINGS, DecodingRun, SampleResult, block_quotas
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
 
@@ -51,7 +51,7 @@ class DiffusionSamplerConfig:
     steps: int  # total forward passes budgeted over all blocks (LLaDA's `steps`)
     block_size: int | None = None  # None: one block covering the whole generation
     temperature: float = 0.0  # Gumbel-max sampling; 0 = greedy
-    remasking: str = "low_confidence"  # low_confidence | random
+    remasking: str = "low_confidence"  # one of REMASKINGS
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w
     threshold: float | None = None  # commit every masked position with confidence >= threshold (at least one)
     stop_at_eos: bool = True  # a row that has written EOS stops; the generation stops when every row has
@@ -108,8 +108,8 @@ class DiffusionSamplerConfig:
                 raise SettingError("{commit_factor} is a rule of threshold decoding: give {threshold} too")
         if self.lookahead_blocks is not None:
             check_setting("lookahead_blocks", self.lookahead_blocks, 0)
-        if self.remasking not in ("low_confidence", "random"):
-            raise SettingError(f"{{remasking}} must be low_confidence or random, got '{self.remasking}'")
+        if self.remasking not in REMASKINGS:
+            raise SettingError(f"{{remasking}} must be {' or '.join(REMASKINGS)}, got '{self.remasking}'")
 
     def check_arguments(self, prompt_len: int | None = None) -> None:
         """A user's settings (the eval flags' and the server requests' one check): validate() and the bounds below."""

@@ -64,6 +64,41 @@ def run_main(main_fn) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+# field -> its flag (the first spelling: "--steps" of --steps/--gen-steps) on the command line parsed last. The
+# library's messages name its fields; flag_names words them as the flags that set them.
+_parsed_flags: dict[str, str] = {}
+# Library fields set by a flag of another name: the sampler's generation length and the block curriculum's sizes.
+_FLAG_OF_FIELD = {
+    "gen_length": "max_new_tokens",
+    "sizes_up": "wsd_block_sizes_up",
+    "sizes_down": "wsd_block_sizes_down",
+    "phase_ratios": "wsd_phase_ratios",
+}
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args, remembering each field's flag for the messages run_main prints."""
+    args = parser.parse_args(argv)
+    _parsed_flags.clear()
+    for action in parser._actions:
+        if action.option_strings:
+            _parsed_flags.setdefault(action.dest, action.option_strings[0])
+    for field, dest in _FLAG_OF_FIELD.items():
+        if dest in _parsed_flags:
+            _parsed_flags[field] = _parsed_flags[dest]
+    return args
+
+
+@contextlib.contextmanager
+def flag_names(renamed: dict[str, str] | None = None):
+    """Word the library's complaints about its fields (SettingError) as complaints about the flags of the command
+    line parsed last (`renamed`: names of some fields that are not flags, such as a server's request fields)."""
+    try:
+        yield
+    except SettingError as err:
+        raise NanoLladaError(err.worded({**_parsed_flags, **(renamed or {})})) from None
+
+
 # ModelConfig fields with a flag of the same name (the seed commands' shape flags); defaults are ModelConfig's.
 SHAPE_FIELDS = (
     "hidden_size",

@@ -30,7 +30,7 @@ from model.objectives.conversion import init_mask_embedding
 from model.objectives.masking import SCHEDULES
 from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import model_config_from_args, positive, run_main
+from scripts.common.cli import flag_names, model_config_from_args, parse, positive, run_main
 from scripts.common.training.diffusion_pretraining import PretrainingLoss
 from scripts.common.training.flags import check_training_flags, start_run, starting_checkpoint
 from scripts.common.training.pretraining import add_pretraining_flags, describe, packed_data
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     _add_conversion_flags(p)
     _add_objective_flags(p)
     _add_curriculum_flags(p)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def _add_conversion_flags(p: argparse.ArgumentParser) -> None:
@@ -181,30 +181,13 @@ def check_flags(args) -> None:
         raise NanoLladaError(f"--variable-length-prob must lie in [0, 1], got {args.variable_length_prob}")
 
 
-# The flags of BlockCurriculum's fields, for its messages.
-CURRICULUM_FLAGS = {
-    "sizes_up": "--wsd-block-sizes-up",
-    "sizes_down": "--wsd-block-sizes-down",
-    "phase_ratios": "--wsd-phase-ratios",
-    "seq_len": "--seq-len",
-}
-
-
 def block_curriculum(args, steps: int) -> BlockCurriculum | None:
     if not args.use_block_curriculum:
         return None
     up = args.wsd_block_sizes_up or default_sizes_up(args.seq_len)
     down = args.wsd_block_sizes_down or default_sizes_down(args.seq_len, min(args.inference_block_size, args.seq_len))
-    try:
+    with flag_names():
         return BlockCurriculum(args.seq_len, steps, tuple(up), tuple(down), tuple(args.wsd_phase_ratios))
-    except NanoLladaError as error:
-        raise NanoLladaError(_as_flags(str(error))) from None
-
-
-def _as_flags(message: str) -> str:
-    for field, flag in CURRICULUM_FLAGS.items():
-        message = message.replace(field, flag)
-    return message
 
 
 def initial_model(args, tokenizer, files: RunFiles) -> Transformer:

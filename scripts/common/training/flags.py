@@ -52,8 +52,8 @@ def add_training_flags(
     p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
     add_model_flags(p)
     p.add_argument(
-        "--max-seq-len",
         "--seq-len",
+        "--max-seq-len",
         dest="seq_len",
         type=int,
         action=Bounded,
