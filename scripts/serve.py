@@ -26,6 +26,7 @@ from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.serving.engine import ChatEngine, ChatRequest
 from scripts.common.serving.http import make_server
+from scripts.common.settings import add_flags, flag_fields, settings_from
 
 
 @dataclass
@@ -55,18 +56,11 @@ def parse_args(argv=None) -> ServeOptions:
     p.add_argument("--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together")
     p.add_argument("--seq-len", type=int, help="diffusion canvas, prompt + generation (default: the model's positions)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
-    d = p.add_argument_group("defaults of the request fields of the same names")
-    d.add_argument("--max-tokens", type=int, action=Bounded, low=1, default=256, help="when a request gives none")
-    d.add_argument("--temperature", type=float, action=Bounded, low=0, help="default: 0.8 for AR, 0 (greedy) diffusion")
-    d.add_argument("--top-k", type=int, action=Bounded, low=0, default=20, help="AR top-k (0 = off)")
-    d.add_argument("--top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0, help="AR nucleus")
-    d.add_argument("--gen-steps", "--steps", dest="steps", type=int, help="diffusion forward passes (default: 1/token)")
-    block_help = "diffusion block size; 0 = one block"
-    d.add_argument("--block-length", type=int, action=Bounded, low=0, default=32, help=block_help)
-    d.add_argument("--threshold", type=float, help="diffusion: commit every token at least this confident")
-    args = vars(parse(p, argv))
-    sampling = ("max_tokens", "temperature", "top_k", "top_p", "steps", "block_length", "threshold")
-    defaults = ChatRequest(**{name: args.pop(name) for name in sampling})
+    add_flags(p.add_argument_group("defaults of the request fields of the same names"), ChatRequest)
+    args = parse(p, argv)
+    defaults = settings_from(ChatRequest, args)
+    sampling = {f.name for f in flag_fields(ChatRequest)}
+    args = {name: value for name, value in vars(args).items() if name not in sampling}
     return ServeOptions(**args, defaults=defaults)
 
 

@@ -116,7 +116,7 @@ def test_server_defaults_are_checked_at_start(checkpoints):
     flags = ["--checkpoint", str(checkpoints["diffusion"]), "--tokenizer-dir", ".", "--device", "cpu"]
     with pytest.raises(NanoLladaError, match=r"^--threshold must be in \(0, 1\], got 1.5"):
         serve.load_engine(serve.parse_args([*flags, "--threshold", "1.5"]))
-    with pytest.raises(NanoLladaError, match="^--gen-steps must be >= 1, got 0"):
+    with pytest.raises(NanoLladaError, match="^--steps must be >= 1, got 0"):  # the field's flag; --gen-steps: alias
         serve.load_engine(serve.parse_args([*flags, "--gen-steps", "0"]))
     with pytest.raises(NanoLladaError, match="^--max-tokens must be >= 1, got 0"):
         serve.load_engine(serve.parse_args([*flags, "--max-tokens", "0"]))

@@ -18,6 +18,7 @@ from model.inference.ar import ARSamplerConfig
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import chat_text, encode, mask_token_id
 from scripts.common.serving.batching import BatchWorker, Job
+from scripts.common.settings import flag
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: new system
 # The request field of each sampler parameter, for the library's messages (model.errors.SettingError).
@@ -41,7 +42,8 @@ class RequestError(Exception):
 @dataclass
 class ChatRequest:
     """The request fields the server reads (OpenAI's, plus top_k and diffusion's steps, block_length, threshold),
-    each with its JSON type; the server's flags set the defaults (scripts.serve). Other fields are ignored."""
+    each with its JSON type; other fields are ignored. The sampling fields are also the server's flags
+    (scripts/common/settings.py), which set their defaults."""
 
     messages: list | None = None
     model: str | None = None
@@ -49,14 +51,14 @@ class ChatRequest:
     stream: bool = False
     stream_options: dict | None = None
     seed: int | None = None
-    max_tokens: int = 256  # a request without it gets this, lowered to fit the context
+    max_tokens: int = flag(256, "new tokens when a request gives none (lowered to fit the context)", low=1)
     max_completion_tokens: int | None = None  # OpenAI's new name for max_tokens
-    temperature: float | None = None  # None: 0.8 for AR, 0.0 (greedy) for diffusion
-    top_k: int = 20
-    top_p: float = 1.0
-    steps: int | None = None  # diffusion forward passes over all blocks; None: one per token
-    block_length: int | None = 32  # diffusion block size (capped at the generation length; 0 or None: one block)
-    threshold: float | None = None  # diffusion parallel decoding: commit every token at least this confident
+    temperature: float | None = flag(None, "default: 0.8 for AR, 0 (greedy) for diffusion", low=0, kind=float)
+    top_k: int = flag(20, "AR top-k (0: off)", low=0)
+    top_p: float = flag(1.0, "AR nucleus mass", low=0, high=1, above_low=True)
+    steps: int | None = flag(None, "diffusion forward passes (default: one per token)", "--gen-steps", kind=int)
+    block_length: int | None = flag(32, "diffusion block size, capped at the generation length (0: one block)", low=0)
+    threshold: float | None = flag(None, "diffusion: commit every token at least this confident", kind=float)
     prompt_ids: list[int] = field(default_factory=list, init=False)  # what parse() made of the messages
     sampler: DiffusionSamplerConfig | None = field(default=None, init=False)  # diffusion only
 
