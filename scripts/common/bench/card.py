@@ -64,7 +64,8 @@ class Pair:
     def __post_init__(self) -> None:
         differ = shape_difference(self.ar.config, self.diffusion.config)
         if differ:
-            raise NanoLladaError(f"the card compares models of the same shape; these differ in {', '.join(differ)}")
+            pair = " and ".join(str(self.names[k]) for k in ("ar", "diffusion") if k in self.names) or "these"
+            raise NanoLladaError(f"the card compares models of the same shape; {pair} differ in {', '.join(differ)}")
 
 
 @dataclass
