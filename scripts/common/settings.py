@@ -25,12 +25,13 @@ def flag(
     choices=None,
     kind=None,
     metavar: str | None = None,
+    required: bool = False,
 ):
     """A dataclass field that is the flag --<field-name> (and `aliases`, the spellings the seed commands use); `low`,
     `high`, `above_low`: its range, checked while the command line is parsed; `kind`: its type where the default
-    is None (a bool kind makes an on/off pair); lists take a comma-separated value."""
+    is None (a bool kind makes an on/off pair); lists take a comma-separated value; `required`: no default."""
     meta = dict(help=help, aliases=aliases, low=low, high=high, above_low=above_low, choices=choices, kind=kind)
-    meta["metavar"] = metavar
+    meta.update(metavar=metavar, required=required)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"flag": meta})
     return dataclasses.field(default=default, metadata={"flag": meta})
@@ -50,9 +51,11 @@ def add_flags(parser, cls, **defaults) -> None:
         default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
         names = [f"--{f.name.replace('_', '-')}", *meta["aliases"]]
         options = dict(dest=f.name, default=default, help=meta["help"], metavar=meta["metavar"])
-        kind = meta["kind"] or type(default)
-        if kind is bool:
-            action = "store_true" if default is False else argparse.BooleanOptionalAction
+        if meta["required"]:
+            options["required"] = True
+        kind = meta["kind"] or (str if default is None else type(default))
+        if kind is bool:  # a switch, or an on/off pair where the field says its kind (off can then be asked for)
+            action = "store_true" if meta["kind"] is None else argparse.BooleanOptionalAction
             parser.add_argument(*names, action=action, **{k: v for k, v in options.items() if k != "metavar"})
             continue
         if isinstance(default, list):
@@ -61,6 +64,11 @@ def add_flags(parser, cls, **defaults) -> None:
         if bounded:
             options.update(action=Bounded, low=meta["low"], high=meta["high"], above_low=meta["above_low"])
         parser.add_argument(*names, type=kind, choices=meta["choices"], **options)
+
+
+def comma_list(kind):
+    """The type of a flag that takes a comma-separated list of `kind` ("1,4,16")."""
+    return _list_of(kind)
 
 
 def _list_of(kind):
