@@ -41,16 +41,17 @@ def flag_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
 
 
-def add_flags(parser, cls, **defaults) -> None:
-    """One flag per `flag` field of `cls`; `defaults` replace some fields' defaults (an entry point's own)."""
+def add_flags(parser, cls, prefix: str = "", **defaults) -> None:
+    """One flag per `flag` field of `cls`; `defaults` replace some fields' defaults (an entry point's own); `prefix`
+    goes before each flag and field name where two classes on one command line have a field of the same name."""
     unknown = set(defaults) - {f.name for f in flag_fields(cls)}
     if unknown:
         raise ValueError(f"not flag fields of {cls.__name__}: {sorted(unknown)}")
     for f in flag_fields(cls):
         meta = f.metadata["flag"]
         default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
-        names = [f"--{f.name.replace('_', '-')}", *meta["aliases"]]
-        options = dict(dest=f.name, default=default, help=meta["help"], metavar=meta["metavar"])
+        names = [f"--{(prefix + f.name).replace('_', '-')}", *([] if prefix else meta["aliases"])]
+        options = dict(dest=prefix + f.name, default=default, help=meta["help"], metavar=meta["metavar"])
         if meta["required"]:
             options["required"] = True
         kind = meta["kind"] or (str if default is None else type(default))
@@ -82,8 +83,9 @@ def _list_of(kind):
     return parse_list
 
 
-def settings_from(cls, args: argparse.Namespace, **values):
-    """`cls` built from the parsed command line: each field from the flag of its name, `values` for the rest."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {name: getattr(args, name) for name in names if hasattr(args, name) and name not in values}
+def settings_from(cls, args: argparse.Namespace, prefix: str = "", **values):
+    """`cls` built from the parsed command line: each field from the flag of its name (after `prefix`), `values` for
+    the rest."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(values)
+    given = {name: getattr(args, prefix + name) for name in names if hasattr(args, prefix + name)}
     return cls(**given, **values)
