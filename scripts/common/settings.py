@@ -52,7 +52,7 @@ def add_flags(parser, cls, prefix: str = "", **defaults) -> None:
         default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
         names = [f"--{(prefix + f.name).replace('_', '-')}", *([] if prefix else meta["aliases"])]
         options = dict(dest=prefix + f.name, default=default, help=meta["help"], metavar=meta["metavar"])
-        if meta["required"]:
+        if meta["required"] and f.name not in defaults:  # an entry point's default makes it optional
             options["required"] = True
         kind = meta["kind"] or (str if default is None else type(default))
         if kind is bool:  # a switch, or an on/off pair where the field says its kind (off can then be asked for)
