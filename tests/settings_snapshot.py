@@ -53,18 +53,21 @@ def seed_commands() -> list[tuple[str, list[str]]]:
 
 
 def flattened(value) -> dict:
-    """name -> value of a Namespace, a dataclass, or a tuple / dict of them (later names win)."""
-    if isinstance(value, dict) and not any(dataclasses.is_dataclass(v) for v in value.values()):
-        return dict(value)
-    if isinstance(value, (tuple, list, dict)):
-        items = value.values() if isinstance(value, dict) else value
-        merged = {}
-        for item in items:
-            merged.update(flattened(item))
-        return merged
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return dict(vars(value))
+    """name -> value of a Namespace or a dataclass, nested dataclasses and dicts of settings opened up (the shape
+    flags' `given`, which flags were typed, is left out: the Namespace spells it model_flags_given)."""
+    items = (
+        vars(value)
+        if not dataclasses.is_dataclass(value)
+        else {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    )
+    merged = {}
+    for name, item in items.items():
+        if dataclasses.is_dataclass(item) or (isinstance(item, dict) and name == "values"):
+            nested = flattened(item) if dataclasses.is_dataclass(item) else item
+            merged.update({k: v for k, v in nested.items() if k not in merged})
+        elif name not in ("given", "model_flags_given") and name not in merged:  # the first of a name wins
+            merged[name] = item
+    return merged
 
 
 def snapshot(module_name: str, argv: list[str]) -> dict:

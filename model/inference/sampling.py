@@ -38,7 +38,8 @@ import torch
 from model.block_attention import block_causal_mask
 from model.errors import MAX_TEMPERATURE, NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout
-from model.inference.remasking import REMASKINGS, DecodingRun, SampleResult, block_quotas
+from model.inference.reference_sampler import REMASKINGS
+from model.inference.remasking import DecodingRun, SampleResult, block_quotas
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
 

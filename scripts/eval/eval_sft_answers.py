@@ -56,6 +56,21 @@ def decoded(model, tokenizer, checkpoint, prompts: list[list[int]], args, device
     return [answer.ids for answer in answers]
 
 
+def summary_line(result: dict) -> str:
+    bound = " (upper bound)" if result["kind"] == "diffusion" else ""
+    line = (
+        f"{result['kind']}: answer NLL {result['nll_per_token']:.4f} nats/token{bound} over {result['answers']} "
+        f"answers, {result['tokens']} tokens"
+    )
+    if "generative_nll_per_token" in result:
+        judged = result["generative_nll_per_token"]
+        line += (
+            f"; decoded: judge NLL {'-' if judged is None else f'{judged:.4f}'} nats/token, "
+            f"{result['mean_answer_tokens']:.1f} tokens, {result['empty_answers']} empty"
+        )
+    return f"{line}  [{result['checkpoint']}]"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.json_out:
@@ -84,21 +99,6 @@ def main(argv=None) -> list[dict]:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"data": args.data, "results": results}, indent=1))
     return results
-
-
-def summary_line(result: dict) -> str:
-    bound = " (upper bound)" if result["kind"] == "diffusion" else ""
-    line = (
-        f"{result['kind']}: answer NLL {result['nll_per_token']:.4f} nats/token{bound} over {result['answers']} "
-        f"answers, {result['tokens']} tokens"
-    )
-    if "generative_nll_per_token" in result:
-        judged = result["generative_nll_per_token"]
-        line += (
-            f"; decoded: judge NLL {'-' if judged is None else f'{judged:.4f}'} nats/token, "
-            f"{result['mean_answer_tokens']:.1f} tokens, {result['empty_answers']} empty"
-        )
-    return f"{line}  [{result['checkpoint']}]"
 
 
 if __name__ == "__main__":
