@@ -23,8 +23,7 @@ column j - 1, computed under the attention column j - 1 has in that path: the wi
 left of the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from
 the previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
 
-Which mode a checkpoint needs is read from the checkpoint itself: `sampler_for_checkpoint`. The step inside a
-block (how many positions, which ones, which tokens, guidance) is model/inference/remasking.py.
+Which mode a checkpoint needs is read from the checkpoint: `sampler_for_checkpoint`. The step: remasking.py.
 """
 
 from __future__ import annotations
