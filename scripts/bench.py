@@ -27,7 +27,8 @@ from model.transformer import Transformer
 from scripts.common.bench.card import TINY_CARD, CardSettings, Pair, Workload, continuation_prompts, measure_card
 from scripts.common.bench.report import machine_record, write_report
 from scripts.common.bench.training import TINY, BenchSettings, bench_training, training_flops_per_token
-from scripts.common.cli import Bounded, pick_device, run_main
+from scripts.common.cli import parse, pick_device, run_main
+from scripts.common.settings import add_flags, flag_fields
 
 __all__ = ["main", "training_flops_per_token"]
 
@@ -55,16 +56,6 @@ class BenchOptions:
     train: bool  # measure training throughput (CUDA, or the --tiny smoke run)
 
 
-def numbers(kind):
-    """An argparse type for a comma-separated list ("invalid comma-separated int value: 'a'" when it is not one)."""
-
-    def parse(text: str) -> tuple:
-        return tuple(kind(x) for x in text.split(",") if x.strip())
-
-    parse.__name__ = f"comma-separated {kind.__name__}"
-    return parse
-
-
 def parse_args(argv=None) -> tuple[BenchOptions, CardSettings, BenchSettings]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,20 +67,17 @@ def parse_args(argv=None) -> tuple[BenchOptions, CardSettings, BenchSettings]:
     p.add_argument("--tokenizer-dir", default=".")
     p.add_argument("--continuation-data", default="dataset/sample_pretrain_val.jsonl")
     p.add_argument("--classification-data", default="dataset/sample_sft_test.jsonl")
-    p.add_argument("--prompts", type=int, action=Bounded, low=1, help="continuation prompts (default 16)")
-    p.add_argument("--questions", type=int, action=Bounded, low=1, help="classification questions (default 16)")
-    p.add_argument("--lengths", dest="continuation_lengths", type=numbers(int), help="default 32,128,256")
-    p.add_argument("--batches", type=numbers(int), help="batch sizes (default 1,16)")
-    p.add_argument("--batched-lengths", type=numbers(int), help="continuation lengths run batched too (default: all)")
-    p.add_argument("--thresholds", type=numbers(float), help="parallel decoding thresholds (default 0.9,0.5)")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     p.add_argument("--skip-training", action="store_true")
-    args = p.parse_args(argv)
+    tiny = argparse.ArgumentParser(add_help=False)
+    tiny.add_argument("--tiny", action="store_true")
+    card = TINY_CARD if tiny.parse_known_args(argv)[0].tiny else CardSettings()  # --tiny: the card's defaults too
+    names = [f.name for f in flag_fields(CardSettings)]
+    add_flags(p.add_argument_group("the card"), CardSettings, **{name: getattr(card, name) for name in names})
+    args = parse(p, argv)
     device = pick_device(args.device)  # an unknown or absent device is one line, as in every entry point
 
-    card = TINY_CARD if args.tiny else CardSettings()
-    names = ("prompts", "questions", "continuation_lengths", "batches", "batched_lengths", "thresholds")
-    card = replace(card, **{name: getattr(args, name) for name in names if getattr(args, name)})
+    card = replace(card, **{name: getattr(args, name) for name in names})
     if card.goal_length not in card.continuation_lengths:
         card = replace(card, goal_length=card.continuation_lengths[0])
     training = TINY if args.tiny or device.type == "cpu" else BenchSettings()

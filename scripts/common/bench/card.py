@@ -24,21 +24,24 @@ from scripts.common.bench.quality import content_ids, generative_perplexity, mea
 from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import parse_sentiment
 from scripts.common.device import autocast, synchronize
+from scripts.common.settings import flag
 
 AR_MODE, BASELINE_MODE = "ar_kv_cache", "llada_baseline"
 
 
 @dataclass
 class CardSettings:
-    continuation_lengths: tuple[int, ...] = (32, 128, 256)
+    """What the card decodes; the fields declared with flag() are scripts.bench's flags of the same names."""
+
+    continuation_lengths: list[int] = flag([32, 128, 256], "continuation lengths (new tokens)", "--lengths")
     classification_length: int = 8  # a label is two tokens; 8 leave room, as eval_sft_accuracy does
-    batches: tuple[int, ...] = (1, 16)
-    prompts: int = 16  # continuation prompts; batch 1 decodes them one at a time
-    questions: int = 16  # classification questions
-    batched_lengths: tuple[int, ...] | None = None  # continuation lengths that also run batched (None: all)
+    batches: list[int] = flag([1, 16], "batch sizes (one wider than a workload's prompts is skipped)")
+    prompts: int = flag(16, "continuation prompts (batch 1 decodes them one at a time)", low=1)
+    questions: int = flag(16, "classification questions", low=1)
+    batched_lengths: list[int] = flag([], "continuation lengths that also run batched (default: all)")
     prompt_tokens: int = 16
     block_size: int = 32  # semi-autoregressive blocks where they tile the answer, else one block
-    thresholds: tuple[float, ...] = (0.9, 0.5)
+    thresholds: list[float] = flag([0.9, 0.5], "parallel decoding thresholds")
     factors: tuple[float, ...] = (1.0,)  # Fast-dLLM's factor rule: the commit bar adapts to the block's confidences
     tokens_per_step: tuple[int, ...] = (2, 4)  # LLaDA's fixed schedule with fewer steps than tokens
     lookahead_blocks: int = 1  # the smaller-canvas lever: masked blocks seen past the current one
@@ -47,8 +50,8 @@ class CardSettings:
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
 
 
-TINY_CARD = CardSettings(continuation_lengths=(16,), batches=(1, 2), prompts=2, prompt_tokens=8, block_size=8,
-                         thresholds=(0.9,), goal_length=16)  # fmt: skip
+TINY_CARD = CardSettings(continuation_lengths=[16], batches=[1, 2], prompts=2, prompt_tokens=8, block_size=8,
+                         thresholds=[0.9], goal_length=16)  # fmt: skip
 
 
 @dataclass
@@ -216,7 +219,7 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
     rows = []
     for batch in s.batches:
         modes = decoding_modes(workload.gen_length, s, pair.trained_block)
-        batched = s.batched_lengths is None or workload.gen_length in s.batched_lengths
+        batched = not s.batched_lengths or workload.gen_length in s.batched_lengths
         if (batch > 1 and workload.name == "continuation" and not batched) or batch > len(workload.prompts):
             continue  # a batch wider than the prompts would be mislabelled
         if pair.trained_block and batch > 1 and len(set(map(len, workload.prompts))) > 1:
