@@ -67,7 +67,9 @@ class ChatRequest:
         return bool((self.stream_options or {}).get("include_usage"))
 
 
-JSON_FIELDS = [f for f in fields(ChatRequest) if f.init]  # prompt_ids and sampler are made by parse()
+# The JSON fields (prompt_ids and sampler are made by parse()), each with its type: the annotation without None.
+JSON_KINDS = {f.name: [t for t in get_args(f.type) or (f.type,) if t is not type(None)][0] for f in fields(ChatRequest)
+              if f.init}  # fmt: skip
 
 
 def typed(name: str, value, kind: type):
@@ -84,8 +86,7 @@ def request_fields(body) -> dict:
     """The ChatRequest fields a JSON body gives (null: not given), each checked against its field's type."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    kinds = {f.name: [t for t in get_args(f.type) or (f.type,) if t is not type(None)][0] for f in JSON_FIELDS}
-    return {name: typed(name, body[name], kind) for name, kind in kinds.items() if body.get(name) is not None}
+    return {name: typed(name, body[name], kind) for name, kind in JSON_KINDS.items() if body.get(name) is not None}
 
 
 def message_turn(message, index: int) -> dict:
