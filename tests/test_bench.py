@@ -100,3 +100,10 @@ def test_training_flops_follow_six_n_plus_attention():
         matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         attention = 3 * 2 * 2 * config.hidden_size * seq * config.num_hidden_layers
         assert training_flops_per_token(config, seq) == 6 * matmul_weights + attention
+
+
+def test_a_list_flag_that_is_not_a_list_is_one_line_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--device", "cpu", "--lengths", "32,x"])
+    err = capsys.readouterr().err
+    assert "--lengths" in err and "expected comma-separated ints, got '32,x'" in err

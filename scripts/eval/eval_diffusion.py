@@ -21,15 +21,16 @@ from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_
 from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
-from scripts.common.cli import Bounded, pick_device, positive, run_main
+from scripts.common.cli import Bounded, parse, pick_device, positive, run_main
 from scripts.common.device import autocast, synchronize
 from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
-    add_sampler_flags,
+    SamplerFlags,
     check_sample_length,
+    checked_sampler,
     generation_length,
-    sampler_from_args,
 )
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     sample_help = "0: no sample, only the --eval-data / --cond-ll-response estimates"
     p.add_argument("--max-new-tokens", type=int, default=128, help=sample_help)
-    add_sampler_flags(p, block_default="one block")
+    add_flags(p, SamplerFlags)
     decoding_help = (
         "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise; speculative: the diffusion "
         "decoder drafts --block-length tokens (default 8), a causal pass verifies them: AR greedy output, exactly"
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def speculative_sample(model, tokenizer, args, device, checkpoint) -> dict:
@@ -111,16 +112,12 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
             f"note: --max-new-tokens {args.max_new_tokens} lowered to {gen_length} so that prompt + generation fit "
             f"--seq-len {args.seq_len}"
         )
-    sampler = sampler_from_args(
-        args,
-        checkpoint,
-        gen_length,
-        args.block_size,
-        decoding=args.decoding,
-        trained_block_override=args.block_size,  # an explicit --block-length wins over the trained one
-        prompt_len=len(ids),
-        stop_at_eos=not args.no_early_stop,
-        use_kv_cache=not args.no_kv_cache,
+    asked = settings_from(SamplerFlags, args).asked(
+        gen_length, stop_at_eos=not args.no_early_stop, use_kv_cache=not args.no_kv_cache
+    )
+    # an explicit --block-length wins over the trained one
+    sampler = checked_sampler(
+        asked, checkpoint, args.decoding, trained_block_override=args.block_size, prompt_len=len(ids)
     )
     trained = trained_block_size(checkpoint.extra)
     if sampler.block_causal:

@@ -15,12 +15,12 @@ from tqdm import tqdm
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model
 from model.objectives.preference import DPOObjective
 from model.tokenizer import tokenizer_identity
-from scripts.common.cli import Bounded
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
+from scripts.common.settings import add_flags, flag, settings_from
 from scripts.common.training.flags import (
+    TrainingFlags,
     add_training_flags,
     fixed_batches,
-    optimizer_steps,
     start_run,
     starting_checkpoint,
     train_and_val,
@@ -33,33 +33,36 @@ from scripts.common.training.trainer import RunOptions, Task, train
 DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_steps": 10, "eval_batches": 10}
 
 
+@dataclass
+class DPOData:
+    """The DPO flags besides the training flags: the pairs, the SFT model, the temperature."""
+
+    data: str = flag(None, 'preference jsonl: {"chosen": [turns], "rejected": [turns]} a line', required=True)
+    eval_data: str | None = flag(None, "held-out pairs (default: hold out --val-fraction of --data)", kind=str)
+    load_from: str = flag(None, "the SFT checkpoint: the starting policy and the frozen reference", required=True)
+    # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
+    beta: float = flag(0.1, "DPO temperature: reward = beta * (log pi - log pi_ref)", low=0, above_low=True)
+
+
 def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help='preference jsonl: {"chosen": [turns], "rejected": [turns]} a line')
-    p.add_argument("--eval-data", default=None, help="held-out pairs (default: hold out --val-fraction of --data)")
-    p.add_argument(
-        "--load-from", required=True, help="the SFT checkpoint: the starting policy and the frozen reference"
-    )
-    # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
-    p.add_argument(
-        "--beta",
-        type=float,
-        action=Bounded,
-        low=0,
-        above_low=True,
-        default=0.1,
-        help="DPO temperature: reward = beta * (log pi - log pi_ref)",
-    )
+    add_flags(p, DPOData)
     add_training_flags(p, run_name=run_name, epochs=1, **DPO_DEFAULTS)
     return p
 
 
-def dpo_data(args, tokenizer) -> tuple[PairBatches, list, int]:
+def dpo_settings(args: argparse.Namespace, route: str) -> TrainingFlags:
+    """A DPO command line, typed."""
+    return TrainingFlags.from_args(args, route, settings_from(DPOData, args))
+
+
+def dpo_data(flags: TrainingFlags, tokenizer) -> tuple[PairBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps)."""
-    examples, val = train_and_val(args, lambda path: load_pairs(path, tokenizer, args.seq_len), "pairs")
-    batches = PairBatches(examples, args.batch_size, args.seed)
-    val_batches = fixed_batches(val, args, collate_pairs)
-    return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
+    run = flags.run
+    examples, val = train_and_val(flags, lambda path: load_pairs(path, tokenizer, run.seq_len), "pairs")
+    batches = PairBatches(examples, run.batch_size, flags.optimizer.seed)
+    val_batches = fixed_batches(val, flags, collate_pairs)
+    return batches, val_batches, flags.optimizer_steps(batches.order.batches_per_epoch)
 
 
 def pairs_in(batch: dict) -> int:
@@ -99,14 +102,15 @@ class ValidationStats:
 MakeObjective = Callable[[torch.nn.Module, Checkpoint, object], DPOObjective]
 
 
-def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callable[[Checkpoint], dict]) -> dict:
+def run_dpo(flags: TrainingFlags, make_objective: MakeObjective, extra_meta: Callable[[Checkpoint], dict]) -> dict:
     """The run both DPO entry points share; the summary of the loop plus the last validation statistics."""
-    run = start_run(args, route, dpo_data)
+    route, own = flags.optimizer.kind, flags.own
+    run = start_run(flags, dpo_data)
     hint = f"this DPO trains {KIND_NAMES[route]} model"
-    own = RunFiles(run.cfg).full  # what --resume continues; --load-from only gives the shape and the reference
-    checkpoint = starting_checkpoint(args, run.tokenizer, args.load_from, route, hint=hint, run_path=own)
-    policy = build_model(checkpoint, args.load_from)  # on --resume the loop loads the run's own weights over it
-    reference = build_model(checkpoint, args.load_from).to(run.device).eval().requires_grad_(False)
+    run_file = RunFiles(run.cfg).full  # what --resume continues; --load-from only gives the shape and the reference
+    checkpoint = starting_checkpoint(flags, run.tokenizer, own.load_from, route, hint=hint, run_path=run_file)
+    policy = build_model(checkpoint, own.load_from)  # on --resume the loop loads the run's own weights over it
+    reference = build_model(checkpoint, own.load_from).to(run.device).eval().requires_grad_(False)
     objective = make_objective(reference, checkpoint, run.tokenizer)
     validation = ValidationStats(RunFiles(run.cfg).metrics)
 
@@ -118,10 +122,11 @@ def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callabl
     print(
         f"{KIND_NAMES[route].split()[1]} DPO: {policy.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} pairs, {sum(pairs_in(b) for b in run.val_batches)} validation, "
-        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}, beta {args.beta}, reference {args.load_from}"
+        f"{run.cfg.max_steps} steps of {flags.run.batch_size} on {run.device}, beta {own.beta}, "
+        f"reference {own.load_from}"
     )
     task = Task(run.batches.batch, run.val_batches, objective, val_loss, loss_count=pairs_in)
-    meta = {"dpo": {"data": args.data, "load_from": args.load_from, "beta": args.beta}, **extra_meta(checkpoint)}
-    options = RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta, on_eval=validation.record)
+    meta = {"dpo": {"data": own.data, "load_from": own.load_from, "beta": own.beta}, **extra_meta(checkpoint)}
+    options = RunOptions(tokenizer_identity(run.tokenizer), flags.run.resume, meta, on_eval=validation.record)
     summary = train(policy, run.cfg, task, options, run.device)
     return {**summary, "validation": validation.last}
