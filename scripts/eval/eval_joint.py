@@ -126,9 +126,9 @@ def speculation(args, path, prompts, device) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     device = pick_device(args.device)
     _, tokenizer = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, None, device)[:2]
     batches = held_out_batches(
