@@ -43,6 +43,7 @@ class ServeOptions:
     max_batch: int
     seq_len: int | None
     quiet: bool
+    as_ar: bool
     defaults: ChatRequest
 
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> ServeOptions:
     p.add_argument("--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together")
     p.add_argument("--seq-len", type=int, help="diffusion canvas, prompt + generation (default: the model's positions)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument("--as-ar", action="store_true", help="serve a jointly trained diffusion checkpoint as its AR model")
     add_flags(p.add_argument_group("defaults of the request fields of the same names"), ChatRequest)
     args = parse(p, argv)
     defaults = settings_from(ChatRequest, args)
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> ServeOptions:
 def load_engine(o: ServeOptions) -> ChatEngine:
     """The checkpoint loaded behind a ChatEngine, its defaults checked as a request's fields are."""
     model, tokenizer, checkpoint = load_checkpoint_for_eval(
-        o.checkpoint, o.tokenizer_dir, None, pick_device(o.device), o.num_attention_heads
+        o.checkpoint, o.tokenizer_dir, "ar" if o.as_ar else None, pick_device(o.device), o.num_attention_heads
     )
     name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)

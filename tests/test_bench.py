@@ -65,10 +65,17 @@ def test_a_checkpoint_pair_gives_a_card_with_the_goal(tmp_path):
         save_tiny(tmp_path / "d.pt", "diffusion"),
     ]
     args = ["--device", "cpu", "--continuation-data", str(data), "--prompts", "2", "--lengths", "32", "--batches", "1"]
-    report = main([*pair, *args, "--thresholds", "0.9", "--skip-training", "--out", str(out)])
+    report = main([*pair, *args, "--thresholds", "0.9", "--speculative", "4", "--skip-training", "--out", str(out)])
     assert report["smoke_test"] is False and report["training"] == {}
     assert report["card"]["goal"]["gen_length"] == 32 and isinstance(report["card"]["goal"]["met"], bool)
-    assert {r["mode"] for r in report["card"]["rows"]} >= {"ar_kv_cache", "llada_baseline", "fast_0.9"}
+    assert {r["mode"] for r in report["card"]["rows"]} >= {
+        "ar_kv_cache",
+        "llada_baseline",
+        "fast_0.9",
+        "speculative_k4",
+    }
+    speculative = next(r for r in report["card"]["rows"] if r["mode"] == "speculative_k4")
+    assert all(is_number(speculative[k]) for k in SPEED)
     assert "## Goal" in out.with_suffix(".md").read_text()
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from model.checkpoint import build_model, check_compatible, read_checkpoint, save_checkpoint
+from model.checkpoint import build_model, check_compatible, joint_record, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import BlockCurriculum, default_sizes_down, default_sizes_up
 from model.objectives.conversion import init_mask_embedding
@@ -177,6 +177,7 @@ def run_metadata(s: DiffusionSettings, model, curriculum: BlockCurriculum | None
     }
     if s.block_size:  # decodes block-causally with it (model.objectives.block_curriculum.trained_block_size)
         extra["block_diffusion"] = {"block_size": s.block_size}
+    extra.update(joint_record(s.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
     return extra
 
 

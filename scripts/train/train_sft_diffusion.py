@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from model.checkpoint import joint_record
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
@@ -74,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cap-weight", type=float, default=0.0, help="weight of the confidence-aware (CAP) auxiliary loss"
     )
     llada2.add_argument("--time-weight-schedule", choices=["linear", "cosine"], default="linear")
+    p.add_argument(
+        "--ar-loss-weight",
+        type=float,
+        default=0.0,
+        help="joint training: + this weight x the causal next-token loss of the answers (a shifted model only)",
+    )
     return parse(p, argv)
 
 
@@ -115,6 +122,7 @@ def main(argv=None) -> dict:
         args.complementary_masking,
         args.cap_weight,
         mask_draw=args.mask_draw,
+        ar_loss_weight=args.ar_loss_weight,
     )
     mask_id = mask_token_id(run.tokenizer)
 
@@ -134,6 +142,7 @@ def main(argv=None) -> dict:
     meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": args.eos_padding_length}
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
+    meta.update(joint_record(args.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
     return run_sft(flags, run, loss, extra_meta=meta, start=start)
 
 

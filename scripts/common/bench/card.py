@@ -19,6 +19,7 @@ from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig, generate, generate_batch
 from model.inference.padding import left_pad
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
 from scripts.common.bench.quality import content_ids, generative_perplexity, mean_unigram_entropy
 from scripts.common.data.packing import chunks
@@ -48,6 +49,7 @@ class CardSettings:
     goal_length: int = 128  # the goal: diffusion >= AR in content tokens/s at batch 1 for answers this long,
     goal_tolerance: float = 0.10  # at a generative perplexity within this fraction of the LLaDA baseline's
     dtype: str = "bfloat16"  # autocast on CUDA; CPU runs float32
+    speculative: list[int] = flag([], "self-speculative rows: draft lengths k (the diffusion model's AR greedy output)")
 
 
 TINY_CARD = CardSettings(continuation_lengths=[16], batches=[1, 2], prompts=2, prompt_tokens=8, block_size=8,
@@ -132,6 +134,8 @@ def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) 
     for k in s.tokens_per_step:
         if gen_length % k == 0 and gen_length // k >= gen_length // base.block_size:
             modes[f"fast_{k}_per_step"] = replace(fast, steps=gen_length // k)
+    for k in s.speculative:  # not a sampler: a draft length and the answer length (speculative_run)
+        modes[f"speculative_k{k}"] = (SpeculativeConfig(k), gen_length)
     return modes
 
 
@@ -194,6 +198,18 @@ def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, d
     return timed_run(prompts, batch, device, decode)
 
 
+def speculative_run(model, prompts, setting: tuple, batch: int, device, dtype: str, mask_id) -> Run:
+    """Self-speculative decoding (model/inference/speculative.py) of `setting` = (SpeculativeConfig, new tokens)."""
+    config, new_tokens = setting
+
+    def decode(chunk, mark):
+        with autocast(device, dtype):
+            out = speculative_generate(model, chunk, new_tokens, mask_id, config, EOS_ID, PAD_ID, (mask_id,))
+        return out.tokens, out.forwards
+
+    return timed_run(prompts, batch, device, decode)
+
+
 def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, tokenizer) -> dict:
     """One line of the card: speed figures of `run`, and quality figures of the text it decoded."""
     rows, content, forwards = len(run.outputs), sum(map(len, run.outputs)), run.forward_passes / run.batches
@@ -228,7 +244,9 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
         ar_args = (workload.prompts, workload.gen_length, batch, device, s.dtype, mask_id)
         before = ar_run(pair.ar, *ar_args)
         runs = {
-            name: diffusion_run(pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id)
+            name: (speculative_run if isinstance(sampler, tuple) else diffusion_run)(
+                pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id
+            )
             for name, sampler in modes.items()
             if sampler is not None
         }

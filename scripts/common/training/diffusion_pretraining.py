@@ -46,6 +46,11 @@ class DiffusionSettings:
     iid_mask_eps: float = flag(1e-3, "t ~ U(eps, 1 - eps)")
     variable_length_prob: float = flag(0.01, "probability a batch is cropped to a random length (LLaDA: 1%%)")
     repeat_penalty_weight: float = flag(0.0, "weight of the repeat unlikelihood term")
+    ar_loss_weight: float = flag(
+        0.0,
+        "joint training: + this weight x the causal next-token loss of the same weights (a shifted model only)",
+        low=0,
+    )
     time_weighted_loss: bool = flag(False, "ELBO weight -alpha'(t)/(1-alpha(t)) of --time-weight-schedule")
     time_weight_schedule: str = flag(
         "cosine", "alpha(t): cosine = cos^2(pi t/2); linear = 1 - t (weight 1/t, the default loss)", choices=SCHEDULES
@@ -80,6 +85,7 @@ class PretrainingLoss:
             1 - eps,
             repeat_penalty_weight=settings.repeat_penalty_weight,
             position_masking=settings.position_masking,
+            ar_loss_weight=settings.ar_loss_weight,
         )
         self.validation_objective = DiffusionObjective("linear", eps, 1 - eps, block_size=settings.block_size)
 
@@ -110,6 +116,10 @@ class PretrainingLoss:
         return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
 
     def describe(self) -> str:
+        joint = f" + {self.settings.ar_loss_weight:g} x causal next-token loss" if self.settings.ar_loss_weight else ""
+        return self.describe_diffusion() + joint
+
+    def describe_diffusion(self) -> str:
         a = self.settings
         plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
         if plain and self.objective.schedule == "linear":
