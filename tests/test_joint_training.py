@@ -145,6 +145,16 @@ def test_weight_zero_conversion_equals_todays_in_losses_and_parameters(runs):
     assert "joint" not in b.extra and c.extra["joint"] == {"ar_loss_weight": 0.3}
 
 
+def test_a_resumed_run_keeps_its_ar_loss_weight(runs):
+    """Changing the weight mid-run would turn the rest of it into another objective: refused, naming both values."""
+    _, out, parent = runs
+    diffusion.main([*parent, "--run-name", "pinned", "--ar-loss-weight", "0.3"])
+    more = [*parent, "--run-name", "pinned", "--resume", "--max-iters", "4"]
+    with pytest.raises(NanoLladaError, match=r"--ar-loss-weight 0.0 \(checkpoint: 0.3\)"):
+        diffusion.main(more)
+    assert diffusion.main([*more, "--ar-loss-weight", "0.3"])["step"] == 4
+
+
 def test_ar_entry_points_accept_a_jointly_trained_checkpoint(runs, tmp_path):
     from scripts.eval import eval_minimind
     from scripts.train import train_sft_minimind

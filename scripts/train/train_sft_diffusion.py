@@ -86,11 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @dataclass
 class DiffusionSFTData(SFTData):
-    """The SFT data flags, and the two settings that decide what a diffusion SFT run trains (a resumed run must
-    keep them): the block size and the fixed EOS padding."""
+    """The SFT data flags, and the settings that decide what a diffusion SFT run trains (a resumed run must keep
+    them): the block size, the fixed EOS padding and the joint AR loss weight."""
 
     block_size: int | None = None
     eos_padding_length: int | None = None
+    ar_loss_weight: float = 0.0
 
 
 def main(argv=None) -> dict:

@@ -145,8 +145,8 @@ def starting_checkpoint(
 def structural_settings(own, extra: dict) -> dict[str, tuple]:
     """flag -> (the value this command trains with, the run's stored one) for the settings besides the model shape
     that decide what a run trains: diffusion pretraining's --block-size, diffusion SFT's --block-size (when given;
-    without it the run inherits its own) and --eos-padding-length. None means off (bidirectional, no fixed padding).
-    `own`: the trainer's own settings."""
+    without it the run inherits its own) and --eos-padding-length, and the joint AR loss weight of both. None means
+    off (bidirectional, no fixed padding). `own`: the trainer's own settings."""
     settings = {}
     if "sft_objective" in extra:
         if getattr(own, "block_size", None) is not None:
@@ -155,6 +155,8 @@ def structural_settings(own, extra: dict) -> dict[str, tuple]:
             settings["--eos-padding-length"] = (own.eos_padding_length, extra["sft_eos_padding_length"])
     elif "block_size" in extra.get("diffusion", {}) and hasattr(own, "block_size"):
         settings["--block-size"] = (own.block_size or None, extra["diffusion"]["block_size"] or None)
+    if hasattr(own, "ar_loss_weight"):
+        settings["--ar-loss-weight"] = (own.ar_loss_weight, (extra.get("joint") or {}).get("ar_loss_weight", 0.0))
     return settings
 
 
