@@ -10,7 +10,7 @@ import argparse
 
 from model.objectives.preference import DPOObjective, ar_scorer
 from scripts.common.cli import run_main
-from scripts.common.training.dpo import dpo_parser, run_dpo
+from scripts.common.training.dpo import dpo_parser, preference_terms, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,7 +21,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
 
     def objective(reference, checkpoint, tokenizer):
-        return DPOObjective(reference, ar_scorer(), args.beta)
+        return DPOObjective(reference, ar_scorer(), preference_terms(args))
 
     return run_dpo(args, "ar", objective, extra_meta=lambda checkpoint: {})
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model
-from model.objectives.preference import DPOObjective
+from model.errors import NanoLladaError
+from model.objectives.preference import LOSS_TYPES, DPOObjective, PreferenceLoss
 from model.tokenizer import tokenizer_identity
 from scripts.common.cli import Bounded
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
@@ -29,8 +30,12 @@ from scripts.common.training.run_files import RunFiles
 from scripts.common.training.sft import SFT_DEFAULTS
 from scripts.common.training.trainer import RunOptions, Task, train
 
-# The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup.
+# The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup. 5e-7 is MiniMind's DPO learning
+# rate for its dpo.jsonl (long answers, a 26M+ model); the report's tiny models take 5e-4 (technical_report.md 7.5).
 DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_steps": 10, "eval_batches": 10}
+# A run stops when the validation pairs' chosen answers have lost this many nats per token against the reference:
+# their likelihood per token down to e^-0.5 = 0.61 of the start's, DPO's displacement and not a preference learnt.
+MAX_CHOSEN_DROP = 0.5
 
 
 def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
@@ -50,8 +55,67 @@ def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
         default=0.1,
         help="DPO temperature: reward = beta * (log pi - log pi_ref)",
     )
+    add_preference_flags(p)
     add_training_flags(p, run_name=run_name, epochs=1, **DPO_DEFAULTS)
     return p
+
+
+def add_preference_flags(p: argparse.ArgumentParser) -> None:
+    """The terms of PreferenceLoss (model/objectives/preference.py) beyond --beta, and the stop line."""
+    terms, g = PreferenceLoss(), p.add_argument_group("preference loss (keeping the chosen answer up)")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, default=terms.loss_type, help="sigmoid: DPO; ipo: IPO")
+    g.add_argument(
+        "--nll-weight",
+        type=float,
+        action=Bounded,
+        low=0,
+        default=terms.nll_weight,
+        help="RPO: weight of the chosen answer's NLL per token (0 = plain DPO)",
+    )
+    g.add_argument(
+        "--chosen-floor",
+        type=float,
+        action=Bounded,
+        low=0,
+        default=terms.chosen_floor,
+        help="DPOP lambda: penalise the chosen answer's log-likelihood falling below the reference's (0 = off)",
+    )
+    g.add_argument(
+        "--length-normalized",
+        action=argparse.BooleanOptionalAction,
+        default=terms.length_normalized,
+        help="SimPO: each answer's log-ratio per token",
+    )
+    g.add_argument(
+        "--reference-free",
+        action=argparse.BooleanOptionalAction,
+        default=terms.reference_free,
+        help="SimPO: the reward is beta * log pi alone (the reference only measures the drift)",
+    )
+    g.add_argument(
+        "--target-margin", type=float, default=terms.target_margin, help="SimPO gamma: sigmoid(beta * z - gamma)"
+    )
+    g.add_argument(
+        "--max-chosen-drop",
+        type=float,
+        action=Bounded,
+        low=0,
+        default=MAX_CHOSEN_DROP,
+        help="stop when the validation pairs' chosen answers lose more than this many nats per token against "
+        "the reference (0 = never)",
+    )
+
+
+def preference_terms(args) -> PreferenceLoss:
+    return PreferenceLoss(
+        args.beta,
+        args.loss_type,
+        args.nll_weight,
+        args.chosen_floor,
+        args.length_normalized,
+        args.reference_free,
+        args.target_margin,
+    )
 
 
 def dpo_data(args, tokenizer) -> tuple[PairBatches, list, int]:
@@ -73,6 +137,7 @@ class ValidationStats:
     torchrun they are rank 0's share of the batches (the loop all-reduces only the loss)."""
 
     path: object
+    max_chosen_drop: float = MAX_CHOSEN_DROP  # nats per token; 0: never stop
     say: Callable[[str], None] = tqdm.write
     sums: dict = field(default_factory=dict)
     pairs: int = 0
@@ -84,15 +149,22 @@ class ValidationStats:
         self.pairs += pairs
 
     def record(self, step: int, val_loss: float) -> None:
-        """The loop's on_eval: one metrics line with the means, and a printed summary."""
+        """The loop's on_eval: one metrics line with the means, a printed summary, and the stop line."""
         self.last = {f"val_{name}": total / max(self.pairs, 1) for name, total in self.sums.items()}
         self.sums, self.pairs = {}, 0
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **self.last}) + "\n")
         self.say(
             f"step {step}: val DPO loss {val_loss:.4f}, preference accuracy {self.last['val_accuracy']:.3f}, "
-            f"reward margin {self.last['val_reward_margin']:.4f}"
+            f"reward margin {self.last['val_reward_margin']:.4f}, chosen drift {self.last['val_chosen_drift']:.3f} nats"
         )
+        drop = -self.last["val_chosen_drift_per_token"]
+        if self.max_chosen_drop and drop > self.max_chosen_drop:
+            raise NanoLladaError(
+                f"stopped at step {step}: the validation pairs' chosen answers lost {drop:.3f} nats per token against "
+                f"the reference (--max-chosen-drop {self.max_chosen_drop}); DPO is pushing the chosen answer down, not "
+                "up: lower --learning-rate or raise --nll-weight"
+            )
 
 
 # make_objective(reference, starting checkpoint, tokenizer) -> the route's DPOObjective
@@ -108,7 +180,7 @@ def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callabl
     policy = build_model(checkpoint, args.load_from)  # on --resume the loop loads the run's own weights over it
     reference = build_model(checkpoint, args.load_from).to(run.device).eval().requires_grad_(False)
     objective = make_objective(reference, checkpoint, run.tokenizer)
-    validation = ValidationStats(RunFiles(run.cfg).metrics)
+    validation = ValidationStats(RunFiles(run.cfg).metrics, args.max_chosen_drop)
 
     def val_loss(model, batch, rng):
         loss, stats = objective(model, batch, rng)
@@ -118,10 +190,11 @@ def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callabl
     print(
         f"{KIND_NAMES[route].split()[1]} DPO: {policy.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} pairs, {sum(pairs_in(b) for b in run.val_batches)} validation, "
-        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}, beta {args.beta}, reference {args.load_from}"
+        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}, {objective.terms}, reference {args.load_from}"
     )
     task = Task(run.batches.batch, run.val_batches, objective, val_loss, loss_count=pairs_in)
-    meta = {"dpo": {"data": args.data, "load_from": args.load_from, "beta": args.beta}, **extra_meta(checkpoint)}
+    dpo = {"data": args.data, "load_from": args.load_from, **asdict(objective.terms)}
+    meta = {"dpo": dpo, **extra_meta(checkpoint)}
     options = RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta, on_eval=validation.record)
     summary = train(policy, run.cfg, task, options, run.device)
     return {**summary, "validation": validation.last}
