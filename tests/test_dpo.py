@@ -214,12 +214,26 @@ def test_bad_row_through_the_entry_point_is_one_line_and_exit_2(tokenizer, tmp_p
     assert len(proc.stderr.strip().splitlines()) == 1 and f"{path}:1: " in proc.stderr
 
 
-def test_report_experiments_dpo_runs_parse_with_their_entry_points():
+def test_the_dpo_experiment_runs_parse_with_their_entry_points():
     import importlib
 
-    from scripts import report_experiments
+    from scripts.common import dpo_experiment
 
-    for module, _, extra in report_experiments.DPO_RUNS.values():
-        flags = cli(data="pairs.jsonl", load_from="sft.pt", **report_experiments.DPO_TRAINING)
-        args = importlib.import_module(module).parse_args([*flags, *extra])
-        assert args.beta == 0.1 and args.batch_size == report_experiments.DPO_TRAINING["batch_size"]
+    for route, (module, _, _) in dpo_experiment.ROUTES.items():
+        control = dpo_experiment.CONTROL if route == "ar" else []
+        flags = cli(*control, data="pairs.jsonl", load_from="sft.pt", seed=1, **dpo_experiment.DPO_TRAINING)
+        args = importlib.import_module(module).parse_args(flags)
+        assert args.beta == 0.1 and args.batch_size == dpo_experiment.DPO_TRAINING["batch_size"] and args.seed == 1
+        assert args.nll_weight == (0 if control else PreferenceLoss().nll_weight)
+
+
+def test_the_dpo_experiment_summary_has_a_row_per_seed_and_the_mean_lift():
+    from scripts.common.dpo_experiment import mean_and_stderr, summary_table
+
+    validation = {"val_chosen_drift": -0.1, "val_rejected_drift": -2.0, "val_accuracy": 0.7}
+    sft = {"questions": 200, "accuracy": 0.70, "unparseable": 0, "likelihood_accuracy": 0.70}
+    runs = [{**sft, "seed": s, "accuracy": 0.70 + d, "validation": validation} for s, d in enumerate([0.02, 0.04])]
+    results = {route: {"sft": sft, "dpo": runs} for route in ("ar", "diffusion")}
+    table = summary_table(results)
+    assert table.count("+ DPO, seed") == 4 and table.count("+0.030 ± 0.010") == 2
+    assert mean_and_stderr([1.0, 3.0]) == (2.0, 1.0)

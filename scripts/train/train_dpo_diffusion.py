@@ -25,7 +25,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = dpo_parser(__doc__, run_name="diffusion_dpo")
     vrpo = p.add_argument_group("variance reduction (LLaDA 1.5 VRPO)")
     vrpo.add_argument(
-        "--elbo-samples", type=int, action=Bounded, low=1, default=8, help="(a) mask draws per log-likelihood estimate"
+        "--elbo-samples",
+        type=int,
+        action=Bounded,
+        low=1,
+        default=ElboSampling().samples,
+        help="(a) mask draws per log-likelihood estimate",
     )
     vrpo.add_argument(
         "--distinct-times",
