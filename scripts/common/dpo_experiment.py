@@ -2,7 +2,9 @@
 model (trained once) and its DPO runs, one per seed, every flag at its default but the tiny model's learning rate,
 judged on held-out test reviews before and after, by decoding and by label likelihood; the drift of the validation
 pairs' chosen and rejected answers against the reference; plain DPO (no NLL term) on the AR route as the control;
-and the spread of the diffusion preference score under each variance lever (scripts.eval.dpo_variance).
+the spread of the diffusion preference score under each variance lever (scripts.eval.dpo_variance); and, on the AR
+route, DPO on pairs whose rejected answer is the SFT model's own wrong answer to a train question, next to as many
+gold-vs-other pairs (scripts.data.sample --dpo-answers).
 
 Stages run one after another in this process (one thread: run it with OMP_NUM_THREADS=1).
 """
@@ -30,6 +32,7 @@ DPO_TRAINING = dict(
 )
 CONTROL = cli(nll_weight=0, max_chosen_drop=0)  # plain DPO, never stopped: the displacement the defaults prevent
 LIKELIHOOD_DRAWS = 8  # diffusion: exact-count mask draws per label for the label choice
+OWN_ANSWER_QUESTIONS = 2000  # train questions the SFT model answers for the own-answer pairs
 VARIANCE = dict(pairs=8, elbo_samples=4, redraws=64, max_seq_len=256)  # n of the levers; both defaults are rows too
 
 
@@ -64,11 +67,12 @@ class DPOExperiment:
         result = step(f"accuracy of {weights}", "scripts.eval.eval_sft_accuracy", argv)
         return next(iter(result.values()))
 
-    def train(self, run: str, route: str, seed: int, *extra: str) -> dict:
+    def train(self, run: str, route: str, seed: int, *extra: str, data: Path | None = None) -> dict:
         """One DPO run and the accuracy of its model; a run the stop line ends is recorded as stopped."""
         for old in self.out.glob(f"{run}[._]*"):  # a rerun trains afresh
             old.unlink()
-        argv = cli(*extra, data=self.data / "sample_dpo_train.jsonl", eval_data=self.data / "sample_dpo_val.jsonl",
+        data = data or self.data / "sample_dpo_train.jsonl"
+        argv = cli(*extra, data=data, eval_data=self.data / "sample_dpo_val.jsonl",
                    tokenizer_dir=".", save_dir=self.out, run_name=run, load_from=self.starts[route],
                    max_steps=self.steps, seed=seed, device=self.device, **DPO_TRAINING)  # fmt: skip
         try:
@@ -93,8 +97,25 @@ class DPOExperiment:
                    **VARIANCE)  # fmt: skip
         self.results["variance"] = step("Spread of the diffusion preference score", "scripts.eval.dpo_variance", argv)
         self.results["ar"]["plain_dpo"] = self.train("ar_plain_dpo", "ar", SEEDS[0], *CONTROL)
+        self.results["ar"]["own_answers"] = self.train("ar_own_dpo", "ar", SEEDS[0], data=self.own_answer_pairs("ar"))
         print(summary_table(self.results))
         return self.results
+
+    def own_answer_pairs(self, route: str) -> Path:
+        """The SFT model's own wrong answers to the first OWN_ANSWER_QUESTIONS train questions as rejected answers,
+        each pair next to a gold-vs-other pair of the training file (in its order): the jsonl DPO then reads."""
+        predictions, folder = self.out / f"{route}_train_predictions.jsonl", self.out / f"{route}_own_pairs"
+        model = {ROUTES[route][2]: self.starts[route]}
+        argv = cli(data=self.data / "sample_sft_train.jsonl", tokenizer_dir=".", limit=OWN_ANSWER_QUESTIONS,
+                   batch_size=1, out=predictions, device=self.device, **model)  # fmt: skip
+        step(f"{route} SFT answers to train questions", "scripts.eval.eval_sft_accuracy", argv)
+        step("own-answer pairs", "scripts.data.sample", cli(out_dir=folder, dpo_answers=predictions))
+        own = (folder / "sample_dpo_own.jsonl").read_text(encoding="utf-8").splitlines()
+        other = (self.data / "sample_dpo_train.jsonl").read_text(encoding="utf-8").splitlines()[: len(own)]
+        mixed = self.out / f"{route}_own_and_other_pairs.jsonl"
+        mixed.write_text("".join(line + "\n" for line in own + other), encoding="utf-8")
+        print(f"{mixed}: {len(own)} own-answer pairs and {len(other)} gold-vs-other pairs")
+        return mixed
 
 
 def row(name: str, before: dict, after: dict) -> str:
@@ -132,4 +153,6 @@ def summary_table(results: dict) -> str:
             )
         if "plain_dpo" in results[route]:
             lines.append(row(f"{route} + plain DPO (--nll-weight 0), seed 0", before, results[route]["plain_dpo"]))
+        if "own_answers" in results[route]:
+            lines.append(row(f"{route} + DPO on own-answer pairs, seed 0", before, results[route]["own_answers"]))
     return "\n".join(lines)
