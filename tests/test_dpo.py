@@ -237,3 +237,17 @@ def test_the_dpo_experiment_summary_has_a_row_per_seed_and_the_mean_lift():
     table = summary_table(results)
     assert table.count("+ DPO, seed") == 4 and table.count("+0.030 ± 0.010") == 2
     assert mean_and_stderr([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_own_answer_pairs_are_balanced_by_the_chosen_label():
+    from scripts.common.dpo_experiment import balancing_pairs, chosen_answer
+
+    def pair(chosen: str, rejected: str) -> str:
+        question = [{"role": "user", "content": "问"}]
+        return json.dumps({"chosen": question + [{"role": "assistant", "content": chosen}],
+                           "rejected": question + [{"role": "assistant", "content": rejected}]})  # fmt: skip
+
+    own = [pair("正面", "负面")] * 3 + [pair("负面", "正面")]
+    pool = [pair("正面", "负面")] * 5 + [pair("负面", "正面")] * 5
+    picked = balancing_pairs(own, pool)
+    assert len(picked) == 4 and [chosen_answer(line) for line in own + picked].count("正面") == 4

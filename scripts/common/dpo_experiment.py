@@ -4,7 +4,7 @@ judged on held-out test reviews before and after, by decoding and by label likel
 pairs' chosen and rejected answers against the reference; plain DPO (no NLL term) on the AR route as the control;
 the spread of the diffusion preference score under each variance lever (scripts.eval.dpo_variance); and, on the AR
 route, DPO on pairs whose rejected answer is the SFT model's own wrong answer to a train question, next to as many
-gold-vs-other pairs (scripts.data.sample --dpo-answers).
+gold-vs-other pairs picked so that each label is chosen as often (scripts.data.sample --dpo-answers).
 
 Stages run one after another in this process (one thread: run it with OMP_NUM_THREADS=1).
 """
@@ -111,11 +111,32 @@ class DPOExperiment:
         step(f"{route} SFT answers to train questions", "scripts.eval.eval_sft_accuracy", argv)
         step("own-answer pairs", "scripts.data.sample", cli(out_dir=folder, dpo_answers=predictions))
         own = (folder / "sample_dpo_own.jsonl").read_text(encoding="utf-8").splitlines()
-        other = (self.data / "sample_dpo_train.jsonl").read_text(encoding="utf-8").splitlines()[: len(own)]
+        other = balancing_pairs(own, (self.data / "sample_dpo_train.jsonl").read_text(encoding="utf-8").splitlines())
         mixed = self.out / f"{route}_own_and_other_pairs.jsonl"
         mixed.write_text("".join(line + "\n" for line in own + other), encoding="utf-8")
         print(f"{mixed}: {len(own)} own-answer pairs and {len(other)} gold-vs-other pairs")
         return mixed
+
+
+def chosen_answer(line: str) -> str:
+    return json.loads(line)["chosen"][-1]["content"]
+
+
+def balancing_pairs(own: list[str], pool: list[str]) -> list[str]:
+    """len(own) pairs of the pool (in its order), each taken while its chosen answer is the least chosen so far:
+    a biased model's wrong answers lean one way (an SFT model that over-answers one label is wrong mostly on the
+    other), and DPO on them alone would learn to flip the label prior."""
+    counts = {answer: 0 for answer in map(chosen_answer, pool)}
+    for line in own:
+        counts[chosen_answer(line)] = counts.get(chosen_answer(line), 0) + 1
+    picked = []
+    for line in pool:
+        if len(picked) == len(own):
+            break
+        if counts[chosen_answer(line)] == min(counts.values()):
+            picked.append(line)
+            counts[chosen_answer(line)] += 1
+    return picked
 
 
 def row(name: str, before: dict, after: dict) -> str:
