@@ -123,19 +123,20 @@ def chosen_answer(line: str) -> str:
 
 
 def balancing_pairs(own: list[str], pool: list[str]) -> list[str]:
-    """len(own) pairs of the pool (in its order), each taken while its chosen answer is the least chosen so far:
-    a biased model's wrong answers lean one way (an SFT model that over-answers one label is wrong mostly on the
-    other), and DPO on them alone would learn to flip the label prior."""
-    counts = {answer: 0 for answer in map(chosen_answer, pool)}
-    for line in own:
-        counts[chosen_answer(line)] = counts.get(chosen_answer(line), 0) + 1
-    picked = []
+    """len(own) pairs of the pool, each one whose chosen answer is the least chosen so far (in the pool's order
+    within an answer): a biased model's wrong answers lean one way (an SFT model that over-answers one label is
+    wrong mostly on the other), and DPO on them alone would learn to flip the label prior."""
+    by_answer = {}
     for line in pool:
-        if len(picked) == len(own):
-            break
-        if counts[chosen_answer(line)] == min(counts.values()):
-            picked.append(line)
-            counts[chosen_answer(line)] += 1
+        by_answer.setdefault(chosen_answer(line), []).append(line)
+    counts = {answer: sum(chosen_answer(line) == answer for line in own) for answer in by_answer}
+    taken = dict.fromkeys(by_answer, 0)
+    picked = []
+    while len(picked) < len(own) and any(taken[a] < len(lines) for a, lines in by_answer.items()):
+        answer = min((a for a in by_answer if taken[a] < len(by_answer[a])), key=counts.__getitem__)
+        picked.append(by_answer[answer][taken[answer]])
+        taken[answer] += 1
+        counts[answer] += 1
     return picked
 
 
