@@ -57,15 +57,15 @@ BREAKS = [
     Break(
         "threshold fallback commits the least confident position",
         "model/inference/remasking.py",
-        "commit |= _commit_top(scores, open_here.any(1).long())",
-        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "commit |= commit_top(scores, open_here.any(1).long())",
+        "commit |= commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
         "tests/test_diffusion.py::test_threshold_above_one_equals_one_token_per_step_low_confidence",
     ),
     Break(
         "threshold fallback commits the least confident position (batched)",
         "model/inference/remasking.py",
-        "commit |= _commit_top(scores, open_here.any(1).long())",
-        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "commit |= commit_top(scores, open_here.any(1).long())",
+        "commit |= commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
         "tests/test_fast_decoding.py::test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence",
     ),
     Break(
@@ -148,10 +148,10 @@ BREAKS = [
     ),
     Break(
         "guidance mixed with w instead of w + 1",
-        "model/inference/remasking.py",
+        "model/inference/reference_sampler.py",
         "return uncond + (cfg_scale + 1) * (cond - uncond)",
         "return uncond + cfg_scale * (cond - uncond)",
-        "tests/test_reference_sampler.py::test_the_fast_sampler_decodes_the_reference_tokens",
+        "tests/test_diffusion.py::test_guidance_is_the_unconditional_plus_w_plus_one_times_the_difference",
     ),
     Break(
         "SIGTERM left to its default (the process dies unsaved)",

@@ -15,7 +15,8 @@ from model.objectives.preference import (
     draw_answer_masks,
     preference_loss,
 )
-from scripts.common.training.dpo import MAX_CHOSEN_DROP, ValidationStats, dpo_parser, preference_terms
+from scripts.common.settings import settings_from
+from scripts.common.training.dpo import MAX_CHOSEN_DROP, DPOData, ValidationStats, dpo_parser
 
 # Two pairs: log pi [B, 2], log pi_ref [B, 2] (chosen, rejected) and answer token counts.
 POLICY = torch.tensor([[-1.0, -3.0], [-2.0, -1.0]])
@@ -132,8 +133,8 @@ def test_the_stop_line_fires_past_the_bound_and_never_at_zero(tmp_path):
 
 def test_the_flags_build_the_terms_and_the_defaults_keep_the_chosen_answer_up():
     args = dpo_parser("", "dpo").parse_args(["--data", "p.jsonl", "--load-from", "sft.pt"])
-    assert preference_terms(args) == PreferenceLoss() and args.max_chosen_drop == MAX_CHOSEN_DROP > 0
+    assert settings_from(DPOData, args).terms() == PreferenceLoss() and args.max_chosen_drop == MAX_CHOSEN_DROP > 0
     assert PreferenceLoss().nll_weight > 0  # plain DPO displaces the chosen answer (technical_report.md 7.5)
     flags = "--loss-type ipo --nll-weight 0 --chosen-floor 5 --length-normalized --reference-free --target-margin 1"
     args = dpo_parser("", "dpo").parse_args(["--data", "p.jsonl", "--load-from", "sft.pt", *flags.split()])
-    assert preference_terms(args) == PreferenceLoss(0.1, "ipo", 0.0, 5.0, True, True, 1.0)
+    assert settings_from(DPOData, args).terms() == PreferenceLoss(0.1, "ipo", 0.0, 5.0, True, True, 1.0)

@@ -17,8 +17,8 @@ from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.preference import ESTIMATORS, DPOObjective, ElboSampling, diffusion_scorer
 from model.tokenizer import mask_token_id
-from scripts.common.cli import Bounded, run_main
-from scripts.common.training.dpo import dpo_parser, preference_terms, run_dpo
+from scripts.common.cli import Bounded, parse, run_main
+from scripts.common.training.dpo import dpo_parser, dpo_settings, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="exact_count: l of n answer tokens masked, weight n / l; bernoulli: t ~ U, weight 1 / t",
     )
     vrpo.add_argument("--iid-mask-eps", type=float, default=1e-3, help="bernoulli: t ~ U(eps, 1 - eps)")
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def sampling_of(args) -> ElboSampling:
@@ -73,10 +73,11 @@ def sampling_of(args) -> ElboSampling:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sampling = sampling_of(args)
+    flags = dpo_settings(args, "diffusion")
 
     def objective(reference, checkpoint, tokenizer):
         scorer = diffusion_scorer(mask_token_id(tokenizer), trained_block_size(checkpoint.extra))
-        return DPOObjective(reference, scorer, preference_terms(args), sampling)
+        return DPOObjective(reference, scorer, flags.own.terms(), sampling)
 
     def meta(checkpoint) -> dict:  # a block-trained model stays one: its evals decode block-causally
         block_size = trained_block_size(checkpoint.extra)
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
             **({"block_diffusion": {"block_size": block_size}} if block_size else {}),
         }
 
-    return run_dpo(args, "diffusion", objective, extra_meta=meta)
+    return run_dpo(flags, objective, extra_meta=meta)
 
 
 if __name__ == "__main__":

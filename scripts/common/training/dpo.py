@@ -16,12 +16,12 @@ from model.checkpoint import KIND_NAMES, Checkpoint, build_model
 from model.errors import NanoLladaError
 from model.objectives.preference import LOSS_TYPES, DPOObjective, PreferenceLoss
 from model.tokenizer import tokenizer_identity
-from scripts.common.cli import Bounded
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
+from scripts.common.settings import add_flags, flag, settings_from
 from scripts.common.training.flags import (
+    TrainingFlags,
     add_training_flags,
     fixed_batches,
-    optimizer_steps,
     start_run,
     starting_checkpoint,
     train_and_val,
@@ -36,94 +36,71 @@ DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_
 # A run stops when the validation pairs' chosen answers have lost this many nats per token against the reference:
 # their likelihood per token down to e^-0.5 = 0.61 of the start's, DPO's displacement and not a preference learnt.
 MAX_CHOSEN_DROP = 0.5
+TERMS = PreferenceLoss()  # the loss terms' defaults (model/objectives/preference.py)
+
+
+@dataclass
+class DPOData:
+    """The DPO flags besides the training flags: the pairs, the SFT model, the temperature."""
+
+    data: str = flag(None, 'preference jsonl: {"chosen": [turns], "rejected": [turns]} a line', required=True)
+    eval_data: str | None = flag(None, "held-out pairs (default: hold out --val-fraction of --data)", kind=str)
+    load_from: str = flag(None, "the SFT checkpoint: the starting policy and the frozen reference", required=True)
+    # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
+    beta: float = flag(0.1, "DPO temperature: reward = beta * (log pi - log pi_ref)", low=0, above_low=True)
+    # What keeps the chosen answer up (PreferenceLoss): plain DPO pushes both answers down (technical_report.md 7.5).
+    loss_type: str = flag(TERMS.loss_type, "sigmoid: DPO; ipo: IPO", choices=LOSS_TYPES)
+    nll_weight: float = flag(
+        TERMS.nll_weight, "RPO: weight of the chosen answer's NLL per token (0 = plain DPO)", low=0
+    )
+    chosen_floor: float = flag(
+        TERMS.chosen_floor, "DPOP lambda: penalise the chosen answer falling below the reference (0 = off)", low=0
+    )
+    length_normalized: bool = flag(TERMS.length_normalized, "SimPO: each answer's log-ratio per token", kind=bool)
+    reference_free: bool = flag(
+        TERMS.reference_free,
+        "SimPO: the reward is beta * log pi alone (the reference only measures the drift)",
+        kind=bool,
+    )
+    target_margin: float = flag(TERMS.target_margin, "SimPO gamma: sigmoid(beta * z - gamma)")
+    max_chosen_drop: float = flag(
+        MAX_CHOSEN_DROP,
+        "stop when the validation pairs' chosen answers lose more than this many nats per token against the "
+        "reference (0 = never)",
+        low=0,
+    )
+
+    def terms(self) -> PreferenceLoss:
+        return PreferenceLoss(
+            self.beta,
+            self.loss_type,
+            self.nll_weight,
+            self.chosen_floor,
+            self.length_normalized,
+            self.reference_free,
+            self.target_margin,
+        )
 
 
 def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help='preference jsonl: {"chosen": [turns], "rejected": [turns]} a line')
-    p.add_argument("--eval-data", default=None, help="held-out pairs (default: hold out --val-fraction of --data)")
-    p.add_argument(
-        "--load-from", required=True, help="the SFT checkpoint: the starting policy and the frozen reference"
-    )
-    # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
-    p.add_argument(
-        "--beta",
-        type=float,
-        action=Bounded,
-        low=0,
-        above_low=True,
-        default=0.1,
-        help="DPO temperature: reward = beta * (log pi - log pi_ref)",
-    )
-    add_preference_flags(p)
+    add_flags(p, DPOData)
     add_training_flags(p, run_name=run_name, epochs=1, **DPO_DEFAULTS)
     return p
 
 
-def add_preference_flags(p: argparse.ArgumentParser) -> None:
-    """The terms of PreferenceLoss (model/objectives/preference.py) beyond --beta, and the stop line."""
-    terms, g = PreferenceLoss(), p.add_argument_group("preference loss (keeping the chosen answer up)")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, default=terms.loss_type, help="sigmoid: DPO; ipo: IPO")
-    g.add_argument(
-        "--nll-weight",
-        type=float,
-        action=Bounded,
-        low=0,
-        default=terms.nll_weight,
-        help="RPO: weight of the chosen answer's NLL per token (0 = plain DPO)",
-    )
-    g.add_argument(
-        "--chosen-floor",
-        type=float,
-        action=Bounded,
-        low=0,
-        default=terms.chosen_floor,
-        help="DPOP lambda: penalise the chosen answer's log-likelihood falling below the reference's (0 = off)",
-    )
-    g.add_argument(
-        "--length-normalized",
-        action=argparse.BooleanOptionalAction,
-        default=terms.length_normalized,
-        help="SimPO: each answer's log-ratio per token",
-    )
-    g.add_argument(
-        "--reference-free",
-        action=argparse.BooleanOptionalAction,
-        default=terms.reference_free,
-        help="SimPO: the reward is beta * log pi alone (the reference only measures the drift)",
-    )
-    g.add_argument(
-        "--target-margin", type=float, default=terms.target_margin, help="SimPO gamma: sigmoid(beta * z - gamma)"
-    )
-    g.add_argument(
-        "--max-chosen-drop",
-        type=float,
-        action=Bounded,
-        low=0,
-        default=MAX_CHOSEN_DROP,
-        help="stop when the validation pairs' chosen answers lose more than this many nats per token against "
-        "the reference (0 = never)",
-    )
+def dpo_settings(args: argparse.Namespace, route: str) -> TrainingFlags:
+    """A DPO command line, typed."""
+    return TrainingFlags.from_args(args, route, settings_from(DPOData, args))
 
 
-def preference_terms(args) -> PreferenceLoss:
-    return PreferenceLoss(
-        args.beta,
-        args.loss_type,
-        args.nll_weight,
-        args.chosen_floor,
-        args.length_normalized,
-        args.reference_free,
-        args.target_margin,
-    )
-
-
-def dpo_data(args, tokenizer) -> tuple[PairBatches, list, int]:
+def dpo_data(flags: TrainingFlags, tokenizer) -> tuple[PairBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps)."""
-    examples, val = train_and_val(args, lambda path: load_pairs(path, tokenizer, args.seq_len), "pairs")
-    batches = PairBatches(examples, args.batch_size, args.seed)
-    val_batches = fixed_batches(val, args, collate_pairs)
-    return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
+    run = flags.run
+    examples, val = train_and_val(flags, lambda path: load_pairs(path, tokenizer, run.seq_len), "pairs")
+    batches = PairBatches(examples, run.batch_size, flags.optimizer.seed)
+    val_batches = fixed_batches(val, flags, collate_pairs)
+    return batches, val_batches, flags.optimizer_steps(batches.order.batches_per_epoch)
 
 
 def pairs_in(batch: dict) -> int:
@@ -149,7 +126,8 @@ class ValidationStats:
         self.pairs += pairs
 
     def record(self, step: int, val_loss: float) -> None:
-        """The loop's on_eval: one metrics line with the means, a printed summary, and the stop line."""
+        """The loop's on_eval: one metrics line with the means, a printed summary, and the stop line (under
+        torchrun rank 0 decides on its share of the batches, and its exit ends the group)."""
         self.last = {f"val_{name}": total / max(self.pairs, 1) for name, total in self.sums.items()}
         self.sums, self.pairs = {}, 0
         with open(self.path, "a", encoding="utf-8") as f:
@@ -171,16 +149,17 @@ class ValidationStats:
 MakeObjective = Callable[[torch.nn.Module, Checkpoint, object], DPOObjective]
 
 
-def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callable[[Checkpoint], dict]) -> dict:
+def run_dpo(flags: TrainingFlags, make_objective: MakeObjective, extra_meta: Callable[[Checkpoint], dict]) -> dict:
     """The run both DPO entry points share; the summary of the loop plus the last validation statistics."""
-    run = start_run(args, route, dpo_data)
+    route, own = flags.optimizer.kind, flags.own
+    run = start_run(flags, dpo_data)
     hint = f"this DPO trains {KIND_NAMES[route]} model"
-    own = RunFiles(run.cfg).full  # what --resume continues; --load-from only gives the shape and the reference
-    checkpoint = starting_checkpoint(args, run.tokenizer, args.load_from, route, hint=hint, run_path=own)
-    policy = build_model(checkpoint, args.load_from)  # on --resume the loop loads the run's own weights over it
-    reference = build_model(checkpoint, args.load_from).to(run.device).eval().requires_grad_(False)
+    run_file = RunFiles(run.cfg).full  # what --resume continues; --load-from only gives the shape and the reference
+    checkpoint = starting_checkpoint(flags, run.tokenizer, own.load_from, route, hint=hint, run_path=run_file)
+    policy = build_model(checkpoint, own.load_from)  # on --resume the loop loads the run's own weights over it
+    reference = build_model(checkpoint, own.load_from).to(run.device).eval().requires_grad_(False)
     objective = make_objective(reference, checkpoint, run.tokenizer)
-    validation = ValidationStats(RunFiles(run.cfg).metrics, args.max_chosen_drop)
+    validation = ValidationStats(RunFiles(run.cfg).metrics, own.max_chosen_drop)
 
     def val_loss(model, batch, rng):
         loss, stats = objective(model, batch, rng)
@@ -190,11 +169,12 @@ def run_dpo(args, route: str, make_objective: MakeObjective, extra_meta: Callabl
     print(
         f"{KIND_NAMES[route].split()[1]} DPO: {policy.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} pairs, {sum(pairs_in(b) for b in run.val_batches)} validation, "
-        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}, {objective.terms}, reference {args.load_from}"
+        f"{run.cfg.max_steps} steps of {flags.run.batch_size} on {run.device}, {objective.terms}, "
+        f"reference {own.load_from}"
     )
     task = Task(run.batches.batch, run.val_batches, objective, val_loss, loss_count=pairs_in)
-    dpo = {"data": args.data, "load_from": args.load_from, **asdict(objective.terms)}
+    dpo = {"data": own.data, "load_from": own.load_from, **asdict(objective.terms)}
     meta = {"dpo": dpo, **extra_meta(checkpoint)}
-    options = RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta, on_eval=validation.record)
+    options = RunOptions(tokenizer_identity(run.tokenizer), flags.run.resume, meta, on_eval=validation.record)
     summary = train(policy, run.cfg, task, options, run.device)
     return {**summary, "validation": validation.last}
