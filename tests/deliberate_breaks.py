@@ -93,9 +93,30 @@ BREAKS = [
     Break(
         "the DPO answer ELBO's weight 9 % low",
         "model/objectives/preference.py",
-        "1 / times.double())",
-        "0.91 / times.double())",
+        "& answer, 1 / times.double()",
+        "& answer, 0.91 / times.double()",
         "tests/test_dpo.py::test_the_diffusion_elbo_is_unbiased_under_uniform_logits",
+    ),
+    Break(
+        "the DPO exact-count weight 9 % low",
+        "model/objectives/preference.py",
+        "weights = n.double() / counts.clamp(min=1)",
+        "weights = 0.91 * n.double() / counts.clamp(min=1)",
+        "tests/test_preference_terms.py::test_exact_count_draws_score_exactly_n_ln_v_under_uniform_logits_for_every_draw",
+    ),
+    Break(
+        "the RPO term halved",
+        "model/objectives/preference.py",
+        "loss = (loss + terms.nll_weight * chosen_nll).mean()",
+        "loss = (loss + terms.nll_weight * chosen_nll / 2).mean()",
+        "tests/test_preference_terms.py::test_rpo_adds_the_chosen_answers_nll_per_token",
+    ),
+    Break(
+        "DPO's chosen and rejected answers draw their own noise (pairing lost)",
+        "model/objectives/preference.py",
+        "return half.repeat_interleave(2, dim=1)",
+        "return torch.rand(shape, device=device, generator=generator)",
+        "tests/test_preference_terms.py::test_paired_draws_give_two_equal_answers_the_same_masks",
     ),
     Break(
         "the loss drops the 1/t weight and divides by the masked count (a self-normalised mean)",

@@ -21,7 +21,7 @@ def main(argv=None) -> dict:
     flags = dpo_settings(parse_args(argv), "ar")
 
     def objective(reference, checkpoint, tokenizer):
-        return DPOObjective(reference, ar_scorer(), flags.own.beta)
+        return DPOObjective(reference, ar_scorer(), flags.own.terms())
 
     return run_dpo(flags, objective, extra_meta=lambda checkpoint: {})
 

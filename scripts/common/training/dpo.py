@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from model.checkpoint import KIND_NAMES, Checkpoint, build_model
-from model.objectives.preference import DPOObjective
+from model.errors import NanoLladaError
+from model.objectives.preference import LOSS_TYPES, DPOObjective, PreferenceLoss
 from model.tokenizer import tokenizer_identity
 from scripts.common.data.pairs import PairBatches, collate_pairs, load_pairs
 from scripts.common.settings import add_flags, flag, settings_from
@@ -29,8 +30,13 @@ from scripts.common.training.run_files import RunFiles
 from scripts.common.training.sft import SFT_DEFAULTS
 from scripts.common.training.trainer import RunOptions, Task, train
 
-# The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup.
+# The SFT defaults, with DPO's smaller batches of pairs, learning rate and warmup. 5e-7 is MiniMind's DPO learning
+# rate for its dpo.jsonl (long answers, a 26M+ model); the report's tiny models take 5e-4 (technical_report.md 7.5).
 DPO_DEFAULTS = {**SFT_DEFAULTS, "batch_size": 8, "learning_rate": 5e-7, "warmup_steps": 10, "eval_batches": 10}
+# A run stops when the validation pairs' chosen answers have lost this many nats per token against the reference:
+# their likelihood per token down to e^-0.5 = 0.61 of the start's, DPO's displacement and not a preference learnt.
+MAX_CHOSEN_DROP = 0.5
+TERMS = PreferenceLoss()  # the loss terms' defaults (model/objectives/preference.py)
 
 
 @dataclass
@@ -42,6 +48,38 @@ class DPOData:
     load_from: str = flag(None, "the SFT checkpoint: the starting policy and the frozen reference", required=True)
     # A finite beta > 0: infinity turns every margin into +-inf and the loss into NaN.
     beta: float = flag(0.1, "DPO temperature: reward = beta * (log pi - log pi_ref)", low=0, above_low=True)
+    # What keeps the chosen answer up (PreferenceLoss): plain DPO pushes both answers down (technical_report.md 7.5).
+    loss_type: str = flag(TERMS.loss_type, "sigmoid: DPO; ipo: IPO", choices=LOSS_TYPES)
+    nll_weight: float = flag(
+        TERMS.nll_weight, "RPO: weight of the chosen answer's NLL per token (0 = plain DPO)", low=0
+    )
+    chosen_floor: float = flag(
+        TERMS.chosen_floor, "DPOP lambda: penalise the chosen answer falling below the reference (0 = off)", low=0
+    )
+    length_normalized: bool = flag(TERMS.length_normalized, "SimPO: each answer's log-ratio per token", kind=bool)
+    reference_free: bool = flag(
+        TERMS.reference_free,
+        "SimPO: the reward is beta * log pi alone (the reference only measures the drift)",
+        kind=bool,
+    )
+    target_margin: float = flag(TERMS.target_margin, "SimPO gamma: sigmoid(beta * z - gamma)")
+    max_chosen_drop: float = flag(
+        MAX_CHOSEN_DROP,
+        "stop when the validation pairs' chosen answers lose more than this many nats per token against the "
+        "reference (0 = never)",
+        low=0,
+    )
+
+    def terms(self) -> PreferenceLoss:
+        return PreferenceLoss(
+            self.beta,
+            self.loss_type,
+            self.nll_weight,
+            self.chosen_floor,
+            self.length_normalized,
+            self.reference_free,
+            self.target_margin,
+        )
 
 
 def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:
@@ -76,6 +114,7 @@ class ValidationStats:
     torchrun they are rank 0's share of the batches (the loop all-reduces only the loss)."""
 
     path: object
+    max_chosen_drop: float = MAX_CHOSEN_DROP  # nats per token; 0: never stop
     say: Callable[[str], None] = tqdm.write
     sums: dict = field(default_factory=dict)
     pairs: int = 0
@@ -87,15 +126,23 @@ class ValidationStats:
         self.pairs += pairs
 
     def record(self, step: int, val_loss: float) -> None:
-        """The loop's on_eval: one metrics line with the means, and a printed summary."""
+        """The loop's on_eval: one metrics line with the means, a printed summary, and the stop line (under
+        torchrun rank 0 decides on its share of the batches, and its exit ends the group)."""
         self.last = {f"val_{name}": total / max(self.pairs, 1) for name, total in self.sums.items()}
         self.sums, self.pairs = {}, 0
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **self.last}) + "\n")
         self.say(
             f"step {step}: val DPO loss {val_loss:.4f}, preference accuracy {self.last['val_accuracy']:.3f}, "
-            f"reward margin {self.last['val_reward_margin']:.4f}"
+            f"reward margin {self.last['val_reward_margin']:.4f}, chosen drift {self.last['val_chosen_drift']:.3f} nats"
         )
+        drop = -self.last["val_chosen_drift_per_token"]
+        if self.max_chosen_drop and drop > self.max_chosen_drop:
+            raise NanoLladaError(
+                f"stopped at step {step}: the validation pairs' chosen answers lost {drop:.3f} nats per token against "
+                f"the reference (--max-chosen-drop {self.max_chosen_drop}); DPO is pushing the chosen answer down, not "
+                "up: lower --learning-rate or raise --nll-weight"
+            )
 
 
 # make_objective(reference, starting checkpoint, tokenizer) -> the route's DPOObjective
@@ -112,7 +159,7 @@ def run_dpo(flags: TrainingFlags, make_objective: MakeObjective, extra_meta: Cal
     policy = build_model(checkpoint, own.load_from)  # on --resume the loop loads the run's own weights over it
     reference = build_model(checkpoint, own.load_from).to(run.device).eval().requires_grad_(False)
     objective = make_objective(reference, checkpoint, run.tokenizer)
-    validation = ValidationStats(RunFiles(run.cfg).metrics)
+    validation = ValidationStats(RunFiles(run.cfg).metrics, own.max_chosen_drop)
 
     def val_loss(model, batch, rng):
         loss, stats = objective(model, batch, rng)
@@ -122,11 +169,12 @@ def run_dpo(flags: TrainingFlags, make_objective: MakeObjective, extra_meta: Cal
     print(
         f"{KIND_NAMES[route].split()[1]} DPO: {policy.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} pairs, {sum(pairs_in(b) for b in run.val_batches)} validation, "
-        f"{run.cfg.max_steps} steps of {flags.run.batch_size} on {run.device}, beta {own.beta}, "
+        f"{run.cfg.max_steps} steps of {flags.run.batch_size} on {run.device}, {objective.terms}, "
         f"reference {own.load_from}"
     )
     task = Task(run.batches.batch, run.val_batches, objective, val_loss, loss_count=pairs_in)
-    meta = {"dpo": {"data": own.data, "load_from": own.load_from, "beta": own.beta}, **extra_meta(checkpoint)}
+    dpo = {"data": own.data, "load_from": own.load_from, **asdict(objective.terms)}
+    meta = {"dpo": dpo, **extra_meta(checkpoint)}
     options = RunOptions(tokenizer_identity(run.tokenizer), flags.run.resume, meta, on_eval=validation.record)
     summary = train(policy, run.cfg, task, options, run.device)
     return {**summary, "validation": validation.last}
