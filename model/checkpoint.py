@@ -9,6 +9,7 @@ something else.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,8 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     With `kind`, a checkpoint of the other kind is refused (scripts say which entry point takes it).
     """
     checkpoint = read_checkpoint(path, num_attention_heads)
+    if kind == "ar" and checkpoint.kind == "diffusion" and decodes_causally(checkpoint):
+        checkpoint = as_ar(checkpoint)  # a jointly trained checkpoint is also an AR model
     if kind is not None and checkpoint.kind != kind:
         raise NanoLladaError(
             f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; load it as {checkpoint.kind}"
@@ -179,11 +182,40 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     return model, checkpoint.config
 
 
+def joint_record(ar_loss_weight: float) -> dict:
+    """The checkpoint entry of a jointly trained diffusion model (nothing at weight 0: such checkpoints stay as
+    they were)."""
+    return {"joint": {"ar_loss_weight": ar_loss_weight}} if ar_loss_weight else {}
+
+
+def ar_loss_weight(checkpoint: Checkpoint) -> float:
+    """The AR loss weight the stage that wrote `checkpoint` trained with next to its diffusion loss (0: none)."""
+    return float((checkpoint.extra.get("joint") or {}).get("ar_loss_weight", 0.0))
+
+
+def decodes_causally(checkpoint: Checkpoint) -> bool:
+    """Whether the weights are an AR model: an AR checkpoint, or a shifted diffusion one trained jointly with the
+    causal next-token loss (its head is the AR head, and causal attention is what that loss trained)."""
+    joint = checkpoint.kind == "diffusion" and ar_loss_weight(checkpoint) > 0 and checkpoint.config.logit_shift
+    return checkpoint.kind == "ar" or joint
+
+
+def as_ar(checkpoint: Checkpoint) -> Checkpoint:
+    """A jointly trained diffusion checkpoint as the AR model it also is: kind "ar", and no logit shift, which only
+    says how diffusion reads the outputs (a causal output predicts the next token either way), so what an AR
+    trainer writes from it is a plain AR checkpoint."""
+    config = dataclasses.replace(checkpoint.config, logit_shift=False)
+    return dataclasses.replace(checkpoint, kind="ar", config=config)
+
+
 def check_compatible(
     checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
 ) -> Checkpoint:
     """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
-    tokenizer, or another vocabulary."""
+    tokenizer, or another vocabulary. Asked for "ar", a jointly trained diffusion checkpoint is returned as its AR
+    model (as_ar)."""
+    if kind == "ar" and checkpoint.kind == "diffusion" and decodes_causally(checkpoint):
+        checkpoint = as_ar(checkpoint)
     if kind is not None and checkpoint.kind != kind:
         hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
         raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")

@@ -94,7 +94,7 @@ def finetune(args, out: Path, data: Path) -> None:
     step(
         "4b. Diffusion SFT",
         "scripts.train.train_sft_diffusion",
-        # Its default objective (technical_report.md 7.8); the canvas is the evaluation's: an 8-token answer window
+        # Its default objective (technical_report.md 7.9); the canvas is the evaluation's: an 8-token answer window
         # holds the three answer tokens and five EOS, so each answer is padded with exactly 5 EOS.
         cli(
             *common,

@@ -14,9 +14,11 @@ On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 head
 6. SFT of the default conversion with each SFT normalisation (LLaDA's, EOS padding down-weighted, one token mean
    over the batch) and as LLaDA 2.0 block SFT (block 32);
 7. diffusion decoding quality against speed (steps, threshold) on the same questions;
-8. DPO of the AR SFT model and of the default conversion's SFT model on the sample's preference pairs, held-out
-   accuracy before and after, and the spread of diffusion DPO's preference score under each VRPO lever.
---part dpo runs 8 alone, on the SFT checkpoints an earlier run left in --out-dir (results_dpo.json).
+8. DPO of the AR SFT model and of the default conversion's SFT model on the sample's preference pairs, 3 seeds,
+   held-out accuracy before and after, and the spread of diffusion DPO's preference score under each variance
+   lever (scripts/common/dpo_experiment.py).
+--part dpo runs 8 alone (stage after stage, whatever --jobs), on the SFT checkpoints an earlier run left in
+--out-dir or those of --dpo-starts (results_dpo.json).
 --jobs N runs independent stages N at a time, one thread each (the numbers then match other --jobs N runs, not
 necessarily --jobs 1 ones, bit for bit). Every number in the report comes from the commands this prints;
 results.json keeps them all.
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from model.errors import NanoLladaError
 from scripts.common.cli import Bounded, run_main
+from scripts.common.dpo_experiment import ROUTES as DPO_ROUTES
+from scripts.common.dpo_experiment import DPOExperiment
 from scripts.common.pipeline import SMALL_MODEL, cli, step
-from scripts.common.sft_protocol import sft_protocol
+from scripts.common.sft_protocol import ProtocolSettings, sft_protocol
 
 # AR-to-diffusion conversions: run name -> flags of scripts.train.diffusion --init-from-minimind (explicit,
 # whatever the defaults). diffusion_from_ar is the conversion before logit shift existed.
@@ -58,14 +61,6 @@ SFT_VARIANTS = {
     "diffusion_sft_padding01": cli(loss_normalization="row", eos_padding_weight=0.1),
     "diffusion_sft_token_mean": cli(loss_normalization="batch", eos_padding_weight=1.0),
 }
-# DPO (report 7.5): run name -> (entry point, the SFT run it starts from and is judged against), with its flags.
-DPO_RUNS = {
-    "ar_dpo": ("scripts.train.train_dpo_minimind", "ar_sft", []),
-    "diffusion_dpo": ("scripts.train.train_dpo_diffusion", f"sft_{DEFAULT_CONVERSION}", cli(elbo_samples=2)),
-}
-DPO_TRAINING = dict(
-    max_seq_len=256, batch_size=8, learning_rate="5e-4", warmup_steps=10, eval_interval=25, eval_batches=4
-)
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
 
 
@@ -271,47 +266,11 @@ class Experiment:
         ]
         self.run_many(stages)
 
-    def dpo_start(self, run: str) -> str:
-        """The SFT checkpoint DPO run `run` starts from: --dpo-starts, or its SFT run's in --out-dir."""
-        if self.args.dpo_starts:
-            return self.args.dpo_starts[list(DPO_RUNS).index(run)]
-        return self.sft_weights(DPO_RUNS[run][1])
-
-    def dpo(self) -> None:
-        """DPO of each SFT model of DPO_RUNS (checkpoints in --out-dir); held-out accuracy of both, by decoding and by
-        likelihood; the spread of the diffusion preference score with and without each VRPO lever."""
-        a = self.args
-        # fmt: off
-        flags = cli(data=self.data / "sample_dpo_train.jsonl", eval_data=self.data / "sample_dpo_val.jsonl",
-                    tokenizer_dir=".", save_dir=self.out, max_steps=a.dpo_steps, device=a.device, **DPO_TRAINING)
-        # fmt: on
-        stages, checks = [], []
-        for run, (module, start, extra) in DPO_RUNS.items():
-            for old in self.out.glob(f"{run}[._]*"):  # a rerun of --part dpo trains afresh
-                old.unlink()
-            source = self.dpo_start(run)
-            if not Path(source).exists():
-                raise NanoLladaError(f"{source} not found: DPO starts from the SFT models of --part conversion")
-            stages.append(
-                (run, f"8a. DPO of {Path(source).stem}", module, cli(*flags, *extra, run_name=run, load_from=source))
-            )
-            route = "minimind_checkpoint" if run == "ar_dpo" else "diffusion_checkpoint"
-            for name, weights in ((start, source), (run, self.sft_weights(run))):
-                checks.append(self.accuracy_stage(f"dpo_accuracy_{name}", cli(**{route: weights}), "--score-labels"))
-        self.run_many(stages)
-        self.run_many(checks)
-        # fmt: off
-        argv = cli(policy=self.sft_weights("diffusion_dpo"), reference=self.dpo_start("diffusion_dpo"),
-                   tokenizer_dir=".", data=self.data / "sample_dpo_val.jsonl", pairs=8, elbo_samples=4, redraws=64,
-                   max_seq_len=256, device=a.device)
-        # fmt: on
-        self.run("dpo_variance", "8b. Spread of the diffusion preference score", "scripts.eval.dpo_variance", argv)
-
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.part == "sft":  # the diffusion SFT objectives, 5 seeds each (scripts/common/sft_protocol.py)
-        return sft_protocol(args)
+        return sft_protocol(ProtocolSettings.from_args(args))
     experiment = Experiment(args)
     if experiment.out.exists() and args.part != "dpo":  # --part dpo continues an earlier run's directory
         shutil.rmtree(experiment.out)
@@ -325,7 +284,10 @@ def main(argv=None) -> dict:
         experiment.finetune()
         experiment.evaluate()
     if args.part in ("all", "dpo"):
-        experiment.dpo()
+        starts = args.dpo_starts or [experiment.sft_weights(run) for _, run, _ in DPO_ROUTES.values()]
+        dpo = DPOExperiment(experiment.out, experiment.data, args.dpo_steps, args.questions, args.device,
+                            dict(zip(DPO_ROUTES, starts)))  # fmt: skip
+        experiment.results["dpo"] = dpo.run()
     summary = {
         "timings_s": experiment.timings,
         "best_conversion": experiment.best_conversion,

@@ -17,114 +17,85 @@ client.chat.completions.create(model="nano-llada", messages=[{"role": "user", "c
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
-from scripts.common.cli import Bounded, pick_device, positive, run_main
+from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import flag_names
-from scripts.common.serving.engine import ChatEngine, Defaults
+from scripts.common.serving.engine import ChatEngine, ChatRequest
 from scripts.common.serving.http import make_server
+from scripts.common.settings import add_flags, flag_fields, settings_from
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class ServeOptions:
+    """What the command line asks for, read once from argv; `defaults` is the request a request's fields override."""
+
+    checkpoint: str
+    tokenizer_dir: str
+    num_attention_heads: int | None
+    host: str
+    port: int
+    model_name: str | None
+    device: str | None
+    max_batch: int
+    seq_len: int | None
+    quiet: bool
+    as_ar: bool
+    defaults: ChatRequest
+
+
+def parse_args(argv=None) -> ServeOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(p, "AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, action=Bounded, low=0, high=65535, default=8998, help="0 picks a free port")
-    p.add_argument(
-        "--model-name", default=None, help="model id reported by /v1/models (default: the checkpoint's file name)"
-    )
+    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's file name)")
     p.add_argument("--device", default=None)
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=256,
-        help="completion length when a request gives no max_tokens",
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        action=Bounded,
-        low=0,
-        default=None,
-        help="default: 0.8 for AR, 0 (greedy) for diffusion",
-    )
-    p.add_argument("--top-k", type=int, action=Bounded, low=0, default=20, help="AR default top-k (0 = off)")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        action=Bounded,
-        low=0,
-        high=1,
-        above_low=True,
-        default=1.0,
-        help="AR default nucleus mass",
-    )
-    diffusion = p.add_argument_group("diffusion defaults (a request's steps, block_length, threshold override them)")
-    steps_help = "forward passes over all blocks (default: one per token)"
-    diffusion.add_argument("--gen-steps", "--steps", dest="steps", type=int, default=None, help=steps_help)
-    diffusion.add_argument("--block-length", dest="block_size", type=int, default=32, help="block size; 0 = one block")
-    diffusion.add_argument("--threshold", type=float, default=None, help="commit every token at least this confident")
-    seq_help = "canvas limit, prompt + generation (default: max_position_embeddings)"
-    diffusion.add_argument("--seq-len", type=int, default=None, help=seq_help)
-    p.add_argument(
-        "--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together in one batch"
-    )
+    p.add_argument("--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together")
+    p.add_argument("--seq-len", type=int, help="diffusion canvas, prompt + generation (default: the model's positions)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
-    return p.parse_args(argv)
+    p.add_argument("--as-ar", action="store_true", help="serve a jointly trained diffusion checkpoint as its AR model")
+    add_flags(p.add_argument_group("defaults of the request fields of the same names"), ChatRequest)
+    args = parse(p, argv)
+    defaults = settings_from(ChatRequest, args)
+    sampling = {f.name for f in flag_fields(ChatRequest)}
+    args = {name: value for name, value in vars(args).items() if name not in sampling}
+    return ServeOptions(**args, defaults=defaults)
 
 
-def load_engine(args) -> ChatEngine:
+def load_engine(o: ServeOptions) -> ChatEngine:
+    """The checkpoint loaded behind a ChatEngine, its defaults checked as a request's fields are."""
     model, tokenizer, checkpoint = load_checkpoint_for_eval(
-        args.checkpoint, args.tokenizer_dir, None, pick_device(args.device), args.num_attention_heads
+        o.checkpoint, o.tokenizer_dir, "ar" if o.as_ar else None, pick_device(o.device), o.num_attention_heads
     )
-    defaults = Defaults(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        steps=args.steps,
-        block_size=args.block_size or None,
-        threshold=args.threshold,
-        seq_len=args.seq_len,
-    )
-    name = args.model_name or Path(args.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
-    engine = ChatEngine(model, tokenizer, checkpoint, name, defaults, args.max_batch)
-    temperature = 0.0 if args.temperature is None else args.temperature
-    with flag_names({"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens"}):  # as requests are checked
-        ARSamplerConfig(temperature, args.top_k, args.top_p).check_arguments(args.max_tokens)
+    name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
+    engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)
+    d, temperature = o.defaults, o.defaults.temperature or 0.0
+    renamed = {"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens", "block_size": "--block-length"}
+    with flag_names(renamed):  # the defaults are checked as a request's fields are
+        ARSamplerConfig(temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
         if engine.kind == "diffusion":  # what a request with the default settings decodes with
-            sampler = engine.sampler_for(args.max_tokens, args.steps, defaults.block_size, temperature, args.threshold)
+            sampler = engine.sampler_for(d.max_tokens, d.steps, d.block_length, temperature, d.threshold)
             sampler.check_arguments()
-    if engine.kind == "diffusion" and sampler.block_causal:
-        print(
-            f"block-trained diffusion checkpoint: decoding block-causally with block size {sampler.block_size} "
-            "(block_length does not apply)"
-        )
+            if sampler.block_causal:
+                print(f"block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
     return engine
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    positive("--max-batch", args.max_batch)
-    positive("--block-length", args.block_size, allow_zero=True)
-    engine = load_engine(args)
+    options = parse_args(argv)
+    engine = load_engine(options)
     try:
-        server = make_server(engine, args.host, args.port, quiet=args.quiet)
+        server = make_server(engine, options.host, options.port, quiet=options.quiet)
     except OSError as err:
-        raise NanoLladaError(
-            f"cannot listen on {args.host}:{args.port} ({err.strerror}); pick another --port"
-        ) from None
+        where = f"{options.host}:{options.port}"
+        raise NanoLladaError(f"cannot listen on {where} ({err.strerror}); pick another --port") from None
     host, port = server.server_address[:2]
-    print(
-        f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 "
-        "(POST /v1/chat/completions, GET /v1/models)",
-        flush=True,
-    )
+    print(f"serving {engine.kind} model '{engine.model_id}' on http://{host}:{port}/v1 "
+          "(POST /v1/chat/completions, GET /v1/models)", flush=True)  # fmt: skip
     try:
         server.serve_forever()
     finally:

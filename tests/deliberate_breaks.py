@@ -57,15 +57,15 @@ BREAKS = [
     Break(
         "threshold fallback commits the least confident position",
         "model/inference/remasking.py",
-        "commit |= _commit_top(scores, open_here.any(1).long())",
-        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "commit |= commit_top(scores, open_here.any(1).long())",
+        "commit |= commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
         "tests/test_diffusion.py::test_threshold_above_one_equals_one_token_per_step_low_confidence",
     ),
     Break(
         "threshold fallback commits the least confident position (batched)",
         "model/inference/remasking.py",
-        "commit |= _commit_top(scores, open_here.any(1).long())",
-        "commit |= _commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
+        "commit |= commit_top(scores, open_here.any(1).long())",
+        "commit |= commit_top(torch.where(open_here, -scores, float('-inf')), open_here.any(1).long())",
         "tests/test_fast_decoding.py::test_threshold_above_one_with_a_batch_equals_one_token_per_step_low_confidence",
     ),
     Break(
@@ -93,9 +93,30 @@ BREAKS = [
     Break(
         "the DPO answer ELBO's weight 9 % low",
         "model/objectives/preference.py",
-        "1 / times.double())",
-        "0.91 / times.double())",
+        "& answer, 1 / times.double()",
+        "& answer, 0.91 / times.double()",
         "tests/test_dpo.py::test_the_diffusion_elbo_is_unbiased_under_uniform_logits",
+    ),
+    Break(
+        "the DPO exact-count weight 9 % low",
+        "model/objectives/preference.py",
+        "weights = n.double() / counts.clamp(min=1)",
+        "weights = 0.91 * n.double() / counts.clamp(min=1)",
+        "tests/test_preference_terms.py::test_exact_count_draws_score_exactly_n_ln_v_under_uniform_logits_for_every_draw",
+    ),
+    Break(
+        "the RPO term halved",
+        "model/objectives/preference.py",
+        "loss = (loss + terms.nll_weight * chosen_nll).mean()",
+        "loss = (loss + terms.nll_weight * chosen_nll / 2).mean()",
+        "tests/test_preference_terms.py::test_rpo_adds_the_chosen_answers_nll_per_token",
+    ),
+    Break(
+        "DPO's chosen and rejected answers draw their own noise (pairing lost)",
+        "model/objectives/preference.py",
+        "return half.repeat_interleave(2, dim=1)",
+        "return torch.rand(shape, device=device, generator=generator)",
+        "tests/test_preference_terms.py::test_paired_draws_give_two_equal_answers_the_same_masks",
     ),
     Break(
         "the loss drops the 1/t weight and divides by the masked count (a self-normalised mean)",
@@ -127,10 +148,10 @@ BREAKS = [
     ),
     Break(
         "guidance mixed with w instead of w + 1",
-        "model/inference/remasking.py",
+        "model/inference/reference_sampler.py",
         "return uncond + (cfg_scale + 1) * (cond - uncond)",
         "return uncond + cfg_scale * (cond - uncond)",
-        "tests/test_reference_sampler.py::test_the_fast_sampler_decodes_the_reference_tokens",
+        "tests/test_diffusion.py::test_guidance_is_the_unconditional_plus_w_plus_one_times_the_difference",
     ),
     Break(
         "SIGTERM left to its default (the process dies unsaved)",

@@ -65,10 +65,17 @@ def test_a_checkpoint_pair_gives_a_card_with_the_goal(tmp_path):
         save_tiny(tmp_path / "d.pt", "diffusion"),
     ]
     args = ["--device", "cpu", "--continuation-data", str(data), "--prompts", "2", "--lengths", "32", "--batches", "1"]
-    report = main([*pair, *args, "--thresholds", "0.9", "--skip-training", "--out", str(out)])
+    report = main([*pair, *args, "--thresholds", "0.9", "--speculative", "4", "--skip-training", "--out", str(out)])
     assert report["smoke_test"] is False and report["training"] == {}
     assert report["card"]["goal"]["gen_length"] == 32 and isinstance(report["card"]["goal"]["met"], bool)
-    assert {r["mode"] for r in report["card"]["rows"]} >= {"ar_kv_cache", "llada_baseline", "fast_0.9"}
+    assert {r["mode"] for r in report["card"]["rows"]} >= {
+        "ar_kv_cache",
+        "llada_baseline",
+        "fast_0.9",
+        "speculative_k4",
+    }
+    speculative = next(r for r in report["card"]["rows"] if r["mode"] == "speculative_k4")
+    assert all(is_number(speculative[k]) for k in SPEED)
     assert "## Goal" in out.with_suffix(".md").read_text()
 
 
@@ -93,3 +100,10 @@ def test_training_flops_follow_six_n_plus_attention():
         matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         attention = 3 * 2 * 2 * config.hidden_size * seq * config.num_hidden_layers
         assert training_flops_per_token(config, seq) == 6 * matmul_weights + attention
+
+
+def test_a_list_flag_that_is_not_a_list_is_one_line_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--device", "cpu", "--lengths", "32,x"])
+    err = capsys.readouterr().err
+    assert "--lengths" in err and "expected comma-separated ints, got '32,x'" in err

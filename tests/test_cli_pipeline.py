@@ -340,10 +340,10 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
     from scripts.common.training.run_files import RunFiles
 
     tokenizer = load_tokenizer(minimind2_fixtures)
-    args = diffusion.parse_args(
+    flags = diffusion.settings(
         cli("--train", init_from_minimind=minimind2_fixtures / "minimind2_tiny.pth", tokenizer_dir=minimind2_fixtures)
     )
-    model = diffusion.initial_model(args, tokenizer, RunFiles(SimpleNamespace(out_dir=str(tmp_path), run_name="x")))
+    model = diffusion.initial_model(flags, tokenizer, RunFiles(SimpleNamespace(out_dir=str(tmp_path), run_name="x")))
     reference, _ = load_model(minimind2_fixtures / "minimind2_tiny.pth")
     ours, theirs = model.state_dict(), reference.state_dict()
     assert set(ours) == set(theirs)

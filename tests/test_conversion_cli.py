@@ -84,11 +84,10 @@ def test_the_seed_diffusion_command_converts_with_the_default():
         "--init-from-minimind weights/minimind_pretrain_state_dict.pt --run-name diffusion_from_ar_eq3 "
         "--early-stop-patience 5 --early-stop-min-delta 0.001 --max-iters 40000 --batch-size 128"
     ).split()
-    args = diffusion.parse_args(argv)
-    diffusion.check_flags(args)
-    assert args.logit_shift is None and diffusion.CONVERSION_LOGIT_SHIFT  # None: the conversion's default
-    assert not args.block_size and "logit shift" in diffusion.describe_conversion(args, True)
-    assert "bidirectional attention" in diffusion.describe_conversion(args, True)
+    own = diffusion.settings(argv).own
+    assert own.logit_shift is None and diffusion.CONVERSION_LOGIT_SHIFT  # None: the conversion's default
+    assert not own.block_size and "logit shift" in diffusion.describe_conversion(own, True)
+    assert "bidirectional attention" in diffusion.describe_conversion(own, True)
 
 
 def test_the_report_names_the_default_conversion_by_its_flags():

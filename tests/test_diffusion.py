@@ -12,7 +12,8 @@ from conftest import TINY_MODEL, CommitLog, UniformModel, decodes_something, liv
 from model.config import ModelConfig
 from model.errors import NanoLladaError
 from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.inference.remasking import _guided_logits, _sampled_tokens, step_quotas
+from model.inference.reference_sampler import combine_guidance, step_quotas, with_unconditional
+from model.inference.reference_sampler import sample_tokens as _sampled_tokens
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.transformer import Transformer
 
@@ -86,8 +87,13 @@ def test_temperature_zero_is_deterministic_and_random_sampling_is_seeded(tiny_co
     assert torch.equal(a, diffusion_generate(model, prompt, hot, mask_id, generator=rng(5)).tokens)
 
 
+def _guided_logits(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, cfg_scale: float) -> torch.Tensor:
+    """One guided prediction as every sampler makes it: [conditional; unconditional] in one call, then mixed."""
+    rows = with_unconditional(canvas, 0, prompt_len, mask_id, cfg_scale != 0)
+    return combine_guidance(model(rows, attention="bidirectional"), cfg_scale)
+
+
 def test_cfg_scale_zero_equals_no_guidance_and_guidance_changes_logits(tiny_config):
-    from model.inference.remasking import _guided_logits
 
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     canvas = torch.tensor([[1, 7, 9, mask_id, mask_id]])
@@ -96,6 +102,16 @@ def test_cfg_scale_zero_equals_no_guidance_and_guidance_changes_logits(tiny_conf
     guided = _guided_logits(model, canvas, 3, mask_id, 1e-9)
     assert torch.allclose(guided, plain, atol=1e-5)  # the CFG branch itself reduces to the plain logits at w -> 0
     assert not torch.allclose(_guided_logits(model, canvas, 3, mask_id, 2.0), plain, atol=1e-3)
+
+
+def test_guidance_is_the_unconditional_plus_w_plus_one_times_the_difference(tiny_config):
+    """LLaDA's unsupervised CFG, written out: u + (w + 1)(c - u), u the logits with the prompt masked."""
+    model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
+    canvas = torch.tensor([[1, 7, 9, mask_id, mask_id]])
+    free = canvas.clone()
+    free[:, :3] = mask_id
+    c, u = model(canvas, attention="bidirectional"), model(free, attention="bidirectional")
+    assert torch.allclose(_guided_logits(model, canvas, 3, mask_id, 2.0), u + 3.0 * (c - u), atol=1e-5)
 
 
 def test_threshold_above_one_equals_one_token_per_step_low_confidence(monkeypatch, tiny_config):

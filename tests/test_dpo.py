@@ -1,4 +1,4 @@
-"""DPO for both routes: the loss against its closed form, ln 2 and zero rewards at initialisation, the antithetic
+"""DPO for both routes: ln 2 and zero rewards at initialisation, the antithetic
 score exactly 0 at initialisation, a few steps raising preference accuracy, bad rows as one-line errors."""
 
 import copy
@@ -18,11 +18,11 @@ from model.inference.likelihood import ar_log_likelihood_batch
 from model.objectives.preference import (
     DPOObjective,
     ElboSampling,
+    PreferenceLoss,
     ar_answer_log_likelihood,
     ar_scorer,
     diffusion_answer_elbo,
     diffusion_scorer,
-    dpo_loss,
     draw_answer_masks,
     pair_log_likelihoods,
     preference_score_spread,
@@ -67,19 +67,6 @@ def batch(tokenizer, tmp_path_factory):
     return collate_pairs(load_pairs(path, tokenizer, 64), range(4))
 
 
-def test_dpo_loss_equals_the_closed_form_on_a_hand_made_case():
-    policy = torch.tensor([[-1.0, -3.0], [-2.0, -1.0]])
-    reference = torch.tensor([[-2.0, -2.0], [-1.5, -1.5]])
-    loss, stats = dpo_loss(policy, reference, beta=0.5)
-    # margins: 0.5 * ((-1 + 2) - (-3 + 2)) = 1 and 0.5 * ((-2 + 1.5) - (-1 + 1.5)) = -0.5
-    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert stats["reward_margin"].item() == pytest.approx(0.25)
-    assert stats["reward_chosen"].item() == pytest.approx((0.5 - 0.25) / 2)
-    assert stats["reward_rejected"].item() == pytest.approx((-0.5 + 0.25) / 2)
-    assert stats["accuracy"].item() == 0.5
-
-
 def test_ar_answer_log_likelihood_is_the_exact_one_of_the_answer_alone(tokenizer, batch):
     model = tiny_model(tokenizer, "ar").eval()
     rows = {key: value.flatten(0, 1) for key, value in batch.items()}
@@ -91,7 +78,7 @@ def test_ar_answer_log_likelihood_is_the_exact_one_of_the_answer_alone(tokenizer
         assert score == pytest.approx(exact, abs=1e-4)
     # and the DPO loss of the AR route is the closed form of those log-likelihoods
     reference = tiny_model(tokenizer, "ar").eval()
-    loss, _ = DPOObjective(reference, ar_scorer(), beta=0.2)(model, batch, None)
+    loss, _ = DPOObjective(reference, ar_scorer(), PreferenceLoss(beta=0.2, nll_weight=0))(model, batch, None)
     with torch.no_grad():
         ratio = (scores - ar_answer_log_likelihood(reference, rows["input_ids"], rows["answer"])).view(-1, 2)
     expected = torch.log1p(torch.exp(-0.2 * (ratio[:, 0] - ratio[:, 1]))).mean()
@@ -102,7 +89,9 @@ def objective_at_init(tokenizer, route: str, block_size=None):
     policy = tiny_model(tokenizer, route)
     scorer = ar_scorer() if route == "ar" else diffusion_scorer(mask_token_id(tokenizer), block_size)
     sampling = None if route == "ar" else ElboSampling(samples=4)
-    objective = DPOObjective(copy.deepcopy(policy).requires_grad_(False), scorer, 0.1, sampling)
+    objective = DPOObjective(
+        copy.deepcopy(policy).requires_grad_(False), scorer, PreferenceLoss(nll_weight=0), sampling
+    )
     return objective, policy
 
 
@@ -131,25 +120,28 @@ def test_antithetic_score_is_exactly_zero_at_initialisation_for_every_draw(token
         )
         assert torch.equal(policy_ll.detach(), reference_ll) and policy_ll.abs().max() > 0
     assert preference_score_spread(objective, policy, batch, redraws=8) == 0.0
-    independent = DPOObjective(objective.reference, objective.scorer, 0.1, ElboSampling(samples=4, antithetic=False))
+    independent = DPOObjective(
+        objective.reference, objective.scorer, objective.terms, ElboSampling(samples=4, antithetic=False)
+    )
     assert preference_score_spread(independent, policy, batch, redraws=8) > 0.1
 
 
 def test_the_diffusion_elbo_is_unbiased_under_uniform_logits():
-    """Uniform logits: log p(answer | prompt) = -n ln|V| exactly; every draw's mean estimates it without bias."""
+    """Uniform logits: log p(answer | prompt) = -n ln|V| exactly; the Bernoulli draws' mean estimates it without
+    bias (the exact-count draws hit it on every draw: tests/test_preference_terms.py)."""
     input_ids = torch.randint(3, 100, (3, 10))
     length = torch.tensor([10, 8, 6])
     answer = torch.zeros(3, 10, dtype=torch.bool)
     for row, (start, end) in enumerate([(4, 10), (6, 8), (5, 6)]):
         answer[row, start:end] = True
     for distinct_times in (True, False):
-        sampling = ElboSampling(samples=4000, distinct_times=distinct_times)
+        sampling = ElboSampling(samples=4000, distinct_times=distinct_times, estimator="bernoulli", paired=False)
         draws = draw_answer_masks(answer, sampling, torch.Generator().manual_seed(0))
         assert not (draws.masked & ~answer).any()
         estimate = diffusion_answer_elbo(UniformModel(101), input_ids, length, draws, 100)
         # Under uniform logits a draw scores (masked count) x weight x ln|V|: the estimate is their mean, and that
         # mean sits within four standard errors of -n ln|V| (pooled over rows, the error is about 1.3 %).
-        per_draw = -(draws.masked.sum(-1) * draws.weights).double() * math.log(101)  # [S, R]
+        per_draw = -(draws.masked * draws.weights).sum(-1).double() * math.log(101)  # [S, R]
         assert torch.allclose(estimate.double(), per_draw.mean(0), rtol=1e-5)
         pooled, truth = per_draw.sum(1), -answer.sum().double() * math.log(101)
         assert abs(pooled.mean() - truth) < 4 * pooled.std() / math.sqrt(pooled.numel())
@@ -222,12 +214,40 @@ def test_bad_row_through_the_entry_point_is_one_line_and_exit_2(tokenizer, tmp_p
     assert len(proc.stderr.strip().splitlines()) == 1 and f"{path}:1: " in proc.stderr
 
 
-def test_report_experiments_dpo_runs_parse_with_their_entry_points():
+def test_the_dpo_experiment_runs_parse_with_their_entry_points():
     import importlib
 
-    from scripts import report_experiments
+    from scripts.common import dpo_experiment
 
-    for module, _, extra in report_experiments.DPO_RUNS.values():
-        flags = cli(data="pairs.jsonl", load_from="sft.pt", **report_experiments.DPO_TRAINING)
-        args = importlib.import_module(module).parse_args([*flags, *extra])
-        assert args.beta == 0.1 and args.batch_size == report_experiments.DPO_TRAINING["batch_size"]
+    for route, (module, _, _) in dpo_experiment.ROUTES.items():
+        control = dpo_experiment.CONTROL if route == "ar" else []
+        flags = cli(*control, data="pairs.jsonl", load_from="sft.pt", seed=1, **dpo_experiment.DPO_TRAINING)
+        args = importlib.import_module(module).parse_args(flags)
+        assert args.beta == 0.1 and args.batch_size == dpo_experiment.DPO_TRAINING["batch_size"] and args.seed == 1
+        assert args.nll_weight == (0 if control else PreferenceLoss().nll_weight)
+
+
+def test_the_dpo_experiment_summary_has_a_row_per_seed_and_the_mean_lift():
+    from scripts.common.dpo_experiment import mean_and_stderr, summary_table
+
+    validation = {"val_chosen_drift": -0.1, "val_rejected_drift": -2.0, "val_accuracy": 0.7}
+    sft = {"questions": 200, "accuracy": 0.70, "unparseable": 0, "likelihood_accuracy": 0.70}
+    runs = [{**sft, "seed": s, "accuracy": 0.70 + d, "validation": validation} for s, d in enumerate([0.02, 0.04])]
+    results = {route: {"sft": sft, "dpo": runs} for route in ("ar", "diffusion")}
+    table = summary_table(results)
+    assert table.count("+ DPO, seed") == 4 and table.count("+0.030 ± 0.010") == 2
+    assert mean_and_stderr([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_own_answer_pairs_are_balanced_by_the_chosen_label():
+    from scripts.common.dpo_experiment import balancing_pairs, chosen_answer
+
+    def pair(chosen: str, rejected: str) -> str:
+        question = [{"role": "user", "content": "问"}]
+        return json.dumps({"chosen": question + [{"role": "assistant", "content": chosen}],
+                           "rejected": question + [{"role": "assistant", "content": rejected}]})  # fmt: skip
+
+    own = [pair("正面", "负面")] * 3 + [pair("负面", "正面")]
+    pool = [pair("正面", "负面")] * 5 + [pair("负面", "正面")] * 5
+    picked = balancing_pairs(own, pool)
+    assert len(picked) == 4 and [chosen_answer(line) for line in own + picked].count("正面") == 4

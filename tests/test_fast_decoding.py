@@ -190,18 +190,20 @@ def test_cache_option_errors_are_explained():
 
 def test_sampler_errors_name_the_library_parameters_and_entry_points_reword_them():
     from model.errors import SettingError
-    from scripts.common.evaluation.sampler_flags import flag_names
+    from scripts.common.cli import flag_names
     from scripts.common.serving.engine import REQUEST_FIELDS
+    from scripts.eval import eval_diffusion
 
     few_steps = DiffusionSamplerConfig(gen_length=10, steps=3, block_size=2)
     with pytest.raises(SettingError) as caught:
         few_steps.validate()
     assert str(caught.value).startswith("steps 3 is fewer than the 5 blocks") and caught.value.param == "steps"
     assert caught.value.worded(REQUEST_FIELDS).startswith("steps 3")
-    with pytest.raises(NanoLladaError, match="^--gen-steps 3 is fewer than the 5 blocks"), flag_names():
+    eval_diffusion.parse_args(["--checkpoint", "any.pt"])  # the command line whose flags the messages name
+    with pytest.raises(NanoLladaError, match="^--steps 3 is fewer than the 5 blocks"), flag_names():
         few_steps.validate()
     with (
-        pytest.raises(NanoLladaError, match="^--block-length 4 does not divide the generation length 10"),
+        pytest.raises(NanoLladaError, match="^--block-size 4 does not divide the generation length 10"),
         flag_names(),
     ):
         DiffusionSamplerConfig(gen_length=10, steps=10, block_size=4).validate()

@@ -25,7 +25,7 @@ from model.objectives.masking import crop_lengths
 from model.transformer import SelfAttention, Transformer, apply_rope, block_mask_from_dense
 from scripts.common import device as device_habits
 from scripts.common.cli import pick_device
-from scripts.common.training.diffusion_pretraining import PretrainingLoss
+from scripts.common.training.diffusion_pretraining import DiffusionSettings, PretrainingLoss
 from scripts.common.training.optimization import TrainConfig
 from scripts.common.training.trainer import RunOptions, Task, train
 from scripts.memory_estimate import seed_model, step_memory
@@ -54,9 +54,8 @@ def diffusion_run(tmp_path, config, loss: PretrainingLoss, steps: int, explicit_
 
 
 def pretraining_loss(block_size=None, curriculum=None, crop=0.0) -> PretrainingLoss:
-    flags = dict(iid_mask_eps=1e-3, time_weighted_loss=False, time_weight_schedule="linear", position_masking=0.0)
-    flags.update(repeat_penalty_weight=0.0, block_size=block_size, use_doc_attention_mask=False)
-    return PretrainingLoss(SimpleNamespace(**flags, variable_length_prob=crop, seed=42), curriculum, MASK_ID)
+    settings = DiffusionSettings(time_weight_schedule="linear", block_size=block_size, variable_length_prob=crop)
+    return PretrainingLoss(settings, 42, curriculum, MASK_ID)
 
 
 # ----------------------------------------------------------------------------- FlexAttention, chosen once

@@ -1,8 +1,8 @@
-"""scripts/mutation_test.py on a throwaway package: what it mutates, and what it calls killed and equivalent."""
+"""tests/mutation_test.py on a throwaway package: what it mutates, and what it calls killed and equivalent."""
 
 import tempfile
 
-from scripts.mutation_test import main, mutate, relevant_tests, sites_of
+from mutation_test import main, mutate, relevant_tests, sites_of
 
 CALC = '''\
 """A module docstring that mentions a + b and 3 < 4."""

@@ -143,6 +143,9 @@ def raw(port, method, path, body=None):
         ({"messages": MESSAGES, "top_p": 1.5}, "top_p"),
         ({"messages": MESSAGES, "max_tokens": 10**400}, "max_tokens"),
         ({"messages": MESSAGES, "temperature": 1e300}, "temperature"),  # past float32: a 500 before
+        ({"messages": MESSAGES, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+        ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
@@ -155,6 +158,20 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, param):
         port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
     )
     assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_text_parts_max_completion_tokens_and_the_model_card(live):
+    kind, _, port, _ = live
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES]
+    as_parts = {"messages": parts, "max_completion_tokens": 5, "temperature": 0, "unknown_field": [1]}
+    status, payload = raw(port, "POST", "/v1/chat/completions", as_parts)
+    status_plain, plain = raw(
+        port, "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, "temperature": 0}
+    )
+    assert status == status_plain == 200 and payload["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert payload["usage"] == plain["usage"] and payload["usage"]["completion_tokens"] <= 5
+    assert raw(port, "GET", f"/v1/models/tiny-{kind}") == (200, raw(port, "GET", "/v1/models")[1]["data"][0])
+    assert raw(port, "GET", "/v1/models/other")[0] == 404
 
 
 def test_other_errors(live):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from scripts.common import sft_protocol
-from scripts.train import train_sft_diffusion
+from scripts.train import train_sft_diffusion, train_sft_minimind
 
 
-def settings(tmp_path: Path) -> argparse.Namespace:
-    return argparse.Namespace(out_dir=str(tmp_path), data=tmp_path, device="cpu", sft_steps=150)
+def settings(tmp_path: Path) -> sft_protocol.ProtocolSettings:
+    return sft_protocol.ProtocolSettings(out_dir=tmp_path, data=tmp_path)
 
 
 @pytest.mark.parametrize("objective", [name for name in sft_protocol.OBJECTIVES if name != "ar"])
@@ -30,8 +30,15 @@ def test_each_objective_sets_every_objective_flag_explicitly(tmp_path, objective
 
 def test_the_ar_yardstick_runs_ar_sft_from_the_ar_model(tmp_path):
     module, argv = sft_protocol.sft_argv(settings(tmp_path), tmp_path, "continuation", "ar", seed=0)
-    assert module == "scripts.train.train_sft_minimind"
+    assert module == "scripts.train.train_sft_minimind" and train_sft_minimind.parse_args(argv).max_steps == 150
     assert str(tmp_path / "ar_state_dict.pt") in argv and str(tmp_path / "sample_continuation_train.jsonl") in argv
+
+
+def test_report_experiments_flags_become_the_protocols_settings():
+    args = argparse.Namespace(out_dir="w", data_dir="d", device="cpu", sft_steps=None, questions=200, seeds=5, jobs=2,
+                              objectives="ar,mixture")  # fmt: skip
+    made = sft_protocol.ProtocolSettings.from_args(args)
+    assert (made.out_dir, made.sft_steps, made.objectives, made.jobs) == (Path("w/sft"), 150, ("ar", "mixture"), 2)
 
 
 def test_the_summary_is_the_mean_and_standard_error_over_seeds():

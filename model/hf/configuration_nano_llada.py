@@ -37,6 +37,9 @@ class NanoLladaConfig(PretrainedConfig):
         # Block-diffusion models: the block size they were trained with, so they decode block-causally with it.
         # None: a bidirectional model (and every export written before the field existed).
         block_size=None,
+        # Joint AR + diffusion training's AR loss weight: > 0 (with the shift) means the same weights are also a
+        # causal LM, so AutoModelForCausalLM loads a diffusion export too. 0: diffusion only (and older exports).
+        ar_loss_weight=0.0,
         mask_token_id=6400,
         tokenizer_identity=None,  # {"vocab_size", "sha256"} of the tokenizer the weights were trained with
         use_cache=True,
@@ -68,6 +71,7 @@ class NanoLladaConfig(PretrainedConfig):
         self.rope_beta_slow = rope_beta_slow
         self.logit_shift = bool(logit_shift)
         self.block_size = block_size
+        self.ar_loss_weight = float(ar_loss_weight)
         self.mask_token_id = mask_token_id
         self.tokenizer_identity = tokenizer_identity
         self.use_cache = use_cache

@@ -4,7 +4,8 @@ An export holds config.json (with auto_map), model.safetensors, the tokenizer wi
 modelling code, so `AutoModelForCausalLM` (AR) or `AutoModelForMaskedLM` / `AutoModel` (diffusion)
 load it with trust_remote_code=True. `read_hf_export` turns it back into a Checkpoint for load_model.
 config.json carries ModelConfig.logit_shift; an export written before the field existed reads as unshifted.
-A shifted model is a diffusion model, exported for AutoModelForMaskedLM only (see modeling_nano_llada.py).
+A shifted model is a diffusion model, exported for AutoModelForMaskedLM only (see modeling_nano_llada.py), unless it
+was trained jointly with the AR loss (config.json's ar_loss_weight > 0): then AutoModelForCausalLM loads it as well.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from model.checkpoint import read_checkpoint
+    from model.checkpoint import ar_loss_weight, decodes_causally, read_checkpoint
     from model.hf.configuration_nano_llada import NanoLladaConfig
     from model.objectives.block_curriculum import trained_block_size
     from model.tokenizer import (
@@ -82,18 +83,23 @@ def export_hf(checkpoint_path, out_dir, tokenizer_dir, num_attention_heads: int 
         state.pop("lm_head.weight", None)  # safetensors stores no shared tensors; the loader re-ties the head
     dtype = next(iter(state.values())).dtype
     kind = checkpoint.kind
+    joint = ar_loss_weight(checkpoint) if decodes_causally(checkpoint) else 0.0
     config = NanoLladaConfig(
         kind=kind,
         **{**checkpoint.config.to_dict(), "pad_vocab_multiple": 1},
         mask_token_id=mask_token_id(tokenizer),
         block_size=trained_block_size(checkpoint.extra),  # how it decodes: without it, bidirectionally
+        ar_loss_weight=joint,  # also a causal LM
         training_pad_vocab_multiple=checkpoint.config.pad_vocab_multiple,
         tokenizer_identity=checkpoint.tokenizer or tokenizer_identity(tokenizer),
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         architectures=[ARCHITECTURE[kind]],
-        auto_map=AUTO_MAP[kind],
+        auto_map={
+            **AUTO_MAP[kind],
+            **({"AutoModelForCausalLM": AUTO_MAP["ar"]["AutoModelForCausalLM"]} if joint else {}),
+        },
         dtype=str(dtype).removeprefix("torch."),
     )
     # Every field written (no diff against class defaults), so read_hf_export needs no transformers.
@@ -121,7 +127,7 @@ def read_hf_export(path, num_attention_heads: int | None = None):
     """A Checkpoint from an export directory (kind, ModelConfig and tokenizer identity from config.json)."""
     from safetensors.torch import load_file
 
-    from model.checkpoint import KINDS, Checkpoint
+    from model.checkpoint import KINDS, Checkpoint, joint_record
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
@@ -154,4 +160,5 @@ def read_hf_export(path, num_attention_heads: int | None = None):
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     extra = {"block_diffusion": {"block_size": data["block_size"]}} if data.get("block_size") else {}
+    extra.update(joint_record(float(data.get("ar_loss_weight") or 0.0)))
     return Checkpoint(data["kind"], config, state, data.get("tokenizer_identity"), "hf-export", extra)

@@ -252,9 +252,10 @@ class _NanoLladaWithHead(NanoLladaPreTrainedModel):
 
 class NanoLladaForCausalLM(_NanoLladaWithHead, GenerationMixin):
     def __init__(self, config):
-        if getattr(config, "logit_shift", False):
+        if getattr(config, "logit_shift", False) and not getattr(config, "ar_loss_weight", 0.0):
             raise ValueError(
-                "this config is a logit-shifted diffusion model; load it with AutoModelForMaskedLM, not as a causal LM"
+                "this config is a logit-shifted diffusion model; load it with AutoModelForMaskedLM, not as a causal LM "
+                "(only a jointly trained one, ar_loss_weight > 0, is also a causal LM)"
             )
         super().__init__(config)
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from model.logit_shift import is_shifted, predictable
-from model.objectives.elbo import masked_nll_sums, pad_to_blocks
-from model.objectives.masking import mask_exactly, mask_tokens, pretraining_maskable, sample_time, stratified_counts
+from model.objectives.elbo import exact_count_draws, masked_nll_sums, pad_to_blocks
+from model.objectives.masking import mask_tokens, pretraining_maskable, sample_time
 from model.tokenizer import PAD_ID
 
 
@@ -58,22 +58,6 @@ def diffusion_nelbo(
     values = terms.sum(1) / maskable.sum().item()
     stderr = values.std().item() / math.sqrt(num_samples) if num_samples > 1 else float("nan")
     return values.mean().item(), stderr
-
-
-def exact_count_draws(
-    scored: torch.Tensor, num_samples: int, generator: torch.Generator, block_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked, weights), both [num_samples, R, T]: per draw, exactly l_g of the n_g scored positions of each group
-    g (a row, or each block of a row) are masked, l_g ~ U{1..n_g} stratified over the draws, and every position of
-    the group carries the weight n_g / l_g. Rows must be a multiple of block_size long."""
-    R, T = scored.shape
-    K = T if block_size is None else block_size
-    groups = scored.reshape(R * (T // K), K)
-    n = groups.sum(1)  # [G]
-    counts = stratified_counts(n, num_samples, generator)  # [S, G]
-    masked = mask_exactly(groups.repeat(num_samples, 1), counts.flatten(), generator)
-    weights = (n.double() / counts.clamp(min=1)).repeat_interleave(K, dim=1)
-    return masked.view(num_samples, R, T), weights.view(num_samples, R, T)
 
 
 @torch.no_grad()

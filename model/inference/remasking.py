@@ -1,9 +1,9 @@
-"""LLaDA's remasking step, shared by every diffusion sampler (model/inference/sampling.py): how many masked positions a
-step commits (the linear schedule, or a confidence threshold), which ones (lowest-confidence remasking or
-random), to what tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free
-guidance; and the tally of forward passes and commits of one generation. For a logit-shifted model
-(model/logit_shift.py) the prediction for a column is the output one column to its left:
-`DecodingRun.predictions`.
+"""The remasking step of the fast samplers (model/inference/sampling.py), made of the reference sampler's pieces
+(model/inference/reference_sampler.py): how many masked positions a step commits (the linear schedule, or a
+confidence threshold and Fast-dLLM's factor rule), which ones (lowest-confidence remasking or random), to what
+tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free guidance; and the tally of
+forward passes and commits of one generation. For a logit-shifted model (model/logit_shift.py) the prediction for a
+column is the output one column to its left: `DecodingRun.predictions`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.inference.reference_sampler import (
+    combine_guidance,
+    commit_top,
+    confidences,
+    sample_tokens,
+    step_quotas,
+    with_unconditional,
+)
 from model.logit_shift import is_shifted, read_shifted
 
 
@@ -20,52 +28,6 @@ class SampleResult:
     tokens: torch.Tensor  # [B, gen_length] generated ids (EOS-filled after an early stop)
     nfe: int  # model forward passes (a CFG pair counts once: it is one batched call)
     commits: list[torch.Tensor] = field(default_factory=list)  # per step: tokens committed per row
-
-
-def step_quotas(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's linear schedule: split each row's masked count over `steps` as evenly as possible,
-    larger quotas first. Returns [B, steps]; every row sums to its masked count."""
-    base = masked_count[:, None] // steps
-    extra = torch.arange(steps, device=masked_count.device)[None, :] < (masked_count % steps)[:, None]
-    return base + extra.long()
-
-
-def _sampled_tokens(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    # Gumbel-max in float64: argmax(l/T + g) is an exact sample from softmax(l/T).
-    uniform = torch.rand(logits.shape, device=logits.device, dtype=torch.float64, generator=generator)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    return (logits.double() / temperature + gumbel).argmax(-1)
-
-
-def _with_unconditional(view: torch.Tensor, start: int, prompt_len: int, mask_id: int, guided: bool) -> torch.Tensor:
-    """Model input rows for canvas columns [start, ...); with CFG, stacked with a copy whose prompt is hidden
-    (LLaDA's unsupervised classifier-free guidance)."""
-    if not guided:
-        return view
-    unconditional = view.clone()
-    unconditional[:, : max(0, prompt_len - start)] = mask_id
-    return torch.cat([view, unconditional])
-
-
-def _combine_guidance(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """u + (w + 1)(c - u) for logits stacked [conditional; unconditional]; unchanged (as float) when w = 0."""
-    if cfg_scale == 0:
-        return logits.float()
-    cond, uncond = logits.float().chunk(2)
-    return uncond + (cfg_scale + 1) * (cond - uncond)
-
-
-def _guided_logits(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, cfg_scale: float) -> torch.Tensor:
-    rows = _with_unconditional(canvas, 0, prompt_len, mask_id, cfg_scale != 0)
-    return _combine_guidance(model(rows, attention="bidirectional"), cfg_scale)
-
-
-def _commit_top(scores: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, N]: the `quota[b]` highest-scoring positions of each row (scores of -inf never chosen)."""
-    ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-    return (ranks < quota[:, None]) & torch.isfinite(scores)
 
 
 def _factor_count(scores: torch.Tensor, factor: float) -> torch.Tensor:
@@ -81,19 +43,16 @@ def _choose_commits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions to commit now, candidate tokens) among the open positions, by quota or by threshold."""
     logits[..., mask_id] = float("-inf")  # the mask token is never a prediction
-    candidates = _sampled_tokens(logits, sampler.temperature, generator)
-    if sampler.remasking == "low_confidence":
-        confidence = logits.softmax(-1).gather(-1, candidates[..., None]).squeeze(-1)
-    else:
-        confidence = torch.rand(open_here.shape, device=open_here.device, generator=generator)
+    candidates = sample_tokens(logits, sampler.temperature, generator)
+    confidence = confidences(logits, candidates, sampler.remasking, generator)
     scores = confidence.masked_fill(~open_here, float("-inf"))
     if quota is None:  # threshold decoding: everything confident enough, and at least the best one
         commit = open_here & (confidence >= sampler.threshold)
         if getattr(sampler, "commit_factor", None) is not None:
-            commit |= _commit_top(scores, _factor_count(scores, sampler.commit_factor))
-        commit |= _commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
+            commit |= commit_top(scores, _factor_count(scores, sampler.commit_factor))
+        commit |= commit_top(scores, open_here.any(1).long()) & ~commit.any(1, keepdim=True)
     else:
-        commit = _commit_top(scores, quota)
+        commit = commit_top(scores, quota)
     return commit, candidates
 
 
@@ -148,7 +107,7 @@ class DecodingRun:
 
     def inputs(self, view: torch.Tensor, start: int) -> torch.Tensor:
         """Model input rows for canvas columns [start, ...) of `view` (doubled for CFG)."""
-        return _with_unconditional(view, start, self.prompt_width, self.mask_id, self.guided)
+        return with_unconditional(view, start, self.prompt_width, self.mask_id, self.guided)
 
     def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """One counted forward pass (a CFG pair is one batched call)."""
@@ -158,7 +117,7 @@ class DecodingRun:
     def commit(self, logits, view: torch.Tensor, lo: int, hi: int, quota, rows: torch.Tensor | None) -> None:
         """Commit this step's tokens into view[:, lo:hi] in place; `rows`: the view's rows in the batch (None: all)."""
         current = view[:, lo:hi]
-        logits = _combine_guidance(logits, self.sampler.cfg_scale)
+        logits = combine_guidance(logits, self.sampler.cfg_scale)
         commit, candidates = _choose_commits(
             logits, current == self.mask_id, self.sampler, quota, self.mask_id, self.generator
         )

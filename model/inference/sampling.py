@@ -23,8 +23,7 @@ column j - 1, computed under the attention column j - 1 has in that path: the wi
 left of the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from
 the previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
 
-Which mode a checkpoint needs is read from the checkpoint itself: `sampler_for_checkpoint`. The step inside a
-block (how many positions, which ones, which tokens, guidance) is model/inference/remasking.py.
+Which mode a checkpoint needs is read from the checkpoint: `sampler_for_checkpoint`. The step: remasking.py.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import torch
 from model.block_attention import block_causal_mask
 from model.errors import MAX_TEMPERATURE, NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout
+from model.inference.reference_sampler import REMASKINGS
 from model.inference.remasking import DecodingRun, SampleResult, block_quotas
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
@@ -51,7 +51,7 @@ class DiffusionSamplerConfig:
     steps: int  # total forward passes budgeted over all blocks (LLaDA's `steps`)
     block_size: int | None = None  # None: one block covering the whole generation
     temperature: float = 0.0  # Gumbel-max sampling; 0 = greedy
-    remasking: str = "low_confidence"  # low_confidence | random
+    remasking: str = "low_confidence"  # one of REMASKINGS
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w
     threshold: float | None = None  # commit every masked position with confidence >= threshold (at least one)
     stop_at_eos: bool = True  # a row that has written EOS stops; the generation stops when every row has
@@ -108,8 +108,8 @@ class DiffusionSamplerConfig:
                 raise SettingError("{commit_factor} is a rule of threshold decoding: give {threshold} too")
         if self.lookahead_blocks is not None:
             check_setting("lookahead_blocks", self.lookahead_blocks, 0)
-        if self.remasking not in ("low_confidence", "random"):
-            raise SettingError(f"{{remasking}} must be low_confidence or random, got '{self.remasking}'")
+        if self.remasking not in REMASKINGS:
+            raise SettingError(f"{{remasking}} must be {' or '.join(REMASKINGS)}, got '{self.remasking}'")
 
     def check_arguments(self, prompt_len: int | None = None) -> None:
         """A user's settings (the eval flags' and the server requests' one check): validate() and the bounds below."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.errors import NanoLladaError
+from model.errors import SettingError
 
 WARMUP, STABLE, DECAY = "warmup", "stable", "decay"
 
@@ -39,20 +39,20 @@ class BlockCurriculum:
     def __post_init__(self) -> None:
         for name, sizes in (("sizes_up", self.sizes_up), ("sizes_down", self.sizes_down)):
             if not sizes:
-                raise NanoLladaError(f"{name} is empty; give at least one block size")
+                raise SettingError(f"{{{name}}} is empty; give at least one block size")
             bad = [s for s in sizes if s <= 0 or self.seq_len % s]
             if bad:
-                raise NanoLladaError(
-                    f"{name}: block size(s) {bad} do not divide seq_len {self.seq_len}; "
+                raise SettingError(
+                    f"{{{name}}}: block size(s) {bad} do not divide {{seq_len}} {self.seq_len}; "
                     f"use divisors of {self.seq_len} (e.g. {default_sizes_up(self.seq_len)})"
                 )
         if any(a > b for a, b in zip(self.sizes_up, self.sizes_up[1:])):
-            raise NanoLladaError(f"sizes_up must not decrease, got {list(self.sizes_up)}")
+            raise SettingError(f"{{sizes_up}} must not decrease, got {list(self.sizes_up)}")
         if any(a < b for a, b in zip(self.sizes_down, self.sizes_down[1:])):
-            raise NanoLladaError(f"sizes_down must not increase, got {list(self.sizes_down)}")
+            raise SettingError(f"{{sizes_down}} must not increase, got {list(self.sizes_down)}")
         if len(self.phase_ratios) != 3 or min(self.phase_ratios) < 0 or abs(sum(self.phase_ratios) - 1) > 1e-6:
-            raise NanoLladaError(
-                f"phase_ratios must be three non-negative numbers summing to 1, got {list(self.phase_ratios)}"
+            raise SettingError(
+                f"{{phase_ratios}} must be three non-negative numbers summing to 1, got {list(self.phase_ratios)}"
             )
 
     @property

@@ -15,6 +15,10 @@ uniform logits it averages ln|V| for any row or answer length, schedule and bloc
 - A logit-shifted model (converted from AR, model/logit_shift.py) predicts position j at j - 1, so its row's
   first token is never masked or scored. position_masking > 0 gives each position of a block its own schedule
   (model.objectives.masking.position_rates, warped_time): later positions masked more often, weighted to stay unbiased.
+- ar_loss_weight w > 0 (joint training, one checkpoint that decodes both ways): + w times the same weighted mean with
+  each token scored by the same weights under causal attention (model.objectives.ar_loss.weighted_next_token_loss),
+  one more forward of the L clean tokens. A shifted model only: its head is the AR head, so the two terms agree on
+  what each output predicts. w = 0 runs no extra forward and is today's loss, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from model.block_attention import bdlm_forward, document_attention_mask, documen
 from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
+from model.objectives.ar_loss import weighted_next_token_loss
 from model.objectives.gradient_share import label_gradient_share
 from model.objectives.masking import (
     check_schedule,
@@ -76,6 +81,7 @@ class DiffusionObjective:
     # from: a mixture of the NELBO and that step's loss, not an ELBO unless 0 (both are minimised by the data's
     # conditionals, so the mixture has the NELBO's minimiser).
     all_masked_share: float = 0.0
+    ar_loss_weight: float = 0.0  # joint training: + this weight times the causal next-token loss (0: off)
 
     @classmethod
     def full_time_range(cls) -> tuple[float, float]:
@@ -119,6 +125,8 @@ class DiffusionObjective:
             )
         self.check_mask_draw()
         self.check_time_density()
+        if self.ar_loss_weight < 0:
+            raise NanoLladaError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}")
 
     def check_time_density(self) -> None:
         if not 0 <= self.late_time_share < 1:
@@ -261,6 +269,9 @@ def diffusion_loss(
     """
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
+    if objective.ar_loss_weight:  # the causal term scores the rows as given, before any padding or repetition
+        check_joint(shifted)
+        clean = (input_ids, token_weights(objective, input_ids, maskable), doc_ids)
     if objective.block_size is not None:
         input_ids, maskable, real = pad_to_block_multiple(input_ids, maskable, objective.block_size, real)
     masked, elbo = draw_masks(objective, maskable, rng)
@@ -296,7 +307,20 @@ def diffusion_loss(
         loss = loss + objective.cap_weight * cap_loss(logits, input_ids, masked)
     if objective.repeat_penalty_weight:
         loss = loss + objective.repeat_penalty_weight * repeat_unlikelihood(logits, input_ids, masked)
+    if objective.ar_loss_weight:
+        row = objective.normalization == "row"
+        loss = loss + objective.ar_loss_weight * weighted_next_token_loss(model, clean[0], clean[1], row, clean[2])
     return loss
+
+
+def check_joint(shifted: bool) -> None:
+    """Joint training needs the logit shift: unshifted, the head would predict position j at j under diffusion and
+    position j + 1 at j under causal attention, two meanings for one output."""
+    if not shifted:
+        raise NanoLladaError(
+            "ar_loss_weight > 0 trains the same head as the AR model, which needs a logit-shifted model: pass "
+            "--logit-shift (the default when converting with --init-from-minimind)"
+        )
 
 
 def bidirectional_attention(input_ids: torch.Tensor, doc_ids: torch.Tensor | None, real: torch.Tensor | None):

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,6 +65,41 @@ def run_main(main_fn) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+# field -> its flag (the first spelling: "--steps" of --steps/--gen-steps) on the command line parsed last. The
+# library's messages name its fields; flag_names words them as the flags that set them.
+_parsed_flags: dict[str, str] = {}
+# Library fields set by a flag of another name: the sampler's generation length and the block curriculum's sizes.
+_FLAG_OF_FIELD = {
+    "gen_length": "max_new_tokens",
+    "sizes_up": "wsd_block_sizes_up",
+    "sizes_down": "wsd_block_sizes_down",
+    "phase_ratios": "wsd_phase_ratios",
+}
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """parser.parse_args, remembering each field's flag for the messages run_main prints."""
+    args = parser.parse_args(argv)
+    _parsed_flags.clear()
+    for action in parser._actions:
+        if action.option_strings:
+            _parsed_flags.setdefault(action.dest, action.option_strings[0])
+    for field, dest in _FLAG_OF_FIELD.items():
+        if dest in _parsed_flags:
+            _parsed_flags[field] = _parsed_flags[dest]
+    return args
+
+
+@contextlib.contextmanager
+def flag_names(renamed: dict[str, str] | None = None):
+    """Word the library's complaints about its fields (SettingError) as complaints about the flags of the command
+    line parsed last (`renamed`: names of some fields that are not flags, such as a server's request fields)."""
+    try:
+        yield
+    except SettingError as err:
+        raise NanoLladaError(err.worded({**_parsed_flags, **(renamed or {})})) from None
+
+
 # ModelConfig fields with a flag of the same name (the seed commands' shape flags); defaults are ModelConfig's.
 SHAPE_FIELDS = (
     "hidden_size",
@@ -89,7 +125,7 @@ class _ModelFlag(argparse.Action):
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Shape flags of the seed commands (defaults = MiniMind2-Small). A checkpoint's stored config wins over them;
-    on --resume a given flag must agree with it (refuse_changed_model_flags)."""
+    on --resume a given flag must agree with it (ModelFlags.refuse_changed)."""
     group = parser.add_argument_group("model shape (ignored when a checkpoint supplies the config)")
     parser.set_defaults(model_flags_given=())
     for name in SHAPE_FIELDS:
@@ -118,38 +154,50 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def refuse_changed_model_flags(args, config: ModelConfig, path) -> None:
-    """A resumed run trains its checkpoint's model, so a shape flag given with another value would be ignored
-    without a word: refuse it, naming the flag, the checkpoint's value and the fix."""
-    stored = {name: (name, getattr(config, name)) for name in SHAPE_FIELDS}
-    stored["untie_word_embeddings"] = ("tie_word_embeddings", config.tie_word_embeddings)
-    stored["inference_rope_scaling"] = ("inference_rope_scaling", config.inference_rope_scaling)
-    changed = []
-    for name in dict.fromkeys(getattr(args, "model_flags_given", ())):
-        field, value = stored[name]
-        given = getattr(args, name)
-        if given != (not value if name == "untie_word_embeddings" else value):
-            flag = f"--{name.replace('_', '-')}" + ("" if isinstance(given, bool) else f" {given}")
-            changed.append(f"{flag} (checkpoint: {field}={value})")
-    if changed:
-        which = "that flag" if len(changed) == 1 else "those flags"
-        raise NanoLladaError(
-            f"--resume: {path} keeps its model shape, so {'; '.join(changed)} cannot apply; "
-            f"drop {which} to resume it, or start a new --run-name"
+@dataclass
+class ModelFlags:
+    """The shape flags as parsed (`values`: field -> value) and which of them the user gave (`given`)."""
+
+    values: dict
+    given: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelFlags:
+        names = (*SHAPE_FIELDS, "untie_word_embeddings", "inference_rope_scaling")
+        return cls({name: getattr(args, name) for name in names}, tuple(dict.fromkeys(args.model_flags_given)))
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        v = self.values
+        positive("--rope-theta", v["rope_theta"])
+        positive("--rms-norm-eps", v["rms_norm_eps"])
+        if not 0 <= v["dropout"] < 1:
+            raise NanoLladaError(f"--dropout must lie in [0, 1), got {v['dropout']}")
+        return ModelConfig(
+            **{name: v[name] for name in SHAPE_FIELDS},
+            vocab_size=vocab_size,
+            tie_word_embeddings=not v["untie_word_embeddings"],
+            inference_rope_scaling=v["inference_rope_scaling"],
         )
 
-
-def model_config_from_args(args, vocab_size: int) -> ModelConfig:
-    positive("--rope-theta", args.rope_theta)
-    positive("--rms-norm-eps", args.rms_norm_eps)
-    if not 0 <= args.dropout < 1:
-        raise NanoLladaError(f"--dropout must lie in [0, 1), got {args.dropout}")
-    return ModelConfig(
-        **{name: getattr(args, name) for name in SHAPE_FIELDS},
-        vocab_size=vocab_size,
-        tie_word_embeddings=not args.untie_word_embeddings,
-        inference_rope_scaling=args.inference_rope_scaling,
-    )
+    def refuse_changed(self, config: ModelConfig, path) -> None:
+        """A resumed run trains its checkpoint's model, so a shape flag given with another value would be ignored
+        without a word: refuse it, naming the flag, the checkpoint's value and the fix."""
+        stored = {name: (name, getattr(config, name)) for name in SHAPE_FIELDS}
+        stored["untie_word_embeddings"] = ("tie_word_embeddings", config.tie_word_embeddings)
+        stored["inference_rope_scaling"] = ("inference_rope_scaling", config.inference_rope_scaling)
+        changed = []
+        for name in self.given:
+            field, value = stored[name]
+            given = self.values[name]
+            if given != (not value if name == "untie_word_embeddings" else value):
+                flag = f"--{name.replace('_', '-')}" + ("" if isinstance(given, bool) else f" {given}")
+                changed.append(f"{flag} (checkpoint: {field}={value})")
+        if changed:
+            which = "that flag" if len(changed) == 1 else "those flags"
+            raise NanoLladaError(
+                f"--resume: {path} keeps its model shape, so {'; '.join(changed)} cannot apply; "
+                f"drop {which} to resume it, or start a new --run-name"
+            )
 
 
 def pick_device(name: str | None = None) -> torch.device:

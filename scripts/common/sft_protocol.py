@@ -1,4 +1,4 @@
-"""Diffusion SFT objectives side by side (technical_report.md 7.8): which one learns a one-decision answer as well as
+"""Diffusion SFT objectives side by side (technical_report.md 7.9): which one learns a one-decision answer as well as
 AR SFT does, over seeds, without giving up the long-answer bound.
 
 uv run python -m scripts.report_experiments --part sft [--seeds 5] [--jobs 2] [--objectives ar,llada,...]
@@ -19,11 +19,11 @@ results_sft.json holds every run and, per objective, the mean and standard error
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,15 +59,40 @@ LABELS = ("正面", "负面")
 CONTINUATION_SEEDS, JUDGED_SEEDS = 2, 0
 
 
-def sft_argv(args, out: Path, task: str, objective: str, seed: int) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What the protocol runs: where, on what, how many steps, questions, seeds and jobs, which objectives."""
+
+    out_dir: Path  # runs/, sft/ and the pretrained models go here
+    data: Path
+    device: str = "cpu"
+    sft_steps: int = 150
+    questions: int = 200
+    seeds: int = 5
+    jobs: int = 1
+    objectives: tuple[str, ...] = tuple(OBJECTIVES)
+    answer_tokens: int = 96  # eval_sft_answers' decoded length (the continuation answers are 20-80 tokens)
+
+    @classmethod
+    def from_args(cls, args) -> ProtocolSettings:
+        """From report_experiments' flags: --out-dir/sft, --data-dir, --sft-steps (150 unless given), --objectives."""
+        objectives = tuple(args.objectives.split(",")) if args.objectives else tuple(OBJECTIVES)
+        # fmt: off
+        return cls(Path(args.out_dir) / "sft", Path(args.data_dir), args.device, args.sft_steps or 150,
+                   args.questions, args.seeds, args.jobs, objectives)
+        # fmt: on
+
+
+def sft_argv(settings: ProtocolSettings, out: Path, task: str, objective: str, seed: int) -> tuple[str, list[str]]:
     """(entry point, argv) of one SFT run: the quickstart's SFT flags, the objective's, the seed."""
     train, val, _ = TASKS[task]
     route = "ar" if objective == "ar" else "diffusion"
     start = out / ("ar_state_dict.pt" if route == "ar" else "diffusion_best.pt")
     # fmt: off
-    argv = cli(data=args.data / train, eval_data=args.data / val, tokenizer_dir=".", save_dir=out / "sft",
-               device=args.device, max_seq_len=256, batch_size=16, max_steps=args.sft_steps, learning_rate="1e-3",
-               warmup_steps=10, eval_interval=args.sft_steps, eval_batches=4, seed=seed, load_from=start,
+    argv = cli(data=settings.data / train, eval_data=settings.data / val, tokenizer_dir=".", save_dir=out / "sft",
+               device=settings.device, max_seq_len=256, batch_size=16, max_steps=settings.sft_steps,
+               learning_rate="1e-3", warmup_steps=10, eval_interval=settings.sft_steps, eval_batches=4, seed=seed,
+               load_from=start,
                run_name=run_name(task, objective, seed))
     # fmt: on
     if route == "ar":
@@ -79,23 +104,23 @@ def run_name(task: str, objective: str, seed: int) -> str:
     return f"{task}_{objective}_s{seed}"
 
 
-def one_run(args, task: str, objective: str, seed: int) -> dict:
+def one_run(settings: ProtocolSettings, task: str, objective: str, seed: int) -> dict:
     """SFT of one (task, objective, seed) and its scores; written to runs/<name>.json."""
     torch.set_num_threads(1)
-    out, name = Path(args.out_dir), run_name(task, objective, seed)
-    module, argv = sft_argv(args, out, task, objective, seed)
+    out, name = Path(settings.out_dir), run_name(task, objective, seed)
+    module, argv = sft_argv(settings, out, task, objective, seed)
     trained = step(f"SFT {name}", module, argv)
     weights = out / "sft" / f"{name}_state_dict.pt"
     result = {"task": task, "objective": objective, "seed": seed, "val_loss": trained.get("best_val")}
     result["label_share"] = mean_label_share(out / "sft" / f"{name}_metrics.jsonl")
-    test = args.data / TASKS[task][2]
+    test = settings.data / TASKS[task][2]
     if task == "reviews":
         predictions = out / "runs" / f"{name}_predictions.jsonl"
         flag = "minimind_checkpoint" if objective == "ar" else "diffusion_checkpoint"
         # fmt: off
         scores = step(f"accuracy {name}", "scripts.eval.eval_sft_accuracy",
-                      cli("--score-labels", data=test, tokenizer_dir=".", limit=args.questions, batch_size=1,
-                          mc_samples=8, device=args.device, out=predictions, **{flag: weights}))
+                      cli("--score-labels", data=test, tokenizer_dir=".", limit=settings.questions, batch_size=1,
+                          mc_samples=8, device=settings.device, out=predictions, **{flag: weights}))
         # fmt: on
         scores = next(iter(scores.values()))
         decoded = [json.loads(line)["label"] for line in predictions.read_text(encoding="utf-8").splitlines()]
@@ -110,8 +135,8 @@ def one_run(args, task: str, objective: str, seed: int) -> dict:
         judge = out / "ar_state_dict.pt" if seed < JUDGED_SEEDS else None
         # fmt: off
         scores = step(f"answers {name}", "scripts.eval.eval_sft_answers",
-                      cli(checkpoint=weights, data=test, tokenizer_dir=".", judge=judge, device=args.device,
-                          max_new_tokens=args.answer_tokens, limit=args.questions))[0]
+                      cli(checkpoint=weights, data=test, tokenizer_dir=".", judge=judge, device=settings.device,
+                          max_new_tokens=settings.answer_tokens, limit=settings.questions))[0]
         # fmt: on
         result |= {key: scores.get(key) for key in ("nll_per_token", "generative_nll_per_token", "mean_answer_tokens")}
     (out / "runs" / f"{name}.json").write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
@@ -157,35 +182,30 @@ def summary(runs: list[dict]) -> dict:
     return out
 
 
-def sft_protocol(report_args) -> dict:
+def sft_protocol(settings: ProtocolSettings) -> dict:
     """Pretraining (once), then every missing (seed, objective, task) run, --jobs at a time; the summary."""
-    args = argparse.Namespace(**vars(report_args))
-    args.out_dir, args.data = str(Path(args.out_dir) / "sft"), Path(args.data_dir)
-    args.sft_steps = args.sft_steps or 150
-    args.objectives = args.objectives.split(",") if args.objectives else list(OBJECTIVES)
-    args.answer_tokens = 96  # eval_sft_answers' decoded length (the continuation answers are 20-80 tokens)
-    out = Path(args.out_dir)
+    out = Path(settings.out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    unknown = [o for o in args.objectives if o not in OBJECTIVES]
+    unknown = [o for o in settings.objectives if o not in OBJECTIVES]
     if unknown:
         raise NanoLladaError(f"--objectives: unknown {unknown}; choose from {', '.join(OBJECTIVES)}")
     if not (out / "ar_state_dict.pt").exists() or not (out / "diffusion_best.pt").exists():
-        quickstart_pretraining(out, args.data, args.device, ar_name="ar", diffusion_name="diffusion")
+        quickstart_pretraining(out, settings.data, settings.device, ar_name="ar", diffusion_name="diffusion")
     todo = [
         (task, objective, seed)
-        for seed in range(args.seeds)  # seed by seed: a protocol cut short has every objective at the same seeds
-        for objective in args.objectives
+        for seed in range(settings.seeds)  # seed by seed: a protocol cut short has every objective at the same seeds
+        for objective in settings.objectives
         for task in TASKS
         if (task == "reviews" or seed < CONTINUATION_SEEDS)
         and not (out / "runs" / f"{run_name(task, objective, seed)}.json").exists()
     ]
     print(f"SFT protocol: {len(todo)} runs to do in {out}")
-    if args.jobs == 1:
+    if settings.jobs == 1:
         for job in todo:
-            one_run(args, *job)
+            one_run(settings, *job)
     else:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(one_run, args, *job) for job in todo]:
+        with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(one_run, settings, *job) for job in todo]:
                 future.result()
     runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "runs").glob("*_s[0-9]*.json"))]
     result = {"runs": runs, "summary": summary(runs)}

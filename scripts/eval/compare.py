@@ -22,11 +22,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from scripts.common.cli import pick_device, run_main
+from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.evaluation.lm_scores import (
+    LMScoring,
     add_lm_flags,
     add_paired_deltas,
-    check_lm_args,
     lm_results,
     lm_table,
 )
@@ -35,8 +35,8 @@ from scripts.common.evaluation.multiple_choice import (
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,
-    settings_from_args,
 )
+from scripts.common.settings import settings_from
 from scripts.common.training.plots import read_metrics  # also selects the Agg backend
 
 RUN_SUFFIXES = ("_state_dict", "_best")
@@ -46,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_lm_flags(p)
     choice = p.add_argument_group("multiple choice (optional: only with --data)")
-    add_choice_flags(choice, data_required=False, mc_samples_flag="--choice-mc-samples", with_seed=False)
+    add_choice_flags(choice, data_required=False, prefix="choice_")
     p.add_argument("--out", required=True, help="output directory")
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def run_name(checkpoint: str | Path) -> str:
@@ -149,15 +149,20 @@ def comparison_markdown(args, results: list[dict], settings: ScoringSettings | N
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    check_lm_args(args)
+    scoring = settings_from(LMScoring, args)
     settings: ScoringSettings | None = None
     if args.data:
-        settings, question_sets = settings_from_args(args), load_question_sets(args.data, args.limit)
+        settings, question_sets = (
+            settings_from(ScoringSettings, args, "choice_"),
+            load_question_sets(args.data, args.limit),
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     results, curves = [], {}
-    for result, model, tokenizer in lm_results(args, device):
+    for result, model, tokenizer in lm_results(
+        args.checkpoint, args.tokenizer_dir, args.num_attention_heads, scoring, device
+    ):
         path, kind = result["checkpoint"], result["kind"]
         result["run"] = run_name(path)
         if settings is not None:

@@ -4,7 +4,9 @@ On a fixed batch of preference pairs, the estimated preference score of a pair i
 log-ratio of its chosen answer minus that of its rejected one (the DPO reward margin over beta). This redraws the
 timesteps and masks --redraws times and reports the standard deviation of the score per pair, averaged over the
 pairs, for each combination of (a) n draws per log-likelihood instead of 1, (b) n timesteps with one mask each
-instead of one timestep with n masks, (c) antithetic sampling (the reference scores the policy's own masks).
+instead of one timestep with n masks, (c) antithetic sampling (the reference scores the policy's own masks), and for
+the exact-count estimator (l of the answer's n tokens masked, weight n / l) with and without (d) paired draws (the
+rejected answer scored on the chosen answer's masks).
 A policy equal to its reference scores exactly 0 with (c); measure a trained policy against its start.
 
 uv run python -m scripts.eval.dpo_variance --policy weights/diffusion_dpo_state_dict.pt \
@@ -25,14 +27,21 @@ from scripts.common.training.prefetch import to_device
 
 
 def settings(n: int) -> dict[str, ElboSampling]:
-    """The table's rows: name -> how each log-likelihood is estimated, from no lever to all three."""
+    """The table's rows: name -> how each log-likelihood is estimated, from no lever to all of them. The first six
+    use the Bernoulli estimator (t ~ U, weight 1 / t), the next two the exact-count one (l of n masked, n / l); the
+    last two are the trainer's default before the exact counts and today's."""
+    bernoulli = dict(estimator="bernoulli", paired=False)
     return {
-        "1 draw, independent reference (none)": ElboSampling(1, True, False),
-        f"{n} draws, one timestep (a)": ElboSampling(n, False, False),
-        f"{n} draws, {n} timesteps (a)+(b)": ElboSampling(n, True, False),
-        "1 draw, antithetic (c)": ElboSampling(1, True, True),
-        f"{n} draws, one timestep, antithetic (a)+(c)": ElboSampling(n, False, True),
-        f"{n} draws, {n} timesteps, antithetic (a)+(b)+(c)": ElboSampling(n, True, True),
+        "1 draw, independent reference (none)": ElboSampling(1, True, False, **bernoulli),
+        f"{n} draws, one timestep (a)": ElboSampling(n, False, False, **bernoulli),
+        f"{n} draws, {n} timesteps (a)+(b)": ElboSampling(n, True, False, **bernoulli),
+        "1 draw, antithetic (c)": ElboSampling(1, True, True, **bernoulli),
+        f"{n} draws, one timestep, antithetic (a)+(c)": ElboSampling(n, False, True, **bernoulli),
+        f"{n} draws, {n} timesteps, antithetic (a)+(b)+(c)": ElboSampling(n, True, True, **bernoulli),
+        f"exact count, {n} draws, antithetic (a)+(c)": ElboSampling(n, paired=False),
+        f"exact count, {n} draws, antithetic, paired (a)+(c)+(d)": ElboSampling(n),
+        "the old default: 8 draws, 8 timesteps, antithetic (a)+(b)+(c)": ElboSampling(8, True, True, **bernoulli),
+        f"the default: exact count, {ElboSampling().samples} draws, antithetic, paired": ElboSampling(),
     }
 
 
@@ -67,11 +76,11 @@ def main(argv=None) -> dict:
         name: preference_score_spread(DPOObjective(reference, scorer, sampling=sampling), policy, batch, args.redraws)
         for name, sampling in settings(args.elbo_samples).items()
     }
-    baseline = next(iter(spread.values()))
+    baseline, before = list(spread.values())[0], list(spread.values())[-2]
     print(f"std of the preference score over {args.redraws} redraws, mean over {len(batch['input_ids'])} pairs (nats)")
-    print("| estimator | std | vs none |\n|---|---|---|")
+    print("| estimator | std | vs none | variance vs the old default |\n|---|---:|---:|---:|")
     for name, value in spread.items():
-        print(f"| {name} | {value:.3f} | {value / baseline:.3f} |")
+        print(f"| {name} | {value:.3f} | {value / baseline:.3f} | {(value / before) ** 2:.3f} |")
     return {"pairs": len(batch["input_ids"]), "redraws": args.redraws, "std": spread}
 
 

@@ -15,19 +15,22 @@ import time
 
 import torch
 
+from model.checkpoint import decodes_causally
 from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_eos
+from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
-from scripts.common.cli import Bounded, pick_device, positive, run_main
+from scripts.common.cli import Bounded, parse, pick_device, positive, run_main
 from scripts.common.device import autocast, synchronize
 from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
-    add_sampler_flags,
+    SamplerFlags,
     check_sample_length,
+    checked_sampler,
     generation_length,
-    sampler_from_args,
 )
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,9 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     sample_help = "0: no sample, only the --eval-data / --cond-ll-response estimates"
     p.add_argument("--max-new-tokens", type=int, default=128, help=sample_help)
-    add_sampler_flags(p, block_default="one block")
-    decoding_help = "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise"
-    p.add_argument("--decoding", choices=DECODINGS, default="auto", help=decoding_help)
+    add_flags(p, SamplerFlags)
+    decoding_help = (
+        "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise; speculative: the diffusion "
+        "decoder drafts --block-length tokens (default 8), a causal pass verifies them: AR greedy output, exactly"
+    )
+    p.add_argument("--decoding", choices=(*DECODINGS, "speculative"), default="auto", help=decoding_help)
     p.add_argument("--no-kv-cache", action="store_true", help="block-causal decoding without its exact KV cache")
     p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after every row's EOS")
     p.add_argument("--show-special", action="store_true", help="print the raw output including EOS padding")
@@ -71,10 +77,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)
-    return p.parse_args(argv)
+    return parse(p, argv)
+
+
+def speculative_sample(model, tokenizer, args, device, checkpoint) -> dict:
+    """--decoding speculative: self-speculative decoding (model/inference/speculative.py), AR greedy output."""
+    if not decodes_causally(checkpoint):
+        print("note: not trained with --ar-loss-weight: its AR greedy output is what speculation reproduces")
+    ids, config = prompt_ids(tokenizer, args.prompt, args.chat), SpeculativeConfig(args.block_size or 8)
+    mask_id = mask_token_id(tokenizer)
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast(device, args.dtype):
+        out = speculative_generate(model, [ids], args.max_new_tokens, mask_id, config, EOS_ID, banned_ids=(mask_id,))
+    synchronize(device)
+    elapsed, tokens = time.perf_counter() - start, strip_after_eos(out.tokens[0], EOS_ID)
+    print(args.prompt + decode(tokenizer, tokens))
+    accepted = sum(out.accepted) / max(len(out.accepted), 1)
+    print(
+        f"[{len(tokens)} tokens in {elapsed:.2f} s = {len(tokens) / elapsed:.1f} tokens/s, {out.draft_forwards} draft "
+        f"+ {out.verify_forwards} verify forwards, {len(out.tokens[0]) / out.forwards:.2f} tokens/forward, "
+        f"{accepted:.2f} drafts accepted per verify (block {config.draft_length}), {device}]"
+    )
+    return {"tokens": tokens, "seconds": elapsed, "nfe": out.forwards, "accepted": out.accepted}
 
 
 def sample(model, tokenizer, args, device, checkpoint) -> dict:
+    if args.decoding == "speculative":
+        return speculative_sample(model, tokenizer, args, device, checkpoint)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     gen_length = generation_length(len(ids), args.seq_len, args.max_new_tokens)
     if gen_length < args.max_new_tokens:
@@ -82,16 +112,12 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
             f"note: --max-new-tokens {args.max_new_tokens} lowered to {gen_length} so that prompt + generation fit "
             f"--seq-len {args.seq_len}"
         )
-    sampler = sampler_from_args(
-        args,
-        checkpoint,
-        gen_length,
-        args.block_size,
-        decoding=args.decoding,
-        trained_block_override=args.block_size,  # an explicit --block-length wins over the trained one
-        prompt_len=len(ids),
-        stop_at_eos=not args.no_early_stop,
-        use_kv_cache=not args.no_kv_cache,
+    asked = settings_from(SamplerFlags, args).asked(
+        gen_length, stop_at_eos=not args.no_early_stop, use_kv_cache=not args.no_kv_cache
+    )
+    # an explicit --block-length wins over the trained one
+    sampler = checked_sampler(
+        asked, checkpoint, args.decoding, trained_block_override=args.block_size, prompt_len=len(ids)
     )
     trained = trained_block_size(checkpoint.extra)
     if sampler.block_causal:

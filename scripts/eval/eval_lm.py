@@ -32,28 +32,30 @@ import argparse
 import json
 from pathlib import Path
 
-from scripts.common.cli import pick_device, run_main
+from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.evaluation.lm_scores import (
+    LMScoring,
     add_lm_flags,
     add_paired_deltas,
-    check_lm_args,
     lm_results,
     lm_table,
 )
+from scripts.common.settings import settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_lm_flags(p)
     p.add_argument("--json-out", default=None, help="also write the numbers (with per-row values) to this json file")
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    check_lm_args(args)
+    scoring = settings_from(LMScoring, args)
     device = pick_device(args.device)
-    results = [result for result, _, _ in lm_results(args, device)]
+    scored = lm_results(args.checkpoint, args.tokenizer_dir, args.num_attention_heads, scoring, device)
+    results = [result for result, _, _ in scored]
     add_paired_deltas(results)
     print(
         f"held-out {args.eval_data}: rows of {args.seq_len} tokens, each scored on tokens 1..{args.seq_len - 1} "

@@ -17,10 +17,10 @@ import torch
 from model.inference.ar import ARSamplerConfig, generate
 from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
-from scripts.common.cli import Bounded, pick_device, run_main
+from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.device import autocast
 from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_for_eval
-from scripts.common.evaluation.sampler_flags import check_sample_length, flag_names
+from scripts.common.evaluation.sampler_flags import check_sample_length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=2026)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 @torch.no_grad()

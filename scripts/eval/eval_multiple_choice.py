@@ -32,14 +32,15 @@ import argparse
 import json
 from pathlib import Path
 
-from scripts.common.cli import pick_device, run_main
+from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_any_kind
 from scripts.common.evaluation.multiple_choice import (
+    ScoringSettings,
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,
-    settings_from_args,
 )
+from scripts.common.settings import settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,12 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
     )
     p.add_argument("--device", default=None)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    settings = settings_from_args(args)
+    settings = settings_from(ScoringSettings, args)
     question_sets = load_question_sets(args.data, args.limit)
     device = pick_device(args.device)
     model, tokenizer, kind, block_size = load_any_kind(

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, encode
-from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
+from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
 from scripts.common.evaluation.answers import answer_log_likelihoods, sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import flag_names
+from scripts.common.evaluation.sampler_flags import SamplerFlags
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,8 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
     p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="only the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
-    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
-    p.add_argument("--threshold", type=float, default=None, help="diffusion parallel decoding threshold")
+    add_flags(p, SamplerFlags)
     p.add_argument(
         "--batch-size",
         type=int,
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="optional jsonl with every prediction")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 @torch.no_grad()
@@ -69,8 +69,7 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
 
 def asked_diffusion_sampler(args) -> DiffusionSamplerConfig:
     """The diffusion decoding the flags ask for: one token per step unless --gen-steps says otherwise."""
-    steps = args.max_new_tokens if args.gen_steps is None else args.gen_steps
-    return DiffusionSamplerConfig(gen_length=args.max_new_tokens, steps=steps, threshold=args.threshold)
+    return settings_from(SamplerFlags, args).asked(args.max_new_tokens)
 
 
 def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[list, DiffusionSamplerConfig | None]:

@@ -21,11 +21,10 @@ from pathlib import Path
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.objectives.block_curriculum import trained_block_size
 from scripts.common.bench.quality import generative_nll
-from scripts.common.cli import Bounded, output_file, pick_device, run_main
+from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, run_main
 from scripts.common.evaluation.answers import answer_nll, sft_questions
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import flag_names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA")
     p.add_argument("--device", default=None)
     p.add_argument("--json-out", default=None, help="also write the figures (with per-answer NLLs) here")
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def decoded(model, tokenizer, checkpoint, prompts: list[list[int]], args, device) -> list[list[int]]:
@@ -55,6 +54,21 @@ def decoded(model, tokenizer, checkpoint, prompts: list[list[int]], args, device
             sampler = sampler_for_checkpoint(checkpoint, asked)
         answers = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype=args.dtype)
     return [answer.ids for answer in answers]
+
+
+def summary_line(result: dict) -> str:
+    bound = " (upper bound)" if result["kind"] == "diffusion" else ""
+    line = (
+        f"{result['kind']}: answer NLL {result['nll_per_token']:.4f} nats/token{bound} over {result['answers']} "
+        f"answers, {result['tokens']} tokens"
+    )
+    if "generative_nll_per_token" in result:
+        judged = result["generative_nll_per_token"]
+        line += (
+            f"; decoded: judge NLL {'-' if judged is None else f'{judged:.4f}'} nats/token, "
+            f"{result['mean_answer_tokens']:.1f} tokens, {result['empty_answers']} empty"
+        )
+    return f"{line}  [{result['checkpoint']}]"
 
 
 def main(argv=None) -> list[dict]:
@@ -85,21 +99,6 @@ def main(argv=None) -> list[dict]:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"data": args.data, "results": results}, indent=1))
     return results
-
-
-def summary_line(result: dict) -> str:
-    bound = " (upper bound)" if result["kind"] == "diffusion" else ""
-    line = (
-        f"{result['kind']}: answer NLL {result['nll_per_token']:.4f} nats/token{bound} over {result['answers']} "
-        f"answers, {result['tokens']} tokens"
-    )
-    if "generative_nll_per_token" in result:
-        judged = result["generative_nll_per_token"]
-        line += (
-            f"; decoded: judge NLL {'-' if judged is None else f'{judged:.4f}'} nats/token, "
-            f"{result['mean_answer_tokens']:.1f} tokens, {result['empty_answers']} empty"
-        )
-    return f"{line}  [{result['checkpoint']}]"
 
 
 if __name__ == "__main__":

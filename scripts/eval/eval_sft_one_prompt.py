@@ -15,16 +15,12 @@ from pathlib import Path
 from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
-from scripts.common.cli import Bounded, output_file, pick_device, positive, run_main
+from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
-from scripts.common.evaluation.sampler_flags import (
-    add_sampler_flags,
-    flag_names,
-    generation_length,
-    sampler_from_args,
-)
+from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,11 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ar-temperature", type=float, action=Bounded, low=0, default=0.0, help="0 = greedy")
     p.add_argument("--ar-top-k", type=int, action=Bounded, low=0, default=0)
     p.add_argument("--ar-top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0)
-    add_sampler_flags(p, block_default="32 if it divides the length")
+    add_flags(p, SamplerFlags)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse(p, argv)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -87,7 +83,10 @@ def read_prompts(path: str) -> list[str]:
 def sampler_for(args, prompt_len: int, checkpoint) -> DiffusionSamplerConfig:
     """The diffusion settings for a prompt (or a batch whose longest prompt is) `prompt_len` tokens long."""
     gen_length = generation_length(prompt_len, args.seq_len, args.max_new_tokens)
-    return sampler_from_args(args, checkpoint, gen_length, args.block_size or default_block_size(gen_length))
+    flags = settings_from(SamplerFlags, args)
+    return checked_sampler(
+        flags.asked(gen_length, block_size=flags.block_size or default_block_size(gen_length)), checkpoint
+    )
 
 
 def report(name: str, answer, quiet: bool = False) -> None:

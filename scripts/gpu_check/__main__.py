@@ -96,6 +96,22 @@ def run_stage(ctx: Context, name: str, fn, limit: float) -> None:
     ctx.report.stage_result(name, status=status, seconds=round(time.monotonic() - start, 1), limit_s=limit)
 
 
+def run_stages(ctx: Context, args) -> None:
+    """Every asked stage in order (the environment first), each within its limit and what is left of --budget-s."""
+    limits = CUDA_LIMITS if ctx.cuda else CPU_LIMITS
+    end = time.monotonic() + args.budget_s
+    functions = stage_functions()
+    for name in ["env", *[s for s in args.stages if s != "env"]]:
+        left = end - time.monotonic()
+        if left < 5:
+            ctx.stage = name
+            ctx.check("SKIP", "stage", f"--budget-s {args.budget_s:.0f} spent before this stage")
+            continue
+        run_stage(ctx, name, functions[name], min(limits[name], left))
+        if ctx.shared.get("stop"):  # the environment cannot run the rest (an unusable GPU)
+            break
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -115,22 +131,6 @@ def main(argv=None) -> int:
     counts = report.counts()
     print(f"== summary: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP; {report.path}")
     return 1 if counts["FAIL"] else 0
-
-
-def run_stages(ctx: Context, args) -> None:
-    """Every asked stage in order (the environment first), each within its limit and what is left of --budget-s."""
-    limits = CUDA_LIMITS if ctx.cuda else CPU_LIMITS
-    end = time.monotonic() + args.budget_s
-    functions = stage_functions()
-    for name in ["env", *[s for s in args.stages if s != "env"]]:
-        left = end - time.monotonic()
-        if left < 5:
-            ctx.stage = name
-            ctx.check("SKIP", "stage", f"--budget-s {args.budget_s:.0f} spent before this stage")
-            continue
-        run_stage(ctx, name, functions[name], min(limits[name], left))
-        if ctx.shared.get("stop"):  # the environment cannot run the rest (an unusable GPU)
-            break
 
 
 if __name__ == "__main__":

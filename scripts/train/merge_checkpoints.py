@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         )
     model, best = merge(ranked)
     out = Path(args.save_dir) / f"{args.run_name}_merged.pt"
-    meta = {k: v for k, v in best.extra.items() if k in ("train_config", "diffusion")}
+    meta = {k: v for k, v in best.extra.items() if k in ("train_config", "diffusion", "joint")}
     save_checkpoint(
         out,
         best.kind,

@@ -9,21 +9,21 @@ from __future__ import annotations
 import argparse
 
 from model.objectives.preference import DPOObjective, ar_scorer
-from scripts.common.cli import run_main
-from scripts.common.training.dpo import dpo_parser, run_dpo
+from scripts.common.cli import parse, run_main
+from scripts.common.training.dpo import dpo_parser, dpo_settings, run_dpo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return dpo_parser(__doc__, run_name="minimind_dpo").parse_args(argv)
+    return parse(dpo_parser(__doc__, run_name="minimind_dpo"), argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    flags = dpo_settings(parse_args(argv), "ar")
 
     def objective(reference, checkpoint, tokenizer):
-        return DPOObjective(reference, ar_scorer(), args.beta)
+        return DPOObjective(reference, ar_scorer(), flags.own.terms())
 
-    return run_dpo(args, "ar", objective, extra_meta=lambda checkpoint: {})
+    return run_dpo(flags, objective, extra_meta=lambda checkpoint: {})
 
 
 if __name__ == "__main__":

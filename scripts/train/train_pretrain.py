@@ -7,37 +7,54 @@ uv run python -m scripts.train.train_pretrain --data ./dataset/pretrain_hq.jsonl
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from model.checkpoint import build_model
 from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import model_config_from_args, run_main
-from scripts.common.training.flags import start_run, starting_checkpoint
-from scripts.common.training.pretraining import add_pretraining_flags, describe, packed_data
+from scripts.common.cli import parse, run_main
+from scripts.common.settings import add_flags, flag, settings_from
+from scripts.common.training.flags import TrainingFlags, start_run, starting_checkpoint
+from scripts.common.training.pretraining import Corpus, add_pretraining_flags, describe, packed_data
 from scripts.common.training.run_files import RunFiles
 from scripts.common.training.trainer import RunOptions, Task, train
+
+
+@dataclass
+class Start:
+    """What AR pretraining starts from, besides the corpus."""
+
+    load_from: str | None = flag(
+        None, "initialise from an AR checkpoint or an official MiniMind2 .pth (its config wins)", kind=str
+    )
+    corpus: Corpus = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Batch 128 x 256 tokens: at 32 an H100 step (~6 ms) is about as long as launching it, so the GPU would idle.
     add_pretraining_flags(p, run_name="minimind_pretrain", batch_size=128, learning_rate=5e-4, warmup_steps=200)
-    p.add_argument(
-        "--load-from",
-        default=None,
-        help="initialise from an AR checkpoint or an official MiniMind2 .pth (its config wins)",
-    )
-    return p.parse_args(argv)
+    add_flags(p, Start)
+    return parse(p, argv)
 
 
-def initial_model(args, tokenizer, files: RunFiles) -> Transformer:
+def settings(argv=None) -> TrainingFlags:
+    """The command line, typed."""
+    args = parse_args(argv)
+    return TrainingFlags.from_args(args, "ar", settings_from(Start, args, corpus=settings_from(Corpus, args)))
+
+
+def initial_model(flags: TrainingFlags, tokenizer, files: RunFiles) -> Transformer:
     """The model to train: from the run's own checkpoint (--resume), from --load-from, or fresh from the flags."""
-    source = files.full if args.resume else args.load_from
-    checkpoint = starting_checkpoint(args, tokenizer, source, "ar", hint="AR pretraining continues only AR checkpoints")
+    resume = flags.run.resume
+    source = files.full if resume else flags.own.load_from
+    checkpoint = starting_checkpoint(
+        flags, tokenizer, source, "ar", hint="AR pretraining continues only AR checkpoints"
+    )
     if checkpoint is None:
-        return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
-    if not args.resume:
+        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
+    if not resume:
         print(
             f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}); "
             f"config {checkpoint.config}"
@@ -51,12 +68,12 @@ def ar_loss(model, rows, rng, step=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    run = start_run(args, "ar", packed_data)
-    model = initial_model(args, run.tokenizer, RunFiles(run.cfg))
+    flags = settings(argv)
+    run = start_run(flags, packed_data)
+    model = initial_model(flags, run.tokenizer, RunFiles(run.cfg))
     print(describe("AR", model, run.batches, run.val_batches, run.cfg.max_steps, run.device))
     task = Task(run.batches.batch, run.val_batches, ar_loss, ar_loss)
-    return train(model, run.cfg, task, RunOptions(tokenizer_identity(run.tokenizer), args.resume), run.device)
+    return train(model, run.cfg, task, RunOptions(tokenizer_identity(run.tokenizer), flags.run.resume), run.device)
 
 
 if __name__ == "__main__":

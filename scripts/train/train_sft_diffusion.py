@@ -14,14 +14,17 @@ uv run python -m scripts.train.train_sft_diffusion --data dataset/sft_mini_512.j
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
+from model.checkpoint import joint_record
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
 from model.tokenizer import mask_token_id
-from scripts.common.cli import run_main
-from scripts.common.training.sft import run_sft, sft_parser, sft_starting_checkpoint, start_sft
+from scripts.common.cli import parse, run_main
+from scripts.common.settings import settings_from
+from scripts.common.training.flags import TrainingFlags
+from scripts.common.training.sft import SFTData, run_sft, sft_parser, sft_starting_checkpoint, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,11 +91,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cap-weight", type=float, default=0.0, help="weight of the confidence-aware (CAP) auxiliary loss"
     )
     llada2.add_argument("--time-weight-schedule", choices=["linear", "cosine"], default="linear")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--ar-loss-weight",
+        type=float,
+        default=0.0,
+        help="joint training: + this weight x the causal next-token loss of the answers (a shifted model only)",
+    )
+    return parse(p, argv)
+
+
+@dataclass
+class DiffusionSFTData(SFTData):
+    """The SFT data flags, and the settings that decide what a diffusion SFT run trains (a resumed run must keep
+    them): the block size, the fixed EOS padding and the joint AR loss weight."""
+
+    block_size: int | None = None
+    eos_padding_length: int | None = None
+    ar_loss_weight: float = 0.0
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    own = settings_from(DiffusionSFTData, args)
+    flags = TrainingFlags.from_args(args, "diffusion", own)
     t_min = args.iid_mask_eps if args.mask_ratio_min is None else args.mask_ratio_min
     t_max = 1 - args.iid_mask_eps if args.mask_ratio_max is None else args.mask_ratio_max
     if not 0 < t_min < t_max < 1:
@@ -101,12 +122,13 @@ def main(argv=None) -> dict:
         raise NanoLladaError(f"--block-size must be >= 0 (0: bidirectional), got {args.block_size}")
     if not 0 <= args.eos_padding_weight <= 1:
         raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
-    check_eos_padding(args)
-    run = start_sft(args, "diffusion", eos_padding=args.eos_padding_length)
-    start = sft_starting_checkpoint(args, run)
-    config = start[1].config if start[1] is not None else args  # a fresh model takes the shape flags
-    check_eos_padding(args, config.max_position_embeddings)
-    block_size = sft_block_size(args, *start)
+    check_eos_padding(own.eos_padding_length, flags.run.seq_len)
+    run = start_sft(flags, eos_padding=own.eos_padding_length)
+    start = sft_starting_checkpoint(flags, run)
+    # a fresh model takes the shape flags
+    positions = start[1].config.max_position_embeddings if start[1] is not None else args.max_position_embeddings
+    check_eos_padding(own.eos_padding_length, flags.run.seq_len, positions)
+    block_size = sft_block_size(own.block_size, flags.run.resume, *start)
     objective = DiffusionObjective(
         args.time_weight_schedule,
         t_min,
@@ -120,6 +142,7 @@ def main(argv=None) -> dict:
         late_time_share=args.late_time_share,
         late_time_from=args.late_time_from,
         all_masked_share=args.all_masked_share,
+        ar_loss_weight=args.ar_loss_weight,
     )
     mask_id = mask_token_id(run.tokenizer)
 
@@ -142,35 +165,35 @@ def main(argv=None) -> dict:
     meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": args.eos_padding_length}
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
-    return run_sft(args, run, loss, extra_meta=meta, start=start)
+    meta.update(joint_record(args.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
+    return run_sft(flags, run, loss, extra_meta=meta, start=start)
 
 
-def check_eos_padding(args, positions: int | None = None) -> None:
+def check_eos_padding(padding: int | None, seq_len: int, positions: int | None = None) -> None:
     """--eos-padding-length pads each answer, so a row is up to --max-seq-len plus it: at most --max-seq-len (the
     padding stands for a generation no longer than a row), and with a model, row and padding within its positions.
     Checked before the data is read and again with the model's `positions`, not at the first batch's allocation."""
-    padding = args.eos_padding_length
     if padding is None:
         return
-    if not 0 <= padding <= args.seq_len:
+    if not 0 <= padding <= seq_len:
         raise NanoLladaError(
-            f"--eos-padding-length must be >= 0 and <= --max-seq-len {args.seq_len} (it stands for a generation, "
+            f"--eos-padding-length must be >= 0 and <= --max-seq-len {seq_len} (it stands for a generation, "
             f"which a row bounds), got {padding}"
         )
-    if positions is not None and args.seq_len + padding > positions:
+    if positions is not None and seq_len + padding > positions:
         raise NanoLladaError(
-            f"--max-seq-len {args.seq_len} plus --eos-padding-length {padding} exceeds the model's {positions} "
+            f"--max-seq-len {seq_len} plus --eos-padding-length {padding} exceeds the model's {positions} "
             "positions; lower one of them"
         )
 
 
-def sft_block_size(args, source, checkpoint) -> int | None:
+def sft_block_size(asked: int | None, resume: bool, source, checkpoint) -> int | None:
     """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint has (a
     block-diffusion model stays one; a resumed run keeps its own), else none (a bidirectional or fresh model)."""
-    if args.block_size is not None:
-        return args.block_size or None
+    if asked is not None:
+        return asked or None
     inherited = trained_block_size(checkpoint.extra) if checkpoint is not None else None
-    if inherited and not args.resume:
+    if inherited and not resume:
         print(
             f"note: {source} was trained with block diffusion (blocks of {inherited}): block SFT with it "
             "(--block-size 0 for bidirectional SFT)"

@@ -10,12 +10,20 @@ from __future__ import annotations
 import argparse
 
 from model.objectives.ar_loss import next_token_loss
-from scripts.common.cli import run_main
-from scripts.common.training.sft import run_sft, sft_parser, start_sft
+from scripts.common.cli import parse, run_main
+from scripts.common.settings import settings_from
+from scripts.common.training.flags import TrainingFlags
+from scripts.common.training.sft import SFTData, run_sft, sft_parser, start_sft
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return sft_parser(__doc__, run_name="minimind_sft", epochs=2).parse_args(argv)
+    return parse(sft_parser(__doc__, run_name="minimind_sft", epochs=2), argv)
+
+
+def settings(argv=None) -> TrainingFlags:
+    """The command line, typed."""
+    args = parse_args(argv)
+    return TrainingFlags.from_args(args, "ar", settings_from(SFTData, args))
 
 
 def sft_loss(model, batch, rng, step=None):
@@ -25,8 +33,8 @@ def sft_loss(model, batch, rng, step=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    return run_sft(args, start_sft(args, "ar"), sft_loss)
+    flags = settings(argv)
+    return run_sft(flags, start_sft(flags), sft_loss)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,6 @@
-"""What the speed card (scripts/common/bench/card.py) says about the text a decoder wrote, next to how fast it wrote it.
-
-Every figure here is computed on the decoded output ids, never on a reference answer:
-- content: the ids before the first EOS (a diffusion canvas after its EOS is padding, and so is anything after an AR
-  model's EOS), the only tokens a speed figure may count;
-- generative perplexity: exp of the mean negative log-likelihood per content token under the AR model of the pair,
-  each output scored after its own prompt (the AR model's own NLL of the sequence, no other estimate);
-- unigram entropy: the entropy of each output's token histogram (nats), averaged over outputs: repetition loops
-  ("的的的...") drive it towards 0 while keeping perplexity low, so the two are read together.
-"""
-
-from __future__ import annotations
+"""What the speed card says about the text a decoder wrote, computed on the decoded ids, never on a reference: its
+content (the ids before the first EOS, all that a speed figure counts), its generative perplexity under the pair's AR
+model (that model's own NLL) and its unigram entropy (repetition drives it towards 0 while keeping perplexity low)."""
 
 import math
 from collections import Counter
@@ -26,18 +17,14 @@ def content_ids(ids: list[int], eos_id: int) -> list[int]:
 
 @torch.no_grad()
 def generative_nll(ar_model, prompts: list[list[int]], outputs: list[list[int]]) -> tuple[float, int]:
-    """(total NLL in nats, tokens scored) of every output after its prompt under `ar_model`: exact next-token
-    log-likelihoods, one forward pass per (prompt, output) pair. Empty outputs add nothing."""
+    """(total NLL in nats, tokens scored) of every non-empty output after its prompt under `ar_model`: exact
+    next-token log-likelihoods, one forward pass per (prompt, output) pair."""
     device = next(ar_model.parameters()).device
     total, count = 0.0, 0
-    for prompt, output in zip(prompts, outputs):
-        if not output:
-            continue
+    for prompt, output in (pair for pair in zip(prompts, outputs) if pair[1]):
         ids = torch.tensor([prompt + output], device=device)
-        scored = torch.zeros_like(ids, dtype=torch.bool)
-        scored[0, len(prompt) :] = True
-        total += float(ar_nll_rows(ar_model, ids, scored)[0])
-        count += len(output)
+        scored = torch.arange(ids.shape[1], device=device)[None] >= len(prompt)
+        total, count = total + float(ar_nll_rows(ar_model, ids, scored)[0]), count + len(output)
     return total, count
 
 
@@ -49,11 +36,8 @@ def generative_perplexity(ar_model, prompts: list[list[int]], outputs: list[list
 
 def unigram_entropy(ids: list[int]) -> float:
     """Entropy in nats of the token histogram of one output (0 for an output of one repeated token, or empty)."""
-    if not ids:
-        return 0.0
-    counts = torch.tensor(list(Counter(ids).values()), dtype=torch.float64)
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum())
+    p = torch.tensor(list(Counter(ids).values()), dtype=torch.float64) / max(len(ids), 1)
+    return 0.0 - float((p * p.log()).sum())
 
 
 def mean_unigram_entropy(outputs: list[list[int]]) -> float | None:

@@ -1,11 +1,8 @@
-"""Training throughput of both routes for scripts/bench.py: the real losses (model/inference/ar.py next_token_loss,
-model/objectives/diffusion_loss.py diffusion_loss), the real optimizer (scripts/common/optimization.make_optimizer),
-bf16 autocast and torch.compile on CUDA; a few warmup steps, then timed steps on one random batch already on the device
-(the model step, not the data loader). Reports tokens/s, model FLOPs utilisation against the device's dense bf16
-peak, and peak memory.
+"""Training throughput of both routes for scripts/bench.py: the real losses (next_token_loss, diffusion_loss), the
+real optimizer (make_optimizer), bf16 autocast and torch.compile on CUDA; a few warmup steps, then timed steps on one
+random batch already on the device (the model step, not the data loader). Reports tokens/s, model FLOPs utilisation
+against the device's dense bf16 peak, and peak memory.
 """
-
-from __future__ import annotations
 
 import time
 from dataclasses import dataclass
@@ -32,14 +29,7 @@ class BenchSettings:
     dtype: str = "bfloat16"
 
 
-TINY = BenchSettings(
-    preset="tiny",
-    seq_len=32,
-    train_batch=4,
-    warmup_steps=1,
-    timed_steps=2,
-    compile=False,
-)
+TINY = BenchSettings(preset="tiny", seq_len=32, train_batch=4, warmup_steps=1, timed_steps=2, compile=False)
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -48,12 +38,8 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     The PaLM / nanoGPT convention: attention is counted in full for causal models too, embedding lookups are free,
     the (tied) LM head counts. Same formula for AR and diffusion, so their MFUs compare like for like.
     """
-    h, i, layers, kv = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_hidden_layers,
-        config.num_key_value_heads * config.head_dim,
-    )
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * config.head_dim
     matmul_weights = layers * (2 * h * h + 2 * h * kv + 3 * h * i) + config.padded_vocab_size * h
     return 6 * matmul_weights + 12 * layers * h * seq_len
 
@@ -66,14 +52,14 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
     forward_model = compiled(model, "inductor") if use_compile else model
     data = torch.randint(1, BASE_VOCAB_SIZE, (s.train_batch, s.seq_len), device=device)
     rng = torch.Generator(device=device).manual_seed(0)
+    mask_id = config.vocab_size - 1  # <|mask|> is the last id (load_tokenizer appends it); no tokenizer here
 
     def step() -> None:
         with autocast(device, s.dtype):
-            loss = (
-                next_token_loss(forward_model, data)
-                if kind == "ar"
-                else diffusion_loss(forward_model, data, rng, mask_id_of(config))
-            )
+            if kind == "ar":
+                loss = next_token_loss(forward_model, data)
+            else:
+                loss = diffusion_loss(forward_model, data, rng, mask_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the trainer clips too (grad_clip 1.0)
         optimizer.step()
@@ -108,9 +94,3 @@ def bench_training(kind: str, config: ModelConfig, s: BenchSettings, device: tor
         "mfu": achieved / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-
-
-def mask_id_of(config: ModelConfig) -> int:
-    """<|mask|> is the last id of a model's vocabulary (model.tokenizer.load_tokenizer appends it there); the
-    benchmark has no tokenizer, so it reads the id from the model's config."""
-    return config.vocab_size - 1

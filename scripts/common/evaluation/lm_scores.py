@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -14,9 +15,26 @@ from model.errors import NanoLladaError
 from model.inference.likelihood import ar_nll_rows, diffusion_nelbo_rows
 from model.objectives.masking import pretraining_maskable
 from model.tokenizer import mask_token_id
-from scripts.common.cli import positive
 from scripts.common.device import autocast
 from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_any_kind
+from scripts.common.settings import add_flags, flag
+
+
+@dataclass
+class LMScoring:
+    """The held-out rows every checkpoint is scored on, and how (scripts.eval.eval_lm, scripts.eval.compare)."""
+
+    eval_data: str = flag(
+        "dataset/sample_pretrain_val.jsonl",
+        "held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)",
+    )
+    jsonl_field: str = flag("text", "the field of a jsonl row that holds its text")
+    seq_len: int = flag(256, "row length (use the trained one)", "--max-seq-len", low=2)
+    eval_batch_size: int = flag(16, "rows per forward", low=1)
+    eval_max_batches: int = flag(8, "rows scored = batch size x this (fewer if the file is short)", low=1)
+    mc_samples: int = flag(8, "mask draws per row for diffusion checkpoints", low=1)
+    dtype: str = flag("bfloat16", "autocast dtype on CUDA (CPU runs float32)", choices=["bfloat16", "float32"])
+    seed: int = flag(2026, "seeds the diffusion mask draws (the same for every checkpoint)")
 
 
 def add_lm_flags(p: argparse.ArgumentParser) -> None:
@@ -26,27 +44,8 @@ def add_lm_flags(p: argparse.ArgumentParser) -> None:
         "AR or diffusion checkpoint (.pt, full, _best or _state_dict, or a MiniMind2 .pth); repeat for several",
         several=True,
     )
-    p.add_argument(
-        "--eval-data",
-        default="dataset/sample_pretrain_val.jsonl",
-        help="held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)",
-    )
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument(
-        "--seq-len", "--max-seq-len", dest="seq_len", type=int, default=256, help="row length (use the trained one)"
-    )
-    p.add_argument("--eval-batch-size", type=int, default=16, help="rows per forward")
-    p.add_argument(
-        "--eval-max-batches", type=int, default=8, help="rows scored = batch size x this (fewer if the file is short)"
-    )
-    p.add_argument("--mc-samples", type=int, default=8, help="mask draws per row for diffusion checkpoints")
-    p.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
-    )
+    add_flags(p, LMScoring)
     p.add_argument("--device", default=None)
-    p.add_argument(
-        "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every checkpoint)"
-    )
 
 
 def scored_positions(input_ids: torch.Tensor) -> torch.Tensor:
@@ -137,23 +136,20 @@ def lm_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def check_lm_args(args) -> None:
-    for name in ("seq_len", "eval_batch_size", "eval_max_batches", "mc_samples"):
-        positive("--" + name.replace("_", "-"), getattr(args, name))
-
-
-def lm_results(args, device) -> Iterator[tuple[dict, object, object]]:
-    """(result, model, tokenizer) for each --checkpoint in turn, all scored on the same held-out rows."""
+def lm_results(
+    checkpoints: list, tokenizer_dir: str, heads: int | None, scoring: LMScoring, device
+) -> Iterator[tuple[dict, object, object]]:
+    """(result, model, tokenizer) for each checkpoint in turn, all scored on the same held-out rows (`heads`: for
+    MiniMind2 .pth files)."""
     batches = None
-    for path in args.checkpoint:
-        model, tokenizer, kind, block_size = load_any_kind(path, args.tokenizer_dir, device, args.num_attention_heads)
+    s = scoring
+    for path in checkpoints:
+        model, tokenizer, kind, block_size = load_any_kind(path, tokenizer_dir, device, heads)
         if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows
             batches = held_out_batches(
-                args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
+                s.eval_data, tokenizer, s.jsonl_field, s.seq_len, s.eval_batch_size, s.eval_max_batches
             )
         mask_id = mask_token_id(tokenizer)
-        result = lm_eval_model(
-            model, kind, batches, mask_id, args.mc_samples, args.seed, device, args.dtype, block_size
-        )
+        result = lm_eval_model(model, kind, batches, mask_id, s.mc_samples, s.seed, device, s.dtype, block_size)
         yield {"checkpoint": str(path), **result}, model, tokenizer
         del model  # before the next one loads

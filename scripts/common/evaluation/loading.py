@@ -22,7 +22,7 @@ def load_checkpoint_for_eval(
     """(model in eval mode, tokenizer, checkpoint) after the compatibility checks; the file is read once."""
     checkpoint = read_checkpoint(checkpoint_path, num_attention_heads)
     tokenizer = load_tokenizer(tokenizer_dir)
-    check_compatible(checkpoint, checkpoint_path, kind, tokenizer, tokenizer_dir)
+    checkpoint = check_compatible(checkpoint, checkpoint_path, kind, tokenizer, tokenizer_dir)  # joint: as AR
     return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer, checkpoint
 
 

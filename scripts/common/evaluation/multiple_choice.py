@@ -15,8 +15,9 @@ import torch
 from model.errors import NanoLladaError
 from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
 from model.tokenizer import encode, mask_token_id, prompt_ids
-from scripts.common.cli import Bounded, positive
+from scripts.common.cli import Bounded
 from scripts.common.device import autocast
+from scripts.common.settings import add_flags, flag
 
 LETTERS = "ABCDEFGHIJ"
 ANSWER_CUE = "答案："
@@ -136,11 +137,13 @@ def prompt_text(question: Question) -> str:
 
 @dataclass
 class ScoringSettings:
-    continuation: str = "letter"  # "letter" | "option"
-    chat: bool = False
-    mc_samples: int = 128
-    max_forward_tokens: int = 32768
-    seed: int = 2026
+    continuation: str = flag("letter", "score the answer letter or the option text", choices=["letter", "option"])
+    chat: bool = flag(False, "wrap the prompt in the chat template (SFT models)")
+    mc_samples: int = flag(
+        128, "diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)", low=1
+    )
+    max_forward_tokens: int = flag(32768, "rows x length per forward (bounds logits memory)", low=1)
+    seed: int = flag(2026, "seeds the diffusion mask draws (the same for every question)")
 
 
 @torch.no_grad()
@@ -213,34 +216,10 @@ def evaluate_question_sets(
     return summaries, items
 
 
-def add_choice_flags(
-    p, data_required: bool = True, mc_samples_flag: str = "--mc-samples", with_seed: bool = True
-) -> None:
+def add_choice_flags(p, data_required: bool = True, prefix: str = "") -> None:
     """The multiple-choice flags of scripts.eval.eval_multiple_choice, shared with scripts.eval.compare (which has its
-    own --mc-samples and --seed for the LM numbers)."""
+    own --mc-samples and --seed for the LM numbers, so its scoring flags take the prefix "choice_")."""
     data_help = ".csv/.jsonl file or directory of them; repeat for several"
     p.add_argument("--data", action="append", required=data_required, help=data_help)
-    continuation_help = "score the answer letter or the option text"
-    p.add_argument("--continuation", choices=["letter", "option"], default="letter", help=continuation_help)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT models)")
-    draws_help = "diffusion Monte-Carlo draws per multi-token choice (a one-token choice needs 1, exact)"
-    p.add_argument(mc_samples_flag, dest="choice_mc_samples", type=int, default=128, help=draws_help)
-    p.add_argument(
-        "--max-forward-tokens", type=int, default=32768, help="rows x length per forward (bounds logits memory)"
-    )
     p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="first N questions of each file")
-    if with_seed:
-        p.add_argument(
-            "--seed", type=int, default=2026, help="seeds the diffusion mask draws (the same for every question)"
-        )
-
-
-def settings_from_args(args) -> ScoringSettings:
-    for flag, value in (
-        ("--mc-samples", args.choice_mc_samples),
-        ("--max-forward-tokens", args.max_forward_tokens),
-    ):
-        positive(flag, value)
-    if args.limit is not None:
-        positive("--limit", args.limit)
-    return ScoringSettings(args.continuation, args.chat, args.choice_mc_samples, args.max_forward_tokens, args.seed)
+    add_flags(p, ScoringSettings, prefix=prefix)

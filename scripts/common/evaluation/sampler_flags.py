@@ -3,54 +3,41 @@ a checkpoint decodes with (model.inference.sampling.sampler_for_checkpoint decid
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+from dataclasses import asdict, dataclass
 
-from model.errors import NanoLladaError, SettingError
-from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
-
-# The command-line name of each sampler parameter, for the library's messages (model.errors.SettingError): the
-# diffusion sampler's and the AR sampler's (model.inference.ar.ARSamplerConfig).
-SAMPLER_FLAGS = {
-    "gen_length": "--max-new-tokens",
-    "max_new_tokens": "--max-new-tokens",
-    "temperature": "--temperature",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "cfg_scale": "--gen-cfg-scale",
-    "steps": "--gen-steps",
-    "block_size": "--block-length",
-    "remasking": "--remasking",
-    "cache": "--cache",
-    "threshold": "--threshold",
-    "decoding": "--decoding",
-}
+from model.errors import NanoLladaError
+from model.inference.sampling import REMASKINGS, DiffusionSamplerConfig, sampler_for_checkpoint
+from scripts.common.cli import flag_names
+from scripts.common.settings import flag
 
 
-def add_sampler_flags(p: argparse.ArgumentParser, block_default: str) -> None:
-    """The sampler flags of eval_diffusion and eval_sft_one_prompt (`block_default`: what no --block-length means)."""
-    p.add_argument("--gen-steps", type=int, default=None, help="diffusion forward passes (default: one per token)")
-    p.add_argument(
+@dataclass
+class SamplerFlags:
+    """The diffusion decoding flags of the eval entry points: DiffusionSamplerConfig's fields of the same names (the
+    seed commands' spellings kept as aliases); the generation length comes from --max-new-tokens and the prompt."""
+
+    steps: int | None = flag(None, "diffusion forward passes (default: one per token)", "--gen-steps", kind=int)
+    block_size: int | None = flag(
+        None,
+        "semi-autoregressive block size (default: a block-diffusion checkpoint's own; otherwise eval_diffusion decodes "
+        "one block, eval_sft_one_prompt blocks of 32 where they divide the length)",
         "--block-length",
-        dest="block_size",
-        type=int,
-        default=None,
-        help=f"semi-autoregressive block size (default: {block_default})",
+        kind=int,
     )
-    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--temperature", type=float, default=0.0, help="diffusion Gumbel-max temperature; 0 = greedy")
-    p.add_argument(
-        "--gen-cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance weight (0 = off)"
-    )
-    p.add_argument(
-        "--cache",
+    remasking: str = flag("low_confidence", "which masked positions a step commits", choices=REMASKINGS)
+    temperature: float = flag(0.0, "diffusion Gumbel-max temperature; 0 = greedy")
+    cfg_scale: float = flag(0.0, "unsupervised classifier-free guidance weight (0 = off)", "--gen-cfg-scale")
+    cache: str = flag(
+        "none",
+        "Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
         choices=["none", "prefix", "dual"],
-        default="none",
-        help="Fast-dLLM approximate K/V cache for bidirectional models, refreshed once per block",
     )
-    p.add_argument(
-        "--threshold", type=float, default=None, help="parallel decoding: commit every token with confidence >= this"
-    )
+    threshold: float | None = flag(None, "parallel decoding: commit every token with confidence >= this", kind=float)
+
+    def asked(self, gen_length: int, **options) -> DiffusionSamplerConfig:
+        """The settings these flags ask for, for `gen_length` tokens; `options`: more sampler fields."""
+        steps = gen_length if self.steps is None else self.steps  # 0 is refused, not the default
+        return DiffusionSamplerConfig(gen_length=gen_length, **{**asdict(self), "steps": steps, **options})
 
 
 def check_sample_length(max_new_tokens: int, estimating: bool, estimate_flags: str) -> None:
@@ -73,42 +60,18 @@ def generation_length(prompt_len: int, seq_len: int, max_new_tokens: int) -> int
     return min(max_new_tokens, room)
 
 
-def sampler_from_args(
-    args,
+def checked_sampler(
+    asked: DiffusionSamplerConfig,
     checkpoint,
-    gen_length: int,
-    block_size: int | None,
     decoding: str = "auto",
     trained_block_override: int | None = None,
     prompt_len: int | None = None,
-    **options,
 ) -> DiffusionSamplerConfig:
-    """The settings `checkpoint` decodes with under the sampler flags, checked as a user's arguments (the server
-    checks its requests the same way), for a prompt of `prompt_len` tokens when given; `options` are more sampler
-    fields. `decoding` and `trained_block_override` replace the
-    checkpoint's own mode and block size (eval_diffusion's --decoding and --block-length)."""
-    asked = DiffusionSamplerConfig(
-        gen_length=gen_length,
-        steps=gen_length if args.gen_steps is None else args.gen_steps,  # 0 is refused, not the default
-        block_size=block_size,
-        temperature=args.temperature,
-        remasking=args.remasking,
-        cfg_scale=args.gen_cfg_scale,
-        threshold=args.threshold,
-        cache=args.cache,
-        **options,
-    )
+    """The settings `checkpoint` decodes with when `asked` is what the flags ask for, checked as a user's arguments
+    (the server checks its requests the same way), for a prompt of `prompt_len` tokens when given. `decoding` and
+    `trained_block_override` replace the checkpoint's own mode and block size (eval_diffusion's --decoding and
+    --block-length)."""
     with flag_names():
         sampler = sampler_for_checkpoint(checkpoint, asked, decoding, trained_block_override)
         sampler.check_arguments(prompt_len)
     return sampler
-
-
-@contextlib.contextmanager
-def flag_names(renamed: dict[str, str] | None = None):
-    """Reword the sampler's complaints about its parameters as complaints about the command-line flags (`renamed`:
-    an entry point's own names for some of them)."""
-    try:
-        yield
-    except SettingError as err:
-        raise NanoLladaError(err.worded({**SAMPLER_FLAGS, **(renamed or {})})) from None

@@ -1,21 +1,13 @@
-"""The generation worker of the chat server (scripts.serve): requests wait in a queue and one thread decodes
-everything waiting that can share a batch, so requests that arrive together are decoded together.
-
-Requests share a batch when decoding them together gives each the answer it gets alone: the same AR sampling
-settings (any greedy requests), or the same diffusion settings (block-causal ones also the same prompt length, since
-their blocks start at the prompt's first token). Prompts are left-padded (model/inference/padding.py), so a greedy
-answer in a batch equals its answer alone. A request that samples with its own seed decodes alone, to stay reproducible.
-
-Cancellation: before every forward pass each request of the batch is asked whether it still wants tokens (its
-client is still connected and its answer is not complete). When none does, the batch stops there, so a client that
-gives up frees the model within one decoding step; a batch that other requests keep alive runs on.
+"""The generation worker of the chat server: requests wait in a queue and one thread decodes everything waiting that
+can share a batch, i.e. every request whose answer in the batch is its answer alone: the same AR sampling settings (any
+greedy ones), or the same diffusion settings (block-causal ones also the same prompt length, as their blocks start at
+the prompt's first token); prompts are left-padded (model/inference/padding.py). A request that samples with its own
+seed decodes alone, to stay reproducible. Before every forward pass each request is asked whether it still wants
+tokens (its client is connected, its answer unfinished): when none does, the batch stops, freeing the model.
 """
-
-from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
 
 import torch
 
@@ -31,13 +23,11 @@ class Cancelled(Exception):
 
 
 class Job:
-    """One request in the queue: its tokens become text deltas on `events`, then one end (or error) event."""
+    """One request in the queue: its tokens become text deltas on `events`, then one final (result or error) event."""
 
-    def __init__(self, request, tokenizer, gone: Callable[[], bool] | None = None):
-        self.request = request
-        self.decoder = StreamingDecoder(tokenizer)
+    def __init__(self, request, tokenizer, gone=None):
+        self.request, self.decoder, self.gone = request, StreamingDecoder(tokenizer), gone  # gone(): client left?
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.gone = gone  # has the client left? (None: never asked)
         self.cancelled = threading.Event()
         self.count, self.finish, self.done = 0, "length", False
 
@@ -47,20 +37,18 @@ class Job:
             return
         tokens = tokens[: self.request.max_tokens - self.count]
         if EOS_ID in tokens:
-            tokens = tokens[: tokens.index(EOS_ID) + 1]
-            self.finish = "stop"
+            tokens, self.finish = tokens[: tokens.index(EOS_ID) + 1], "stop"
         self.count += len(tokens)
         text = self.decoder.push([t for t in tokens if t != EOS_ID])
         if text:
-            self.events.put(("text", text))
+            self.events.put(text)
         if self.finish == "stop" or self.count >= self.request.max_tokens:
             self.end()
 
     def end(self, error: Exception | None = None) -> None:
         if not self.done:
             self.done = True
-            result = None if self.cancelled.is_set() else (self.finish, self.count)
-            self.events.put(("error", error) if error is not None else ("end", result))
+            self.events.put(error or (None if self.cancelled.is_set() else (self.finish, self.count)))
 
     def wanted(self) -> bool:
         """Does the request still want tokens? A client that has left cancels it."""
@@ -68,18 +56,15 @@ class Job:
             self.cancelled.set()
         return not self.done and not self.cancelled.is_set()
 
-    def wait(self, on_text: Callable[[str], None]) -> tuple[str, int] | None:
+    def wait(self, on_text) -> tuple[str, int] | None:
         """Hand each text delta to on_text until the answer ends: (finish_reason, completion tokens), or None when
         the request was cancelled. If on_text fails (the client went away), the request is cancelled."""
         try:
-            while True:
-                kind, value = self.events.get()
-                if kind == "text":
-                    on_text(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    return value
+            while isinstance(event := self.events.get(), str):
+                on_text(event)
+            if isinstance(event, Exception):
+                raise event
+            return event
         finally:
             self.cancelled.set()  # nobody reads the answer any more
 
@@ -103,16 +88,13 @@ class BatchWorker:
         self.arrived = threading.Condition()
         self.pending: list[Job] = []
         self.batch_sizes: list[int] = []  # of every batch decoded, for reports and tests
-        self.thread: threading.Thread | None = None
         self.closed = False
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
 
     def submit(self, job: Job) -> Job:
         with self.arrived:
             self.pending.append(job)
             self.arrived.notify()
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="generation", daemon=True)
-                self.thread.start()
         return job
 
     def close(self) -> None:
@@ -124,24 +106,21 @@ class BatchWorker:
     def _run(self) -> None:
         while True:
             with self.arrived:
-                while not self.pending and not self.closed:
-                    self.arrived.wait()
+                self.arrived.wait_for(lambda: self.pending or self.closed)
                 if self.closed:
                     return
             with self.lock:
                 self.decode(self._take())
 
     def _take(self) -> list[Job]:
-        """The first waiting request and every later one that can share its batch, up to max_batch."""
+        """The first waiting request that is still wanted and every later one that can share its batch."""
         with self.arrived:
             for job in [job for job in self.pending if not job.wanted()]:
                 self.pending.remove(job)
                 job.end()
-            if not self.pending:
-                return []
-            key = batch_key(self.pending[0].request)
+            key = batch_key(self.pending[0].request) if self.pending else None
             jobs = [job for job in self.pending if batch_key(job.request) == key][: self.max_batch]
-            self.pending = [job for job in self.pending if all(job is not taken for taken in jobs)]
+            self.pending = [job for job in self.pending if job not in jobs]
         return jobs
 
     def decode(self, jobs: list[Job]) -> None:
@@ -149,7 +128,6 @@ class BatchWorker:
         if not jobs:
             return
         self.batch_sizes.append(len(jobs))
-
         worker = threading.get_ident()
 
         def stop_when_unwanted(_module, _args) -> None:
@@ -159,12 +137,27 @@ class BatchWorker:
 
         hook = self.model.register_forward_pre_hook(stop_when_unwanted)
         device = next(self.model.parameters()).device
+        first = jobs[0].request
+        seed = first.seed if len(jobs) == 1 else None
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        prompts = [job.request.prompt_ids for job in jobs]
+
+        def push(rows: list[list[int]]) -> None:  # each job's new ids
+            for job, tokens in zip(jobs, rows):
+                job.push(tokens)
+
         try:  # bf16 on CUDA (fp32 attention with grouped heads would run SDPA's math kernel); autocast is per thread
             with autocast(device, "bfloat16"):
-                if jobs[0].request.sampler is None:
-                    self._decode_ar(jobs)
+                if first.sampler is None:
+                    sampler = ARSamplerConfig(first.temperature, first.top_k, first.top_p, banned_ids=(self.mask_id,))
+                    longest = max(job.request.max_tokens for job in jobs)
+                    on_step = lambda step: push([[t] if t >= 0 else [] for t in step.tolist()])  # -1: row done
+                    generate_batch(self.model, prompts, longest, sampler, EOS_ID, PAD_ID, generator, on_step=on_step)
                 else:
-                    self._decode_diffusion(jobs)
+                    ids, lengths = left_pad(prompts, PAD_ID, device)
+                    on_block = lambda _k, block: push(block.tolist())
+                    diffusion_generate(self.model, ids, first.sampler, self.mask_id, EOS_ID, generator, on_block,
+                                       prompt_lengths=lengths)  # fmt: skip
         except Cancelled:
             pass
         except Exception as err:  # a bug, not the clients' fault: each gets the error, the worker keeps serving
@@ -174,35 +167,3 @@ class BatchWorker:
             hook.remove()
             for job in jobs:
                 job.end()
-
-    def _generator(self, jobs: list[Job]) -> torch.Generator | None:
-        seed = jobs[0].request.seed
-        if len(jobs) > 1 or seed is None:
-            return None
-        return torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
-
-    def _decode_ar(self, jobs: list[Job]) -> None:
-        first = jobs[0].request
-        sampler = ARSamplerConfig(first.temperature, first.top_k, first.top_p, banned_ids=(self.mask_id,))
-
-        def on_step(tokens: torch.Tensor) -> None:
-            for job, token in zip(jobs, tokens.tolist()):
-                if token >= 0:
-                    job.push([token])
-
-        prompts = [job.request.prompt_ids for job in jobs]
-        longest = max(job.request.max_tokens for job in jobs)
-        generate_batch(self.model, prompts, longest, sampler, EOS_ID, PAD_ID, self._generator(jobs), on_step=on_step)
-
-    def _decode_diffusion(self, jobs: list[Job]) -> None:
-        device = next(self.model.parameters()).device
-        ids, lengths = left_pad([job.request.prompt_ids for job in jobs], PAD_ID, device)
-
-        def on_block(_k: int, block: torch.Tensor) -> None:
-            for job, tokens in zip(jobs, block.tolist()):
-                job.push(tokens)
-
-        sampler = jobs[0].request.sampler
-        diffusion_generate(
-            self.model, ids, sampler, self.mask_id, EOS_ID, self._generator(jobs), on_block, prompt_lengths=lengths
-        )

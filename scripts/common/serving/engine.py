@@ -1,44 +1,30 @@
-"""The engine of the OpenAI-compatible chat server (scripts.serve): request validation and generation.
-The HTTP side is scripts/common/serving/http.py.
+"""The engine of the OpenAI-compatible chat server (scripts.serve): a request's JSON, checked field by field against
+the typed ChatRequest dataclass, becomes the request the batching worker (batching.py) decodes; http.py serves it.
 
-Requests are parsed and validated concurrently; generation runs in one worker thread that decodes the requests
-waiting together as one batch (scripts/common/serving/batching.py) and stops a request whose client has gone.
-Every mistake in a request is a RequestError, answered as a 4xx with OpenAI's error body
-({"error": {"message", "type", "param", "code"}}); the server keeps serving. The sampler settings are checked by
-the samplers' own check_arguments, as the eval scripts check their flags, so both refuse the same values.
-max_tokens is capped by the context: a prompt plus max_tokens beyond the model's positions (or --seq-len) is a
+Every mistake in a request is a RequestError, answered as a 4xx with OpenAI's error body; the server keeps serving.
+The sampler settings are checked by the samplers' own check_arguments, as the eval scripts check their flags, so both
+refuse the same values with the same words. A prompt plus max_tokens beyond the model's positions (or --seq-len) is a
 400 (context_length_exceeded) naming the most that fits; without max_tokens the default is lowered to fit.
-AR models stream token by token, diffusion models stream each finished block.
 """
-
-from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import get_args
 
 from model.errors import SettingError
 from model.inference.ar import ARSamplerConfig
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import chat_text, encode, mask_token_id
 from scripts.common.serving.batching import BatchWorker, Job
+from scripts.common.settings import flag
 
-ROLES = {
-    "system": "system",
-    "developer": "system",
-    "user": "user",
-    "assistant": "assistant",
-}  # developer: OpenAI's new name for system
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: new system
 # The request field of each sampler parameter, for the library's messages (model.errors.SettingError).
-REQUEST_FIELDS = {
-    "gen_length": "max_tokens",
-    "max_new_tokens": "max_tokens",
-    "steps": "steps",
-    "block_size": "block_length",
-    "threshold": "threshold",
-}
+REQUEST_FIELDS = {"gen_length": "max_tokens", "max_new_tokens": "max_tokens", "block_size": "block_length"}
+JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+JSON_TYPES[list] = "an array"
 
 
 class RequestError(Exception):
@@ -54,87 +40,76 @@ class RequestError(Exception):
 
 
 @dataclass
-class Defaults:
-    """Server-wide sampling settings; a request's own fields override them."""
-
-    max_tokens: int = 256
-    temperature: float | None = None  # None: 0.8 for AR, 0.0 (greedy) for diffusion
-    top_k: int = 20
-    top_p: float = 1.0
-    steps: int | None = None  # diffusion forward passes over all blocks; None: one per token
-    block_size: int | None = 32  # diffusion block size (capped at the generation length)
-    threshold: float | None = None  # diffusion parallel decoding: commit every token at least this confident
-    seq_len: int | None = None  # diffusion canvas limit (prompt + generation); None: max_position_embeddings
-
-
-@dataclass
 class ChatRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    stream: bool
-    include_usage: bool
-    seed: int | None
-    sampler: DiffusionSamplerConfig | None  # diffusion only (bidirectional: max_tokens rounded up to whole blocks)
+    """The request fields the server reads (OpenAI's, plus top_k and diffusion's steps, block_length, threshold),
+    each with its JSON type; other fields are ignored. The sampling fields are also the server's flags
+    (scripts/common/settings.py), which set their defaults."""
+
+    messages: list | None = None
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    seed: int | None = None
+    max_tokens: int = flag(256, "new tokens when a request gives none (lowered to fit the context)", low=1)
+    max_completion_tokens: int | None = None  # OpenAI's new name for max_tokens
+    temperature: float | None = flag(None, "default: 0.8 for AR, 0 (greedy) for diffusion", low=0, kind=float)
+    top_k: int = flag(20, "AR top-k (0: off)", low=0)
+    top_p: float = flag(1.0, "AR nucleus mass", low=0, high=1, above_low=True)
+    steps: int | None = flag(None, "diffusion forward passes (default: one per token)", "--gen-steps", kind=int)
+    block_length: int | None = flag(32, "diffusion block size, capped at the generation length (0: one block)", low=0)
+    threshold: float | None = flag(None, "diffusion: commit every token at least this confident", kind=float)
+    prompt_ids: list[int] = field(default_factory=list, init=False)  # what parse() made of the messages
+    sampler: DiffusionSamplerConfig | None = field(default=None, init=False)  # diffusion only
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
-def _field(body: dict, name: str, types, default=None, minimum=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean", name)
-    if not isinstance(value, types):
-        raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}", name)
-    if minimum is not None and value < minimum:
-        raise RequestError(f"'{name}' must be >= {minimum}, got {value}", name)
-    if isinstance(types, tuple) and float in types:  # a number field: as a float (JSON integers may be huge)
-        try:
-            return float(value)
-        except OverflowError:
-            raise RequestError(f"'{name}' {value} is too large", name) from None
-    return value
+# The JSON fields (prompt_ids and sampler are made by parse()), each with its type: the annotation without None.
+JSON_KINDS = {f.name: [t for t in get_args(f.type) or (f.type,) if t is not type(None)][0] for f in fields(ChatRequest)
+              if f.init}  # fmt: skip
 
 
-def _type_names(types) -> str:
-    names = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        dict: "an object",
-        list: "an array",
-    }
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join(names[t] for t in types if not (t is int and float in types))
+def typed(name: str, value, kind: type):
+    """`value` if it is JSON of `kind` (a number field takes integers too, as a float), else a RequestError."""
+    if not isinstance(value, (int, float) if kind is float else kind) or (isinstance(value, bool) and kind is not bool):
+        raise RequestError(f"'{name}' must be {JSON_TYPES[kind]}, got {type(value).__name__}", name)
+    try:
+        return float(value) if kind is float else value
+    except OverflowError:  # a JSON integer past float's range
+        raise RequestError(f"'{name}' {value} is too large", name) from None
 
 
-def _message_text(message, index: int) -> tuple[str, str]:
+def request_fields(body) -> dict:
+    """The ChatRequest fields a JSON body gives (null: not given), each checked against its field's type."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return {name: typed(name, body[name], kind) for name, kind in JSON_KINDS.items() if body.get(name) is not None}
+
+
+def message_turn(message, index: int) -> dict:
+    """One message as a chat-template turn; content parts must all be text (the model reads text only)."""
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise RequestError(f"{where} must be an object with 'role' and 'content'", "messages")
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         raise RequestError(f"{where}.role {role!r} is not supported; use one of {', '.join(ROLES)}", "messages")
-    if isinstance(content, list):  # content parts: only text can be rendered by a text-only model
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(
-                    f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported", "messages"
-                )
-            parts.append(part["text"])
-        content = "".join(parts)
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestError(f"{where}.content: only text parts {{'type': 'text', 'text'}} are read", "messages")
+        content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts", "messages")
-    return ROLES[role], content
+    return {"role": ROLES[role], "content": content}
 
 
 @contextlib.contextmanager
-def request_fields(names: dict[str, str]):
+def worded(max_tokens: str):
     """Reword the samplers' complaints about their parameters as complaints about the request's fields."""
+    names = {**REQUEST_FIELDS, "gen_length": max_tokens, "max_new_tokens": max_tokens}
     try:
         yield
     except SettingError as err:
@@ -142,124 +117,73 @@ def request_fields(names: dict[str, str]):
 
 
 class ChatEngine:
-    """A loaded model with its tokenizer: validates requests and generates for them, batching the ones that wait
-    together (up to `max_batch`)."""
+    """A loaded model with its tokenizer: checks requests and generates for them, batching the ones that wait together
+    (up to `max_batch`). `defaults`: a ChatRequest holding the server's settings; `seq_len` caps diffusion's canvas."""
 
-    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults: Defaults | None = None, max_batch=16):
+    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults=None, max_batch=16, seq_len=None):
         self.model, self.tokenizer, self.checkpoint, self.model_id = model, tokenizer, checkpoint, model_id
-        self.kind = checkpoint.kind
-        self.defaults = defaults or Defaults()
-        self.mask_id = mask_token_id(tokenizer)
-        self.created = int(time.time())
-        self.worker = BatchWorker(model, self.mask_id, max_batch)
+        self.kind, self.created = checkpoint.kind, int(time.time())
+        self.defaults = defaults or ChatRequest()
+        if self.defaults.temperature is None:
+            self.defaults = replace(self.defaults, temperature=0.8 if self.kind == "ar" else 0.0)
+        self.worker = BatchWorker(model, mask_token_id(tokenizer), max_batch)
         self.limit = model.config.max_position_embeddings
-        if self.kind == "diffusion" and self.defaults.seq_len:
-            self.limit = min(self.limit, self.defaults.seq_len)
+        if self.kind == "diffusion" and seq_len:
+            self.limit = min(self.limit, seq_len)
 
-    # ---- validation ----------------------------------------------------------------------------------------
     def parse(self, body) -> ChatRequest:
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        _field(body, "model", str)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        given = request_fields(body)
+        r = replace(self.defaults, **given)
+        if not r.messages:
             raise RequestError("'messages' must be a non-empty array of {'role', 'content'} objects", "messages")
-        turns = [dict(zip(("role", "content"), _message_text(m, i))) for i, m in enumerate(messages)]
-        if _field(body, "n", int, 1, minimum=1) != 1:
+        turns = [message_turn(m, i) for i, m in enumerate(r.messages)]
+        if r.n != 1:
             raise RequestError("only n=1 is supported", "n")
-        stream = _field(body, "stream", bool, False)
-        options = _field(body, "stream_options", dict, {})
-        include_usage = _field(options, "include_usage", bool, False)
-        d = self.defaults
-        default_temperature = d.temperature if d.temperature is not None else (0.8 if self.kind == "ar" else 0.0)
-        temperature = _field(body, "temperature", (int, float), float(default_temperature))
-        top_p = _field(body, "top_p", (int, float), float(d.top_p))
-        top_k = _field(body, "top_k", int, d.top_k)
-        seed = _field(body, "seed", int)
-        if seed is not None and not -(2**63) <= seed < 2**64:  # what a torch.Generator takes
-            raise RequestError(f"'seed' must fit in 64 bits, got {seed}", "seed")
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _field(body, name, int, None)
-        fields = {**REQUEST_FIELDS, "gen_length": name, "max_new_tokens": name}
-        with request_fields(fields):  # the check the eval scripts give their flags
-            ARSamplerConfig(temperature, top_k, top_p).check_arguments(max_tokens)
+        typed("include_usage", (r.stream_options or {}).get("include_usage", False), bool)
+        if r.seed is not None and not -(2**63) <= r.seed < 2**64:  # what a torch.Generator takes
+            raise RequestError(f"'seed' must fit in 64 bits, got {r.seed}", "seed")
+        name = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+        with worded(name):  # the check the eval scripts give their flags
+            ARSamplerConfig(r.temperature, r.top_k, r.top_p).check_arguments(given.get(name))
 
-        prompt = encode(self.tokenizer, chat_text(self.tokenizer, turns, add_generation_prompt=True))
-        room = self.limit - len(prompt)
+        r.prompt_ids = encode(self.tokenizer, chat_text(self.tokenizer, turns, add_generation_prompt=True))
+        room = self.limit - len(r.prompt_ids)
+        context = f"the {len(r.prompt_ids)}-token prompt leaves {max(room, 0)} of the {self.limit}-token context"
         if room <= 0:
-            raise RequestError(
-                f"the prompt is {len(prompt)} tokens, which leaves no room in this model's {self.limit}-token "
-                "context; shorten the messages",
-                "messages",
-                code="context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = min(d.max_tokens, room)
-        elif max_tokens > room:
-            raise RequestError(
-                f"'{name}' {max_tokens} plus the {len(prompt)}-token prompt exceeds this model's {self.limit}-token "
-                f"context; ask for at most {room}",
-                name,
-                code="context_length_exceeded",
-            )
-        sampler = None
+            raise RequestError(f"{context}; shorten the messages", "messages", code="context_length_exceeded")
+        if given.get(name, 0) > room:
+            message = f"'{name}' {given[name]} is too long: {context}; ask for at most {room}"
+            raise RequestError(message, name, code="context_length_exceeded")
+        r.max_tokens = given.get(name, min(r.max_tokens, room))
         if self.kind == "diffusion":
-            with request_fields(fields):
-                sampler = self._sampler(body, max_tokens, room, temperature, len(prompt))
-        return ChatRequest(prompt, max_tokens, temperature, top_k, top_p, stream, include_usage, seed, sampler)
+            if given.get("block_length", 1) < 1:
+                raise RequestError(f"'block_length' must be >= 1, got {r.block_length}", "block_length")
+            with worded(name):
+                r.sampler = self.sampler_for(r.max_tokens, r.steps, r.block_length, r.temperature, r.threshold)
+                r.sampler.check_arguments(len(r.prompt_ids))
+            if r.sampler.gen_length > room:
+                message = f"max_tokens {r.max_tokens} in whole blocks of {r.sampler.block_size} is "
+                message += f"{r.sampler.gen_length}, over the {room} left; use a block_length that divides max_tokens"
+                raise RequestError(message, "block_length")
+        return r
 
-    def _sampler(self, body: dict, max_tokens: int, room: int, temperature: float, prompt_len: int):
-        """A diffusion request's sampler from its fields (steps, block_length, threshold) and the defaults."""
-        d = self.defaults
-        steps = _field(body, "steps", int, d.steps)
-        block_size = _field(body, "block_length", int, d.block_size, minimum=1)
-        threshold = _field(body, "threshold", (int, float), d.threshold)  # a float, or None
-        sampler = self.sampler_for(max_tokens, steps, block_size, temperature, threshold)
-        sampler.check_arguments(prompt_len)
-        if sampler.gen_length > room:
-            raise RequestError(
-                f"max_tokens {max_tokens} rounded up to whole blocks of {sampler.block_size} is "
-                f"{sampler.gen_length} tokens, more than the {room} left in the context; choose a block_length "
-                "that divides max_tokens",
-                "block_length",
-            )
-        return sampler
-
-    def sampler_for(
-        self,
-        max_tokens: int,
-        steps: int | None = None,
-        block_size: int | None = None,
-        temperature: float = 0.0,
-        threshold: float | None = None,
-    ) -> DiffusionSamplerConfig:
-        """The diffusion settings of a request for `max_tokens` new tokens. A block-trained
-        checkpoint decodes block-causally with its own block size, from the prompt's first token, so any length
-        works; otherwise the generation is rounded up to whole blocks (the tail past max_tokens is dropped).
-        `steps` None means one step per token (0 is kept, for check_arguments to refuse)."""
+    def sampler_for(self, max_tokens: int, steps=None, block_size=None, temperature=0.0, threshold=None):
+        """The diffusion settings of a request for `max_tokens` new tokens. A block-trained checkpoint decodes
+        block-causally with its own block size from the prompt's first token, so any length works; otherwise the
+        generation is rounded up to whole blocks (the tail past max_tokens is dropped). `steps` None means one step
+        per token (0 is kept, for check_arguments to refuse)."""
         block_size = min(block_size or max_tokens, max_tokens)
-        asked = DiffusionSamplerConfig(
-            gen_length=max_tokens,
-            steps=max_tokens if steps is None else steps,
-            block_size=block_size,
-            temperature=temperature,
-            threshold=None if threshold is None else float(threshold),
-        )
-        sampler = sampler_for_checkpoint(self.checkpoint, asked)
-        if sampler.block_causal:
-            return sampler
         gen_length = math.ceil(max_tokens / block_size) * block_size
-        return replace(sampler, gen_length=gen_length, steps=gen_length if steps is None else steps)
+        threshold = None if threshold is None else float(threshold)
+        asked = DiffusionSamplerConfig(max_tokens, max_tokens, block_size, temperature, threshold=threshold)
+        sampler = sampler_for_checkpoint(self.checkpoint, asked)
+        length = max_tokens if sampler.block_causal else gen_length
+        return replace(sampler, gen_length=length, steps=length if steps is None else steps)
 
-    # ---- generation ----------------------------------------------------------------------------------------
-    def submit(self, request: ChatRequest, gone: Callable[[], bool] | None = None) -> Job:
-        """Queue a request; `gone()` says whether its client has left (then its generation stops)."""
-        return self.worker.submit(Job(request, self.tokenizer, gone))
-
-    def complete(self, request: ChatRequest, emit, gone: Callable[[], bool] | None = None) -> tuple[str, int] | None:
+    def complete(self, request: ChatRequest, emit, gone=None) -> tuple[str, int] | None:
         """Generate for one request, calling emit(text) with each printable delta; returns (finish_reason,
-        completion tokens), or None when the client left (see submit)."""
-        return self.submit(request, gone).wait(emit)
+        completion tokens), or None when `gone()` said the client had left (its generation then stops)."""
+        return self.worker.submit(Job(request, self.tokenizer, gone)).wait(emit)
 
     def close(self) -> None:
         self.worker.close()

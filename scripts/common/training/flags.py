@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,130 +17,84 @@ from model.checkpoint import Checkpoint, check_compatible, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
 from scripts.common.cli import (
-    Bounded,
+    ModelFlags,
     add_model_flags,
     interrupted_before_training,
     pick_device,
     positive,
-    refuse_changed_model_flags,
     writable_dir,
 )
+from scripts.common.settings import add_flags, flag, flag_fields, settings_from
 from scripts.common.training.distributed import main_process_first
 from scripts.common.training.optimization import TrainConfig
 
-CONFIG_FIELDS = {f.name: f.default for f in fields(TrainConfig)}
 
+@dataclass
+class RunSettings:
+    """What every trainer reads from its command line besides the optimizer's settings (TrainConfig) and the model
+    shape: where the run lives, its rows, its length. Each trainer gives its own defaults (run name, batch size...)."""
 
-def add_training_flags(
-    p: argparse.ArgumentParser,
-    run_name: str,
-    batch_size: int,
-    epochs: float,
-    seq_len: int,
-    val_fraction: float,
-    **config_defaults,
-) -> None:
-    """The flags of every trainer. `config_defaults` are this trainer's defaults for TrainConfig fields (by field
-    name; compile=None means on with CUDA); the other fields keep TrainConfig's."""
-    unknown = set(config_defaults) - set(CONFIG_FIELDS)
-    if unknown:
-        raise ValueError(f"not TrainConfig fields: {sorted(unknown)}")
-    default = {**CONFIG_FIELDS, **config_defaults}
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--run-name", default=run_name)
-    p.add_argument("--save-dir", default="weights")
-    p.add_argument("--resume", action="store_true", help="continue <save-dir>/<run-name>.pt where it stopped")
-    add_model_flags(p)
-    p.add_argument(
+    run_name: str = flag("run", "the run's files: <save-dir>/<run-name>.pt, its metrics and its loss plot")
+    tokenizer_dir: str = flag(".", "folder of tokenizer.json")
+    save_dir: str = flag("weights", "folder of checkpoints, metrics and plots")
+    resume: bool = flag(False, "continue <save-dir>/<run-name>.pt where it stopped")
+    # one token has no next token to predict: the loss would be a mean over nothing (NaN)
+    seq_len: int = flag(
+        256,
+        "tokens per training row (pretraining packs rows of this length; SFT truncates longer conversations)",
         "--max-seq-len",
-        "--seq-len",
-        dest="seq_len",
-        type=int,
-        action=Bounded,
-        low=2,  # one token has no next token to predict: the loss would be a mean over nothing (NaN)
-        default=seq_len,
-        help="tokens per training row (pretraining packs rows of this length; SFT truncates longer conversations)",
+        low=2,
     )
-    p.add_argument(
-        "--epochs", type=float, default=epochs, help="passes over the training split (unless --max-iters is given)"
+    epochs: float = flag(1.0, "passes over the training split (unless --max-iters is given)")
+    max_steps: int | None = flag(None, "optimizer steps (default: epochs)", "--max-iters", kind=int)
+    batch_size: int = flag(16, "rows per micro-batch", low=1)
+    val_fraction: float = flag(
+        0.005, "share held out for validation from the end of the data (pretraining: tokens; SFT: conversations)"
     )
-    p.add_argument(
-        "--max-iters", "--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps (default: epochs)"
-    )
-    p.add_argument("--batch-size", type=int, action=Bounded, low=1, default=batch_size)
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=val_fraction,
-        help="share held out for validation from the end of the data (pretraining: tokens; SFT: conversations)",
-    )
-    _add_config_flags(p, default)
-    p.add_argument("--device", default=None)
+    device: str | None = flag(None, "cpu, cuda, cuda:N or mps (default: the best this machine has)", kind=str)
 
 
-def _add_config_flags(p: argparse.ArgumentParser, default: dict) -> None:
-    """The flags that are TrainConfig fields of the same name."""
-    lowest = {"accumulation_steps": 1, "warmup_steps": 0, "eval_interval": 1, "eval_batches": 1, "save_interval": 1}
-    for name, low in lowest.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, action=Bounded, low=low, default=default[name])
-    p.add_argument("--learning-rate", "--lr", type=float, default=default["learning_rate"])
-    p.add_argument("--lr-schedule", choices=["cosine", "wsd", "constant"], default=default["lr_schedule"])
-    p.add_argument(
-        "--lr-stable-ratio",
-        type=float,
-        default=default["lr_stable_ratio"],
-        help="wsd: fraction of steps held at the peak LR after warmup",
-    )
-    for name in ("min_lr_ratio", "weight_decay", "grad_clip"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default[name])
-    p.add_argument("--log-interval", type=int, action=Bounded, low=1, default=default["log_interval"])
-    p.add_argument(
-        "--early-stop-patience",
-        type=int,
-        action=Bounded,
-        low=0,
-        default=default["early_stop_patience"],
-        help="evals without improvement before stopping (0 = off)",
-    )
-    p.add_argument("--early-stop-min-delta", type=float, default=default["early_stop_min_delta"])
-    p.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float32"],
-        default=default["dtype"],
-        help="autocast dtype on CUDA (CPU runs float32)",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=default["compile"],
-        help="torch.compile on CUDA (default: on for pretraining; off for SFT, whose batches vary in length)",
-    )
-    p.add_argument("--seed", type=int, default=default["seed"])
+def add_training_flags(p: argparse.ArgumentParser, **defaults) -> None:
+    """The flags of every trainer: RunSettings, the model shape and TrainConfig. `defaults` are this trainer's own,
+    by field name (compile=None means on with CUDA); the other fields keep their classes' defaults."""
+    run_fields = {f.name for f in flag_fields(RunSettings)}
+    add_flags(p, RunSettings, **{k: v for k, v in defaults.items() if k in run_fields})
+    add_model_flags(p)
+    add_flags(p, TrainConfig, **{k: v for k, v in defaults.items() if k not in run_fields})
 
 
-def check_training_flags(args) -> None:
-    """The checks that are not one flag's range (those are checked as the flags are parsed: Bounded)."""
-    positive("--epochs", args.epochs)
-    if args.max_steps is not None:
-        positive("--max-iters", args.max_steps)
-    if not 0 < args.val_fraction < 0.5:
-        raise NanoLladaError(f"--val-fraction must lie in (0, 0.5), got {args.val_fraction}")
+@dataclass
+class TrainingFlags:
+    """A trainer's command line, typed once at its door: where the run lives (RunSettings), the model shape flags,
+    the optimizer (TrainConfig, whose max_steps the data decides) and the trainer's own settings (`own`: its data,
+    its objective). Nothing below the entry point reads the argparse Namespace."""
 
+    run: RunSettings
+    shape: ModelFlags
+    optimizer: TrainConfig
+    own: object = None
 
-def optimizer_steps(args, batches_per_epoch: int) -> int:
-    """--max-iters, or the optimizer steps of --epochs passes."""
-    if args.max_steps is not None:
-        return args.max_steps
-    return int(args.epochs * batches_per_epoch) // args.accumulation_steps
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, kind: str, own=None) -> TrainingFlags:
+        run = settings_from(RunSettings, args)
+        optimizer = settings_from(TrainConfig, args, kind=kind, max_steps=0, out_dir=run.save_dir)
+        flags = cls(run, ModelFlags.from_args(args), optimizer, own)
+        flags.check()
+        return flags
 
+    def check(self) -> None:
+        """The checks that are not one flag's range (those are checked as the flags are parsed: Bounded)."""
+        positive("--epochs", self.run.epochs)
+        if self.run.max_steps is not None:
+            positive("--max-iters", self.run.max_steps)
+        if not 0 < self.run.val_fraction < 0.5:
+            raise NanoLladaError(f"--val-fraction must lie in (0, 0.5), got {self.run.val_fraction}")
 
-def train_config(args, kind: str, steps: int, device: torch.device) -> TrainConfig:
-    """The TrainConfig of the parsed flags: every field with a flag of its name, plus what the run decided."""
-    flags = {name: getattr(args, name) for name in CONFIG_FIELDS if hasattr(args, name)}
-    compile_model = device.type == "cuda" if args.compile is None else args.compile
-    return TrainConfig(
-        **{**flags, "kind": kind, "max_steps": steps, "out_dir": args.save_dir, "compile": compile_model}
-    )
+    def optimizer_steps(self, batches_per_epoch: int) -> int:
+        """--max-iters, or the optimizer steps of --epochs passes."""
+        if self.run.max_steps is not None:
+            return self.run.max_steps
+        return int(self.run.epochs * batches_per_epoch) // self.optimizer.accumulation_steps
 
 
 @dataclass
@@ -152,49 +106,57 @@ class RunStart:
     cfg: TrainConfig
 
 
-def start_run(args, kind: str, load_data: Callable) -> RunStart:
-    """Checked flags, tokenizer, device, seeded torch RNG, data and TrainConfig: the steps before any model.
-    load_data(args, tokenizer) -> (training batches, validation batches, optimizer steps)."""
-    check_training_flags(args)
-    writable_dir(args.save_dir, "--save-dir")
-    tokenizer = load_tokenizer(args.tokenizer_dir)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
+def start_run(flags: TrainingFlags, load_data: Callable) -> RunStart:
+    """Tokenizer, device, seeded torch RNG, data and the run's TrainConfig: the steps before any model.
+    load_data(flags, tokenizer) -> (training batches, validation batches, optimizer steps)."""
+    run = flags.run
+    writable_dir(run.save_dir, "--save-dir")
+    tokenizer = load_tokenizer(run.tokenizer_dir)
+    device = pick_device(run.device)
+    torch.manual_seed(flags.optimizer.seed)
     try:
         with main_process_first():  # under torchrun, rank 0 writes the tokenized cache the others read
-            batches, val_batches, steps = load_data(args, tokenizer)
+            batches, val_batches, steps = load_data(flags, tokenizer)
     except KeyboardInterrupt:
-        raise interrupted_before_training(args.resume) from None
-    return RunStart(tokenizer, device, batches, val_batches, train_config(args, kind, steps, device))
+        raise interrupted_before_training(run.resume) from None
+    compile_model = device.type == "cuda" if flags.optimizer.compile is None else flags.optimizer.compile
+    cfg = replace(flags.optimizer, max_steps=steps, compile=compile_model)
+    return RunStart(tokenizer, device, batches, val_batches, cfg)
 
 
-def starting_checkpoint(args, tokenizer, path, kind: str, hint: str | None = None, run_path=None) -> Checkpoint | None:
+def starting_checkpoint(
+    flags: TrainingFlags, tokenizer, path, kind: str, hint: str | None = None, run_path=None
+) -> Checkpoint | None:
     """The checkpoint at `path` (None: none, start fresh), refused unless it is `kind` with this tokenizer (and,
     on --resume, unless every shape flag and structural setting given agrees with it). `run_path`: the run's own
     checkpoint when `path` is another (DPO starts from --load-from), named by the resume errors."""
     if path is None:
         return None
-    if args.resume and run_path is None:  # the run's own file is of another kind: the name is taken, not mistyped
+    resume = flags.run.resume
+    if resume and run_path is None:  # the run's own file is of another kind: the name is taken, not mistyped
         hint = "--resume continues the run of that name, which another trainer wrote; choose another --run-name"
-    checkpoint = check_compatible(read_checkpoint(path), path, kind, tokenizer, args.tokenizer_dir, hint=hint)
-    if args.resume:
-        refuse_changed_model_flags(args, checkpoint.config, run_path or path)
-        refuse_changed_settings(run_path or path, structural_settings(args, checkpoint.extra))
+    checkpoint = check_compatible(read_checkpoint(path), path, kind, tokenizer, flags.run.tokenizer_dir, hint=hint)
+    if resume:
+        flags.shape.refuse_changed(checkpoint.config, run_path or path)
+        refuse_changed_settings(run_path or path, structural_settings(flags.own, checkpoint.extra))
     return checkpoint
 
 
-def structural_settings(args, extra: dict) -> dict[str, tuple]:
+def structural_settings(own, extra: dict) -> dict[str, tuple]:
     """flag -> (the value this command trains with, the run's stored one) for the settings besides the model shape
     that decide what a run trains: diffusion pretraining's --block-size, diffusion SFT's --block-size (when given;
-    without it the run inherits its own) and --eos-padding-length. None means off (bidirectional, no fixed padding)."""
+    without it the run inherits its own) and --eos-padding-length, and the joint AR loss weight of both. None means
+    off (bidirectional, no fixed padding). `own`: the trainer's own settings."""
     settings = {}
     if "sft_objective" in extra:
-        if getattr(args, "block_size", None) is not None:
-            settings["--block-size"] = (args.block_size or None, extra["sft_objective"].get("block_size"))
-        if hasattr(args, "eos_padding_length") and "sft_eos_padding_length" in extra:
-            settings["--eos-padding-length"] = (args.eos_padding_length, extra["sft_eos_padding_length"])
-    elif "block_size" in extra.get("diffusion", {}) and hasattr(args, "block_size"):
-        settings["--block-size"] = (args.block_size or None, extra["diffusion"]["block_size"] or None)
+        if getattr(own, "block_size", None) is not None:
+            settings["--block-size"] = (own.block_size or None, extra["sft_objective"].get("block_size"))
+        if hasattr(own, "eos_padding_length") and "sft_eos_padding_length" in extra:
+            settings["--eos-padding-length"] = (own.eos_padding_length, extra["sft_eos_padding_length"])
+    elif "block_size" in extra.get("diffusion", {}) and hasattr(own, "block_size"):
+        settings["--block-size"] = (own.block_size or None, extra["diffusion"]["block_size"] or None)
+    if hasattr(own, "ar_loss_weight"):
+        settings["--ar-loss-weight"] = (own.ar_loss_weight, (extra.get("joint") or {}).get("ar_loss_weight", 0.0))
     return settings
 
 
@@ -213,21 +175,24 @@ def refuse_changed_settings(path, settings: dict[str, tuple]) -> None:
         )
 
 
-def train_and_val(args, load: Callable, what: str):
+def train_and_val(flags: TrainingFlags, load: Callable, what: str):
     """(training examples, validation examples) of an SFT or DPO run: --eval-data's, or the last --val-fraction of
-    --data (the file order is the user's, so the split is stable). `load(path)` reads a file; `what` names its rows."""
-    examples = load(args.data)
-    if args.eval_data:
-        return examples, load(args.eval_data)
-    n_val = max(1, int(len(examples) * args.val_fraction))
-    if len(examples) - n_val < args.batch_size:
+    --data (the file order is the user's, so the split is stable). `load(path)` reads a file; `what` names its rows;
+    flags.own has the run's `data` and `eval_data`."""
+    data, batch_size = flags.own.data, flags.run.batch_size
+    examples = load(data)
+    if flags.own.eval_data:
+        return examples, load(flags.own.eval_data)
+    n_val = max(1, int(len(examples) * flags.run.val_fraction))
+    if len(examples) - n_val < batch_size:
         raise NanoLladaError(
-            f"{args.data}: {len(examples)} {what} are too few to hold out {n_val} and fill a batch of {args.batch_size}"
+            f"{data}: {len(examples)} {what} are too few to hold out {n_val} and fill a batch of {batch_size}"
         )
     return examples.subset(range(len(examples) - n_val)), examples.subset(range(len(examples) - n_val, len(examples)))
 
 
-def fixed_batches(examples, args, collate: Callable) -> list:
+def fixed_batches(examples, flags: TrainingFlags, collate: Callable) -> list:
     """The first --eval-batches batches of `examples`, the same at every evaluation."""
-    n = min(len(examples), args.eval_batches * args.batch_size)
-    return [collate(examples, range(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
+    size = flags.run.batch_size
+    n = min(len(examples), flags.optimizer.eval_batches * size)
+    return [collate(examples, range(i, min(i + size, n))) for i in range(0, n, size)]

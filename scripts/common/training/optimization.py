@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from model.errors import NanoLladaError
+from scripts.common.settings import flag
+
+LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -17,28 +20,34 @@ class TrainConfig:
     kind: str  # "ar" | "diffusion": the kind written into checkpoints
     max_steps: int  # optimizer steps
     out_dir: str = "weights"
-    learning_rate: float = 5e-4
-    lr_schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 100
-    lr_stable_ratio: float = 0.4  # wsd: fraction of max_steps held at the peak after warmup
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    learning_rate: float = flag(5e-4, "peak learning rate", "--lr")
+    lr_schedule: str = flag(
+        "cosine", "warmup, then cosine decay, WSD (hold, then decay) or constant", choices=LR_SCHEDULES
+    )
+    warmup_steps: int = flag(100, "linear warmup steps", low=0)
+    lr_stable_ratio: float = flag(0.4, "wsd: fraction of steps held at the peak LR after warmup")
+    min_lr_ratio: float = flag(0.1, "the LR decays to this fraction of the peak")
+    weight_decay: float = flag(0.1, "AdamW weight decay (not on norms and biases)")
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    accumulation_steps: int = 1
-    eval_interval: int = 200
-    eval_batches: int = 8
-    save_interval: int = 500
-    log_interval: int = 10
-    early_stop_patience: int = 0  # evals without improvement before stopping; 0 = off
-    early_stop_min_delta: float = 0.0
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs fp32
-    compile: bool = False
+    grad_clip: float = flag(1.0, "clip the gradient norm to this")
+    accumulation_steps: int = flag(1, "micro-batches per optimizer step", low=1)
+    eval_interval: int = flag(200, "optimizer steps between validations", low=1)
+    eval_batches: int = flag(8, "validation batches (the same ones at every evaluation)", low=1)
+    save_interval: int = flag(500, "optimizer steps between checkpoints", low=1)
+    log_interval: int = flag(10, "optimizer steps between metrics lines", low=1)
+    early_stop_patience: int = flag(0, "evals without improvement before stopping (0 = off)", low=0)
+    early_stop_min_delta: float = flag(0.0, "the least validation improvement that counts")
+    dtype: str = flag("bfloat16", "autocast dtype on CUDA (CPU runs float32)", choices=["bfloat16", "float32"])
+    compile: bool | None = flag(
+        False,
+        "torch.compile on CUDA (default: on for pretraining; off for SFT, whose batches vary in length)",
+        kind=bool,
+    )
     # torch.compile backend. --compile compiles on CUDA, as it always did; the CPU compiles only with a backend other
     # than inductor (the tests use eager / aot_eager there, to check the compiled training loop quickly).
     compile_backend: str = "inductor"
-    seed: int = 42
+    seed: int = flag(42, "seed of the data order, the masks and the initial weights")
 
     def compile_backend_on(self, device: torch.device) -> str | None:
         """The backend the training model is compiled with on `device`, or None: eager."""
@@ -52,7 +61,7 @@ class TrainConfig:
                 raise NanoLladaError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not math.isfinite(self.early_stop_min_delta) or self.weight_decay < 0:
             raise NanoLladaError("--early-stop-min-delta must be finite and --weight-decay >= 0")
-        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+        if self.lr_schedule not in LR_SCHEDULES:
             raise NanoLladaError(f"--lr-schedule must be cosine, wsd or constant, got '{self.lr_schedule}'")
         if self.max_steps <= 0:
             raise NanoLladaError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from scripts.common.data.packing import PackedBatches, PackedRows, split_train_val, tokenize_to_cache
 from scripts.common.data.readers import BadLine
-from scripts.common.training.flags import add_training_flags, optimizer_steps
+from scripts.common.settings import add_flags, flag
+from scripts.common.training.flags import TrainingFlags, add_training_flags
 
 # Pretraining defaults shared by both routes; each entry point adds its own (run name, batch size, LR ...).
 PRETRAINING_DEFAULTS = dict(
@@ -14,30 +16,35 @@ PRETRAINING_DEFAULTS = dict(
 )
 
 
+@dataclass
+class Corpus:
+    """The pretraining corpus flags."""
+
+    data: str = flag("./dataset/pretrain_hq.jsonl", ".jsonl ({field: text} rows) or .txt (a document a line)")
+    jsonl_field: str = flag("text", "the field of a jsonl row that holds its text")
+    skip_bad_lines: bool = flag(False, "skip (and count) malformed jsonl lines; default: stop")
+
+
 def add_pretraining_flags(p: argparse.ArgumentParser, **defaults) -> None:
     """The corpus flags and every training flag; `defaults` are the entry point's own (see add_training_flags)."""
-    p.add_argument(
-        "--data", default="./dataset/pretrain_hq.jsonl", help=".jsonl ({field: text} rows) or .txt (a document a line)"
-    )
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument(
-        "--skip-bad-lines", action="store_true", help="skip (and count) malformed jsonl lines; default: stop"
-    )
+    add_flags(p, Corpus)
     add_training_flags(p, **{**PRETRAINING_DEFAULTS, **defaults})
 
 
-def packed_data(args, tokenizer) -> tuple[PackedBatches, list, int]:
-    """(training batches, fixed validation batches, number of optimizer steps) for a packed corpus."""
+def packed_data(flags: TrainingFlags, tokenizer) -> tuple[PackedBatches, list, int]:
+    """(training batches, fixed validation batches, number of optimizer steps) of the corpus `flags.own.corpus`."""
+    corpus, run, seed = flags.own.corpus, flags.run, flags.optimizer.seed
     try:
-        tokens, doc_ends = tokenize_to_cache(args.data, tokenizer, args.jsonl_field, args.skip_bad_lines)
+        tokens, doc_ends = tokenize_to_cache(corpus.data, tokenizer, corpus.jsonl_field, corpus.skip_bad_lines)
     except BadLine as err:  # only raised without --skip-bad-lines: say that the flag exists
         raise BadLine(f"{err}; --skip-bad-lines skips (and counts) such lines") from None
-    train_tokens, val_tokens = split_train_val(tokens, doc_ends, args.val_fraction, args.seq_len)
-    batches = PackedBatches(PackedRows(train_tokens, args.seq_len), args.batch_size, args.seed)
-    val_rows = PackedRows(val_tokens, args.seq_len)
-    n_val = min(val_rows.num_rows, args.eval_batches * args.batch_size)
-    val_batches = [val_rows.gather(range(i, min(i + args.batch_size, n_val))) for i in range(0, n_val, args.batch_size)]
-    return batches, val_batches, optimizer_steps(args, batches.batches_per_epoch)
+    train_tokens, val_tokens = split_train_val(tokens, doc_ends, run.val_fraction, run.seq_len)
+    batches = PackedBatches(PackedRows(train_tokens, run.seq_len), run.batch_size, seed)
+    val_rows = PackedRows(val_tokens, run.seq_len)
+    n_val = min(val_rows.num_rows, flags.optimizer.eval_batches * run.batch_size)
+    size = run.batch_size
+    val_batches = [val_rows.gather(range(i, min(i + size, n_val))) for i in range(0, n_val, size)]
+    return batches, val_batches, flags.optimizer_steps(batches.batches_per_epoch)
 
 
 def describe(kind: str, model, batches: PackedBatches, val_batches: list, steps: int, device) -> str:

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+from dataclasses import dataclass
 
 from model.checkpoint import KIND_NAMES, build_model
 from model.cross_entropy import IGNORE_INDEX
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import model_config_from_args
 from scripts.common.data.sft import SFTBatches, collate, load_sft_examples
+from scripts.common.settings import add_flags, flag
 from scripts.common.training.flags import (
     RunStart,
+    TrainingFlags,
     add_training_flags,
     fixed_batches,
-    optimizer_steps,
     start_run,
     starting_checkpoint,
     train_and_val,
@@ -37,34 +38,42 @@ SFT_DEFAULTS = dict(
 )
 
 
+@dataclass
+class SFTData:
+    """The SFT data flags: the conversations, the held-out ones, the model they fine-tune."""
+
+    data: str = flag(None, 'SFT jsonl: {"conversations": [{"role", "content"}, ...]} per line', required=True)
+    eval_data: str | None = flag(None, "held-out SFT jsonl (default: hold out --val-fraction of --data)", kind=str)
+    load_from: str | None = flag(
+        None, "pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)", kind=str
+    )
+    group_by_length: bool = flag(
+        False, "batch conversations of similar length together (shuffled within runs of 16 batches): far less padding"
+    )
+
+
 def sft_parser(description: str, run_name: str, epochs: int) -> argparse.ArgumentParser:
     """An SFT entry point's parser: the SFT data flags and every training flag, with the SFT defaults."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help='SFT jsonl: {"conversations": [{"role", "content"}, ...]} per line')
-    p.add_argument("--eval-data", default=None, help="held-out SFT jsonl (default: hold out --val-fraction of --data)")
-    p.add_argument(
-        "--load-from", default=None, help="pretrained checkpoint to fine-tune (weights only; optimizer starts fresh)"
-    )
-    p.add_argument(
-        "--group-by-length",
-        action="store_true",
-        help="batch conversations of similar length together (shuffled within runs of 16 batches): far less padding",
-    )
+    add_flags(p, SFTData)
     add_training_flags(p, run_name=run_name, epochs=epochs, **SFT_DEFAULTS)
     return p
 
 
-def sft_data(args, tokenizer, route: str, eos_padding: int | None = None) -> tuple[SFTBatches, list, int]:
+def sft_data(
+    flags: TrainingFlags, tokenizer, route: str, eos_padding: int | None = None
+) -> tuple[SFTBatches, list, int]:
     """(training batches, fixed validation batches, optimizer steps); `eos_padding` as in collate."""
-    examples, val = train_and_val(args, lambda path: load_sft_examples(path, tokenizer, args.seq_len), "conversations")
-    batches = SFTBatches(examples, args.batch_size, args.seed, route, args.group_by_length, eos_padding)
-    val_batches = fixed_batches(val, args, lambda rows, indices: collate(rows, indices, route, eos_padding))
-    return batches, val_batches, optimizer_steps(args, batches.order.batches_per_epoch)
+    run, own = flags.run, flags.own
+    examples, val = train_and_val(flags, lambda path: load_sft_examples(path, tokenizer, run.seq_len), "conversations")
+    batches = SFTBatches(examples, run.batch_size, flags.optimizer.seed, route, own.group_by_length, eos_padding)
+    val_batches = fixed_batches(val, flags, lambda rows, indices: collate(rows, indices, route, eos_padding))
+    return batches, val_batches, flags.optimizer_steps(batches.order.batches_per_epoch)
 
 
-def start_sft(args, route: str, eos_padding: int | None = None) -> RunStart:
-    """Checked flags, tokenizer, device and the tokenized conversations of an SFT run (`route`: ar | diffusion)."""
-    return start_run(args, route, functools.partial(sft_data, route=route, eos_padding=eos_padding))
+def start_sft(flags: TrainingFlags, eos_padding: int | None = None) -> RunStart:
+    """Tokenizer, device and the tokenized conversations of an SFT run (its route: flags.optimizer.kind)."""
+    return start_run(flags, functools.partial(sft_data, route=flags.optimizer.kind, eos_padding=eos_padding))
 
 
 def scored_tokens(batch: dict) -> int:
@@ -72,40 +81,41 @@ def scored_tokens(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def run_sft(args, run: RunStart, loss_fn, extra_meta: dict | None = None, start=None) -> dict:
+def run_sft(flags: TrainingFlags, run: RunStart, loss_fn, extra_meta: dict | None = None, start=None) -> dict:
     """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
     batches alike and returns (loss, info): the label's gradient share, logged per step), a summary line. `start`:
     the (path, checkpoint) of sft_starting_checkpoint, if already read."""
     route = run.cfg.kind
-    model = initial_sft_model(args, run.tokenizer, *(start or sft_starting_checkpoint(args, run)))
+    model = initial_sft_model(flags, run.tokenizer, *(start or sft_starting_checkpoint(flags, run)))
     print(
         f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
-        f"{run.cfg.max_steps} steps of {args.batch_size} on {run.device}"
+        f"{run.cfg.max_steps} steps of {flags.run.batch_size} on {run.device}"
     )
     task = Task(run.batches.batch, run.val_batches, loss_fn, lambda *batch: loss_fn(*batch)[0])
     if route == "ar":
         task.loss_count = scored_tokens
-    meta = {"sft": {"data": args.data, "load_from": args.load_from}, **(extra_meta or {})}
-    return train(model, run.cfg, task, RunOptions(tokenizer_identity(run.tokenizer), args.resume, meta), run.device)
+    meta = {"sft": {"data": flags.own.data, "load_from": flags.own.load_from}, **(extra_meta or {})}
+    options = RunOptions(tokenizer_identity(run.tokenizer), flags.run.resume, meta)
+    return train(model, run.cfg, task, options, run.device)
 
 
-def sft_starting_checkpoint(args, run: RunStart) -> tuple:
+def sft_starting_checkpoint(flags: TrainingFlags, run: RunStart) -> tuple:
     """(path, checkpoint) an SFT run starts from, read and checked once: the run's own (--resume), the pretrained
     --load-from, or (None, None) for a fresh model."""
     kind = run.cfg.kind
-    source = RunFiles(run.cfg).full if args.resume else args.load_from
+    source = RunFiles(run.cfg).full if flags.run.resume else flags.own.load_from
     hint = f"this SFT trains {KIND_NAMES[kind]} model"
-    return source, starting_checkpoint(args, run.tokenizer, source, kind, hint=hint)
+    return source, starting_checkpoint(flags, run.tokenizer, source, kind, hint=hint)
 
 
-def initial_sft_model(args, tokenizer, source, checkpoint) -> Transformer:
+def initial_sft_model(flags: TrainingFlags, tokenizer, source, checkpoint) -> Transformer:
     """The model of the starting checkpoint (all weights, vocabulary included), or a fresh one without it."""
     if checkpoint is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
-        return Transformer(model_config_from_args(args, vocab_size=len(tokenizer)))
+        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
     model = build_model(checkpoint, source)
-    if not args.resume:
+    if not flags.run.resume:
         print(
             f"loaded all {len(checkpoint.state_dict)} tensors from {source} "
             f"({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "

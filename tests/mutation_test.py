@@ -1,8 +1,8 @@
 """Mutation testing: break the code one small change at a time and check that some test fails.
 
-    uv run python -m scripts.mutation_test --files model --sample 120 --seed 0 --out mutants.json
-    uv run python -m scripts.mutation_test --files scripts/common/training/trainer.py --sample 25 --seed 0
-    uv run python -m scripts.mutation_test --ids 'model/inference/remasking.py:75:35:Lt>LtE'   # re-run named mutants
+    uv run python tests/mutation_test.py --files model --sample 120 --seed 0 --out mutants.json
+    uv run python tests/mutation_test.py --files scripts/common/training/trainer.py --sample 25 --seed 0
+    uv run python tests/mutation_test.py --ids 'model/inference/remasking.py:75:35:Lt>LtE'   # re-run named mutants
 
 Each target file is parsed with `ast`; every mutation site gets a stable id FILE:LINE:COL:OPERATOR. The operators:
   Add<->Sub, Mult<->Div, FloorDiv>Div, Mod>FloorDiv, Pow>Mult (binary ops, also in `x op= y`);
@@ -15,7 +15,7 @@ The tree is copied once into a temporary folder (one copy per job); each mutant 
 Relevant to model/foo.py: the test files that import model.foo or import from `model` a name it defines, plus
 RELEVANT, less SLOW (unless --all-tests); --tests replaces them. A mutant is killed when pytest fails, timed out
 (counted as killed) past 60 s + 3x its tests' unmutated time, and survives when they pass. Survivors listed in
-scripts/mutation_equivalent.txt (id, then why no behaviour changed) are equivalent, left out of the kill rate.
+tests/mutation_equivalent.txt (id, then why no behaviour changed) are equivalent, left out of the kill rate.
 Children run with OMP_NUM_THREADS=1 and write no (stale) bytecode.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parents[1]
-EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
+EQUIVALENT_FILE = ROOT / "tests" / "mutation_equivalent.txt"
 EXCLUDED = ("model/hf/", "model/errors.py")  # hf/: a standalone copy for export; errors.py: messages only
 # Tests that exercise a module without importing it (through the modules or scripts that do).
 RELEVANT = {
