@@ -1,7 +1,7 @@
 """The CPU experiments of technical_report.md, reproducible on a 2-core machine.
 
 uv run python -m scripts.report_experiments [--part all|conversion|dpo|sft] [--jobs 2] [--steps 500] [--sft-steps 200]
-(--part sft: the diffusion SFT objectives over seeds, scripts/common/sft_protocol.py)
+(--part sft: the diffusion SFT objectives over seeds, scripts/common/experiments/sft_objectives.py)
 
 On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 heads, 2 KV heads):
 1. AR pretraining; 2. diffusion initialised from it with each AR-to-diffusion conversion (no logit shift, shift,
@@ -16,7 +16,7 @@ On the embedded sample, with one small model shape (hidden 128, 4 layers, 4 head
 7. diffusion decoding quality against speed (steps, threshold) on the same questions;
 8. DPO of the AR SFT model and of the default conversion's SFT model on the sample's preference pairs, 3 seeds,
    held-out accuracy before and after, and the spread of diffusion DPO's preference score under each variance
-   lever (scripts/common/dpo_experiment.py).
+   lever (scripts/common/experiments/dpo.py).
 --part dpo runs 8 alone (stage after stage, whatever --jobs), on the SFT checkpoints an earlier run left in
 --out-dir or those of --dpo-starts (results_dpo.json).
 --jobs N runs independent stages N at a time, one thread each (the numbers then match other --jobs N runs, not
@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 
 from scripts.common.cli import Bounded, run_main
-from scripts.common.dpo_experiment import ROUTES as DPO_ROUTES
-from scripts.common.dpo_experiment import DPOExperiment
+from scripts.common.experiments.dpo import ROUTES as DPO_ROUTES
+from scripts.common.experiments.dpo import DPOExperiment
+from scripts.common.experiments.sft_objectives import ProtocolSettings, sft_protocol
 from scripts.common.pipeline import SMALL_MODEL, cli, step
-from scripts.common.sft_protocol import ProtocolSettings, sft_protocol
 
 # AR-to-diffusion conversions: run name -> flags of scripts.train.diffusion --init-from-minimind (explicit,
 # whatever the defaults). diffusion_from_ar is the conversion before logit shift existed.
@@ -269,7 +269,7 @@ class Experiment:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.part == "sft":  # the diffusion SFT objectives, 5 seeds each (scripts/common/sft_protocol.py)
+    if args.part == "sft":  # the diffusion SFT objectives, 5 seeds each (scripts/common/experiments/sft_objectives.py)
         return sft_protocol(ProtocolSettings.from_args(args))
     experiment = Experiment(args)
     if experiment.out.exists() and args.part != "dpo":  # --part dpo continues an earlier run's directory

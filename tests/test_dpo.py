@@ -217,7 +217,7 @@ def test_bad_row_through_the_entry_point_is_one_line_and_exit_2(tokenizer, tmp_p
 def test_the_dpo_experiment_runs_parse_with_their_entry_points():
     import importlib
 
-    from scripts.common import dpo_experiment
+    from scripts.common.experiments import dpo as dpo_experiment
 
     for route, (module, _, _) in dpo_experiment.ROUTES.items():
         control = dpo_experiment.CONTROL if route == "ar" else []
@@ -228,7 +228,7 @@ def test_the_dpo_experiment_runs_parse_with_their_entry_points():
 
 
 def test_the_dpo_experiment_summary_has_a_row_per_seed_and_the_mean_lift():
-    from scripts.common.dpo_experiment import mean_and_stderr, summary_table
+    from scripts.common.experiments.dpo import mean_and_stderr, summary_table
 
     validation = {"val_chosen_drift": -0.1, "val_rejected_drift": -2.0, "val_accuracy": 0.7}
     sft = {"questions": 200, "accuracy": 0.70, "unparseable": 0, "likelihood_accuracy": 0.70}
@@ -240,7 +240,7 @@ def test_the_dpo_experiment_summary_has_a_row_per_seed_and_the_mean_lift():
 
 
 def test_own_answer_pairs_are_balanced_by_the_chosen_label():
-    from scripts.common.dpo_experiment import balancing_pairs, chosen_answer
+    from scripts.common.experiments.dpo import balancing_pairs, chosen_answer
 
     def pair(chosen: str, rejected: str) -> str:
         question = [{"role": "user", "content": "问"}]

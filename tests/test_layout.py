@@ -22,6 +22,7 @@ LAYERS = {
         "evaluation": {"base", "data", "evaluation"},
         "serving": {"base", "data", "evaluation", "serving"},
         "bench": {"base", "data", "training", "evaluation", "bench"},
+        "experiments": {"base", "experiments"},  # they run entry points (pipeline.py), never their insides
     },
     # The library: the architecture and formats at the top of model/, then what training minimises, then decoding
     # and scoring. The Hugging Face export (model/hf/) is one of the formats, beside the checkpoint, and also says
@@ -122,3 +123,18 @@ def test_no_entry_point_imports_another(path):
     checks them)."""
     others = {module_name(p) for p in entry_points()} - {module_name(path)}
     assert not sorted(imported_modules(path) & others)
+
+
+ENTRY_POINTS = sorted(
+    path
+    for folder in ("scripts", "scripts/train", "scripts/eval", "scripts/data", "scripts/gpu_check")
+    for path in (ROOT / folder).glob("*.py")
+)
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_entry_points_read_in_execution_order(path):
+    """An entry point's main comes last: what it calls is read before it (settings, checks, objectives, helpers)."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    names = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert "main" not in names or names[-1] == "main", names[names.index("main") + 1 :]

@@ -1,5 +1,6 @@
-"""The SFT objective protocol (scripts/common/sft_protocol.py): every objective's flags parse into the objective
-they name, whatever the trainer's defaults, and the summary's means and standard errors are those of the runs."""
+"""The SFT objective protocol (scripts/common/experiments/sft_objectives.py): every objective's flags parse into the
+objective they name, whatever the trainer's defaults, and the summary's means and standard errors are those of the
+runs."""
 
 import argparse
 import math
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.common import sft_protocol
+from scripts.common.experiments import sft_objectives as sft_protocol
 from scripts.train import train_sft_diffusion, train_sft_minimind
 
 

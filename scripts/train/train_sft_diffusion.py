@@ -110,6 +110,38 @@ class DiffusionSFTData(SFTData):
     ar_loss_weight: float = 0.0
 
 
+def check_eos_padding(padding: int | None, seq_len: int, positions: int | None = None) -> None:
+    """--eos-padding-length pads each answer, so a row is up to --max-seq-len plus it: at most --max-seq-len (the
+    padding stands for a generation no longer than a row), and with a model, row and padding within its positions.
+    Checked before the data is read and again with the model's `positions`, not at the first batch's allocation."""
+    if padding is None:
+        return
+    if not 0 <= padding <= seq_len:
+        raise NanoLladaError(
+            f"--eos-padding-length must be >= 0 and <= --max-seq-len {seq_len} (it stands for a generation, "
+            f"which a row bounds), got {padding}"
+        )
+    if positions is not None and seq_len + padding > positions:
+        raise NanoLladaError(
+            f"--max-seq-len {seq_len} plus --eos-padding-length {padding} exceeds the model's {positions} "
+            "positions; lower one of them"
+        )
+
+
+def sft_block_size(asked: int | None, resume: bool, source, checkpoint) -> int | None:
+    """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint has (a
+    block-diffusion model stays one; a resumed run keeps its own), else none (a bidirectional or fresh model)."""
+    if asked is not None:
+        return asked or None
+    inherited = trained_block_size(checkpoint.extra) if checkpoint is not None else None
+    if inherited and not resume:
+        print(
+            f"note: {source} was trained with block diffusion (blocks of {inherited}): block SFT with it "
+            "(--block-size 0 for bidirectional SFT)"
+        )
+    return inherited
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     own = settings_from(DiffusionSFTData, args)
@@ -167,38 +199,6 @@ def main(argv=None) -> dict:
         meta["block_diffusion"] = {"block_size": block_size}
     meta.update(joint_record(args.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
     return run_sft(flags, run, loss, extra_meta=meta, start=start)
-
-
-def check_eos_padding(padding: int | None, seq_len: int, positions: int | None = None) -> None:
-    """--eos-padding-length pads each answer, so a row is up to --max-seq-len plus it: at most --max-seq-len (the
-    padding stands for a generation no longer than a row), and with a model, row and padding within its positions.
-    Checked before the data is read and again with the model's `positions`, not at the first batch's allocation."""
-    if padding is None:
-        return
-    if not 0 <= padding <= seq_len:
-        raise NanoLladaError(
-            f"--eos-padding-length must be >= 0 and <= --max-seq-len {seq_len} (it stands for a generation, "
-            f"which a row bounds), got {padding}"
-        )
-    if positions is not None and seq_len + padding > positions:
-        raise NanoLladaError(
-            f"--max-seq-len {seq_len} plus --eos-padding-length {padding} exceeds the model's {positions} "
-            "positions; lower one of them"
-        )
-
-
-def sft_block_size(asked: int | None, resume: bool, source, checkpoint) -> int | None:
-    """The block size of the SFT: --block-size (0: none), else the one the starting checkpoint has (a
-    block-diffusion model stays one; a resumed run keeps its own), else none (a bidirectional or fresh model)."""
-    if asked is not None:
-        return asked or None
-    inherited = trained_block_size(checkpoint.extra) if checkpoint is not None else None
-    if inherited and not resume:
-        print(
-            f"note: {source} was trained with block diffusion (blocks of {inherited}): block SFT with it "
-            "(--block-size 0 for bidirectional SFT)"
-        )
-    return inherited
 
 
 if __name__ == "__main__":
