@@ -11,68 +11,62 @@ uv run python -m scripts.train.train_dpo_diffusion --data dataset/dpo.jsonl --to
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.preference import ESTIMATORS, DPOObjective, ElboSampling, diffusion_scorer
 from model.tokenizer import mask_token_id
-from scripts.common.cli import Bounded, parse, run_main
+from scripts.common.cli import parse, run_main
+from scripts.common.settings import add_flags, flag, settings_from
 from scripts.common.training.dpo import dpo_parser, dpo_settings, run_dpo
+
+
+@dataclass
+class SamplingFlags:
+    """The estimator's flags: ElboSampling's fields, by the names the command line has always used (levers a-d)."""
+
+    elbo_samples: int = flag(ElboSampling.samples, "(a) mask draws per log-likelihood estimate", low=1)
+    distinct_times: bool = flag(
+        ElboSampling.distinct_times,
+        "(b) bernoulli: one timestep per draw (off: one timestep shared by the draws' masks)",
+        kind=bool,
+    )
+    antithetic: bool = flag(
+        ElboSampling.antithetic, "(c) the reference scores the policy's timesteps and masks (off: its own)", kind=bool
+    )
+    paired: bool = flag(
+        ElboSampling.paired, "(d) the rejected answer takes the chosen answer's draws (off: its own)", kind=bool
+    )
+    elbo_estimator: str = flag(
+        ElboSampling.estimator,
+        "exact_count: l of n answer tokens masked, weight n / l; bernoulli: t ~ U, weight 1 / t",
+        choices=ESTIMATORS,
+    )
+    iid_mask_eps: float = flag(ElboSampling.eps, "bernoulli: t ~ U(eps, 1 - eps)")
+
+    def sampling(self) -> ElboSampling:
+        if not 0 < self.iid_mask_eps < 0.5:
+            raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {self.iid_mask_eps}")
+        return ElboSampling(
+            self.elbo_samples,
+            self.distinct_times,
+            self.antithetic,
+            self.iid_mask_eps,
+            self.elbo_estimator,
+            self.paired,
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = dpo_parser(__doc__, run_name="diffusion_dpo")
-    vrpo = p.add_argument_group("variance reduction (LLaDA 1.5 VRPO)")
-    vrpo.add_argument(
-        "--elbo-samples",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=ElboSampling().samples,
-        help="(a) mask draws per log-likelihood estimate",
-    )
-    vrpo.add_argument(
-        "--distinct-times",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="(b) bernoulli: one timestep per draw (off: one timestep shared by the draws' masks)",
-    )
-    vrpo.add_argument(
-        "--antithetic",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="(c) the reference scores the policy's timesteps and masks (off: its own draws)",
-    )
-    vrpo.add_argument(
-        "--paired",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="(d) the rejected answer takes the chosen answer's draws (off: its own)",
-    )
-    vrpo.add_argument(
-        "--elbo-estimator",
-        choices=ESTIMATORS,
-        default="exact_count",
-        help="exact_count: l of n answer tokens masked, weight n / l; bernoulli: t ~ U, weight 1 / t",
-    )
-    vrpo.add_argument("--iid-mask-eps", type=float, default=1e-3, help="bernoulli: t ~ U(eps, 1 - eps)")
+    add_flags(p.add_argument_group("variance reduction (LLaDA 1.5 VRPO)"), SamplingFlags)
     return parse(p, argv)
-
-
-def sampling_of(args) -> ElboSampling:
-    if args.elbo_samples < 1:
-        raise NanoLladaError(f"--elbo-samples must be >= 1, got {args.elbo_samples}")
-    if not 0 < args.iid_mask_eps < 0.5:
-        raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {args.iid_mask_eps}")
-    return ElboSampling(
-        args.elbo_samples, args.distinct_times, args.antithetic, args.iid_mask_eps, args.elbo_estimator, args.paired
-    )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sampling = sampling_of(args)
+    sampling = settings_from(SamplingFlags, args).sampling()
     flags = dpo_settings(args, "diffusion")
 
     def objective(reference, checkpoint, tokenizer):
