@@ -11,16 +11,30 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted
-from model.tokenizer import PAD_ID
+from model.tokenizer import EOS_ID, PAD_ID
 from model.transformer import BlockMask, block_mask_from_dense, flex_attention_kernel, tracing
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
     """Block index of each position 0..length-1."""
     return torch.arange(length, device=device) // block_size
+
+
+def pad_to_blocks(
+    input_ids: torch.Tensor, scored: torch.Tensor, block_size: int | None, real=None, with_eos: bool = False
+) -> tuple:
+    """Right-pad rows to a multiple of block_size (None: no blocks), so the last block is whole: with PAD outside
+    every row and never scored (`real`, when given, marks each row's own columns and is padded too), or `with_eos`,
+    with scored EOS, LLaDA's SFT padding (how a model learns to stop). Returns (input_ids, scored[, real])."""
+    pad = 0 if block_size is None else -input_ids.shape[1] % block_size
+    fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)] + (
+        [] if real is None else [(real, False)]
+    )
+    return tuple(x if pad == 0 else F.pad(x, (0, pad), value=fill) for x, fill in fills)
 
 
 def bd3lm_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:

@@ -21,8 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model.block_attention import pad_to_blocks
 from model.logit_shift import is_shifted, predictable
-from model.objectives.elbo import exact_count_draws, masked_nll_sums, pad_to_blocks
+from model.objectives.elbo import exact_count_draws, masked_nll_sums
 from model.objectives.masking import mask_tokens, pretraining_maskable, sample_time
 from model.tokenizer import PAD_ID
 

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad
+from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad, pad_to_blocks
 from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
@@ -50,7 +50,6 @@ from model.objectives.masking import (
     stratified_counts,
     warped_time,
 )
-from model.tokenizer import EOS_ID, PAD_ID
 
 NORMALIZATIONS = ("batch", "row")
 MASK_DRAWS = ("time", "count")
@@ -176,21 +175,6 @@ def scored_nll(forward, targets: torch.Tensor, masked: torch.Tensor, shifted: bo
     return F.pad(nll[:, :-1], (1, 0)), None
 
 
-def pad_to_block_multiple(
-    input_ids: torch.Tensor, maskable: torch.Tensor, block_size: int, real: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-pad rows to a multiple of block_size: with maskable EOS, as LLaDA's SFT EOS padding (how it learns to
-    stop), or, for rows that end before the batch does (`real`: SFT with a fixed padding), with PAD outside every
-    row. Pretraining rows already have a length the block sizes divide."""
-    extra = -input_ids.shape[1] % block_size
-    if extra == 0:
-        return input_ids, maskable, real
-    if real is None:
-        return F.pad(input_ids, (0, extra), value=EOS_ID), F.pad(maskable, (0, extra), value=True), None
-    padded = (F.pad(x, (0, extra), value=fill) for x, fill in ((input_ids, PAD_ID), (maskable, False), (real, False)))
-    return tuple(padded)
-
-
 def draw_masks(
     objective: DiffusionObjective, maskable: torch.Tensor, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +257,12 @@ def diffusion_loss(
         check_joint(shifted)
         clean = (input_ids, token_weights(objective, input_ids, maskable), doc_ids)
     if objective.block_size is not None:
-        input_ids, maskable, real = pad_to_block_multiple(input_ids, maskable, objective.block_size, real)
+        # LLaDA's maskable EOS padding; for rows that end before the batch does (`real`: SFT with a fixed padding),
+        # PAD outside every row. Pretraining rows already have a length the block sizes divide.
+        if real is None:
+            input_ids, maskable = pad_to_blocks(input_ids, maskable, objective.block_size, with_eos=True)
+        else:
+            input_ids, maskable, real = pad_to_blocks(input_ids, maskable, objective.block_size, real)
     masked, elbo = draw_masks(objective, maskable, rng)
     if objective.complementary:
         input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)

@@ -5,21 +5,11 @@ exact-count mask draws (LLaDA Eq. 14) of the evaluations' bound and of diffusion
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward
 from model.logit_shift import is_shifted, read_shifted
 from model.objectives.diffusion_loss import masked_token_nll
 from model.objectives.masking import mask_exactly, stratified_counts
-from model.tokenizer import PAD_ID
-
-
-def pad_to_blocks(input_ids: torch.Tensor, scored: torch.Tensor, block_size: int | None):
-    """Right-pad rows with unscored PAD to a multiple of block_size: later blocks never reach earlier ones."""
-    pad = 0 if block_size is None else -input_ids.shape[1] % block_size
-    if pad == 0:
-        return input_ids, scored
-    return F.pad(input_ids, (0, pad), value=PAD_ID), F.pad(scored, (0, pad), value=False)
 
 
 def masked_nll_sums(

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model.block_attention import pad_to_blocks
 from model.errors import NanoLladaError
-from model.objectives.elbo import exact_count_draws, masked_nll_sums, pad_to_blocks
+from model.objectives.elbo import exact_count_draws, masked_nll_sums
 from model.tokenizer import EOS_ID
 
 ROUTES = ("ar", "diffusion")
