@@ -107,7 +107,9 @@ def test_paired_draws_give_two_equal_answers_the_same_masks(estimator):
     answer start; unpaired, not."""
     answer = torch.zeros(4, 12, dtype=torch.bool)
     answer[0, 3:8], answer[1, 5:10], answer[2, 2:5], answer[3, 2:4] = True, True, True, True
-    paired = draw_answer_masks(answer, ElboSampling(64, estimator=estimator), torch.Generator().manual_seed(1))
+    paired = draw_answer_masks(
+        answer, ElboSampling(64, estimator=estimator, paired=True), torch.Generator().manual_seed(1)
+    )
     assert torch.equal(paired.masked[:, 0, 3:8], paired.masked[:, 1, 5:10])
     assert torch.equal(paired.weights[:, 0, 3], paired.weights[:, 1, 5])
     assert not (paired.masked & ~answer).any()

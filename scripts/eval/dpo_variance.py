@@ -41,7 +41,8 @@ def settings(n: int) -> dict[str, ElboSampling]:
         f"exact count, {n} draws, antithetic (a)+(c)": ElboSampling(n, paired=False),
         f"exact count, {n} draws, antithetic, paired (a)+(c)+(d)": ElboSampling(n),
         "the old default: 8 draws, 8 timesteps, antithetic (a)+(b)+(c)": ElboSampling(8, True, True, **bernoulli),
-        f"the default: exact count, {ElboSampling().samples} draws, antithetic, paired": ElboSampling(),
+        f"the default: exact count, {ElboSampling().samples} draws, antithetic"
+        + (", paired" if ElboSampling().paired else ""): ElboSampling(),
     }
 
 
