@@ -43,6 +43,7 @@ OBJECTIVES = {
     "mixture": cli(**UNIFORM | dict(all_masked_share=0.5), eos_padding_weight=0.1),
     "count": cli(**UNIFORM | dict(mask_draw="count"), eos_padding_weight=0.1),
     "late_is": cli(**UNIFORM | dict(late_time_share=0.5), late_time_from=0.9, eos_padding_weight=0.1),
+    "joint": cli(**UNIFORM, eos_padding_weight=0.1, ar_loss_weight=0.3),  # LLaDA's + the causal AR term (issue 28)
 }
 TASKS = {  # task -> (train, validation, test) files of the offline sample
     "reviews": ("sample_sft_train.jsonl", "sample_sft_val.jsonl", "sample_sft_test.jsonl"),
