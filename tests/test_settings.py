@@ -109,3 +109,19 @@ def test_nothing_below_the_entry_points_reads_the_argparse_namespace():
     below = [p for p in sorted((ROOT / "scripts" / "common").rglob("*.py"))] + sorted((ROOT / "model").rglob("*.py"))
     readers = [f for path in below for f in functions_reading_a_namespace(path) if f.split()[-1] not in DOOR]
     assert not readers, readers
+
+
+def test_a_prefixed_class_keeps_the_plain_spellings_that_are_free():
+    """compare's choice flags: --choice-mc-samples beside the LM's --mc-samples, and the spellings it always took
+    (--continuation, --chat, --max-forward-tokens); its choice scoring is seeded by the one --seed."""
+    from scripts.common.evaluation.multiple_choice import ScoringSettings
+    from scripts.eval import compare
+
+    argv = ["--checkpoint", "a.pt", "--out", "o", "--data", "q.csv", "--mc-samples", "3", "--choice-mc-samples", "5"]
+    args = compare.parse_args(
+        [*argv, "--continuation", "option", "--chat", "--max-forward-tokens", "64", "--seed", "7"]
+    )
+    scoring = settings_from(ScoringSettings, args, "choice_", seed=args.seed)
+    assert scoring == ScoringSettings("option", True, 5, 64, 7) and args.mc_samples == 3
+    with pytest.raises(SystemExit):
+        compare.parse_args([*argv, "--choice-seed", "1"])

@@ -41,16 +41,19 @@ def flag_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "flag" in f.metadata]
 
 
-def add_flags(parser, cls, prefix: str = "", **defaults) -> None:
-    """One flag per `flag` field of `cls`; `defaults` replace some fields' defaults (an entry point's own); `prefix`
-    goes before each flag and field name where two classes on one command line have a field of the same name."""
-    unknown = set(defaults) - {f.name for f in flag_fields(cls)}
+def add_flags(parser, cls, prefix: str = "", skip: tuple[str, ...] = (), **defaults) -> None:
+    """One flag per `flag` field of `cls` but those in `skip` (set by the entry point); `defaults` replace some
+    fields' defaults (an entry point's own); `prefix` goes before each flag and field name where two classes on one
+    command line have a field of the same name, and the plain spellings stay as aliases where they are free."""
+    unknown = (set(defaults) | set(skip)) - {f.name for f in flag_fields(cls)}
     if unknown:
         raise ValueError(f"not flag fields of {cls.__name__}: {sorted(unknown)}")
-    for f in flag_fields(cls):
+    for f in (f for f in flag_fields(cls) if f.name not in skip):
         meta = f.metadata["flag"]
         default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
-        names = [f"--{(prefix + f.name).replace('_', '-')}", *([] if prefix else meta["aliases"])]
+        plain = [f"--{f.name.replace('_', '-')}", *meta["aliases"]]
+        taken = parser._option_string_actions  # (argparse keeps no public list of the options a parser has)
+        names = [f"--{(prefix + f.name).replace('_', '-')}", *(n for n in plain if n not in taken)] if prefix else plain
         options = dict(dest=prefix + f.name, default=default, help=meta["help"], metavar=meta["metavar"])
         if meta["required"] and f.name not in defaults:  # an entry point's default makes it optional
             options["required"] = True
@@ -60,7 +63,7 @@ def add_flags(parser, cls, prefix: str = "", **defaults) -> None:
             parser.add_argument(*names, action=action, **{k: v for k, v in options.items() if k != "metavar"})
             continue
         if isinstance(default, list):
-            kind = _list_of(type(default[0]) if default else int)
+            kind = comma_list(type(default[0]) if default else int)
         bounded = meta["low"] > -math.inf or meta["high"] < math.inf
         if bounded:
             options.update(action=Bounded, low=meta["low"], high=meta["high"], above_low=meta["above_low"])
@@ -69,10 +72,7 @@ def add_flags(parser, cls, prefix: str = "", **defaults) -> None:
 
 def comma_list(kind):
     """The type of a flag that takes a comma-separated list of `kind` ("1,4,16")."""
-    return _list_of(kind)
 
-
-def _list_of(kind):
     def parse_list(text: str) -> list:
         try:
             return [kind(x) for x in text.split(",") if x.strip()]

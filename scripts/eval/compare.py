@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_lm_flags(p)
     choice = p.add_argument_group("multiple choice (optional: only with --data)")
-    add_choice_flags(choice, data_required=False, prefix="choice_")
+    # the LM numbers' --seed seeds the choice scoring too
+    add_choice_flags(choice, data_required=False, prefix="choice_", skip=("seed",))
     p.add_argument("--out", required=True, help="output directory")
     return parse(p, argv)
 
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
     settings: ScoringSettings | None = None
     if args.data:
         settings, question_sets = (
-            settings_from(ScoringSettings, args, "choice_"),
+            settings_from(ScoringSettings, args, "choice_", seed=args.seed),
             load_question_sets(args.data, args.limit),
         )
     out = Path(args.out)

@@ -216,10 +216,11 @@ def evaluate_question_sets(
     return summaries, items
 
 
-def add_choice_flags(p, data_required: bool = True, prefix: str = "") -> None:
+def add_choice_flags(p, data_required: bool = True, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """The multiple-choice flags of scripts.eval.eval_multiple_choice, shared with scripts.eval.compare (which has its
-    own --mc-samples and --seed for the LM numbers, so its scoring flags take the prefix "choice_")."""
+    own --mc-samples and --seed for the LM numbers: its scoring flags take the prefix "choice_", and the plain
+    spellings that are free stay theirs)."""
     data_help = ".csv/.jsonl file or directory of them; repeat for several"
     p.add_argument("--data", action="append", required=data_required, help=data_help)
     p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="first N questions of each file")
-    add_flags(p, ScoringSettings, prefix=prefix)
+    add_flags(p, ScoringSettings, prefix=prefix, skip=skip)
