@@ -166,7 +166,7 @@ def test_an_inverted_mask_ratio_band_is_explained(tmp_path):
 
     with pytest.raises(NanoLladaError, match="mask-ratio band"):
         train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", mask_ratio_min=0.9, mask_ratio_max=0.2)])
-    with pytest.raises(NanoLladaError, match="--eos-padding-weight must lie in"):
+    with pytest.raises(NanoLladaError, match="--eos-padding-weight must be in"):
         train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", eos_padding_weight=2)])
     with pytest.raises(NanoLladaError, match="--eos-padding-length must be >= 0"):
         train_sft_diffusion.main([*sft_flags(tmp_path), *cli(run_name="bad", eos_padding_length=-1)])

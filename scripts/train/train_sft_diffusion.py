@@ -20,84 +20,12 @@ from model.checkpoint import joint_record
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
+from model.objectives.masking import SCHEDULES
 from model.tokenizer import mask_token_id
 from scripts.common.cli import parse, run_main
-from scripts.common.settings import settings_from
+from scripts.common.settings import add_flags, flag, flag_fields, settings_from
 from scripts.common.training.flags import TrainingFlags
 from scripts.common.training.sft import SFTData, run_sft, sft_parser, sft_starting_checkpoint, start_sft
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = sft_parser(__doc__, run_name="diffusion_sft", epochs=3)
-    p.add_argument("--iid-mask-eps", type=float, default=1e-3, help="t ~ U(eps, 1 - eps)")
-    p.add_argument(
-        "--loss-normalization",
-        choices=NORMALIZATIONS,
-        default="row",
-        help="row: each sample's loss divided by its answer length (LLaDA); batch: one token mean over the batch",
-    )
-    p.add_argument(
-        "--eos-padding-weight",
-        type=float,
-        default=0.1,
-        help="weight of the EOS padding after each answer in the loss and its length (1: LLaDA's normalisation; "
-        "0.1 gives the tokens of a short answer a real share of its loss, see technical_report.md 7.3)",
-    )
-    p.add_argument(
-        "--eos-padding-length",
-        type=int,
-        default=None,
-        help="EOS padding after each answer: exactly this many tokens, the columns after them out of attention, so "
-        "the model learns the canvas it decodes (answer + padding ~ --max-new-tokens); default: to the batch's "
-        "longest row (LLaDA), see technical_report.md 7.7; at most --max-seq-len",
-    )
-    p.add_argument(
-        "--mask-draw",
-        choices=MASK_DRAWS,
-        default="time",
-        help="time: t ~ U(eps, 1 - eps), each answer token masked with probability t, weight 1/t; count: exactly "
-        "l ~ U{1..n} of the n answer tokens masked, weight n/l (LLaDA Algorithm 3: same expected loss, less variance)",
-    )
-    density = p.add_argument_group("where t is drawn (model/objectives/diffusion_loss.py, DiffusionObjective)")
-    density.add_argument(
-        "--late-time-share",
-        type=float,
-        default=0.0,
-        help="this share of rows draws t ~ U(--late-time-from, 1 - eps), every row importance-weighted: the same "
-        "NELBO, t near 1 (the all-masked canvas decoding starts from) more often",
-    )
-    density.add_argument("--late-time-from", type=float, default=0.9, help="where the late band starts")
-    density.add_argument(
-        "--all-masked-share",
-        type=float,
-        default=0.0,
-        help="this share of rows trained at t = 1, every answer position masked, weight 1 (the first decoding step's "
-        "loss); the rest draws t as above: a mixture with the NELBO's minimiser, not an ELBO unless 0",
-    )
-    llada2 = p.add_argument_group("LLaDA 2.0 SFT options (model/objectives/diffusion_loss.py)")
-    llada2.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="block-diffusion SFT with this block size (BD3LM mask); default: the block size the --load-from model "
-        "was trained with (none for a bidirectional model); 0: bidirectional SFT whatever the model was",
-    )
-    llada2.add_argument("--mask-ratio-min", type=float, default=None, help="mask-ratio bandwidth: t ~ U(min, max)")
-    llada2.add_argument("--mask-ratio-max", type=float, default=None)
-    llada2.add_argument(
-        "--complementary-masking", action="store_true", help="each sample twice: a mask and its complement"
-    )
-    llada2.add_argument(
-        "--cap-weight", type=float, default=0.0, help="weight of the confidence-aware (CAP) auxiliary loss"
-    )
-    llada2.add_argument("--time-weight-schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument(
-        "--ar-loss-weight",
-        type=float,
-        default=0.0,
-        help="joint training: + this weight x the causal next-token loss of the answers (a shifted model only)",
-    )
-    return parse(p, argv)
 
 
 @dataclass
@@ -105,9 +33,84 @@ class DiffusionSFTData(SFTData):
     """The SFT data flags, and the settings that decide what a diffusion SFT run trains (a resumed run must keep
     them): the block size, the fixed EOS padding and the joint AR loss weight."""
 
-    block_size: int | None = None
-    eos_padding_length: int | None = None
-    ar_loss_weight: float = 0.0
+    block_size: int | None = flag(
+        None,
+        "block-diffusion SFT with this block size (BD3LM mask; LLaDA 2.0); default: the block size the --load-from "
+        "model was trained with (none for a bidirectional model); 0: bidirectional SFT whatever the model was",
+        low=0,
+        kind=int,
+    )
+    eos_padding_length: int | None = flag(
+        None,
+        "EOS padding after each answer: exactly this many tokens, the columns after them out of attention, so the "
+        "model learns the canvas it decodes (answer + padding ~ --max-new-tokens); default: to the batch's longest "
+        "row (LLaDA), see technical_report.md 7.7; at most --max-seq-len",
+        kind=int,
+    )
+    ar_loss_weight: float = flag(
+        0.0, "joint training: + this weight x the causal next-token loss of the answers (a shifted model only)", low=0
+    )
+
+
+@dataclass
+class SFTObjectiveFlags:
+    """How the answer is masked and weighted (model/objectives/diffusion_loss.py, DiffusionObjective)."""
+
+    iid_mask_eps: float = flag(1e-3, "t ~ U(eps, 1 - eps)")
+    loss_normalization: str = flag(
+        "row",
+        "row: each sample's loss divided by its answer length (LLaDA); batch: one token mean over the batch",
+        choices=NORMALIZATIONS,
+    )
+    eos_padding_weight: float = flag(
+        0.1,
+        "weight of the EOS padding after each answer in the loss and its length (1: LLaDA's normalisation; 0.1 gives "
+        "the tokens of a short answer a real share of its loss, see technical_report.md 7.3)",
+        low=0,
+        high=1,
+    )
+    mask_draw: str = flag(
+        "time",
+        "time: t ~ U(eps, 1 - eps), each answer token masked with probability t, weight 1/t; count: exactly l ~ "
+        "U{1..n} of the n answer tokens masked, weight n/l (LLaDA Algorithm 3: same expected loss, less variance)",
+        choices=MASK_DRAWS,
+    )
+    late_time_share: float = flag(
+        0.0,
+        "this share of rows draws t ~ U(--late-time-from, 1 - eps), every row importance-weighted: the same NELBO, t "
+        "near 1 (the all-masked canvas decoding starts from) more often",
+    )
+    late_time_from: float = flag(0.9, "where the late band starts")
+    all_masked_share: float = flag(
+        0.0,
+        "this share of rows trained at t = 1, every answer position masked, weight 1 (the first decoding step's "
+        "loss); the rest draws t as above: a mixture with the NELBO's minimiser, not an ELBO unless 0",
+    )
+    mask_ratio_min: float | None = flag(None, "LLaDA 2.0 mask-ratio bandwidth: t ~ U(min, max)", kind=float)
+    mask_ratio_max: float | None = flag(None, "the bandwidth's upper end", kind=float)
+    complementary_masking: bool = flag(False, "LLaDA 2.0: each sample twice, a mask and its complement")
+    cap_weight: float = flag(0.0, "LLaDA 2.0: weight of the confidence-aware (CAP) auxiliary loss")
+    time_weight_schedule: str = flag("linear", "alpha(t) of the mask ratio and its weight", choices=SCHEDULES)
+
+    def objective(self, block_size: int | None, ar_loss_weight: float) -> DiffusionObjective:
+        t_min = self.iid_mask_eps if self.mask_ratio_min is None else self.mask_ratio_min
+        t_max = 1 - self.iid_mask_eps if self.mask_ratio_max is None else self.mask_ratio_max
+        if not 0 < t_min < t_max < 1:
+            raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
+        # fmt: off
+        return DiffusionObjective(self.time_weight_schedule, t_min, t_max, block_size, self.loss_normalization,
+                                  self.eos_padding_weight, self.complementary_masking, self.cap_weight,
+                                  mask_draw=self.mask_draw, late_time_share=self.late_time_share,
+                                  late_time_from=self.late_time_from, all_masked_share=self.all_masked_share,
+                                  ar_loss_weight=ar_loss_weight)
+        # fmt: on
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = sft_parser(__doc__, run_name="diffusion_sft", epochs=3)
+    add_flags(p, DiffusionSFTData, skip=tuple(f.name for f in flag_fields(SFTData)))
+    add_flags(p, SFTObjectiveFlags)
+    return parse(p, argv)
 
 
 def check_eos_padding(padding: int | None, seq_len: int, positions: int | None = None) -> None:
@@ -146,14 +149,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     own = settings_from(DiffusionSFTData, args)
     flags = TrainingFlags.from_args(args, "diffusion", own)
-    t_min = args.iid_mask_eps if args.mask_ratio_min is None else args.mask_ratio_min
-    t_max = 1 - args.iid_mask_eps if args.mask_ratio_max is None else args.mask_ratio_max
-    if not 0 < t_min < t_max < 1:
-        raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
-    if args.block_size is not None and args.block_size < 0:
-        raise NanoLladaError(f"--block-size must be >= 0 (0: bidirectional), got {args.block_size}")
-    if not 0 <= args.eos_padding_weight <= 1:
-        raise NanoLladaError(f"--eos-padding-weight must lie in [0, 1], got {args.eos_padding_weight}")
+    objective_flags = settings_from(SFTObjectiveFlags, args)
+    objective_flags.objective(None, own.ar_loss_weight)  # the band is checked before any data is read
     check_eos_padding(own.eos_padding_length, flags.run.seq_len)
     run = start_sft(flags, eos_padding=own.eos_padding_length)
     start = sft_starting_checkpoint(flags, run)
@@ -161,21 +158,7 @@ def main(argv=None) -> dict:
     positions = start[1].config.max_position_embeddings if start[1] is not None else args.max_position_embeddings
     check_eos_padding(own.eos_padding_length, flags.run.seq_len, positions)
     block_size = sft_block_size(own.block_size, flags.run.resume, *start)
-    objective = DiffusionObjective(
-        args.time_weight_schedule,
-        t_min,
-        t_max,
-        block_size,
-        args.loss_normalization,
-        args.eos_padding_weight,
-        args.complementary_masking,
-        args.cap_weight,
-        mask_draw=args.mask_draw,
-        late_time_share=args.late_time_share,
-        late_time_from=args.late_time_from,
-        all_masked_share=args.all_masked_share,
-        ar_loss_weight=args.ar_loss_weight,
-    )
+    objective = objective_flags.objective(block_size, own.ar_loss_weight)
     mask_id = mask_token_id(run.tokenizer)
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
@@ -194,10 +177,10 @@ def main(argv=None) -> dict:
         return loss, stats
 
     # A block-trained model decodes block-causally with an exact cache (scripts.eval.eval_diffusion reads this).
-    meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": args.eos_padding_length}
+    meta = {"sft_objective": asdict(objective), "sft_eos_padding_length": own.eos_padding_length}
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
-    meta.update(joint_record(args.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
+    meta.update(joint_record(own.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
     return run_sft(flags, run, loss, extra_meta=meta, start=start)
 
 
