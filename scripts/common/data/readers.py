@@ -12,8 +12,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from model.errors import NanoLladaError
 
 HOW_TO_GET_DATA = (
@@ -139,42 +137,6 @@ def _iter_text_lines(path: Path, skip_bad_lines: bool, bad: BadLineCounter | Non
                 continue
             if line.strip():
                 yield line
-
-
-class LineIndex:
-    """Byte offsets of the non-blank lines of a file, for random access without loading the file."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = check_data_file(path)
-        offsets, pos = [], 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if raw.strip():
-                    offsets.append(pos)
-                pos += len(raw)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self._lineno: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, i: int) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            return f.readline()
-
-    def read_json(self, i: int) -> dict:
-        return _parse_json_line(self.path, self.lineno(i), self.read(i))
-
-    def lineno(self, i: int) -> int:
-        """1-based line number of entry i (computed lazily: only error messages need it)."""
-        if self._lineno is None:
-            with open(self.path, "rb") as f:
-                starts = [0]
-                for raw in f:
-                    starts.append(starts[-1] + len(raw))
-            self._lineno = np.searchsorted(np.asarray(starts[:-1]), self.offsets) + 1
-        return int(self._lineno[i])
 
 
 SFT_ROLES = ("system", "user", "assistant")
