@@ -24,7 +24,7 @@ from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
 from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.serving.engine import ChatEngine, ChatRequest
+from scripts.common.serving.engine import REQUEST_FIELDS, ChatEngine, ChatRequest
 from scripts.common.serving.http import make_server
 from scripts.common.settings import add_flags, flag_fields, settings_from
 
@@ -74,7 +74,7 @@ def load_engine(o: ServeOptions) -> ChatEngine:
     name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)
     d, temperature = o.defaults, o.defaults.temperature or 0.0
-    renamed = {"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens", "block_size": "--block-length"}
+    renamed = {name: "--" + field.replace("_", "-") for name, field in REQUEST_FIELDS.items()}
     with flag_names(renamed):  # the defaults are checked as a request's fields are
         ARSamplerConfig(temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
         if engine.kind == "diffusion":  # what a request with the default settings decodes with

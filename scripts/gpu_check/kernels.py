@@ -202,19 +202,11 @@ def loss_variants(ctx: Context, config: ModelConfig) -> None:
         value = fn(leaf)
         (grad,) = torch.autograd.grad(value.sum(), leaf)
         ms = timed_ms(lambda fn=fn: fn(logits.detach().requires_grad_()).sum().backward(), ctx.device)
-        results[name] = {
-            "value_diff": max_diff(value, reference),
-            "grad_diff": max_diff(grad, ref_grad),
-            "fwd_bwd_ms": ms,
-        }
-        r = results[name]
+        r = results[name] = {"value_diff": max_diff(value, reference), "grad_diff": max_diff(grad, ref_grad)}
+        r["fwd_bwd_ms"] = ms
         ok = r["value_diff"] <= 1e-3 and r["grad_diff"] <= (1e-2 if ctx.cuda else 1e-6)
-        ctx.verdict(
-            f"cross_entropy.{name}",
-            ok,
-            f"value |diff| {r['value_diff']:.1e}, grad |diff| {r['grad_diff']:.1e}, fwd+bwd {ms:.2f} ms",
-            **r,
-        )
+        detail = f"value |diff| {r['value_diff']:.1e}, grad |diff| {r['grad_diff']:.1e}, fwd+bwd {ms:.2f} ms"
+        ctx.verdict(f"cross_entropy.{name}", ok, detail, **r)
     if not ctx.cuda:
         ctx.check("SKIP", "cross_entropy.compiled", "CPU mode: inductor not run")
     ctx.report.stage_result("kernels", cross_entropy=results)
