@@ -117,9 +117,8 @@ def block_causal(ctx: Context, new: int) -> None:
     sampler = DiffusionSamplerConfig(gen_length=new, steps=new, block_size=block, threshold=0.9, block_causal=True)
     runs = {}
     for cached in (True, False):
-        out, seconds = timed(
-            ctx, lambda c=cached: diffusion_generate(model, prompt, replace(sampler, use_kv_cache=c), mask_id)
-        )
+        decode = replace(sampler, use_kv_cache=cached)
+        out, seconds = timed(ctx, lambda: diffusion_generate(model, prompt, decode, mask_id))
         runs[cached] = (out.tokens[0].tolist(), out.nfe, seconds)
     share = agreement(runs[True][0], runs[False][0])
     ms = {c: 1e3 * s / n for c, (_, n, s) in runs.items()}

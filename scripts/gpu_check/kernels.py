@@ -65,19 +65,13 @@ def _sdpa_sites(config: ModelConfig, device) -> dict:
     ids = torch.randint(3, config.vocab_size - 1, (B, L), device=device)
     real = torch.ones(B, L, dtype=torch.bool, device=device)
     real[0, L // 2 :] = False
-    clean = torch.cat([ids, ids], 1)
+    blocks = {"attention": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device)}
+    blocks["positions"] = torch.arange(L, device=device).repeat(2)  # x_t and x_0 share their positions
     return {
         "ar_causal_gqa": (ids, {"attention": "causal"}, True),
         "mdlm_bidirectional_gqa": (ids, {"attention": "bidirectional"}, True),
         "sft_key_padding_mask": (ids, {"attention": real[:, None, None, :]}, True),
-        "bd3lm_mask_eval": (
-            clean,
-            {
-                "attention": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device),
-                "positions": torch.arange(L, device=device).repeat(2),
-            },
-            False,
-        ),
+        "bd3lm_mask_eval": (torch.cat([ids, ids], 1), blocks, False),  # [x_t ; x_0]
     }
 
 
