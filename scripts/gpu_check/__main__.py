@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.gpu_check.report import Context, Report, StageTimeout, time_limit
+from scripts.gpu_check.report import Context, Report, StageTimeout, one_line, time_limit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from --tokenizer-dir; never wait on a network
 
@@ -86,7 +86,7 @@ def run_stage(ctx: Context, name: str, fn, limit: float) -> None:
         ctx.check("SKIP", "time_limit", f"stopped after {limit:.0f} s; what it measured before is above")
     except Exception as err:  # a stage's own bug: say it and go on to the next stage
         status = "error"
-        ctx.check("FAIL", "stage", f"{type(err).__name__}: {str(err)[:200]}")
+        ctx.check("FAIL", "stage", one_line(err))
     ctx.report.stage_result(name, status=status, seconds=round(time.monotonic() - start, 1), limit_s=limit)
 
 
