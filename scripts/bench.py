@@ -30,8 +30,6 @@ from scripts.common.bench.training import TINY, BenchSettings, bench_training, t
 from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.settings import add_flags, flag_fields
 
-__all__ = ["main", "training_flops_per_token"]
-
 # The report's models (scripts.report_experiments --part conversion, into weights/report/): the AR model, its
 # default conversion (logit shift, bidirectional), and their SFT versions on the review-sentiment task.
 RANDOM = "random (smoke run)"
@@ -76,7 +74,6 @@ def parse_args(argv=None) -> tuple[BenchOptions, CardSettings, BenchSettings]:
     add_flags(p.add_argument_group("the card"), CardSettings, **{name: getattr(card, name) for name in names})
     args = parse(p, argv)
     device = pick_device(args.device)  # an unknown or absent device is one line, as in every entry point
-
     card = replace(card, **{name: getattr(args, name) for name in names})
     if card.goal_length not in card.continuation_lengths:
         card = replace(card, goal_length=card.continuation_lengths[0])
@@ -114,8 +111,8 @@ def card_inputs(o: BenchOptions, s: CardSettings, notes: list[str]) -> tuple[dic
     """({"base": (pair, continuation workloads), "sft": (SFT pair, classification workload)}, tokenizer, mask id).
     The tokenizer (and its packages) is loaded only for trained pairs: --tiny and a training-only run need none."""
     if o.tiny and not o.pair:  # random tiny models, so CI exercises every code path in seconds
-        pair = Pair(random_model(0, o.device), random_model(1, o.device), {"ar": RANDOM, "diffusion": RANDOM})
-        pair.names["parameters"] = 0
+        names = {"ar": RANDOM, "diffusion": RANDOM, "parameters": 0}
+        pair = Pair(random_model(0, o.device), random_model(1, o.device), names)
         g = torch.Generator().manual_seed(0)
         random_ids = [torch.randint(3, 6400, (s.prompt_tokens,), generator=g).tolist() for _ in range(s.prompts)]
         prompts = [[BOS_ID, *ids] for ids in random_ids]

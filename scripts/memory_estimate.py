@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
+from model.config import ModelConfig, preset
 from model.cross_entropy import CHUNK_ROWS
 from model.transformer import Transformer
 
@@ -73,18 +73,13 @@ def step_memory(config: ModelConfig, batch: int, seq_len: int, block_diffusion: 
     return StepMemory(16 * params, activations, held)
 
 
-def seed_model() -> ModelConfig:
-    """MiniMind2-Small, the AR seed command's shape that --init-from-minimind carries over (6400 ids + <|mask|>)."""
-    return ModelConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--block-diffusion", action="store_true", help="BDLM on [x_t ; x_0] (2L tokens per row)")
     args = p.parse_args(argv)
-    config = seed_model()
+    config = preset("minimind2_small")  # the AR seed command's shape that --init-from-minimind carries over
     for loss, label in LOSSES.items():
         m = step_memory(config, args.batch_size, args.seq_len, args.block_diffusion, loss)
         print(

@@ -29,54 +29,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="weights/quickstart", help="where its checkpoints go (cleared first)")
     p.add_argument("--data-dir", default="dataset")
-    p.add_argument("--pretrain-steps", type=int, action=Bounded, low=1, default=300, help="AR pretraining steps")
-    p.add_argument(
-        "--diffusion-steps",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=30,
-        help="diffusion pretraining steps, from the AR model",
-    )
-    p.add_argument("--sft-steps", type=int, action=Bounded, low=1, default=150)
-    p.add_argument(
-        "--accuracy-questions",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=200,
-        help="held-out reviews scored (200: a standard error near 0.03)",
-    )
+    count = dict(type=int, action=Bounded, low=1)
+    p.add_argument("--pretrain-steps", **count, default=300, help="AR pretraining steps")
+    p.add_argument("--diffusion-steps", **count, default=30, help="diffusion pretraining steps, from the AR model")
+    p.add_argument("--sft-steps", **count, default=150)
+    scored = "held-out reviews scored (200: a standard error near 0.03)"
+    p.add_argument("--accuracy-questions", **count, default=200, help=scored)
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
 
-def pretrain(args, out: Path, data: Path) -> tuple[dict, dict]:
-    """AR pretraining, then diffusion pretraining initialised from it (pipeline.quickstart_pretraining)."""
-    return quickstart_pretraining(out, data, args.device, args.pretrain_steps, args.diffusion_steps)
-
-
 def samples(args, out: Path, data: Path) -> None:
     """A greedy continuation and the held-out loss of each pretrained model."""
-    common = cli(
-        tokenizer_dir=".",
-        prompt="这款手机",
-        max_new_tokens=40,
-        seq_len=128,
-        eval_data=data / "sample_reviews_val.jsonl",
-        eval_max_batches=4,
-        device=args.device,
-    )
-    step(
-        "3a. AR sample",
-        "scripts.eval.eval_minimind",
-        cli(*common, checkpoint=out / "quick_ar_state_dict.pt", temperature=0),
-    )
-    step(
-        "3b. Diffusion sample",
-        "scripts.eval.eval_diffusion",
-        cli(*common, checkpoint=out / "quick_diffusion_best.pt", block_length=8),
-    )
+    common = cli(tokenizer_dir=".", prompt="这款手机", max_new_tokens=40, seq_len=128, device=args.device)
+    common += cli(eval_data=data / "sample_reviews_val.jsonl", eval_max_batches=4)
+    ar, diffusion = out / "quick_ar_state_dict.pt", out / "quick_diffusion_best.pt"
+    step("3a. AR sample", "scripts.eval.eval_minimind", cli(*common, checkpoint=ar, temperature=0))
+    step("3b. Diffusion sample", "scripts.eval.eval_diffusion", cli(*common, checkpoint=diffusion, block_length=8))
 
 
 def finetune(args, out: Path, data: Path) -> None:
@@ -86,28 +55,15 @@ def finetune(args, out: Path, data: Path) -> None:
                  tokenizer_dir=".", save_dir=out, device=args.device, max_seq_len=256, batch_size=16,
                  max_steps=args.sft_steps, learning_rate="1e-3", warmup_steps=10, eval_interval=40, eval_batches=4)
     # fmt: on
-    step(
-        "4a. AR SFT",
-        "scripts.train.train_sft_minimind",
-        cli(*common, run_name="quick_ar_sft", load_from=out / "quick_ar_state_dict.pt"),
-    )
-    step(
-        "4b. Diffusion SFT",
-        "scripts.train.train_sft_diffusion",
-        # The answer is one decision, taken from an all-masked 8-token canvas (three answer tokens and five EOS)
-        # when decoding starts: train on that canvas, every answer position masked (LLaDA 2.0's mask-ratio band at
-        # t near 1), the padding masked but not scored. The trainer's default (LLaDA's t ~ U(0, 1)) stays lower on
-        # this task, and no objective tried beats it on long answers too, so it stays the default (report 7.9).
-        cli(
-            *common,
-            run_name="quick_diffusion_sft",
-            load_from=out / "quick_diffusion_best.pt",
-            eos_padding_length=5,
-            mask_ratio_min=0.998,
-            mask_ratio_max=0.999,
-            eos_padding_weight=0,
-        ),
-    )
+    ar = cli(*common, run_name="quick_ar_sft", load_from=out / "quick_ar_state_dict.pt")
+    step("4a. AR SFT", "scripts.train.train_sft_minimind", ar)
+    # The answer is one decision, taken from an all-masked 8-token canvas (three answer tokens and five EOS)
+    # when decoding starts: train on that canvas, every answer position masked (LLaDA 2.0's mask-ratio band at
+    # t near 1), the padding masked but not scored. The trainer's default (LLaDA's t ~ U(0, 1)) stays lower on
+    # this task, and no objective tried beats it on long answers too, so it stays the default (report 7.9).
+    recipe = cli(eos_padding_length=5, mask_ratio_min=0.998, mask_ratio_max=0.999, eos_padding_weight=0)
+    diffusion = cli(*common, *recipe, run_name="quick_diffusion_sft", load_from=out / "quick_diffusion_best.pt")
+    step("4b. Diffusion SFT", "scripts.train.train_sft_diffusion", diffusion)
 
 
 def compare(args, out: Path, data: Path) -> dict:
@@ -116,22 +72,11 @@ def compare(args, out: Path, data: Path) -> dict:
         minimind_checkpoint=out / "quick_ar_sft_state_dict.pt",
         diffusion_checkpoint=out / "quick_diffusion_sft_state_dict.pt",
     )
-    step(
-        "5. One prompt, side by side",
-        "scripts.eval.eval_sft_one_prompt",
-        cli(*checkpoints, prompt=PROMPT, tokenizer_dir=".", seq_len=256, max_new_tokens=8, device=args.device),
-    )
-    return step(
-        "6. Sentiment accuracy on held-out reviews",
-        "scripts.eval.eval_sft_accuracy",
-        cli(
-            *checkpoints,
-            data=data / "sample_sft_test.jsonl",
-            tokenizer_dir=".",
-            limit=args.accuracy_questions,
-            device=args.device,
-        ),
-    )
+    common = cli(*checkpoints, tokenizer_dir=".", device=args.device)
+    one_prompt = cli(*common, prompt=PROMPT, seq_len=256, max_new_tokens=8)
+    step("5. One prompt, side by side", "scripts.eval.eval_sft_one_prompt", one_prompt)
+    accuracy = cli(*common, data=data / "sample_sft_test.jsonl", limit=args.accuracy_questions)
+    return step("6. Sentiment accuracy on held-out reviews", "scripts.eval.eval_sft_accuracy", accuracy)
 
 
 def main(argv=None) -> dict:
@@ -141,7 +86,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(out)
     started = time.perf_counter()
     step("0. Build the offline sample", "scripts.data.sample", cli(out_dir=data))
-    ar, diffusion = pretrain(args, out, data)
+    ar, diffusion = quickstart_pretraining(out, data, args.device, args.pretrain_steps, args.diffusion_steps)
     samples(args, out, data)
     finetune(args, out, data)
     accuracy = compare(args, out, data)

@@ -22,48 +22,39 @@ from pathlib import Path
 
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig
-from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
+from scripts.common.cli import flag_names, parse, pick_device, run_main
 from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
-from scripts.common.serving.engine import ChatEngine, ChatRequest
+from scripts.common.serving.engine import REQUEST_FIELDS, ChatEngine, ChatRequest
 from scripts.common.serving.http import make_server
-from scripts.common.settings import add_flags, flag_fields, settings_from
+from scripts.common.settings import add_flags, flag, settings_from
 
 
 @dataclass
 class ServeOptions:
-    """What the command line asks for, read once from argv; `defaults` is the request a request's fields override."""
+    """What the command line asks for, read once from argv: the checkpoint flags, a flag per flag() field, and
+    `defaults`, the request a request's fields override."""
 
     checkpoint: str
     tokenizer_dir: str
     num_attention_heads: int | None
-    host: str
-    port: int
-    model_name: str | None
-    device: str | None
-    max_batch: int
-    seq_len: int | None
-    quiet: bool
-    as_ar: bool
     defaults: ChatRequest
+    host: str = flag("127.0.0.1", "interface to bind (default: this machine only)")
+    port: int = flag(8998, "0 picks a free port", low=0, high=65535)
+    model_name: str | None = flag(None, "model id reported by /v1/models (default: the checkpoint's file name)")
+    device: str | None = flag(None, "cuda, mps or cpu (default: the best this machine has)")
+    max_batch: int = flag(16, "most requests decoded together", low=1)
+    seq_len: int | None = flag(None, "diffusion canvas, prompt + generation (default: the model's positions)", kind=int)
+    quiet: bool = flag(False, "do not log each request")
+    as_ar: bool = flag(False, "serve a jointly trained diffusion checkpoint as its AR model")
 
 
 def parse_args(argv=None) -> ServeOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(p, "AR or diffusion checkpoint (.pt), an HF export directory, or a MiniMind2 .pth")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, action=Bounded, low=0, high=65535, default=8998, help="0 picks a free port")
-    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint's file name)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--max-batch", type=int, action=Bounded, low=1, default=16, help="most requests decoded together")
-    p.add_argument("--seq-len", type=int, help="diffusion canvas, prompt + generation (default: the model's positions)")
-    p.add_argument("--quiet", action="store_true", help="do not log each request")
-    p.add_argument("--as-ar", action="store_true", help="serve a jointly trained diffusion checkpoint as its AR model")
+    add_flags(p, ServeOptions)
     add_flags(p.add_argument_group("defaults of the request fields of the same names"), ChatRequest)
     args = parse(p, argv)
-    defaults = settings_from(ChatRequest, args)
-    sampling = {f.name for f in flag_fields(ChatRequest)}
-    args = {name: value for name, value in vars(args).items() if name not in sampling}
-    return ServeOptions(**args, defaults=defaults)
+    return settings_from(ServeOptions, args, defaults=settings_from(ChatRequest, args))
 
 
 def load_engine(o: ServeOptions) -> ChatEngine:
@@ -74,7 +65,7 @@ def load_engine(o: ServeOptions) -> ChatEngine:
     name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)
     d, temperature = o.defaults, o.defaults.temperature or 0.0
-    renamed = {"gen_length": "--max-tokens", "max_new_tokens": "--max-tokens", "block_size": "--block-length"}
+    renamed = {name: "--" + field.replace("_", "-") for name, field in REQUEST_FIELDS.items()}
     with flag_names(renamed):  # the defaults are checked as a request's fields are
         ARSamplerConfig(temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
         if engine.kind == "diffusion":  # what a request with the default settings decodes with

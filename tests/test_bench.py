@@ -12,7 +12,8 @@ from model.checkpoint import save_checkpoint
 from model.config import preset
 from model.errors import NanoLladaError
 from model.transformer import Transformer
-from scripts.bench import main, training_flops_per_token
+from scripts.bench import main
+from scripts.common.bench.training import training_flops_per_token
 
 SPEED = ("seconds", "content_tokens_per_s", "first_token_seconds", "forward_passes", "tokens_per_forward")
 

@@ -16,6 +16,7 @@ from conftest import token_rows as rows
 
 from model import block_attention
 from model.block_attention import bd3lm_attention_mask, bdlm_forward, choose_flex
+from model.config import preset
 from model.cross_entropy import chunked_cross_entropy, fp32_cross_entropy, logits_or_nll
 from model.errors import NanoLladaError
 from model.logit_shift import read_shifted
@@ -28,7 +29,7 @@ from scripts.common.cli import pick_device
 from scripts.common.training.diffusion_pretraining import DiffusionSettings, PretrainingLoss
 from scripts.common.training.optimization import TrainConfig
 from scripts.common.training.trainer import RunOptions, Task, train
-from scripts.memory_estimate import seed_model, step_memory
+from scripts.memory_estimate import step_memory
 from scripts.train import train_pretrain
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -285,7 +286,7 @@ def test_cpu_cross_entropy_is_the_plain_fp32_one_bit_for_bit():
 
 
 def test_the_memory_estimate_counts_the_seed_models_parameters_and_what_chunking_saves():
-    config = seed_model()
+    config = preset("minimind2_small")  # the seed commands' shape
     compiled, chunked, plain = (step_memory(config, 96, 256, False, loss) for loss in ("compiled", "chunked", "plain"))
     assert chunked.weights_and_adamw == 16 * 25_862_656 and chunked.activations == plain.activations
     assert plain.logits_and_loss - chunked.logits_and_loss > 96 * 256 * config.vocab_size * 4  # > one fp32 [N, V]

@@ -11,25 +11,25 @@ import torch.nn.functional as F
 
 from model.errors import NanoLladaError
 from model.inference.remasking import _factor_count
-from model.inference.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate
+from model.inference.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, encode, load_tokenizer
 from model.transformer import Transformer
 from scripts.common.bench.card import CardSettings, Pair, Run, Workload, ar_run, card_row, decoding_modes
-from scripts.common.bench.quality import content_ids, generative_perplexity, unigram_entropy
+from scripts.common.bench.quality import generative_perplexity, unigram_entropy
 
 MASK = 100  # the tiny config's last id
 
 
 def test_content_stops_at_the_first_eos():
-    assert content_ids([5, 6, EOS_ID, 7, EOS_ID], EOS_ID) == [5, 6]
-    assert content_ids([5, 6], EOS_ID) == [5, 6] and content_ids([EOS_ID, 5], EOS_ID) == []
+    assert strip_after_eos([5, 6, EOS_ID, 7, EOS_ID], EOS_ID) == [5, 6]
+    assert strip_after_eos([5, 6], EOS_ID) == [5, 6] and strip_after_eos([EOS_ID, 5], EOS_ID) == []
 
 
 def test_content_tokens_per_second_counts_only_tokens_before_eos(tiny_config):
     ar = Transformer(tiny_config).eval()
     written = [[4, 5, 6, EOS_ID, 9, 9], [7, EOS_ID, EOS_ID, EOS_ID]]  # what two rows of a decoder wrote
     run = Run()
-    run.add([content_ids(ids, EOS_ID) for ids in written], seconds=2.0, first=0.5, forwards=6)
+    run.add([strip_after_eos(ids, EOS_ID) for ids in written], seconds=2.0, first=0.5, forwards=6)
     row = card_row(Workload("continuation", 6, [[1, 3], [1, 4]]), 2, "x", run, ar, tokenizer=None)
     assert row["content_tokens"] == 4 and row["content_tokens_per_s"] == 2.0 and row["mean_content_length"] == 2
     assert row["tokens_per_forward"] == 2 / 6  # per row, per forward of the batch
@@ -111,8 +111,8 @@ def test_finishing_at_eos_keeps_the_text_and_saves_forwards(tiny_config, cache, 
     plain = diffusion_generate(model, prompt, sampler, MASK, EOS_ID)
     finished = diffusion_generate(model, prompt, DiffusionSamplerConfig(**{**sampler.__dict__, "finish_at_eos": True}),
                                   MASK, EOS_ID)  # fmt: skip
-    texts = [content_ids(row, EOS_ID) for row in plain.tokens.tolist()]
-    assert texts == [content_ids(row, EOS_ID) for row in finished.tokens.tolist()]
+    texts = [strip_after_eos(row, EOS_ID) for row in plain.tokens.tolist()]
+    assert texts == [strip_after_eos(row, EOS_ID) for row in finished.tokens.tolist()]
     assert finished.nfe <= plain.nfe and (finished.tokens != MASK).all()
     assert any(len(t) < 16 for t in texts)  # the EOS came early somewhere: the test exercises the finish
     if boost == 20.0 and threshold is None:  # every row writes EOS first: it stops long before its block's 8 steps

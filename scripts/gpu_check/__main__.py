@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.gpu_check.report import Context, Report, StageTimeout, time_limit
+from scripts.gpu_check.report import Context, Report, StageTimeout, one_line, time_limit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from --tokenizer-dir; never wait on a network
 
@@ -43,9 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json, the logs and the bench's table")
     p.add_argument(
-        "--work",
-        default=None,
-        help="folder for the corpus and checkpoints (default: a temporary one, removed at the end)",
+        "--work", help="folder for the corpus and checkpoints (default: a temporary one, removed at the end)"
     )
     p.add_argument("--device", default=None, help="cuda (default when usable) or cpu (the CPU mode)")
     p.add_argument("--budget-s", type=float, default=540, help="total seconds; each stage gets at most what is left")
@@ -70,13 +68,9 @@ def stage_functions() -> dict:
     from scripts.gpu_check.kernels import env_stage, kernels_stage
     from scripts.gpu_check.training import bench_stage, training_stage
 
-    return {
-        "env": env_stage,
-        "kernels": kernels_stage,
-        "training": training_stage,
-        "decoding": decoding_stage,
-        "bench": bench_stage,
-    }
+    return dict(
+        env=env_stage, kernels=kernels_stage, training=training_stage, decoding=decoding_stage, bench=bench_stage
+    )
 
 
 def run_stage(ctx: Context, name: str, fn, limit: float) -> None:
@@ -92,7 +86,7 @@ def run_stage(ctx: Context, name: str, fn, limit: float) -> None:
         ctx.check("SKIP", "time_limit", f"stopped after {limit:.0f} s; what it measured before is above")
     except Exception as err:  # a stage's own bug: say it and go on to the next stage
         status = "error"
-        ctx.check("FAIL", "stage", f"{type(err).__name__}: {str(err)[:200]}")
+        ctx.check("FAIL", "stage", one_line(err))
     ctx.report.stage_result(name, status=status, seconds=round(time.monotonic() - start, 1), limit_s=limit)
 
 
@@ -120,11 +114,7 @@ def main(argv=None) -> int:
     device = torch.device(wanted)
     report = Report(out / "gpu_check.json", {"command": sys.argv, "mode": device.type, "args": vars(args)})
     with contextlib.ExitStack() as cleanup:  # a temporary --work folder goes when the check ends, however it ends
-        work = (
-            Path(args.work)
-            if args.work
-            else Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_")))
-        )
+        work = Path(args.work or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_")))
         work.mkdir(parents=True, exist_ok=True)
         report.record["work"] = str(work)
         run_stages(Context(out, device, args, report, work), args)

@@ -84,9 +84,8 @@ def ar_decoding(ctx: Context, new: int) -> None:
     result = {"agreement": share, "cached_ms": 1e3 * cached_s / new, "uncached_ms": 1e3 * uncached_s / new}
     ctx.verdict("ar_cached_vs_uncached", share >= (0.9 if ctx.cuda else 1.0), detail, **result)
     _, batch_s = timed(ctx, lambda: generate_batch(model, [prompt] * 16, new, GREEDY, pad_id=PAD_ID))
-    ctx.check(
-        "PASS", "ar_batch16", f"{1e3 * batch_s / new:.2f} ms per step of 16 rows", ms_per_step=1e3 * batch_s / new
-    )
+    ms = 1e3 * batch_s / new
+    ctx.check("PASS", "ar_batch16", f"{ms:.2f} ms per step of 16 rows", ms_per_step=ms)
     ctx.report.stage_result("decoding", ar=result)
 
 
@@ -118,9 +117,8 @@ def block_causal(ctx: Context, new: int) -> None:
     sampler = DiffusionSamplerConfig(gen_length=new, steps=new, block_size=block, threshold=0.9, block_causal=True)
     runs = {}
     for cached in (True, False):
-        out, seconds = timed(
-            ctx, lambda c=cached: diffusion_generate(model, prompt, replace(sampler, use_kv_cache=c), mask_id)
-        )
+        decode = replace(sampler, use_kv_cache=cached)
+        out, seconds = timed(ctx, lambda: diffusion_generate(model, prompt, decode, mask_id))
         runs[cached] = (out.tokens[0].tolist(), out.nfe, seconds)
     share = agreement(runs[True][0], runs[False][0])
     ms = {c: 1e3 * s / n for c, (_, n, s) in runs.items()}

@@ -65,19 +65,13 @@ def _sdpa_sites(config: ModelConfig, device) -> dict:
     ids = torch.randint(3, config.vocab_size - 1, (B, L), device=device)
     real = torch.ones(B, L, dtype=torch.bool, device=device)
     real[0, L // 2 :] = False
-    clean = torch.cat([ids, ids], 1)
+    blocks = {"attention": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device)}
+    blocks["positions"] = torch.arange(L, device=device).repeat(2)  # x_t and x_0 share their positions
     return {
         "ar_causal_gqa": (ids, {"attention": "causal"}, True),
         "mdlm_bidirectional_gqa": (ids, {"attention": "bidirectional"}, True),
         "sft_key_padding_mask": (ids, {"attention": real[:, None, None, :]}, True),
-        "bd3lm_mask_eval": (
-            clean,
-            {
-                "attention": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device),
-                "positions": torch.arange(L, device=device).repeat(2),
-            },
-            False,
-        ),
+        "bd3lm_mask_eval": (torch.cat([ids, ids], 1), blocks, False),  # [x_t ; x_0]
     }
 
 
@@ -202,19 +196,11 @@ def loss_variants(ctx: Context, config: ModelConfig) -> None:
         value = fn(leaf)
         (grad,) = torch.autograd.grad(value.sum(), leaf)
         ms = timed_ms(lambda fn=fn: fn(logits.detach().requires_grad_()).sum().backward(), ctx.device)
-        results[name] = {
-            "value_diff": max_diff(value, reference),
-            "grad_diff": max_diff(grad, ref_grad),
-            "fwd_bwd_ms": ms,
-        }
-        r = results[name]
+        r = results[name] = {"value_diff": max_diff(value, reference), "grad_diff": max_diff(grad, ref_grad)}
+        r["fwd_bwd_ms"] = ms
         ok = r["value_diff"] <= 1e-3 and r["grad_diff"] <= (1e-2 if ctx.cuda else 1e-6)
-        ctx.verdict(
-            f"cross_entropy.{name}",
-            ok,
-            f"value |diff| {r['value_diff']:.1e}, grad |diff| {r['grad_diff']:.1e}, fwd+bwd {ms:.2f} ms",
-            **r,
-        )
+        detail = f"value |diff| {r['value_diff']:.1e}, grad |diff| {r['grad_diff']:.1e}, fwd+bwd {ms:.2f} ms"
+        ctx.verdict(f"cross_entropy.{name}", ok, detail, **r)
     if not ctx.cuda:
         ctx.check("SKIP", "cross_entropy.compiled", "CPU mode: inductor not run")
     ctx.report.stage_result("kernels", cross_entropy=results)

@@ -147,10 +147,8 @@ def training_stage(ctx: Context) -> None:
     tokenizer = load_tokenizer(a.tokenizer_dir)
     shape = {} if ctx.cuda else TINY_SHAPE  # CUDA: the seed commands' shape (ModelConfig's defaults)
     ctx.shared["config"] = ModelConfig(**shape, vocab_size=len(tokenizer))
-    if a.data:
-        ctx.shared["data"] = Path(a.data)
-    else:
-        ctx.shared["data"] = synthetic_corpus(ctx.work / "corpus.txt", tokenizer, 300_000 if ctx.cuda else 6_000)
+    tokens = 300_000 if ctx.cuda else 6_000
+    ctx.shared["data"] = Path(a.data) if a.data else synthetic_corpus(ctx.work / "corpus.txt", tokenizer, tokens)
     steps = a.steps or (30 if ctx.cuda else 12)
     results = {}
     for route in routes(ctx):
@@ -211,19 +209,7 @@ def bench_stage(ctx: Context) -> None:
 
     argv = ["--device", ctx.device.type, "--out", str(ctx.out / "bench" / "bench.json")]
     if not ctx.cuda:  # the smoke run: random tiny models, its card cut to one prompt
-        argv += [
-            "--tiny",
-            "--prompts",
-            "1",
-            "--questions",
-            "1",
-            "--lengths",
-            "8",
-            "--batches",
-            "1",
-            "--thresholds",
-            "0.9",
-        ]
+        argv += "--tiny --prompts 1 --questions 1 --lengths 8 --batches 1 --thresholds 0.9".split()
     with open(ctx.out / "bench.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         report = bench.main(argv)
     training = report["training"]

@@ -18,10 +18,10 @@ from model.config import shape_difference
 from model.errors import NanoLladaError
 from model.inference.ar import ARSamplerConfig, generate, generate_batch
 from model.inference.padding import left_pad
-from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
-from scripts.common.bench.quality import content_ids, generative_perplexity, mean_unigram_entropy
+from scripts.common.bench.quality import generative_perplexity, mean_unigram_entropy
 from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import parse_sentiment
 from scripts.common.device import autocast, synchronize
@@ -162,7 +162,7 @@ def timed_run(prompts: list[list[int]], batch: int, device, decode) -> Run:
         synchronize(device)
         seconds, wall = now() - start, time.perf_counter() - wall
         first = marks[0] - start if marks else seconds
-        run.add([content_ids(row, EOS_ID) for row in rows], seconds, first, forwards, wall)
+        run.add([strip_after_eos(row, EOS_ID) for row in rows], seconds, first, forwards, wall)  # content: before EOS
     return run
 
 

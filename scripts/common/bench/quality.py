@@ -1,6 +1,6 @@
-"""What the speed card says about the text a decoder wrote, computed on the decoded ids, never on a reference: its
-content (the ids before the first EOS, all that a speed figure counts), its generative perplexity under the pair's AR
-model (that model's own NLL) and its unigram entropy (repetition drives it towards 0 while keeping perplexity low)."""
+"""What the speed card says about the content a decoder wrote (the ids before the first EOS, all that a speed figure
+counts), computed on the decoded ids, never on a reference: its generative perplexity under the pair's AR model (that
+model's own NLL) and its unigram entropy (repetition drives it towards 0 while keeping perplexity low)."""
 
 import math
 from collections import Counter
@@ -8,11 +8,6 @@ from collections import Counter
 import torch
 
 from model.inference.likelihood import ar_nll_rows
-
-
-def content_ids(ids: list[int], eos_id: int) -> list[int]:
-    """The generated ids before the first EOS: what a reader gets, and all that content tokens/s counts."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else list(ids)
 
 
 @torch.no_grad()
