@@ -27,7 +27,7 @@ from model.inference.speculative import DRAFT_CONTEXTS, SpeculativeConfig, specu
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import synchronize
-from scripts.common.evaluation.lm_scores import lm_eval_model, ratio_mean_and_stderr
+from scripts.common.evaluation.lm_scores import lm_eval_model, paired_delta
 from scripts.common.evaluation.loading import held_out_batches, load_any_kind, load_checkpoint_for_eval
 
 
@@ -53,11 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def paired(result: dict, base: dict) -> tuple[float, float]:
-    difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
-    return ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
-
-
 def likelihoods(args, batches, device) -> list[dict]:
     """AR-mode NLL of the reference and every checkpoint, NELBO of every checkpoint, paired deltas."""
     rows = []
@@ -69,8 +64,8 @@ def likelihoods(args, batches, device) -> list[dict]:
         rows.append({"checkpoint": path, "ar": ar, "diffusion": bound, "block_size": block_size})
     first_diffusion = next((r["diffusion"] for r in rows if r["diffusion"] is not None), None)
     for row in rows:
-        row["ar_delta"] = paired(row["ar"], rows[0]["ar"])
-        row["diffusion_delta"] = paired(row["diffusion"], first_diffusion) if row["diffusion"] else None
+        row["ar_delta"] = paired_delta(row["ar"], rows[0]["ar"])
+        row["diffusion_delta"] = paired_delta(row["diffusion"], first_diffusion) if row["diffusion"] else None
     return rows
 
 

@@ -19,7 +19,7 @@ from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.device import autocast
-from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_for_eval
+from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import check_sample_length
 
 
@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     with flag_names():  # the same check as the server's request fields
         sampler.check_arguments(args.max_new_tokens or None)
     device = pick_device(args.device)
-    model, tokenizer = load_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
+    loaded = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
+    model, tokenizer = loaded[:2]
     result: dict = {}
     if args.max_new_tokens:
         ids = prompt_ids(tokenizer, args.prompt, args.chat)

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, encode
 from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
@@ -26,7 +25,7 @@ from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
 from scripts.common.evaluation.answers import answer_log_likelihoods, sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
-from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.loading import load_checkpoint_for_eval, sft_routes
 from scripts.common.evaluation.sampler_flags import SamplerFlags
 from scripts.common.settings import add_flags, settings_from
 
@@ -82,10 +81,9 @@ def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[l
             sampler = sampler_for_checkpoint(checkpoint, asked_diffusion_sampler(args))
         if sampler.block_causal:
             print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
-    answers = []
+    answers, size = [], args.batch_size
     with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar, flag_names():
-        for batch in chunks(prompts, args.batch_size):
-            size = len(batch)
+        for batch in chunks(prompts, size):  # (in chunks for the progress bar)
             if sampler is None:
                 answers += ar_answers(
                     model, tokenizer, batch, args.max_new_tokens, device, dtype=args.dtype, batch_size=size
@@ -139,8 +137,7 @@ def score_labels(name: str, kind: str, model, tokenizer, items, args, block_size
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
-        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    routes = sft_routes(args.minimind_checkpoint, args.diffusion_checkpoint)
     positive("--max-new-tokens", args.max_new_tokens)
     device = pick_device(args.device)
     if args.batch_size is None:
@@ -153,12 +150,7 @@ def main(argv=None) -> dict:
         with flag_names():  # a bad decoding flag is named before any model is read or any question answered
             asked_diffusion_sampler(args).check_arguments()  # the eval scripts' and server's check
     results, predictions = {}, []
-    for name, path, kind in (
-        ("AR", args.minimind_checkpoint, "ar"),
-        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
-    ):
-        if not path:
-            continue
+    for name, path, kind in routes:
         loaded = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
         items = sft_questions(args.data, loaded[1], args.limit)
         answers, sampler = decode_answers(name, kind, loaded, items, args, device)

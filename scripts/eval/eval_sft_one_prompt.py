@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 from model.errors import NanoLladaError
+from model.inference.ar import ARSamplerConfig
 from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
-from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.loading import load_checkpoint_for_eval, sft_routes
 from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
 from scripts.common.settings import add_flags, settings_from
 
@@ -102,37 +103,14 @@ def report(name: str, answer, quiet: bool = False) -> None:
     )
 
 
-def load_models(args, device) -> dict:
-    """{"AR": (model, tokenizer, checkpoint), "Diffusion": ...} for the checkpoints given."""
-    models = {}
-    for name, path, kind in (
-        ("AR", args.minimind_checkpoint, "ar"),
-        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
-    ):
-        if path:
-            models[name] = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
-    return models
-
-
 def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[list, DiffusionSamplerConfig | None]:
     """One model's answers to a batch of prompts, and the diffusion settings they were decoded with (one canvas for
     a diffusion batch: its longest prompt sets the room left for the answers)."""
     model, tokenizer, checkpoint = loaded
     ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in prompts]
     if name == "AR":
-        answers = ar_answers(
-            model,
-            tokenizer,
-            ids,
-            args.max_new_tokens,
-            device,
-            args.ar_temperature,
-            args.ar_top_k,
-            args.ar_top_p,
-            args.seed,
-            args.dtype,
-            batch_size=len(ids),
-        )
+        drawn = ARSamplerConfig(args.ar_temperature, args.ar_top_k, args.ar_top_p)
+        answers = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, drawn, args.seed, args.dtype, len(ids))
         return answers, None
     sampler = sampler_for(args, max(map(len, ids)), checkpoint)
     with flag_names():
@@ -156,8 +134,7 @@ def summarize(rows: list[dict], names, args) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
-        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    routes = sft_routes(args.minimind_checkpoint, args.diffusion_checkpoint)
     if (args.prompt is None) == (args.prompt_file is None):
         raise NanoLladaError("give exactly one of --prompt and --prompt-file")
     positive("--max-new-tokens", args.max_new_tokens)
@@ -166,7 +143,7 @@ def main(argv=None) -> list[dict]:
         output_file(args.out or f"{args.prompt_file}.answers.jsonl", "--out")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     device = pick_device(args.device)
-    models = load_models(args, device)
+    models = {name: load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device) for name, path, kind in routes}
     quiet = len(prompts) > 1
     rows, noted = [], False
     for chunk in chunks(prompts, args.batch_size):

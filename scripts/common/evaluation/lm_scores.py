@@ -105,6 +105,12 @@ def lm_eval_model(
     }
 
 
+def paired_delta(result: dict, base: dict) -> tuple[float, float]:
+    """`result`'s per-token number minus `base`'s (lm_eval_model results on the same rows), and its paired s.e."""
+    difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
+    return ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
+
+
 def add_paired_deltas(results: list[dict]) -> None:
     """Each result gains delta / delta_stderr: its per-token number minus the first one's, paired over rows."""
     base = results[0]
@@ -114,8 +120,7 @@ def add_paired_deltas(results: list[dict]) -> None:
                 f"{result['checkpoint']}: scored other rows than {base['checkpoint']}; compare with the same "
                 "--eval-data and --seq-len"
             )
-        difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
-        result["delta"], result["delta_stderr"] = ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
+        result["delta"], result["delta_stderr"] = paired_delta(result, base)
 
 
 def lm_table(results: list[dict]) -> str:
@@ -141,8 +146,7 @@ def lm_results(
 ) -> Iterator[tuple[dict, object, object]]:
     """(result, model, tokenizer) for each checkpoint in turn, all scored on the same held-out rows (`heads`: for
     MiniMind2 .pth files)."""
-    batches = None
-    s = scoring
+    batches, s = None, scoring
     for path in checkpoints:
         model, tokenizer, kind, block_size = load_any_kind(path, tokenizer_dir, device, heads)
         if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows

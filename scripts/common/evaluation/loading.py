@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from model.checkpoint import build_model, check_compatible, read_checkpoint
+from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import load_tokenizer
 from scripts.common.data.packing import PackedRows, tokenize_to_cache
@@ -16,6 +17,14 @@ def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None
     p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
 
 
+def sft_routes(ar_checkpoint: str | None, diffusion_checkpoint: str | None) -> list[tuple[str, str, str]]:
+    """(name, path, kind) of the checkpoints an SFT eval was given (--minimind-checkpoint, --diffusion-checkpoint)."""
+    if not ar_checkpoint and not diffusion_checkpoint:
+        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    routes = [("AR", ar_checkpoint, "ar"), ("Diffusion", diffusion_checkpoint, "diffusion")]
+    return [route for route in routes if route[1]]
+
+
 def load_checkpoint_for_eval(
     checkpoint_path, tokenizer_dir, kind: str | None, device, num_attention_heads: int | None = None
 ):
@@ -24,11 +33,6 @@ def load_checkpoint_for_eval(
     tokenizer = load_tokenizer(tokenizer_dir)
     checkpoint = check_compatible(checkpoint, checkpoint_path, kind, tokenizer, tokenizer_dir)  # joint: as AR
     return build_model(checkpoint, checkpoint_path).to(device).eval(), tokenizer, checkpoint
-
-
-def load_for_eval(checkpoint_path, tokenizer_dir, kind: str, device, num_attention_heads: int | None = None):
-    """(model in eval mode, tokenizer) after checking the kind, the tokenizer identity and the vocabulary."""
-    return load_checkpoint_for_eval(checkpoint_path, tokenizer_dir, kind, device, num_attention_heads)[:2]
 
 
 def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
