@@ -100,10 +100,6 @@ def timed_step(title: str, module: str, argv: list[str]):
     return result, round(time.perf_counter() - start, 1)
 
 
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 class Experiment:
     """Runs stages in order, keeping each stage's result and wall time."""
 
@@ -125,7 +121,7 @@ class Experiment:
                 self.run(*stage)
             return
         spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.args.jobs, mp_context=spawn, initializer=one_thread) as pool:
+        with ProcessPoolExecutor(self.args.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {name: pool.submit(timed_step, *rest) for name, *rest in stages}
             for name, future in futures.items():
                 self.results[name], self.timings[name] = future.result()
@@ -160,15 +156,8 @@ class Experiment:
 
     def compare(self) -> None:
         checkpoints = [f"{run}_state_dict.pt" for run in ("ar", *CONVERSIONS, "diffusion_scratch")]
-        argv = cli(
-            out=self.out / "compare",
-            tokenizer_dir=".",
-            seq_len=128,
-            mc_samples=8,
-            device=self.args.device,
-            eval_data=self.data / "sample_pretrain_val.jsonl",
-            eval_max_batches=8,
-        )
+        argv = cli(out=self.out / "compare", tokenizer_dir=".", seq_len=128, mc_samples=8, device=self.args.device)
+        argv += cli(eval_data=self.data / "sample_pretrain_val.jsonl", eval_max_batches=8)
         for checkpoint in checkpoints:
             argv += cli(checkpoint=self.out / checkpoint)
         self.run("compare", "4. AR perplexity vs diffusion NELBO, validation curves", "scripts.eval.compare", argv)
@@ -233,26 +222,16 @@ class Experiment:
         accuracy = {}
         for name in SFT_VARIANTS:
             checkpoint = cli(diffusion_checkpoint=self.out / f"{name}_state_dict.pt")
-            result = self.accuracy(f"validation_{name}", checkpoint, split="sample_sft_val.jsonl")
+            result = self.run(*self.accuracy_stage(f"validation_{name}", checkpoint, split="sample_sft_val.jsonl"))
             accuracy[name] = result["Diffusion"]["accuracy"]
         best = max(accuracy, key=accuracy.get)
         print(f"validation accuracy by SFT variant: {accuracy}; best: {best}")
         return best
 
     def accuracy_stage(self, name: str, checkpoints: list[str], *flags: str, split="sample_sft_test.jsonl"):
-        argv = cli(
-            *checkpoints,
-            *flags,
-            data=self.data / split,
-            tokenizer_dir=".",
-            limit=self.args.questions,
-            batch_size=1,
-            device=self.args.device,
-        )
+        argv = cli(*checkpoints, *flags, data=self.data / split, tokenizer_dir=".", limit=self.args.questions)
+        argv += cli(batch_size=1, device=self.args.device)
         return name, f"accuracy: {name}", "scripts.eval.eval_sft_accuracy", argv
-
-    def accuracy(self, name: str, checkpoints: list[str], *flags: str, split="sample_sft_test.jsonl") -> dict:
-        return self.run(*self.accuracy_stage(name, checkpoints, *flags, split=split))
 
     def evaluate(self) -> None:
         sft = self.sft_weights

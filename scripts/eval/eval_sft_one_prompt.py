@@ -137,7 +137,6 @@ def main(argv=None) -> list[dict]:
     routes = sft_routes(args.minimind_checkpoint, args.diffusion_checkpoint)
     if (args.prompt is None) == (args.prompt_file is None):
         raise NanoLladaError("give exactly one of --prompt and --prompt-file")
-    positive("--max-new-tokens", args.max_new_tokens)
     positive("--batch-size", args.batch_size)
     if args.prompt_file:  # checked before any model decodes: the answers are written only at the end
         output_file(args.out or f"{args.prompt_file}.answers.jsonl", "--out")
