@@ -1,12 +1,16 @@
-"""What the eval entry points share: loading a checkpoint of the right kind with its tokenizer, held-out rows."""
+"""What the eval entry points share: loading a checkpoint of the right kind with its tokenizer, held-out rows, the
+flags that name checkpoints and the device."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from model.checkpoint import build_model, check_compatible, read_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import load_tokenizer
 from scripts.common.data.packing import PackedRows, tokenize_to_cache
+from scripts.common.settings import flag
 
 
 def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None:
@@ -17,12 +21,28 @@ def add_checkpoint_flags(p, checkpoint_help: str, several: bool = False) -> None
     p.add_argument("--num-attention-heads", type=int, default=None, help="only for MiniMind2 .pth files (default 8)")
 
 
-def sft_routes(ar_checkpoint: str | None, diffusion_checkpoint: str | None) -> list[tuple[str, str, str]]:
-    """(name, path, kind) of the checkpoints an SFT eval was given (--minimind-checkpoint, --diffusion-checkpoint)."""
-    if not ar_checkpoint and not diffusion_checkpoint:
-        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
-    routes = [("AR", ar_checkpoint, "ar"), ("Diffusion", diffusion_checkpoint, "diffusion")]
-    return [route for route in routes if route[1]]
+@dataclass
+class Device:
+    """Where an eval runs, and in what precision."""
+
+    dtype: str = flag("bfloat16", "autocast dtype on CUDA (CPU runs float32)", choices=["bfloat16", "float32"])
+    device: str | None = flag(None, "cpu, cuda, mps, ... (default: the best this machine has)")
+
+
+@dataclass
+class SFTCheckpoints(Device):
+    """The checkpoints the SFT evals (eval_sft_one_prompt, eval_sft_accuracy) run: either route or both."""
+
+    tokenizer_dir: str = flag(".", "the tokenizer the checkpoints were trained with")
+    minimind_checkpoint: str | None = flag(None, "AR SFT checkpoint")
+    diffusion_checkpoint: str | None = flag(None, "diffusion SFT checkpoint")
+
+    def routes(self) -> list[tuple[str, str, str]]:
+        """(name, path, kind) of the checkpoints given."""
+        if not self.minimind_checkpoint and not self.diffusion_checkpoint:
+            raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+        routes = [("AR", self.minimind_checkpoint, "ar"), ("Diffusion", self.diffusion_checkpoint, "diffusion")]
+        return [route for route in routes if route[1]]
 
 
 def load_checkpoint_for_eval(

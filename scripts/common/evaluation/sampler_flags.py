@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass
 from model.errors import NanoLladaError
 from model.inference.sampling import REMASKINGS, DiffusionSamplerConfig, sampler_for_checkpoint
 from scripts.common.cli import flag_names
+from scripts.common.evaluation.loading import Device
 from scripts.common.settings import flag
 
 
 @dataclass
-class PromptAndHeldOut:
+class PromptAndHeldOut(Device):
     """The flags eval_minimind and eval_diffusion share: a prompt to continue, held-out rows to score."""
 
     prompt: str = flag("请介绍你自己。", "the text to continue")
@@ -25,8 +26,6 @@ class PromptAndHeldOut:
     seq_len: int = flag(256, "row length for --eval-data; diffusion: prompt + generation", "--max-seq-len", low=2)
     eval_batch_size: int = flag(16, "held-out rows per forward", low=1)
     eval_max_batches: int = flag(10, "held-out rows scored = batch size x this (fewer if the file is short)", low=1)
-    dtype: str = flag("bfloat16", "autocast dtype on CUDA (CPU runs float32)", choices=["bfloat16", "float32"])
-    device: str | None = flag(None, "cpu, cuda, mps, ... (default: the best this machine has)")
     seed: int = flag(2026, "seeds the sampling and the mask draws")
 
 
