@@ -153,10 +153,8 @@ def main(argv=None) -> dict:
     scoring = settings_from(LMScoring, args)
     settings: ScoringSettings | None = None
     if args.data:
-        settings, question_sets = (
-            settings_from(ScoringSettings, args, "choice_", seed=args.seed),
-            load_question_sets(args.data, args.limit),
-        )
+        settings = settings_from(ScoringSettings, args, "choice_", seed=args.seed)
+        question_sets = load_question_sets(args.data, args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
