@@ -23,13 +23,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.evaluation.lm_scores import (
-    LMScoring,
-    add_lm_flags,
-    add_paired_deltas,
-    lm_results,
-    lm_table,
-)
+from scripts.common.evaluation.lm_scores import LMScoring, add_lm_flags, add_paired_deltas, lm_results, lm_table
 from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
     add_choice_flags,
