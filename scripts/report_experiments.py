@@ -61,6 +61,7 @@ SFT_VARIANTS = {
     "diffusion_sft_padding01": cli(loss_normalization="row", eos_padding_weight=0.1),
     "diffusion_sft_token_mean": cli(loss_normalization="batch", eos_padding_weight=1.0),
 }
+DIFFUSION, SFT_DIFFUSION = "scripts.train.diffusion", "scripts.train.train_sft_diffusion"  # the entry points run most
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
 
 
@@ -135,23 +136,12 @@ class Experiment:
         # fmt: on
         self.run("ar", "1. AR pretraining", "scripts.train.train_pretrain", cli(*common, run_name="ar"))
         diffusion = cli("--train", "--use-tokenizer", *common, mask_schedule="iid_t", lr_schedule="cosine")
-        stages = [
-            (
-                name,
-                f"2. Diffusion initialised from AR: {name}",
-                "scripts.train.diffusion",
-                cli(*diffusion, *flags, run_name=name, init_from_minimind=out / "ar_state_dict.pt"),
-            )
-            for name, flags in CONVERSIONS.items()
-        ]
-        stages.append(
-            (
-                "diffusion_scratch",
-                "3. Diffusion from scratch",
-                "scripts.train.diffusion",
-                cli(*diffusion, run_name="diffusion_scratch"),
-            )
-        )
+        stages = []
+        for name, flags in CONVERSIONS.items():
+            argv = cli(*diffusion, *flags, run_name=name, init_from_minimind=out / "ar_state_dict.pt")
+            stages.append((name, f"2. Diffusion initialised from AR: {name}", DIFFUSION, argv))
+        scratch = cli(*diffusion, run_name="diffusion_scratch")
+        stages.append(("diffusion_scratch", "3. Diffusion from scratch", DIFFUSION, scratch))
         self.run_many(stages)
 
     def compare(self) -> None:
@@ -181,13 +171,12 @@ class Experiment:
         """AR SFT, and the default diffusion SFT of the old, the default and the best conversion; test accuracy."""
         self.best_conversion = self.pick_conversion()
         starts = dict.fromkeys(["diffusion_from_ar", DEFAULT_CONVERSION, self.best_conversion])
-        stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind",
-                   cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt"))]  # fmt: skip
+        ar = cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt")
+        stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind", ar)]
         for start in starts:
             flags = cli(*self.sft_flags(), *SFT_VARIANTS["diffusion_sft_padding01"], run_name=f"sft_{start}")
             load = cli(load_from=self.out / f"{start}_state_dict.pt")
-            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", "scripts.train.train_sft_diffusion",
-                           [*flags, *load]))  # fmt: skip
+            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", SFT_DIFFUSION, [*flags, *load]))
         self.run_many(stages)
         checks = [("accuracy_ar_sft", cli(minimind_checkpoint=self.sft_weights("ar_sft")))]
         checks += [
@@ -202,20 +191,12 @@ class Experiment:
         """Each SFT normalisation from the default conversion; block SFT with the one that decodes best."""
         start = self.out / f"{DEFAULT_CONVERSION}_state_dict.pt"
         for name, flags in SFT_VARIANTS.items():
-            self.run(
-                name,
-                f"6a. Diffusion SFT: {name}",
-                "scripts.train.train_sft_diffusion",
-                cli(*self.sft_flags(), *flags, run_name=name, load_from=start),
-            )
+            argv = cli(*self.sft_flags(), *flags, run_name=name, load_from=start)
+            self.run(name, f"6a. Diffusion SFT: {name}", SFT_DIFFUSION, argv)
         self.best_sft = self.select_sft()
         block = cli(*SFT_VARIANTS[self.best_sft], block_size=32)
-        self.run(
-            "diffusion_sft_block32",
-            "6b. Diffusion SFT as LLaDA 2.0 block SFT (block 32)",
-            "scripts.train.train_sft_diffusion",
-            cli(*self.sft_flags(), *block, run_name="diffusion_sft_block32", load_from=start),
-        )
+        argv = cli(*self.sft_flags(), *block, run_name="diffusion_sft_block32", load_from=start)
+        self.run("diffusion_sft_block32", "6b. Diffusion SFT as LLaDA 2.0 block SFT (block 32)", SFT_DIFFUSION, argv)
 
     def select_sft(self) -> str:
         """The variant that decodes best on the validation reviews (chosen there, reported on the test reviews)."""
