@@ -80,13 +80,8 @@ def plot_lm_numbers(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5), dpi=120)
     labels = [f"{run_name(r['checkpoint'])}\n({r['kind']})" for r in results]
     colors = ["tab:blue" if r["kind"] == "ar" else "tab:orange" for r in results]
-    ax.bar(
-        range(len(results)),
-        [r["nll_per_token"] for r in results],
-        yerr=[r["stderr"] for r in results],
-        color=colors,
-        capsize=4,
-    )
+    means, errors = [r["nll_per_token"] for r in results], [r["stderr"] for r in results]
+    ax.bar(range(len(results)), means, yerr=errors, color=colors, capsize=4)
     ax.set_xticks(range(len(results)), labels, fontsize=8)
     ax.set(
         title="held-out nats/token on the same rows, ±1 s.e.\nblue: AR NLL (exact), orange: diffusion NELBO (bound)",

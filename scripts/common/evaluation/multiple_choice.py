@@ -153,9 +153,7 @@ def score_question(model, kind: str, tokenizer, question: Question, settings: Sc
     context = prompt_ids(tokenizer, prompt_text(question), settings.chat)
     letters = list(question.options)
     texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
-    answers = [
-        encode(tokenizer, text) or encode(tokenizer, " ") for text in texts
-    ]  # an empty option still gets a token
+    answers = [encode(tokenizer, text) or encode(tokenizer, " ") for text in texts]  # an empty option gets a token
     if kind == "ar":
         scores, errors = ar_log_likelihood_batch(model, context, answers), [0.0] * len(answers)
     else:
