@@ -27,8 +27,9 @@ from model.inference.speculative import DRAFT_CONTEXTS, SpeculativeConfig, specu
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import synchronize
-from scripts.common.evaluation.lm_scores import lm_eval_model, paired_delta
+from scripts.common.evaluation.lm_scores import LMScoring, lm_eval_model, paired_delta
 from scripts.common.evaluation.loading import held_out_batches, load_any_kind, load_checkpoint_for_eval
+from scripts.common.settings import add_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,11 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", required=True, help="the AR-only checkpoint the AR-mode NLLs are paired against")
     p.add_argument("--checkpoint", action="append", required=True, help="diffusion checkpoint (repeat for several)")
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--eval-data", default="dataset/sample_reviews_val.jsonl")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-max-batches", type=int, default=4)
-    p.add_argument("--mc-samples", type=int, default=8, help="mask draws per row for the diffusion bound")
+    # the held-out rows as eval_lm reads them (scored in float32)
+    add_flags(
+        p, LMScoring, skip=("dtype",), eval_data="dataset/sample_reviews_val.jsonl", seq_len=128, eval_max_batches=4
+    )
     p.add_argument("--prompts", type=int, default=8, help="prompts for the speculation rows (0: none)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -49,7 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--draft-context", action="append", choices=DRAFT_CONTEXTS, default=None, help="repeatable (default: both)"
     )
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=2026)
     return p.parse_args(argv)
 
 
@@ -127,7 +126,7 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     _, tokenizer = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, None, device)[:2]
     batches = held_out_batches(
-        args.eval_data, tokenizer, "text", args.seq_len, args.eval_batch_size, args.eval_max_batches
+        args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
     )
     rows = likelihoods(args, batches, device)
     print_likelihoods(rows)
