@@ -24,7 +24,7 @@ from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.device import autocast, synchronize
-from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import HeldOutRows, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
     PromptAndHeldOut,
     SamplerFlags,
@@ -138,9 +138,7 @@ def main(argv=None) -> dict:
     if args.max_new_tokens:
         result["sample"] = sample(model, tokenizer, args, device, checkpoint)
     if args.eval_data:
-        batches = held_out_batches(
-            args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-        )
+        batches = settings_from(HeldOutRows, args).batches(tokenizer)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         means, errors = [], []
         with autocast(device, args.dtype):

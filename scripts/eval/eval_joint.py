@@ -28,8 +28,8 @@ from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import synchronize
 from scripts.common.evaluation.lm_scores import LMScoring, lm_eval_model, paired_delta
-from scripts.common.evaluation.loading import held_out_batches, load_any_kind, load_checkpoint_for_eval
-from scripts.common.settings import add_flags
+from scripts.common.evaluation.loading import HeldOutRows, load_any_kind, load_checkpoint_for_eval
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,9 +125,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     _, tokenizer = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, None, device)[:2]
-    batches = held_out_batches(
-        args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-    )
+    batches = settings_from(HeldOutRows, args).batches(tokenizer)
     rows = likelihoods(args, batches, device)
     print_likelihoods(rows)
     prompts = [row[: args.prompt_tokens].tolist() for row in torch.cat(batches)[: args.prompts]]

@@ -19,9 +19,9 @@ from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.device import autocast
-from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import HeldOutRows, add_checkpoint_flags, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import PromptAndHeldOut, check_sample_length
-from scripts.common.settings import add_flags
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -85,9 +85,7 @@ def main(argv=None) -> dict:
         )
         result.update(new_tokens=new_ids, seconds=elapsed)
     if args.eval_data:
-        batches = held_out_batches(
-            args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-        )
+        batches = settings_from(HeldOutRows, args).batches(tokenizer)
         stats = held_out_loss(model, batches, device, args.dtype)
         print(
             f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, "

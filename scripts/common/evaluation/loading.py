@@ -65,8 +65,18 @@ def load_any_kind(path, tokenizer_dir, device, num_attention_heads=None):
     return model, tokenizer, checkpoint.kind, block_size
 
 
-def held_out_batches(path, tokenizer, field: str, seq_len: int, batch_size: int, max_batches: int) -> list:
-    """The first max_batches batches of packed rows of a held-out file (the same rows every time)."""
-    rows = PackedRows(tokenize_to_cache(path, tokenizer, field)[0], seq_len)
-    n = min(rows.num_rows, batch_size * max_batches)
-    return [rows.gather(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+@dataclass
+class HeldOutRows:
+    """Held-out rows to score: --eval-data packed into rows of --seq-len tokens as in training."""
+
+    eval_data: str | None = flag(None, "held-out jsonl/txt")
+    jsonl_field: str = flag("text", "the field of a jsonl row that holds its text")
+    seq_len: int = flag(256, "row length (use the trained one)", "--max-seq-len", low=2)
+    eval_batch_size: int = flag(16, "rows per forward", low=1)
+    eval_max_batches: int = flag(8, "rows scored = batch size x this (fewer if the file is short)", low=1)
+
+    def batches(self, tokenizer) -> list:
+        """The first --eval-max-batches batches of rows (the same rows every time)."""
+        rows = PackedRows(tokenize_to_cache(self.eval_data, tokenizer, self.jsonl_field)[0], self.seq_len)
+        n, size = min(rows.num_rows, self.eval_batch_size * self.eval_max_batches), self.eval_batch_size
+        return [rows.gather(range(i, min(i + size, n))) for i in range(0, n, size)]
