@@ -45,14 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def decoded(model, tokenizer, checkpoint, prompts: list[list[int]], args, device) -> list[list[int]]:
     """Greedy answers (ids before EOS): AR with its KV cache; diffusion one token per step in blocks of 32 (or as
     the checkpoint was trained to decode)."""
+    n, batching = args.max_new_tokens, dict(dtype=args.dtype, batch_size=args.batch_size)
     if checkpoint.kind == "ar":
-        answers = ar_answers(model, tokenizer, prompts, args.max_new_tokens, device, dtype=args.dtype)
+        answers = ar_answers(model, tokenizer, prompts, n, device, **batching)
     else:
-        n = args.max_new_tokens
         asked = DiffusionSamplerConfig(gen_length=n, steps=n, block_size=default_block_size(n))
         with flag_names():
             sampler = sampler_for_checkpoint(checkpoint, asked)
-        answers = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype=args.dtype)
+        answers = diffusion_answers(model, tokenizer, prompts, sampler, device, **batching)
     return [answer.ids for answer in answers]
 
 

@@ -194,16 +194,10 @@ def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, 
 
 
 def evaluate_question_sets(
-    model,
-    kind,
-    tokenizer,
-    question_sets: dict[str, list[Question]],
-    settings: ScoringSettings,
-    device,
-    dtype,
-    block_size=None,
+    model, kind, tokenizer, question_sets: dict, settings: ScoringSettings, device, dtype, block_size=None
 ) -> tuple[dict, list[dict]]:
-    """({file or 'all': accuracy summary}, per-item predictions) over every question."""
+    """({file or 'all': accuracy summary}, per-item predictions) over every question of `question_sets` (as
+    load_question_sets reads them: {file: questions})."""
     summaries, items = {}, []
     for name, questions in question_sets.items():
         with autocast(device, dtype):
