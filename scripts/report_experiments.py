@@ -61,6 +61,7 @@ SFT_VARIANTS = {
     "diffusion_sft_padding01": cli(loss_normalization="row", eos_padding_weight=0.1),
     "diffusion_sft_token_mean": cli(loss_normalization="batch", eos_padding_weight=1.0),
 }
+DIFFUSION, SFT_DIFFUSION = "scripts.train.diffusion", "scripts.train.train_sft_diffusion"  # the entry points run most
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
 
 
@@ -100,10 +101,6 @@ def timed_step(title: str, module: str, argv: list[str]):
     return result, round(time.perf_counter() - start, 1)
 
 
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 class Experiment:
     """Runs stages in order, keeping each stage's result and wall time."""
 
@@ -125,7 +122,7 @@ class Experiment:
                 self.run(*stage)
             return
         spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.args.jobs, mp_context=spawn, initializer=one_thread) as pool:
+        with ProcessPoolExecutor(self.args.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {name: pool.submit(timed_step, *rest) for name, *rest in stages}
             for name, future in futures.items():
                 self.results[name], self.timings[name] = future.result()
@@ -139,36 +136,18 @@ class Experiment:
         # fmt: on
         self.run("ar", "1. AR pretraining", "scripts.train.train_pretrain", cli(*common, run_name="ar"))
         diffusion = cli("--train", "--use-tokenizer", *common, mask_schedule="iid_t", lr_schedule="cosine")
-        stages = [
-            (
-                name,
-                f"2. Diffusion initialised from AR: {name}",
-                "scripts.train.diffusion",
-                cli(*diffusion, *flags, run_name=name, init_from_minimind=out / "ar_state_dict.pt"),
-            )
-            for name, flags in CONVERSIONS.items()
-        ]
-        stages.append(
-            (
-                "diffusion_scratch",
-                "3. Diffusion from scratch",
-                "scripts.train.diffusion",
-                cli(*diffusion, run_name="diffusion_scratch"),
-            )
-        )
+        stages = []
+        for name, flags in CONVERSIONS.items():
+            argv = cli(*diffusion, *flags, run_name=name, init_from_minimind=out / "ar_state_dict.pt")
+            stages.append((name, f"2. Diffusion initialised from AR: {name}", DIFFUSION, argv))
+        scratch = cli(*diffusion, run_name="diffusion_scratch")
+        stages.append(("diffusion_scratch", "3. Diffusion from scratch", DIFFUSION, scratch))
         self.run_many(stages)
 
     def compare(self) -> None:
         checkpoints = [f"{run}_state_dict.pt" for run in ("ar", *CONVERSIONS, "diffusion_scratch")]
-        argv = cli(
-            out=self.out / "compare",
-            tokenizer_dir=".",
-            seq_len=128,
-            mc_samples=8,
-            device=self.args.device,
-            eval_data=self.data / "sample_pretrain_val.jsonl",
-            eval_max_batches=8,
-        )
+        argv = cli(out=self.out / "compare", tokenizer_dir=".", seq_len=128, mc_samples=8, device=self.args.device)
+        argv += cli(eval_data=self.data / "sample_pretrain_val.jsonl", eval_max_batches=8)
         for checkpoint in checkpoints:
             argv += cli(checkpoint=self.out / checkpoint)
         self.run("compare", "4. AR perplexity vs diffusion NELBO, validation curves", "scripts.eval.compare", argv)
@@ -192,13 +171,12 @@ class Experiment:
         """AR SFT, and the default diffusion SFT of the old, the default and the best conversion; test accuracy."""
         self.best_conversion = self.pick_conversion()
         starts = dict.fromkeys(["diffusion_from_ar", DEFAULT_CONVERSION, self.best_conversion])
-        stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind",
-                   cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt"))]  # fmt: skip
+        ar = cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt")
+        stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind", ar)]
         for start in starts:
             flags = cli(*self.sft_flags(), *SFT_VARIANTS["diffusion_sft_padding01"], run_name=f"sft_{start}")
             load = cli(load_from=self.out / f"{start}_state_dict.pt")
-            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", "scripts.train.train_sft_diffusion",
-                           [*flags, *load]))  # fmt: skip
+            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", SFT_DIFFUSION, [*flags, *load]))
         self.run_many(stages)
         checks = [("accuracy_ar_sft", cli(minimind_checkpoint=self.sft_weights("ar_sft")))]
         checks += [
@@ -213,46 +191,28 @@ class Experiment:
         """Each SFT normalisation from the default conversion; block SFT with the one that decodes best."""
         start = self.out / f"{DEFAULT_CONVERSION}_state_dict.pt"
         for name, flags in SFT_VARIANTS.items():
-            self.run(
-                name,
-                f"6a. Diffusion SFT: {name}",
-                "scripts.train.train_sft_diffusion",
-                cli(*self.sft_flags(), *flags, run_name=name, load_from=start),
-            )
+            argv = cli(*self.sft_flags(), *flags, run_name=name, load_from=start)
+            self.run(name, f"6a. Diffusion SFT: {name}", SFT_DIFFUSION, argv)
         self.best_sft = self.select_sft()
         block = cli(*SFT_VARIANTS[self.best_sft], block_size=32)
-        self.run(
-            "diffusion_sft_block32",
-            "6b. Diffusion SFT as LLaDA 2.0 block SFT (block 32)",
-            "scripts.train.train_sft_diffusion",
-            cli(*self.sft_flags(), *block, run_name="diffusion_sft_block32", load_from=start),
-        )
+        argv = cli(*self.sft_flags(), *block, run_name="diffusion_sft_block32", load_from=start)
+        self.run("diffusion_sft_block32", "6b. Diffusion SFT as LLaDA 2.0 block SFT (block 32)", SFT_DIFFUSION, argv)
 
     def select_sft(self) -> str:
         """The variant that decodes best on the validation reviews (chosen there, reported on the test reviews)."""
         accuracy = {}
         for name in SFT_VARIANTS:
             checkpoint = cli(diffusion_checkpoint=self.out / f"{name}_state_dict.pt")
-            result = self.accuracy(f"validation_{name}", checkpoint, split="sample_sft_val.jsonl")
+            result = self.run(*self.accuracy_stage(f"validation_{name}", checkpoint, split="sample_sft_val.jsonl"))
             accuracy[name] = result["Diffusion"]["accuracy"]
         best = max(accuracy, key=accuracy.get)
         print(f"validation accuracy by SFT variant: {accuracy}; best: {best}")
         return best
 
     def accuracy_stage(self, name: str, checkpoints: list[str], *flags: str, split="sample_sft_test.jsonl"):
-        argv = cli(
-            *checkpoints,
-            *flags,
-            data=self.data / split,
-            tokenizer_dir=".",
-            limit=self.args.questions,
-            batch_size=1,
-            device=self.args.device,
-        )
+        argv = cli(*checkpoints, *flags, data=self.data / split, tokenizer_dir=".", limit=self.args.questions)
+        argv += cli(batch_size=1, device=self.args.device)
         return name, f"accuracy: {name}", "scripts.eval.eval_sft_accuracy", argv
-
-    def accuracy(self, name: str, checkpoints: list[str], *flags: str, split="sample_sft_test.jsonl") -> dict:
-        return self.run(*self.accuracy_stage(name, checkpoints, *flags, split=split))
 
     def evaluate(self) -> None:
         sft = self.sft_weights

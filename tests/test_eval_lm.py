@@ -16,7 +16,7 @@ from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import load_tokenizer, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.evaluation.lm_scores import ratio_mean_and_stderr, scored_positions
-from scripts.common.evaluation.loading import held_out_batches, load_any_kind
+from scripts.common.evaluation.loading import HeldOutRows, load_any_kind
 from scripts.eval import eval_lm
 
 V, MASK = 101, 100
@@ -158,7 +158,7 @@ def test_eval_lm_scores_both_routes_on_the_same_rows(tmp_path, capsys):
     assert first["stderr"] > 0 and first["mc_stderr"] == 0 and second["stderr"] > 0 and second["mc_stderr"] > 0
     # AR: exactly the mean next-token loss over the same rows (every row scores its seq_len - 1 predictions).
     model, tokenizer, _, _ = load_any_kind(ar, ".", torch.device("cpu"))
-    batches = held_out_batches(data, tokenizer, "text", 32, 4, 2)
+    batches = HeldOutRows(data, "text", 32, 4, 2).batches(tokenizer)
     with torch.no_grad():
         exact = sum(next_token_loss(model, batch).item() for batch in batches) / len(batches)
     assert first["nll_per_token"] == pytest.approx(exact, rel=1e-5)

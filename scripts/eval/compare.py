@@ -23,13 +23,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.evaluation.lm_scores import (
-    LMScoring,
-    add_lm_flags,
-    add_paired_deltas,
-    lm_results,
-    lm_table,
-)
+from scripts.common.evaluation.lm_scores import LMScoring, add_lm_flags, add_paired_deltas, lm_results, lm_table
 from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
     add_choice_flags,
@@ -86,13 +80,8 @@ def plot_lm_numbers(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(results)), 4.5), dpi=120)
     labels = [f"{run_name(r['checkpoint'])}\n({r['kind']})" for r in results]
     colors = ["tab:blue" if r["kind"] == "ar" else "tab:orange" for r in results]
-    ax.bar(
-        range(len(results)),
-        [r["nll_per_token"] for r in results],
-        yerr=[r["stderr"] for r in results],
-        color=colors,
-        capsize=4,
-    )
+    means, errors = [r["nll_per_token"] for r in results], [r["stderr"] for r in results]
+    ax.bar(range(len(results)), means, yerr=errors, color=colors, capsize=4)
     ax.set_xticks(range(len(results)), labels, fontsize=8)
     ax.set(
         title="held-out nats/token on the same rows, ±1 s.e.\nblue: AR NLL (exact), orange: diffusion NELBO (bound)",
@@ -153,10 +142,8 @@ def main(argv=None) -> dict:
     scoring = settings_from(LMScoring, args)
     settings: ScoringSettings | None = None
     if args.data:
-        settings, question_sets = (
-            settings_from(ScoringSettings, args, "choice_", seed=args.seed),
-            load_question_sets(args.data, args.limit),
-        )
+        settings = settings_from(ScoringSettings, args, "choice_", seed=args.seed)
+        question_sets = load_question_sets(args.data, args.limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)

@@ -20,7 +20,7 @@ import argparse
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.preference import DPOObjective, ElboSampling, diffusion_scorer, preference_score_spread
 from model.tokenizer import mask_token_id
-from scripts.common.cli import Bounded, pick_device, positive, run_main
+from scripts.common.cli import Bounded, pick_device, run_main
 from scripts.common.data.pairs import collate_pairs, load_pairs
 from scripts.common.evaluation.loading import load_checkpoint_for_eval
 from scripts.common.training.prefetch import to_device
@@ -63,8 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    for name in ("pairs", "elbo_samples", "redraws", "max_seq_len"):
-        positive(f"--{name.replace('_', '-')}", getattr(args, name))
     device = pick_device(args.device)
     policy, tokenizer, checkpoint = load_checkpoint_for_eval(args.policy, args.tokenizer_dir, "diffusion", device)
     reference = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, "diffusion", device)[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -21,31 +22,35 @@ from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_
 from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
-from scripts.common.cli import Bounded, parse, pick_device, positive, run_main
+from scripts.common.cli import parse, pick_device, run_main
 from scripts.common.device import autocast, synchronize
-from scripts.common.evaluation.loading import held_out_batches, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import HeldOutRows, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
+    PromptAndHeldOut,
     SamplerFlags,
     check_sample_length,
     checked_sampler,
     generation_length,
 )
-from scripts.common.settings import add_flags, settings_from
+from scripts.common.settings import add_flags, flag, settings_from
+
+
+@dataclass
+class Estimates:
+    """What eval_diffusion estimates besides the sample: the held-out NELBO's draws, a conditional log-likelihood."""
+
+    mc_samples: int = flag(8, "Monte-Carlo mask draws per batch for --eval-data", low=1)
+    cond_ll_prompt: str | None = flag(None, "prompt for the conditional log-likelihood (default: --prompt)")
+    cond_ll_response: str | None = flag(None, "report the Monte-Carlo log p(response | prompt)")
+    cond_ll_nmc: int = flag(128, "Monte-Carlo samples for --cond-ll-response", low=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="diffusion checkpoint (.pt, full, _best or _state_dict)")
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument(
-        "--seq-len", type=int, default=256, help="canvas limit: prompt + generation (the trained row length)"
-    )
-    p.add_argument("--prompt", default="请介绍你自己。")
-    p.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
-    )
-    sample_help = "0: no sample, only the --eval-data / --cond-ll-response estimates"
-    p.add_argument("--max-new-tokens", type=int, default=128, help=sample_help)
+    add_flags(p, PromptAndHeldOut)
+    add_flags(p, Estimates)
     add_flags(p, SamplerFlags)
     decoding_help = (
         "auto: block-causal for block-diffusion checkpoints, bidirectional otherwise; speculative: the diffusion "
@@ -54,29 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoding", choices=(*DECODINGS, "speculative"), default="auto", help=decoding_help)
     p.add_argument("--no-kv-cache", action="store_true", help="block-causal decoding without its exact KV cache")
     p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas even after every row's EOS")
-    p.add_argument("--show-special", action="store_true", help="print the raw output including EOS padding")
-    p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: per-token NELBO (upper bound on the NLL)")
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--eval-batch-size", type=int, action=Bounded, low=1, default=16)
-    p.add_argument("--eval-max-batches", type=int, action=Bounded, low=1, default=10)
-    p.add_argument(
-        "--mc-samples",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=8,
-        help="Monte-Carlo mask draws per batch for --eval-data",
-    )
-    p.add_argument(
-        "--cond-ll-prompt", default=None, help="prompt for the conditional log-likelihood (default: --prompt)"
-    )
-    p.add_argument("--cond-ll-response", default=None, help="report the Monte-Carlo log p(response | prompt)")
-    p.add_argument(
-        "--cond-ll-nmc", type=int, action=Bounded, low=1, default=128, help="Monte-Carlo samples for --cond-ll-response"
-    )
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=2026)
     return parse(p, argv)
 
 
@@ -148,7 +130,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     estimating = bool(args.eval_data) or args.cond_ll_response is not None
     check_sample_length(args.max_new_tokens, estimating, "--eval-data or --cond-ll-response")
-    positive("--seq-len", args.seq_len)
     device = pick_device(args.device)
     model, tokenizer, checkpoint = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "diffusion", device)
     mask_id = mask_token_id(tokenizer)
@@ -157,9 +138,7 @@ def main(argv=None) -> dict:
     if args.max_new_tokens:
         result["sample"] = sample(model, tokenizer, args, device, checkpoint)
     if args.eval_data:
-        batches = held_out_batches(
-            args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-        )
+        batches = settings_from(HeldOutRows, args).batches(tokenizer)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         means, errors = [], []
         with autocast(device, args.dtype):

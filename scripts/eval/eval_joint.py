@@ -27,8 +27,9 @@ from model.inference.speculative import DRAFT_CONTEXTS, SpeculativeConfig, specu
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import synchronize
-from scripts.common.evaluation.lm_scores import lm_eval_model, ratio_mean_and_stderr
-from scripts.common.evaluation.loading import held_out_batches, load_any_kind, load_checkpoint_for_eval
+from scripts.common.evaluation.lm_scores import LMScoring, lm_eval_model, paired_delta
+from scripts.common.evaluation.loading import HeldOutRows, load_any_kind, load_checkpoint_for_eval
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,11 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", required=True, help="the AR-only checkpoint the AR-mode NLLs are paired against")
     p.add_argument("--checkpoint", action="append", required=True, help="diffusion checkpoint (repeat for several)")
     p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--eval-data", default="dataset/sample_reviews_val.jsonl")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-max-batches", type=int, default=4)
-    p.add_argument("--mc-samples", type=int, default=8, help="mask draws per row for the diffusion bound")
+    # the held-out rows as eval_lm reads them (scored in float32)
+    add_flags(
+        p, LMScoring, skip=("dtype",), eval_data="dataset/sample_reviews_val.jsonl", seq_len=128, eval_max_batches=4
+    )
     p.add_argument("--prompts", type=int, default=8, help="prompts for the speculation rows (0: none)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -49,13 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--draft-context", action="append", choices=DRAFT_CONTEXTS, default=None, help="repeatable (default: both)"
     )
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=2026)
     return p.parse_args(argv)
-
-
-def paired(result: dict, base: dict) -> tuple[float, float]:
-    difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
-    return ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
 
 
 def likelihoods(args, batches, device) -> list[dict]:
@@ -69,8 +63,8 @@ def likelihoods(args, batches, device) -> list[dict]:
         rows.append({"checkpoint": path, "ar": ar, "diffusion": bound, "block_size": block_size})
     first_diffusion = next((r["diffusion"] for r in rows if r["diffusion"] is not None), None)
     for row in rows:
-        row["ar_delta"] = paired(row["ar"], rows[0]["ar"])
-        row["diffusion_delta"] = paired(row["diffusion"], first_diffusion) if row["diffusion"] else None
+        row["ar_delta"] = paired_delta(row["ar"], rows[0]["ar"])
+        row["diffusion_delta"] = paired_delta(row["diffusion"], first_diffusion) if row["diffusion"] else None
     return rows
 
 
@@ -131,9 +125,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     _, tokenizer = load_checkpoint_for_eval(args.reference, args.tokenizer_dir, None, device)[:2]
-    batches = held_out_batches(
-        args.eval_data, tokenizer, "text", args.seq_len, args.eval_batch_size, args.eval_max_batches
-    )
+    batches = settings_from(HeldOutRows, args).batches(tokenizer)
     rows = likelihoods(args, batches, device)
     print_likelihoods(rows)
     prompts = [row[: args.prompt_tokens].tolist() for row in torch.cat(batches)[: args.prompts]]

@@ -33,13 +33,7 @@ import json
 from pathlib import Path
 
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.evaluation.lm_scores import (
-    LMScoring,
-    add_lm_flags,
-    add_paired_deltas,
-    lm_results,
-    lm_table,
-)
+from scripts.common.evaluation.lm_scores import LMScoring, add_lm_flags, add_paired_deltas, lm_results, lm_table
 from scripts.common.settings import settings_from
 
 

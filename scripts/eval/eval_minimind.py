@@ -19,42 +19,21 @@ from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import EOS_ID, StreamingDecoder, mask_token_id, prompt_ids
 from scripts.common.cli import Bounded, flag_names, parse, pick_device, run_main
 from scripts.common.device import autocast
-from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_for_eval
-from scripts.common.evaluation.sampler_flags import check_sample_length
+from scripts.common.evaluation.loading import HeldOutRows, add_checkpoint_flags, load_checkpoint_for_eval
+from scripts.common.evaluation.sampler_flags import PromptAndHeldOut, check_sample_length
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(p, "AR checkpoint (.pt, full or _state_dict) or an official MiniMind2 .pth")
-    p.add_argument("--prompt", default="请介绍你自己。")
-    p.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (for SFT models)"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=128, help="0: no sample, only the --eval-data loss")
+    add_flags(p, PromptAndHeldOut, eval_max_batches=50)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, action=Bounded, low=0, default=20, help="0 = off")
     p.add_argument("--top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0)
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix for every token (for comparison)"
     )
-    p.add_argument("--show-special", action="store_true", help="print special tokens such as <|im_end|>")
-    p.add_argument("--eval-data", default=None, help="held-out jsonl/txt: report mean loss and perplexity")
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument(
-        "--max-seq-len",
-        "--seq-len",
-        dest="seq_len",
-        type=int,
-        action=Bounded,
-        low=2,
-        default=256,
-        help="row length for --eval-data",
-    )
-    p.add_argument("--eval-batch-size", type=int, action=Bounded, low=1, default=16)
-    p.add_argument("--eval-max-batches", type=int, action=Bounded, low=1, default=50)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=2026)
     return parse(p, argv)
 
 
@@ -76,7 +55,8 @@ def main(argv=None) -> dict:
     with flag_names():  # the same check as the server's request fields
         sampler.check_arguments(args.max_new_tokens or None)
     device = pick_device(args.device)
-    model, tokenizer = load_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
+    loaded = load_checkpoint_for_eval(args.checkpoint, args.tokenizer_dir, "ar", device, args.num_attention_heads)
+    model, tokenizer = loaded[:2]
     result: dict = {}
     if args.max_new_tokens:
         ids = prompt_ids(tokenizer, args.prompt, args.chat)
@@ -105,9 +85,7 @@ def main(argv=None) -> dict:
         )
         result.update(new_tokens=new_ids, seconds=elapsed)
     if args.eval_data:
-        batches = held_out_batches(
-            args.eval_data, tokenizer, args.jsonl_field, args.seq_len, args.eval_batch_size, args.eval_max_batches
-        )
+        batches = settings_from(HeldOutRows, args).batches(tokenizer)
         stats = held_out_loss(model, batches, device, args.dtype)
         print(
             f"eval {args.eval_data}: {stats['tokens']:,} predicted tokens, mean loss {stats['loss']:.4f}, "

@@ -33,14 +33,14 @@ import json
 from pathlib import Path
 
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.evaluation.loading import add_checkpoint_flags, load_any_kind
+from scripts.common.evaluation.loading import Device, add_checkpoint_flags, load_any_kind
 from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
     add_choice_flags,
     evaluate_question_sets,
     load_question_sets,
 )
-from scripts.common.settings import settings_from
+from scripts.common.settings import add_flags, settings_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,10 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--predictions-out", default=None, help="write one json line per question (scores, prediction, correct)"
     )
-    p.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA (CPU runs float32)"
-    )
-    p.add_argument("--device", default=None)
+    add_flags(p, Device)
     return parse(p, argv)
 
 

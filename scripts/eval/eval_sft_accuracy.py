@@ -13,45 +13,48 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model.errors import NanoLladaError
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
 from model.tokenizer import EOS_ID, encode
-from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
+from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
 from scripts.common.evaluation.answers import answer_log_likelihoods, sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
-from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.loading import SFTCheckpoints, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import SamplerFlags
-from scripts.common.settings import add_flags, settings_from
+from scripts.common.settings import add_flags, flag, settings_from
+
+
+@dataclass
+class Questions:
+    """Which questions eval_sft_accuracy asks, how many at a time, and what it scores."""
+
+    data: str = flag("dataset/sample_sft_test.jsonl", "SFT jsonl whose last assistant turn is the gold label")
+    limit: int | None = flag(None, "only the first N questions", kind=int, low=1)
+    max_new_tokens: int = flag(8, "answers are one label; 8 tokens leave room", low=1)
+    batch_size: int | None = flag(
+        None,
+        "questions decoded together, left-padded (default: 16 on CUDA; 1 on CPU, where the cores are busy with one "
+        "question already and padding only adds work)",
+        kind=int,
+        low=1,
+    )
+    score_labels: bool = flag(False, "also choose between the labels by likelihood")
+    mc_samples: int = flag(32, "diffusion: mask draws per label for --score-labels", low=1)
+    out: str | None = flag(None, "optional jsonl with every prediction")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="dataset/sample_sft_test.jsonl")
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
-    p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
-    p.add_argument("--limit", type=int, action=Bounded, low=1, default=None, help="only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answers are one label; 8 tokens leave room")
+    add_flags(p, Questions)
+    add_flags(p, SFTCheckpoints)
     add_flags(p, SamplerFlags)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="questions decoded together, left-padded (default: 16 on CUDA; 1 on CPU, where the cores are busy "
-        "with one question already and padding only adds work)",
-    )
-    p.add_argument("--score-labels", action="store_true", help="also choose between the labels by likelihood")
-    p.add_argument("--mc-samples", type=int, default=32, help="diffusion: mask draws per label for --score-labels")
-    p.add_argument("--out", default=None, help="optional jsonl with every prediction")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default=None)
     return parse(p, argv)
 
 
@@ -82,10 +85,9 @@ def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[l
             sampler = sampler_for_checkpoint(checkpoint, asked_diffusion_sampler(args))
         if sampler.block_causal:
             print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
-    answers = []
+    answers, size = [], args.batch_size
     with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar, flag_names():
-        for batch in chunks(prompts, args.batch_size):
-            size = len(batch)
+        for batch in chunks(prompts, size):  # (in chunks for the progress bar)
             if sampler is None:
                 answers += ar_answers(
                     model, tokenizer, batch, args.max_new_tokens, device, dtype=args.dtype, batch_size=size
@@ -139,26 +141,17 @@ def score_labels(name: str, kind: str, model, tokenizer, items, args, block_size
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
-        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
-    positive("--max-new-tokens", args.max_new_tokens)
+    routes = settings_from(SFTCheckpoints, args).routes()
     device = pick_device(args.device)
     if args.batch_size is None:
         args.batch_size = 16 if device.type == "cuda" else 1
-    positive("--batch-size", args.batch_size)
-    positive("--mc-samples", args.mc_samples)
     if args.out:  # checked before any question is answered: the predictions are written only at the end
         output_file(args.out, "--out")
     if args.diffusion_checkpoint:
         with flag_names():  # a bad decoding flag is named before any model is read or any question answered
             asked_diffusion_sampler(args).check_arguments()  # the eval scripts' and server's check
     results, predictions = {}, []
-    for name, path, kind in (
-        ("AR", args.minimind_checkpoint, "ar"),
-        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
-    ):
-        if not path:
-            continue
+    for name, path, kind in routes:
         loaded = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
         items = sft_questions(args.data, loaded[1], args.limit)
         answers, sampler = decode_answers(name, kind, loaded, items, args, device)

@@ -24,7 +24,8 @@ from scripts.common.bench.quality import generative_nll
 from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, run_main
 from scripts.common.evaluation.answers import answer_nll, sft_questions
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
-from scripts.common.evaluation.loading import add_checkpoint_flags, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import Device, add_checkpoint_flags, load_checkpoint_for_eval
+from scripts.common.settings import add_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,8 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge", default=None, help="an AR checkpoint that scores each model's decoded answers")
     p.add_argument("--max-new-tokens", type=int, action=Bounded, low=1, default=96, help="decoded answer length")
     p.add_argument("--batch-size", type=int, action=Bounded, low=1, default=16, help="answers decoded together")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="autocast dtype on CUDA")
-    p.add_argument("--device", default=None)
+    add_flags(p, Device)
     p.add_argument("--json-out", default=None, help="also write the figures (with per-answer NLLs) here")
     return parse(p, argv)
 
@@ -45,14 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def decoded(model, tokenizer, checkpoint, prompts: list[list[int]], args, device) -> list[list[int]]:
     """Greedy answers (ids before EOS): AR with its KV cache; diffusion one token per step in blocks of 32 (or as
     the checkpoint was trained to decode)."""
+    n, batching = args.max_new_tokens, dict(dtype=args.dtype, batch_size=args.batch_size)
     if checkpoint.kind == "ar":
-        answers = ar_answers(model, tokenizer, prompts, args.max_new_tokens, device, dtype=args.dtype)
+        answers = ar_answers(model, tokenizer, prompts, n, device, **batching)
     else:
-        n = args.max_new_tokens
         asked = DiffusionSamplerConfig(gen_length=n, steps=n, block_size=default_block_size(n))
         with flag_names():
             sampler = sampler_for_checkpoint(checkpoint, asked)
-        answers = diffusion_answers(model, tokenizer, prompts, sampler, device, dtype=args.dtype)
+        answers = diffusion_answers(model, tokenizer, prompts, sampler, device, **batching)
     return [answer.ids for answer in answers]
 
 

@@ -10,55 +10,45 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import NanoLladaError
+from model.inference.ar import ARSamplerConfig
 from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
-from scripts.common.cli import Bounded, flag_names, output_file, parse, pick_device, positive, run_main
+from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
-from scripts.common.evaluation.loading import load_checkpoint_for_eval
+from scripts.common.evaluation.loading import SFTCheckpoints, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
-from scripts.common.settings import add_flags, settings_from
+from scripts.common.settings import add_flags, flag, settings_from
+
+
+@dataclass
+class Prompts:
+    """What eval_sft_one_prompt asks, and how the AR model answers (the diffusion one: SamplerFlags)."""
+
+    prompt: str | None = flag(None, "the user message")
+    prompt_file: str | None = flag(None, 'many prompts: .txt (one per line) or .jsonl ({"prompt": ...}); writes --out')
+    out: str | None = flag(None, "jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)")
+    batch_size: int = flag(
+        1, "--prompt-file: prompts decoded together (left-padded); an answer's time is its batch's", low=1
+    )
+    no_chat_wrap: bool = flag(False, "feed the prompt as raw text instead of the chat template")
+    seq_len: int = flag(512, "diffusion canvas limit: prompt + generation", low=2)
+    max_new_tokens: int = flag(128, "tokens to generate", low=1)
+    ar_temperature: float = flag(0.0, "0 = greedy", low=0)
+    ar_top_k: int = flag(0, "0 = off", low=0)
+    ar_top_p: float = flag(1.0, "nucleus sampling's probability mass", low=0, high=1, above_low=True)
+    seed: int = flag(0, "seeds the sampling")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default=None, help="the user message")
-    p.add_argument(
-        "--prompt-file",
-        default=None,
-        help='many prompts: .txt (one per line) or .jsonl ({"prompt": ...}); writes --out',
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        help="jsonl of answers and speed for --prompt-file (default: <prompt-file>.answers.jsonl)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="--prompt-file: prompts decoded together (left-padded); an answer's time is then its batch's",
-    )
-    p.add_argument("--tokenizer-dir", default=".")
-    p.add_argument("--minimind-checkpoint", default=None, help="AR SFT checkpoint")
-    p.add_argument("--diffusion-checkpoint", default=None, help="diffusion SFT checkpoint")
-    p.add_argument(
-        "--no-chat-wrap", action="store_true", help="feed the prompt as raw text instead of the chat template"
-    )
-    p.add_argument(
-        "--seq-len", type=int, action=Bounded, low=2, default=512, help="diffusion canvas limit: prompt + generation"
-    )
-    p.add_argument("--max-new-tokens", type=int, action=Bounded, low=1, default=128)
-    p.add_argument("--ar-temperature", type=float, action=Bounded, low=0, default=0.0, help="0 = greedy")
-    p.add_argument("--ar-top-k", type=int, action=Bounded, low=0, default=0)
-    p.add_argument("--ar-top-p", type=float, action=Bounded, low=0, high=1, above_low=True, default=1.0)
+    add_flags(p, Prompts)
+    add_flags(p, SFTCheckpoints)
     add_flags(p, SamplerFlags)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
     return parse(p, argv)
 
 
@@ -102,37 +92,14 @@ def report(name: str, answer, quiet: bool = False) -> None:
     )
 
 
-def load_models(args, device) -> dict:
-    """{"AR": (model, tokenizer, checkpoint), "Diffusion": ...} for the checkpoints given."""
-    models = {}
-    for name, path, kind in (
-        ("AR", args.minimind_checkpoint, "ar"),
-        ("Diffusion", args.diffusion_checkpoint, "diffusion"),
-    ):
-        if path:
-            models[name] = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
-    return models
-
-
 def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[list, DiffusionSamplerConfig | None]:
     """One model's answers to a batch of prompts, and the diffusion settings they were decoded with (one canvas for
     a diffusion batch: its longest prompt sets the room left for the answers)."""
     model, tokenizer, checkpoint = loaded
     ids = [prompt_ids(tokenizer, prompt, chat=not args.no_chat_wrap) for prompt in prompts]
     if name == "AR":
-        answers = ar_answers(
-            model,
-            tokenizer,
-            ids,
-            args.max_new_tokens,
-            device,
-            args.ar_temperature,
-            args.ar_top_k,
-            args.ar_top_p,
-            args.seed,
-            args.dtype,
-            batch_size=len(ids),
-        )
+        drawn = ARSamplerConfig(args.ar_temperature, args.ar_top_k, args.ar_top_p)
+        answers = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, drawn, args.seed, args.dtype, len(ids))
         return answers, None
     sampler = sampler_for(args, max(map(len, ids)), checkpoint)
     with flag_names():
@@ -156,17 +123,14 @@ def summarize(rows: list[dict], names, args) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if not args.minimind_checkpoint and not args.diffusion_checkpoint:
-        raise NanoLladaError("give --minimind-checkpoint, --diffusion-checkpoint, or both")
+    routes = settings_from(SFTCheckpoints, args).routes()
     if (args.prompt is None) == (args.prompt_file is None):
         raise NanoLladaError("give exactly one of --prompt and --prompt-file")
-    positive("--max-new-tokens", args.max_new_tokens)
-    positive("--batch-size", args.batch_size)
     if args.prompt_file:  # checked before any model decodes: the answers are written only at the end
         output_file(args.out or f"{args.prompt_file}.answers.jsonl", "--out")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     device = pick_device(args.device)
-    models = load_models(args, device)
+    models = {name: load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device) for name, path, kind in routes}
     quiet = len(prompts) > 1
     rows, noted = [], False
     for chunk in chunks(prompts, args.batch_size):

@@ -23,12 +23,8 @@ def sft_questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[in
         if turns[-1]["role"] != "assistant":
             bad.add("last turn is not the assistant's answer")
             continue
-        out.append(
-            (
-                encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True)),
-                turns[-1]["content"].strip(),
-            )
-        )
+        prompt = encode(tokenizer, chat_text(tokenizer, turns[:-1], add_generation_prompt=True))
+        out.append((prompt, turns[-1]["content"].strip()))
         if limit and len(out) == limit:
             break
     if bad.summary(Path(path)):

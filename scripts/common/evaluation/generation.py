@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -21,6 +21,8 @@ from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate,
 from model.tokenizer import EOS_ID, PAD_ID, decode, mask_token_id
 from scripts.common.data.packing import chunks
 from scripts.common.device import autocast, synchronize
+
+GREEDY = ARSamplerConfig()
 
 
 @dataclass
@@ -85,20 +87,11 @@ def _timed_answers(model, tokenizer, device, dtype: str, run) -> list[Answer]:
 
 
 def ar_answers(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    device,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    dtype: str = "bfloat16",
-    batch_size: int = 16,
+    model, tokenizer, prompts, max_new_tokens: int, device, sampler=GREEDY, seed=0, dtype="bfloat16", batch_size=16
 ) -> list[Answer]:
-    """Answers to many prompts, `batch_size` at a time through one KV cache per batch."""
-    sampler = ARSamplerConfig(temperature, top_k, top_p, banned_ids=(mask_token_id(tokenizer),))
+    """Answers to many prompts (lists of ids), `batch_size` at a time through one KV cache per batch; `sampler`: how
+    each token is drawn (greedy by default; <|mask|> is never drawn)."""
+    sampler = replace(sampler, banned_ids=(mask_token_id(tokenizer),))
     answers = []
     for chunk in chunks(prompts, max(batch_size, 1)):
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -16,22 +16,18 @@ from model.inference.likelihood import ar_nll_rows, diffusion_nelbo_rows
 from model.objectives.masking import pretraining_maskable
 from model.tokenizer import mask_token_id
 from scripts.common.device import autocast
-from scripts.common.evaluation.loading import add_checkpoint_flags, held_out_batches, load_any_kind
+from scripts.common.evaluation.loading import HeldOutRows, add_checkpoint_flags, load_any_kind
 from scripts.common.settings import add_flags, flag
 
 
 @dataclass
-class LMScoring:
+class LMScoring(HeldOutRows):
     """The held-out rows every checkpoint is scored on, and how (scripts.eval.eval_lm, scripts.eval.compare)."""
 
     eval_data: str = flag(
         "dataset/sample_pretrain_val.jsonl",
         "held-out jsonl/txt (default: the embedded sample's validation split, from scripts.data.sample)",
     )
-    jsonl_field: str = flag("text", "the field of a jsonl row that holds its text")
-    seq_len: int = flag(256, "row length (use the trained one)", "--max-seq-len", low=2)
-    eval_batch_size: int = flag(16, "rows per forward", low=1)
-    eval_max_batches: int = flag(8, "rows scored = batch size x this (fewer if the file is short)", low=1)
     mc_samples: int = flag(8, "mask draws per row for diffusion checkpoints", low=1)
     dtype: str = flag("bfloat16", "autocast dtype on CUDA (CPU runs float32)", choices=["bfloat16", "float32"])
     seed: int = flag(2026, "seeds the diffusion mask draws (the same for every checkpoint)")
@@ -105,6 +101,12 @@ def lm_eval_model(
     }
 
 
+def paired_delta(result: dict, base: dict) -> tuple[float, float]:
+    """`result`'s per-token number minus `base`'s (lm_eval_model results on the same rows), and its paired s.e."""
+    difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
+    return ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
+
+
 def add_paired_deltas(results: list[dict]) -> None:
     """Each result gains delta / delta_stderr: its per-token number minus the first one's, paired over rows."""
     base = results[0]
@@ -114,8 +116,7 @@ def add_paired_deltas(results: list[dict]) -> None:
                 f"{result['checkpoint']}: scored other rows than {base['checkpoint']}; compare with the same "
                 "--eval-data and --seq-len"
             )
-        difference = torch.tensor(result["row_sums"]) - torch.tensor(base["row_sums"])
-        result["delta"], result["delta_stderr"] = ratio_mean_and_stderr(difference, torch.tensor(result["row_tokens"]))
+        result["delta"], result["delta_stderr"] = paired_delta(result, base)
 
 
 def lm_table(results: list[dict]) -> str:
@@ -141,14 +142,11 @@ def lm_results(
 ) -> Iterator[tuple[dict, object, object]]:
     """(result, model, tokenizer) for each checkpoint in turn, all scored on the same held-out rows (`heads`: for
     MiniMind2 .pth files)."""
-    batches = None
-    s = scoring
+    batches, s = None, scoring
     for path in checkpoints:
         model, tokenizer, kind, block_size = load_any_kind(path, tokenizer_dir, device, heads)
         if batches is None:  # one tokenizer dir for all, so every checkpoint gets these very rows
-            batches = held_out_batches(
-                s.eval_data, tokenizer, s.jsonl_field, s.seq_len, s.eval_batch_size, s.eval_max_batches
-            )
+            batches = s.batches(tokenizer)
         mask_id = mask_token_id(tokenizer)
         result = lm_eval_model(model, kind, batches, mask_id, s.mc_samples, s.seed, device, s.dtype, block_size)
         yield {"checkpoint": str(path), **result}, model, tokenizer

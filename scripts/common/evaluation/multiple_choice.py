@@ -64,7 +64,8 @@ def question_of(path: Path, lineno: int, row: dict) -> Question:
     return Question(where, str(row_id), question, options, answer)
 
 
-def _jsonl_rows(path: Path):
+def _jsonl_questions(path: Path) -> list[Question]:
+    questions = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -75,7 +76,25 @@ def _jsonl_rows(path: Path):
                 raise NanoLladaError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(obj, dict):
                 raise NanoLladaError(f"{path}:{lineno}: expected a JSON object with question, A, B, C, D, answer")
-            yield lineno, obj
+            questions.append(question_of(path, lineno, obj))
+    return questions
+
+
+def _csv_questions(path: Path) -> list[Question]:
+    questions = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            if reader.fieldnames is None:  # reads the header
+                raise NanoLladaError(f"{path}: empty csv; expected a header row question, A, B, C, D, answer")
+            start = reader.line_num + 1
+            for row in reader:
+                if any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                    questions.append(question_of(path, start, row))
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise NanoLladaError(f"{path}:{reader.line_num}: malformed csv ({err})") from None
+    return questions
 
 
 def read_questions(path: str | Path) -> list[Question]:
@@ -83,33 +102,14 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise NanoLladaError(f"{path}: multiple-choice file not found (C-Eval/CMMLU csv from ModelScope, or a .jsonl)")
-    if path.suffix == ".jsonl":
-        try:
-            questions = [question_of(path, lineno, obj) for lineno, obj in _jsonl_rows(path)]
-        except UnicodeDecodeError as err:
-            raise NanoLladaError(
-                f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
-            ) from None
-    elif path.suffix == ".csv":
-        questions = []
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                if reader.fieldnames is None:  # reads the header
-                    raise NanoLladaError(f"{path}: empty csv; expected a header row question, A, B, C, D, answer")
-                start = reader.line_num + 1
-                for row in reader:
-                    if any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                        questions.append(question_of(path, start, row))
-                    start = reader.line_num + 1
-            except csv.Error as err:
-                raise NanoLladaError(f"{path}:{reader.line_num}: malformed csv ({err})") from None
-            except UnicodeDecodeError as err:  # e.g. a GBK-encoded export
-                raise NanoLladaError(
-                    f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
-                ) from None
-    else:
+    if path.suffix not in (".csv", ".jsonl"):
         raise NanoLladaError(f"{path}: unsupported format '{path.suffix}'; use .csv (with a header) or .jsonl")
+    try:
+        questions = _jsonl_questions(path) if path.suffix == ".jsonl" else _csv_questions(path)
+    except UnicodeDecodeError as err:  # e.g. a GBK-encoded export
+        raise NanoLladaError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8"
+        ) from None
     if not questions:
         raise NanoLladaError(f"{path}: no questions found")
     return questions
@@ -153,9 +153,7 @@ def score_question(model, kind: str, tokenizer, question: Question, settings: Sc
     context = prompt_ids(tokenizer, prompt_text(question), settings.chat)
     letters = list(question.options)
     texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
-    answers = [
-        encode(tokenizer, text) or encode(tokenizer, " ") for text in texts
-    ]  # an empty option still gets a token
+    answers = [encode(tokenizer, text) or encode(tokenizer, " ") for text in texts]  # an empty option gets a token
     if kind == "ar":
         scores, errors = ar_log_likelihood_batch(model, context, answers), [0.0] * len(answers)
     else:
@@ -196,16 +194,10 @@ def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, 
 
 
 def evaluate_question_sets(
-    model,
-    kind,
-    tokenizer,
-    question_sets: dict[str, list[Question]],
-    settings: ScoringSettings,
-    device,
-    dtype,
-    block_size=None,
+    model, kind, tokenizer, question_sets: dict, settings: ScoringSettings, device, dtype, block_size=None
 ) -> tuple[dict, list[dict]]:
-    """({file or 'all': accuracy summary}, per-item predictions) over every question."""
+    """({file or 'all': accuracy summary}, per-item predictions) over every question of `question_sets` (as
+    load_question_sets reads them: {file: questions})."""
     summaries, items = {}, []
     for name, questions in question_sets.items():
         with autocast(device, dtype):

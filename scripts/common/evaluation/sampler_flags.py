@@ -1,5 +1,6 @@
-"""The diffusion decoding flags of the eval entry points, written once, and how their values become the settings
-a checkpoint decodes with (model.inference.sampling.sampler_for_checkpoint decides the mode from the checkpoint)."""
+"""The flags of the eval entry points, written once: the prompt and held-out rows of eval_minimind and eval_diffusion,
+the diffusion decoding flags, and how their values become the settings a checkpoint decodes with
+(model.inference.sampling.sampler_for_checkpoint decides the mode from the checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ from dataclasses import asdict, dataclass
 from model.errors import NanoLladaError
 from model.inference.sampling import REMASKINGS, DiffusionSamplerConfig, sampler_for_checkpoint
 from scripts.common.cli import flag_names
+from scripts.common.evaluation.loading import Device, HeldOutRows
 from scripts.common.settings import flag
+
+
+@dataclass
+class PromptAndHeldOut(HeldOutRows, Device):
+    """The flags eval_minimind and eval_diffusion share: a prompt to continue, held-out rows to score."""
+
+    prompt: str = flag("请介绍你自己。", "the text to continue")
+    chat: bool = flag(False, "wrap the prompt in the tokenizer's chat template (for SFT models)")
+    max_new_tokens: int = flag(128, "0: no sample, only the estimates asked for (--eval-data, ...)")
+    show_special: bool = flag(False, "print the raw output, special tokens (and diffusion's EOS padding) included")
+    eval_data: str | None = flag(None, "held-out jsonl/txt: AR loss and perplexity, diffusion NELBO (an upper bound)")
+    seq_len: int = flag(256, "row length for --eval-data; diffusion: prompt + generation", "--max-seq-len", low=2)
+    eval_max_batches: int = flag(10, "held-out rows scored = batch size x this (fewer if the file is short)", low=1)
+    seed: int = flag(2026, "seeds the sampling and the mask draws")
 
 
 @dataclass

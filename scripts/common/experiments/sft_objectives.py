@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,11 +152,10 @@ def mean_label_share(metrics: Path) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
-def mean_and_stderr(values: list[float]) -> dict:
+def seed_statistics(values: list[float]) -> dict:
     n = len(values)
-    mean = sum(values) / n
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
-    return {"mean": mean, "stderr": spread, "n": n, "min": min(values), "max": max(values)}
+    stderr = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+    return {"mean": statistics.fmean(values), "stderr": stderr, "n": n, "min": min(values), "max": max(values)}
 
 
 FIGURES = {
@@ -173,7 +173,7 @@ def summary(runs: list[dict]) -> dict:
     for task, by_objective in table.items():
         for objective, done in by_objective.items():
             row = {
-                figure: mean_and_stderr([r[figure] for r in done if r.get(figure) is not None])
+                figure: seed_statistics([r[figure] for r in done if r.get(figure) is not None])
                 for figure in FIGURES[task]
                 if any(r.get(figure) is not None for r in done)
             }
