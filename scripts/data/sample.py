@@ -20,33 +20,13 @@ Nothing is downloaded, so the whole pipeline can be tried on a laptop with no ne
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 from scripts.common.data.continuation import continuation_row, split_continuations
-from scripts.common.data.readers import iter_jsonl
+from scripts.common.data.readers import iter_jsonl, write_jsonl
 from scripts.common.data.sample_corpus import pretrain_documents, split_reviews
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write atomically (temp file + os.replace) so an interrupted run never leaves half a file.
-
-    An unchanged file is left untouched, so its tokenized caches (keyed by size and mtime) stay valid.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    if path.exists() and path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
-    else:
-        os.replace(tmp, path)
-    return count
 
 
 def sft_row(review: str, label: str) -> dict:

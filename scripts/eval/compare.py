@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -31,7 +30,7 @@ from scripts.common.evaluation.multiple_choice import (
     load_question_sets,
 )
 from scripts.common.settings import settings_from
-from scripts.common.training.plots import read_metrics  # also selects the Agg backend
+from scripts.common.training.plots import read_metrics, save_figure  # also selects the Agg backend
 
 RUN_SUFFIXES = ("_state_dict", "_best")
 
@@ -57,13 +56,6 @@ def metrics_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_name(f"{run_name(checkpoint)}_metrics.jsonl")
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     for label, points in curves.items():
@@ -73,7 +65,7 @@ def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_lm_numbers(results: list[dict], path: Path) -> None:
@@ -90,7 +82,7 @@ def plot_lm_numbers(results: list[dict], path: Path) -> None:
     ax.title.set_fontsize(10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def comparison_markdown(args, results: list[dict], settings: ScoringSettings | None, curves: dict) -> str:

@@ -29,10 +29,10 @@ the highest-scoring choice; accuracy's s.e. is sqrt(p(1-p)/n).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from scripts.common.cli import parse, pick_device, run_main
+from scripts.common.data.readers import write_jsonl
 from scripts.common.evaluation.loading import Device, add_checkpoint_flags, load_any_kind
 from scripts.common.evaluation.multiple_choice import (
     ScoringSettings,
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     if args.predictions_out:
         out = Path(args.predictions_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+        write_jsonl(out, items)
     return {"kind": kind, "summaries": summaries, "items": items}
 
 

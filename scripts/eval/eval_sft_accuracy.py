@@ -12,7 +12,6 @@ uv run python -m scripts.eval.eval_sft_accuracy --tokenizer-dir . --data dataset
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpo
 from model.tokenizer import EOS_ID, encode
 from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
+from scripts.common.data.readers import write_jsonl
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment
 from scripts.common.evaluation.answers import answer_log_likelihoods, sft_questions
 from scripts.common.evaluation.generation import ar_answers, diffusion_answers
@@ -166,9 +166,7 @@ def main(argv=None) -> dict:
             block_size = sampler.block_size if sampler is not None and sampler.block_causal else None
             result.update(score_labels(name, kind, loaded[0], loaded[1], items, args, block_size, predictions))
     if args.out:
-        Path(args.out).write_text(
-            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8"
-        )
+        write_jsonl(Path(args.out), predictions)
     return results
 
 

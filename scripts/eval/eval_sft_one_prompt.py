@@ -9,7 +9,6 @@ uv run python -m scripts.eval.eval_sft_one_prompt --prompt "你好，请介绍�
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
+from scripts.common.data.readers import write_jsonl
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import SFTCheckpoints, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
@@ -109,7 +109,7 @@ def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[l
 def summarize(rows: list[dict], names, args) -> None:
     """Write the answers of --prompt-file and print each model's total speed (a batch's time counted once)."""
     out = Path(args.out or f"{args.prompt_file}.answers.jsonl")
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(out, rows)
     for name in names:
         stats = [r[name.lower()] for r in rows]
         tokens = sum(s["new_tokens"] for s in stats)

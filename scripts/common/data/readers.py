@@ -1,4 +1,4 @@
-"""Readers for the three data formats: MiniMind pretraining jsonl, plain .txt, SFT jsonl.
+"""Readers for the three data formats: MiniMind pretraining jsonl, plain .txt, SFT jsonl; and the jsonl writer.
 
 Everything streams line by line (or seeks by byte offset), so a 1.6 GB file is never held in memory.
 Every problem is reported as `file:line: what is wrong; how to fix it`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from model.errors import NanoLladaError
@@ -186,3 +186,21 @@ def iter_conversations(
                 raise
             if bad is not None:
                 bad.add(str(err))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write atomically (temp file + os.replace) so an interrupted run never leaves half a file.
+
+    An unchanged file is left untouched, so its tokenized caches (keyed by size and mtime) stay valid.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
+        os.replace(tmp, path)
+    return count

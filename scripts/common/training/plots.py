@@ -62,8 +62,12 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str) -> Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp")
+    save_figure(fig, Path(png_path))
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the PNG atomically (temp file + os.replace), so a killed run never leaves half an image."""
+    tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, png_path)
+    os.replace(tmp, path)
