@@ -19,11 +19,10 @@ when training uses it), so the curve is comparable across curriculum phases and 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 
 import torch
 
-from model.checkpoint import build_model, check_compatible, joint_record, read_checkpoint, save_checkpoint
+from model.checkpoint import build_model, check_compatible, joint_record, read_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import BlockCurriculum, default_sizes_down, default_sizes_up
 from model.objectives.conversion import init_mask_embedding
@@ -198,29 +197,10 @@ def main(argv=None) -> dict:
     extra = run_metadata(s, model, curriculum)
     loss = PretrainingLoss(s, cfg.seed, curriculum, mask_token_id(tokenizer))
 
-    def keep_if_top_k(step, val):  # the trainer calls this on rank 0 after each evaluation
-        if keeper is not None and step > 0:
-            identity = tokenizer_identity(tokenizer)
-            keeper.offer(
-                step,
-                val,
-                lambda path: save_checkpoint(
-                    path,
-                    "diffusion",
-                    model.config,
-                    model,
-                    identity,
-                    step=step,
-                    val_loss=val,
-                    train_config=asdict(cfg),
-                    **extra,
-                ),
-            )
-
     print(describe(f"diffusion ({loss.describe()})", model, batches, val_batches, cfg.max_steps, device))
     masks = bool(curriculum or s.block_size or s.use_doc_attention_mask)  # else no FlexAttention probe
     task = Task(batches.batch, val_batches, loss.train, loss.validation, explicit_masks=masks)
-    options = RunOptions(tokenizer_identity(tokenizer), resume, extra, on_eval=keep_if_top_k)
+    options = RunOptions(tokenizer_identity(tokenizer), resume, extra, top_k=keeper)
     summary = train(model, cfg, task, options, device)
     if keeper is not None:
         print(

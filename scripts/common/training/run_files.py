@@ -63,8 +63,9 @@ class CheckpointWriter:
         self._write(self.files.full, **self.meta, **resume)
         self._write(self.files.weights, step=state.step, **self.meta)
 
-    def save_best(self, step: int, val_loss: float) -> None:
-        self._write(self.files.best, step=step, val_loss=val_loss, **self.meta)
+    def save_best(self, step: int, val_loss: float, path: Path | None = None) -> None:
+        """The weights of an evaluation: the best so far at <run>_best.pt, or one of the top k at `path`."""
+        self._write(path or self.files.best, step=step, val_loss=val_loss, **self.meta)
 
     def _write(self, path: Path, **extra) -> None:
         # torch.save reports an unwritable file or a full disk as a RuntimeError; the write is atomic, so the

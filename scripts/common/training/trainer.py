@@ -38,6 +38,7 @@ from scripts.common.training.run_files import (
     keep_metrics_until,
     resume,
 )
+from scripts.common.training.topk import TopKCheckpoints
 
 # A batch is a tensor of token rows or a dict of tensors with "input_ids"; rows are dim 0.
 # loss_fn(model, batch, rng, step) -> scalar loss, or (loss, info) where info is a dict of plain Python values
@@ -68,6 +69,7 @@ class RunOptions:
     resume: bool = False  # continue <out_dir>/<run_name>.pt
     meta: dict = field(default_factory=dict)  # the trainer's notes, stored in every checkpoint
     on_eval: Callable[[int, float], None] | None = None  # (step, val_loss) on rank 0 after every evaluation
+    top_k: TopKCheckpoints | None = None  # keeps the weights of the k best evaluations (--keep-top-k)
 
 
 @dataclass
@@ -291,6 +293,8 @@ def _record_eval(run: Run, val: float) -> bool:
                 run.writer.save_best(state.step, val)
         else:
             state.bad_evals += 1
+        if run.options.top_k is not None and run.env.is_main:
+            run.options.top_k.offer(state.step, val, lambda path: run.writer.save_best(state.step, val, path))
     if run.options.on_eval and run.env.is_main:
         run.options.on_eval(state.step, val)
     if state.step == 0:
