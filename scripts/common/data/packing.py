@@ -36,14 +36,20 @@ def chunks(iterable, size):
         yield chunk
 
 
+def cache_stem(data_path: Path, tag: str, *key) -> Path:
+    """Where a tokenized cache of `data_path` lives: beside it, named by a hash of `key` (what the cache depends
+    on) and the file's size and mtime, so an edited file or another tokenizer gets a new cache."""
+    stat = data_path.stat()
+    key = json.dumps([CACHE_VERSION, *key, stat.st_size, stat.st_mtime_ns])
+    return data_path.with_name(f"{data_path.name}.{tag}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
 def tokenize_to_cache(
     data_path, tokenizer, field: str = "text", skip_bad_lines: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tokens uint16 memmap, document end offsets) of a jsonl/txt file, built once and cached beside it."""
     data_path = check_data_file(data_path)
-    stat = data_path.stat()
-    key = json.dumps([CACHE_VERSION, tokenizer_identity(tokenizer), field, stat.st_size, stat.st_mtime_ns])
-    stem = data_path.with_name(f"{data_path.name}.tok-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    stem = cache_stem(data_path, "tok", tokenizer_identity(tokenizer), field)
     tokens_path, ends_path = Path(f"{stem}.bin"), Path(f"{stem}.ends.npy")
     if not (tokens_path.exists() and ends_path.exists()):
         # Names of its own per process: runs started together on the same data each write theirs, the last wins.
@@ -97,6 +103,9 @@ class PackedRows:
                 f"only {len(self.tokens)} tokens, fewer than one row of {self.seq_len}; "
                 "use more data or a smaller sequence length"
             )
+
+    def __len__(self) -> int:
+        return self.num_rows
 
     def row(self, i: int) -> np.ndarray:
         return self.tokens[i * self.seq_len : (i + 1) * self.seq_len]

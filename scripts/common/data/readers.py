@@ -69,6 +69,14 @@ class BadLineCounter:
         return f"{path}: skipped {self.count} bad line(s); first: {self.first}"
 
 
+def skip_or_raise(err: NanoLladaError, skip_bad_lines: bool, bad: BadLineCounter | None) -> None:
+    """A bad line stops the read, or with skip_bad_lines is counted in `bad` (if given) and skipped."""
+    if not skip_bad_lines:
+        raise err from None
+    if bad is not None:
+        bad.add(str(err))
+
+
 def iter_jsonl(
     path: str | os.PathLike, skip_bad_lines: bool = False, bad: BadLineCounter | None = None
 ) -> Iterator[tuple[int, dict]]:
@@ -81,10 +89,7 @@ def iter_jsonl(
             try:
                 yield lineno, _parse_json_line(path, lineno, raw)
             except NanoLladaError as err:
-                if not skip_bad_lines:
-                    raise
-                if bad is not None:
-                    bad.add(str(err))
+                skip_or_raise(err, skip_bad_lines, bad)
 
 
 def text_of(path: Path, lineno: int, obj: dict, field: str) -> str:
@@ -112,10 +117,7 @@ def iter_texts(
         try:
             text = text_of(path, lineno, obj, field)
         except NanoLladaError as err:
-            if not skip_bad_lines:
-                raise
-            if bad is not None:
-                bad.add(str(err))
+            skip_or_raise(err, skip_bad_lines, bad)
             continue
         if text.strip():
             yield text
@@ -129,11 +131,8 @@ def _iter_text_lines(path: Path, skip_bad_lines: bool, bad: BadLineCounter | Non
             try:
                 line = raw.removeprefix(codecs.BOM_UTF8 if lineno == 1 else b"").decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                error = BadLine(f"{path}:{lineno}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8")
-                if not skip_bad_lines:
-                    raise error from None
-                if bad is not None:
-                    bad.add(str(error))
+                reason = f"not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8"
+                skip_or_raise(BadLine(f"{path}:{lineno}: {reason}"), skip_bad_lines, bad)
                 continue
             if line.strip():
                 yield line
@@ -182,10 +181,7 @@ def iter_conversations(
         try:
             yield conversation_of(path, lineno, obj)
         except NanoLladaError as err:
-            if not skip_bad_lines:
-                raise
-            if bad is not None:
-                bad.add(str(err))
+            skip_or_raise(err, skip_bad_lines, bad)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -12,8 +12,6 @@ batch of micro-step k is a pure function of (seed, k), as for pretraining.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +24,8 @@ from tqdm import tqdm
 from model.cross_entropy import IGNORE_INDEX
 from model.errors import NanoLladaError
 from model.tokenizer import EOS_ID, PAD_ID, chat_text, encode, encode_batch, tokenizer_identity
-from scripts.common.data.packing import EpochOrder, LengthGroupedOrder, chunks
+from scripts.common.data.packing import EpochOrder, LengthGroupedOrder, cache_stem, chunks
 from scripts.common.data.readers import BadLineCounter, check_data_file, iter_conversations
-
-CACHE_VERSION = 1
 
 
 def encode_conversation(tokenizer, turns: list[dict]) -> tuple[list[int], list[int]]:
@@ -132,18 +128,8 @@ def load_sft_examples(path, tokenizer, max_len: int) -> SFTExamples:
     token left after truncation are counted and skipped; a summary line says how many.
     """
     path = check_data_file(path)
-    stat = path.stat()
-    key = json.dumps(
-        [
-            CACHE_VERSION,
-            tokenizer_identity(tokenizer),
-            getattr(tokenizer, "chat_template", None),
-            max_len,
-            stat.st_size,
-            stat.st_mtime_ns,
-        ]
-    )
-    cache = path.with_name(f"{path.name}.sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+    template = getattr(tokenizer, "chat_template", None)
+    cache = Path(f"{cache_stem(path, 'sft', tokenizer_identity(tokenizer), template, max_len)}.npz")
     if not cache.exists():
         bad, truncated, no_target = BadLineCounter(), 0, 0
         tokens, assistant, lengths = [], [], [0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm import tqdm
@@ -71,15 +71,8 @@ class DPOData:
     )
 
     def terms(self) -> PreferenceLoss:
-        return PreferenceLoss(
-            self.beta,
-            self.loss_type,
-            self.nll_weight,
-            self.chosen_floor,
-            self.length_normalized,
-            self.reference_free,
-            self.target_margin,
-        )
+        """The loss terms: the flags of the same names."""
+        return PreferenceLoss(**{term.name: getattr(self, term.name) for term in fields(PreferenceLoss)})
 
 
 def dpo_parser(description: str, run_name: str) -> argparse.ArgumentParser:

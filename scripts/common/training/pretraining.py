@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from scripts.common.data.packing import PackedBatches, PackedRows, split_train_val, tokenize_to_cache
 from scripts.common.data.readers import BadLine
 from scripts.common.settings import add_flags, flag
-from scripts.common.training.flags import TrainingFlags, add_training_flags
+from scripts.common.training.flags import TrainingFlags, add_training_flags, fixed_batches
 
 # Pretraining defaults shared by both routes; each entry point adds its own (run name, batch size, LR ...).
 PRETRAINING_DEFAULTS = dict(
@@ -40,10 +40,7 @@ def packed_data(flags: TrainingFlags, tokenizer) -> tuple[PackedBatches, list, i
         raise BadLine(f"{err}; --skip-bad-lines skips (and counts) such lines") from None
     train_tokens, val_tokens = split_train_val(tokens, doc_ends, run.val_fraction, run.seq_len)
     batches = PackedBatches(PackedRows(train_tokens, run.seq_len), run.batch_size, seed)
-    val_rows = PackedRows(val_tokens, run.seq_len)
-    n_val = min(val_rows.num_rows, flags.optimizer.eval_batches * run.batch_size)
-    size = run.batch_size
-    val_batches = [val_rows.gather(range(i, min(i + size, n_val))) for i in range(0, n_val, size)]
+    val_batches = fixed_batches(PackedRows(val_tokens, run.seq_len), flags, PackedRows.gather)
     return batches, val_batches, flags.optimizer_steps(batches.batches_per_epoch)
 
 
