@@ -28,7 +28,7 @@ from model.objectives.block_curriculum import BlockCurriculum, default_sizes_dow
 from model.objectives.conversion import init_mask_embedding
 from model.tokenizer import mask_token_id, tokenizer_identity
 from model.transformer import Transformer
-from scripts.common.cli import flag_names, parse, positive, run_main
+from scripts.common.cli import flag_names, parse, run_main
 from scripts.common.settings import add_flags, settings_from
 from scripts.common.training.diffusion_pretraining import DiffusionSettings, PretrainingLoss
 from scripts.common.training.flags import TrainingFlags, start_run, starting_checkpoint
@@ -72,15 +72,11 @@ def settings(argv=None) -> TrainingFlags:
 def check(s: DiffusionSettings, seq_len: int) -> None:
     if s.use_block_curriculum and s.mask_schedule != "wsd":
         raise NanoLladaError("--use-block-curriculum is the block-size schedule of --mask-schedule wsd; pass both")
-    positive("--inference-block-size", s.inference_block_size)
     if s.block_size:
-        positive("--block-size", s.block_size)
         if s.use_block_curriculum:
             raise NanoLladaError("--block-size fixes the block; --use-block-curriculum varies it: pass one of them")
         if seq_len % s.block_size:
             raise NanoLladaError(f"--block-size {s.block_size} does not divide --seq-len {seq_len}")
-    positive("--position-masking", s.position_masking, allow_zero=True)
-    positive("--keep-top-k", s.keep_top_k, allow_zero=True)
     if not 0 < s.iid_mask_eps < 0.5:
         raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {s.iid_mask_eps}")
     if not 0 <= s.variable_length_prob <= 1:

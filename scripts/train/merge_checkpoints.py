@@ -17,7 +17,7 @@ from pathlib import Path
 from model.checkpoint import build_model, read_checkpoint, save_checkpoint
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
-from scripts.common.cli import Bounded, positive, run_main
+from scripts.common.cli import Bounded, run_main
 from scripts.common.training.topk import topk_index_path
 
 
@@ -71,7 +71,6 @@ def main(argv=None) -> dict:
         "--checkpoints", nargs="+", default=None, help="rank these instead of the run's --keep-top-k snapshots"
     )
     args = p.parse_args(argv)
-    positive("--k", args.k)
     ranked = sorted(candidates(args), key=lambda e: e["val_loss"])[: args.k]
     if not ranked:
         raise NanoLladaError("no checkpoints to merge")

@@ -35,9 +35,12 @@ class DiffusionSettings:
         None,
         "block diffusion at every step (BD3LM: causal across blocks, bidirectional within); the model then decodes "
         "block-causally with this block size. 0 (the default): the whole row",
+        low=0,
         kind=int,
     )
-    position_masking: float = flag(0.0, "mask later positions of a block more often (Efficient-DLM), this strongly")
+    position_masking: float = flag(
+        0.0, "mask later positions of a block more often (Efficient-DLM), this strongly", low=0
+    )
     mask_schedule: str = flag(
         "iid_t",
         "iid_t: LLaDA Eq. 3; wsd: LLaDA 2.0 block-size warmup-stable-decay (with --use-block-curriculum)",
@@ -63,9 +66,9 @@ class DiffusionSettings:
     wsd_block_sizes_down: list[int] | None = flag(
         None, "decay block sizes (default <seq-len>, halving down to --inference-block-size)", kind=comma_list(int)
     )
-    inference_block_size: int = flag(32, "where the default decay sizes end")
+    inference_block_size: int = flag(32, "where the default decay sizes end", low=1)
     wsd_phase_ratios: list[float] = flag([0.3, 0.5, 0.2], "warmup,stable,decay shares of the steps")
-    keep_top_k: int = flag(0, "keep the K best evaluations' weights (for scripts.train.merge_checkpoints)")
+    keep_top_k: int = flag(0, "keep the K best evaluations' weights (for scripts.train.merge_checkpoints)", low=0)
     corpus: Corpus = None
 
 

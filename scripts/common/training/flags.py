@@ -46,7 +46,7 @@ class RunSettings:
         low=2,
     )
     epochs: float = flag(1.0, "passes over the training split (unless --max-iters is given)")
-    max_steps: int | None = flag(None, "optimizer steps (default: epochs)", "--max-iters", kind=int)
+    max_steps: int | None = flag(None, "optimizer steps (default: epochs)", "--max-iters", low=1, kind=int)
     batch_size: int = flag(16, "rows per micro-batch", low=1)
     val_fraction: float = flag(
         0.005, "share held out for validation from the end of the data (pretraining: tokens; SFT: conversations)"
@@ -85,8 +85,6 @@ class TrainingFlags:
     def check(self) -> None:
         """The checks that are not one flag's range (those are checked as the flags are parsed: Bounded)."""
         positive("--epochs", self.run.epochs)
-        if self.run.max_steps is not None:
-            positive("--max-iters", self.run.max_steps)
         if not 0 < self.run.val_fraction < 0.5:
             raise NanoLladaError(f"--val-fraction must lie in (0, 0.5), got {self.run.val_fraction}")
 
