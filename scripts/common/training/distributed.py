@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model.errors import NanoLladaError
+from scripts.common.training.prefetch import map_tensors
 
 _initialised_here = False  # destroy the process group only if this module created it
 
@@ -142,19 +143,13 @@ def local_share(batch, env: Dist, loss_count) -> tuple[object, float]:
 
 def shard(batch, rank: int, world_size: int):
     """Rank `rank`'s contiguous slice (dim 0) of every tensor in a batch: a tensor, or a tuple/list/dict of them.
+    Other values and 0-dim tensors are kept whole. Slicing the collated global batch keeps its padding width, so a
+    padded SFT row is the same row on any number of processes."""
 
-    Other values are kept whole. Slicing the collated
-    global batch keeps its padding width, so a padded SFT row is the same row on any number of processes.
-    """
-    if isinstance(batch, torch.Tensor):
-        if batch.dim() == 0:
-            return batch
-        return torch.tensor_split(batch, world_size)[rank]
-    if isinstance(batch, dict):
-        return {key: shard(value, rank, world_size) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(shard(value, rank, world_size) for value in batch)
-    return batch
+    def rank_slice(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(tensor, world_size)[rank] if tensor.dim() else tensor
+
+    return map_tensors(rank_slice, batch)
 
 
 def rows_in(batch) -> int | None:

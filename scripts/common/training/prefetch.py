@@ -18,27 +18,25 @@ def tokens_in(batch) -> int:
     return (batch["input_ids"] if isinstance(batch, dict) else batch).numel()
 
 
-def to_device(batch, device: torch.device):
-    """The batch with every tensor on `device` (tensors inside dicts, tuples and lists too); pinned tensors copy
-    asynchronously."""
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch):
+    """The batch with fn applied to every tensor (tensors inside dicts, tuples and lists too); other values kept."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
+        return {key: map_tensors(fn, value) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(value, device) for value in batch)
+        return type(batch)(map_tensors(fn, value) for value in batch)
     return batch
+
+
+def to_device(batch, device: torch.device):
+    """The batch on `device`; pinned tensors copy asynchronously."""
+    return map_tensors(lambda tensor: tensor.to(device, non_blocking=True), batch)
 
 
 def pin(batch):
-    """The batch with every tensor in page-locked memory (tensors inside dicts, tuples and lists too)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.pin_memory()
-    if isinstance(batch, dict):
-        return {key: pin(value) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(pin(value) for value in batch)
-    return batch
+    """The batch in page-locked memory."""
+    return map_tensors(torch.Tensor.pin_memory, batch)
 
 
 class Prefetcher:
