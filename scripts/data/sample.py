@@ -23,19 +23,14 @@ import argparse
 import os
 from pathlib import Path
 
-from scripts.common.data.continuation import continuation_row, split_continuations
+from scripts.common.data.continuation import CONTINUATION_INSTRUCTION, split_continuations
 from scripts.common.data.readers import iter_jsonl, write_jsonl
 from scripts.common.data.sample_corpus import pretrain_documents, split_reviews
 from scripts.common.data.sentiment import SENTIMENT_LABELS, parse_sentiment, sentiment_question
 
 
-def sft_row(review: str, label: str) -> dict:
-    return {
-        "conversations": [
-            {"role": "user", "content": sentiment_question(review)},
-            {"role": "assistant", "content": label},
-        ]
-    }
+def sft_row(question: str, answer: str) -> dict:
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
 def dpo_row(review: str, chosen: str, rejected: str) -> dict:
@@ -77,17 +72,17 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
         "sample_pretrain_val.jsonl": ({"text": t} for t in val_docs),
     }
     for split, pairs in split_reviews(seed).items():
-        contents[f"sample_sft_{split}.jsonl"] = (sft_row(review, label) for review, label in pairs)
+        contents[f"sample_sft_{split}.jsonl"] = (sft_row(sentiment_question(review), label) for review, label in pairs)
         if split != "test":  # the test reviews measure accuracy: never pretraining text or a preference pair
             contents[REVIEW_TEXTS[split]] = ({"text": review} for review, _ in pairs)
             contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
     for split, pairs in split_continuations(train_docs, val_docs, seed).items():
-        contents[f"sample_continuation_{split}.jsonl"] = (continuation_row(prompt, answer) for prompt, answer in pairs)
-    written = {}
+        contents[f"sample_continuation_{split}.jsonl"] = (
+            sft_row(CONTINUATION_INSTRUCTION + prompt, answer) for prompt, answer in pairs
+        )
     for name, rows in contents.items():
         write_jsonl(out / name, rows)
-        written[name] = out / name
-    return written
+    return {name: out / name for name in contents}
 
 
 def parse_args(argv=None):

@@ -112,9 +112,9 @@ def main(argv=None):
             f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}"
         )
     if args.data is None:
-        from scripts.common.data.sample_corpus import iter_embedded_texts
+        from scripts.common.data.sample_corpus import pretrain_documents
 
-        texts, source = iter_embedded_texts(), "the offline sample corpus"
+        texts, source = pretrain_documents()[0], "the offline sample corpus"
     else:  # checked here: an error raised inside the Rust trainer's iteration would lose its message
         texts, source = iter_texts(check_data_file(args.data), args.jsonl_field), args.data
     texts = itertools.islice(texts, args.max_docs)

@@ -57,15 +57,6 @@ def continuations(paragraph: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def continuation_row(prompt: str, answer: str) -> dict:
-    return {
-        "conversations": [
-            {"role": "user", "content": CONTINUATION_INSTRUCTION + prompt},
-            {"role": "assistant", "content": answer},
-        ]
-    }
-
-
 def split_continuations(
     pretraining: list[str], held_out_paragraphs: list[str], seed: int = 0
 ) -> dict[str, list[tuple[str, str]]]:

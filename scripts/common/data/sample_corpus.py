@@ -11,7 +11,6 @@ import functools
 import importlib.util
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 from model.errors import NanoLladaError
@@ -40,16 +39,14 @@ def untag_line(line: str) -> str:
     for token in line.split():
         match = _TAGGED_WORD.match(token)
         word = match.group(1) if match else token.strip("[]")
-        if (
-            words
-            and words[-1][-1:].isascii()
-            and words[-1][-1:].isalnum()
-            and word[:1].isascii()
-            and word[:1].isalnum()
-        ):
+        if words and _latin_or_digit(words[-1][-1:]) and _latin_or_digit(word[:1]):
             word = " " + word
         words.append(word)
     return "".join(words)
+
+
+def _latin_or_digit(char: str) -> bool:
+    return char.isascii() and char.isalnum()
 
 
 @functools.cache
@@ -104,8 +101,3 @@ def pretrain_documents(seed: int = 0) -> tuple[list[str], list[str]]:
     train += [review for review, _ in split_reviews(seed)["train"]]  # never val/test reviews: no leakage into SFT eval
     rng.shuffle(train)
     return train, val
-
-
-def iter_embedded_texts(seed: int = 0) -> Iterator[str]:
-    """The pretraining documents of the sample (the default tokenizer-training corpus)."""
-    yield from pretrain_documents(seed)[0]
