@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from model.checkpoint import build_model
 from model.objectives.ar_loss import next_token_loss
 from model.tokenizer import tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.cli import parse, run_main
 from scripts.common.settings import add_flags, flag, settings_from
-from scripts.common.training.flags import TrainingFlags, start_run, starting_checkpoint
+from scripts.common.training.flags import TrainingFlags, start_run, starting_checkpoint, starting_model
 from scripts.common.training.pretraining import Corpus, add_pretraining_flags, describe, packed_data
 from scripts.common.training.run_files import RunFiles
 from scripts.common.training.trainer import RunOptions, Task, train
@@ -47,19 +46,9 @@ def settings(argv=None) -> TrainingFlags:
 
 def initial_model(flags: TrainingFlags, tokenizer, files: RunFiles) -> Transformer:
     """The model to train: from the run's own checkpoint (--resume), from --load-from, or fresh from the flags."""
-    resume = flags.run.resume
-    source = files.full if resume else flags.own.load_from
-    checkpoint = starting_checkpoint(
-        flags, tokenizer, source, "ar", hint="AR pretraining continues only AR checkpoints"
-    )
-    if checkpoint is None:
-        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
-    if not resume:
-        print(
-            f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}); "
-            f"config {checkpoint.config}"
-        )
-    return build_model(checkpoint, source)
+    source = files.full if flags.run.resume else flags.own.load_from
+    hint = "AR pretraining continues only AR checkpoints"
+    return starting_model(flags, tokenizer, source, starting_checkpoint(flags, tokenizer, source, "ar", hint=hint))
 
 
 def ar_loss(model, rows, rng, step=None):

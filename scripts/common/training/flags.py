@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from model.checkpoint import Checkpoint, check_compatible, read_checkpoint
+from model.checkpoint import Checkpoint, build_model, check_compatible, read_checkpoint
 from model.errors import NanoLladaError
 from model.tokenizer import load_tokenizer
+from model.transformer import Transformer
 from scripts.common.cli import (
     ModelFlags,
     add_model_flags,
@@ -138,6 +139,19 @@ def starting_checkpoint(
         flags.shape.refuse_changed(checkpoint.config, run_path or path)
         refuse_changed_settings(run_path or path, structural_settings(flags.own, checkpoint.extra))
     return checkpoint
+
+
+def starting_model(flags: TrainingFlags, tokenizer, source, checkpoint: Checkpoint | None) -> Transformer:
+    """The model of a run's starting checkpoint (every tensor, its config wins over the shape flags), or a fresh one
+    from the shape flags when there is none."""
+    if checkpoint is None:
+        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
+    if not flags.run.resume:
+        print(
+            f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step "
+            f"{checkpoint.extra.get('step', '?')}), embedding and head included; optimizer starts fresh"
+        )
+    return build_model(checkpoint, source)
 
 
 def structural_settings(own, extra: dict) -> dict[str, tuple]:

@@ -8,10 +8,9 @@ import argparse
 import functools
 from dataclasses import dataclass
 
-from model.checkpoint import KIND_NAMES, build_model
+from model.checkpoint import KIND_NAMES
 from model.cross_entropy import IGNORE_INDEX
 from model.tokenizer import tokenizer_identity
-from model.transformer import Transformer
 from scripts.common.data.sft import SFTBatches, collate, load_sft_examples
 from scripts.common.settings import add_flags, flag
 from scripts.common.training.flags import (
@@ -21,6 +20,7 @@ from scripts.common.training.flags import (
     fixed_batches,
     start_run,
     starting_checkpoint,
+    starting_model,
     train_and_val,
 )
 from scripts.common.training.run_files import RunFiles
@@ -86,7 +86,10 @@ def run_sft(flags: TrainingFlags, run: RunStart, loss_fn, extra_meta: dict | Non
     batches alike and returns (loss, info): the label's gradient share, logged per step), a summary line. `start`:
     the (path, checkpoint) of sft_starting_checkpoint, if already read."""
     route = run.cfg.kind
-    model = initial_sft_model(flags, run.tokenizer, *(start or sft_starting_checkpoint(flags, run)))
+    source, checkpoint = start or sft_starting_checkpoint(flags, run)
+    if checkpoint is None:
+        print("note: no --load-from given; fine-tuning a randomly initialised model")
+    model = starting_model(flags, run.tokenizer, source, checkpoint)
     print(
         f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
@@ -107,18 +110,3 @@ def sft_starting_checkpoint(flags: TrainingFlags, run: RunStart) -> tuple:
     source = RunFiles(run.cfg).full if flags.run.resume else flags.own.load_from
     hint = f"this SFT trains {KIND_NAMES[kind]} model"
     return source, starting_checkpoint(flags, run.tokenizer, source, kind, hint=hint)
-
-
-def initial_sft_model(flags: TrainingFlags, tokenizer, source, checkpoint) -> Transformer:
-    """The model of the starting checkpoint (all weights, vocabulary included), or a fresh one without it."""
-    if checkpoint is None:
-        print("note: no --load-from given; fine-tuning a randomly initialised model")
-        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
-    model = build_model(checkpoint, source)
-    if not flags.run.resume:
-        print(
-            f"loaded all {len(checkpoint.state_dict)} tensors from {source} "
-            f"({checkpoint.source}, step {checkpoint.extra.get('step', '?')}), "
-            "embedding and head included; optimizer starts fresh"
-        )
-    return model
