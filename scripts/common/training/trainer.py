@@ -162,7 +162,8 @@ def _loop(run: Run) -> bool:
         if state.step == 0 and run.task.val_batches:
             _record_eval(run, _evaluate(run))
         while state.step < cfg.max_steps:
-            _set_lr(run.optimizer, lr_at(state.step, cfg))
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr_at(state.step, cfg)
             loss, info = _forward_backward(run, batches)
             _optimizer_step(run)
             state.step += 1
@@ -196,11 +197,6 @@ def _loop(run: Run) -> bool:
     return False
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def _forward_backward(run: Run, batches: Prefetcher) -> tuple[torch.Tensor, dict]:
     """Forward and backward over this step's micro-batches; the step's loss (still on the device) and info."""
     cfg, step = run.cfg, run.state.step
@@ -225,7 +221,8 @@ def _micro_step(run: Run, batch, k: int, weight: float) -> tuple[torch.Tensor, d
         run.optimizer.zero_grad(set_to_none=True)
     with autocast(run.device, cfg.dtype):
         rng = _train_rng(run, k)
-        loss, info = _split(run.task.loss_fn(run.models.train, to_device(batch, run.device), rng, run.state.step))
+        out = run.task.loss_fn(run.models.train, to_device(batch, run.device), rng, run.state.step)
+        loss, info = out if isinstance(out, tuple) else (out, {})
         loss = loss / cfg.accumulation_steps
         if weight != 1.0:
             loss = loss * weight
@@ -323,10 +320,6 @@ def _finish(run: Run) -> None:
     kept = (files.full, files.weights, files.best, files.metrics, files.plot)
     written = ", ".join(str(f) for f in kept if f.exists())
     print(f"done: step {state.step}, best val loss {state.best_val:.4f} @ {state.best_step}; wrote {written}")
-
-
-def _split(out) -> tuple[torch.Tensor, dict]:
-    return out if isinstance(out, tuple) else (out, {})
 
 
 def seeded_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
