@@ -184,19 +184,14 @@ def iter_conversations(
             skip_or_raise(err, skip_bad_lines, bad)
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write atomically (temp file + os.replace) so an interrupted run never leaves half a file.
 
     An unchanged file is left untouched, so its tokenized caches (keyed by size and mtime) stay valid.
     """
     tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     if path.exists() and path.read_bytes() == tmp.read_bytes():
         tmp.unlink()
     else:
         os.replace(tmp, path)
-    return count

@@ -119,21 +119,18 @@ class PretrainingLoss:
         return diffusion_loss(model, rows, rng, self.mask_id, self.validation_objective, doc_ids=self.documents(rows))
 
     def describe(self) -> str:
-        joint = f" + {self.settings.ar_loss_weight:g} x causal next-token loss" if self.settings.ar_loss_weight else ""
-        return self.describe_diffusion() + joint
-
-    def describe_diffusion(self) -> str:
         a = self.settings
+        joint = f" + {a.ar_loss_weight:g} x causal next-token loss" if a.ar_loss_weight else ""
         plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
         if plain and self.objective.schedule == "linear":
-            return "LLaDA Eq. 3"
+            return "LLaDA Eq. 3" + joint
         if self.curriculum:
             blocks = "WSD block curriculum " + describe_curriculum(self.curriculum)
         else:
             blocks = f"BDLM, blocks of {a.block_size}" if a.block_size else "MDLM"
         blocks += f", position-dependent masking {a.position_masking:g}" if a.position_masking else ""
-        documents = ", document mask" if self.settings.use_doc_attention_mask else ""
-        return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}"
+        documents = ", document mask" if a.use_doc_attention_mask else ""
+        return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}{joint}"
 
 
 def describe_curriculum(curriculum: BlockCurriculum) -> str:
