@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from model.block_attention import pad_to_blocks
 from model.logit_shift import is_shifted, predictable
-from model.objectives.elbo import exact_count_draws, masked_nll_sums
-from model.objectives.masking import mask_tokens, pretraining_maskable, sample_time
+from model.objectives.elbo import masked_nll_sums
+from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
 from model.tokenizer import PAD_ID
 
 
@@ -43,7 +43,7 @@ def diffusion_nelbo_terms(
     terms = []
     for _ in range(num_samples):
         t = sample_time(input_ids.shape[0], generator, input_ids.device, eps, 1 - eps)
-        _, masked = mask_tokens(input_ids, maskable, t, mask_id, generator)
+        masked = bernoulli_masks(maskable, t, generator)
         weights = (1 / t.double())[:, None].expand(masked.shape)
         terms.append(masked_nll_sums(model, input_ids, masked, weights, mask_id, block_size))
     return torch.stack(terms)

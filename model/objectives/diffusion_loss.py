@@ -36,18 +36,17 @@ from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.ar_loss import weighted_next_token_loss
 from model.objectives.gradient_share import label_gradient_share
 from model.objectives.masking import (
+    bernoulli_masks,
     check_schedule,
     check_time_range,
-    complementary_masks,
     elbo_weight,
     eos_padding,
+    exact_count_draws,
     late_heavy_time,
-    mask_exactly,
     mask_probability,
     position_rates,
     pretraining_maskable,
     sample_time,
-    stratified_counts,
     warped_time,
 )
 
@@ -179,23 +178,32 @@ def draw_masks(
     objective: DiffusionObjective, maskable: torch.Tensor, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked, ELBO weight) of each noisy row, [N, L] and [N, L] or [N, 1]: one row per input row, or, with
-    complementary masking, the batch twice over (m at t, then its complement at 1 - t)."""
-    if objective.mask_draw == "count":
-        return with_all_masked(objective, maskable, *count_masks(maskable, rng), rng)
-    rows, device, o = maskable.shape[0], maskable.device, objective
+    complementary masking, the batch twice over (m at t, then its complement at 1 - t).
+
+    The count draw masks exactly l ~ U{1..n} of a row's n maskable positions, uniformly, weighted n / l. Bernoulli(t)
+    masks with t ~ U(0, 1) mask a count uniform on 0..n, uniformly placed, and given the count l the 1/t weight
+    averages (n + 1) / l: the count draw is the linear-schedule loss with the weight replaced by that average (LLaDA's
+    Algorithm 3 estimator). Same expectation, less variance: the weight is at most n instead of 1 / t_min. A row with
+    nothing maskable gets weight 0.
+    """
+    o, rows, device = objective, maskable.shape[0], maskable.device
+    if o.mask_draw == "count":
+        masked, weight = exact_count_draws(maskable, 1, rng)
+        return with_all_masked(o, maskable, masked[0], weight[0, :, :1].float(), rng)
     if o.late_time_share:
         t, importance = late_heavy_time(rows, rng, device, o.t_min, o.t_max, o.late_time_share, o.late_time_from)
     else:
         t, importance = sample_time(rows, rng, device, o.t_min, o.t_max), 1.0
     probability, weight = mask_probability(t, o.schedule)[:, None], (elbo_weight(t, o.schedule) * importance)[:, None]
-    if objective.position_masking:
-        rates = position_rates(maskable.shape[1], objective.block_size, objective.position_masking, t.device)
-        tau, slope = warped_time(t[:, None], rates)
-        probability, weight = mask_probability(tau, objective.schedule), elbo_weight(tau, objective.schedule) * slope
-    masked, complement = complementary_masks(maskable, probability, rng)
-    if not objective.complementary:
-        return with_all_masked(objective, maskable, masked, weight, rng)
-    return torch.cat([masked, complement]), torch.cat([weight, elbo_weight(1 - t, objective.schedule)[:, None]])
+    if o.position_masking:
+        tau, slope = warped_time(
+            t[:, None], position_rates(maskable.shape[1], o.block_size, o.position_masking, device)
+        )
+        probability, weight = mask_probability(tau, o.schedule), elbo_weight(tau, o.schedule) * slope
+    masked = bernoulli_masks(maskable, probability, rng)
+    if not o.complementary:
+        return with_all_masked(o, maskable, masked, weight, rng)
+    return torch.cat([masked, maskable & ~masked]), torch.cat([weight, elbo_weight(1 - t, o.schedule)[:, None]])
 
 
 def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,20 +212,6 @@ def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng
         return masked, weight
     start = torch.rand(maskable.shape[0], 1, device=maskable.device, generator=rng) < objective.all_masked_share
     return torch.where(start, maskable, masked), torch.where(start, 1.0, weight)
-
-
-def count_masks(maskable: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked, weight [N, 1]): exactly l ~ U{1..n} of a row's n maskable positions, uniformly, weighted n / l.
-
-    Bernoulli(t) masks with t ~ U(0, 1) mask a count uniform on 0..n, uniformly placed, and given the count l the
-    1/t weight averages (n + 1) / l: this draw is the linear-schedule loss with the weight replaced by that average
-    (LLaDA's Algorithm 3 estimator). Same expectation, less variance: the weight is at most n instead of 1 / t_min.
-    A row with nothing maskable gets weight 0.
-    """
-    n = maskable.sum(1)
-    counts = stratified_counts(n, 1, rng)[0]
-    weight = n.float() / counts.clamp(min=1).float()
-    return mask_exactly(maskable, counts, rng), weight[:, None]
 
 
 def token_weights(objective: DiffusionObjective, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,5 @@
-"""What every diffusion ELBO estimator is made of (the evaluations' NELBO and likelihoods, and DPO's answer
-scores): rows padded to whole blocks, per-row sums of weighted NLL at the masked positions of a noisy copy, and the
-exact-count mask draws (LLaDA Eq. 14) of the evaluations' bound and of diffusion DPO."""
+"""What every diffusion ELBO estimator sums (the evaluations' NELBO and likelihoods, and DPO's answer scores): per-row
+weighted NLL at the masked positions of a noisy copy. The masks are drawn in model/objectives/masking.py."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import torch
 from model.block_attention import bdlm_forward
 from model.logit_shift import is_shifted, read_shifted
 from model.objectives.diffusion_loss import masked_token_nll
-from model.objectives.masking import mask_exactly, stratified_counts
 
 
 def masked_nll_sums(
@@ -24,19 +22,3 @@ def masked_nll_sums(
         logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
         logits = read_shifted(logits) if is_shifted(model) else logits
     return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
-
-
-def exact_count_draws(
-    scored: torch.Tensor, num_samples: int, generator: torch.Generator, block_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked, weights), both [num_samples, R, T]: per draw, exactly l_g of the n_g scored positions of each group
-    g (a row, or each block of a row) are masked, l_g ~ U{1..n_g} stratified over the draws, and every position of
-    the group carries the weight n_g / l_g. Rows must be a multiple of block_size long."""
-    R, T = scored.shape
-    K = T if block_size is None else block_size
-    groups = scored.reshape(R * (T // K), K)
-    n = groups.sum(1)  # [G]
-    counts = stratified_counts(n, num_samples, generator)  # [S, G]
-    masked = mask_exactly(groups.repeat(num_samples, 1), counts.flatten(), generator)
-    weights = (n.double() / counts.clamp(min=1)).repeat_interleave(K, dim=1)
-    return masked.view(num_samples, R, T), weights.view(num_samples, R, T)
