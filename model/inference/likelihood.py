@@ -20,11 +20,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from model.block_attention import pad_to_blocks
 from model.logit_shift import is_shifted, predictable
 from model.objectives.elbo import masked_nll_sums
 from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
+from model.objectives.preference import ar_answer_log_likelihood
 from model.tokenizer import PAD_ID
 
 
@@ -161,31 +163,20 @@ def conditional_log_likelihood(model, prompt_ids, answer_ids, mask_id, num_sampl
     return conditional_log_likelihood_batch(model, prompt_ids, [answer_ids], mask_id, num_samples, **options)[0]
 
 
-def _right_padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, T] right-padded with PAD, lengths [N])."""
-    lengths = torch.tensor([len(s) for s in sequences], device=device)
-    ids = torch.full((len(sequences), int(lengths.max())), PAD_ID, dtype=torch.long, device=device)
-    for i, sequence in enumerate(sequences):
-        ids[i, : len(sequence)] = torch.tensor(sequence, device=device)
-    return ids, lengths
-
-
-@torch.no_grad()
 def ar_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
-    """Exact log p(answer | prompt) under a causal model: the sum of next-token log-probs of the answer."""
-    device = next(model.parameters()).device
-    sequence = torch.tensor([prompt_ids + answer_ids], device=device)
-    logp = F.log_softmax(model(sequence, attention="causal")[0, :-1].float(), -1)
-    targets = sequence[0, 1:]
-    return logp.gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1 :].sum().item()
+    """ar_log_likelihood_batch for one answer."""
+    return ar_log_likelihood_batch(model, prompt_ids, [answer_ids])[0]
 
 
 @torch.no_grad()
 def ar_log_likelihood_batch(model, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
-    """ar_log_likelihood for several answers to one prompt in one forward; right padding is harmless because
-    a causal model never looks to the right of the position it predicts from."""
+    """Exact log p(answer | prompt) under a causal model for each answer, the sum of the answer's next-token
+    log-probs; the answers share one forward, and right padding is harmless because a causal model never looks to the
+    right of the position it predicts from."""
     device = next(model.parameters()).device
-    ids, lengths = _right_padded([prompt_ids + answer for answer in answers], device)
+    rows = [torch.tensor(prompt_ids + answer, device=device) for answer in answers]
+    ids = pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
+    lengths = torch.tensor([len(row) for row in rows], device=device)
     logp = F.log_softmax(model(ids, attention="causal")[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     predicted = torch.arange(1, ids.shape[1], device=device)[None, :]  # position of the token logp[:, j] scores
     scored = (predicted >= len(prompt_ids)) & (predicted < lengths[:, None])
@@ -200,6 +191,4 @@ def ar_nll_rows(model, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.T
     """
     if scored[:, 0].any():
         raise ValueError("position 0 cannot be scored by a causal model")
-    logits = model(input_ids, attention="causal")[:, :-1].float()
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return torch.where(scored[:, 1:], nll, 0.0).sum(1).double()
+    return -ar_answer_log_likelihood(model, input_ids, scored).double()
