@@ -19,9 +19,9 @@ from model.tokenizer import EOS_ID, PAD_ID
 from model.transformer import BlockMask, block_mask_from_dense, flex_attention_kernel, tracing
 
 
-def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
-    """Block index of each position 0..length-1."""
-    return torch.arange(length, device=device) // block_size
+def whole_blocks(length: int, block_size: int | None) -> int:
+    """length rounded up to whole blocks (unchanged without blocks)."""
+    return length if block_size is None else -(-length // block_size) * block_size
 
 
 def pad_to_blocks(
@@ -30,7 +30,7 @@ def pad_to_blocks(
     """Right-pad rows to a multiple of block_size (None: no blocks), so the last block is whole: with PAD outside
     every row and never scored (`real`, when given, marks each row's own columns and is padded too), or `with_eos`,
     with scored EOS, LLaDA's SFT padding (how a model learns to stop). Returns (input_ids, scored[, real])."""
-    pad = 0 if block_size is None else -input_ids.shape[1] % block_size
+    pad = whole_blocks(input_ids.shape[1], block_size) - input_ids.shape[1]
     fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)] + (
         [] if real is None else [(real, False)]
     )
@@ -54,7 +54,7 @@ def bd3lm_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Te
 
 
 def _bd3lm_mask(seq_len: int, block_size: int, device) -> torch.Tensor:
-    b = block_ids(seq_len, block_size, device).repeat(2)
+    b = (torch.arange(seq_len, device=device) // block_size).repeat(2)  # the block of each position
     clean = torch.arange(2 * seq_len, device=device) >= seq_len
     q_b, k_b = b[:, None], b[None, :]
     q_clean, k_clean = clean[:, None], clean[None, :]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from model.block_attention import pad_to_blocks
+from model.block_attention import pad_to_blocks, whole_blocks
 from model.logit_shift import is_shifted, predictable
 from model.objectives.elbo import masked_nll_sums
 from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
@@ -93,16 +93,11 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), stderr
 
 
-def _block_width(length: int, block_size: int | None) -> int:
-    """length rounded up to whole blocks (unchanged without blocks)."""
-    return length if block_size is None else -(-length // block_size) * block_size
-
-
 def _answer_rows(prompt_ids, answer_ids, width, num_samples, generator, block_size, tail_id, mask_id):
     """Clean row [width], key mask, masked and weights [S, width] of one answer (draws over its own length only,
     so the generator calls of an answer do not depend on the other answers)."""
     P, A = len(prompt_ids), len(answer_ids)
-    own = _block_width(P + A, block_size)
+    own = whole_blocks(P + A, block_size)
     tail = [mask_id if tail_id is None else tail_id] * (own - P - A)  # rest of the last block: context
     clean = torch.tensor(prompt_ids + answer_ids + tail + [PAD_ID] * (width - own))
     scored = torch.zeros(1, own, dtype=torch.bool)
@@ -140,7 +135,7 @@ def conditional_log_likelihood_batch(
     device = next(model.parameters()).device
     generator = generator or torch.Generator().manual_seed(0)
     P, longest = len(prompt_ids), max(len(answer) for answer in answers)
-    width = _block_width(P + longest, block_size)
+    width = whole_blocks(P + longest, block_size)
     parts = [
         _answer_rows(prompt_ids, answer, width, num_samples, generator, block_size, tail_id, mask_id)
         for answer in answers

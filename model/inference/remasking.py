@@ -86,11 +86,6 @@ class DecodingRun:
         self.result = SampleResult(prompt[:, :0], 0)
         self.finish_id: int | None = None  # EOS, when a row may finish inside a block (finish_at_eos)
 
-    def first_needed(self, lo: int) -> int:
-        """The first canvas column whose output a step on a block starting at `lo` reads: lo itself, or for a shifted
-        model lo - 1 (its output predicts column lo; at lo = 0 nothing is to its left)."""
-        return max(lo - 1, 0) if self.shifted else lo
-
     def predictions(self, logits: torch.Tensor, first: int, lo: int, hi: int, before=None) -> torch.Tensor:
         """Predictions for canvas columns [lo, hi) from `logits` of the columns [first, ...): the outputs at those
         columns, or for a shifted model the outputs one column to the left. When the window starts at lo, `before`

@@ -29,12 +29,13 @@ gradient useful or not. The levers, each a field of ElboSampling:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.block_attention import pad_to_blocks
+from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
 from model.objectives.elbo import masked_nll_sums
 from model.objectives.masking import exact_count_draws
@@ -126,12 +127,11 @@ class ElboSampling:
             raise NanoLladaError(f"ELBO estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
 
 
-@dataclass
-class MaskDraws:
+class MaskDraws(NamedTuple):
     """The noise of one estimate: masked [S, R, T] answer positions and their ELBO weights [S, R, T]."""
 
     masked: torch.Tensor
-    weights: torch.Tensor = field(repr=False)
+    weights: torch.Tensor
 
 
 def _pair_noise(shape: tuple, rows: int, paired: bool, generator, device) -> torch.Tensor:
@@ -150,8 +150,9 @@ def draw_answer_masks(
     pair's, so two answers of one length get the same masks. Block models: exact counts per block, unpaired."""
     S, (R, T), device = sampling.samples, answer.shape, answer.device
     if sampling.estimator == "exact_count" and block_size is not None:
-        pad = -T % block_size
-        masked, weights = exact_count_draws(F.pad(answer, (0, pad)), S, generator, block_size)
+        masked, weights = exact_count_draws(
+            F.pad(answer, (0, whole_blocks(T, block_size) - T)), S, generator, block_size
+        )
         return MaskDraws(masked[..., :T], weights[..., :T])
     paired = sampling.paired and R % 2 == 0
     start = answer.long().argmax(1)  # first answer position of each row
