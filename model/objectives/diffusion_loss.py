@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad, pad_to_blocks
-from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
+from model.cross_entropy import IGNORE_INDEX, logits_or_nll
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.ar_loss import weighted_next_token_loss
@@ -150,9 +150,7 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     Scores every position with ignore_index instead of gathering the masked rows: `logits[masked]` has a
     data-dependent shape, which syncs the GPU with the host and breaks torch.compile graphs.
     """
-    ignored = targets.masked_fill(~masked, IGNORE_INDEX)
-    nll = fp32_cross_entropy(logits.flatten(0, -2), ignored.flatten(), IGNORE_INDEX)  # chunked on CUDA
-    return nll.view(targets.shape)
+    return logits_or_nll(logits, targets.masked_fill(~masked, IGNORE_INDEX))  # chunked on eager CUDA
 
 
 def scored_nll(forward, targets: torch.Tensor, masked: torch.Tensor, shifted: bool, need_logits: bool):
