@@ -94,7 +94,7 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
 
 
 def _answer_rows(prompt_ids, answer_ids, width, num_samples, generator, block_size, tail_id, mask_id):
-    """Clean row [width], key mask, masked and weights [S, width] of one answer (draws over its own length only,
+    """Clean rows, key masks, masked and weights, all [S, width], of one answer's S draws (over its own length only,
     so the generator calls of an answer do not depend on the other answers)."""
     P, A = len(prompt_ids), len(answer_ids)
     own = whole_blocks(P + A, block_size)
@@ -105,7 +105,8 @@ def _answer_rows(prompt_ids, answer_ids, width, num_samples, generator, block_si
     exact = bool((scored.view(-1, block_size or own).sum(1) <= 1).all())  # one token per group: one draw is exact
     masked, weights = exact_count_draws(scored, 1 if exact else num_samples, generator, block_size)
     masked, weights = F.pad(masked[:, 0], (0, width - own)), F.pad(weights[:, 0], (0, width - own))
-    return clean, torch.arange(width) < own, masked, weights
+    keys = torch.arange(width) < own
+    return clean.expand(len(masked), -1), keys.expand(len(masked), -1), masked, weights
 
 
 @torch.no_grad()
@@ -141,10 +142,7 @@ def conditional_log_likelihood_batch(
         for answer in answers
     ]
     draws = [len(masked) for _, _, masked, _ in parts]
-    clean = torch.cat([c.expand(n, -1) for (c, _, _, _), n in zip(parts, draws)]).to(device)
-    keys = torch.cat([k.expand(n, -1) for (_, k, _, _), n in zip(parts, draws)]).to(device)
-    masked = torch.cat([m for _, _, m, _ in parts]).to(device)
-    weights = torch.cat([w for _, _, _, w in parts]).to(device)
+    clean, keys, masked, weights = (torch.cat(rows).to(device) for rows in zip(*parts))
     values = []
     for start in range(0, len(clean), rows_per_forward):
         rows = slice(start, start + rows_per_forward)
