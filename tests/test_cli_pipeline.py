@@ -353,6 +353,6 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
             assert torch.equal(ours[name], tensor), name
 
 
-def test_sft_logs_the_first_answer_tokens_share_of_the_logit_gradient_every_step(trained):  # gradient_share.py
+def test_sft_logs_the_first_answer_tokens_share_of_the_logit_gradient_every_step(trained):  # label_gradient_share
     rows = [json.loads(line) for run in ("ar_sft", "diff_sft") for line in open(trained[1] / f"{run}_metrics.jsonl")]
     assert all(0 < row["label_share"] < 1 for row in rows if "loss" in row) and "label_share" in rows[1]

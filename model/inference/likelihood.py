@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from model.block_attention import pad_to_blocks, whole_blocks
 from model.logit_shift import is_shifted, predictable
-from model.objectives.elbo import masked_nll_sums
+from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
 from model.objectives.preference import ar_answer_log_likelihood
 from model.tokenizer import PAD_ID

@@ -33,8 +33,7 @@ from model.block_attention import bdlm_forward, document_attention_mask, documen
 from model.cross_entropy import IGNORE_INDEX, logits_or_nll
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
-from model.objectives.ar_loss import weighted_next_token_loss
-from model.objectives.gradient_share import label_gradient_share
+from model.objectives.ar_loss import label_gradient_share, weighted_next_token_loss
 from model.objectives.masking import (
     bernoulli_masks,
     check_schedule,
@@ -153,6 +152,21 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     return logits_or_nll(logits, targets.masked_fill(~masked, IGNORE_INDEX))  # chunked on eager CUDA
 
 
+def masked_nll_sums(
+    model, clean: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor, mask_id: int, block_size=None, keys=None
+) -> torch.Tensor:
+    """Per-row sums of weights * NLL over the masked positions, float64 [N]: what every diffusion ELBO estimator sums
+    (the evaluations' NELBO and likelihoods, and DPO's answer scores). keys [N, T] (optional): the positions a row
+    may attend to (right padding of rows of unequal length)."""
+    noisy = clean.masked_fill(masked, mask_id)
+    if block_size is not None:
+        logits = bdlm_forward(model, noisy, clean, block_size)
+    else:
+        logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
+        logits = read_shifted(logits) if is_shifted(model) else logits
+    return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
+
+
 def scored_nll(forward, targets: torch.Tensor, masked: torch.Tensor, shifted: bool, need_logits: bool):
     """(fp32 NLL [B, L] of the masked positions, 0 elsewhere; the logits when a loss term needs them, else None).
 
@@ -241,7 +255,7 @@ def diffusion_loss(
     scored_at [B, K]: positions that include every maskable one (the SFT batcher lists each row's answer and its
     padding, then unmaskable positions); the head then runs only there (not with blocks or the repeat penalty,
     which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
-    stats: a dict that receives "label_share", the first answer token's share of the gradient (gradient_share.py).
+    stats: a dict that receives "label_share", the first answer token's share of the gradient (label_gradient_share).
     """
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
-from model.objectives.elbo import masked_nll_sums
+from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import exact_count_draws
 from model.tokenizer import EOS_ID
 
