@@ -126,24 +126,27 @@ def bernoulli_masks(maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.
     return (torch.rand(maskable.shape, device=maskable.device, generator=rng) < prob) & maskable
 
 
-def stratified_counts(n: torch.Tensor, num_draws: int, rng: torch.Generator) -> torch.Tensor:
+def stratified_counts(n: torch.Tensor, num_draws: int, rng: torch.Generator | None, offset=None) -> torch.Tensor:
     """How many of n[row] positions each of num_draws draws masks, int64 [num_draws, rows], in 1..n (0 if n = 0).
 
     Draw d of a row takes u = (offset + d / num_draws) mod 1 with offset ~ U[0, 1) and masks floor(u n) + 1
     positions: every draw is exactly uniform on 1..n (LLaDA Algorithm 3), and the draws of a row are spread
-    evenly over 1..n (exactly balanced when num_draws is a multiple of n).
+    evenly over 1..n (exactly balanced when num_draws is a multiple of n). `offset` (float64, as n): the offsets
+    when the caller draws them (DPO's paired draws), instead of from rng.
     """
-    offset = torch.rand(n.shape, device=n.device, generator=rng, dtype=torch.float64)
+    if offset is None:
+        offset = torch.rand(n.shape, device=n.device, generator=rng, dtype=torch.float64)
     draws = torch.arange(num_draws, device=n.device, dtype=torch.float64)[:, None]
     u = torch.frac(offset[None, :] + draws / num_draws)
     return torch.minimum((u * n).long() + 1, n).clamp(min=0)
 
 
-def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """Mask exactly counts[row] of the scored positions of each row, uniformly without replacement."""
-    scores = torch.rand(scored.shape, device=scored.device, generator=rng).masked_fill(~scored, 2.0)
-    ranks = scores.argsort(1).argsort(1)
-    return (ranks < counts[:, None]) & scored
+def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generator | None, noise=None) -> torch.Tensor:
+    """Mask exactly counts[row] of the scored positions of each row (along the last dim), uniformly without
+    replacement: the positions of the lowest uniform `noise` (as scored; drawn from rng unless given)."""
+    noise = torch.rand(scored.shape, device=scored.device, generator=rng) if noise is None else noise
+    ranks = noise.masked_fill(~scored, 2.0).argsort(-1).argsort(-1)
+    return (ranks < counts[..., None]) & scored
 
 
 def exact_count_draws(

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
 from model.objectives.diffusion_loss import masked_nll_sums
-from model.objectives.masking import exact_count_draws
+from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
 from model.tokenizer import EOS_ID
 
 ROUTES = ("ar", "diffusion")
@@ -159,13 +159,9 @@ def draw_answer_masks(
     offsets = (torch.arange(T, device=device)[None, :] - start[:, None]) % T  # j - start, wrapped
     uniform = _pair_noise((S, R, T), R, paired, generator, device).gather(2, offsets.expand(S, R, T))
     if sampling.estimator == "exact_count":
-        # LLaDA Algorithm 3: draw d masks l = floor(u_d n) + 1 of the n answer tokens, u_d = frac(offset + d / S)
         n = answer.sum(1)  # [R]
-        offset = _pair_noise((1, R), R, paired, generator, device).double()
-        u = torch.frac(offset + torch.arange(S, device=device, dtype=torch.float64)[:, None] / S)  # [S, R]
-        counts = torch.minimum((u * n).long() + 1, n)
-        ranks = uniform.masked_fill(~answer, 2.0).argsort(2).argsort(2)
-        masked = (ranks < counts[..., None]) & answer
+        counts = stratified_counts(n, S, None, offset=_pair_noise((1, R), R, paired, generator, device)[0].double())
+        masked = mask_exactly(answer.expand(S, R, T), counts, None, noise=uniform)
         weights = n.double() / counts.clamp(min=1)
     else:
         times = _pair_noise((S if sampling.distinct_times else 1, R), R, paired, generator, device)
