@@ -90,7 +90,7 @@ def expected_nelbo_per_token(oracle: ContextOracle, scored: int, draw: str) -> f
     n = scored
     if draw == "count":
         return sum(oracle.nll(k) for k in range(1, n + 1)) / n
-    t_min, t_max = DiffusionObjective.full_time_range()
+    t_min, t_max = DiffusionObjective.t_min, DiffusionObjective.t_max  # the defaults: LLaDA's U(0, 1], weights finite
     t = torch.linspace(t_min, t_max, 20001, dtype=torch.float64)
     simpson = torch.ones_like(t)
     simpson[1:-1:2], simpson[2:-1:2] = 4, 2

@@ -80,12 +80,6 @@ class DiffusionObjective:
     all_masked_share: float = 0.0
     ar_loss_weight: float = 0.0  # joint training: + this weight times the causal next-token loss (0: off)
 
-    @classmethod
-    def full_time_range(cls) -> tuple[float, float]:
-        """The default (t_min, t_max): LLaDA's U(0, 1] with every ELBO weight finite."""
-        fields = cls.__dataclass_fields__
-        return fields["t_min"].default, fields["t_max"].default
-
     def check_mask_draw(self) -> None:
         """The count draw is the linear schedule's estimator with the weight averaged over t given the mask: one
         time for the whole row, over (0, 1), so it refuses what changes either."""
@@ -95,7 +89,7 @@ class DiffusionObjective:
             self.schedule != "linear"
             or self.complementary
             or self.position_masking
-            or (self.t_min, self.t_max) != self.full_time_range()
+            or (self.t_min, self.t_max) != (DiffusionObjective.t_min, DiffusionObjective.t_max)  # the defaults
         ):
             raise NanoLladaError(
                 "the count mask draw is LLaDA's linear-schedule estimator over the whole (0, 1) time range: it does "
