@@ -41,7 +41,6 @@ from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
 from model.tokenizer import EOS_ID
 
-ROUTES = ("ar", "diffusion")
 LOSS_TYPES = ("sigmoid", "ipo")
 ESTIMATORS = ("exact_count", "bernoulli")
 
