@@ -27,11 +27,9 @@ def next_token_loss(
     stats: a dict that receives "label_share", the first answer token's share of the gradient (label_gradient_share).
     """
     targets = F.pad((input_ids if labels is None else labels)[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if scored_at is None:
-        nll = model(input_ids, attention="causal", targets=targets)  # the loss inside the (compiled) forward
-    else:
+    if scored_at is not None:
         targets = targets.gather(1, scored_at)
-        nll = model(input_ids, attention="causal", logits_at=scored_at, targets=targets)
+    nll = model(input_ids, attention="causal", logits_at=scored_at, targets=targets)  # the loss inside the forward
     scored = targets != IGNORE_INDEX
     if stats is not None:
         stats["label_share"] = label_gradient_share(nll, scored, scored)
