@@ -202,9 +202,8 @@ def draw_masks(
         t, importance = sample_time(rows, rng, device, o.t_min, o.t_max), 1.0
     probability, weight = mask_probability(t, o.schedule)[:, None], (elbo_weight(t, o.schedule) * importance)[:, None]
     if o.position_masking:
-        tau, slope = warped_time(
-            t[:, None], position_rates(maskable.shape[1], o.block_size, o.position_masking, device)
-        )
+        rates = position_rates(maskable.shape[1], o.block_size, o.position_masking, device)
+        tau, slope = warped_time(t[:, None], rates)
         probability, weight = mask_probability(tau, o.schedule), elbo_weight(tau, o.schedule) * slope
     masked = bernoulli_masks(maskable, probability, rng)
     if not o.complementary:

@@ -149,9 +149,8 @@ def draw_answer_masks(
     pair's, so two answers of one length get the same masks. Block models: exact counts per block, unpaired."""
     S, (R, T), device = sampling.samples, answer.shape, answer.device
     if sampling.estimator == "exact_count" and block_size is not None:
-        masked, weights = exact_count_draws(
-            F.pad(answer, (0, whole_blocks(T, block_size) - T)), S, generator, block_size
-        )
+        padded = F.pad(answer, (0, whole_blocks(T, block_size) - T))
+        masked, weights = exact_count_draws(padded, S, generator, block_size)
         return MaskDraws(masked[..., :T], weights[..., :T])
     paired = sampling.paired and R % 2 == 0
     start = answer.long().argmax(1)  # first answer position of each row
