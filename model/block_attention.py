@@ -31,9 +31,8 @@ def pad_to_blocks(
     every row and never scored (`real`, when given, marks each row's own columns and is padded too), or `with_eos`,
     with scored EOS, LLaDA's SFT padding (how a model learns to stop). Returns (input_ids, scored[, real])."""
     pad = whole_blocks(input_ids.shape[1], block_size) - input_ids.shape[1]
-    fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)] + (
-        [] if real is None else [(real, False)]
-    )
+    fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)]
+    fills += [] if real is None else [(real, False)]
     return tuple(x if pad == 0 else F.pad(x, (0, pad), value=fill) for x, fill in fills)
 
 
@@ -142,9 +141,8 @@ def flex_probe(model, device: torch.device) -> None:
         torch.randn(s, device=device, dtype=torch.bfloat16, requires_grad=True) for s in (shape, kv_shape, kv_shape)
     )
     block_mask = block_mask_from_dense(bd3lm_attention_mask(L, 32, device), 2 * L, 2 * L)
-    out = flex_attention_kernel(
-        q, k, v, block_mask, enable_gqa=config.num_key_value_heads != config.num_attention_heads
-    )
+    grouped = config.num_key_value_heads != config.num_attention_heads
+    out = flex_attention_kernel(q, k, v, block_mask, enable_gqa=grouped)
     out.float().square().sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here, not in the first step

@@ -91,7 +91,6 @@ def trained_block_size(extra: dict) -> int | None:
     if not stored or not extra.get("step"):
         return None
     fields = {name: tuple(value) if isinstance(value, list) else value for name, value in stored.items()}
-    phase, block_size = BlockCurriculum(**fields).at(
-        int(extra["step"]) - 1
-    )  # the last step the weights were trained at
+    last_step = int(extra["step"]) - 1  # the last step the weights were trained at
+    phase, block_size = BlockCurriculum(**fields).at(last_step)
     return None if phase == STABLE else block_size

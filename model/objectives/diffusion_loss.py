@@ -66,9 +66,8 @@ class DiffusionObjective:
     complementary: bool = False  # each row twice: a mask at t and its complement at 1 - t (LLaDA 2.0)
     cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
     repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
-    position_masking: float = (
-        0.0  # strength of position-dependent masking (0: off; model.objectives.masking.position_rates)
-    )
+    # The strength of position-dependent masking (0: off; model.objectives.masking.position_rates).
+    position_masking: float = 0.0
     mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
     # The time density (model.objectives.masking.late_heavy_time): this share of rows draws t ~ U(late_time_from,
     # t_max) instead, every row importance-weighted: the same NELBO, t near 1 more often. 0: t ~ U(t_min, t_max).
