@@ -19,9 +19,9 @@ from model.tokenizer import EOS_ID, PAD_ID
 from model.transformer import BlockMask, block_mask_from_dense, flex_attention_kernel, tracing
 
 
-def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:
-    """Block index of each position 0..length-1."""
-    return torch.arange(length, device=device) // block_size
+def whole_blocks(length: int, block_size: int | None) -> int:
+    """length rounded up to whole blocks (unchanged without blocks)."""
+    return length if block_size is None else -(-length // block_size) * block_size
 
 
 def pad_to_blocks(
@@ -30,10 +30,9 @@ def pad_to_blocks(
     """Right-pad rows to a multiple of block_size (None: no blocks), so the last block is whole: with PAD outside
     every row and never scored (`real`, when given, marks each row's own columns and is padded too), or `with_eos`,
     with scored EOS, LLaDA's SFT padding (how a model learns to stop). Returns (input_ids, scored[, real])."""
-    pad = 0 if block_size is None else -input_ids.shape[1] % block_size
-    fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)] + (
-        [] if real is None else [(real, False)]
-    )
+    pad = whole_blocks(input_ids.shape[1], block_size) - input_ids.shape[1]
+    fills = [(input_ids, EOS_ID if with_eos else PAD_ID), (scored, with_eos)]
+    fills += [] if real is None else [(real, False)]
     return tuple(x if pad == 0 else F.pad(x, (0, pad), value=fill) for x, fill in fills)
 
 
@@ -54,7 +53,7 @@ def bd3lm_attention_mask(seq_len: int, block_size: int, device=None) -> torch.Te
 
 
 def _bd3lm_mask(seq_len: int, block_size: int, device) -> torch.Tensor:
-    b = block_ids(seq_len, block_size, device).repeat(2)
+    b = (torch.arange(seq_len, device=device) // block_size).repeat(2)  # the block of each position
     clean = torch.arange(2 * seq_len, device=device) >= seq_len
     q_b, k_b = b[:, None], b[None, :]
     q_clean, k_clean = clean[:, None], clean[None, :]
@@ -142,9 +141,8 @@ def flex_probe(model, device: torch.device) -> None:
         torch.randn(s, device=device, dtype=torch.bfloat16, requires_grad=True) for s in (shape, kv_shape, kv_shape)
     )
     block_mask = block_mask_from_dense(bd3lm_attention_mask(L, 32, device), 2 * L, 2 * L)
-    out = flex_attention_kernel(
-        q, k, v, block_mask, enable_gqa=config.num_key_value_heads != config.num_attention_heads
-    )
+    grouped = config.num_key_value_heads != config.num_attention_heads
+    out = flex_attention_kernel(q, k, v, block_mask, enable_gqa=grouped)
     out.float().square().sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here, not in the first step

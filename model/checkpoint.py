@@ -172,12 +172,7 @@ def load_model(path: str | Path, num_attention_heads: int | None = None, kind: s
     With `kind`, a checkpoint of the other kind is refused (scripts say which entry point takes it).
     """
     checkpoint = read_checkpoint(path, num_attention_heads)
-    if kind == "ar" and checkpoint.kind == "diffusion" and decodes_causally(checkpoint):
-        checkpoint = as_ar(checkpoint)  # a jointly trained checkpoint is also an AR model
-    if kind is not None and checkpoint.kind != kind:
-        raise NanoLladaError(
-            f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, expected {kind}; load it as {checkpoint.kind}"
-        )
+    checkpoint = as_kind(checkpoint, path, kind, f"expected {kind}; load it as {checkpoint.kind}")
     model = build_model(checkpoint, path).to(device).eval()
     return model, checkpoint.config
 
@@ -208,17 +203,23 @@ def as_ar(checkpoint: Checkpoint) -> Checkpoint:
     return dataclasses.replace(checkpoint, kind="ar", config=config)
 
 
-def check_compatible(
-    checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
-) -> Checkpoint:
-    """Refuse a checkpoint of the other kind (naming what to do instead; kind None accepts both), another
-    tokenizer, or another vocabulary. Asked for "ar", a jointly trained diffusion checkpoint is returned as its AR
-    model (as_ar)."""
+def as_kind(checkpoint: Checkpoint, path, kind: str | None, advice: str) -> Checkpoint:
+    """`checkpoint` as a checkpoint of `kind` (None: either). Asked for "ar", a jointly trained diffusion checkpoint
+    is returned as its AR model (as_ar); the other kind is refused with `advice`."""
     if kind == "ar" and checkpoint.kind == "diffusion" and decodes_causally(checkpoint):
         checkpoint = as_ar(checkpoint)
     if kind is not None and checkpoint.kind != kind:
-        hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
-        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, not {kind}; {hint}")
+        raise NanoLladaError(f"{path}: is {KIND_NAMES[checkpoint.kind]} checkpoint, {advice}")
+    return checkpoint
+
+
+def check_compatible(
+    checkpoint: Checkpoint, path, kind: str | None, tokenizer, tokenizer_dir, hint: str | None = None
+) -> Checkpoint:
+    """Refuse a checkpoint of the other kind (as_kind, naming what to do instead), another tokenizer, or another
+    vocabulary."""
+    hint = hint or f"evaluate it with `uv run python -m {SCRIPT_FOR_KIND[checkpoint.kind]}`"
+    checkpoint = as_kind(checkpoint, path, kind, f"not {kind}; {hint}")
     check_tokenizer_matches(checkpoint.tokenizer, tokenizer, path, tokenizer_dir)
     if checkpoint.config.vocab_size != len(tokenizer):
         raise NanoLladaError(

@@ -86,8 +86,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise NanoLladaError(
                 f"model config has unknown fields {sorted(unknown)}; was it written by a newer nano-llada?"

@@ -30,8 +30,4 @@ def read_shifted(logits: torch.Tensor, before: torch.Tensor | None = None) -> to
 
 def predictable(maskable: torch.Tensor, shifted: bool) -> torch.Tensor:
     """`maskable` [B, L] without position 0 when the model is shifted (nothing predicts it)."""
-    if not shifted or maskable.shape[1] == 0:
-        return maskable
-    maskable = maskable.clone()
-    maskable[:, 0] = False
-    return maskable
+    return maskable & (torch.arange(maskable.shape[1], device=maskable.device) > 0) if shifted else maskable

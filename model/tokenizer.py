@@ -95,9 +95,8 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> s
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Pretraining layout is [BOS] + text; chat layout is the template (which starts with <|im_start|>)."""
     if chat:
-        return encode(
-            tokenizer, chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        )
+        messages = [{"role": "user", "content": prompt}]
+        return encode(tokenizer, chat_text(tokenizer, messages, add_generation_prompt=True))
     return [BOS_ID, *encode(tokenizer, prompt)]
 
 

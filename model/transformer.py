@@ -138,7 +138,6 @@ class KVCache:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_length = max_length
         self.length = 0
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,11 +157,8 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -299,7 +295,9 @@ class Transformer(nn.Module):
         # The kernel was chosen before training (model.block_attention.choose_flex): a failure here is a real error.
         if mask is not None and self._use_flex(mask):
             mask = block_mask_from_dense(mask, T, past + T)
-        x = self._layers(embedded, cos, sin, mask, is_causal, kv_cache)
+        x = embedded
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, is_causal, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length = past + T
         if isinstance(logits_at, torch.Tensor) and logits_at.dim() == 2:
@@ -308,11 +306,6 @@ class Transformer(nn.Module):
             x = x[:, logits_at]
         logits = self.lm_head(self.model.norm(x))[..., : self.config.vocab_size]  # padding ids are never predicted
         return logits_or_nll(logits, targets)
-
-    def _layers(self, x, cos, sin, mask, is_causal, kv_cache) -> torch.Tensor:
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, is_causal, kv_cache, i)
-        return x
 
     def _use_flex(self, mask: torch.Tensor) -> bool:
         # Training with document and block-diffusion masks: they vary by query and are block sparse, and FlexAttention

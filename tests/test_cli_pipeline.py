@@ -263,7 +263,7 @@ def test_ar_sft_loss_at_scored_positions_equals_the_full_loss(tmp_path):
 
 
 def test_diffusion_sft_never_masks_the_prompt(tmp_path):
-    from model.objectives.masking import mask_tokens
+    from model.objectives.masking import bernoulli_masks
 
     tok = load_tokenizer(".")
     rows = [
@@ -286,9 +286,7 @@ def test_diffusion_sft_never_masks_the_prompt(tmp_path):
         assert not batch["maskable"][i, :n][~torch.from_numpy(assistant.astype(bool))].any()  # prompt: never maskable
         assert batch["maskable"][i, n:].all() and (batch["input_ids"][i, n:] == 2).all()  # EOS padding: maskable
         assert (ar["labels"][i, n:] == -100).all() and (ar["input_ids"][i, n:] == 0).all()  # AR padding: never trained
-    _, masked = mask_tokens(
-        batch["input_ids"], batch["maskable"], torch.full((6,), 0.999), 6400, torch.Generator().manual_seed(0)
-    )
+    masked = bernoulli_masks(batch["maskable"], torch.full((6,), 0.999), torch.Generator().manual_seed(0))
     assert not (masked & ~batch["maskable"]).any()
 
 
@@ -355,6 +353,6 @@ def test_diffusion_initialised_from_the_minimind2_fixture_copies_every_tensor(mi
             assert torch.equal(ours[name], tensor), name
 
 
-def test_sft_logs_the_first_answer_tokens_share_of_the_logit_gradient_every_step(trained):  # gradient_share.py
+def test_sft_logs_the_first_answer_tokens_share_of_the_logit_gradient_every_step(trained):  # label_gradient_share
     rows = [json.loads(line) for run in ("ar_sft", "diff_sft") for line in open(trained[1] / f"{run}_metrics.jsonl")]
     assert all(0 < row["label_share"] < 1 for row in rows if "loss" in row) and "label_share" in rows[1]

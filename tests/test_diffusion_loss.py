@@ -10,14 +10,19 @@ from conftest import UniformModel
 
 from model.cross_entropy import logits_or_nll
 from model.errors import NanoLladaError
-from model.objectives.diffusion_loss import DiffusionObjective, cap_loss, diffusion_loss, repeat_unlikelihood
+from model.objectives.diffusion_loss import (
+    DiffusionObjective,
+    cap_loss,
+    diffusion_loss,
+    draw_masks,
+    repeat_unlikelihood,
+)
 from model.objectives.masking import (
-    complementary_masks,
+    bernoulli_masks,
     elbo_weight,
     eos_padding,
     mask_exactly,
     mask_probability,
-    mask_tokens,
     random_crop_length,
     stratified_counts,
 )
@@ -151,19 +156,17 @@ def test_mask_exactly_masks_the_count_among_scored_positions():
 
 
 def test_masking_respects_maskable_and_never_forces_a_mask():
-    ids = torch.randint(1, MASK, (500, 40), generator=rng())
     maskable = torch.rand(500, 40, generator=rng(1)) < 0.7
-    noisy, masked = mask_tokens(ids, maskable, torch.full((500,), 1e-4), MASK, rng(2))
+    masked = bernoulli_masks(maskable, torch.full((500,), 1e-4), rng(2))
     assert not (masked & ~maskable).any() and masked.sum() < 10  # tiny t: next to nothing is masked
-    assert torch.equal(noisy == MASK, masked) and torch.equal(noisy[~masked], ids[~masked])
-    _, masked = mask_tokens(ids, maskable, torch.full((500,), 0.3), MASK, rng(3))
+    masked = bernoulli_masks(maskable, torch.full((500,), 0.3), rng(3))
     assert masked.sum() / maskable.sum() == pytest.approx(0.3, abs=0.01)
 
 
 def test_complementary_masks_are_disjoint_and_cover_the_response():
     maskable = torch.zeros(200, 24, dtype=torch.bool)
     maskable[:, 7:] = True  # prompt = first 7 positions
-    masked, complement = complementary_masks(maskable, torch.rand(200, generator=rng()), rng(1))
+    masked, complement = draw_masks(DiffusionObjective(complementary=True), maskable, rng(1))[0].chunk(2)
     assert not (masked & complement).any() and torch.equal(masked | complement, maskable)
     assert not masked[:, :7].any() and not complement[:, :7].any()
 

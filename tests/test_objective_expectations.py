@@ -90,7 +90,7 @@ def expected_nelbo_per_token(oracle: ContextOracle, scored: int, draw: str) -> f
     n = scored
     if draw == "count":
         return sum(oracle.nll(k) for k in range(1, n + 1)) / n
-    t_min, t_max = DiffusionObjective.full_time_range()
+    t_min, t_max = DiffusionObjective.t_min, DiffusionObjective.t_max  # the defaults: LLaDA's U(0, 1], weights finite
     t = torch.linspace(t_min, t_max, 20001, dtype=torch.float64)
     simpson = torch.ones_like(t)
     simpson[1:-1:2], simpson[2:-1:2] = 4, 2
@@ -154,8 +154,7 @@ def test_the_label_share_is_the_first_answer_tokens_part_of_the_logit_gradient()
     """label_gradient_share against the gradient itself: with a model whose logits are free parameters, the share of
     sum_j |dloss/dlogits_j| (L1, exactly 2 (1 - p_j) weight_j for softmax cross-entropy) at each row's first
     supervised position; for AR and diffusion alike (all-masked rows, so every answer position is scored)."""
-    from model.objectives.ar_loss import next_token_loss
-    from model.objectives.gradient_share import label_gradient_share
+    from model.objectives.ar_loss import label_gradient_share, next_token_loss
 
     logits = torch.randn(3, 7, V, generator=rng(4))
 

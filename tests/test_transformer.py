@@ -5,7 +5,7 @@ import torch
 from conftest import decodes_something, lively_model, reference_minimind2_forward
 
 from model.config import ModelConfig
-from model.inference.ar import ARSamplerConfig, generate, sample_next
+from model.inference.ar import ARSamplerConfig, generate
 from model.transformer import Transformer, rope_frequencies
 
 
@@ -171,7 +171,7 @@ def test_vocabulary_padding_rows_are_never_scored_sampled_or_trained(tiny_config
 def test_sampling_with_top_k_zero_draws_from_the_whole_vocabulary():
     # top_k = 0 turns top-k filtering off: every token keeps its softmax probability.
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
-    draws = sample_next(logits, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    draws = ARSamplerConfig(temperature=1.0, top_k=0).draw(logits, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.03)
 

@@ -11,31 +11,10 @@ from model.errors import MAX_TEMPERATURE, NanoLladaError, check_setting
 from model.inference.padding import PaddedLayout, left_pad
 
 
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @dataclass(frozen=True)
 class ARSamplerConfig:
-    """How AR decoding draws each next token (see sample_next); `banned_ids` (e.g. <|mask|>) are never drawn."""
+    """How AR decoding draws each next token: greedy at temperature 0, else top-k / nucleus sampling; `banned_ids`
+    (e.g. <|mask|>) are never drawn."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -46,7 +25,18 @@ class ARSamplerConfig:
         """One token id per row of logits [B, V] (banned columns are set to -inf in place)."""
         if self.banned_ids:
             logits[:, list(self.banned_ids)] = float("-inf")
-        return sample_next(logits, self.temperature, self.top_k, self.top_p, generator)
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
     def validate(self) -> None:
         """Refuse settings that cannot be sampled with (a model.errors.SettingError naming the field)."""

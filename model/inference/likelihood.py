@@ -20,11 +20,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-from model.block_attention import pad_to_blocks
+from model.block_attention import pad_to_blocks, whole_blocks
 from model.logit_shift import is_shifted, predictable
-from model.objectives.elbo import exact_count_draws, masked_nll_sums
-from model.objectives.masking import mask_tokens, pretraining_maskable, sample_time
+from model.objectives.diffusion_loss import masked_nll_sums
+from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
+from model.objectives.preference import ar_answer_log_likelihood
 from model.tokenizer import PAD_ID
 
 
@@ -43,7 +45,7 @@ def diffusion_nelbo_terms(
     terms = []
     for _ in range(num_samples):
         t = sample_time(input_ids.shape[0], generator, input_ids.device, eps, 1 - eps)
-        _, masked = mask_tokens(input_ids, maskable, t, mask_id, generator)
+        masked = bernoulli_masks(maskable, t, generator)
         weights = (1 / t.double())[:, None].expand(masked.shape)
         terms.append(masked_nll_sums(model, input_ids, masked, weights, mask_id, block_size))
     return torch.stack(terms)
@@ -91,16 +93,11 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), stderr
 
 
-def _block_width(length: int, block_size: int | None) -> int:
-    """length rounded up to whole blocks (unchanged without blocks)."""
-    return length if block_size is None else -(-length // block_size) * block_size
-
-
 def _answer_rows(prompt_ids, answer_ids, width, num_samples, generator, block_size, tail_id, mask_id):
-    """Clean row [width], key mask, masked and weights [S, width] of one answer (draws over its own length only,
+    """Clean rows, key masks, masked and weights, all [S, width], of one answer's S draws (over its own length only,
     so the generator calls of an answer do not depend on the other answers)."""
     P, A = len(prompt_ids), len(answer_ids)
-    own = _block_width(P + A, block_size)
+    own = whole_blocks(P + A, block_size)
     tail = [mask_id if tail_id is None else tail_id] * (own - P - A)  # rest of the last block: context
     clean = torch.tensor(prompt_ids + answer_ids + tail + [PAD_ID] * (width - own))
     scored = torch.zeros(1, own, dtype=torch.bool)
@@ -108,7 +105,8 @@ def _answer_rows(prompt_ids, answer_ids, width, num_samples, generator, block_si
     exact = bool((scored.view(-1, block_size or own).sum(1) <= 1).all())  # one token per group: one draw is exact
     masked, weights = exact_count_draws(scored, 1 if exact else num_samples, generator, block_size)
     masked, weights = F.pad(masked[:, 0], (0, width - own)), F.pad(weights[:, 0], (0, width - own))
-    return clean, torch.arange(width) < own, masked, weights
+    keys = torch.arange(width) < own
+    return clean.expand(len(masked), -1), keys.expand(len(masked), -1), masked, weights
 
 
 @torch.no_grad()
@@ -138,16 +136,13 @@ def conditional_log_likelihood_batch(
     device = next(model.parameters()).device
     generator = generator or torch.Generator().manual_seed(0)
     P, longest = len(prompt_ids), max(len(answer) for answer in answers)
-    width = _block_width(P + longest, block_size)
+    width = whole_blocks(P + longest, block_size)
     parts = [
         _answer_rows(prompt_ids, answer, width, num_samples, generator, block_size, tail_id, mask_id)
         for answer in answers
     ]
     draws = [len(masked) for _, _, masked, _ in parts]
-    clean = torch.cat([c.expand(n, -1) for (c, _, _, _), n in zip(parts, draws)]).to(device)
-    keys = torch.cat([k.expand(n, -1) for (_, k, _, _), n in zip(parts, draws)]).to(device)
-    masked = torch.cat([m for _, _, m, _ in parts]).to(device)
-    weights = torch.cat([w for _, _, _, w in parts]).to(device)
+    clean, keys, masked, weights = (torch.cat(rows).to(device) for rows in zip(*parts))
     values = []
     for start in range(0, len(clean), rows_per_forward):
         rows = slice(start, start + rows_per_forward)
@@ -161,31 +156,20 @@ def conditional_log_likelihood(model, prompt_ids, answer_ids, mask_id, num_sampl
     return conditional_log_likelihood_batch(model, prompt_ids, [answer_ids], mask_id, num_samples, **options)[0]
 
 
-def _right_padded(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, T] right-padded with PAD, lengths [N])."""
-    lengths = torch.tensor([len(s) for s in sequences], device=device)
-    ids = torch.full((len(sequences), int(lengths.max())), PAD_ID, dtype=torch.long, device=device)
-    for i, sequence in enumerate(sequences):
-        ids[i, : len(sequence)] = torch.tensor(sequence, device=device)
-    return ids, lengths
-
-
-@torch.no_grad()
 def ar_log_likelihood(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
-    """Exact log p(answer | prompt) under a causal model: the sum of next-token log-probs of the answer."""
-    device = next(model.parameters()).device
-    sequence = torch.tensor([prompt_ids + answer_ids], device=device)
-    logp = F.log_softmax(model(sequence, attention="causal")[0, :-1].float(), -1)
-    targets = sequence[0, 1:]
-    return logp.gather(-1, targets[:, None]).squeeze(-1)[len(prompt_ids) - 1 :].sum().item()
+    """ar_log_likelihood_batch for one answer."""
+    return ar_log_likelihood_batch(model, prompt_ids, [answer_ids])[0]
 
 
 @torch.no_grad()
 def ar_log_likelihood_batch(model, prompt_ids: list[int], answers: list[list[int]]) -> list[float]:
-    """ar_log_likelihood for several answers to one prompt in one forward; right padding is harmless because
-    a causal model never looks to the right of the position it predicts from."""
+    """Exact log p(answer | prompt) under a causal model for each answer, the sum of the answer's next-token
+    log-probs; the answers share one forward, and right padding is harmless because a causal model never looks to the
+    right of the position it predicts from."""
     device = next(model.parameters()).device
-    ids, lengths = _right_padded([prompt_ids + answer for answer in answers], device)
+    rows = [torch.tensor(prompt_ids + answer, device=device) for answer in answers]
+    ids = pad_sequence(rows, batch_first=True, padding_value=PAD_ID)
+    lengths = torch.tensor([len(row) for row in rows], device=device)
     logp = F.log_softmax(model(ids, attention="causal")[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     predicted = torch.arange(1, ids.shape[1], device=device)[None, :]  # position of the token logp[:, j] scores
     scored = (predicted >= len(prompt_ids)) & (predicted < lengths[:, None])
@@ -200,6 +184,4 @@ def ar_nll_rows(model, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.T
     """
     if scored[:, 0].any():
         raise ValueError("position 0 cannot be scored by a causal model")
-    logits = model(input_ids, attention="causal")[:, :-1].float()
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return torch.where(scored[:, 1:], nll, 0.0).sum(1).double()
+    return -ar_answer_log_likelihood(model, input_ids, scored).double()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from model.errors import NanoLladaError
 
@@ -18,8 +19,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
     """(ids [B, P] right-aligned with pad_id in front, lengths [B]) for non-empty prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise NanoLladaError("batched generation needs at least one prompt and no empty prompt")
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    rows = [torch.tensor(p, dtype=torch.long, device=device) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
     return ids, torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
 
 

@@ -60,18 +60,16 @@ def block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_ste
     """For each step of block [lo, hi) that needs a forward pass, the per-row commit quota (None when decoding by
     threshold), until the block has no mask left. The caller commits into `canvas` in place between steps.
     Steps whose quotas are all zero are skipped: nothing to commit, so no forward pass."""
-    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps) if threshold is None else None
-    step = 0
-    while (canvas[:, lo:hi] == mask_id).any():
-        if quotas is None:
+    if threshold is not None:
+        while (canvas[:, lo:hi] == mask_id).any():
             yield None
-            continue
-        if step >= block_steps:
-            return  # cannot happen: quotas sum to the masked count
-        quota = quotas[:, step]
-        step += 1
-        if quota.any():
-            yield quota
+        return
+    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps)
+    for step in range(block_steps):  # the quotas sum to the masked count: no mask is left after the last step
+        if not (canvas[:, lo:hi] == mask_id).any():
+            return
+        if quotas[:, step].any():
+            yield quotas[:, step]
 
 
 class DecodingRun:
@@ -85,11 +83,6 @@ class DecodingRun:
         self.shifted = is_shifted(model)
         self.result = SampleResult(prompt[:, :0], 0)
         self.finish_id: int | None = None  # EOS, when a row may finish inside a block (finish_at_eos)
-
-    def first_needed(self, lo: int) -> int:
-        """The first canvas column whose output a step on a block starting at `lo` reads: lo itself, or for a shifted
-        model lo - 1 (its output predicts column lo; at lo = 0 nothing is to its left)."""
-        return max(lo - 1, 0) if self.shifted else lo
 
     def predictions(self, logits: torch.Tensor, first: int, lo: int, hi: int, before=None) -> torch.Tensor:
         """Predictions for canvas columns [lo, hi) from `logits` of the columns [first, ...): the outputs at those

@@ -265,7 +265,7 @@ def _decode_block(
     # each token at its true position, so the cache ends up holding [prefix, suffix] K/V and the window's K/V,
     # appended last, can be cropped off after every step. Bidirectional attention does not care about key order.
     # (Key order: the cache holds canvas columns in `order`; the prefix cache keeps the natural order.)
-    start = run.first_needed(lo)
+    start = max(lo - 1, 0) if run.shifted else lo  # at lo = 0 nothing is to its left
     order = every_column
     if cache == "dual":
         order = torch.cat([every_column[:start], every_column[hi:], every_column[start:hi]])

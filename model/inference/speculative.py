@@ -159,11 +159,7 @@ def speculative_generate(
     P = n = run.prompt_width
     run.canvas[:, n] = run.pick(run.forward(0, run.canvas[:, :P], causal_queries=P)[:, -1])
     result.verify_forwards += 1
-    done = (
-        run.canvas[:, n] == eos_id
-        if eos_id is not None
-        else torch.zeros(run.batch, dtype=torch.bool, device=run.canvas.device)
-    )
+    done = run.canvas[:, n] == eos_id if eos_id is not None else torch.zeros_like(run.canvas[:, n], dtype=torch.bool)
     drafts = None
     while n - P + 1 < max_new_tokens and not done.all():
         if drafts is None:

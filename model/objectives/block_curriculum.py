@@ -90,12 +90,7 @@ def trained_block_size(extra: dict) -> int | None:
     stored = (extra.get("diffusion") or {}).get("block_curriculum")
     if not stored or not extra.get("step"):
         return None
-    curriculum = BlockCurriculum(
-        stored["seq_len"],
-        stored["total_steps"],
-        tuple(stored["sizes_up"]),
-        tuple(stored["sizes_down"]),
-        tuple(stored["phase_ratios"]),
-    )
-    phase, block_size = curriculum.at(int(extra["step"]) - 1)  # the last step the weights were trained at
+    fields = {name: tuple(value) if isinstance(value, list) else value for name, value in stored.items()}
+    last_step = int(extra["step"]) - 1  # the last step the weights were trained at
+    phase, block_size = BlockCurriculum(**fields).at(last_step)
     return None if phase == STABLE else block_size

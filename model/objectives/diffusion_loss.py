@@ -30,24 +30,22 @@ import torch
 import torch.nn.functional as F
 
 from model.block_attention import bdlm_forward, document_attention_mask, document_ids_with_pad, pad_to_blocks
-from model.cross_entropy import IGNORE_INDEX, fp32_cross_entropy
+from model.cross_entropy import IGNORE_INDEX, logits_or_nll
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
-from model.objectives.ar_loss import weighted_next_token_loss
-from model.objectives.gradient_share import label_gradient_share
+from model.objectives.ar_loss import label_gradient_share, weighted_next_token_loss
 from model.objectives.masking import (
+    bernoulli_masks,
     check_schedule,
     check_time_range,
-    complementary_masks,
     elbo_weight,
     eos_padding,
+    exact_count_draws,
     late_heavy_time,
-    mask_exactly,
     mask_probability,
     position_rates,
     pretraining_maskable,
     sample_time,
-    stratified_counts,
     warped_time,
 )
 
@@ -68,9 +66,8 @@ class DiffusionObjective:
     complementary: bool = False  # each row twice: a mask at t and its complement at 1 - t (LLaDA 2.0)
     cap_weight: float = 0.0  # lambda of the confidence-aware (CAP, dParallel) term
     repeat_penalty_weight: float = 0.0  # weight of the repeat unlikelihood term
-    position_masking: float = (
-        0.0  # strength of position-dependent masking (0: off; model.objectives.masking.position_rates)
-    )
+    # The strength of position-dependent masking (0: off; model.objectives.masking.position_rates).
+    position_masking: float = 0.0
     mask_draw: str = "time"  # time: t ~ U, Bernoulli(t) masks, weight w(t); count: l ~ U{1..n} masks, weight n/l
     # The time density (model.objectives.masking.late_heavy_time): this share of rows draws t ~ U(late_time_from,
     # t_max) instead, every row importance-weighted: the same NELBO, t near 1 more often. 0: t ~ U(t_min, t_max).
@@ -82,12 +79,6 @@ class DiffusionObjective:
     all_masked_share: float = 0.0
     ar_loss_weight: float = 0.0  # joint training: + this weight times the causal next-token loss (0: off)
 
-    @classmethod
-    def full_time_range(cls) -> tuple[float, float]:
-        """The default (t_min, t_max): LLaDA's U(0, 1] with every ELBO weight finite."""
-        fields = cls.__dataclass_fields__
-        return fields["t_min"].default, fields["t_max"].default
-
     def check_mask_draw(self) -> None:
         """The count draw is the linear schedule's estimator with the weight averaged over t given the mask: one
         time for the whole row, over (0, 1), so it refuses what changes either."""
@@ -97,7 +88,7 @@ class DiffusionObjective:
             self.schedule != "linear"
             or self.complementary
             or self.position_masking
-            or (self.t_min, self.t_max) != self.full_time_range()
+            or (self.t_min, self.t_max) != (DiffusionObjective.t_min, DiffusionObjective.t_max)  # the defaults
         ):
             raise NanoLladaError(
                 "the count mask draw is LLaDA's linear-schedule estimator over the whole (0, 1) time range: it does "
@@ -151,9 +142,22 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
     Scores every position with ignore_index instead of gathering the masked rows: `logits[masked]` has a
     data-dependent shape, which syncs the GPU with the host and breaks torch.compile graphs.
     """
-    ignored = targets.masked_fill(~masked, IGNORE_INDEX)
-    nll = fp32_cross_entropy(logits.flatten(0, -2), ignored.flatten(), IGNORE_INDEX)  # chunked on CUDA
-    return nll.view(targets.shape)
+    return logits_or_nll(logits, targets.masked_fill(~masked, IGNORE_INDEX))  # chunked on eager CUDA
+
+
+def masked_nll_sums(
+    model, clean: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor, mask_id: int, block_size=None, keys=None
+) -> torch.Tensor:
+    """Per-row sums of weights * NLL over the masked positions, float64 [N]: what every diffusion ELBO estimator sums
+    (the evaluations' NELBO and likelihoods, and DPO's answer scores). keys [N, T] (optional): the positions a row
+    may attend to (right padding of rows of unequal length)."""
+    noisy = clean.masked_fill(masked, mask_id)
+    if block_size is not None:
+        logits = bdlm_forward(model, noisy, clean, block_size)
+    else:
+        logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
+        logits = read_shifted(logits) if is_shifted(model) else logits
+    return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
 
 
 def scored_nll(forward, targets: torch.Tensor, masked: torch.Tensor, shifted: bool, need_logits: bool):
@@ -179,23 +183,31 @@ def draw_masks(
     objective: DiffusionObjective, maskable: torch.Tensor, rng: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked, ELBO weight) of each noisy row, [N, L] and [N, L] or [N, 1]: one row per input row, or, with
-    complementary masking, the batch twice over (m at t, then its complement at 1 - t)."""
-    if objective.mask_draw == "count":
-        return with_all_masked(objective, maskable, *count_masks(maskable, rng), rng)
-    rows, device, o = maskable.shape[0], maskable.device, objective
+    complementary masking, the batch twice over (m at t, then its complement at 1 - t).
+
+    The count draw masks exactly l ~ U{1..n} of a row's n maskable positions, uniformly, weighted n / l. Bernoulli(t)
+    masks with t ~ U(0, 1) mask a count uniform on 0..n, uniformly placed, and given the count l the 1/t weight
+    averages (n + 1) / l: the count draw is the linear-schedule loss with the weight replaced by that average (LLaDA's
+    Algorithm 3 estimator). Same expectation, less variance: the weight is at most n instead of 1 / t_min. A row with
+    nothing maskable gets weight 0.
+    """
+    o, rows, device = objective, maskable.shape[0], maskable.device
+    if o.mask_draw == "count":
+        masked, weight = exact_count_draws(maskable, 1, rng)
+        return with_all_masked(o, maskable, masked[0], weight[0, :, :1].float(), rng)
     if o.late_time_share:
         t, importance = late_heavy_time(rows, rng, device, o.t_min, o.t_max, o.late_time_share, o.late_time_from)
     else:
         t, importance = sample_time(rows, rng, device, o.t_min, o.t_max), 1.0
     probability, weight = mask_probability(t, o.schedule)[:, None], (elbo_weight(t, o.schedule) * importance)[:, None]
-    if objective.position_masking:
-        rates = position_rates(maskable.shape[1], objective.block_size, objective.position_masking, t.device)
+    if o.position_masking:
+        rates = position_rates(maskable.shape[1], o.block_size, o.position_masking, device)
         tau, slope = warped_time(t[:, None], rates)
-        probability, weight = mask_probability(tau, objective.schedule), elbo_weight(tau, objective.schedule) * slope
-    masked, complement = complementary_masks(maskable, probability, rng)
-    if not objective.complementary:
-        return with_all_masked(objective, maskable, masked, weight, rng)
-    return torch.cat([masked, complement]), torch.cat([weight, elbo_weight(1 - t, objective.schedule)[:, None]])
+        probability, weight = mask_probability(tau, o.schedule), elbo_weight(tau, o.schedule) * slope
+    masked = bernoulli_masks(maskable, probability, rng)
+    if not o.complementary:
+        return with_all_masked(o, maskable, masked, weight, rng)
+    return torch.cat([masked, maskable & ~masked]), torch.cat([weight, elbo_weight(1 - t, o.schedule)[:, None]])
 
 
 def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,20 +216,6 @@ def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng
         return masked, weight
     start = torch.rand(maskable.shape[0], 1, device=maskable.device, generator=rng) < objective.all_masked_share
     return torch.where(start, maskable, masked), torch.where(start, 1.0, weight)
-
-
-def count_masks(maskable: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked, weight [N, 1]): exactly l ~ U{1..n} of a row's n maskable positions, uniformly, weighted n / l.
-
-    Bernoulli(t) masks with t ~ U(0, 1) mask a count uniform on 0..n, uniformly placed, and given the count l the
-    1/t weight averages (n + 1) / l: this draw is the linear-schedule loss with the weight replaced by that average
-    (LLaDA's Algorithm 3 estimator). Same expectation, less variance: the weight is at most n instead of 1 / t_min.
-    A row with nothing maskable gets weight 0.
-    """
-    n = maskable.sum(1)
-    counts = stratified_counts(n, 1, rng)[0]
-    weight = n.float() / counts.clamp(min=1).float()
-    return mask_exactly(maskable, counts, rng), weight[:, None]
 
 
 def token_weights(objective: DiffusionObjective, input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
@@ -249,7 +247,7 @@ def diffusion_loss(
     scored_at [B, K]: positions that include every maskable one (the SFT batcher lists each row's answer and its
     padding, then unmaskable positions); the head then runs only there (not with blocks or the repeat penalty,
     which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
-    stats: a dict that receives "label_share", the first answer token's share of the gradient (gradient_share.py).
+    stats: a dict that receives "label_share", the first answer token's share of the gradient (label_gradient_share).
     """
     shifted = is_shifted(model)
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)

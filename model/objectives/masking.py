@@ -115,46 +115,54 @@ def late_heavy_time(
 # ----------------------------------------------------------------------------- masks
 
 
-def mask_tokens(
-    input_ids: torch.Tensor, maskable: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, rng: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each maskable token independently with probability mask_prob[row]. Returns (noisy ids, masked)."""
-    masked = (torch.rand(input_ids.shape, device=input_ids.device, generator=rng) < mask_prob[:, None]) & maskable
-    return input_ids.masked_fill(masked, mask_id), masked
+def bernoulli_masks(maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Mask each maskable position independently with probability mask_prob[row] (or mask_prob[row, position]
+    when it is [B, L]).
 
-
-def complementary_masks(
-    maskable: torch.Tensor, mask_prob: torch.Tensor, rng: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, m'): m masks each maskable position with probability mask_prob[row] (or mask_prob[row, position] when
-    it is [B, L]), m' = maskable & ~m.
-
-    m and m' are disjoint and together cover the maskable region, so each response token is supervised once per
-    pair. m' has mask probability 1 - mask_prob: under the linear and cosine schedules that is time 1 - t.
+    Its complement maskable & ~masked has mask probability 1 - mask_prob: under the linear and cosine schedules that
+    is time 1 - t (LLaDA 2.0's complementary masking: the two cover the maskable region, each token supervised once).
     """
     prob = mask_prob if mask_prob.dim() == 2 else mask_prob[:, None]
-    masked = (torch.rand(maskable.shape, device=maskable.device, generator=rng) < prob) & maskable
-    return masked, maskable & ~masked
+    return (torch.rand(maskable.shape, device=maskable.device, generator=rng) < prob) & maskable
 
 
-def stratified_counts(n: torch.Tensor, num_draws: int, rng: torch.Generator) -> torch.Tensor:
+def stratified_counts(n: torch.Tensor, num_draws: int, rng: torch.Generator | None, offset=None) -> torch.Tensor:
     """How many of n[row] positions each of num_draws draws masks, int64 [num_draws, rows], in 1..n (0 if n = 0).
 
     Draw d of a row takes u = (offset + d / num_draws) mod 1 with offset ~ U[0, 1) and masks floor(u n) + 1
     positions: every draw is exactly uniform on 1..n (LLaDA Algorithm 3), and the draws of a row are spread
-    evenly over 1..n (exactly balanced when num_draws is a multiple of n).
+    evenly over 1..n (exactly balanced when num_draws is a multiple of n). `offset` (float64, as n): the offsets
+    when the caller draws them (DPO's paired draws), instead of from rng.
     """
-    offset = torch.rand(n.shape, device=n.device, generator=rng, dtype=torch.float64)
+    if offset is None:
+        offset = torch.rand(n.shape, device=n.device, generator=rng, dtype=torch.float64)
     draws = torch.arange(num_draws, device=n.device, dtype=torch.float64)[:, None]
     u = torch.frac(offset[None, :] + draws / num_draws)
     return torch.minimum((u * n).long() + 1, n).clamp(min=0)
 
 
-def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """Mask exactly counts[row] of the scored positions of each row, uniformly without replacement."""
-    scores = torch.rand(scored.shape, device=scored.device, generator=rng).masked_fill(~scored, 2.0)
-    ranks = scores.argsort(1).argsort(1)
-    return (ranks < counts[:, None]) & scored
+def mask_exactly(scored: torch.Tensor, counts: torch.Tensor, rng: torch.Generator | None, noise=None) -> torch.Tensor:
+    """Mask exactly counts[row] of the scored positions of each row (along the last dim), uniformly without
+    replacement: the positions of the lowest uniform `noise` (as scored; drawn from rng unless given)."""
+    noise = torch.rand(scored.shape, device=scored.device, generator=rng) if noise is None else noise
+    ranks = noise.masked_fill(~scored, 2.0).argsort(-1).argsort(-1)
+    return (ranks < counts[..., None]) & scored
+
+
+def exact_count_draws(
+    scored: torch.Tensor, num_samples: int, generator: torch.Generator, block_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked, weights), both [num_samples, R, T]: per draw, exactly l_g of the n_g scored positions of each group
+    g (a row, or each block of a row) are masked, l_g ~ U{1..n_g} stratified over the draws, and every position of
+    the group carries the weight n_g / l_g (LLaDA Eq. 14). Rows must be a multiple of block_size long."""
+    R, T = scored.shape
+    K = T if block_size is None else block_size
+    groups = scored.reshape(R * (T // K), K)
+    n = groups.sum(1)  # [G]
+    counts = stratified_counts(n, num_samples, generator)  # [S, G]
+    masked = mask_exactly(groups.repeat(num_samples, 1), counts.flatten(), generator)
+    weights = (n.double() / counts.clamp(min=1)).repeat_interleave(K, dim=1)
+    return masked.view(num_samples, R, T), weights.view(num_samples, R, T)
 
 
 # How many lengths a crop may take (the full row included): each is one compiled graph, and Dynamo compiles at most

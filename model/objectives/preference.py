@@ -29,17 +29,18 @@ gradient useful or not. The levers, each a field of ElboSampling:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.block_attention import pad_to_blocks
+from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
-from model.objectives.elbo import exact_count_draws, masked_nll_sums
+from model.objectives.diffusion_loss import masked_nll_sums
+from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
 from model.tokenizer import EOS_ID
 
-ROUTES = ("ar", "diffusion")
 LOSS_TYPES = ("sigmoid", "ipo")
 ESTIMATORS = ("exact_count", "bernoulli")
 
@@ -125,12 +126,11 @@ class ElboSampling:
             raise NanoLladaError(f"ELBO estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
 
 
-@dataclass
-class MaskDraws:
+class MaskDraws(NamedTuple):
     """The noise of one estimate: masked [S, R, T] answer positions and their ELBO weights [S, R, T]."""
 
     masked: torch.Tensor
-    weights: torch.Tensor = field(repr=False)
+    weights: torch.Tensor
 
 
 def _pair_noise(shape: tuple, rows: int, paired: bool, generator, device) -> torch.Tensor:
@@ -149,21 +149,17 @@ def draw_answer_masks(
     pair's, so two answers of one length get the same masks. Block models: exact counts per block, unpaired."""
     S, (R, T), device = sampling.samples, answer.shape, answer.device
     if sampling.estimator == "exact_count" and block_size is not None:
-        pad = -T % block_size
-        masked, weights = exact_count_draws(F.pad(answer, (0, pad)), S, generator, block_size)
+        padded = F.pad(answer, (0, whole_blocks(T, block_size) - T))
+        masked, weights = exact_count_draws(padded, S, generator, block_size)
         return MaskDraws(masked[..., :T], weights[..., :T])
     paired = sampling.paired and R % 2 == 0
     start = answer.long().argmax(1)  # first answer position of each row
     offsets = (torch.arange(T, device=device)[None, :] - start[:, None]) % T  # j - start, wrapped
     uniform = _pair_noise((S, R, T), R, paired, generator, device).gather(2, offsets.expand(S, R, T))
     if sampling.estimator == "exact_count":
-        # LLaDA Algorithm 3: draw d masks l = floor(u_d n) + 1 of the n answer tokens, u_d = frac(offset + d / S)
         n = answer.sum(1)  # [R]
-        offset = _pair_noise((1, R), R, paired, generator, device).double()
-        u = torch.frac(offset + torch.arange(S, device=device, dtype=torch.float64)[:, None] / S)  # [S, R]
-        counts = torch.minimum((u * n).long() + 1, n)
-        ranks = uniform.masked_fill(~answer, 2.0).argsort(2).argsort(2)
-        masked = (ranks < counts[..., None]) & answer
+        counts = stratified_counts(n, S, None, offset=_pair_noise((1, R), R, paired, generator, device)[0].double())
+        masked = mask_exactly(answer.expand(S, R, T), counts, None, noise=uniform)
         weights = n.double() / counts.clamp(min=1)
     else:
         times = _pair_noise((S if sampling.distinct_times else 1, R), R, paired, generator, device)
