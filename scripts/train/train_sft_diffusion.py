@@ -92,18 +92,31 @@ class SFTObjectiveFlags:
     cap_weight: float = flag(0.0, "LLaDA 2.0: weight of the confidence-aware (CAP) auxiliary loss")
     time_weight_schedule: str = flag("linear", "alpha(t) of the mask ratio and its weight", choices=SCHEDULES)
 
-    def objective(self, block_size: int | None, ar_loss_weight: float) -> DiffusionObjective:
+    def time_range(self) -> tuple[float, float]:
+        """(t_min, t_max): the LLaDA 2.0 band where given, else U(eps, 1 - eps); refused unless 0 < min < max < 1."""
         t_min = self.iid_mask_eps if self.mask_ratio_min is None else self.mask_ratio_min
         t_max = 1 - self.iid_mask_eps if self.mask_ratio_max is None else self.mask_ratio_max
         if not 0 < t_min < t_max < 1:
             raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
-        # fmt: off
-        return DiffusionObjective(self.time_weight_schedule, t_min, t_max, block_size, self.loss_normalization,
-                                  self.eos_padding_weight, self.complementary_masking, self.cap_weight,
-                                  mask_draw=self.mask_draw, late_time_share=self.late_time_share,
-                                  late_time_from=self.late_time_from, all_masked_share=self.all_masked_share,
-                                  ar_loss_weight=ar_loss_weight)
-        # fmt: on
+        return t_min, t_max
+
+    def objective(self, block_size: int | None, ar_loss_weight: float) -> DiffusionObjective:
+        t_min, t_max = self.time_range()
+        return DiffusionObjective(
+            schedule=self.time_weight_schedule,
+            t_min=t_min,
+            t_max=t_max,
+            block_size=block_size,
+            normalization=self.loss_normalization,
+            padding_weight=self.eos_padding_weight,
+            complementary=self.complementary_masking,
+            cap_weight=self.cap_weight,
+            mask_draw=self.mask_draw,
+            late_time_share=self.late_time_share,
+            late_time_from=self.late_time_from,
+            all_masked_share=self.all_masked_share,
+            ar_loss_weight=ar_loss_weight,
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,7 +163,7 @@ def main(argv=None) -> dict:
     own = settings_from(DiffusionSFTData, args)
     flags = TrainingFlags.from_args(args, "diffusion", own)
     objective_flags = settings_from(SFTObjectiveFlags, args)
-    objective_flags.objective(None, own.ar_loss_weight)  # the band is checked before any data is read
+    objective_flags.time_range()  # checked before any data is read
     check_eos_padding(own.eos_padding_length, flags.run.seq_len)
     run = start_sft(flags, eos_padding=own.eos_padding_length)
     start = sft_starting_checkpoint(flags, run)
