@@ -42,6 +42,10 @@ class ModelConfig:
     # read at position i - 1 (Dream, Fast-dLLM v2). A checkpoint without the field was written before it existed
     # and is unshifted. model/logit_shift.py applies it.
     logit_shift: bool = False
+    # Diffusion SFT may read the prompt causally (each prompt token sees only the tokens before it) while the answer
+    # sees the prompt and itself; the sampler and the likelihoods then do the same. False (and a checkpoint without
+    # the field): every token sees the whole row. model/prompt_causal.py applies it.
+    prompt_causal: bool = False
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def is_shifted(model) -> bool:
-    """Whether `model` (or the module a DDP / compile wrapper holds) predicts each position one to its left."""
+def config_of(model):
+    """The ModelConfig of `model` or of the module a DDP / compile wrapper holds (None for a bare callable)."""
     config = getattr(model, "config", None)
-    if config is None:
-        config = getattr(getattr(model, "module", None), "config", None)
-    return bool(getattr(config, "logit_shift", False))
+    return getattr(getattr(model, "module", None), "config", None) if config is None else config
+
+
+def is_shifted(model) -> bool:
+    """Whether `model` predicts each position one to its left."""
+    return bool(getattr(config_of(model), "logit_shift", False))
 
 
 def read_shifted(logits: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:

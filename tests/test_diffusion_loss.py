@@ -10,12 +10,11 @@ from conftest import UniformModel
 
 from model.cross_entropy import logits_or_nll
 from model.errors import NanoLladaError
+from model.objectives.decoding_terms import cap_loss, repeat_unlikelihood
 from model.objectives.diffusion_loss import (
     DiffusionObjective,
-    cap_loss,
     diffusion_loss,
     draw_masks,
-    repeat_unlikelihood,
 )
 from model.objectives.masking import (
     bernoulli_masks,

@@ -139,3 +139,21 @@ def test_shifted_ar_checkpoint_is_refused(tmp_path, tokenizer):
     model = tiny_model(tokenizer, logit_shift=True)
     with pytest.raises(NanoLladaError, match="only diffusion models are shifted"):
         export(tmp_path, tokenizer, model, "ar")
+
+
+def test_a_prompt_causal_export_reads_the_prompt_causally(tmp_path, tokenizer):
+    from model.prompt_causal import prompt_causal_mask
+
+    model = tiny_model(tokenizer, logit_shift=True, prompt_causal=True)
+    out = export(tmp_path, tokenizer, model, "diffusion")
+    assert json.loads(open(f"{out}/config.json").read())["prompt_causal"] is True
+    ids = torch.randint(0, 6401, (2, 20))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        expected = read_shifted(model(ids, attention=prompt_causal_mask(torch.tensor([8, 12]), 20)))
+        got = hf(ids, prompt_length=torch.tensor([8, 12])).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="prompt_length"):
+            hf(ids)
+    reloaded, config = load_model(out, kind="diffusion")
+    assert config == model.config and config.prompt_causal

@@ -215,8 +215,12 @@ def test_a_checkpoint_decodes_as_it_was_trained_unless_told_otherwise():
     from model.inference.sampling import sampler_for_checkpoint
 
     asked = DiffusionSamplerConfig(gen_length=12, steps=12, block_size=4, cache="dual")
-    plain, blocks = SimpleNamespace(extra={}), SimpleNamespace(extra={"block_diffusion": {"block_size": 8}})
+    config = SimpleNamespace(prompt_causal=False)
+    plain = SimpleNamespace(extra={}, config=config)
+    blocks = SimpleNamespace(extra={"block_diffusion": {"block_size": 8}}, config=config)
     assert sampler_for_checkpoint(plain, asked) == asked
+    prompt_causal = SimpleNamespace(extra={}, config=SimpleNamespace(prompt_causal=True))
+    assert sampler_for_checkpoint(prompt_causal, asked).cache == "none"  # its prompt cache is exact
     trained = sampler_for_checkpoint(blocks, asked)
     assert trained.block_causal and trained.block_size == 8 and trained.cache == "none"  # its cache is exact
     assert sampler_for_checkpoint(blocks, asked, "bidirectional") == asked

@@ -23,6 +23,8 @@ def test_each_objective_sets_every_objective_flag_explicitly(tmp_path, objective
     assert module == "scripts.train.train_sft_diffusion" and args.seed == 3 and args.eos_padding_length == 5
     explicit = {flag.lstrip("-").replace("-", "_") for flag in argv if flag.startswith("--")}
     assert {"mask_draw", "all_masked_share", "late_time_share", "eos_padding_weight", "iid_mask_eps"} <= explicit
+    assert "denoising_weight" in explicit and args.prompt_causal is not None  # on or off, never the default
+    assert args.prompt_causal == objective.startswith("prompt_causal")
     if objective == "mixture":
         assert args.all_masked_share == 0.5 and args.mask_draw == "time"
     if objective == "band":

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.errors import NanoLladaError
-from model.inference.remasking import _factor_count
-from model.inference.sampling import DiffusionSamplerConfig, _pad_finished_rows, diffusion_generate, strip_after_eos
+from model.inference.remasking import _factor_count, pad_finished_rows
+from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
 from model.tokenizer import EOS_ID, encode, load_tokenizer
 from model.transformer import Transformer
 from scripts.common.bench.card import CardSettings, Pair, Run, Workload, ar_run, card_row, decoding_modes
@@ -121,7 +121,7 @@ def test_finishing_at_eos_keeps_the_text_and_saves_forwards(tiny_config, cache, 
 
 def test_pad_finished_rows_needs_every_position_before_the_eos():
     rows = torch.tensor([[4, EOS_ID, MASK, MASK], [MASK, EOS_ID, MASK, 5], [4, 5, MASK, MASK]])
-    _pad_finished_rows(rows, EOS_ID, MASK)
+    pad_finished_rows(rows, EOS_ID, MASK)
     assert rows.tolist() == [[4, EOS_ID, EOS_ID, EOS_ID], [MASK, EOS_ID, MASK, 5], [4, 5, MASK, MASK]]
 
 

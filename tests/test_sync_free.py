@@ -19,12 +19,11 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from model.block_attention import bdlm_forward
 from model.config import preset
 from model.objectives.ar_loss import next_token_loss
+from model.objectives.decoding_terms import cap_loss, repeat_unlikelihood
 from model.objectives.diffusion_loss import (
     DiffusionObjective,
-    cap_loss,
     diffusion_loss,
     masked_token_nll,
-    repeat_unlikelihood,
 )
 from model.tokenizer import EOS_ID
 from model.transformer import Transformer

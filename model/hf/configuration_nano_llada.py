@@ -40,6 +40,9 @@ class NanoLladaConfig(PretrainedConfig):
         # Joint AR + diffusion training's AR loss weight: > 0 (with the shift) means the same weights are also a
         # causal LM, so AutoModelForCausalLM loads a diffusion export too. 0: diffusion only (and older exports).
         ar_loss_weight=0.0,
+        # Prompt-causal SFT: the prompt is read causally, the answer sees everything; NanoLladaForMaskedLM then needs
+        # the prompt's length. False: every token sees the whole row (and every export written before the field).
+        prompt_causal=False,
         mask_token_id=6400,
         tokenizer_identity=None,  # {"vocab_size", "sha256"} of the tokenizer the weights were trained with
         use_cache=True,
@@ -72,6 +75,7 @@ class NanoLladaConfig(PretrainedConfig):
         self.logit_shift = bool(logit_shift)
         self.block_size = block_size
         self.ar_loss_weight = float(ar_loss_weight)
+        self.prompt_causal = bool(prompt_causal)
         self.mask_token_id = mask_token_id
         self.tokenizer_identity = tokenizer_identity
         self.use_cache = use_cache

@@ -8,6 +8,9 @@ logits are the same to float rounding. tests/test_export_hf.py holds the two imp
   NanoLladaForMaskedLM   diffusion checkpoints: bidirectional attention; predict the <|mask|> positions.
   NanoLladaModel         the backbone (hidden states), causal for AR and bidirectional for diffusion configs.
 
+Prompt-causal models (config.prompt_causal, from prompt-causal diffusion SFT) read the prompt causally and the
+answer bidirectionally: NanoLladaForMaskedLM takes the prompt's length (`prompt_length`) to build that mask.
+
 Logit shift (config.logit_shift): a diffusion model converted from an AR model may keep the AR head, so the
 prediction for position j is the head's output at position j - 1. NanoLladaForMaskedLM applies it, so its
 logits[:, j] is always the prediction for token j, shifted or not; column 0 of a shifted model repeats its own
@@ -290,8 +293,17 @@ class NanoLladaForMaskedLM(_NanoLladaWithHead):
     shift applied when config.logit_shift is set); sample by unmasking <|mask|> (config.mask_token_id)."""
 
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        prompt_length=None,
+        **kwargs,
     ):
+        if getattr(self.config, "prompt_causal", False):
+            attention_mask = self._prompt_causal_mask(input_ids, attention_mask, prompt_length)
         out = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds, use_cache=False, causal=False)
         logits = self.lm_head(out.last_hidden_state)
         if getattr(self.config, "logit_shift", False):
@@ -303,3 +315,22 @@ class NanoLladaForMaskedLM(_NanoLladaWithHead):
         if labels is not None:  # plain masked-token cross-entropy (-100 ignored), not LLaDA's 1/t-weighted ELBO
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return MaskedLMOutput(loss=loss, logits=logits)
+
+    @staticmethod
+    def _prompt_causal_mask(input_ids, attention_mask, prompt_length):
+        """A prompt-causal model's [B, 1, T, T] mask: columns before prompt_length (an int or [B]) see only those up
+        to themselves, the rest every column; a 2-D attention_mask hides padding keys. A 4-D mask passes through."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
+        if prompt_length is None:
+            raise ValueError(
+                "this model reads its prompt causally (config.prompt_causal): pass prompt_length, the number of "
+                "prompt tokens in front of the answer (or a 4-D attention_mask)"
+            )
+        T = input_ids.shape[1]
+        columns = torch.arange(T, device=input_ids.device)
+        start = torch.as_tensor(prompt_length, device=input_ids.device).reshape(-1, 1, 1)
+        mask = (columns[None, None, :] <= columns[None, :, None]) | (columns[None, :, None] >= start)
+        if attention_mask is not None:
+            mask = (mask & attention_mask[:, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=mask.device)
+        return mask[:, None]

@@ -147,7 +147,8 @@ def conditional_log_likelihood_batch(
     for start in range(0, len(clean), rows_per_forward):
         rows = slice(start, start + rows_per_forward)
         row_keys = None if block_size is not None or bool(keys[rows].all()) else keys[rows]
-        values.append(-masked_nll_sums(model, clean[rows], masked[rows], weights[rows], mask_id, block_size, row_keys))
+        scored = (clean[rows], masked[rows], weights[rows])
+        values.append(-masked_nll_sums(model, *scored, mask_id, block_size, row_keys, answer_start=P))
     return [_mean_and_stderr(chunk) for chunk in torch.cat(values).split(draws)]
 
 

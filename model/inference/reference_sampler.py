@@ -6,6 +6,7 @@ The canvas is the prompt followed by gen_length masks. The generation is cut int
 block is predicted, but only the quota of the linear schedule is committed: the most confident predictions
 (low-confidence remasking) or random ones. Committed tokens never change. With cfg_scale w, each step also runs the
 canvas with the prompt masked and mixes the two as u + (w + 1)(c - u) (unsupervised classifier-free guidance).
+A prompt-causal model (model/prompt_causal.py) reads the canvas under its mask: the prompt causally.
 
 `model.inference.sampling.diffusion_generate` runs the same step with what makes decoding fast or stop early (exact
 and approximate K/V caches, confidence thresholds, rows leaving the batch at EOS, left padding, block-causal models)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from model.logit_shift import is_shifted, read_shifted
+from model.prompt_causal import is_prompt_causal, prompt_causal_mask
 
 REMASKINGS = ("low_confidence", "random")  # a step commits its most confident masked positions, or any
 
@@ -88,7 +90,8 @@ def reference_generate(model, prompt: torch.Tensor, sampler, mask_id: int, gener
                 continue  # a step that commits nothing needs no forward pass
             # 1. predict every position: the model's logits, guided by the prompt-less canvas if cfg_scale > 0
             rows = with_unconditional(canvas, 0, P, mask_id, sampler.cfg_scale > 0)
-            logits = combine_guidance(model(rows, attention="bidirectional"), sampler.cfg_scale)
+            attention = prompt_causal_mask(P, canvas.shape[1]) if is_prompt_causal(model) else "bidirectional"
+            logits = combine_guidance(model(rows, attention=attention), sampler.cfg_scale)
             if is_shifted(model):  # a converted model predicts column j at column j - 1
                 logits = read_shifted(logits)
             logits = logits[:, lo:hi]

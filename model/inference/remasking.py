@@ -119,3 +119,20 @@ class DecodingRun:
         if rows is not None:  # rows that have ended commit 0
             counts = torch.zeros(self.batch, dtype=counts.dtype, device=counts.device).index_copy(0, rows, counts)
         self.result.commits.append(counts)
+
+
+def end_rows(canvas: torch.Tensor, prompt_width: int, hi: int, eos_id: int) -> torch.Tensor:
+    """Rows whose generation up to column `hi` holds an EOS: their rest becomes EOS padding, not worth decoding."""
+    ended = (canvas[:, prompt_width:hi] == eos_id).any(1)
+    canvas[ended, hi:] = eos_id
+    return ended
+
+
+def pad_finished_rows(generated: torch.Tensor, eos_id: int, mask_id: int) -> None:
+    """In place: rows of `generated` [B, n] whose first EOS has no mask before it get EOS in their remaining masks.
+    Committed tokens never change, so everything before that EOS is already final text."""
+    is_eos = generated == eos_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])
+    before = torch.arange(generated.shape[1], device=generated.device)[None, :] < first_eos[:, None]
+    finished = is_eos.any(1) & ~((generated == mask_id) & before).any(1)
+    generated[finished[:, None] & (generated == mask_id)] = eos_id

@@ -37,10 +37,12 @@ import torch
 from model.block_attention import block_causal_mask
 from model.errors import MAX_TEMPERATURE, NanoLladaError, SettingError, check_setting
 from model.inference.padding import PaddedLayout
+from model.inference.prompt_cache import PromptCache
 from model.inference.reference_sampler import REMASKINGS
-from model.inference.remasking import DecodingRun, SampleResult, block_quotas
+from model.inference.remasking import DecodingRun, SampleResult, block_quotas, end_rows, pad_finished_rows
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
+from model.prompt_causal import is_prompt_causal
 
 DECODINGS = ("auto", "bidirectional", "block-causal")
 
@@ -137,6 +139,8 @@ def sampler_for_checkpoint(
     if decoding not in DECODINGS:
         raise SettingError(f"{{decoding}} must be one of {', '.join(DECODINGS)}, got '{decoding}'")
     trained = trained_block_size(checkpoint.extra)
+    if checkpoint.config.prompt_causal and decoding != "block-causal":
+        return replace(sampler, cache="none")  # its prompt cache is exact; the approximate ones do not apply
     if decoding == "bidirectional" or (decoding == "auto" and trained is None):
         return sampler
     if not (block_size or trained):
@@ -183,6 +187,11 @@ def diffusion_generate(
             "this model is logit-shifted (it predicts each token from the one before it): every prompt needs at "
             "least one token, e.g. BOS"
         )
+    if is_prompt_causal(model) and (sampler.block_causal or sampler.cache != "none"):
+        raise NanoLladaError(
+            "this model reads its prompt causally and decodes over an exact prompt cache: drop --decoding "
+            "block-causal and --cache"
+        )
     if sampler.block_causal and padded:  # blocks start at each prompt's first token: other lengths, other blocks
         raise NanoLladaError("block-causal decoding batches prompts of equal length only; group the prompts by length")
     canvas = torch.cat([prompt, prompt.new_full((B, sampler.gen_length), mask_id)], dim=1)
@@ -197,13 +206,6 @@ def diffusion_generate(
     return run.result
 
 
-def _end_rows(canvas: torch.Tensor, prompt_width: int, hi: int, eos_id: int) -> torch.Tensor:
-    """Rows whose generation up to column `hi` holds an EOS: their rest becomes EOS padding, not worth decoding."""
-    ended = (canvas[:, prompt_width:hi] == eos_id).any(1)
-    canvas[ended, hi:] = eos_id
-    return ended
-
-
 def _bidirectional_decode(
     run: DecodingRun, canvas: torch.Tensor, eos_id, on_block, layout: PaddedLayout | None
 ) -> None:
@@ -212,27 +214,26 @@ def _bidirectional_decode(
     sampler, P = run.sampler, run.prompt_width
     block_size = sampler.block_size or sampler.gen_length
     num_blocks = sampler.gen_length // block_size
+    prompt = PromptCache(run, canvas, layout) if is_prompt_causal(run.model) else None
     for k in range(num_blocks):
         lo, hi = P + k * block_size, P + (k + 1) * block_size
         end = canvas.shape[1] if sampler.lookahead_blocks is None else hi + sampler.lookahead_blocks * block_size
         block_steps = sampler.steps // num_blocks + (k < sampler.steps % num_blocks)
         writing = (canvas[:, lo:hi] == run.mask_id).any(1)  # rows that have not ended
         if writing.all():  # a column slice is a view: the block's commits land in the canvas
-            _decode_block(run, canvas[:, :end], lo, hi, block_steps, None, layout)
+            _decode_block(run, canvas[:, :end], lo, hi, block_steps, None, layout, prompt)
         elif writing.any():
             rows = writing.nonzero().squeeze(1)
             view = canvas[rows, :end]
-            _decode_block(run, view, lo, hi, block_steps, rows, layout.select(rows) if layout is not None else None)
+            _decode_block(run, view, lo, hi, block_steps, rows, layout.select(rows) if layout else None, prompt)
             canvas[rows, :end] = view
         if on_block is not None:
             on_block(k, canvas[:, lo:hi])
-        if sampler.stop_at_eos and eos_id is not None and _end_rows(canvas, P, hi, eos_id).all():
+        if sampler.stop_at_eos and eos_id is not None and end_rows(canvas, P, hi, eos_id).all():
             return
 
 
-def _decode_block(
-    run: DecodingRun, canvas: torch.Tensor, lo: int, hi: int, steps: int, rows, layout: PaddedLayout | None
-) -> None:
+def _decode_block(run: DecodingRun, canvas, lo: int, hi: int, steps: int, rows, layout, prompt=None) -> None:
     """Unmask canvas[:, lo:hi] in place, by step quotas or by threshold, with or without an approximate cache.
 
     cache="none": every step is one forward over the whole canvas.
@@ -241,8 +242,17 @@ def _decode_block(
     for a shifted model with the column before the block in front, and attend to the kept K/V, which go stale as the
     block fills in and are refreshed at the next block.
     `rows` are the indices of these rows in the full batch (None: all rows), for the per-step commit counts;
-    `layout` says where the real tokens of left-padded rows are (None: no padding).
+    `layout` says where the real tokens of left-padded rows are (None: no padding). `prompt`: a prompt-causal model's
+    exact prompt cache (model/inference/prompt_cache.py), which every step of the block reads.
     """
+    if prompt is not None:
+        prompt.keep(rows)
+        for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler.threshold):
+            logits = run.predictions(prompt.step(run, canvas), run.prompt_width, lo, hi, prompt.before)
+            run.commit(logits, canvas, lo, hi, quota, rows)
+            if run.finish_id is not None:
+                pad_finished_rows(canvas[:, run.prompt_width : hi], run.finish_id, run.mask_id)
+        return
     B, total, cache = canvas.shape[0], canvas.shape[1], run.sampler.cache
     layout = layout.repeat(2 if run.guided else 1) if layout is not None else None
     every_column = torch.arange(total, device=canvas.device)
@@ -287,17 +297,7 @@ def _decode_block(
             kv_cache.crop(keep)
         run.commit(run.predictions(logits, first, lo, hi), canvas, lo, hi, quota, rows)
         if run.finish_id is not None:
-            _pad_finished_rows(canvas[:, run.prompt_width : hi], run.finish_id, run.mask_id)
-
-
-def _pad_finished_rows(generated: torch.Tensor, eos_id: int, mask_id: int) -> None:
-    """In place: rows of `generated` [B, n] whose first EOS has no mask before it get EOS in their remaining masks.
-    Committed tokens never change, so everything before that EOS is already final text."""
-    is_eos = generated == eos_id
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])
-    before = torch.arange(generated.shape[1], device=generated.device)[None, :] < first_eos[:, None]
-    finished = is_eos.any(1) & ~((generated == mask_id) & before).any(1)
-    generated[finished[:, None] & (generated == mask_id)] = eos_id
+            pad_finished_rows(canvas[:, run.prompt_width : hi], run.finish_id, run.mask_id)
 
 
 def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_block) -> None:
@@ -340,7 +340,7 @@ def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_bloc
         if on_block is not None:
             on_block(k - first_block, canvas[:, max(lo, P) : hi])
         if sampler.stop_at_eos and eos_id is not None:
-            ended = _end_rows(canvas, P, hi, eos_id)
+            ended = end_rows(canvas, P, hi, eos_id)
             if ended.all():
                 return
             going = ended.logical_not() if rows is None else ended[rows].logical_not()

@@ -19,6 +19,9 @@ uniform logits it averages ln|V| for any row or answer length, schedule and bloc
   each token scored by the same weights under causal attention (model.objectives.ar_loss.weighted_next_token_loss),
   one more forward of the L clean tokens. A shifted model only: its head is the AR head, so the two terms agree on
   what each output predicts. w = 0 runs no extra forward and is today's loss, bit for bit.
+- A prompt-causal model (model/prompt_causal.py) reads the prompt before the answer causally; when it is also
+  shifted, the answer's first token is scored on every row with weight 1 (its exact term) and the other terms are
+  weighted by denoising_weight (1: the NELBO; below 1 gives the exact term more of the gradient, not an ELBO).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from model.cross_entropy import IGNORE_INDEX, logits_or_nll
 from model.errors import NanoLladaError
 from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.ar_loss import label_gradient_share, weighted_next_token_loss
+from model.objectives.decoding_terms import cap_loss, repeat_unlikelihood
 from model.objectives.masking import (
     bernoulli_masks,
     check_schedule,
@@ -48,6 +52,7 @@ from model.objectives.masking import (
     sample_time,
     warped_time,
 )
+from model.prompt_causal import answer_starts, exact_first_token, is_prompt_causal, prompt_causal_mask
 
 NORMALIZATIONS = ("batch", "row")
 MASK_DRAWS = ("time", "count")
@@ -78,6 +83,8 @@ class DiffusionObjective:
     # conditionals, so the mixture has the NELBO's minimiser).
     all_masked_share: float = 0.0
     ar_loss_weight: float = 0.0  # joint training: + this weight times the causal next-token loss (0: off)
+    # A prompt-causal shifted model: the weight of every term but the first answer token's exact one (1: the NELBO).
+    denoising_weight: float = 1.0
 
     def check_mask_draw(self) -> None:
         """The count draw is the linear schedule's estimator with the weight averaged over t given the mask: one
@@ -117,6 +124,8 @@ class DiffusionObjective:
         self.check_time_density()
         if self.ar_loss_weight < 0:
             raise NanoLladaError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}")
+        if not 0 < self.denoising_weight <= 1:
+            raise NanoLladaError(f"denoising_weight must lie in (0, 1], got {self.denoising_weight}")
 
     def check_time_density(self) -> None:
         if not 0 <= self.late_time_share < 1:
@@ -146,16 +155,20 @@ def masked_token_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.
 
 
 def masked_nll_sums(
-    model, clean: torch.Tensor, masked: torch.Tensor, weights: torch.Tensor, mask_id: int, block_size=None, keys=None
+    model, clean, masked, weights, mask_id: int, block_size=None, keys=None, answer_start=0
 ) -> torch.Tensor:
     """Per-row sums of weights * NLL over the masked positions, float64 [N]: what every diffusion ELBO estimator sums
     (the evaluations' NELBO and likelihoods, and DPO's answer scores). keys [N, T] (optional): the positions a row
-    may attend to (right padding of rows of unequal length)."""
+    may attend to (right padding of rows of unequal length). answer_start (an int or [N]): where each row's prompt
+    ends, for a prompt-causal model (model/prompt_causal.py)."""
     noisy = clean.masked_fill(masked, mask_id)
     if block_size is not None:
         logits = bdlm_forward(model, noisy, clean, block_size)
     else:
-        logits = model(noisy, attention="bidirectional" if keys is None else keys[:, None, None, :])
+        attention = "bidirectional" if keys is None else keys[:, None, None, :]
+        if is_prompt_causal(model):
+            attention = prompt_causal_mask(answer_start, clean.shape[1], keys, clean.device)
+        logits = model(noisy, attention=attention)
         logits = read_shifted(logits) if is_shifted(model) else logits
     return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
 
@@ -249,8 +262,10 @@ def diffusion_loss(
     which read neighbouring positions). Same loss: a prompt position is never masked, so never scored.
     stats: a dict that receives "label_share", the first answer token's share of the gradient (label_gradient_share).
     """
-    shifted = is_shifted(model)
-    maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, shifted)
+    shifted, prompt_causal = is_shifted(model), is_prompt_causal(model)
+    span = pretraining_maskable(input_ids) if maskable is None else maskable
+    answer_start, maskable = answer_starts(span), predictable(span, shifted)
+    check_prompt_causal(objective, prompt_causal, shifted, doc_ids)
     if objective.ar_loss_weight:  # the causal term scores the rows as given, before any padding or repetition
         check_joint(shifted)
         clean = (input_ids, token_weights(objective, input_ids, maskable), doc_ids)
@@ -265,7 +280,10 @@ def diffusion_loss(
     if objective.complementary:
         input_ids, maskable = input_ids.repeat(2, 1), maskable.repeat(2, 1)
         doc_ids, scored_at, real = (None if x is None else x.repeat(2, 1) for x in (doc_ids, scored_at, real))
+        answer_start = answer_start.repeat(2)
     noisy = input_ids.masked_fill(masked, mask_id)
+    if prompt_causal and shifted:  # scored, not hidden: the input keeps the draw's masks
+        masked, elbo = exact_first_token(maskable, masked, elbo, objective.denoising_weight)
     weights = token_weights(objective, input_ids, maskable)
     total_weight = weights.sum(1) if objective.normalization == "row" else weights.sum()
     if objective.block_size is not None:
@@ -274,6 +292,8 @@ def diffusion_loss(
         forward, row_shift = partial(bdlm_forward, model, noisy, input_ids, objective.block_size, doc_ids), False
     else:
         attention = bidirectional_attention(input_ids, doc_ids, real)
+        if prompt_causal:
+            attention = prompt_causal_mask(answer_start, input_ids.shape[1], real)
         forward, row_shift = partial(model, noisy, attention=attention), shifted
         if scored_at is not None and not objective.repeat_penalty_weight:  # the head only where scored
             logits_at = (scored_at - 1).clamp(min=0) if shifted else scored_at  # shifted: j is read at j - 1
@@ -300,6 +320,20 @@ def diffusion_loss(
     return loss
 
 
+def check_prompt_causal(objective: DiffusionObjective, prompt_causal: bool, shifted: bool, doc_ids) -> None:
+    """A prompt needs rows of one document without blocks; denoising_weight weighs against the exact first term."""
+    if prompt_causal and (objective.block_size is not None or doc_ids is not None):
+        raise NanoLladaError(
+            "a prompt-causal model is trained on one prompt and answer per row without block diffusion: drop "
+            "--prompt-causal, or --block-size"
+        )
+    if objective.denoising_weight != 1 and not (prompt_causal and shifted):
+        raise NanoLladaError(
+            "--denoising-weight weighs the answer's terms against the exact first-token term of a prompt-causal, "
+            "logit-shifted model: pass --prompt-causal on a shifted model, or leave the weight at 1"
+        )
+
+
 def check_joint(shifted: bool) -> None:
     """Joint training needs the logit shift: unshifted, the head would predict position j at j under diffusion and
     position j + 1 at j under causal attention, two meanings for one output."""
@@ -316,27 +350,3 @@ def bidirectional_attention(input_ids: torch.Tensor, doc_ids: torch.Tensor | Non
     if doc_ids is not None:
         return document_attention_mask(document_ids_with_pad(input_ids, doc_ids))
     return "bidirectional" if real is None else real[:, None, None, :]
-
-
-def cap_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Confidence-aware parallel (CAP, dParallel) loss: mean entropy of p_theta over masked positions whose
-    argmax already equals the target. It sharpens predictions that are right, so more tokens clear a decoding
-    threshold per step. >= 0; exactly 0 when no masked prediction is correct or every correct one is one-hot.
-    """
-    # Masked sums over clamped counts throughout: boolean indexing or `if correct.any()` would sync with the host
-    # and give data-dependent shapes (no torch.compile).
-    logits = logits.float()
-    correct = masked & (logits.argmax(-1) == targets)
-    log_p = F.log_softmax(logits, dim=-1)
-    p = log_p.exp()
-    entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # p = 0 entries contribute 0, not 0 * -inf
-    return torch.where(correct, entropy, 0.0).sum() / correct.sum().clamp(min=1)
-
-
-def repeat_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean of -log(1 - p(target)) over masked positions whose target repeats the previous token (0 if none):
-    pushes probability away from runs of identical tokens, a failure mode of small diffusion models."""
-    repeats = F.pad(masked[:, 1:] & (targets[:, 1:] == targets[:, :-1]), (1, 0), value=False)
-    p = logits.float().softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    unlikelihood = torch.where(repeats, -torch.log1p(-p.clamp(max=1 - 1e-6)), 0.0)
-    return unlikelihood.sum() / repeats.sum().clamp(min=1)

@@ -39,6 +39,7 @@ from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
 from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
+from model.prompt_causal import answer_starts
 from model.tokenizer import EOS_ID
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -153,7 +154,7 @@ def draw_answer_masks(
         masked, weights = exact_count_draws(padded, S, generator, block_size)
         return MaskDraws(masked[..., :T], weights[..., :T])
     paired = sampling.paired and R % 2 == 0
-    start = answer.long().argmax(1)  # first answer position of each row
+    start = answer_starts(answer)
     offsets = (torch.arange(T, device=device)[None, :] - start[:, None]) % T  # j - start, wrapped
     uniform = _pair_noise((S, R, T), R, paired, generator, device).gather(2, offsets.expand(S, R, T))
     if sampling.estimator == "exact_count":
@@ -169,12 +170,13 @@ def draw_answer_masks(
 
 
 def diffusion_answer_elbo(
-    model, input_ids: torch.Tensor, length: torch.Tensor, draws: MaskDraws, mask_id: int, block_size=None
+    model, input_ids, length: torch.Tensor, draws: MaskDraws, mask_id: int, block_size=None, answer_start=0
 ) -> torch.Tensor:
     """ELBO estimate of log p(answer | prompt) per row [R] (differentiable), the mean over the draws.
 
     Bidirectional models: each row's right padding is hidden as keys. Block models (the block ELBO): padding is
-    EOS, the padding block SFT trained with, in the answer's last block and in later blocks that never reach it."""
+    EOS, the padding block SFT trained with, in the answer's last block and in later blocks that never reach it.
+    answer_start [R]: where each row's answer begins (a prompt-causal model reads the prompt before it causally)."""
     S, (R, T) = draws.masked.shape[0], input_ids.shape
     inside = torch.arange(T, device=input_ids.device)[None, :] < length[:, None]
     masked = draws.masked.reshape(S * R, T)
@@ -187,7 +189,8 @@ def diffusion_answer_elbo(
         keys = None if bool(inside.all()) else inside.repeat(S, 1)
     weights = draws.weights.reshape(S * R, T)
     weights = F.pad(weights, (0, masked.shape[1] - T))  # block padding: never masked, never weighted
-    nll = masked_nll_sums(model, clean, masked, weights, mask_id, block_size, keys)
+    starts = answer_start.repeat(S) if torch.is_tensor(answer_start) else answer_start
+    nll = masked_nll_sums(model, clean, masked, weights, mask_id, block_size, keys, starts)
     return -nll.view(S, R).mean(0).float()
 
 
@@ -207,7 +210,10 @@ class DiffusionScorer:
     block_size: int | None = None
 
     def __call__(self, model, rows: dict, draws: MaskDraws) -> torch.Tensor:
-        return diffusion_answer_elbo(model, rows["input_ids"], rows["length"], draws, self.mask_id, self.block_size)
+        starts = answer_starts(rows["answer"])
+        return diffusion_answer_elbo(
+            model, rows["input_ids"], rows["length"], draws, self.mask_id, self.block_size, starts
+        )
 
 
 def diffusion_scorer(mask_id: int, block_size: int | None = None) -> Scorer:

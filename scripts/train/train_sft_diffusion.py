@@ -27,6 +27,9 @@ from scripts.common.settings import add_flags, flag, flag_fields, settings_from
 from scripts.common.training.flags import TrainingFlags
 from scripts.common.training.sft import SFTData, run_sft, sft_parser, sft_starting_checkpoint, start_sft
 
+# The answer's other terms against the first token's exact term, by default (the SFT protocol, technical_report 7.9).
+EXACT_TERM_DENOISING_WEIGHT = 0.1
+
 
 @dataclass
 class DiffusionSFTData(SFTData):
@@ -49,6 +52,13 @@ class DiffusionSFTData(SFTData):
     )
     ar_loss_weight: float = flag(
         0.0, "joint training: + this weight x the causal next-token loss of the answers (a shifted model only)", low=0
+    )
+    prompt_causal: bool | None = flag(
+        None,
+        "read the prompt causally (each prompt token sees only those before it; the answer sees everything), as the "
+        "model then decodes; a logit-shifted model's first answer token is then scored exactly on every row "
+        "(model/prompt_causal.py); default: on, except for block-diffusion SFT (a resumed run keeps its own)",
+        kind=bool,
     )
 
 
@@ -91,6 +101,16 @@ class SFTObjectiveFlags:
     complementary_masking: bool = flag(False, "LLaDA 2.0: each sample twice, a mask and its complement")
     cap_weight: float = flag(0.0, "LLaDA 2.0: weight of the confidence-aware (CAP) auxiliary loss")
     time_weight_schedule: str = flag("linear", "alpha(t) of the mask ratio and its weight", choices=SCHEDULES)
+    denoising_weight: float | None = flag(
+        None,
+        "the weight of every answer term but the first token's exact one, which a prompt-causal shifted model has (1: "
+        "the NELBO; lower gives the decision the first token carries more of the gradient, not an ELBO); default: "
+        f"{EXACT_TERM_DENOISING_WEIGHT} with that term, else 1 (technical_report.md 7.9)",
+        low=0,
+        above_low=True,
+        high=1,
+        kind=float,
+    )
 
     def time_range(self) -> tuple[float, float]:
         """(t_min, t_max): the LLaDA 2.0 band where given, else U(eps, 1 - eps); refused unless 0 < min < max < 1."""
@@ -100,8 +120,10 @@ class SFTObjectiveFlags:
             raise NanoLladaError(f"mask-ratio band must satisfy 0 < min < max < 1, got {t_min}, {t_max}")
         return t_min, t_max
 
-    def objective(self, block_size: int | None, ar_loss_weight: float) -> DiffusionObjective:
+    def objective(self, block_size: int | None, ar_loss_weight: float, exact_first_term: bool) -> DiffusionObjective:
+        """The DiffusionObjective of these flags; `exact_first_term`: the model is prompt-causal and shifted."""
         t_min, t_max = self.time_range()
+        default_weight = EXACT_TERM_DENOISING_WEIGHT if exact_first_term else 1.0
         return DiffusionObjective(
             schedule=self.time_weight_schedule,
             t_min=t_min,
@@ -116,6 +138,7 @@ class SFTObjectiveFlags:
             late_time_from=self.late_time_from,
             all_masked_share=self.all_masked_share,
             ar_loss_weight=ar_loss_weight,
+            denoising_weight=default_weight if self.denoising_weight is None else self.denoising_weight,
         )
 
 
@@ -158,6 +181,16 @@ def sft_block_size(asked: int | None, resume: bool, source, checkpoint) -> int |
     return inherited
 
 
+def prompt_reading(asked: bool | None, block_size: int | None, resume: bool, checkpoint) -> bool:
+    """Whether the SFT reads the prompt causally: --prompt-causal / --no-prompt-causal, else what a resumed run
+    started with, else on unless the SFT is block diffusion (its blocks already read earlier blocks causally)."""
+    if asked is not None:
+        return asked
+    if resume and checkpoint is not None:
+        return checkpoint.config.prompt_causal
+    return not block_size
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     own = settings_from(DiffusionSFTData, args)
@@ -171,7 +204,9 @@ def main(argv=None) -> dict:
     positions = start[1].config.max_position_embeddings if start[1] is not None else args.max_position_embeddings
     check_eos_padding(own.eos_padding_length, flags.run.seq_len, positions)
     block_size = sft_block_size(own.block_size, flags.run.resume, *start)
-    objective = objective_flags.objective(block_size, own.ar_loss_weight)
+    prompt_causal = prompt_reading(own.prompt_causal, block_size, flags.run.resume, start[1])
+    shifted = start[1] is not None and start[1].config.logit_shift
+    objective = objective_flags.objective(block_size, own.ar_loss_weight, prompt_causal and shifted)
     mask_id = mask_token_id(run.tokenizer)
 
     def loss(model, batch, rng, step=None):  # the prompt is clean: only the answer and its EOS padding are maskable
@@ -194,7 +229,8 @@ def main(argv=None) -> dict:
     if block_size:
         meta["block_diffusion"] = {"block_size": block_size}
     meta.update(joint_record(own.ar_loss_weight))  # also an AR model (model.checkpoint.decodes_causally)
-    return run_sft(flags, run, loss, extra_meta=meta, start=start)
+    # how the model reads a prompt is part of its config: the sampler and the likelihoods follow it
+    return run_sft(flags, run, loss, extra_meta=meta, start=start, config_changes={"prompt_causal": prompt_causal})
 
 
 if __name__ == "__main__":

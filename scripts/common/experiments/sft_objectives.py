@@ -36,15 +36,20 @@ from scripts.common.pipeline import cli, quickstart_pretraining, step
 # defaults ("ar": AR SFT, the yardstick). The first diffusion row is the reference: LLaDA's SFT objective, t ~ U(0, 1)
 # for every row, with the EOS padding weighted 0.1 (technical_report.md 7.3); llada_pad1 weighs it as an answer token.
 UNIFORM = dict(iid_mask_eps=1e-3, loss_normalization="row", mask_draw="time", late_time_share=0, all_masked_share=0)
+BIDIRECTIONAL = ("--no-prompt-causal", "--denoising-weight", "1")  # every token sees the whole row: LLaDA's SFT
 OBJECTIVES = {
     "ar": None,
-    "llada": cli(**UNIFORM, eos_padding_weight=0.1),
-    "llada_pad1": cli(**UNIFORM, eos_padding_weight=1.0),
-    "band": cli(**UNIFORM | dict(eos_padding_weight=0), mask_ratio_min=0.998, mask_ratio_max=0.999),
-    "mixture": cli(**UNIFORM | dict(all_masked_share=0.5), eos_padding_weight=0.1),
-    "count": cli(**UNIFORM | dict(mask_draw="count"), eos_padding_weight=0.1),
-    "late_is": cli(**UNIFORM | dict(late_time_share=0.5), late_time_from=0.9, eos_padding_weight=0.1),
-    "joint": cli(**UNIFORM, eos_padding_weight=0.1, ar_loss_weight=0.3),  # LLaDA's + the causal AR term (issue 28)
+    "llada": cli(*BIDIRECTIONAL, **UNIFORM, eos_padding_weight=0.1),
+    "llada_pad1": cli(*BIDIRECTIONAL, **UNIFORM, eos_padding_weight=1.0),
+    "band": cli(*BIDIRECTIONAL, **UNIFORM | dict(eos_padding_weight=0), mask_ratio_min=0.998, mask_ratio_max=0.999),
+    "mixture": cli(*BIDIRECTIONAL, **UNIFORM | dict(all_masked_share=0.5), eos_padding_weight=0.1),
+    "count": cli(*BIDIRECTIONAL, **UNIFORM | dict(mask_draw="count"), eos_padding_weight=0.1),
+    "late_is": cli(*BIDIRECTIONAL, **UNIFORM | dict(late_time_share=0.5), late_time_from=0.9, eos_padding_weight=0.1),
+    "joint": cli(*BIDIRECTIONAL, **UNIFORM, eos_padding_weight=0.1, ar_loss_weight=0.3),  # + issue 28's AR term
+    # The prompt read causally, the first answer token's exact term on every row (model/prompt_causal.py), the other
+    # terms at full weight (the NELBO) or at 0.1.
+    "prompt_causal_nelbo": cli("--prompt-causal", **UNIFORM, eos_padding_weight=0.1, denoising_weight=1.0),
+    "prompt_causal": cli("--prompt-causal", **UNIFORM, eos_padding_weight=0.1, denoising_weight=0.1),
 }
 TASKS = {  # task -> (train, validation, test) files of the offline sample
     "reviews": ("sample_sft_train.jsonl", "sample_sft_val.jsonl", "sample_sft_test.jsonl"),

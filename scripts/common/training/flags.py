@@ -137,15 +137,17 @@ def starting_checkpoint(
     checkpoint = check_compatible(read_checkpoint(path), path, kind, tokenizer, flags.run.tokenizer_dir, hint=hint)
     if resume:
         flags.shape.refuse_changed(checkpoint.config, run_path or path)
-        refuse_changed_settings(run_path or path, structural_settings(flags.own, checkpoint.extra))
+        refuse_changed_settings(run_path or path, structural_settings(flags.own, checkpoint))
     return checkpoint
 
 
-def starting_model(flags: TrainingFlags, tokenizer, source, checkpoint: Checkpoint | None) -> Transformer:
+def starting_model(flags: TrainingFlags, tokenizer, source, checkpoint: Checkpoint | None, changes=None) -> Transformer:
     """The model of a run's starting checkpoint (every tensor, its config wins over the shape flags), or a fresh one
-    from the shape flags when there is none."""
+    from the shape flags when there is none; `changes`: config fields the run sets either way."""
     if checkpoint is None:
-        return Transformer(flags.shape.model_config(vocab_size=len(tokenizer)))
+        return Transformer(replace(flags.shape.model_config(vocab_size=len(tokenizer)), **(changes or {})))
+    if changes:
+        checkpoint = replace(checkpoint, config=replace(checkpoint.config, **changes))
     if not flags.run.resume:
         print(
             f"loaded all {len(checkpoint.state_dict)} tensors from {source} ({checkpoint.source}, step "
@@ -154,12 +156,14 @@ def starting_model(flags: TrainingFlags, tokenizer, source, checkpoint: Checkpoi
     return build_model(checkpoint, source)
 
 
-def structural_settings(own, extra: dict) -> dict[str, tuple]:
+def structural_settings(own, checkpoint: Checkpoint) -> dict[str, tuple]:
     """flag -> (the value this command trains with, the run's stored one) for the settings besides the model shape
     that decide what a run trains: diffusion pretraining's --block-size, diffusion SFT's --block-size (when given;
     without it the run inherits its own) and --eos-padding-length, and the joint AR loss weight of both. None means
     off (bidirectional, no fixed padding). `own`: the trainer's own settings."""
-    settings = {}
+    settings, extra = {}, checkpoint.extra
+    if getattr(own, "prompt_causal", None) is not None:  # how diffusion SFT reads the prompt: the model config
+        settings["--prompt-causal"] = (own.prompt_causal, checkpoint.config.prompt_causal)
     if "sft_objective" in extra:
         if getattr(own, "block_size", None) is not None:
             settings["--block-size"] = (own.block_size or None, extra["sft_objective"].get("block_size"))

@@ -81,15 +81,16 @@ def scored_tokens(batch: dict) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-def run_sft(flags: TrainingFlags, run: RunStart, loss_fn, extra_meta: dict | None = None, start=None) -> dict:
+def run_sft(flags: TrainingFlags, run: RunStart, loss_fn, extra_meta=None, start=None, config_changes=None) -> dict:
     """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
     batches alike and returns (loss, info): the label's gradient share, logged per step), a summary line. `start`:
-    the (path, checkpoint) of sft_starting_checkpoint, if already read."""
+    the (path, checkpoint) of sft_starting_checkpoint, if already read; `config_changes`: model config fields the
+    run sets (how the trained model reads its input)."""
     route = run.cfg.kind
     source, checkpoint = start or sft_starting_checkpoint(flags, run)
     if checkpoint is None:
         print("note: no --load-from given; fine-tuning a randomly initialised model")
-    model = starting_model(flags, run.tokenizer, source, checkpoint)
+    model = starting_model(flags, run.tokenizer, source, checkpoint, config_changes)
     print(
         f"{KIND_NAMES[route].split()[1]} SFT: {model.num_parameters() / 1e6:.2f}M parameters, "
         f"{len(run.batches.examples)} conversations, {sum(len(b['input_ids']) for b in run.val_batches)} validation, "
