@@ -160,6 +160,20 @@ BREAKS = [
         "previous = signal.getsignal(signal.SIGTERM)",
         "tests/test_reliability_training.py::test_sigterm_saves_a_resumable_checkpoint_and_says_so",
     ),
+    Break(
+        "prompt-causal SFT scores the first answer token only when its draw masks it",
+        "model/prompt_causal.py",
+        "return masked | first, torch.where(first, 1.0, elbo.expand(first.shape) * denoising_weight)",
+        "return masked, torch.where(first, elbo.expand(first.shape), elbo.expand(first.shape) * denoising_weight)",
+        "tests/test_prompt_causal.py::test_a_one_token_answer_is_scored_exactly_on_every_draw",
+    ),
+    Break(
+        "the prompt cache reads the prompt bidirectionally",
+        "model/inference/prompt_cache.py",
+        'logits = run.forward(ids, attention="causal", kv_cache=self.cache)',
+        'logits = run.forward(ids, attention="bidirectional", kv_cache=self.cache)',
+        "tests/test_prompt_causal.py::test_the_prompt_cache_decodes_the_reference_tokens",
+    ),
 ]
 
 

@@ -1,6 +1,5 @@
 """Diffusion sampling: LLaDA low-confidence remasking with semi-autoregressive blocks, unsupervised CFG,
-confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling lives in
-model/inference/ar.py.
+confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling: model/inference/ar.py.
 
 The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each
 step runs the model on the whole canvas and commits some masked positions of that block. Committed
@@ -23,6 +22,7 @@ column j - 1, computed under the attention column j - 1 has in that path: the wi
 left of the block (prefix/dual caches keep one column less), and block-causal decoding takes that column's output from
 the previous block's pass. Such a model needs a prompt of at least one token; the forward passes are the same.
 
+A prompt-causal model (model/prompt_causal.py) reads its prompt once into an exact cache (prompt_cache.py).
 Which mode a checkpoint needs is read from the checkpoint: `sampler_for_checkpoint`. The step: remasking.py.
 """
 
