@@ -55,11 +55,12 @@ CONVERSIONS = {
 }
 DEFAULT_CONVERSION = "a2d_shift"  # what --init-from-minimind does without conversion flags (tested)
 
-# Diffusion SFT variants: run name -> flags of scripts.train.train_sft_diffusion (explicit, whatever the defaults).
+# Diffusion SFT variants: run name -> flags of scripts.train.train_sft_diffusion (explicit, whatever the defaults; the
+# prompt read bidirectionally, as when 7.2 and 7.3 were run, before the prompt-causal default of 7.9).
 SFT_VARIANTS = {
-    "diffusion_sft_llada": cli(loss_normalization="row", eos_padding_weight=1.0),
-    "diffusion_sft_padding01": cli(loss_normalization="row", eos_padding_weight=0.1),
-    "diffusion_sft_token_mean": cli(loss_normalization="batch", eos_padding_weight=1.0),
+    "diffusion_sft_llada": cli("--no-prompt-causal", loss_normalization="row", eos_padding_weight=1.0),
+    "diffusion_sft_padding01": cli("--no-prompt-causal", loss_normalization="row", eos_padding_weight=0.1),
+    "diffusion_sft_token_mean": cli("--no-prompt-causal", loss_normalization="batch", eos_padding_weight=1.0),
 }
 DIFFUSION, SFT_DIFFUSION = "scripts.train.diffusion", "scripts.train.train_sft_diffusion"  # the entry points run most
 DECODING_VARIANTS = {"steps4": cli(gen_steps=4), "steps2": cli(gen_steps=2), "threshold0.9": cli(threshold=0.9)}
