@@ -162,6 +162,41 @@ def test_a_one_token_answers_likelihood_and_dpo_score_are_its_causal_log_probabi
     assert scores[0].item() == pytest.approx(exact[9].item(), rel=1e-5)
 
 
+def test_the_likelihood_scores_the_first_answer_token_exactly_and_stays_unbiased(tiny_config):
+    """Answer [a, b] with exact-count draws: l = 1 masks a or b (weight 2), l = 2 both (weight 1). The NELBO is
+    CE_a + CE_b(a visible) / 2 + CE_b(a masked) / 2; the exact first-token term keeps that mean, and only b's term
+    varies from draw to draw."""
+    model, mask_id = prompt_causal_model(tiny_config), tiny_config.vocab_size - 1
+    prompt, (a, b) = [1, 17, 23, 40], (9, 12)
+    attention = prompt_causal_mask(4, 6)
+
+    def nll_b(first):
+        logits = model(torch.tensor([prompt + [first, mask_id]]), attention=attention)
+        return -torch.log_softmax(logits[0, 4], -1)[b].item()  # b is read at a's position
+
+    ce_a = -torch.log_softmax(model(torch.tensor([prompt]), attention="causal")[0, -1], -1)[a].item()
+    expected = ce_a + nll_b(a) / 2 + nll_b(mask_id) / 2
+    estimates = [
+        conditional_log_likelihood_batch(
+            model, prompt, [[a, b]], mask_id, 64, generator=torch.Generator().manual_seed(s)
+        )
+        for s in range(8)
+    ]
+    means = torch.tensor([-mean for ((mean, _),) in estimates])
+    assert abs(means.mean().item() - expected) < 4 * means.std().item() / math.sqrt(8) + 1e-6
+    # one draw at a time: a's term is exactly ce_a, masked or not; b adds 2 CE_b(a visible), CE_b(a masked) or nothing
+    singles = [
+        -conditional_log_likelihood_batch(
+            model, prompt, [[a, b]], mask_id, 1, generator=torch.Generator().manual_seed(s)
+        )[0][0]
+        - ce_a
+        for s in range(16)
+    ]
+    allowed = torch.tensor([0.0, 2 * nll_b(a), nll_b(mask_id)])
+    assert all((allowed - value).abs().min() < 1e-4 for value in singles)
+    assert any(abs(value) < 1e-4 for value in singles)  # draws that mask only a: nothing but its exact term
+
+
 def test_sft_reads_the_prompt_causally_by_default_and_a_resume_keeps_it(tmp_path):
     """A shifted model's SFT takes the first answer token's exact term and weighs the others 0.1; the config records
     the reading, and a resumed run may not change it (without the flag it keeps its own)."""

@@ -160,8 +160,14 @@ def masked_nll_sums(
     """Per-row sums of weights * NLL over the masked positions, float64 [N]: what every diffusion ELBO estimator sums
     (the evaluations' NELBO and likelihoods, and DPO's answer scores). keys [N, T] (optional): the positions a row
     may attend to (right padding of rows of unequal length). answer_start (an int or [N]): where each row's prompt
-    ends, for a prompt-causal model (model/prompt_causal.py)."""
+    ends, for a prompt-causal model (model/prompt_causal.py); a shifted one scores that first answer token on every
+    row with weight 1, its exact term, whatever the draw (the same expectation, less variance)."""
     noisy = clean.masked_fill(masked, mask_id)
+    if block_size is None and is_prompt_causal(model) and is_shifted(model):
+        columns = torch.arange(clean.shape[1], device=clean.device)[None, :]
+        start = torch.as_tensor(answer_start, device=clean.device).reshape(-1, 1)
+        first = (columns == start) & (start > 0)
+        masked, weights = masked | first, torch.where(first, 1.0, weights)
     if block_size is not None:
         logits = bdlm_forward(model, noisy, clean, block_size)
     else:
