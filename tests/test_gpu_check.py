@@ -37,6 +37,7 @@ def test_the_cpu_mode_runs_every_stage_and_reports_each_result_as_a_line_and_in_
     for route in ("ar", "mdlm", "bdlm32_doc_flex", "mdlm_crop", "mdlm_eager"):
         assert {f"training.{route}.ran", f"training.{route}.loss_falls"} <= passed
     assert {"training.mdlm.no_probe", "kernels.cross_entropy.chunked", "kernels.flex_vs_sdpa.document"} <= passed
+    assert "kernels.flex_vs_sdpa.sft_prompt_causal" in passed  # diffusion SFT's default mask
     assert {"decoding.ar_cached_vs_uncached", "decoding.block_causal_cached_vs_uncached"} <= passed
     assert {"bench.training.ar", "bench.training.diffusion"} <= passed
     routes = report["stages"]["training"]["routes"]

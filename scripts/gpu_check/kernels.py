@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from model.block_attention import bd3lm_attention_mask, document_attention_mask
 from model.config import ModelConfig, preset
 from model.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
+from model.prompt_causal import prompt_causal_mask
 from model.transformer import BlockMask, Transformer, block_mask_from_dense, flex_attention_kernel
 from scripts.common.bench.report import peak_bf16_flops
 from scripts.common.device import autocast, enable_tf32, nvidia_driver_version, unusable_gpu_reason
@@ -67,10 +68,12 @@ def _sdpa_sites(config: ModelConfig, device) -> dict:
     real[0, L // 2 :] = False
     blocks = {"attention": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device)}
     blocks["positions"] = torch.arange(L, device=device).repeat(2)  # x_t and x_0 share their positions
+    prompt_causal = prompt_causal_mask(torch.full((B,), L // 4, device=device), L, real)
     return {
         "ar_causal_gqa": (ids, {"attention": "causal"}, True),
         "mdlm_bidirectional_gqa": (ids, {"attention": "bidirectional"}, True),
         "sft_key_padding_mask": (ids, {"attention": real[:, None, None, :]}, True),
+        "sft_prompt_causal": (ids, {"attention": prompt_causal}, True),  # diffusion SFT's default
         "bd3lm_mask_eval": (torch.cat([ids, ids], 1), blocks, False),  # [x_t ; x_0]
     }
 
@@ -117,9 +120,11 @@ def _attention_inputs(config: ModelConfig, device, L: int, dtype):
     q = torch.randn(B, heads, 2 * L, d, device=device, dtype=dtype, generator=g)
     k, v = (torch.randn(B, kv_heads, 2 * L, d, device=device, dtype=dtype, generator=g) for _ in range(2))
     doc_ids = torch.randint(0, 4, (B, 2 * L), device=device, generator=g).sort(1).values
+    starts = torch.randint(1, 2 * L - 1, (B,), device=device, generator=g)  # where each row's answer begins
     masks = {
         "bd3lm": bd3lm_attention_mask(L, 32 if L >= 32 else 4, device),
         "document": document_attention_mask(doc_ids),
+        "sft_prompt_causal": prompt_causal_mask(starts, 2 * L),  # diffusion SFT's default
     }
     return q, k, v, masks
 
