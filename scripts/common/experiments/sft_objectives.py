@@ -60,10 +60,10 @@ TASKS = {  # task -> (train, validation, test) files of the offline sample
     ),
 }
 LABELS = ("正面", "负面")
-# The continuation runs take as long as the review ones: on a shared 2-core CPU the protocol runs them for the first
-# 2 seeds. Decoding the answers for the judge (96 denoising steps each) took 12 minutes a run there: JUDGED_SEEDS 0
-# leaves it out (set it to 1 to judge the first seed's answers).
-CONTINUATION_SEEDS, JUDGED_SEEDS = 2, 0
+# The continuation runs take as long as the review ones; they run for every seed (7.9's earlier rows have 2: the
+# runs already in runs/ are kept). Decoding the answers for the judge (96 denoising steps each) took 12 minutes a run
+# on a shared 2-core CPU: JUDGED_SEEDS 0 leaves it out (set it to 1 to judge the first seed's answers).
+CONTINUATION_SEEDS, JUDGED_SEEDS = 5, 0
 
 
 @dataclass(frozen=True)
