@@ -30,11 +30,6 @@ def answer_starts(answer: torch.Tensor) -> torch.Tensor:
     return answer.long().argmax(1)
 
 
-def first_answer_tokens(maskable: torch.Tensor) -> torch.Tensor:
-    """[B, L]: the first position of each row's first maskable run (the answer's first predictable token)."""
-    return maskable & (maskable.cumsum(1) == 1)
-
-
 def prompt_causal_mask(answer_start, length: int, keys: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """Boolean attention mask [B or 1, 1, length, length]: a query before its row's `answer_start` (an int or a [B]
     tensor) sees the keys up to itself, a later query sees every key. keys [B, length] (optional): the columns a
@@ -48,8 +43,11 @@ def prompt_causal_mask(answer_start, length: int, keys: torch.Tensor | None = No
     return mask[:, None]
 
 
-def exact_first_token(maskable, masked, elbo, denoising_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked, ELBO weight [N, L]) with each row's first answer token scored at weight 1 whether drawn or not, and
-    the other terms weighted by denoising_weight (the module docstring says why that term is exact)."""
-    first = first_answer_tokens(maskable)
-    return masked | first, torch.where(first, 1.0, elbo.expand(first.shape) * denoising_weight)
+def exact_first_token(answer_start, masked, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked, weights) [N, L] with the first answer column of each row that has a prompt (answer_start > 0, an int
+    or [N]) scored at weight 1 whether drawn or not: a shifted prompt-causal model's exact term (the module docstring
+    says why). The input keeps the draw's masks; only what is scored changes."""
+    columns = torch.arange(masked.shape[1], device=masked.device)[None, :]
+    start = torch.as_tensor(answer_start, device=masked.device).reshape(-1, 1)
+    first = (columns == start) & (start > 0)
+    return masked | first, torch.where(first, 1.0, weights.expand(masked.shape))

@@ -162,9 +162,9 @@ BREAKS = [
     ),
     Break(
         "prompt-causal SFT scores the first answer token only when its draw masks it",
-        "model/prompt_causal.py",
-        "return masked | first, torch.where(first, 1.0, elbo.expand(first.shape) * denoising_weight)",
-        "return masked, torch.where(first, elbo.expand(first.shape), elbo.expand(first.shape) * denoising_weight)",
+        "model/objectives/diffusion_loss.py",
+        "masked, elbo = exact_first_token(answer_start, masked, elbo * objective.denoising_weight)",
+        "elbo = elbo * objective.denoising_weight",
         "tests/test_prompt_causal.py::test_a_one_token_answer_is_scored_exactly_on_every_draw",
     ),
     Break(
@@ -177,8 +177,8 @@ BREAKS = [
     Break(
         "the likelihoods score the first answer token only when their draw masks it",
         "model/objectives/diffusion_loss.py",
-        "masked, weights = masked | first, torch.where(first, 1.0, weights)",
-        "first = first & masked",
+        "masked, weights = exact_first_token(answer_start, masked, weights)",
+        "pass",
         "tests/test_prompt_causal.py::test_the_likelihood_scores_the_first_answer_token_exactly_and_stays_unbiased",
     ),
 ]

@@ -66,6 +66,18 @@ def test_a_one_token_answer_is_scored_exactly_on_every_draw(tiny_config):
     assert loss.item() != pytest.approx(exact.item(), rel=1e-3)
 
 
+def test_a_row_without_a_prompt_is_the_bidirectional_loss(tiny_config):
+    """Pretraining rows have no prompt: nothing is read causally and no term is exact (position 1 is predicted at
+    position 0, which sees the whole noisy row), so the loss is the bidirectional model's, draw for draw."""
+    model = prompt_causal_model(tiny_config)
+    ids = torch.randint(1, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for prompt_causal in (True, False):
+        model.config = replace(model.config, prompt_causal=prompt_causal)
+        losses.append(diffusion_loss(model, ids, torch.Generator().manual_seed(3), 100, DiffusionObjective()).item())
+    assert losses[0] == losses[1]
+
+
 @pytest.mark.parametrize("denoising_weight", [1.0, 0.25])
 def test_uniform_logits_give_ln_v_per_token_and_the_weight_scales_the_other_terms(denoising_weight):
     """With weight 1 the estimate is the NELBO per answer token (ln|V| under uniform logits); with w the first token

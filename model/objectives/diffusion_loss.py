@@ -164,10 +164,7 @@ def masked_nll_sums(
     row with weight 1, its exact term, whatever the draw (the same expectation, less variance)."""
     noisy = clean.masked_fill(masked, mask_id)
     if block_size is None and is_prompt_causal(model) and is_shifted(model):
-        columns = torch.arange(clean.shape[1], device=clean.device)[None, :]
-        start = torch.as_tensor(answer_start, device=clean.device).reshape(-1, 1)
-        first = (columns == start) & (start > 0)
-        masked, weights = masked | first, torch.where(first, 1.0, weights)
+        masked, weights = exact_first_token(answer_start, masked, weights)
     if block_size is not None:
         logits = bdlm_forward(model, noisy, clean, block_size)
     else:
@@ -288,8 +285,8 @@ def diffusion_loss(
         doc_ids, scored_at, real = (None if x is None else x.repeat(2, 1) for x in (doc_ids, scored_at, real))
         answer_start = answer_start.repeat(2)
     noisy = input_ids.masked_fill(masked, mask_id)
-    if prompt_causal and shifted:  # scored, not hidden: the input keeps the draw's masks
-        masked, elbo = exact_first_token(maskable, masked, elbo, objective.denoising_weight)
+    if prompt_causal and shifted:  # the other terms weighted, the first answer token's exact one at 1
+        masked, elbo = exact_first_token(answer_start, masked, elbo * objective.denoising_weight)
     weights = token_weights(objective, input_ids, maskable)
     total_weight = weights.sum(1) if objective.normalization == "row" else weights.sum()
     if objective.block_size is not None:
