@@ -12,6 +12,7 @@ from model.inference.padding import left_pad
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.objectives.ar_loss import next_token_loss
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.schedule import NoiseSchedule
 from model.transformer import Transformer
 from scripts.common.data.packing import document_ids
 
@@ -36,7 +37,7 @@ LOSSES = {
     "ar": lambda m, x: next_token_loss(m, x),
     "llada": lambda m, x: diffusion_loss(m, x, rng(), MASK_TOKEN_ID, DiffusionObjective(repeat_penalty_weight=0.1)),
     "mdlm_documents": lambda m, x: diffusion_loss(
-        m, x, rng(), MASK_TOKEN_ID, DiffusionObjective("cosine"), doc_ids=document_ids(x)
+        m, x, rng(), MASK_TOKEN_ID, DiffusionObjective(NoiseSchedule("cosine")), doc_ids=document_ids(x)
     ),
     "bdlm_documents": lambda m, x: diffusion_loss(
         m, x, rng(), MASK_TOKEN_ID, DiffusionObjective(block_size=8), doc_ids=document_ids(x)

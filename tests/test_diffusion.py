@@ -12,9 +12,10 @@ from conftest import TINY_MODEL, CommitLog, UniformModel, decodes_something, liv
 from model.config import ModelConfig
 from model.errors import NanoLladaError
 from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
-from model.inference.reference_sampler import combine_guidance, step_quotas, with_unconditional
+from model.inference.reference_sampler import combine_guidance, with_unconditional
 from model.inference.reference_sampler import sample_tokens as _sampled_tokens
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate, strip_after_eos
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.transformer import Transformer
 
 V, MASK = 101, 100
@@ -24,18 +25,26 @@ def rng(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_uniform_logits_give_expected_loss_ln_v():
+@pytest.mark.parametrize("schedule", [LINEAR, NoiseSchedule("cosine")])
+def test_uniform_logits_give_expected_loss_ln_v(schedule):
     model, gen = UniformModel(), rng()
     ids = torch.randint(1, MASK, (64, 256), generator=gen)
-    nelbo, stderr = diffusion_nelbo(model, ids[:16], MASK, num_samples=200, generator=gen)
-    assert nelbo == pytest.approx(math.log(V), abs=4 * stderr + 1e-3)  # unbiased: no forced mask
+    nelbo, stderr = diffusion_nelbo(model, ids[:16], MASK, num_samples=200, generator=gen, schedule=schedule)
+    assert nelbo == pytest.approx(math.log(V), abs=4 * stderr + 1e-3)  # unbiased under either schedule
 
 
 def test_step_quotas_follow_the_linear_schedule():
-    quotas = step_quotas(torch.tensor([10, 7, 3, 0]), 4)
+    quotas = LINEAR.step_quotas(torch.tensor([10, 7, 3, 0]), 4)
     assert quotas.sum(1).tolist() == [10, 7, 3, 0]
     assert (quotas.max(1).values - quotas.min(1).values <= 1).all()
     assert (quotas.diff(dim=1) <= 0).all()  # larger quotas first
+
+
+def test_step_quotas_of_the_cosine_schedule_follow_its_clean_probability():
+    # 10 tokens over 4 steps at t = 1, 3/4, 1/2, 1/4, 0: alpha = 0, 0.146, 0.5, 0.854, 1, so 10 alpha rounds to
+    # 0, 1, 5, 9, 10 tokens decided: few at both ends, most in the middle
+    quotas = NoiseSchedule("cosine").step_quotas(torch.tensor([10, 0, 12]), 4)
+    assert quotas[:2].tolist() == [[1, 4, 4, 1], [0, 0, 0, 0]] and quotas[2].sum() == 12
 
 
 class Recorder(nn.Module):
@@ -50,19 +59,29 @@ class Recorder(nn.Module):
         return self.inner(ids, attention=attention)
 
 
-@pytest.mark.parametrize("block_size,steps", [(None, 12), (4, 12), (6, 6)])
-def test_sampler_keeps_prompt_fills_every_mask_and_follows_the_schedule(tiny_config, block_size, steps):
+@pytest.mark.parametrize(
+    "block_size,steps,schedule",
+    [
+        (None, 12, LINEAR),
+        (4, 12, LINEAR),
+        (6, 6, LINEAR),
+        (None, 12, NoiseSchedule("cosine")),
+        (6, 8, NoiseSchedule("cosine")),
+    ],
+)
+def test_sampler_keeps_prompt_fills_every_mask_and_follows_the_schedule(tiny_config, block_size, steps, schedule):
     model = Recorder(Transformer(tiny_config).eval())
     mask_id = tiny_config.vocab_size - 1
     prompt = torch.randint(1, mask_id, (2, 5), generator=rng())
-    sampler = DiffusionSamplerConfig(gen_length=12, steps=steps, block_size=block_size, stop_at_eos=False)
+    sampler = DiffusionSamplerConfig(12, steps, block_size, schedule=schedule, stop_at_eos=False)
     out = diffusion_generate(model, prompt, sampler, mask_id)
     assert out.tokens.shape == (2, 12) and not (out.tokens == mask_id).any()
-    assert out.nfe == steps == len(model.canvases)
     block_size = block_size or 12  # None: the whole generation is one block
     per_block = steps // (12 // block_size)
-    expected = step_quotas(torch.tensor([block_size, block_size]), per_block).T
-    assert torch.equal(torch.stack(out.commits), expected.repeat(12 // block_size, 1))
+    expected = schedule.step_quotas(torch.tensor([block_size, block_size]), per_block).T.repeat(12 // block_size, 1)
+    expected = expected[expected.any(1)]  # a step that commits nothing runs no forward pass
+    assert torch.equal(torch.stack(out.commits), expected)
+    assert out.nfe == len(expected) == len(model.canvases) and (schedule != LINEAR or out.nfe == steps)
     for before, after in zip(model.canvases, model.canvases[1:] + [torch.cat([prompt, out.tokens], 1)]):
         assert torch.equal(after[:, :5], prompt)  # the prompt never changes
         decided = before != mask_id

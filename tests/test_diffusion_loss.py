@@ -18,13 +18,12 @@ from model.objectives.diffusion_loss import (
 )
 from model.objectives.masking import (
     bernoulli_masks,
-    elbo_weight,
     eos_padding,
     mask_exactly,
-    mask_probability,
     random_crop_length,
     stratified_counts,
 )
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.tokenizer import EOS_ID
 from model.transformer import Transformer
 
@@ -48,7 +47,7 @@ def sft_rows(rows: int, answer_len: int, row_len: int, vocab: int = V) -> tuple[
 LENGTHS = [(answer, row) for row in (16, 256) for answer in (1, 2, 4, 16, 64) if answer <= row]
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", [LINEAR, NoiseSchedule("cosine")])
 @pytest.mark.parametrize("answer_len,row_len", LENGTHS)
 def test_every_training_loss_averages_ln_v_under_uniform_logits(schedule, answer_len, row_len):
     """Unbiased for any answer or row length: a row that drew no mask adds 0 (nothing is forced in at weight 1/t).
@@ -121,7 +120,7 @@ def test_count_draw_has_the_time_draws_expectation_with_less_variance(tiny_confi
 
 
 def test_count_draw_refuses_what_it_does_not_estimate():
-    for settings in ({"schedule": "cosine"}, {"complementary": True}, {"t_min": 0.3, "t_max": 0.8}):
+    for settings in ({"schedule": NoiseSchedule("cosine")}, {"complementary": True}, {"t_min": 0.3, "t_max": 0.8}):
         with pytest.raises(NanoLladaError, match="count mask draw"):
             DiffusionObjective(mask_draw="count", **settings)
     with pytest.raises(NanoLladaError, match="mask_draw"):
@@ -184,12 +183,15 @@ def test_eos_padding_is_the_trailing_eos_after_the_closing_one():
 
 def test_time_weights_are_elbo_weights():
     t = torch.tensor([0.1, 0.5, 0.9])
-    assert torch.allclose(elbo_weight(t, "linear"), 1 / t) and torch.equal(mask_probability(t, "linear"), t)
+    assert torch.allclose(LINEAR.elbo_weight(t), 1 / t) and torch.equal(LINEAR.mask_probability(t), t)
+    cosine = NoiseSchedule("cosine")
     alpha = lambda s: torch.cos(math.pi * s / 2) ** 2  # noqa: E731  cosine: alpha = cos^2(pi t / 2)
     derivative = (alpha(t + 1e-4) - alpha(t - 1e-4)) / 2e-4
-    assert torch.allclose(elbo_weight(t, "cosine"), -derivative / (1 - alpha(t)), rtol=1e-3)
-    with pytest.raises(NanoLladaError, match="unknown"):
-        elbo_weight(t, "cubic")
+    assert torch.allclose(cosine.elbo_weight(t), -derivative / (1 - alpha(t)), rtol=1e-3)
+    for schedule in (LINEAR, cosine):
+        assert torch.allclose(schedule.clean_probability(t) + schedule.mask_probability(t), torch.ones(3))
+    with pytest.raises(NanoLladaError, match="unknown noise schedule 'cubic'"):
+        NoiseSchedule("cubic")
     with pytest.raises(NanoLladaError, match="time range"):
         DiffusionObjective(t_min=0.8, t_max=0.3)
 
@@ -197,7 +199,7 @@ def test_time_weights_are_elbo_weights():
 def test_block_size_equal_to_the_row_is_the_bidirectional_loss(tiny_config):
     model, mask_id = Transformer(tiny_config).eval(), tiny_config.vocab_size - 1
     ids = torch.randint(1, mask_id, (3, 16), generator=rng())
-    for schedule in ("linear", "cosine"):
+    for schedule in (LINEAR, NoiseSchedule("cosine")):
         bidirectional = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule))
         block = diffusion_loss(model, ids, rng(7), mask_id, DiffusionObjective(schedule, block_size=16))
         assert block.item() == pytest.approx(bidirectional.item(), rel=1e-5)

@@ -27,6 +27,7 @@ from model.objectives.preference import (
     pair_log_likelihoods,
     preference_score_spread,
 )
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.tokenizer import load_tokenizer, mask_token_id, tokenizer_identity
 from model.transformer import Transformer
 from scripts.common.data.pairs import collate_pairs, load_pairs
@@ -134,8 +135,8 @@ def test_the_diffusion_elbo_is_unbiased_under_uniform_logits():
     answer = torch.zeros(3, 10, dtype=torch.bool)
     for row, (start, end) in enumerate([(4, 10), (6, 8), (5, 6)]):
         answer[row, start:end] = True
-    for distinct_times in (True, False):
-        sampling = ElboSampling(samples=4000, distinct_times=distinct_times, estimator="bernoulli", paired=False)
+    for distinct_times, schedule in ((True, LINEAR), (False, LINEAR), (True, NoiseSchedule("cosine"))):
+        sampling = ElboSampling(4000, distinct_times, estimator="bernoulli", paired=False, schedule=schedule)
         draws = draw_answer_masks(answer, sampling, torch.Generator().manual_seed(0))
         assert not (draws.masked & ~answer).any()
         estimate = diffusion_answer_elbo(UniformModel(101), input_ids, length, draws, 100)

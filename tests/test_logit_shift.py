@@ -22,6 +22,7 @@ from model.inference.likelihood import (
 from model.logit_shift import is_shifted, predictable, read_shifted
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
 from model.objectives.masking import position_rates, warped_time
+from model.objectives.schedule import NoiseSchedule
 from model.transformer import Transformer
 
 V = 97
@@ -92,7 +93,7 @@ def test_is_shifted_reads_the_config_through_wrappers():
         DiffusionObjective(normalization="row"),
         DiffusionObjective(position_masking=2.0),
         DiffusionObjective(block_size=4, position_masking=2.0),
-        DiffusionObjective("cosine", block_size=8, position_masking=1.0),
+        DiffusionObjective(NoiseSchedule("cosine"), block_size=8, position_masking=1.0),
     ],
     ids=["eq3", "block4", "row", "positional", "block4_positional", "cosine_block8_positional"],
 )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from model.cross_entropy import logits_or_nll
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
+from model.objectives.schedule import NoiseSchedule
 from model.transformer import Transformer
 
 V, MASK = 101, 100
@@ -38,7 +39,10 @@ class Tokenwise(nn.Module):
 
 @pytest.mark.parametrize(
     "objective",
-    [DiffusionObjective(), DiffusionObjective("cosine", 0.3, 0.8, 4, "row", complementary=True, cap_weight=2.0)],
+    [
+        DiffusionObjective(),
+        DiffusionObjective(NoiseSchedule("cosine"), 0.3, 0.8, 4, "row", complementary=True, cap_weight=2.0),
+    ],
     ids=["llada", "blocks-complementary-cap"],
 )
 def test_sft_loss_trains_the_answer_only(tiny_config, objective):

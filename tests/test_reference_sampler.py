@@ -10,6 +10,7 @@ from conftest import decodes_something, lively_model
 
 from model.inference.reference_sampler import reference_generate
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
+from model.objectives.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("logit_shift", [False, True])
@@ -22,6 +23,7 @@ from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
         {"block_size": 6, "steps": 6, "cfg_scale": 1.5},
         {"block_size": 4, "steps": 12, "temperature": 0.8},
         {"block_size": 3, "steps": 8, "temperature": 1.0, "remasking": "random"},
+        {"block_size": 6, "steps": 8, "schedule": NoiseSchedule("cosine")},  # uneven quotas of another schedule
     ],
 )
 def test_the_fast_sampler_decodes_the_reference_tokens(tiny_config, logit_shift, options):

@@ -128,3 +128,25 @@ def test_sft_accuracy_refuses_zero_diffusion_steps_before_reading_anything(tmp_p
     argv = ["--diffusion-checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path / "none.jsonl")]
     with pytest.raises(NanoLladaError, match="^--steps must be >= 1, got 0$"):
         eval_sft_accuracy.main([*argv, "--tokenizer-dir", ".", "--gen-steps", "0"])
+
+
+def test_the_schedule_flag_gives_the_sampler_its_noise_schedule(checkpoints):
+    """--schedule is the sampler's NoiseSchedule: linear by default (LLaDA's even split), cosine when asked; a name
+    it does not know is refused while argv is parsed."""
+    import argparse
+
+    from model.objectives.schedule import LINEAR, NoiseSchedule
+    from scripts.common.evaluation.sampler_flags import SamplerFlags
+    from scripts.common.settings import add_flags, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, SamplerFlags)
+    assert settings_from(SamplerFlags, parser.parse_args([])).asked(8).schedule == LINEAR
+    cosine = settings_from(SamplerFlags, parser.parse_args(["--schedule", "cosine"])).asked(8)
+    assert cosine.schedule == NoiseSchedule("cosine") and cosine.steps == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--schedule", "cubic"])
+    flags = ["--checkpoint", str(checkpoints["diffusion"]), "--tokenizer-dir", ".", "--device", "cpu"]
+    nfe = {name: eval_diffusion.main([*flags, "--max-new-tokens", "8", "--schedule", name])["sample"]["nfe"]
+           for name in ("linear", "cosine")}  # fmt: skip
+    assert nfe == {"linear": 8, "cosine": 6}  # the cosine quotas of 8 tokens over 8 steps leave two steps empty

@@ -25,6 +25,7 @@ from model.objectives.diffusion_loss import (
     diffusion_loss,
     masked_token_nll,
 )
+from model.objectives.schedule import NoiseSchedule
 from model.tokenizer import EOS_ID
 from model.transformer import Transformer
 
@@ -114,7 +115,7 @@ TRAINING_LOSSES = {
         m, ids, g, MASK_TOKEN_ID, DiffusionObjective(normalization="row", padding_weight=0.1), maskable=ids > 50
     ),
     "mdlm_docs_cosine": lambda m, ids, g: diffusion_loss(
-        m, ids, g, MASK_TOKEN_ID, DiffusionObjective("cosine"), doc_ids=_docs(ids)
+        m, ids, g, MASK_TOKEN_ID, DiffusionObjective(NoiseSchedule("cosine")), doc_ids=_docs(ids)
     ),
     "bdlm_docs": lambda m, ids, g: diffusion_loss(
         m, ids, g, MASK_TOKEN_ID, DiffusionObjective(block_size=4), doc_ids=_docs(ids)

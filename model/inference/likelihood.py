@@ -27,37 +27,42 @@ from model.logit_shift import is_shifted, predictable
 from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import bernoulli_masks, exact_count_draws, pretraining_maskable, sample_time
 from model.objectives.preference import ar_answer_log_likelihood
+from model.objectives.schedule import LINEAR
 from model.tokenizer import PAD_ID
 
 
 @torch.no_grad()
 def diffusion_nelbo_terms(
-    model, input_ids, mask_id, num_samples, generator, eps=1e-3, maskable=None, block_size=None
+    model, input_ids, mask_id, num_samples, generator, eps=1e-3, maskable=None, block_size=None, schedule=LINEAR
 ) -> torch.Tensor:
-    """Per-row Monte-Carlo terms of the NELBO, float64 [num_samples, B]: sum over masked tokens of CE / t.
+    """Per-row Monte-Carlo terms of the NELBO, float64 [num_samples, B]: sum over masked tokens of CE times the
+    schedule's ELBO weight (1/t for LLaDA's linear schedule).
 
-    One t ~ U(eps, 1 - eps) and one Bernoulli(t) mask per row and draw; only `maskable` positions (default: every
-    non-PAD token) are ever masked, so the others act as context. A term divided by the row's maskable count is an
-    unbiased estimate of that row's NELBO per token. block_size: the block NELBO of a block-diffusion model.
+    One t ~ U(eps, 1 - eps) and one mask per row and draw (each token masked with probability 1 - alpha(t)); only
+    `maskable` positions (default: every non-PAD token) are ever masked, so the others act as context. A term divided
+    by the row's maskable count is an unbiased estimate of that row's NELBO per token. block_size: the block NELBO of
+    a block-diffusion model.
     """
     maskable = predictable(pretraining_maskable(input_ids) if maskable is None else maskable, is_shifted(model))
     input_ids, maskable = pad_to_blocks(input_ids, maskable, block_size)
     terms = []
     for _ in range(num_samples):
         t = sample_time(input_ids.shape[0], generator, input_ids.device, eps, 1 - eps)
-        masked = bernoulli_masks(maskable, t, generator)
-        weights = (1 / t.double())[:, None].expand(masked.shape)
+        masked = bernoulli_masks(maskable, schedule.mask_probability(t), generator)
+        weights = schedule.elbo_weight(t.double())[:, None].expand(masked.shape)
         terms.append(masked_nll_sums(model, input_ids, masked, weights, mask_id, block_size))
     return torch.stack(terms)
 
 
 @torch.no_grad()
 def diffusion_nelbo(
-    model, input_ids, mask_id, num_samples, generator, eps=1e-3, block_size=None
+    model, input_ids, mask_id, num_samples, generator, eps=1e-3, block_size=None, schedule=LINEAR
 ) -> tuple[float, float]:
     """(mean, standard error) of the per-token NELBO of input_ids [B, L] over num_samples i.i.d. mask draws."""
     maskable = predictable(pretraining_maskable(input_ids), is_shifted(model))
-    terms = diffusion_nelbo_terms(model, input_ids, mask_id, num_samples, generator, eps, maskable, block_size)
+    terms = diffusion_nelbo_terms(
+        model, input_ids, mask_id, num_samples, generator, eps, maskable, block_size, schedule
+    )
     values = terms.sum(1) / maskable.sum().item()
     stderr = values.std().item() / math.sqrt(num_samples) if num_samples > 1 else float("nan")
     return values.mean().item(), stderr

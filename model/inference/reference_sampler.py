@@ -3,10 +3,11 @@ its step, which the fast samplers are built from (model/inference/remasking.py, 
 
 The canvas is the prompt followed by gen_length masks. The generation is cut into blocks decoded left to right
 (semi-autoregressive); a block gets steps / blocks forward passes, and at each one every masked position of the
-block is predicted, but only the quota of the linear schedule is committed: the most confident predictions
-(low-confidence remasking) or random ones. Committed tokens never change. With cfg_scale w, each step also runs the
-canvas with the prompt masked and mixes the two as u + (w + 1)(c - u) (unsupervised classifier-free guidance).
-A prompt-causal model (model/prompt_causal.py) reads the canvas under its mask: the prompt causally.
+block is predicted, but only the quota of the noise schedule (LLaDA's linear one by default) is committed: the most
+confident predictions (low-confidence remasking) or random ones. Committed tokens never change. With cfg_scale w,
+each step also runs the canvas with the prompt masked and mixes the two as u + (w + 1)(c - u) (unsupervised
+classifier-free guidance). A prompt-causal model (model/prompt_causal.py) reads the canvas under its mask: the
+prompt causally.
 
 `model.inference.sampling.diffusion_generate` runs the same step with what makes decoding fast or stop early (exact
 and approximate K/V caches, confidence thresholds, rows leaving the batch at EOS, left padding, block-causal models)
@@ -21,14 +22,6 @@ from model.logit_shift import is_shifted, read_shifted
 from model.prompt_causal import is_prompt_causal, prompt_causal_mask
 
 REMASKINGS = ("low_confidence", "random")  # a step commits its most confident masked positions, or any
-
-
-def step_quotas(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's linear schedule: split each row's masked count over `steps` as evenly as possible,
-    larger quotas first. Returns [B, steps]; every row sums to its masked count."""
-    base = masked_count[:, None] // steps
-    extra = torch.arange(steps, device=masked_count.device)[None, :] < (masked_count % steps)[:, None]
-    return base + extra.long()
 
 
 def with_unconditional(view: torch.Tensor, start: int, prompt_len: int, mask_id: int, guided: bool) -> torch.Tensor:
@@ -83,7 +76,8 @@ def reference_generate(model, prompt: torch.Tensor, sampler, mask_id: int, gener
     for k in range(num_blocks):
         lo, hi = P + k * block_size, P + (k + 1) * block_size
         block_steps = sampler.steps // num_blocks + (k < sampler.steps % num_blocks)
-        quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps)  # [B, steps], LLaDA's schedule
+        # [B, steps]: how many tokens each step commits; LLaDA's linear schedule splits the count evenly
+        quotas = sampler.schedule.step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps)
         for step in range(block_steps):
             quota = quotas[:, step]
             if not quota.any():

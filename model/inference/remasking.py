@@ -17,7 +17,6 @@ from model.inference.reference_sampler import (
     commit_top,
     confidences,
     sample_tokens,
-    step_quotas,
     with_unconditional,
 )
 from model.logit_shift import is_shifted, read_shifted
@@ -56,15 +55,15 @@ def _choose_commits(
     return commit, candidates
 
 
-def block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_steps: int, threshold: float | None):
-    """For each step of block [lo, hi) that needs a forward pass, the per-row commit quota (None when decoding by
-    threshold), until the block has no mask left. The caller commits into `canvas` in place between steps.
-    Steps whose quotas are all zero are skipped: nothing to commit, so no forward pass."""
-    if threshold is not None:
+def block_quotas(canvas: torch.Tensor, lo: int, hi: int, mask_id: int, block_steps: int, sampler):
+    """For each step of block [lo, hi) that needs a forward pass, the per-row commit quota of the sampler's schedule
+    (None when decoding by threshold), until the block has no mask left. The caller commits into `canvas` in place
+    between steps. Steps whose quotas are all zero are skipped: nothing to commit, so no forward pass."""
+    if sampler.threshold is not None:
         while (canvas[:, lo:hi] == mask_id).any():
             yield None
         return
-    quotas = step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps)
+    quotas = sampler.schedule.step_quotas((canvas[:, lo:hi] == mask_id).sum(1), block_steps)
     for step in range(block_steps):  # the quotas sum to the masked count: no mask is left after the last step
         if not (canvas[:, lo:hi] == mask_id).any():
             return

@@ -1,9 +1,9 @@
 """Diffusion sampling: LLaDA low-confidence remasking with semi-autoregressive blocks, unsupervised CFG,
 confidence-threshold parallel decoding and prefix/dual K/V caches (Fast-dLLM). AR sampling: model/inference/ar.py.
 
-The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each
-step runs the model on the whole canvas and commits some masked positions of that block. Committed
-tokens never change (absorbing), the prompt never changes, and <|mask|> can never be predicted.
+The canvas is [prompt, <|mask|> x gen_length]. Blocks are decoded left to right; inside a block each step runs the
+model on the whole canvas and commits some masked positions of that block. Committed tokens never change
+(absorbing), the prompt never changes, and <|mask|> can never be predicted.
 With cache="prefix" or "dual" only the first step of a block sees the whole canvas; later steps reuse its
 keys/values for the positions outside the block (approximate: those K/V would change as the block fills in).
 Rows are independent: a batch decodes together, and a row that has written EOS leaves the batch. Prompts of
@@ -11,11 +11,11 @@ different lengths are left-padded (`prompt_lengths`, model/inference/padding.py)
 positions start at each prompt's first token, so every row decodes as it would alone.
 
 Block-causal mode (`block_causal=True`, for models trained with block diffusion, model/block_attention.py):
-blocks of `block_size` start at position 0 of the canvas as in training (the first block may hold the tail
-of the prompt, which stays fixed), and a block attends only to itself and earlier blocks. Earlier blocks
-never change, so their keys/values are cached exactly: the prompt's whole blocks are prefilled once, each
-step feeds only the current block, and a finished block is appended to the cache by one more forward pass
-(counted in NFE) once all its tokens are final. Cached and uncached decoding therefore give the same tokens.
+blocks of `block_size` start at position 0 of the canvas as in training (the first block may hold the tail of the
+prompt, which stays fixed), and a block attends only to itself and earlier blocks. Earlier blocks never change, so
+their keys/values are cached exactly: the prompt's whole blocks are prefilled once, each step feeds only the current
+block, and a finished block is appended to the cache by one more forward pass (counted in NFE) once all its tokens
+are final. Cached and uncached decoding therefore give the same tokens.
 
 A logit-shifted model (ModelConfig.logit_shift, model/logit_shift.py) predicts column j from its output at
 column j - 1, computed under the attention column j - 1 has in that path: the window a step feeds starts one column
@@ -42,6 +42,7 @@ from model.inference.reference_sampler import REMASKINGS
 from model.inference.remasking import DecodingRun, SampleResult, block_quotas, end_rows, pad_finished_rows
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.prompt_causal import is_prompt_causal
 
 DECODINGS = ("auto", "bidirectional", "block-causal")
@@ -54,6 +55,7 @@ class DiffusionSamplerConfig:
     block_size: int | None = None  # None: one block covering the whole generation
     temperature: float = 0.0  # Gumbel-max sampling; 0 = greedy
     remasking: str = "low_confidence"  # one of REMASKINGS
+    schedule: NoiseSchedule = LINEAR  # how many tokens each step commits (LLaDA: an even split of the block)
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance weight w
     threshold: float | None = None  # commit every masked position with confidence >= threshold (at least one)
     stop_at_eos: bool = True  # a row that has written EOS stops; the generation stops when every row has
@@ -81,9 +83,7 @@ class DiffusionSamplerConfig:
             check_setting("threshold", self.threshold, -math.inf)
         if self.block_causal:
             if not self.block_size or self.block_size <= 0:
-                raise SettingError(
-                    "block-causal decoding needs {block_size} (the block size the model was trained with)"
-                )
+                raise SettingError("block-causal decoding needs {block_size}, the block size it was trained with")
             blocks = self.decode_blocks(prompt_len) if prompt_len is not None else 0
         else:
             block = self.block_size or self.gen_length
@@ -247,7 +247,7 @@ def _decode_block(run: DecodingRun, canvas, lo: int, hi: int, steps: int, rows, 
     """
     if prompt is not None:
         prompt.keep(rows)
-        for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler.threshold):
+        for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler):
             logits = run.predictions(prompt.step(run, canvas), run.prompt_width, lo, hi, prompt.before)
             run.commit(logits, canvas, lo, hi, quota, rows)
             if run.finish_id is not None:
@@ -281,7 +281,7 @@ def _decode_block(run: DecodingRun, canvas, lo: int, hi: int, steps: int, rows, 
         order = torch.cat([every_column[:start], every_column[hi:], every_column[start:hi]])
     keep = {"prefix": start, "dual": total - (hi - start)}.get(cache)
     kv_cache = None
-    for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler.threshold):
+    for quota in block_quotas(canvas, lo, hi, run.mask_id, steps, run.sampler):
         first = start  # the canvas column the first of `logits` belongs to
         if cache == "none":
             logits, first = forward(every_column, every_column), 0
@@ -325,7 +325,7 @@ def _block_causal_decode(run: DecodingRun, canvas: torch.Tensor, eos_id, on_bloc
         lo, hi = k * block_size, min((k + 1) * block_size, total)
         block_steps = sampler.steps // decode_blocks + (k - first_block < sampler.steps % decode_blocks)
         view = canvas if rows is None else canvas[rows]
-        for quota in block_quotas(view, lo, hi, run.mask_id, block_steps, sampler.threshold):
+        for quota in block_quotas(view, lo, hi, run.mask_id, block_steps, sampler):
             if cache is None:  # reference path: the whole prefix under the block-causal mask
                 ids = run.inputs(view[:, :hi], 0)
                 logits = run.forward(ids, attention=block_causal_mask(block_of[:hi]))

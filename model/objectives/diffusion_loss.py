@@ -40,18 +40,16 @@ from model.objectives.ar_loss import label_gradient_share, weighted_next_token_l
 from model.objectives.decoding_terms import cap_loss, repeat_unlikelihood
 from model.objectives.masking import (
     bernoulli_masks,
-    check_schedule,
     check_time_range,
-    elbo_weight,
     eos_padding,
     exact_count_draws,
     late_heavy_time,
-    mask_probability,
     position_rates,
     pretraining_maskable,
     sample_time,
     warped_time,
 )
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.prompt_causal import answer_starts, exact_first_token, is_prompt_causal, prompt_causal_mask
 
 NORMALIZATIONS = ("batch", "row")
@@ -62,7 +60,7 @@ MASK_DRAWS = ("time", "count")
 class DiffusionObjective:
     """The settings of diffusion_loss. The defaults are LLaDA 1.0 pretraining (Eq. 3)."""
 
-    schedule: str = "linear"  # alpha(t): linear (mask ratio t, weight 1/t) or cosine
+    schedule: NoiseSchedule = LINEAR  # alpha(t): linear (mask ratio t, weight 1/t) or cosine
     t_min: float = 1e-3
     t_max: float = 1 - 1e-3
     block_size: int | None = None  # None: bidirectional over the row; K: block diffusion with blocks of K
@@ -92,7 +90,7 @@ class DiffusionObjective:
         if self.mask_draw not in MASK_DRAWS:
             raise NanoLladaError(f"mask_draw must be one of {', '.join(MASK_DRAWS)}, got '{self.mask_draw}'")
         if self.mask_draw == "count" and (
-            self.schedule != "linear"
+            self.schedule != LINEAR
             or self.complementary
             or self.position_masking
             or (self.t_min, self.t_max) != (DiffusionObjective.t_min, DiffusionObjective.t_max)  # the defaults
@@ -111,7 +109,7 @@ class DiffusionObjective:
             raise NanoLladaError(f"block_size must be > 0, got {self.block_size}")
         if not 0 <= self.padding_weight <= 1:
             raise NanoLladaError(f"padding_weight must lie in [0, 1], got {self.padding_weight}")
-        check_schedule(self.schedule)
+        assert isinstance(self.schedule, NoiseSchedule), "the schedule is a NoiseSchedule, made once from its flag"
         check_time_range(self.t_min, self.t_max)
         if self.position_masking < 0:
             raise NanoLladaError(f"position_masking must be >= 0, got {self.position_masking}")
@@ -215,15 +213,15 @@ def draw_masks(
         t, importance = late_heavy_time(rows, rng, device, o.t_min, o.t_max, o.late_time_share, o.late_time_from)
     else:
         t, importance = sample_time(rows, rng, device, o.t_min, o.t_max), 1.0
-    probability, weight = mask_probability(t, o.schedule)[:, None], (elbo_weight(t, o.schedule) * importance)[:, None]
+    probability, weight = o.schedule.mask_probability(t)[:, None], (o.schedule.elbo_weight(t) * importance)[:, None]
     if o.position_masking:
         rates = position_rates(maskable.shape[1], o.block_size, o.position_masking, device)
         tau, slope = warped_time(t[:, None], rates)
-        probability, weight = mask_probability(tau, o.schedule), elbo_weight(tau, o.schedule) * slope
+        probability, weight = o.schedule.mask_probability(tau), o.schedule.elbo_weight(tau) * slope
     masked = bernoulli_masks(maskable, probability, rng)
     if not o.complementary:
         return with_all_masked(o, maskable, masked, weight, rng)
-    return torch.cat([masked, maskable & ~masked]), torch.cat([weight, elbo_weight(1 - t, o.schedule)[:, None]])
+    return torch.cat([masked, maskable & ~masked]), torch.cat([weight, o.schedule.elbo_weight(1 - t)[:, None]])
 
 
 def with_all_masked(objective: DiffusionObjective, maskable, masked, weight, rng) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,14 +13,10 @@ estimate unbiased (forcing one token in and weighting it 1/t inflates short rows
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from model.errors import NanoLladaError
 from model.tokenizer import EOS_ID, PAD_ID
-
-SCHEDULES = ("linear", "cosine")
 
 
 def pretraining_maskable(input_ids: torch.Tensor) -> torch.Tensor:
@@ -36,31 +32,7 @@ def eos_padding(input_ids: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor
     return trailing & torch.nn.functional.pad(trailing[:, :-1], (1, 0), value=False)
 
 
-# ----------------------------------------------------------------------------- noise schedule
-
-
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise NanoLladaError(f"unknown time-weight schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
-
-
-def mask_probability(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """1 - alpha(t): the probability that a token is masked at diffusion time t.
-
-    linear: alpha = 1 - t (LLaDA, mask ratio = t); cosine: alpha = cos^2(pi t / 2) (mask ratio sin^2(pi t / 2)).
-    """
-    check_schedule(schedule)
-    return t if schedule == "linear" else torch.sin(math.pi * t / 2) ** 2
-
-
-def elbo_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
-    """-alpha'(t) / (1 - alpha(t)), the continuous-time ELBO weight (MDLM Eq. 10) at the t that masked the row.
-
-    linear: 1/t (LLaDA Eq. 3). cosine: (pi/2) sin(pi t) / sin^2(pi t/2) = pi cot(pi t / 2).
-    Both give E[weight * P(masked)] = 1 for t ~ U(0, 1), so uniform logits score ln|V| per token.
-    """
-    check_schedule(schedule)
-    return 1.0 / t if schedule == "linear" else math.pi / torch.tan(math.pi * t / 2)
+# ----------------------------------------------------------------------------- times
 
 
 def position_rates(length: int, block_size: int | None, strength: float, device=None) -> torch.Tensor:

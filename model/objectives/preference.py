@@ -39,6 +39,7 @@ from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
 from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
+from model.objectives.schedule import LINEAR, NoiseSchedule
 from model.prompt_causal import answer_starts
 from model.tokenizer import EOS_ID
 
@@ -121,6 +122,7 @@ class ElboSampling:
     eps: float = 1e-3  # bernoulli: t ~ U(eps, 1 - eps), LLaDA's U(0, 1] with finite weights
     estimator: str = "exact_count"  # "exact_count" (LLaDA Eq. 14) or "bernoulli" (Eq. 5)
     paired: bool = False  # (d) the rejected answer takes the chosen answer's draws (no gain measured: off)
+    schedule: NoiseSchedule = LINEAR  # bernoulli: each answer token masked with probability 1 - alpha(t)
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -165,7 +167,8 @@ def draw_answer_masks(
     else:
         times = _pair_noise((S if sampling.distinct_times else 1, R), R, paired, generator, device)
         times = (sampling.eps + (1 - 2 * sampling.eps) * times).expand(S, R)
-        masked, weights = (uniform < times[..., None]) & answer, 1 / times.double()
+        masked = (uniform < sampling.schedule.mask_probability(times)[..., None]) & answer
+        weights = sampling.schedule.elbo_weight(times.double())
     return MaskDraws(masked, weights[..., None].expand(S, R, T))
 
 

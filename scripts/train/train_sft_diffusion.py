@@ -20,7 +20,7 @@ from model.checkpoint import joint_record
 from model.errors import NanoLladaError
 from model.objectives.block_curriculum import trained_block_size
 from model.objectives.diffusion_loss import MASK_DRAWS, NORMALIZATIONS, DiffusionObjective, diffusion_loss
-from model.objectives.masking import SCHEDULES
+from model.objectives.schedule import SCHEDULES, NoiseSchedule
 from model.tokenizer import mask_token_id
 from scripts.common.cli import parse, run_main
 from scripts.common.settings import add_flags, flag, flag_fields, settings_from
@@ -125,7 +125,7 @@ class SFTObjectiveFlags:
         t_min, t_max = self.time_range()
         default_weight = EXACT_TERM_DENOISING_WEIGHT if exact_first_term else 1.0
         return DiffusionObjective(
-            schedule=self.time_weight_schedule,
+            schedule=NoiseSchedule(self.time_weight_schedule),
             t_min=t_min,
             t_max=t_max,
             block_size=block_size,

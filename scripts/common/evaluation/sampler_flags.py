@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 from model.errors import NanoLladaError
 from model.inference.sampling import REMASKINGS, DiffusionSamplerConfig, sampler_for_checkpoint
+from model.objectives.schedule import SCHEDULES, NoiseSchedule
 from scripts.common.cli import flag_names
 from scripts.common.evaluation.loading import Device, HeldOutRows
 from scripts.common.settings import flag
@@ -41,6 +42,7 @@ class SamplerFlags:
         kind=int,
     )
     remasking: str = flag("low_confidence", "which masked positions a step commits", choices=REMASKINGS)
+    schedule: str = flag("linear", "how many a step commits: linear (LLaDA's even split) or cosine", choices=SCHEDULES)
     temperature: float = flag(0.0, "diffusion Gumbel-max temperature; 0 = greedy")
     cfg_scale: float = flag(0.0, "unsupervised classifier-free guidance weight (0 = off)", "--gen-cfg-scale")
     cache: str = flag(
@@ -53,7 +55,8 @@ class SamplerFlags:
     def asked(self, gen_length: int, **options) -> DiffusionSamplerConfig:
         """The settings these flags ask for, for `gen_length` tokens; `options`: more sampler fields."""
         steps = gen_length if self.steps is None else self.steps  # 0 is refused, not the default
-        return DiffusionSamplerConfig(gen_length=gen_length, **{**asdict(self), "steps": steps, **options})
+        fields = {**asdict(self), "steps": steps, "schedule": NoiseSchedule(self.schedule), **options}
+        return DiffusionSamplerConfig(gen_length=gen_length, **fields)
 
 
 def check_sample_length(max_new_tokens: int, estimating: bool, estimate_flags: str) -> None:

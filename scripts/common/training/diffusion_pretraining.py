@@ -9,7 +9,8 @@ import torch
 
 from model.objectives.block_curriculum import STABLE, BlockCurriculum
 from model.objectives.diffusion_loss import DiffusionObjective, diffusion_loss
-from model.objectives.masking import SCHEDULES, random_crop_length
+from model.objectives.masking import random_crop_length
+from model.objectives.schedule import LINEAR, SCHEDULES, NoiseSchedule
 from scripts.common.data.packing import document_ids
 from scripts.common.settings import comma_list, flag
 from scripts.common.training.pretraining import Corpus
@@ -83,14 +84,14 @@ class PretrainingLoss:
         eps = settings.iid_mask_eps
         schedule = settings.time_weight_schedule if settings.time_weighted_loss else "linear"
         self.objective = DiffusionObjective(
-            schedule,
+            NoiseSchedule(schedule),
             eps,
             1 - eps,
             repeat_penalty_weight=settings.repeat_penalty_weight,
             position_masking=settings.position_masking,
             ar_loss_weight=settings.ar_loss_weight,
         )
-        self.validation_objective = DiffusionObjective("linear", eps, 1 - eps, block_size=settings.block_size)
+        self.validation_objective = DiffusionObjective(LINEAR, eps, 1 - eps, block_size=settings.block_size)
 
     def documents(self, rows):
         return document_ids(rows) if self.settings.use_doc_attention_mask else None
@@ -122,7 +123,7 @@ class PretrainingLoss:
         a = self.settings
         joint = f" + {a.ar_loss_weight:g} x causal next-token loss" if a.ar_loss_weight else ""
         plain = not (self.curriculum or a.block_size or a.position_masking or a.use_doc_attention_mask)
-        if plain and self.objective.schedule == "linear":
+        if plain and self.objective.schedule == LINEAR:
             return "LLaDA Eq. 3" + joint
         if self.curriculum:
             blocks = "WSD block curriculum " + describe_curriculum(self.curriculum)
@@ -130,7 +131,7 @@ class PretrainingLoss:
             blocks = f"BDLM, blocks of {a.block_size}" if a.block_size else "MDLM"
         blocks += f", position-dependent masking {a.position_masking:g}" if a.position_masking else ""
         documents = ", document mask" if a.use_doc_attention_mask else ""
-        return f"LLaDA 2.0: {blocks}, {self.objective.schedule} time weight{documents}{joint}"
+        return f"LLaDA 2.0: {blocks}, {self.objective.schedule.name} time weight{documents}{joint}"
 
 
 def describe_curriculum(curriculum: BlockCurriculum) -> str:
