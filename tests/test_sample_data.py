@@ -24,6 +24,8 @@ FILES = (
     "sample_continuation_train.jsonl",
     "sample_continuation_val.jsonl",
     "sample_continuation_test.jsonl",
+    "sample_dpo_continuation_train.jsonl",
+    "sample_dpo_continuation_val.jsonl",
 )
 
 
@@ -126,6 +128,26 @@ def test_dpo_pairs_prefer_the_gold_label_and_leave_the_test_reviews_out(sample):
             assert chosen[1]["content"] == gold[review] and rejected[1]["content"] != gold[review]
             assert {chosen[1]["content"], rejected[1]["content"]} == set(SENTIMENT_LABELS)
             assert review not in test_reviews
+
+
+def test_continuation_pairs_prefer_the_prompts_own_continuation_to_another_paragraphs(sample):
+    for split in ("train", "val"):
+        gold = {}  # prompt -> its continuations (a sentence reprinted in two articles has two)
+        for prompt, answer in iter_conversations(sample[f"sample_continuation_{split}.jsonl"]):
+            gold.setdefault(prompt["content"], set()).add(answer["content"])
+        answers = set().union(*gold.values())
+        path = sample[f"sample_dpo_continuation_{split}.jsonl"]
+        pairs = [read_pair(path, n, obj) for n, obj in iter_jsonl(path)]
+        assert len(pairs) >= sum(map(len, gold.values())) - 1 and len({c[1]["content"] for c, _ in pairs}) > 1
+        for chosen, rejected in pairs:
+            assert chosen[0] == rejected[0] and chosen[1]["content"] in gold[chosen[0]["content"]]
+            assert rejected[1]["content"] != chosen[1]["content"] and rejected[1]["content"] in answers
+    test_prompts = {c[0]["content"] for c in iter_conversations(sample["sample_continuation_test.jsonl"])}
+    for split in ("train", "val"):
+        path = sample[f"sample_dpo_continuation_{split}.jsonl"]
+        assert not test_prompts & {
+            chosen[0]["content"] for chosen, _ in (read_pair(path, n, o) for n, o in iter_jsonl(path))
+        }
 
 
 def test_own_answer_pairs_reject_the_models_wrong_answers(sample, tmp_path):

@@ -9,7 +9,8 @@
   the prompt, the next one or two as the answer; val and test come from paragraphs pretraining holds out, and no
   split shares an article with another;
 - DPO: preference pairs on the same questions, from the train and val reviews only (never the test ones):
-  chosen = the gold label, rejected = the other label. With --dpo-answers PREDICTIONS (the --out of
+  chosen = the gold label, rejected = the other label; and long-answer pairs on the train and val continuations:
+  chosen = the prompt's own continuation, rejected = another paragraph's. With --dpo-answers PREDICTIONS (the --out of
   scripts.eval.eval_sft_accuracy on sample_sft_train.jsonl) also sample_dpo_own.jsonl: the questions an SFT
   model answered wrongly, rejected = its own answer.
 
@@ -33,13 +34,23 @@ def sft_row(question: str, answer: str) -> dict:
     return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def dpo_row(review: str, chosen: str, rejected: str) -> dict:
+def dpo_row(question: str, chosen: str, rejected: str) -> dict:
     """A preference pair (MiniMind's dpo.jsonl format): two conversations that differ only in the answer."""
-    question = [{"role": "user", "content": sentiment_question(review)}]
+    question = [{"role": "user", "content": question}]
     return {
         "chosen": question + [{"role": "assistant", "content": chosen}],
         "rejected": question + [{"role": "assistant", "content": rejected}],
     }
+
+
+def continuation_pairs(pairs: list[tuple[str, str]]) -> list[dict]:
+    """Long-answer preference pairs: chosen = a prompt's own continuation, rejected = the next pair's (sentences of
+    another paragraph, in the shuffled order usually of another article), so the answers differ in most tokens."""
+    rows = []
+    for (prompt, answer), (_, other) in zip(pairs, pairs[1:] + pairs[:1]):
+        if other != answer:
+            rows.append(dpo_row(CONTINUATION_INSTRUCTION + prompt, answer, other))
+    return rows
 
 
 def other_label(label: str) -> str:
@@ -55,7 +66,7 @@ def own_answer_pairs(predictions: str | os.PathLike, seed: int = 0) -> list[dict
         review, gold = train[record["index"]]
         answer = record["answer"].strip()
         if answer and parse_sentiment(answer) != gold:  # an empty answer cannot be a conversation turn
-            rows.append(dpo_row(review, gold, answer))
+            rows.append(dpo_row(sentiment_question(review), gold, answer))
     return rows
 
 
@@ -75,11 +86,15 @@ def build_sample(out_dir: str | os.PathLike = "dataset", seed: int = 0) -> dict[
         contents[f"sample_sft_{split}.jsonl"] = (sft_row(sentiment_question(review), label) for review, label in pairs)
         if split != "test":  # the test reviews measure accuracy: never pretraining text or a preference pair
             contents[REVIEW_TEXTS[split]] = ({"text": review} for review, _ in pairs)
-            contents[f"sample_dpo_{split}.jsonl"] = (dpo_row(r, label, other_label(label)) for r, label in pairs)
+            contents[f"sample_dpo_{split}.jsonl"] = (
+                dpo_row(sentiment_question(r), label, other_label(label)) for r, label in pairs
+            )
     for split, pairs in split_continuations(train_docs, val_docs, seed).items():
         contents[f"sample_continuation_{split}.jsonl"] = (
             sft_row(CONTINUATION_INSTRUCTION + prompt, answer) for prompt, answer in pairs
         )
+        if split != "test":
+            contents[f"sample_dpo_continuation_{split}.jsonl"] = continuation_pairs(pairs)
     for name, rows in contents.items():
         write_jsonl(out / name, rows)
     return {name: out / name for name in contents}
