@@ -135,6 +135,8 @@ def test_the_diffusion_elbo_is_unbiased_under_uniform_logits():
     answer = torch.zeros(3, 10, dtype=torch.bool)
     for row, (start, end) in enumerate([(4, 10), (6, 8), (5, 6)]):
         answer[row, start:end] = True
+    with pytest.raises(NanoLladaError, match="the exact-count draw takes no time"):
+        ElboSampling(schedule=NoiseSchedule("cosine"))  # its weight n / l holds for every schedule
     for distinct_times, schedule in ((True, LINEAR), (False, LINEAR), (True, NoiseSchedule("cosine"))):
         sampling = ElboSampling(4000, distinct_times, estimator="bernoulli", paired=False, schedule=schedule)
         draws = draw_answer_masks(answer, sampling, torch.Generator().manual_seed(0))

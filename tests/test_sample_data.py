@@ -130,7 +130,7 @@ def test_dpo_pairs_prefer_the_gold_label_and_leave_the_test_reviews_out(sample):
             assert review not in test_reviews
 
 
-def test_continuation_pairs_prefer_the_prompts_own_continuation_to_another_paragraphs(sample):
+def test_continuation_pairs_prefer_the_prompts_own_continuation_to_another_prompts(sample):
     for split in ("train", "val"):
         gold = {}  # prompt -> its continuations (a sentence reprinted in two articles has two)
         for prompt, answer in iter_conversations(sample[f"sample_continuation_{split}.jsonl"]):
@@ -141,7 +141,7 @@ def test_continuation_pairs_prefer_the_prompts_own_continuation_to_another_parag
         assert len(pairs) >= sum(map(len, gold.values())) - 1 and len({c[1]["content"] for c, _ in pairs}) > 1
         for chosen, rejected in pairs:
             assert chosen[0] == rejected[0] and chosen[1]["content"] in gold[chosen[0]["content"]]
-            assert rejected[1]["content"] != chosen[1]["content"] and rejected[1]["content"] in answers
+            assert rejected[1]["content"] not in gold[chosen[0]["content"]] and rejected[1]["content"] in answers
     test_prompts = {c[0]["content"] for c in iter_conversations(sample["sample_continuation_test.jsonl"])}
     for split in ("train", "val"):
         path = sample[f"sample_dpo_continuation_{split}.jsonl"]

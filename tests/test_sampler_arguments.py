@@ -135,6 +135,7 @@ def test_the_schedule_flag_gives_the_sampler_its_noise_schedule(checkpoints):
     it does not know is refused while argv is parsed."""
     import argparse
 
+    from model.inference.sampling import DiffusionSamplerConfig
     from model.objectives.schedule import LINEAR, NoiseSchedule
     from scripts.common.evaluation.sampler_flags import SamplerFlags
     from scripts.common.settings import add_flags, settings_from
@@ -147,6 +148,10 @@ def test_the_schedule_flag_gives_the_sampler_its_noise_schedule(checkpoints):
     with pytest.raises(SystemExit):
         parser.parse_args(["--schedule", "cubic"])
     flags = ["--checkpoint", str(checkpoints["diffusion"]), "--tokenizer-dir", ".", "--device", "cpu"]
+    with pytest.raises(NanoLladaError, match="^--schedule fixes each step.s commits; --threshold commits"):
+        eval_diffusion.main([*flags, "--max-new-tokens", "8", "--schedule", "cosine", "--threshold", "0.9"])
+    with pytest.raises(NanoLladaError, match="schedule must be a model.objectives.schedule.NoiseSchedule"):
+        DiffusionSamplerConfig(8, 8, schedule="cosine").validate()
     nfe = {name: eval_diffusion.main([*flags, "--max-new-tokens", "8", "--schedule", name])["sample"]["nfe"]
            for name in ("linear", "cosine")}  # fmt: skip
     assert nfe == {"linear": 8, "cosine": 6}  # the cosine quotas of 8 tokens over 8 steps leave two steps empty

@@ -1,5 +1,5 @@
 """The remasking step of the fast samplers (model/inference/sampling.py), made of the reference sampler's pieces
-(model/inference/reference_sampler.py): how many masked positions a step commits (the linear schedule, or a
+(model/inference/reference_sampler.py): how many masked positions a step commits (the sampler's noise schedule, or a
 confidence threshold and Fast-dLLM's factor rule), which ones (lowest-confidence remasking or random), to what
 tokens (greedy or Gumbel-max sampling, never <|mask|>), under unsupervised classifier-free guidance; and the tally of
 forward passes and commits of one generation. For a logit-shifted model (model/logit_shift.py) the prediction for a

@@ -100,16 +100,17 @@ class DiffusionSamplerConfig:
         if self.cache not in ("none", "prefix", "dual"):
             raise SettingError(f"{{cache}} must be none, prefix or dual, got '{self.cache}'")
         if self.cache != "none" and self.block_causal:
-            raise SettingError(
-                "{cache} prefix/dual is for bidirectional models; block-causal decoding already caches "
-                "finished blocks exactly (use_kv_cache)"
-            )
+            raise SettingError("{cache} prefix/dual is for bidirectional models; block-causal decoding already caches")
         if self.commit_factor is not None:
             check_setting("commit_factor", self.commit_factor, 0, above_low=True)
             if self.threshold is None:
                 raise SettingError("{commit_factor} is a rule of threshold decoding: give {threshold} too")
         if self.lookahead_blocks is not None:
             check_setting("lookahead_blocks", self.lookahead_blocks, 0)
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise SettingError(f"{{schedule}} must be a model.objectives.schedule.NoiseSchedule, got {self.schedule!r}")
+        if self.schedule != LINEAR and self.threshold is not None:
+            raise SettingError("{schedule} fixes each step's commits; {threshold} commits by confidence: give one")
         if self.remasking not in REMASKINGS:
             raise SettingError(f"{{remasking}} must be {' or '.join(REMASKINGS)}, got '{self.remasking}'")
 
@@ -144,9 +145,7 @@ def sampler_for_checkpoint(
     if decoding == "bidirectional" or (decoding == "auto" and trained is None):
         return sampler
     if not (block_size or trained):
-        raise SettingError(
-            "block-causal decoding: this checkpoint was not trained with block diffusion; give {block_size}"
-        )
+        raise SettingError("block-causal decoding: the model was not trained with block diffusion; give {block_size}")
     return replace(sampler, block_causal=True, block_size=block_size or trained, cache="none")
 
 
@@ -172,8 +171,7 @@ def diffusion_generate(
     """
     B, P = prompt.shape
     sampler.validate(P)
-    if prompt_lengths is not None:
-        prompt_lengths = prompt_lengths.to(prompt.device)
+    prompt_lengths = None if prompt_lengths is None else prompt_lengths.to(prompt.device)
     padded = prompt_lengths is not None and bool((prompt_lengths != P).any())
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     longest = int(prompt_lengths.max()) if padded else P

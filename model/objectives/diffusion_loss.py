@@ -101,6 +101,10 @@ class DiffusionObjective:
             )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise NanoLladaError(
+                f"schedule must be a NoiseSchedule (model/objectives/schedule.py), got {self.schedule!r}"
+            )
         if self.normalization not in NORMALIZATIONS:
             raise NanoLladaError(
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, got '{self.normalization}'"
@@ -109,7 +113,6 @@ class DiffusionObjective:
             raise NanoLladaError(f"block_size must be > 0, got {self.block_size}")
         if not 0 <= self.padding_weight <= 1:
             raise NanoLladaError(f"padding_weight must lie in [0, 1], got {self.padding_weight}")
-        assert isinstance(self.schedule, NoiseSchedule), "the schedule is a NoiseSchedule, made once from its flag"
         check_time_range(self.t_min, self.t_max)
         if self.position_masking < 0:
             raise NanoLladaError(f"position_masking must be >= 0, got {self.position_masking}")

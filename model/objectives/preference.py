@@ -127,6 +127,8 @@ class ElboSampling:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise NanoLladaError(f"ELBO estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+        if not isinstance(self.schedule, NoiseSchedule) or (self.schedule != LINEAR and self.estimator != "bernoulli"):
+            raise NanoLladaError(f"schedule {self.schedule!r}: a NoiseSchedule, and the exact-count draw takes no time")
 
 
 class MaskDraws(NamedTuple):

@@ -10,7 +10,7 @@
   split shares an article with another;
 - DPO: preference pairs on the same questions, from the train and val reviews only (never the test ones):
   chosen = the gold label, rejected = the other label; and long-answer pairs on the train and val continuations:
-  chosen = the prompt's own continuation, rejected = another paragraph's. With --dpo-answers PREDICTIONS (the --out of
+  chosen = the prompt's own continuation, rejected = another prompt's. With --dpo-answers PREDICTIONS (the --out of
   scripts.eval.eval_sft_accuracy on sample_sft_train.jsonl) also sample_dpo_own.jsonl: the questions an SFT
   model answered wrongly, rejected = its own answer.
 
@@ -44,11 +44,11 @@ def dpo_row(question: str, chosen: str, rejected: str) -> dict:
 
 
 def continuation_pairs(pairs: list[tuple[str, str]]) -> list[dict]:
-    """Long-answer preference pairs: chosen = a prompt's own continuation, rejected = the next pair's (sentences of
-    another paragraph, in the shuffled order usually of another article), so the answers differ in most tokens."""
+    """Long-answer preference pairs: chosen = a prompt's own continuation, rejected = the next pair's in the shuffled
+    order (almost always another article's sentences), so the answers differ in most of their tokens."""
     rows = []
-    for (prompt, answer), (_, other) in zip(pairs, pairs[1:] + pairs[:1]):
-        if other != answer:
+    for (prompt, answer), (other_prompt, other) in zip(pairs, pairs[1:] + pairs[:1]):
+        if other_prompt != prompt and other != answer:
             rows.append(dpo_row(CONTINUATION_INSTRUCTION + prompt, answer, other))
     return rows
 
