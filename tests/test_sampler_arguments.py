@@ -155,3 +155,14 @@ def test_the_schedule_flag_gives_the_sampler_its_noise_schedule(checkpoints):
     nfe = {name: eval_diffusion.main([*flags, "--max-new-tokens", "8", "--schedule", name])["sample"]["nfe"]
            for name in ("linear", "cosine")}  # fmt: skip
     assert nfe == {"linear": 8, "cosine": 6}  # the cosine quotas of 8 tokens over 8 steps leave two steps empty
+
+
+@pytest.mark.parametrize("flag, value", [("--threshold", "0.9"), ("--schedule", "cosine"), ("--gen-steps", "4")])
+def test_speculative_decoding_refuses_the_sampler_flags_it_ignores(checkpoints, flag, value):
+    """Self-speculation reproduces AR greedy output: a diffusion sampler flag would be silently ignored."""
+    flags = ["--checkpoint", str(checkpoints["diffusion"]), "--tokenizer-dir", ".", "--device", "cpu"]
+    name = {"--gen-steps": "--steps"}.get(flag, flag)  # named as the field's own flag
+    with pytest.raises(NanoLladaError, match=f"^--decoding speculative gives AR greedy output: {name} does not apply"):
+        eval_diffusion.main([*flags, "--max-new-tokens", "4", "--decoding", "speculative", flag, value])
+    out = eval_diffusion.main([*flags, "--max-new-tokens", "4", "--decoding", "speculative", "--block-length", "2"])
+    assert 1 <= len(out["sample"]["tokens"]) <= 4

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from model.checkpoint import decodes_causally
+from model.errors import NanoLladaError
 from model.inference.likelihood import conditional_log_likelihood, diffusion_nelbo
 from model.inference.sampling import DECODINGS, diffusion_generate, strip_after_eos
 from model.inference.speculative import SpeculativeConfig, speculative_generate
@@ -126,8 +127,17 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
     return {"tokens": kept, "seconds": elapsed, "nfe": out.nfe, "block_causal": sampler.block_causal}
 
 
+def check_speculative_flags(args) -> None:
+    """Self-speculation decodes AR greedy with drafts of --block-length tokens: refuse the sampler flags it ignores."""
+    ignored = [f.name for f in fields(SamplerFlags) if f.name != "block_size" and getattr(args, f.name) != f.default]
+    if args.decoding == "speculative" and ignored:
+        names = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise NanoLladaError(f"--decoding speculative gives AR greedy output: {names} does not apply to it; drop it")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_speculative_flags(args)
     estimating = bool(args.eval_data) or args.cond_ll_response is not None
     check_sample_length(args.max_new_tokens, estimating, "--eval-data or --cond-ll-response")
     device = pick_device(args.device)
