@@ -42,7 +42,7 @@ from model.inference.reference_sampler import REMASKINGS
 from model.inference.remasking import DecodingRun, SampleResult, block_quotas, end_rows, pad_finished_rows
 from model.logit_shift import is_shifted
 from model.objectives.block_curriculum import trained_block_size
-from model.objectives.schedule import LINEAR, NoiseSchedule
+from model.objectives.schedule import LINEAR, NoiseSchedule, check_schedule
 from model.prompt_causal import is_prompt_causal
 
 DECODINGS = ("auto", "bidirectional", "block-causal")
@@ -107,8 +107,7 @@ class DiffusionSamplerConfig:
                 raise SettingError("{commit_factor} is a rule of threshold decoding: give {threshold} too")
         if self.lookahead_blocks is not None:
             check_setting("lookahead_blocks", self.lookahead_blocks, 0)
-        if not isinstance(self.schedule, NoiseSchedule):
-            raise SettingError(f"{{schedule}} must be a model.objectives.schedule.NoiseSchedule, got {self.schedule!r}")
+        check_schedule(self.schedule)
         if self.schedule != LINEAR and self.threshold is not None:
             raise SettingError("{schedule} fixes each step's commits; {threshold} commits by confidence: give one")
         if self.remasking not in REMASKINGS:

@@ -49,7 +49,7 @@ from model.objectives.masking import (
     sample_time,
     warped_time,
 )
-from model.objectives.schedule import LINEAR, NoiseSchedule
+from model.objectives.schedule import LINEAR, NoiseSchedule, check_schedule
 from model.prompt_causal import answer_starts, exact_first_token, is_prompt_causal, prompt_causal_mask
 
 NORMALIZATIONS = ("batch", "row")
@@ -101,10 +101,7 @@ class DiffusionObjective:
             )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, NoiseSchedule):
-            raise NanoLladaError(
-                f"schedule must be a NoiseSchedule (model/objectives/schedule.py), got {self.schedule!r}"
-            )
+        check_schedule(self.schedule)
         if self.normalization not in NORMALIZATIONS:
             raise NanoLladaError(
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, got '{self.normalization}'"

@@ -39,7 +39,7 @@ from model.block_attention import pad_to_blocks, whole_blocks
 from model.errors import NanoLladaError
 from model.objectives.diffusion_loss import masked_nll_sums
 from model.objectives.masking import exact_count_draws, mask_exactly, stratified_counts
-from model.objectives.schedule import LINEAR, NoiseSchedule
+from model.objectives.schedule import LINEAR, NoiseSchedule, check_schedule
 from model.prompt_causal import answer_starts
 from model.tokenizer import EOS_ID
 
@@ -127,8 +127,9 @@ class ElboSampling:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise NanoLladaError(f"ELBO estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-        if not isinstance(self.schedule, NoiseSchedule) or (self.schedule != LINEAR and self.estimator != "bernoulli"):
-            raise NanoLladaError(f"schedule {self.schedule!r}: a NoiseSchedule, and the exact-count draw takes no time")
+        check_schedule(self.schedule)
+        if self.schedule != LINEAR and self.estimator != "bernoulli":
+            raise NanoLladaError(f"{self.schedule}: the exact-count draw takes no time, so it has no schedule")
 
 
 class MaskDraws(NamedTuple):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.errors import NanoLladaError
+from model.errors import NanoLladaError, SettingError
 
 SCHEDULES = ("linear", "cosine")
 
@@ -56,3 +56,9 @@ class NoiseSchedule:
 
 
 LINEAR = NoiseSchedule()
+
+
+def check_schedule(value) -> None:
+    """Refuse a schedule given by name (or anything else): entry points make the object once, from their flag."""
+    if not isinstance(value, NoiseSchedule):
+        raise SettingError(f"{{schedule}} must be a model.objectives.schedule.NoiseSchedule, got {value!r}")
