@@ -166,9 +166,10 @@ def masked_nll_sums(
     if block_size is not None:
         logits = bdlm_forward(model, noisy, clean, block_size)
     else:
-        attention = "bidirectional" if keys is None else keys[:, None, None, :]
         if is_prompt_causal(model):
             attention = prompt_causal_mask(answer_start, clean.shape[1], keys, clean.device)
+        else:
+            attention = "bidirectional" if keys is None else keys[:, None, None, :]
         logits = model(noisy, attention=attention)
         logits = read_shifted(logits) if is_shifted(model) else logits
     return (masked_token_nll(logits, clean, masked).double() * weights).sum(1)
@@ -292,9 +293,10 @@ def diffusion_loss(
             doc_ids = real.long() - 1  # the row is one document; the columns after it, PAD, are their own
         forward, row_shift = partial(bdlm_forward, model, noisy, input_ids, objective.block_size, doc_ids), False
     else:
-        attention = bidirectional_attention(input_ids, doc_ids, real)
-        if prompt_causal:
+        if prompt_causal:  # never with doc_ids (check_prompt_causal)
             attention = prompt_causal_mask(answer_start, input_ids.shape[1], real)
+        else:
+            attention = bidirectional_attention(input_ids, doc_ids, real)
         forward, row_shift = partial(model, noisy, attention=attention), shifted
         if scored_at is not None and not objective.repeat_penalty_weight:  # the head only where scored
             logits_at = (scored_at - 1).clamp(min=0) if shifted else scored_at  # shifted: j is read at j - 1

@@ -129,8 +129,10 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
 
 def check_speculative_flags(args) -> None:
     """Self-speculation decodes AR greedy with drafts of --block-length tokens: refuse the sampler flags it ignores."""
+    if args.decoding != "speculative":
+        return
     ignored = [f.name for f in fields(SamplerFlags) if f.name != "block_size" and getattr(args, f.name) != f.default]
-    if args.decoding == "speculative" and ignored:
+    if ignored:
         names = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise NanoLladaError(f"--decoding speculative gives AR greedy output: {names} does not apply to it; drop it")
 
