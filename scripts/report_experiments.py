@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-
 from scripts.common.cli import Bounded, run_main
+from scripts.common.experiments import in_parallel
 from scripts.common.experiments.dpo import ROUTES as DPO_ROUTES
 from scripts.common.experiments.dpo import DPOExperiment
 from scripts.common.experiments.sft_objectives import ProtocolSettings, sft_protocol
@@ -75,24 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, action=Bounded, low=1, default=200)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dpo-steps", type=int, action=Bounded, low=1, default=100)
-    p.add_argument(
-        "--dpo-starts",
-        nargs=2,
-        metavar=("AR", "DIFFUSION"),
-        default=None,
-        help="SFT checkpoints DPO starts from (default: those of --part conversion in --out-dir)",
-    )
+    p.add_argument("--dpo-starts", nargs=2, metavar=("AR", "DIFFUSION"), help="SFT checkpoints DPO starts from "
+                   "(default: those of --part conversion in --out-dir)")  # fmt: skip
     p.add_argument("--part", choices=["all", "conversion", "dpo", "sft"], default="all")
     p.add_argument("--seeds", type=int, action=Bounded, low=1, default=5, help="--part sft: SFT seeds per objective")
     p.add_argument("--objectives", default=None, help="--part sft: comma-separated (default: all of sft_protocol's)")
-    p.add_argument(
-        "--jobs",
-        type=int,
-        action=Bounded,
-        low=1,
-        default=1,
-        help="independent stages run this many at a time, one thread each",
-    )
+    p.add_argument("--jobs", type=int, action=Bounded, low=1, default=1,
+                   help="independent stages run this many at a time, one thread each")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -115,18 +101,14 @@ class Experiment:
         self.results[name], self.timings[name] = timed_step(title, module, argv)
         return self.results[name]
 
+    def weights(self, run: str) -> str:
+        return str(self.out / f"{run}_state_dict.pt")
+
     def run_many(self, stages: list[tuple[str, str, str, list[str]]]) -> None:
-        """Independent stages (name, title, module, argv): --jobs at a time in worker processes of one thread each,
-        or one after another in this process with --jobs 1."""
-        if self.args.jobs == 1:
-            for stage in stages:
-                self.run(*stage)
-            return
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.args.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = {name: pool.submit(timed_step, *rest) for name, *rest in stages}
-            for name, future in futures.items():
-                self.results[name], self.timings[name] = future.result()
+        """Independent stages (name, title, module, argv), --jobs at a time."""
+        timed = in_parallel(timed_step, [stage[1:] for stage in stages], self.args.jobs)
+        for (name, *_), (result, seconds) in zip(stages, timed):
+            self.results[name], self.timings[name] = result, seconds
 
     def pretrain(self) -> None:
         a, out = self.args, self.out
@@ -139,18 +121,17 @@ class Experiment:
         diffusion = cli("--train", "--use-tokenizer", *common, mask_schedule="iid_t", lr_schedule="cosine")
         stages = []
         for name, flags in CONVERSIONS.items():
-            argv = cli(*diffusion, *flags, run_name=name, init_from_minimind=out / "ar_state_dict.pt")
+            argv = cli(*diffusion, *flags, run_name=name, init_from_minimind=self.weights("ar"))
             stages.append((name, f"2. Diffusion initialised from AR: {name}", DIFFUSION, argv))
         scratch = cli(*diffusion, run_name="diffusion_scratch")
         stages.append(("diffusion_scratch", "3. Diffusion from scratch", DIFFUSION, scratch))
         self.run_many(stages)
 
     def compare(self) -> None:
-        checkpoints = [f"{run}_state_dict.pt" for run in ("ar", *CONVERSIONS, "diffusion_scratch")]
         argv = cli(out=self.out / "compare", tokenizer_dir=".", seq_len=128, mc_samples=8, device=self.args.device)
         argv += cli(eval_data=self.data / "sample_pretrain_val.jsonl", eval_max_batches=8)
-        for checkpoint in checkpoints:
-            argv += cli(checkpoint=self.out / checkpoint)
+        for run in ("ar", *CONVERSIONS, "diffusion_scratch"):
+            argv += cli(checkpoint=self.weights(run))
         self.run("compare", "4. AR perplexity vs diffusion NELBO, validation curves", "scripts.eval.compare", argv)
 
     def sft_flags(self) -> list[str]:
@@ -172,25 +153,22 @@ class Experiment:
         """AR SFT, and the default diffusion SFT of the old, the default and the best conversion; test accuracy."""
         self.best_conversion = self.pick_conversion()
         starts = dict.fromkeys(["diffusion_from_ar", DEFAULT_CONVERSION, self.best_conversion])
-        ar = cli(*self.sft_flags(), run_name="ar_sft", load_from=self.out / "ar_state_dict.pt")
+        ar = cli(*self.sft_flags(), run_name="ar_sft", load_from=self.weights("ar"))
         stages = [("ar_sft", "5a. AR SFT", "scripts.train.train_sft_minimind", ar)]
         for start in starts:
-            flags = cli(*self.sft_flags(), *SFT_VARIANTS["diffusion_sft_padding01"], run_name=f"sft_{start}")
-            load = cli(load_from=self.out / f"{start}_state_dict.pt")
-            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", SFT_DIFFUSION, [*flags, *load]))
+            flags = SFT_VARIANTS["diffusion_sft_padding01"]
+            argv = cli(*self.sft_flags(), *flags, run_name=f"sft_{start}", load_from=self.weights(start))
+            stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", SFT_DIFFUSION, argv))
         self.run_many(stages)
-        checks = [("accuracy_ar_sft", cli(minimind_checkpoint=self.sft_weights("ar_sft")))]
+        checks = [("accuracy_ar_sft", cli(minimind_checkpoint=self.weights("ar_sft")))]
         checks += [
-            (f"accuracy_sft_{start}", cli(diffusion_checkpoint=self.sft_weights(f"sft_{start}"))) for start in starts
+            (f"accuracy_sft_{start}", cli(diffusion_checkpoint=self.weights(f"sft_{start}"))) for start in starts
         ]
         self.run_many([self.accuracy_stage(name, checkpoint, "--score-labels") for name, checkpoint in checks])
 
-    def sft_weights(self, run: str) -> str:
-        return str(self.out / f"{run}_state_dict.pt")
-
     def finetune(self) -> None:
         """Each SFT normalisation from the default conversion; block SFT with the one that decodes best."""
-        start = self.out / f"{DEFAULT_CONVERSION}_state_dict.pt"
+        start = self.weights(DEFAULT_CONVERSION)
         for name, flags in SFT_VARIANTS.items():
             argv = cli(*self.sft_flags(), *flags, run_name=name, load_from=start)
             self.run(name, f"6a. Diffusion SFT: {name}", SFT_DIFFUSION, argv)
@@ -203,7 +181,7 @@ class Experiment:
         """The variant that decodes best on the validation reviews (chosen there, reported on the test reviews)."""
         accuracy = {}
         for name in SFT_VARIANTS:
-            checkpoint = cli(diffusion_checkpoint=self.out / f"{name}_state_dict.pt")
+            checkpoint = cli(diffusion_checkpoint=self.weights(name))
             result = self.run(*self.accuracy_stage(f"validation_{name}", checkpoint, split="sample_sft_val.jsonl"))
             accuracy[name] = result["Diffusion"]["accuracy"]
         best = max(accuracy, key=accuracy.get)
@@ -216,7 +194,7 @@ class Experiment:
         return name, f"accuracy: {name}", "scripts.eval.eval_sft_accuracy", argv
 
     def evaluate(self) -> None:
-        sft = self.sft_weights
+        sft = self.weights
         stages = [
             self.accuracy_stage(f"accuracy_{name}", cli(diffusion_checkpoint=sft(name)), "--score-labels")
             for name in [*SFT_VARIANTS, "diffusion_sft_block32"]
@@ -245,7 +223,7 @@ def main(argv=None) -> dict:
         experiment.finetune()
         experiment.evaluate()
     if args.part in ("all", "dpo"):
-        starts = args.dpo_starts or [experiment.sft_weights(run) for _, run, _ in DPO_ROUTES.values()]
+        starts = args.dpo_starts or [experiment.weights(run) for _, run, _ in DPO_ROUTES.values()]
         dpo = DPOExperiment(experiment.out, experiment.data, args.dpo_steps, args.questions, args.device,
                             dict(zip(DPO_ROUTES, starts)))  # fmt: skip
         experiment.results["dpo"] = dpo.run()

@@ -14,7 +14,7 @@ from model.checkpoint import build_model, read_checkpoint
 from model.config import preset
 from model.inference.ar import GREEDY, generate, generate_batch
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
-from model.tokenizer import BOS_ID, PAD_ID
+from model.tokenizer import BOS_ID, PAD_ID, load_tokenizer
 from model.transformer import Transformer
 from scripts.common.device import autocast, synchronize
 from scripts.gpu_check.report import Context
@@ -54,8 +54,6 @@ def agreement(a: list[int], b: list[int]) -> float:
 def prompt_ids(ctx: Context, vocab_size: int, length: int = 16) -> list[int]:
     corpus = ctx.shared.get("data")
     if corpus is not None and Path(corpus).suffix == ".txt":  # the synthesised corpus: text the models learned
-        from model.tokenizer import load_tokenizer
-
         line = Path(corpus).read_text(encoding="utf-8").splitlines()[0]
         return [BOS_ID, *load_tokenizer(ctx.args.tokenizer_dir).encode(line)[: length - 1]]
     g = torch.Generator().manual_seed(0)

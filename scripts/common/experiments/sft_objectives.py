@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model.errors import NanoLladaError
+from scripts.common.experiments import in_parallel
 from scripts.common.pipeline import cli, quickstart_pretraining, step
 
 # Objective -> the flags of scripts.train.train_sft_diffusion that make it, every objective flag explicit whatever the
@@ -52,12 +51,8 @@ OBJECTIVES = {
     "prompt_causal": cli("--prompt-causal", **UNIFORM, eos_padding_weight=0.1, denoising_weight=0.1),
 }
 TASKS = {  # task -> (train, validation, test) files of the offline sample
-    "reviews": ("sample_sft_train.jsonl", "sample_sft_val.jsonl", "sample_sft_test.jsonl"),
-    "continuation": (
-        "sample_continuation_train.jsonl",
-        "sample_continuation_val.jsonl",
-        "sample_continuation_test.jsonl",
-    ),
+    task: tuple(f"sample_{stem}_{split}.jsonl" for split in ("train", "val", "test"))
+    for task, stem in (("reviews", "sft"), ("continuation", "continuation"))
 }
 LABELS = ("正面", "负面")
 # The continuation runs take as long as the review ones; they run for every seed (7.9's earlier rows have 2: the
@@ -206,13 +201,7 @@ def sft_protocol(settings: ProtocolSettings) -> dict:
         and not (out / "runs" / f"{run_name(task, objective, seed)}.json").exists()
     ]
     print(f"SFT protocol: {len(todo)} runs to do in {out}")
-    if settings.jobs == 1:
-        for job in todo:
-            one_run(settings, *job)
-    else:
-        with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(one_run, settings, *job) for job in todo]:
-                future.result()
+    in_parallel(one_run, [(settings, *job) for job in todo], settings.jobs)
     runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "runs").glob("*_s[0-9]*.json"))]
     result = {"runs": runs, "summary": summary(runs)}
     (out / "results_sft.json").write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
