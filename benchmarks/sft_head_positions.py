@@ -42,10 +42,10 @@ def sft_step(model, route: str, batch: dict, listed: bool, mask_id: int) -> None
 def interleaved(name: str, steps: dict, batches: int) -> float:
     """Seconds of each of two step functions (called with the batch index, its batch already built) over the same
     batches, alternating which goes first; prints and returns how many times faster the second is."""
-    (slow, slow_step), (fast, fast_step) = steps.items()
+    order = list(steps.items())
+    (slow, _), (fast, _) = order
     seconds = {slow: 0.0, fast: 0.0}
     for k in range(WARMUP_BATCHES + batches):
-        order = ((slow, slow_step), (fast, fast_step))
         for label, step in order if k % 2 else order[::-1]:
             start = time.perf_counter()
             step(k)

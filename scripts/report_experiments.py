@@ -160,11 +160,10 @@ class Experiment:
             argv = cli(*self.sft_flags(), *flags, run_name=f"sft_{start}", load_from=self.weights(start))
             stages.append((f"sft_{start}", f"5b. Diffusion SFT of {start}", SFT_DIFFUSION, argv))
         self.run_many(stages)
-        checks = [("accuracy_ar_sft", cli(minimind_checkpoint=self.weights("ar_sft")))]
-        checks += [
-            (f"accuracy_sft_{start}", cli(diffusion_checkpoint=self.weights(f"sft_{start}"))) for start in starts
-        ]
-        self.run_many([self.accuracy_stage(name, checkpoint, "--score-labels") for name, checkpoint in checks])
+        checks = {"ar_sft": cli(minimind_checkpoint=self.weights("ar_sft"))}
+        checks |= {f"sft_{start}": cli(diffusion_checkpoint=self.weights(f"sft_{start}")) for start in starts}
+        stages = [self.accuracy_stage(f"accuracy_{run}", model, "--score-labels") for run, model in checks.items()]
+        self.run_many(stages)
 
     def finetune(self) -> None:
         """Each SFT normalisation from the default conversion; block SFT with the one that decodes best."""
@@ -194,13 +193,12 @@ class Experiment:
         return name, f"accuracy: {name}", "scripts.eval.eval_sft_accuracy", argv
 
     def evaluate(self) -> None:
-        sft = self.weights
         stages = [
-            self.accuracy_stage(f"accuracy_{name}", cli(diffusion_checkpoint=sft(name)), "--score-labels")
+            self.accuracy_stage(f"accuracy_{name}", cli(diffusion_checkpoint=self.weights(name)), "--score-labels")
             for name in [*SFT_VARIANTS, "diffusion_sft_block32"]
         ]
         stages += [
-            self.accuracy_stage(f"decoding_{label}", cli(diffusion_checkpoint=sft(self.best_sft)), *flags)
+            self.accuracy_stage(f"decoding_{label}", cli(diffusion_checkpoint=self.weights(self.best_sft)), *flags)
             for label, flags in DECODING_VARIANTS.items()
         ]
         self.run_many(stages)

@@ -110,8 +110,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(wanted)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = Report(out / "gpu_check.json", {"command": sys.argv, "mode": device.type, "args": vars(args)})
     with contextlib.ExitStack() as cleanup:  # a temporary --work folder goes when the check ends, however it ends
         work = Path(args.work or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check_")))
