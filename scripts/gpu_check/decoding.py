@@ -4,7 +4,6 @@ wrote none)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from model.inference.ar import GREEDY, generate, generate_batch
 from model.inference.sampling import DiffusionSamplerConfig, diffusion_generate
 from model.tokenizer import BOS_ID, PAD_ID, load_tokenizer
 from model.transformer import Transformer
-from scripts.common.device import autocast, synchronize
+from scripts.common.device import autocast
+from scripts.gpu_check import report
 from scripts.gpu_check.report import Context
 
 
@@ -37,12 +37,8 @@ def trained_or_random(ctx: Context, run_name: str, shifted: bool = False) -> tup
 
 def timed(ctx: Context, fn):
     """(fn()'s value, seconds), synchronised, under the run's autocast."""
-    synchronize(ctx.device)
-    start = time.perf_counter()
     with autocast(ctx.device, "bfloat16"):
-        value = fn()
-    synchronize(ctx.device)
-    return value, time.perf_counter() - start
+        return report.timed(fn, ctx.device)
 
 
 def agreement(a: list[int], b: list[int]) -> float:

@@ -124,18 +124,20 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def timed(fn: Callable, device: torch.device) -> tuple[object, float]:
+    """(fn()'s value, seconds), synchronised on CUDA."""
+    synchronize(device)
+    start = time.perf_counter()
+    value = fn()
+    synchronize(device)
+    return value, time.perf_counter() - start
+
+
 def timed_ms(fn: Callable, device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of fn() over `repeats` calls after `warmup` ones, synchronised on CUDA."""
+    """Median milliseconds of fn() over `repeats` calls after `warmup` ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(1e3 * timed(fn, device)[1] for _ in range(repeats))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
