@@ -111,9 +111,9 @@ class Experiment:
             self.results[name], self.timings[name] = result, seconds
 
     def pretrain(self) -> None:
-        a, out = self.args, self.out
+        a = self.args
         # fmt: off
-        common = cli(data=self.data / "sample_pretrain.jsonl", tokenizer_dir=".", save_dir=out, **SMALL_MODEL,
+        common = cli(data=self.data / "sample_pretrain.jsonl", tokenizer_dir=".", save_dir=self.out, **SMALL_MODEL,
                      device=a.device, seq_len=128, batch_size=16, max_iters=a.steps, warmup_steps=25,
                      learning_rate="2e-3", eval_interval=50, eval_batches=8, log_interval=10)
         # fmt: on

@@ -88,16 +88,14 @@ class ProtocolSettings:
 def sft_argv(settings: ProtocolSettings, out: Path, task: str, objective: str, seed: int) -> tuple[str, list[str]]:
     """(entry point, argv) of one SFT run: the quickstart's SFT flags, the objective's, the seed."""
     train, val, _ = TASKS[task]
-    route = "ar" if objective == "ar" else "diffusion"
-    start = out / ("ar_state_dict.pt" if route == "ar" else "diffusion_best.pt")
+    start = out / ("ar_state_dict.pt" if objective == "ar" else "diffusion_best.pt")
     # fmt: off
     argv = cli(data=settings.data / train, eval_data=settings.data / val, tokenizer_dir=".", save_dir=out / "sft",
                device=settings.device, max_seq_len=256, batch_size=16, max_steps=settings.sft_steps,
                learning_rate="1e-3", warmup_steps=10, eval_interval=settings.sft_steps, eval_batches=4, seed=seed,
-               load_from=start,
-               run_name=run_name(task, objective, seed))
+               load_from=start, run_name=run_name(task, objective, seed))
     # fmt: on
-    if route == "ar":
+    if objective == "ar":
         return "scripts.train.train_sft_minimind", argv
     return "scripts.train.train_sft_diffusion", [*argv, *cli(eos_padding_length=5), *OBJECTIVES[objective]]
 
