@@ -121,11 +121,10 @@ def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) 
     modes = {AR_MODE: None, BASELINE_MODE: base}
     first = replace(base, threshold=s.thresholds[0])
     modes[f"threshold_{s.thresholds[0]:g}"] = first
+    fast = replace(base, finish_at_eos=True)
     if not trained_block:
         for cache in ("prefix", "dual"):
             modes[f"threshold_{s.thresholds[0]:g}_{cache}_cache"] = replace(first, cache=cache)
-    fast = replace(base, finish_at_eos=True)
-    if not trained_block:
         fast = replace(fast, cache="dual", lookahead_blocks=s.lookahead_blocks)
     for t in s.thresholds:
         modes[f"fast_{t:g}"] = replace(fast, threshold=t)
