@@ -96,10 +96,10 @@ def load_pair(paths: list[str], what: str, device) -> Pair:
     checkpoints = {checkpoint.kind: (path, checkpoint) for path, checkpoint in zip(paths, map(read_checkpoint, paths))}
     if set(checkpoints) != {"ar", "diffusion"}:
         raise NanoLladaError(f"{what}: {' and '.join(paths)} are not one AR and one diffusion checkpoint")
-    models = [build_model(c, path).to(device).eval() for path, c in (checkpoints["ar"], checkpoints["diffusion"])]
-    names = {"ar": checkpoints["ar"][0], "diffusion": checkpoints["diffusion"][0]}
-    names["parameters"] = checkpoints["ar"][1].config.num_parameters()
-    return Pair(*models, names, trained_block_size(checkpoints["diffusion"][1].extra))
+    (ar_path, ar), (diffusion_path, diffusion) = checkpoints["ar"], checkpoints["diffusion"]
+    models = [build_model(c, path).to(device).eval() for path, c in ((ar_path, ar), (diffusion_path, diffusion))]
+    names = {"ar": ar_path, "diffusion": diffusion_path, "parameters": ar.config.num_parameters()}
+    return Pair(*models, names, trained_block_size(diffusion.extra))
 
 
 def random_model(seed: int, device) -> Transformer:
@@ -118,8 +118,8 @@ def card_inputs(o: BenchOptions, s: CardSettings, notes: list[str]) -> tuple[dic
         prompts = [[BOS_ID, *ids] for ids in random_ids]
         continuations = [Workload("continuation", n, prompts) for n in s.continuation_lengths]
         notes.append("Smoke run: random tiny models and random prompts; the figures check the code, not a speed.")
-        inputs = {"base": (pair, continuations), "sft": (pair, [Workload("classification", s.classification_length,
-                                                                         prompts)])}  # fmt: skip
+        classification = Workload("classification", s.classification_length, prompts)
+        inputs = {"base": (pair, continuations), "sft": (pair, [classification])}
         return inputs, None, pair.diffusion.config.vocab_size - 1  # <|mask|> is the last id
     if not (o.pair or o.sft_pair):
         notes.append("No trained pair given (--checkpoint x2 or --models DIR): no speed card, training only.")

@@ -64,13 +64,12 @@ def load_engine(o: ServeOptions) -> ChatEngine:
     )
     name = o.model_name or Path(o.checkpoint).name.removesuffix(".pt").removesuffix(".pth")
     engine = ChatEngine(model, tokenizer, checkpoint, name, o.defaults, o.max_batch, o.seq_len)
-    d, temperature = o.defaults, o.defaults.temperature or 0.0
+    d = engine.defaults  # its temperature set for the model's kind
     renamed = {name: "--" + field.replace("_", "-") for name, field in REQUEST_FIELDS.items()}
     with flag_names(renamed):  # the defaults are checked as a request's fields are
-        ARSamplerConfig(temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
+        ARSamplerConfig(d.temperature, d.top_k, d.top_p).check_arguments(d.max_tokens)
         if engine.kind == "diffusion":  # what a request with the default settings decodes with
-            sampler = engine.sampler_for(d.max_tokens, d.steps, d.block_length, temperature, d.threshold)
-            sampler.check_arguments()
+            sampler = engine.sampler_for(d)
             if sampler.block_causal:
                 print(f"block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
     return engine

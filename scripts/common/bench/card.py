@@ -84,7 +84,7 @@ class Workload:
 @dataclass
 class Run:
     outputs: list[list[int]] = field(default_factory=list)  # content ids per prompt
-    seconds: float = 0.0  # every batch, by the card's clock (clock_for)
+    seconds: float = 0.0  # every batch, by the card's clock (timed_run)
     wall_seconds: float = 0.0
     first_seconds: float = 0.0  # summed over batches: first token (AR) or first final block (diffusion)
     forward_passes: int = 0  # over every batch; one forward runs a whole batch
@@ -121,11 +121,10 @@ def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) 
     modes = {AR_MODE: None, BASELINE_MODE: base}
     first = replace(base, threshold=s.thresholds[0])
     modes[f"threshold_{s.thresholds[0]:g}"] = first
+    fast = replace(base, finish_at_eos=True)
     if not trained_block:
         for cache in ("prefix", "dual"):
             modes[f"threshold_{s.thresholds[0]:g}_{cache}_cache"] = replace(first, cache=cache)
-    fast = replace(base, finish_at_eos=True)
-    if not trained_block:
         fast = replace(fast, cache="dual", lookahead_blocks=s.lookahead_blocks)
     for t in s.thresholds:
         modes[f"fast_{t:g}"] = replace(fast, threshold=t)
@@ -134,20 +133,17 @@ def decoding_modes(gen_length: int, s: CardSettings, trained_block: int | None) 
     for k in s.tokens_per_step:
         if gen_length % k == 0 and gen_length // k >= gen_length // base.block_size:
             modes[f"fast_{k}_per_step"] = replace(fast, steps=gen_length // k)
-    for k in s.speculative:  # not a sampler: a draft length and the answer length (speculative_run)
+    for k in s.speculative:  # not a sampler: a draft length and the answer length (diffusion_run)
         modes[f"speculative_k{k}"] = (SpeculativeConfig(k), gen_length)
     return modes
-
-
-def clock_for(device):
-    """CPU time on a CPU (other jobs' work is not counted), the wall clock on an accelerator (which runs async)."""
-    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
 
 
 def timed_run(prompts: list[list[int]], batch: int, device, decode) -> Run:
     """Each batch of `prompts` decoded by `decode(chunk, mark) -> (rows of ids, forward passes)` under the card's
     clock; `mark()` notes the first token's (AR) or the first final block's (diffusion) time."""
-    run, now = Run(), clock_for(device)
+    run = Run()
+    # CPU time on a CPU (other jobs' work is not counted), the wall clock on an accelerator (which runs async)
+    now = time.process_time if torch.device(device).type == "cpu" else time.perf_counter
     for chunk in chunks(prompts, batch):
         marks = []
 
@@ -188,24 +184,19 @@ def ar_run(model, prompts: list[list[int]], gen_length: int, batch: int, device,
     return timed_run(prompts, batch, device, decode)
 
 
-def diffusion_run(model, prompts, sampler: DiffusionSamplerConfig, batch: int, device, dtype: str, mask_id) -> Run:
+def diffusion_run(model, prompts, mode, batch: int, device, dtype: str, mask_id) -> Run:
+    """`mode`: a diffusion sampler, or (SpeculativeConfig, new tokens) for self-speculative decoding
+    (model/inference/speculative.py)."""
+
     def decode(chunk, mark):
+        if isinstance(mode, tuple):
+            with autocast(device, dtype):
+                out = speculative_generate(model, chunk, mode[1], mask_id, mode[0], EOS_ID, PAD_ID, (mask_id,))
+            return out.tokens, out.forwards
         ids, lengths = left_pad(chunk, PAD_ID, device)
         with autocast(device, dtype):
-            out = diffusion_generate(model, ids, sampler, mask_id, EOS_ID, on_block=mark, prompt_lengths=lengths)
+            out = diffusion_generate(model, ids, mode, mask_id, EOS_ID, on_block=mark, prompt_lengths=lengths)
         return out.tokens.tolist(), out.nfe
-
-    return timed_run(prompts, batch, device, decode)
-
-
-def speculative_run(model, prompts, setting: tuple, batch: int, device, dtype: str, mask_id) -> Run:
-    """Self-speculative decoding (model/inference/speculative.py) of `setting` = (SpeculativeConfig, new tokens)."""
-    config, new_tokens = setting
-
-    def decode(chunk, mark):
-        with autocast(device, dtype):
-            out = speculative_generate(model, chunk, new_tokens, mask_id, config, EOS_ID, PAD_ID, (mask_id,))
-        return out.tokens, out.forwards
 
     return timed_run(prompts, batch, device, decode)
 
@@ -232,10 +223,9 @@ def card_row(workload: Workload, batch: int, mode: str, run: Run, ar_model, toke
 
 def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, tokenizer, mask_id: int, log) -> list:
     """Every mode at every batch size on one workload, with the ratios to AR and to the LLaDA baseline."""
-    rows = []
+    rows, modes = [], decoding_modes(workload.gen_length, s, pair.trained_block)
+    batched = not s.batched_lengths or workload.gen_length in s.batched_lengths
     for batch in s.batches:
-        modes = decoding_modes(workload.gen_length, s, pair.trained_block)
-        batched = not s.batched_lengths or workload.gen_length in s.batched_lengths
         if (batch > 1 and workload.name == "continuation" and not batched) or batch > len(workload.prompts):
             continue  # a batch wider than the prompts would be mislabelled
         if pair.trained_block and batch > 1 and len(set(map(len, workload.prompts))) > 1:
@@ -244,16 +234,13 @@ def measure_workload(pair: Pair, workload: Workload, s: CardSettings, device, to
         ar_args = (workload.prompts, workload.gen_length, batch, device, s.dtype, mask_id)
         before = ar_run(pair.ar, *ar_args)
         runs = {
-            name: (speculative_run if isinstance(sampler, tuple) else diffusion_run)(
-                pair.diffusion, workload.prompts, sampler, batch, device, s.dtype, mask_id
-            )
-            for name, sampler in modes.items()
-            if sampler is not None
+            name: diffusion_run(pair.diffusion, workload.prompts, mode, batch, device, s.dtype, mask_id)
+            for name, mode in modes.items()
+            if mode is not None
         }
         after = ar_run(pair.ar, *ar_args)  # the AR time is the mean of the two, and their ratio the drift
-        runs[AR_MODE] = replace(before, seconds=(before.seconds + after.seconds) / 2,
-                                wall_seconds=(before.wall_seconds + after.wall_seconds) / 2,
-                                first_seconds=(before.first_seconds + after.first_seconds) / 2)  # fmt: skip
+        times = ("seconds", "wall_seconds", "first_seconds")
+        runs[AR_MODE] = replace(before, **{t: (getattr(before, t) + getattr(after, t)) / 2 for t in times})
         group = [card_row(workload, batch, name, runs[name], pair.ar, tokenizer) for name in modes]
         ar_rate, baseline_ppl = group[0]["content_tokens_per_s"], group[1]["generative_perplexity"]
         for row in group:

@@ -58,7 +58,7 @@ def machine_record(device: torch.device, smoke: bool) -> dict:
         "device_type": device.type, "date": datetime.date.today().isoformat(), "smoke_test": smoke,
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "git": {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}, "threads": torch.get_num_threads(),
-        "clock": "wall" if cuda else "cpu_time",  # card.clock_for
+        "clock": "wall" if cuda else "cpu_time",  # card.timed_run
     }  # fmt: skip
 
 

@@ -120,12 +120,12 @@ class ChatEngine:
     """A loaded model with its tokenizer: checks requests and generates for them, batching the ones that wait together
     (up to `max_batch`). `defaults`: a ChatRequest holding the server's settings; `seq_len` caps diffusion's canvas."""
 
-    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults=None, max_batch=16, seq_len=None):
+    def __init__(self, model, tokenizer, checkpoint, model_id: str, defaults: ChatRequest, max_batch: int, seq_len):
         self.model, self.tokenizer, self.checkpoint, self.model_id = model, tokenizer, checkpoint, model_id
         self.kind, self.created = checkpoint.kind, int(time.time())
-        self.defaults = defaults or ChatRequest()
-        if self.defaults.temperature is None:
-            self.defaults = replace(self.defaults, temperature=0.8 if self.kind == "ar" else 0.0)
+        if defaults.temperature is None:
+            defaults = replace(defaults, temperature=0.8 if self.kind == "ar" else 0.0)
+        self.defaults = defaults
         self.worker = BatchWorker(model, mask_token_id(tokenizer), max_batch)
         self.limit = model.config.max_position_embeddings
         if self.kind == "diffusion" and seq_len:
@@ -159,26 +159,25 @@ class ChatEngine:
             if given.get("block_length", 1) < 1:
                 raise RequestError(f"'block_length' must be >= 1, got {r.block_length}", "block_length")
             with worded(name):
-                r.sampler = self.sampler_for(r.max_tokens, r.steps, r.block_length, r.temperature, r.threshold)
-                r.sampler.check_arguments(len(r.prompt_ids))
+                r.sampler = self.sampler_for(r, len(r.prompt_ids))
             if r.sampler.gen_length > room:
                 message = f"max_tokens {r.max_tokens} in whole blocks of {r.sampler.block_size} is "
                 message += f"{r.sampler.gen_length}, over the {room} left; use a block_length that divides max_tokens"
                 raise RequestError(message, "block_length")
         return r
 
-    def sampler_for(self, max_tokens: int, steps=None, block_size=None, temperature=0.0, threshold=None):
-        """The diffusion settings of a request for `max_tokens` new tokens. A block-trained checkpoint decodes
-        block-causally with its own block size from the prompt's first token, so any length works; otherwise the
-        generation is rounded up to whole blocks (the tail past max_tokens is dropped). `steps` None means one step
-        per token (0 is kept, for check_arguments to refuse)."""
-        block_size = min(block_size or max_tokens, max_tokens)
-        gen_length = math.ceil(max_tokens / block_size) * block_size
-        threshold = None if threshold is None else float(threshold)
-        asked = DiffusionSamplerConfig(max_tokens, max_tokens, block_size, temperature, threshold=threshold)
+    def sampler_for(self, r: ChatRequest, prompt_len: int | None = None) -> DiffusionSamplerConfig:
+        """The diffusion settings of request `r`, checked as the eval scripts check their flags. A block-trained
+        checkpoint decodes block-causally with its own block size from the prompt's first token, so any length works;
+        otherwise the generation is rounded up to whole blocks (the tail past max_tokens is dropped). `steps` None
+        means one step per token (0 is kept, for check_arguments to refuse)."""
+        block_size = min(r.block_length or r.max_tokens, r.max_tokens)
+        asked = DiffusionSamplerConfig(r.max_tokens, r.max_tokens, block_size, r.temperature, threshold=r.threshold)
         sampler = sampler_for_checkpoint(self.checkpoint, asked)
-        length = max_tokens if sampler.block_causal else gen_length
-        return replace(sampler, gen_length=length, steps=length if steps is None else steps)
+        length = r.max_tokens if sampler.block_causal else math.ceil(r.max_tokens / block_size) * block_size
+        sampler = replace(sampler, gen_length=length, steps=length if r.steps is None else r.steps)
+        sampler.check_arguments(prompt_len)
+        return sampler
 
     def complete(self, request: ChatRequest, emit, gone=None) -> tuple[str, int] | None:
         """Generate for one request, calling emit(text) with each printable delta; returns (finish_reason,

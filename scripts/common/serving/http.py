@@ -25,9 +25,8 @@ class ClientLeft(Exception):
 
 
 def usage(request: ChatRequest, completion_tokens: int) -> dict:
-    prompt_tokens = len(request.prompt_ids)
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+    prompt = len(request.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -152,7 +151,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_event("[DONE]")
 
 
-def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8998, quiet: bool = False):
+def make_server(engine: ChatEngine, host: str, port: int, quiet: bool):
     """A threaded HTTP server (not yet serving) bound to host:port; port 0 picks a free one (server.server_address)."""
     handler = type("BoundChatHandler", (ChatHandler,), {"engine": engine, "quiet": quiet})
     # A backlog of 128: the default 5 drops connections when many clients connect at once.
