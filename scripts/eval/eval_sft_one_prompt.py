@@ -70,18 +70,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def sampler_for(args, prompt_len: int, checkpoint) -> DiffusionSamplerConfig:
-    """The diffusion settings for a prompt (or a batch whose longest prompt is) `prompt_len` tokens long."""
-    gen_length = generation_length(prompt_len, args.seq_len, args.max_new_tokens)
-    flags = settings_from(SamplerFlags, args)
-    return checked_sampler(
-        flags.asked(gen_length, block_size=flags.block_size or default_block_size(gen_length)), checkpoint
-    )
-
-
-def report(name: str, answer, quiet: bool = False) -> None:
-    if quiet:
-        return
+def report(name: str, answer) -> None:
     s = answer.stats()
     print(f"=== {name} Output ===\n{answer.text}")
     first = "time to first token" if name == "AR" else "time to first round"
@@ -101,7 +90,10 @@ def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[l
         drawn = ARSamplerConfig(args.ar_temperature, args.ar_top_k, args.ar_top_p)
         answers = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, drawn, args.seed, args.dtype, len(ids))
         return answers, None
-    sampler = sampler_for(args, max(map(len, ids)), checkpoint)
+    gen_length = generation_length(max(map(len, ids)), args.seq_len, args.max_new_tokens)
+    flags = settings_from(SamplerFlags, args)
+    asked = flags.asked(gen_length, block_size=flags.block_size or default_block_size(gen_length))
+    sampler = checked_sampler(asked, checkpoint)
     with flag_names():
         return diffusion_answers(model, tokenizer, ids, sampler, device, args.seed, args.dtype, len(ids)), sampler
 
@@ -146,7 +138,8 @@ def main(argv=None) -> list[dict]:
         for i, prompt in enumerate(chunk):
             row = {"prompt": prompt}
             for name in models:
-                report(name, answers[name][i], quiet)
+                if not quiet:
+                    report(name, answers[name][i])
                 row[name.lower()] = {"text": answers[name][i].text, **answers[name][i].stats()}
             rows.append(row)
         if quiet:

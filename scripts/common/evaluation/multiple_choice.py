@@ -115,21 +115,6 @@ def read_questions(path: str | Path) -> list[Question]:
     return questions
 
 
-def data_files(paths: list[str]) -> list[Path]:
-    """The files named, with a directory expanded to its .csv/.jsonl files (sorted)."""
-    files = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
-            if not found:
-                raise NanoLladaError(f"{path}: directory has no .csv or .jsonl files")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
 def prompt_text(question: Question) -> str:
     options = "".join(f"{letter}. {text}\n" for letter, text in question.options.items())
     return f"{question.question}\n{options}{ANSWER_CUE}"
@@ -189,8 +174,19 @@ def accuracy_summary(items: list[dict]) -> dict:
 
 
 def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, list[Question]]:
-    """{file: its first `limit` questions} for every file named (directories expanded); read before any model loads."""
-    return {str(path): read_questions(path)[:limit] for path in data_files(paths)}
+    """{file: its first `limit` questions} for every file named, a directory meaning its .csv/.jsonl files (sorted);
+    read before any model loads."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
+            if not found:
+                raise NanoLladaError(f"{path}: directory has no .csv or .jsonl files")
+            files.extend(found)
+        else:
+            files.append(path)
+    return {str(path): read_questions(path)[:limit] for path in files}
 
 
 def evaluate_question_sets(
