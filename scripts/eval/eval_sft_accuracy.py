@@ -65,8 +65,8 @@ def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, bloc
     answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
     chosen = []
     for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
-        scores = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, mc_samples, block_size)
-        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
+        estimates = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, mc_samples, block_size)
+        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=lambda i: estimates[i][0])])
     return chosen
 
 
