@@ -15,7 +15,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
@@ -56,18 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(p, SFTCheckpoints)
     add_flags(p, SamplerFlags)
     return parse(p, argv)
-
-
-@torch.no_grad()
-def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, block_size: int | None = None) -> list[str]:
-    """The label whose answer (label + <|im_end|>) is more likely after each prompt; block_size: the estimator of a
-    block-trained diffusion model."""
-    answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
-    chosen = []
-    for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
-        estimates = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, mc_samples, block_size)
-        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=lambda i: estimates[i][0])])
-    return chosen
 
 
 def decode_answers(
@@ -117,8 +104,12 @@ def score_answers(name: str, items, answers, predictions: list) -> dict:
 
 
 def score_labels(name: str, kind: str, model, tokenizer, items, args, block_size, predictions: list) -> dict:
-    """Accuracy of choosing the more likely label; adds it to the last len(items) prediction records."""
-    chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
+    """Accuracy of choosing the label whose answer (label + <|im_end|>) is more likely after each prompt (block_size:
+    the estimator of a block-trained diffusion model); adds it to the last len(items) prediction records."""
+    answers, chosen = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS], []
+    for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
+        estimates = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, args.mc_samples, block_size)
+        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=lambda i: estimates[i][0])])
     n, hits = len(items), sum(label == gold for label, (_, gold) in zip(chosen, items))
     for record, label in zip(predictions[-n:], chosen):
         record["likelihood_label"] = label

@@ -18,7 +18,7 @@ from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
-from scripts.common.data.readers import write_jsonl
+from scripts.common.data.readers import check_data_file, iter_jsonl, write_jsonl
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import SFTCheckpoints, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
@@ -53,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(path: str) -> list[str]:
-    from scripts.common.data.readers import check_data_file, iter_jsonl
-
     how = 'write one prompt a line (.txt) or {"prompt": ...} a line (.jsonl)'
     p = check_data_file(path, fix=how)
     if p.suffix == ".txt":

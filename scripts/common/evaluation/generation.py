@@ -75,11 +75,10 @@ def _timed_answers(model, tokenizer, device, dtype: str, run) -> list[Answer]:
             rows = run()
     finally:
         elapsed = clock.stop()
-    answers = []
-    for ids in rows:
-        kept = strip_after_eos(ids, EOS_ID)
-        answers.append(Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(rows)))
-    return answers
+    kept = [strip_after_eos(ids, EOS_ID) for ids in rows]
+    return [
+        Answer(decode(tokenizer, ids), ids, elapsed, clock.first or elapsed, clock.calls, len(rows)) for ids in kept
+    ]
 
 
 def ar_answers(
