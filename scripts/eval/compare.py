@@ -32,8 +32,6 @@ from scripts.common.evaluation.multiple_choice import (
 from scripts.common.settings import settings_from
 from scripts.common.training.plots import read_metrics, save_figure  # also selects the Agg backend
 
-RUN_SUFFIXES = ("_state_dict", "_best")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_name(checkpoint: str | Path) -> str:
     name = Path(checkpoint).name.removesuffix(".pt").removesuffix(".pth")
-    for suffix in RUN_SUFFIXES:
+    for suffix in ("_state_dict", "_best"):
         name = name.removesuffix(suffix)
     return name
 

@@ -11,7 +11,6 @@ size it was trained with (--decoding overrides this).
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,7 +23,8 @@ from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.device import autocast, synchronize
+from scripts.common.device import autocast
+from scripts.common.evaluation.generation import ForwardClock
 from scripts.common.evaluation.loading import HeldOutRows, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
     PromptAndHeldOut,
@@ -68,13 +68,10 @@ def speculative_sample(model, tokenizer, args, device, checkpoint) -> dict:
     if not decodes_causally(checkpoint):
         print("note: not trained with --ar-loss-weight: its AR greedy output is what speculation reproduces")
     ids, config = prompt_ids(tokenizer, args.prompt, args.chat), SpeculativeConfig(args.block_size or 8)
-    mask_id = mask_token_id(tokenizer)
-    synchronize(device)
-    start = time.perf_counter()
+    mask_id, clock = mask_token_id(tokenizer), ForwardClock(model, device)
     with autocast(device, args.dtype):
         out = speculative_generate(model, [ids], args.max_new_tokens, mask_id, config, EOS_ID, banned_ids=(mask_id,))
-    synchronize(device)
-    elapsed, tokens = time.perf_counter() - start, strip_after_eos(out.tokens[0], EOS_ID)
+    elapsed, tokens = clock.stop(), strip_after_eos(out.tokens[0], EOS_ID)
     print(args.prompt + decode(tokenizer, tokens))
     accepted = sum(out.accepted) / max(len(out.accepted), 1)
     print(
@@ -108,14 +105,12 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
         if trained and sampler.block_size != trained:
             print(f"note: decoding with --block-length {sampler.block_size}; the checkpoint was trained with {trained}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    synchronize(device)
-    start = time.perf_counter()
+    clock = ForwardClock(model, device)
     with autocast(device, args.dtype):
         out = diffusion_generate(
             model, torch.tensor([ids], device=device), sampler, mask_token_id(tokenizer), EOS_ID, generator
         )
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock.stop()
     raw = out.tokens[0].tolist()
     kept = raw if args.show_special else strip_after_eos(raw, EOS_ID)
     print(args.prompt + decode(tokenizer, kept, skip_special_tokens=not args.show_special))
@@ -168,21 +163,12 @@ def main(argv=None) -> dict:
         )
         result["eval"] = {"nelbo": nelbo, "stderr": stderr}
     if args.cond_ll_response is not None:
-        prompt = prompt_ids(
-            tokenizer, args.cond_ll_prompt if args.cond_ll_prompt is not None else args.prompt, args.chat
-        )
+        prompt = prompt_ids(tokenizer, args.prompt if args.cond_ll_prompt is None else args.cond_ll_prompt, args.chat)
         answer = encode(tokenizer, args.cond_ll_response) + [EOS_ID]
+        # tail_id: the answer is complete, so the rest of its block is the EOS padding of block SFT
+        estimator = dict(generator=torch.Generator().manual_seed(args.seed), block_size=block_size, tail_id=EOS_ID)
         with autocast(device, args.dtype):
-            value, stderr = conditional_log_likelihood(
-                model,
-                prompt,
-                answer,
-                mask_id,
-                args.cond_ll_nmc,
-                generator=torch.Generator().manual_seed(args.seed),
-                block_size=block_size,
-                tail_id=EOS_ID,  # the answer is complete: the rest of its block is the EOS padding of block SFT
-            )
+            value, stderr = conditional_log_likelihood(model, prompt, answer, mask_id, args.cond_ll_nmc, **estimator)
         print(
             f"log p(response + EOS | prompt) ≈ {value:.3f} ± {stderr:.3f} nats "
             f"({len(answer)} tokens, {args.cond_ll_nmc} MC samples)"

@@ -73,16 +73,13 @@ def print_likelihoods(rows: list[dict]) -> None:
     print(f"{scored['rows']} held-out rows, {scored['tokens']:,} scored tokens; NELBO: {draws} mask draws per row")
     print("| checkpoint | AR-mode NLL (s.e.) | Δ vs reference (paired s.e.) | diffusion NELBO (s.e.) | Δ vs first |")
     print("|---|---:|---:|---:|---:|")
+    delta = "{:+.4f} ± {:.4f}".format
     for r in rows:
         ar, d = r["ar"], r["diffusion"]
         bound = "—" if d is None else f"{d['nll_per_token']:.4f} ± {d['stderr']:.4f}"
-        bound_delta = "—" if d is None else "{:+.4f} ± {:.4f}".format(*r["diffusion_delta"])
-        print(
-            f"| {r['checkpoint']} | {ar['nll_per_token']:.4f} ± {ar['stderr']:.4f} | {{:+.4f}} ± {{:.4f}} | ".format(
-                *r["ar_delta"]
-            )
-            + f"{bound} | {bound_delta} |"
-        )
+        bound_delta = "—" if d is None else delta(*r["diffusion_delta"])
+        ar_cells = f"{ar['nll_per_token']:.4f} ± {ar['stderr']:.4f} | {delta(*r['ar_delta'])}"
+        print(f"| {r['checkpoint']} | {ar_cells} | {bound} | {bound_delta} |")
 
 
 def speculation(args, path, prompts, device) -> list[dict]:

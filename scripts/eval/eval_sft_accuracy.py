@@ -15,7 +15,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from model.inference.sampling import DiffusionSamplerConfig, sampler_for_checkpoint
@@ -58,44 +57,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse(p, argv)
 
 
-@torch.no_grad()
-def likelihood_choices(model, tokenizer, kind: str, items, mc_samples: int, block_size: int | None = None) -> list[str]:
-    """The label whose answer (label + <|im_end|>) is more likely after each prompt; block_size: the estimator of a
-    block-trained diffusion model."""
-    answers = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS]
-    chosen = []
-    for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
-        scores = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, mc_samples, block_size)
-        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=scores.__getitem__)])
-    return chosen
-
-
-def asked_diffusion_sampler(args) -> DiffusionSamplerConfig:
-    """The diffusion decoding the flags ask for: one token per step unless --gen-steps says otherwise."""
-    return settings_from(SamplerFlags, args).asked(args.max_new_tokens)
-
-
-def decode_answers(name: str, kind: str, loaded, items, args, device) -> tuple[list, DiffusionSamplerConfig | None]:
-    """Every question's decoded answer, `--batch-size` at a time, and the diffusion settings used (None for AR)."""
+def decode_answers(
+    name: str, kind: str, loaded, items, args, device, asked: DiffusionSamplerConfig
+) -> tuple[list, DiffusionSamplerConfig | None]:
+    """Every question's decoded answer, `--batch-size` at a time, and the diffusion settings used (None for AR);
+    `asked`: the diffusion decoding the flags ask for."""
     model, tokenizer, checkpoint = loaded
-    prompts = [prompt for prompt, _ in items]
+    prompts, batching = [prompt for prompt, _ in items], dict(dtype=args.dtype, batch_size=args.batch_size)
     sampler = None
     if kind == "diffusion":
         with flag_names():
-            sampler = sampler_for_checkpoint(checkpoint, asked_diffusion_sampler(args))
+            sampler = sampler_for_checkpoint(checkpoint, asked)
         if sampler.block_causal:
             print(f"{name}: block-trained checkpoint: decoding block-causally with block size {sampler.block_size}")
-    answers, size = [], args.batch_size
+    answers = []
     with tqdm(total=len(items), desc=f"{name} accuracy", leave=False) as bar, flag_names():
-        for batch in chunks(prompts, size):  # (in chunks for the progress bar)
+        for batch in chunks(prompts, args.batch_size):  # (in chunks for the progress bar)
             if sampler is None:
-                answers += ar_answers(
-                    model, tokenizer, batch, args.max_new_tokens, device, dtype=args.dtype, batch_size=size
-                )
+                answers += ar_answers(model, tokenizer, batch, args.max_new_tokens, device, **batching)
             else:
-                answers += diffusion_answers(
-                    model, tokenizer, batch, sampler, device, dtype=args.dtype, batch_size=size
-                )
+                answers += diffusion_answers(model, tokenizer, batch, sampler, device, **batching)
             bar.update(len(batch))
     return answers, sampler
 
@@ -123,8 +104,12 @@ def score_answers(name: str, items, answers, predictions: list) -> dict:
 
 
 def score_labels(name: str, kind: str, model, tokenizer, items, args, block_size, predictions: list) -> dict:
-    """Accuracy of choosing the more likely label; adds it to the last len(items) prediction records."""
-    chosen = likelihood_choices(model, tokenizer, kind, items, args.mc_samples, block_size)
+    """Accuracy of choosing the label whose answer (label + <|im_end|>) is more likely after each prompt (block_size:
+    the estimator of a block-trained diffusion model); adds it to the last len(items) prediction records."""
+    answers, chosen = [[*encode(tokenizer, label), EOS_ID] for label in SENTIMENT_LABELS], []
+    for prompt, _ in tqdm(items, desc=f"{kind} label likelihood", leave=False):
+        estimates = answer_log_likelihoods(model, tokenizer, kind, prompt, answers, args.mc_samples, block_size)
+        chosen.append(SENTIMENT_LABELS[max(range(len(answers)), key=lambda i: estimates[i][0])])
     n, hits = len(items), sum(label == gold for label, (_, gold) in zip(chosen, items))
     for record, label in zip(predictions[-n:], chosen):
         record["likelihood_label"] = label
@@ -147,14 +132,15 @@ def main(argv=None) -> dict:
         args.batch_size = 16 if device.type == "cuda" else 1
     if args.out:  # checked before any question is answered: the predictions are written only at the end
         output_file(args.out, "--out")
+    asked = settings_from(SamplerFlags, args).asked(args.max_new_tokens)  # one token per step unless --gen-steps
     if args.diffusion_checkpoint:
         with flag_names():  # a bad decoding flag is named before any model is read or any question answered
-            asked_diffusion_sampler(args).check_arguments()  # the eval scripts' and server's check
+            asked.check_arguments()  # the eval scripts' and server's check
     results, predictions = {}, []
     for name, path, kind in routes:
         loaded = load_checkpoint_for_eval(path, args.tokenizer_dir, kind, device)
         items = sft_questions(args.data, loaded[1], args.limit)
-        answers, sampler = decode_answers(name, kind, loaded, items, args, device)
+        answers, sampler = decode_answers(name, kind, loaded, items, args, device, asked)
         result = results[name] = score_answers(name, items, answers, predictions)
         print(
             f"{name}: accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}), "

@@ -18,7 +18,7 @@ from model.inference.sampling import DiffusionSamplerConfig
 from model.tokenizer import prompt_ids
 from scripts.common.cli import flag_names, output_file, parse, pick_device, run_main
 from scripts.common.data.packing import chunks
-from scripts.common.data.readers import write_jsonl
+from scripts.common.data.readers import check_data_file, iter_jsonl, write_jsonl
 from scripts.common.evaluation.generation import ar_answers, default_block_size, diffusion_answers
 from scripts.common.evaluation.loading import SFTCheckpoints, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import SamplerFlags, checked_sampler, generation_length
@@ -53,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(path: str) -> list[str]:
-    from scripts.common.data.readers import check_data_file, iter_jsonl
-
     how = 'write one prompt a line (.txt) or {"prompt": ...} a line (.jsonl)'
     p = check_data_file(path, fix=how)
     if p.suffix == ".txt":
@@ -70,18 +68,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def sampler_for(args, prompt_len: int, checkpoint) -> DiffusionSamplerConfig:
-    """The diffusion settings for a prompt (or a batch whose longest prompt is) `prompt_len` tokens long."""
-    gen_length = generation_length(prompt_len, args.seq_len, args.max_new_tokens)
-    flags = settings_from(SamplerFlags, args)
-    return checked_sampler(
-        flags.asked(gen_length, block_size=flags.block_size or default_block_size(gen_length)), checkpoint
-    )
-
-
-def report(name: str, answer, quiet: bool = False) -> None:
-    if quiet:
-        return
+def report(name: str, answer) -> None:
     s = answer.stats()
     print(f"=== {name} Output ===\n{answer.text}")
     first = "time to first token" if name == "AR" else "time to first round"
@@ -101,7 +88,10 @@ def answer_batch(name: str, loaded, args, prompts: list[str], device) -> tuple[l
         drawn = ARSamplerConfig(args.ar_temperature, args.ar_top_k, args.ar_top_p)
         answers = ar_answers(model, tokenizer, ids, args.max_new_tokens, device, drawn, args.seed, args.dtype, len(ids))
         return answers, None
-    sampler = sampler_for(args, max(map(len, ids)), checkpoint)
+    gen_length = generation_length(max(map(len, ids)), args.seq_len, args.max_new_tokens)
+    flags = settings_from(SamplerFlags, args)
+    asked = flags.asked(gen_length, block_size=flags.block_size or default_block_size(gen_length))
+    sampler = checked_sampler(asked, checkpoint)
     with flag_names():
         return diffusion_answers(model, tokenizer, ids, sampler, device, args.seed, args.dtype, len(ids)), sampler
 
@@ -146,7 +136,8 @@ def main(argv=None) -> list[dict]:
         for i, prompt in enumerate(chunk):
             row = {"prompt": prompt}
             for name in models:
-                report(name, answers[name][i], quiet)
+                if not quiet:
+                    report(name, answers[name][i])
                 row[name.lower()] = {"text": answers[name][i].text, **answers[name][i].stats()}
             rows.append(row)
         if quiet:

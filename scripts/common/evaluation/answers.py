@@ -1,6 +1,7 @@
-"""SFT answers scored against the gold ones of a held-out file: the questions (prompt ids up to the answer), and the
-gold answer's likelihood per token after its prompt, AR exact and diffusion the exact-count bound (LLaDA Algorithm 3;
-per block for a block-trained model). For long answers, where accuracy means nothing.
+"""Answers scored by their likelihood after a prompt, for both routes (also multiple choice's scorer): the questions
+of an SFT file (prompt ids up to the answer), and the gold answer's likelihood per token, AR exact and diffusion the
+exact-count bound (LLaDA Algorithm 3; per block for a block-trained model). For long answers, where accuracy means
+nothing.
 """
 
 from __future__ import annotations
@@ -36,18 +37,27 @@ def sft_questions(path: str, tokenizer, limit: int | None) -> list[tuple[list[in
 
 @torch.no_grad()
 def answer_log_likelihoods(
-    model, tokenizer, kind: str, prompt: list[int], answers: list[list[int]], mc_samples: int, block_size=None
-) -> list[float]:
-    """log p(answer | prompt) of complete answers (ids ending in <|im_end|>): AR exact; diffusion the exact-count
-    estimate, per block for a block-trained model (the rest of an answer's last block is EOS padding). The mask draws
-    are seeded the same for every prompt, so they do not differ between questions."""
+    model,
+    tokenizer,
+    kind: str,
+    prompt: list[int],
+    answers: list[list[int]],
+    mc_samples: int,
+    block_size: int | None = None,
+    seed: int = 0,
+    tail_id: int | None = EOS_ID,
+    rows_per_forward: int = 32,
+) -> list[tuple[float, float]]:
+    """(log p(answer | prompt), its Monte-Carlo s.e.) of each answer: AR exact (s.e. 0); diffusion the exact-count
+    estimate, per block for a block-trained model, the rest of an answer's last block holding `tail_id` (EOS after a
+    complete answer, as block SFT pads it; None: <|mask|>, the answer may go on). The mask draws are seeded with
+    `seed` for every prompt, so they do not differ between questions or checkpoints."""
     if kind == "ar":
-        return ar_log_likelihood_batch(model, prompt, answers)
-    generator = torch.Generator().manual_seed(0)
-    estimates = conditional_log_likelihood_batch(
-        model, prompt, answers, mask_token_id(tokenizer), mc_samples, generator, block_size=block_size, tail_id=EOS_ID
+        return [(value, 0.0) for value in ar_log_likelihood_batch(model, prompt, answers)]
+    generator = torch.Generator().manual_seed(seed)
+    return conditional_log_likelihood_batch(
+        model, prompt, answers, mask_token_id(tokenizer), mc_samples, generator, rows_per_forward, block_size, tail_id
     )
-    return [mean for mean, _ in estimates]
 
 
 @torch.no_grad()
@@ -57,7 +67,7 @@ def answer_nll(model, tokenizer, kind: str, items, mc_samples: int, block_size: 
     totals, tokens = [], []
     for prompt, gold in tqdm(items, desc=f"{kind} answer likelihood", leave=False):
         answer = [*encode(tokenizer, gold), EOS_ID]
-        totals.append(-answer_log_likelihoods(model, tokenizer, kind, prompt, [answer], mc_samples, block_size)[0])
+        totals.append(-answer_log_likelihoods(model, tokenizer, kind, prompt, [answer], mc_samples, block_size)[0][0])
         tokens.append(len(answer))
     return {
         "nll_per_token": sum(totals) / sum(tokens),

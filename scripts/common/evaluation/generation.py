@@ -34,22 +34,18 @@ class Answer:
     forward_passes: int
     batch: int = 1  # decoded in a batch of this many prompts: seconds and forward passes are the batch's
 
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.ids) / max(self.seconds, 1e-9)
-
     def stats(self) -> dict:
         out = asdict(self)
         out.pop("text"), out.pop("ids")
         return {
             "new_tokens": len(self.ids),
             **out,
-            "tokens_per_s": self.tokens_per_second,
+            "tokens_per_s": len(self.ids) / max(self.seconds, 1e-9),
             "tokens_per_forward": len(self.ids) / max(self.forward_passes, 1),
         }
 
 
-class _ForwardClock:
+class ForwardClock:
     """Counts a model's forward passes and notes when the first one ended (time to first token / round)."""
 
     def __init__(self, model, device):
@@ -73,17 +69,16 @@ class _ForwardClock:
 def _timed_answers(model, tokenizer, device, dtype: str, run) -> list[Answer]:
     """Run `run()` (a batch's generated ids, one list per prompt) under autocast and a clock; one Answer per row,
     with the batch's time and forward passes (every sampler calls the model once per forward pass it counts)."""
-    clock = _ForwardClock(model, device)
+    clock = ForwardClock(model, device)
     try:
         with autocast(device, dtype):
             rows = run()
     finally:
         elapsed = clock.stop()
-    answers = []
-    for ids in rows:
-        kept = strip_after_eos(ids, EOS_ID)
-        answers.append(Answer(decode(tokenizer, kept), kept, elapsed, clock.first or elapsed, clock.calls, len(rows)))
-    return answers
+    kept = [strip_after_eos(ids, EOS_ID) for ids in rows]
+    return [
+        Answer(decode(tokenizer, ids), ids, elapsed, clock.first or elapsed, clock.calls, len(rows)) for ids in kept
+    ]
 
 
 def ar_answers(
@@ -124,6 +119,6 @@ def diffusion_answers(
     return answers
 
 
-def default_block_size(gen_length: int, preferred: int = 32) -> int:
+def default_block_size(gen_length: int) -> int:
     """Semi-autoregressive blocks of 32 when they tile the canvas (they curb SFT's early-EOS habit), else one block."""
-    return preferred if gen_length % preferred == 0 else gen_length
+    return 32 if gen_length % 32 == 0 else gen_length

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from model.errors import NanoLladaError
-from model.inference.likelihood import ar_log_likelihood_batch, conditional_log_likelihood_batch
-from model.tokenizer import encode, mask_token_id, prompt_ids
+from model.tokenizer import encode, prompt_ids
 from scripts.common.cli import Bounded
 from scripts.common.device import autocast
+from scripts.common.evaluation.answers import answer_log_likelihoods
 from scripts.common.settings import add_flags, flag
 
 LETTERS = "ABCDEFGHIJ"
@@ -115,21 +115,6 @@ def read_questions(path: str | Path) -> list[Question]:
     return questions
 
 
-def data_files(paths: list[str]) -> list[Path]:
-    """The files named, with a directory expanded to its .csv/.jsonl files (sorted)."""
-    files = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
-            if not found:
-                raise NanoLladaError(f"{path}: directory has no .csv or .jsonl files")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
 def prompt_text(question: Question) -> str:
     options = "".join(f"{letter}. {text}\n" for letter, text in question.options.items())
     return f"{question.question}\n{options}{ANSWER_CUE}"
@@ -154,22 +139,11 @@ def score_question(model, kind: str, tokenizer, question: Question, settings: Sc
     letters = list(question.options)
     texts = letters if settings.continuation == "letter" else [question.options[letter] for letter in letters]
     answers = [encode(tokenizer, text) or encode(tokenizer, " ") for text in texts]  # an empty option gets a token
-    if kind == "ar":
-        scores, errors = ar_log_likelihood_batch(model, context, answers), [0.0] * len(answers)
-    else:
-        rows_per_forward = max(1, settings.max_forward_tokens // (len(context) + max(map(len, answers))))
-        generator = torch.Generator().manual_seed(settings.seed)  # the same draws for every checkpoint
-        estimates = conditional_log_likelihood_batch(
-            model,
-            context,
-            answers,
-            mask_token_id(tokenizer),
-            settings.mc_samples,
-            generator,
-            rows_per_forward,
-            block_size,
-        )
-        scores, errors = [e[0] for e in estimates], [e[1] for e in estimates]
+    rows_per_forward = max(1, settings.max_forward_tokens // (len(context) + max(map(len, answers))))
+    estimates = answer_log_likelihoods(  # tail None: a continuation, not a complete chat answer
+        model, tokenizer, kind, context, answers, settings.mc_samples, block_size, settings.seed, None, rows_per_forward
+    )
+    scores, errors = [e[0] for e in estimates], [e[1] for e in estimates]
     prediction = letters[max(range(len(letters)), key=lambda i: scores[i])]
     return {
         "source": question.source,
@@ -189,8 +163,19 @@ def accuracy_summary(items: list[dict]) -> dict:
 
 
 def load_question_sets(paths: list[str], limit: int | None = None) -> dict[str, list[Question]]:
-    """{file: its first `limit` questions} for every file named (directories expanded); read before any model loads."""
-    return {str(path): read_questions(path)[:limit] for path in data_files(paths)}
+    """{file: its first `limit` questions} for every file named, a directory meaning its .csv/.jsonl files (sorted);
+    read before any model loads."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".jsonl"))
+            if not found:
+                raise NanoLladaError(f"{path}: directory has no .csv or .jsonl files")
+            files.extend(found)
+        else:
+            files.append(path)
+    return {str(path): read_questions(path)[:limit] for path in files}
 
 
 def evaluate_question_sets(
