@@ -24,11 +24,12 @@ import torch
 
 from model.inference.ar import generate
 from model.inference.speculative import DRAFT_CONTEXTS, SpeculativeConfig, speculative_generate
+from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import mask_token_id
 from scripts.common.cli import pick_device, run_main
 from scripts.common.device import synchronize
 from scripts.common.evaluation.lm_scores import LMScoring, lm_eval_model, paired_delta
-from scripts.common.evaluation.loading import HeldOutRows, load_any_kind, load_checkpoint_for_eval
+from scripts.common.evaluation.loading import HeldOutRows, load_checkpoint_for_eval
 from scripts.common.settings import add_flags, settings_from
 
 
@@ -56,7 +57,11 @@ def likelihoods(args, batches, device) -> list[dict]:
     """AR-mode NLL of the reference and every checkpoint, NELBO of every checkpoint, paired deltas."""
     rows = []
     for path in [args.reference, *args.checkpoint]:
-        model, tokenizer, kind, block_size = load_any_kind(path, args.tokenizer_dir, device)
+        # A block-trained checkpoint is scored with the same whole-row draws as the others (one t for every block:
+        # unbiased for its block NELBO), so the differences stay paired draw for draw; eval_lm scores it by block.
+        model, tokenizer, checkpoint = load_checkpoint_for_eval(path, args.tokenizer_dir, None, device)
+        kind = checkpoint.kind
+        block_size = trained_block_size(checkpoint.extra) if kind == "diffusion" else None
         score = dict(batches=batches, mask_id=mask_token_id(tokenizer), mc_samples=args.mc_samples, seed=args.seed)
         ar = lm_eval_model(model, "ar", device=device, dtype="float32", **score)
         bound = None if kind == "ar" else lm_eval_model(model, kind, device=device, dtype="float32", **score)
