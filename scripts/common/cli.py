@@ -112,6 +112,11 @@ SHAPE_FIELDS = (
     "rms_norm_eps",
     "dropout",
 )
+# The shape switches (off unless given) and their help.
+SHAPE_SWITCHES = {
+    "untie_word_embeddings": "separate output head (default: tied to the embedding, as MiniMind2)",
+    "inference_rope_scaling": "YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
+}
 
 
 class _ModelFlag(argparse.Action):
@@ -136,22 +141,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
             default=default,
             action=_ModelFlag,
         )
-    group.add_argument(
-        "--untie-word-embeddings",
-        action=_ModelFlag,
-        nargs=0,
-        const=True,
-        default=False,
-        help="separate output head (default: tied to the embedding, as MiniMind2)",
-    )
-    group.add_argument(
-        "--inference-rope-scaling",
-        action=_ModelFlag,
-        nargs=0,
-        const=True,
-        default=False,
-        help="YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
-    )
+    for name, help_text in SHAPE_SWITCHES.items():
+        group.add_argument(
+            f"--{name.replace('_', '-')}", action=_ModelFlag, nargs=0, const=True, default=False, help=help_text
+        )
 
 
 @dataclass
@@ -163,8 +156,8 @@ class ModelFlags:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelFlags:
-        names = (*SHAPE_FIELDS, "untie_word_embeddings", "inference_rope_scaling")
-        return cls({name: getattr(args, name) for name in names}, tuple(dict.fromkeys(args.model_flags_given)))
+        values = {name: getattr(args, name) for name in (*SHAPE_FIELDS, *SHAPE_SWITCHES)}
+        return cls(values, tuple(dict.fromkeys(args.model_flags_given)))
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         v = self.values
@@ -182,9 +175,8 @@ class ModelFlags:
     def refuse_changed(self, config: ModelConfig, path) -> None:
         """A resumed run trains its checkpoint's model, so a shape flag given with another value would be ignored
         without a word: refuse it, naming the flag, the checkpoint's value and the fix."""
-        stored = {name: (name, getattr(config, name)) for name in SHAPE_FIELDS}
+        stored = {name: (name, getattr(config, name)) for name in (*SHAPE_FIELDS, "inference_rope_scaling")}
         stored["untie_word_embeddings"] = ("tie_word_embeddings", config.tie_word_embeddings)
-        stored["inference_rope_scaling"] = ("inference_rope_scaling", config.inference_rope_scaling)
         changed = []
         for name in self.given:
             field, value = stored[name]

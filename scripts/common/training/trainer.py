@@ -4,10 +4,8 @@ A trainer supplies the model and a Task: a batch function (micro-step -> batch),
 loss and a validation loss. This loop owns everything else: AdamW, LR schedule, bf16 autocast, accumulation,
 clipping, validation, early stopping, atomic checkpoints, resume, metrics jsonl, loss plot and the progress bar.
 
-Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (scripts/common/training/distributed.py
-has the global-batch rule): every rank takes its slice of the same global micro-batch k, gradients are averaged
-(synchronised only on the last accumulation micro-step), validation batches are split over ranks and the loss
-all-reduced, so every rank takes the same decisions; only rank 0 writes files or prints.
+Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (the global-batch rule is
+scripts/common/training/distributed.py's); every rank takes the same decisions, and only rank 0 writes or prints.
 """
 
 from __future__ import annotations
