@@ -203,7 +203,7 @@ def pick_device(name: str | None = None) -> torch.device:
         raise NanoLladaError(reason)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -219,8 +219,7 @@ def _named_device(name: str) -> torch.device:
         raise NanoLladaError(f"--device {name} requested but CUDA is not available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise NanoLladaError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps is not None and mps.is_available()):
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise NanoLladaError(f"--device {name} requested but MPS (Apple silicon) is not available; use --device cpu")
     return device
 
