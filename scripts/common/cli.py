@@ -112,6 +112,11 @@ SHAPE_FIELDS = (
     "rms_norm_eps",
     "dropout",
 )
+# The shape switches (off unless given) and their help.
+SHAPE_SWITCHES = {
+    "untie_word_embeddings": "separate output head (default: tied to the embedding, as MiniMind2)",
+    "inference_rope_scaling": "YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
+}
 
 
 class _ModelFlag(argparse.Action):
@@ -136,22 +141,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
             default=default,
             action=_ModelFlag,
         )
-    group.add_argument(
-        "--untie-word-embeddings",
-        action=_ModelFlag,
-        nargs=0,
-        const=True,
-        default=False,
-        help="separate output head (default: tied to the embedding, as MiniMind2)",
-    )
-    group.add_argument(
-        "--inference-rope-scaling",
-        action=_ModelFlag,
-        nargs=0,
-        const=True,
-        default=False,
-        help="YaRN RoPE scaling (factor 16 over 2048 positions), stored in the checkpoint",
-    )
+    for name, help_text in SHAPE_SWITCHES.items():
+        group.add_argument(
+            f"--{name.replace('_', '-')}", action=_ModelFlag, nargs=0, const=True, default=False, help=help_text
+        )
 
 
 @dataclass
@@ -163,8 +156,8 @@ class ModelFlags:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelFlags:
-        names = (*SHAPE_FIELDS, "untie_word_embeddings", "inference_rope_scaling")
-        return cls({name: getattr(args, name) for name in names}, tuple(dict.fromkeys(args.model_flags_given)))
+        values = {name: getattr(args, name) for name in (*SHAPE_FIELDS, *SHAPE_SWITCHES)}
+        return cls(values, tuple(dict.fromkeys(args.model_flags_given)))
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         v = self.values
@@ -182,9 +175,8 @@ class ModelFlags:
     def refuse_changed(self, config: ModelConfig, path) -> None:
         """A resumed run trains its checkpoint's model, so a shape flag given with another value would be ignored
         without a word: refuse it, naming the flag, the checkpoint's value and the fix."""
-        stored = {name: (name, getattr(config, name)) for name in SHAPE_FIELDS}
+        stored = {name: (name, getattr(config, name)) for name in (*SHAPE_FIELDS, "inference_rope_scaling")}
         stored["untie_word_embeddings"] = ("tie_word_embeddings", config.tie_word_embeddings)
-        stored["inference_rope_scaling"] = ("inference_rope_scaling", config.inference_rope_scaling)
         changed = []
         for name in self.given:
             field, value = stored[name]
@@ -211,7 +203,7 @@ def pick_device(name: str | None = None) -> torch.device:
         raise NanoLladaError(reason)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -227,8 +219,7 @@ def _named_device(name: str) -> torch.device:
         raise NanoLladaError(f"--device {name} requested but CUDA is not available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise NanoLladaError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps is not None and mps.is_available()):
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise NanoLladaError(f"--device {name} requested but MPS (Apple silicon) is not available; use --device cpu")
     return device
 

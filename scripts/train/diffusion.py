@@ -19,6 +19,7 @@ when training uses it), so the curve is comparable across curriculum phases and 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 import torch
 
@@ -161,12 +162,8 @@ def run_metadata(s: DiffusionSettings, model, curriculum: BlockCurriculum | None
             "validation": "LLaDA Eq. 3 (1/t)" + (f", blocks of {s.block_size}" if s.block_size else ""),
             "block_curriculum": None
             if curriculum is None
-            else {
-                "seq_len": curriculum.seq_len,
-                "total_steps": curriculum.total_steps,
-                "sizes_up": list(curriculum.sizes_up),
-                "sizes_down": list(curriculum.sizes_down),
-                "phase_ratios": list(curriculum.phase_ratios),
+            else {  # its fields, the sizes as lists
+                name: list(value) if isinstance(value, tuple) else value for name, value in asdict(curriculum).items()
             },
         }
     }

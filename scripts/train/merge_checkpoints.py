@@ -86,17 +86,9 @@ def main(argv=None) -> dict:
         )
     model, best = merge(ranked)
     out = Path(args.save_dir) / f"{args.run_name}_merged.pt"
-    meta = {k: v for k, v in best.extra.items() if k in ("train_config", "diffusion", "joint")}
-    save_checkpoint(
-        out,
-        best.kind,
-        best.config,
-        model,
-        best.tokenizer,
-        merged_from=ranked,
-        block_diffusion={"block_size": block_size} if block_size else {},
-        **meta,
-    )
+    meta = {"merged_from": ranked, "block_diffusion": {"block_size": block_size} if block_size else {}}
+    meta.update((k, v) for k, v in best.extra.items() if k in ("train_config", "diffusion", "joint"))
+    save_checkpoint(out, best.kind, best.config, model, best.tokenizer, **meta)
     for e in ranked:
         print(f"  step {e['step']}: val loss {e['val_loss']:.4f}  {e['path']}")
     print(f"wrote {out}: mean of {len(ranked)} checkpoint(s)")

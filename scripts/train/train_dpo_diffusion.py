@@ -49,12 +49,7 @@ class SamplingFlags:
         if not 0 < self.iid_mask_eps < 0.5:
             raise NanoLladaError(f"--iid-mask-eps must lie in (0, 0.5), got {self.iid_mask_eps}")
         return ElboSampling(
-            self.elbo_samples,
-            self.distinct_times,
-            self.antithetic,
-            self.iid_mask_eps,
-            self.elbo_estimator,
-            self.paired,
+            self.elbo_samples, self.distinct_times, self.antithetic, self.iid_mask_eps, self.elbo_estimator, self.paired
         )
 
 

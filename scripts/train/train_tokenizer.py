@@ -61,14 +61,7 @@ def tokenizer_config() -> dict:
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {
-            str(i): {
-                "content": token,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
+            str(i): dict(content=token, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
             for i, token in enumerate(SPECIAL_TOKENS)
         },
         "chat_template": CHAT_TEMPLATE,

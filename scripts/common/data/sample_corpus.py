@@ -57,11 +57,6 @@ def people_daily_lines() -> tuple[str, ...]:
         return tuple(untag_line(line) for line in f)
 
 
-def people_daily_paragraphs() -> list[str]:
-    # deduplicated (the month repeats some paragraphs) so the held-out split is truly unseen
-    return list(dict.fromkeys(p for p in people_daily_lines() if len(p) >= MIN_PARAGRAPH_CHARS))
-
-
 def labelled_reviews() -> list[tuple[str, str]]:
     """Unique (review, label) pairs in file order; a review listed under both labels is dropped as ambiguous."""
     labels: dict[str, set[str]] = {}
@@ -94,7 +89,8 @@ def split_reviews(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
 def pretrain_documents(seed: int = 0) -> tuple[list[str], list[str]]:
     """(train, val): People's Daily minus a held-out 2%, plus the reviews of the SFT *train* split only."""
     rng = random.Random(seed)
-    paragraphs = people_daily_paragraphs()
+    # deduplicated (the month repeats some paragraphs) so the held-out split is truly unseen
+    paragraphs = list(dict.fromkeys(p for p in people_daily_lines() if len(p) >= MIN_PARAGRAPH_CHARS))
     rng.shuffle(paragraphs)
     n_val = max(1, round(len(paragraphs) * PRETRAIN_VAL_FRACTION))
     val, train = paragraphs[:n_val], paragraphs[n_val:]

@@ -75,9 +75,8 @@ class DiffusionSettings:
 
 class PretrainingLoss:
     """The training and validation objectives of a run: one diffusion_loss, with the block size of the step (the
-    curriculum's, or a fixed --block-size). Validation always scores LLaDA Eq. 3 (linear 1/t weight, ordinary
-    masking; with the document mask when training uses it) over the whole row, or over blocks of a fixed
-    --block-size, so the curve is comparable across curriculum phases and across runs of the same structure."""
+    curriculum's, or a fixed --block-size). Validation scores LLaDA Eq. 3 (in blocks of a fixed --block-size), as
+    scripts/train/diffusion.py says."""
 
     def __init__(self, settings: DiffusionSettings, seed: int, curriculum: BlockCurriculum | None, mask_id: int):
         self.settings, self.seed, self.curriculum, self.mask_id = settings, seed, curriculum, mask_id

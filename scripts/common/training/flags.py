@@ -158,9 +158,8 @@ def starting_model(flags: TrainingFlags, tokenizer, source, checkpoint: Checkpoi
 
 def structural_settings(own, checkpoint: Checkpoint) -> dict[str, tuple]:
     """flag -> (the value this command trains with, the run's stored one) for the settings besides the model shape
-    that decide what a run trains: diffusion pretraining's --block-size, diffusion SFT's --block-size (when given;
-    without it the run inherits its own), --eos-padding-length and --prompt-causal (when given), and the joint AR loss
-    weight of both. None means off (bidirectional, no fixed padding). `own`: the trainer's own settings."""
+    that decide what a run trains (a diffusion SFT flag only when given: without it the run inherits its own). None
+    means off (bidirectional, no fixed padding). `own`: the trainer's own settings."""
     settings, extra = {}, checkpoint.extra
     if getattr(own, "prompt_causal", None) is not None:  # how diffusion SFT reads the prompt: the model config
         settings["--prompt-causal"] = (own.prompt_causal, checkpoint.config.prompt_causal)

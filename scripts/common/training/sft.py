@@ -82,10 +82,9 @@ def scored_tokens(batch: dict) -> int:
 
 
 def run_sft(flags: TrainingFlags, run: RunStart, loss_fn, extra_meta=None, start=None, config_changes=None) -> dict:
-    """The training both SFT entry points share: the model, the one loop (loss_fn scores training and validation
-    batches alike and returns (loss, info): the label's gradient share, logged per step), a summary line. `start`:
-    the (path, checkpoint) of sft_starting_checkpoint, if already read; `config_changes`: model config fields the
-    run sets (how the trained model reads its input)."""
+    """The model and the one loop; loss_fn scores training and validation batches alike, returning (loss, info
+    logged per step). `start`: the (path, checkpoint) of sft_starting_checkpoint, if already read; `config_changes`:
+    model config fields the run sets (how the trained model reads its input)."""
     route = run.cfg.kind
     source, checkpoint = start or sft_starting_checkpoint(flags, run)
     if checkpoint is None:

@@ -4,10 +4,8 @@ A trainer supplies the model and a Task: a batch function (micro-step -> batch),
 loss and a validation loss. This loop owns everything else: AdamW, LR schedule, bf16 autocast, accumulation,
 clipping, validation, early stopping, atomic checkpoints, resume, metrics jsonl, loss plot and the progress bar.
 
-Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (scripts/common/training/distributed.py
-has the global-batch rule): every rank takes its slice of the same global micro-batch k, gradients are averaged
-(synchronised only on the last accumulation micro-step), validation batches are split over ranks and the loss
-all-reduced, so every rank takes the same decisions; only rank 0 writes files or prints.
+Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (the global-batch rule is
+scripts/common/training/distributed.py's); every rank takes the same decisions, and only rank 0 writes or prints.
 """
 
 from __future__ import annotations
@@ -333,6 +331,5 @@ def seeded_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
 def _train_rng(run: Run, k: int) -> torch.Generator:
     """The generator of micro-step k: masks are reproducible and a resumed run draws the same ones. Ranks draw
     independent masks for their rows (one shared seed would repeat the same draws on every shard)."""
-    if not run.env.enabled:
-        return seeded_generator(run.device, run.cfg.seed, k)
-    return seeded_generator(run.device, run.cfg.seed, k, run.env.rank)
+    parts = (run.cfg.seed, k, run.env.rank) if run.env.enabled else (run.cfg.seed, k)
+    return seeded_generator(run.device, *parts)
