@@ -331,5 +331,6 @@ def seeded_generator(device: torch.device, *seed_parts: int) -> torch.Generator:
 def _train_rng(run: Run, k: int) -> torch.Generator:
     """The generator of micro-step k: masks are reproducible and a resumed run draws the same ones. Ranks draw
     independent masks for their rows (one shared seed would repeat the same draws on every shard)."""
-    parts = (run.cfg.seed, k, run.env.rank) if run.env.enabled else (run.cfg.seed, k)
-    return seeded_generator(run.device, *parts)
+    if not run.env.enabled:
+        return seeded_generator(run.device, run.cfg.seed, k)
+    return seeded_generator(run.device, run.cfg.seed, k, run.env.rank)
