@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work, so a wall clock read after it measures the work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device) -> tuple[object, float]:
+    """(fn()'s value, wall seconds), synchronised on CUDA so the seconds cover the queued work."""
+    synchronize(device)
+    start = time.perf_counter()
+    value = fn()
+    synchronize(device)
+    return value, time.perf_counter() - start
 
 
 def compiled(module: torch.nn.Module, backend: str) -> torch.nn.Module:

@@ -23,8 +23,7 @@ from model.inference.speculative import SpeculativeConfig, speculative_generate
 from model.objectives.block_curriculum import trained_block_size
 from model.tokenizer import EOS_ID, decode, encode, mask_token_id, prompt_ids
 from scripts.common.cli import parse, pick_device, run_main
-from scripts.common.device import autocast
-from scripts.common.evaluation.generation import ForwardClock
+from scripts.common.device import autocast, timed
 from scripts.common.evaluation.loading import HeldOutRows, load_checkpoint_for_eval
 from scripts.common.evaluation.sampler_flags import (
     PromptAndHeldOut,
@@ -68,10 +67,14 @@ def speculative_sample(model, tokenizer, args, device, checkpoint) -> dict:
     if not decodes_causally(checkpoint):
         print("note: not trained with --ar-loss-weight: its AR greedy output is what speculation reproduces")
     ids, config = prompt_ids(tokenizer, args.prompt, args.chat), SpeculativeConfig(args.block_size or 8)
-    mask_id, clock = mask_token_id(tokenizer), ForwardClock(model, device)
+    mask_id = mask_token_id(tokenizer)
+
+    def run():
+        return speculative_generate(model, [ids], args.max_new_tokens, mask_id, config, EOS_ID, banned_ids=(mask_id,))
+
     with autocast(device, args.dtype):
-        out = speculative_generate(model, [ids], args.max_new_tokens, mask_id, config, EOS_ID, banned_ids=(mask_id,))
-    elapsed, tokens = clock.stop(), strip_after_eos(out.tokens[0], EOS_ID)
+        out, elapsed = timed(run, device)
+    tokens = strip_after_eos(out.tokens[0], EOS_ID)
     print(args.prompt + decode(tokenizer, tokens))
     accepted = sum(out.accepted) / max(len(out.accepted), 1)
     print(
@@ -105,12 +108,11 @@ def sample(model, tokenizer, args, device, checkpoint) -> dict:
         if trained and sampler.block_size != trained:
             print(f"note: decoding with --block-length {sampler.block_size}; the checkpoint was trained with {trained}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    clock = ForwardClock(model, device)
+    canvas = torch.tensor([ids], device=device)
     with autocast(device, args.dtype):
-        out = diffusion_generate(
-            model, torch.tensor([ids], device=device), sampler, mask_token_id(tokenizer), EOS_ID, generator
+        out, elapsed = timed(
+            lambda: diffusion_generate(model, canvas, sampler, mask_token_id(tokenizer), EOS_ID, generator), device
         )
-    elapsed = clock.stop()
     raw = out.tokens[0].tolist()
     kept = raw if args.show_special else strip_after_eos(raw, EOS_ID)
     print(args.prompt + decode(tokenizer, kept, skip_special_tokens=not args.show_special))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.common.device import synchronize
+from scripts.common.device import timed
 
 STATUSES = ("PASS", "FAIL", "SKIP")
 
@@ -122,15 +122,6 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def timed(fn: Callable, device: torch.device) -> tuple[object, float]:
-    """(fn()'s value, seconds), synchronised on CUDA."""
-    synchronize(device)
-    start = time.perf_counter()
-    value = fn()
-    synchronize(device)
-    return value, time.perf_counter() - start
 
 
 def timed_ms(fn: Callable, device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
