@@ -129,7 +129,8 @@ class ElboSampling:
             raise NanoLladaError(f"ELBO estimator {self.estimator!r}: choose one of {', '.join(ESTIMATORS)}")
         check_schedule(self.schedule)
         if self.schedule != LINEAR and self.estimator != "bernoulli":
-            raise NanoLladaError(f"{self.schedule}: the exact-count draw takes no time, so it has no schedule")
+            name = self.schedule.name
+            raise NanoLladaError(f"{name} schedule: the exact-count draw takes no time, so it has no schedule")
 
 
 class MaskDraws(NamedTuple):
